@@ -1,0 +1,190 @@
+"""The "triton" kernel: our own fused MXFP4 MoE in Triton (default on sm80-sm90).
+
+Shape legend: T tokens, k top-k slots per token, M = T*k (token, slot) assignments,
+E local experts, H hidden (Hp padded), I intermediate (Ip padded).
+  hidden        [T, H]            bf16 / fp16 / fp32 (output in the same dtype)
+  topk_ids      [T, k]            int32 / int64
+  topk_weights  [T, k]            float
+  w13, w13_s    [E, 2Ip, Hp/2], [E, 2Ip, Hp/32]  uint8: canonical layout (see ops/reference.py)
+  w13_bias      [E, 2Ip]          float32 or None
+  w2, w2_s      [E, Hp, Ip/2], [E, Hp, Ip/32]    uint8
+  w2_bias       [E, Hp]           float32 or None
+  expert_map    [E_global]        int32, -1 = not on this rank
+
+Each weight row keeps its K bytes contiguous, so a tile of BN rows x BK/2 bytes is BN runs of
+16-byte aligned vectors (Hp/2 and Ip/2 are multiples of 32 bytes); `prepare` only makes the
+tensors contiguous. Steps (triton_moe_details/_kernels.py): route (expert-sorted rows, on the
+GPU), GEMM1 (token gather, dequant, bias, activation), GEMM2 (bias, scatter to (token, slot)
+rows), finalize (weighted sum over slots in fixed order). No host sync, no data-dependent
+shapes: CUDA-graph safe and deterministic. Tiles come from triton_moe_details/configs.py.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+NAME = "triton"
+H_MULTIPLE = 64  # K of GEMM1 and N of GEMM2: rows stay 32-byte multiples (16-byte loads)
+I_MULTIPLE = 64
+
+_ACT = {"swiglu_oai": 0, "silu_glu": 1}
+_HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_ROUTE_BUDGET = 32768  # elements of the [CHUNK, EB] one-hot tile of one routing program
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _triton_missing() -> str | None:
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        return f"triton is not installed ({e})"
+    return None
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    device = torch.device(device)
+    missing = _triton_missing()
+    if missing:
+        return missing
+    if device.type == "cpu":
+        if _interpreting():
+            return None
+        return ("kernel 'triton' on CPU tensors runs only under the Triton interpreter: set "
+                "TRITON_INTERPRET=1 before triton is imported (slow; meant for tests)")
+    if device.type != "cuda":
+        return f"kernel 'triton' needs a CUDA GPU (sm80 or newer), got device {device.type}"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return f"kernel 'triton' needs sm80 or newer (bf16 tensor cores), this GPU is sm{major}{minor}"
+    return None
+
+
+def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
+    """(shape, dtype) of each of the 6 tensors `prepare` returns (None for an absent bias)."""
+    u8, f32 = torch.uint8, torch.float32
+    return [((E, 2 * Ip, Hp // 2), u8), ((E, 2 * Ip, Hp // 32), u8),
+            ((E, 2 * Ip), f32) if has_w13_bias else None,
+            ((E, Hp, Ip // 2), u8), ((E, Hp, Ip // 32), u8),
+            ((E, Hp), f32) if has_w2_bias else None]
+
+
+def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+    """Canonical padded MXFP4 -> this kernel's layout (the canonical one, contiguous)."""
+    if activation not in _ACT:
+        raise ValueError(f"activation must be one of {sorted(_ACT)}, got {activation!r}")
+    Hp, Ip = w13.shape[2] * 2, w2.shape[2] * 2
+    if Hp % H_MULTIPLE or Ip % I_MULTIPLE:
+        raise ValueError(f"kernel 'triton' needs Hp % {H_MULTIPLE} == 0 and Ip % {I_MULTIPLE} == 0, "
+                         f"got Hp={Hp}, Ip={Ip}")
+
+    def c(t, dtype=None):
+        if t is None:
+            return None
+        t = t.view(torch.uint8) if dtype is torch.uint8 and t.dtype != torch.uint8 else t
+        return t.to(dtype).contiguous() if dtype is not None else t.contiguous()
+
+    return (c(w13, torch.uint8), c(w13_scales, torch.uint8), c(w13_bias, torch.float32),
+            c(w2, torch.uint8), c(w2_scales, torch.uint8), c(w2_bias, torch.float32))
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def route(topk_ids, expert_map, E: int):
+    """-> (expert_start [EB] int32 (first E+1 used), sorted_assign [M] int32). GPU only, no sync."""
+    from .triton_moe_details import _kernels as K
+
+    M = topk_ids.numel()
+    dev = topk_ids.device
+    EB = _next_pow2(E + 1)
+    chunk = max(4, min(_next_pow2(M), _ROUTE_BUDGET // EB))
+    n_chunks = -(-M // chunk)
+    es = torch.empty(EB, dtype=torch.int32, device=dev)
+    sorted_assign = torch.empty(M, dtype=torch.int32, device=dev)
+    has_map = expert_map is not None
+    emap = expert_map if has_map else es  # dummy pointer when absent
+    nw = 4 if chunk * EB <= 8192 else 8
+    if n_chunks == 1:
+        K._route_kernel[(1,)](topk_ids, emap, es, es, sorted_assign, M, E, 1,
+                              HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=2, num_warps=nw)
+    else:
+        counts = torch.empty(n_chunks, EB, dtype=torch.int32, device=dev)
+        K._route_kernel[(n_chunks,)](topk_ids, emap, counts, es, sorted_assign, M, E, n_chunks,
+                                     HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=0, num_warps=nw)
+        K._route_kernel[(n_chunks,)](topk_ids, emap, counts, es, sorted_assign, M, E, n_chunks,
+                                     HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=1, num_warps=nw)
+    return es, sorted_assign
+
+
+def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
+        activation, alpha, limit, expert_map, combine):
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    E, two_ip, half_hp = w13.shape
+    Hp, Ip = half_hp * 2, two_ip // 2
+    out_shape = (T, H) if combine else (T, k, H)
+    if T == 0 or k == 0:
+        return hidden.new_zeros(out_shape)
+    reason = unavailable_reason(hidden.device)
+    if reason is not None:
+        raise RuntimeError(reason)
+    if activation not in _ACT:
+        raise ValueError(f"activation must be one of {sorted(_ACT)}, got {activation!r}")
+    if hidden.dtype not in _HIDDEN_DTYPES:
+        raise TypeError(f"hidden must be one of {_HIDDEN_DTYPES}, got {hidden.dtype}")
+    from .triton_moe_details import _kernels as K
+    from .triton_moe_details import configs
+
+    interpret = hidden.device.type == "cpu"
+    dev = hidden.device
+    x = hidden.contiguous()
+    ids = topk_ids.contiguous()
+    tw = topk_weights.contiguous()
+    emap = expert_map.to(torch.int32).contiguous() if expert_map is not None else None
+    M = T * k
+    EB = _next_pow2(E + 1)
+    es, sorted_assign = route(ids, emap, E)
+    c1, c2 = configs.pick(T, k, E, Hp, Ip, interpret)
+
+    a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted rows
+    nb1 = min(M, M // c1.BM + E)
+    grid1 = (nb1 * triton_cdiv(Ip, c1.BN),)
+    b13 = w13_bias if w13_bias is not None else es
+    K._gemm1_kernel[grid1](
+        x, sorted_assign, es, w13, w13_scales, b13, a,
+        E, k, nb1, x.stride(0),
+        w13.stride(0), w13.stride(1), w13_scales.stride(0), w13_scales.stride(1),
+        w13_bias.stride(0) if w13_bias is not None else 0,
+        float(alpha), float(limit), H=H, Hp=Hp, Ip=Ip,
+        ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
+        EVEN_K=Hp % c1.BK == 0, EVEN_N=Ip % c1.BN == 0, UPCAST=interpret,
+        num_warps=c1.num_warps, num_stages=c1.num_stages)
+
+    y = torch.empty(M, H, dtype=torch.float32, device=dev)  # per-(token, slot) expert outputs
+    nb2 = min(M, M // c2.BM + E)
+    grid2 = (nb2 * triton_cdiv(H, c2.BN),)
+    b2 = w2_bias if w2_bias is not None else es
+    K._gemm2_kernel[grid2](
+        a, sorted_assign, es, w2, w2_scales, b2, y,
+        E, nb2,
+        w2.stride(0), w2.stride(1), w2_scales.stride(0), w2_scales.stride(1),
+        w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
+        HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
+        EVEN_K=Ip % c2.BK == 0, EVEN_N=H % c2.BN == 0, UPCAST=interpret,
+        num_warps=c2.num_warps, num_stages=c2.num_stages)
+
+    out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
+    BH = min(1024, _next_pow2(H))
+    K._finalize_kernel[(T, triton_cdiv(H, BH))](
+        y, ids, emap if emap is not None else es, tw, out, E, H=H, k_top=k,
+        HAS_MAP=emap is not None, COMBINE=bool(combine), BH=BH, num_warps=4)
+    return out
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)

@@ -1,0 +1,146 @@
+"""The "triton" MoE kernel against the plain-torch reference, on CPU under the Triton interpreter.
+
+TRITON_INTERPRET=1 must be set before triton is imported, so the kernel cases run in ONE child
+process (this file run as a script) and the tests here read its results: other tests in the same
+pytest run keep a normal triton. Shapes are small and not powers of two (H 96/160, I 64/96, E 5).
+The interpreter rounds fp32 -> bf16 toward zero, so bf16 cases land near 6e-3, not 2e-3.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[3]
+TOL = 1e-2
+
+# name -> case arguments (see _run_case)
+CASES = {
+    "swiglu_bias_T7": dict(T=7),
+    "swiglu_bias_T1": dict(T=1),
+    "swiglu_T0_combine": dict(T=0),
+    "swiglu_T0_uncombined": dict(T=0, combine=False),
+    "silu_nobias_H160_I96": dict(T=7, H=160, I=96, act="silu_glu", bias=False),
+    "expert_map_uncombined": dict(T=7, emap=True, combine=False),
+    "expert_map_int64_fp32": dict(T=7, emap=True, ids64=True, dtype="float32"),
+    "fp16_hidden": dict(T=7, dtype="float16", H=160),
+    "multi_chunk_routing": dict(T=7, route_budget=32),
+    "multi_chunk_expert_map": dict(T=7, route_budget=32, emap=True, H=160, I=96),
+}
+
+
+def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False, combine=True,
+              ids64=False, dtype="bfloat16", route_budget=None, seed=0):
+    from mxfp4_compile.ops.backends import triton_moe as tm
+    from mxfp4_compile.ops.reference import moe_reference
+    from mxfp4_compile.ops.weights import quantize_experts
+
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=g) * 0.1
+    w2 = torch.randn(E, H, I, generator=g) * 0.1
+    b13 = torch.randn(E, 2 * I, generator=g) * 0.1 if bias else None
+    b2 = torch.randn(E, H, generator=g) * 0.1 if bias else None
+    canonical = quantize_experts(w13, w2, b13, b2, activation=act, h_multiple=tm.H_MULTIPLE,
+                                 i_multiple=tm.I_MULTIPLE)
+    prepared = tm.prepare(*canonical, act)
+    x = torch.randn(T, H, generator=g).to(getattr(torch, dtype))
+    e_global = E + 3 if emap else E
+    ids = torch.stack([torch.randperm(e_global, generator=g)[:k] for _ in range(T)]) if T else \
+        torch.zeros(0, k, dtype=torch.long)
+    ids = ids if ids64 else ids.to(torch.int32)
+    tw = torch.rand(T, k, generator=g)
+    expert_map = None
+    if emap:  # E of the E+3 global experts live here, in a shuffled order
+        expert_map = torch.full((e_global,), -1, dtype=torch.int32)
+        expert_map[torch.randperm(e_global, generator=g)[:E]] = torch.arange(E, dtype=torch.int32)
+    if route_budget is not None:
+        tm._ROUTE_BUDGET = route_budget
+    ref = moe_reference(x, ids, tw, *canonical, act, 1.702, 7.0, expert_map, combine).float()
+    out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine)
+    again = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine)
+    res = dict(shape=list(out.shape), ref_shape=list(ref.shape), dtype=str(out.dtype),
+               finite=bool(torch.isfinite(out.float()).all()),
+               deterministic=bool(torch.equal(out, again)))
+    res["err"] = ((out.float() - ref).norm() / ref.norm()).item() if ref.numel() else 0.0
+    if T:  # routing metadata: a stable grouping of the valid assignments by expert
+        ids_local = ids.long() if expert_map is None else expert_map.long()[ids.long()]
+        es, sorted_assign = tm.route(ids.contiguous(), expert_map, E)
+        valid = (ids_local >= 0).flatten()
+        order = torch.sort(torch.where(valid, ids_local.flatten(), E), stable=True).indices
+        n_valid = int(valid.sum())
+        counts = torch.bincount(ids_local.flatten()[valid], minlength=E)
+        res["route_ok"] = bool(torch.equal(sorted_assign[:n_valid].long(), order[:n_valid])
+                               and torch.equal(es[:E + 1].long().diff(), torch.cat(
+                                   [counts, torch.tensor([0])])[:E]) if E else True)
+        res["route_start_ok"] = int(es[E]) == n_valid and int(es[0]) == 0
+    return res
+
+
+@pytest.fixture(scope="module")
+def results():
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
+                          timeout=600, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_under_interpreter(results, name):
+    r = results[name]
+    assert "error" not in r, r.get("error")
+    assert r["shape"] == r["ref_shape"]
+    assert r["finite"]
+    assert r["deterministic"]
+    assert r["err"] < TOL, f"rel-L2 {r['err']:.3g}"
+    if "route_ok" in r:
+        assert r["route_ok"] and r["route_start_ok"]
+
+
+def test_prepared_shapes_match_prepare():
+    from mxfp4_compile.ops.backends import triton_moe as tm
+    from mxfp4_compile.ops.weights import quantize_experts
+
+    E, H, I = 3, 96, 64
+    for act, bias in (("swiglu_oai", True), ("silu_glu", False)):
+        w13, w2 = torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+        b13, b2 = (torch.randn(E, 2 * I), torch.randn(E, H)) if bias else (None, None)
+        can = quantize_experts(w13, w2, b13, b2, activation=act, h_multiple=tm.H_MULTIPLE,
+                               i_multiple=tm.I_MULTIPLE)
+        out = tm.prepare(*can, act)
+        Hp, Ip = can[0].shape[2] * 2, can[3].shape[2] * 2
+        shapes = tm.prepared_shapes(E, Hp, Ip, act, bias, bias)
+        assert len(shapes) == 6
+        for t, s in zip(out, shapes):
+            assert (t is None) == (s is None)
+            if t is not None:
+                assert (tuple(t.shape), t.dtype) == s
+
+
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")
+def test_cpu_without_interpreter_is_unavailable():
+    from mxfp4_compile.ops.backends import triton_moe as tm
+
+    reason = tm.unavailable_reason(torch.device("cpu"))
+    assert reason is not None and "TRITON_INTERPRET=1" in reason
+
+
+if __name__ == "__main__":  # the child process: TRITON_INTERPRET=1 is already set
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    from mxfp4_compile.ops.backends import triton_moe as _tm
+
+    out = {}
+    budget = _tm._ROUTE_BUDGET
+    for name, kw in CASES.items():
+        _tm._ROUTE_BUDGET = budget
+        try:
+            out[name] = _run_case(**kw)
+        except Exception as e:  # reported per case by the parent
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(out))
