@@ -1,0 +1,447 @@
+"""The "triton_kernels" kernel: OpenAI's triton_kernels ``matmul_ogs`` on Hopper (sm90).
+
+What it does per call (no host sync, CUDA-graph safe once the Triton kernels are compiled):
+  1. routing metadata from OUR top-k ids/weights (we get pre-computed top-k, not logits): a
+     per-token expert bitmatrix built with torch ops, then triton_kernels'
+     ``routing_from_bitmatrix`` (expert histogram, expert-sorted gather/scatter indices);
+  2. GEMM1 ``matmul_ogs`` with the token gather, w13 bias and the fused activation;
+  3. GEMM2 ``matmul_ogs`` with w2 bias, the routing weight (``gammas``) and the scatter + per-token
+     combine (``combine=False``: GEMM2 without scatter, rows put back in (token, slot) order).
+
+Activations:
+  * ``swiglu_oai``: triton_kernels' own ``swiglu_fn``. Its definition equals our canonical one
+    exactly: gate = even rows clamped above at ``limit``, up = odd rows clamped to +-limit,
+    ``gate * sigmoid(alpha * gate) * (up + 1)`` (the +1 is its ``fma(s, up, s)``), computed in fp32
+    on the fp32 accumulator. The canonical interleaved w13 row order is what it reads, so the rows
+    are not reordered.
+  * ``silu_glu``: triton_kernels has no such activation; we pass our own small Triton function
+    (``silu(gate) * up``) through ``matmul_ogs``' ``FusedActivation`` hook, and ``prepare``
+    reorders the canonical concatenated [gate; up] rows into gate/up pairs, which is how the hook
+    sees them.
+
+Layout (``prepare``; runs once, any device, pure torch): triton_kernels' own Hopper swizzles,
+``HopperMXValueLayout(mx_axis=1)`` for the e2m1 bytes and ``HopperMXScaleLayout(mx_axis=1,
+num_warps=8)`` for the e8m0 scales, as vLLM does on Hopper. The six prepared tensors are plain,
+contiguous torch tensors (what the op passes around and Inductor freezes):
+  w13        uint8   [E, 2Ip/4, 2Hp]              (swizzled bytes; ``.mT`` is triton_kernels' view)
+  w13_scales uint8   [E, pad256(2Ip)/32, pad2(Hp/32)*32]
+  w13_bias   float32 [E, 2Ip] or None             (gate/up pairs, as w13's rows)
+  w2         uint8   [E, Hp/4, 2Ip]
+  w2_scales  uint8   [E, pad256(Hp)/32, pad2(Ip/32)*32]
+  w2_bias    float32 [E, Hp] or None
+``moe`` re-wraps them into triton_kernels ``Tensor``/``Storage``/layout objects at each call (a few
+small Python objects, no copies). Hp and Ip must be multiples of 64 (H_MULTIPLE, I_MULTIPLE):
+the value swizzle packs K in 32-byte groups, the scale swizzle K in pairs of blocks.
+
+Activations are bf16 inside (the Hopper MXFP4 path of ``matmul_ogs`` takes only bf16): fp16/fp32
+hidden states are cast to bf16 and the result cast back. GEMM1's output (the activation) is stored
+in bf16 and each expert's output is rounded to bf16 before the k-way combine, as in vLLM.
+
+Supported triton_kernels API: the one that has ``triton_kernels.routing`` and
+``triton_kernels.matmul_ogs`` (Triton 3.5.x; the copy bundled in vLLM 0.33's wheel at
+``vllm/third_party/triton_kernels`` runs on Triton 3.6). The later API (``routing`` module
+removed) is detected and refused with a message that says so.
+
+Getting triton_kernels (it is not on PyPI under that name; never vendor it into this repo):
+    pip download --no-deps vllm==0.33.0 -d wheels/      # the Python 3.12 x86_64 wheel
+    unzip wheels/vllm-0.33.0-*.whl 'vllm/third_party/triton_kernels/*' -d /tmp/x
+    cp -r /tmp/x/vllm/third_party/triton_kernels <somewhere>/
+    export PYTHONPATH=<somewhere>:$PYTHONPATH            # `import triton_kernels` must work
+(or install the ``triton_kernels`` package from the Triton repository at tag v3.5.x).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import importlib.util
+import types
+
+import torch
+import torch.nn.functional as F
+
+NAME = "triton_kernels"
+H_MULTIPLE = 64
+I_MULTIPLE = 64
+
+# HopperMXScaleLayout's warp count: baked into the scale swizzle (rows padded to 2*2*8*NUM_WARPS)
+# and into the kernel's tiling (matmul_ogs takes num_warps from the layout). 8 as vLLM uses.
+NUM_WARPS = 8
+# split_k for both GEMMs: 1 (no split) unless the user set triton_kernels' own constraints. The
+# library's heuristic splits K at small T into an fp32 scratch + a reduce pass; None keeps it.
+SPLIT_K: int | None = 1
+SUPPORTED_API = "matmul_ogs + routing (triton_kernels as in Triton 3.5.x / vLLM 0.33)"
+ACTIVATIONS = ("swiglu_oai", "silu_glu")
+
+HOW_TO_GET = (
+    "get triton_kernels from vLLM 0.33's wheel: `pip download --no-deps vllm==0.33.0`, unzip only "
+    "vllm/third_party/triton_kernels/ into a folder and put that folder on PYTHONPATH (see the "
+    "docstring of mxfp4_compile.ops.backends.triton_kernels_moe)")
+
+
+class TritonKernelsUnavailable(RuntimeError):
+    """triton_kernels is missing, or its API is not the one this backend supports."""
+
+
+# ---- API detection -------------------------------------------------------------------------------
+_REQUIRED = {
+    "triton_kernels.matmul_ogs": ("matmul_ogs", "PrecisionConfig", "FlexCtx", "FnSpecs",
+                                  "FusedActivation"),
+    "triton_kernels.routing": ("routing_from_bitmatrix", "RoutingData", "GatherIndx", "ScatterIndx"),
+    "triton_kernels.tensor": ("Tensor", "Storage", "Bitmatrix", "FP4"),
+    "triton_kernels.tensor_details.layout": ("HopperMXValueLayout", "HopperMXScaleLayout"),
+    "triton_kernels.swiglu": ("swiglu_fn",),
+    "triton_kernels.numerics": ("InFlexData",),
+}
+
+
+def _where(mod) -> str:
+    return getattr(mod, "__file__", None) or str(getattr(mod, "__path__", "?"))
+
+
+@functools.cache
+def _load_api_cached():
+    """-> (namespace of the names we use, None) or (None, reason)."""
+    try:
+        if importlib.util.find_spec("triton") is None:
+            return None, "Triton is not installed (pip install triton)"
+        if importlib.util.find_spec("triton_kernels") is None:
+            return None, f"the triton_kernels package is not importable; {HOW_TO_GET}"
+        tk = importlib.import_module("triton_kernels")
+    except Exception as e:  # noqa: BLE001 - any import failure is a reason, not a crash
+        return None, f"importing triton_kernels failed ({type(e).__name__}: {e}); {HOW_TO_GET}"
+    where = _where(tk)
+    if importlib.util.find_spec("triton_kernels.routing") is None:
+        newer = importlib.util.find_spec("triton_kernels.matmul") is not None
+        return None, (f"triton_kernels at {where} has no `routing` module: this is the "
+                      f"{'post-3.5 (matmul + ragged metadata) ' if newer else 'post-3.5 or unknown '}"
+                      f"API, which this backend does not support; it supports {SUPPORTED_API}. "
+                      f"{HOW_TO_GET}")
+    ns = types.SimpleNamespace(where=where)
+    for modname, names in _REQUIRED.items():
+        try:
+            mod = importlib.import_module(modname)
+        except Exception as e:  # noqa: BLE001
+            return None, (f"triton_kernels at {where}: importing {modname} failed "
+                          f"({type(e).__name__}: {e}); this backend supports {SUPPORTED_API}")
+        for n in names:
+            if not hasattr(mod, n):
+                return None, (f"triton_kernels at {where}: {modname} has no {n!r}; this is not the "
+                              f"API this backend supports ({SUPPORTED_API})")
+            setattr(ns, n, getattr(mod, n))
+    return ns, None
+
+
+@contextlib.contextmanager
+def _split_k_constraint(split_k):
+    """Set triton_kernels' opt-flag constraint split_k for the duration of our two calls only, and
+    never over a constraint or manual opt flags the user set themselves."""
+    of = importlib.import_module("triton_kernels.matmul_ogs_details.opt_flags")
+    saved = getattr(of, "_opt_flags_constraints", None)
+    if (split_k is None or not isinstance(saved, dict) or "split_k" in saved
+            or getattr(of, "_opt_flags", None) is not None):
+        yield
+        return
+    of._opt_flags_constraints = {**saved, "split_k": split_k}
+    try:
+        yield
+    finally:
+        of._opt_flags_constraints = saved
+
+
+def api_error() -> str | None:
+    """None when a supported triton_kernels is importable, else why not."""
+    return _load_api_cached()[1]
+
+
+def api_description() -> str | None:
+    """Which triton_kernels API was found, and where (None when none supported)."""
+    ns, _ = _load_api_cached()
+    return None if ns is None else f"{SUPPORTED_API} at {ns.where}"
+
+
+def _api():
+    ns, err = _load_api_cached()
+    if ns is None:
+        raise TritonKernelsUnavailable(f"MXFP4 kernel 'triton_kernels' cannot run: {err}")
+    return ns
+
+
+def unavailable_reason(device: torch.device) -> str | None:
+    device = torch.device(device)
+    if device.type != "cuda":
+        return f"triton_kernels runs on CUDA GPUs only (device is {device.type})"
+    if not torch.cuda.is_available():
+        return "CUDA is not available in this process"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major != 9:
+        return (f"this backend needs an sm90 (Hopper) GPU: it prepares weights in triton_kernels' "
+                f"Hopper MXFP4 layout (HopperMXValueLayout/HopperMXScaleLayout); this GPU is "
+                f"sm{major}{minor}")
+    return api_error()
+
+
+# ---- layout -----------------------------------------------------------------------------------------
+def _check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+
+
+def _pad_to(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+def _check_padded(Hp: int, Ip: int) -> None:
+    if Hp % H_MULTIPLE or Ip % I_MULTIPLE:
+        raise ValueError(f"triton_kernels needs Hp % {H_MULTIPLE} == 0 and Ip % {I_MULTIPLE} == 0 "
+                         f"(Hopper MXFP4 swizzle); got Hp={Hp}, Ip={Ip}: pad the canonical weights "
+                         f"with mxfp4_compile.ops.dispatch.padded_sizes('triton_kernels', H, I)")
+
+
+def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
+    """(shape, dtype) of each of the six prepared tensors (None for an absent bias)."""
+    _check_activation(activation)
+    _check_padded(Hp, Ip)
+    u8, f32 = torch.uint8, torch.float32
+    s_rows = 2 * 2 * 8 * NUM_WARPS  # HopperMXScaleLayout pads N to this
+    return [((E, 2 * Ip // 4, 2 * Hp), u8),
+            ((E, _pad_to(2 * Ip, s_rows) // 32, _pad_to(Hp // 32, 2) * 32), u8),
+            ((E, 2 * Ip), f32) if has_w13_bias else None,
+            ((E, Hp // 4, 2 * Ip), u8),
+            ((E, _pad_to(Hp, s_rows) // 32, _pad_to(Ip // 32, 2) * 32), u8),
+            ((E, Hp), f32) if has_w2_bias else None]
+
+
+def concat_to_pairs(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[g0..g(n-1), u0..u(n-1)] -> [g0, u0, g1, u1, ...] along ``dim`` (silu_glu's rows into the
+    pair order the fused-activation hook reads). Inverse: ``pairs_to_concat``."""
+    gate, up = t.chunk(2, dim=dim)
+    return torch.stack((gate, up), dim=dim + 1).flatten(dim, dim + 1)
+
+
+def pairs_to_concat(t: torch.Tensor, dim: int) -> torch.Tensor:
+    pairs = t.unflatten(dim, (-1, 2))
+    return torch.cat((pairs.select(dim + 1, 0), pairs.select(dim + 1, 1)), dim=dim)
+
+
+_CHUNK = 8  # experts swizzled at a time: bounds the int32 temporaries of the value swizzle
+
+
+def swizzle_values(w: torch.Tensor) -> torch.Tensor:
+    """Canonical e2m1 bytes [E, N, K/2] -> contiguous Hopper-swizzled bytes [E, N/4, 2K]."""
+    api = _api()
+    E, N, Kh = w.shape
+    out = torch.empty(E, N // 4, Kh * 4, dtype=torch.uint8, device=w.device)
+    for e0 in range(0, E, _CHUNK):
+        part = w[e0:e0 + _CHUNK].contiguous().transpose(1, 2)  # triton_kernels' [E, K/2, N] view
+        layout = api.HopperMXValueLayout(part.shape, mx_axis=1)
+        out[e0:e0 + _CHUNK] = layout.swizzle_data(part).mT
+    return out
+
+
+def unswizzle_values(v: torch.Tensor) -> torch.Tensor:
+    """Inverse of ``swizzle_values`` (for tests): [E, N/4, 2K] -> [E, N, K/2]."""
+    api = _api()
+    E, n4, k2 = v.shape
+    layout = api.HopperMXValueLayout((E, k2 // 4, n4 * 4), mx_axis=1)
+    return layout.unswizzle_data(v.mT).transpose(1, 2).contiguous()
+
+
+def swizzle_scales(s: torch.Tensor) -> torch.Tensor:
+    """Canonical e8m0 bytes [E, N, K/32] -> contiguous Hopper-swizzled [E, pad(N)/32, pad(K/32)*32]."""
+    api = _api()
+    t = s.contiguous().transpose(1, 2)  # [E, K/32, N]
+    layout = api.HopperMXScaleLayout(t.shape, mx_axis=1, num_warps=NUM_WARPS)
+    return layout.swizzle_data(t).mT.contiguous()
+
+
+def unswizzle_scales(p: torch.Tensor, N: int, K: int) -> torch.Tensor:
+    """Inverse of ``swizzle_scales`` (for tests) -> [E, N, K/32]."""
+    api = _api()
+    layout = api.HopperMXScaleLayout((p.shape[0], K // 32, N), mx_axis=1, num_warps=NUM_WARPS)
+    return layout.unswizzle_data(p.mT).transpose(1, 2)[:, :N, :K // 32].contiguous()
+
+
+def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+    """Canonical padded MXFP4 (ops/reference.py) -> this kernel's six tensors (module docstring)."""
+    _check_activation(activation)
+    E, two_ip, hp_half = w13.shape
+    Hp, Ip = hp_half * 2, two_ip // 2
+    _check_padded(Hp, Ip)
+    expect = {"w13_scales": (w13_scales, (E, 2 * Ip, Hp // 32)), "w2": (w2, (E, Hp, Ip // 2)),
+              "w2_scales": (w2_scales, (E, Hp, Ip // 32))}
+    for name, (t, shape) in expect.items():
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must be {shape} to match w13 {tuple(w13.shape)}; "
+                             f"got {tuple(t.shape)}")
+    if activation == "silu_glu":  # [gate; up] -> gate/up pairs, what the activation hook reads
+        w13, w13_scales = concat_to_pairs(w13, 1), concat_to_pairs(w13_scales, 1)
+        if w13_bias is not None:
+            w13_bias = concat_to_pairs(w13_bias, 1)
+    b13 = None if w13_bias is None else w13_bias.float().contiguous()
+    b2 = None if w2_bias is None else w2_bias.float().contiguous()
+    return (swizzle_values(w13), swizzle_scales(w13_scales), b13,
+            swizzle_values(w2), swizzle_scales(w2_scales), b2)
+
+
+# ---- call time ----------------------------------------------------------------------------------------
+def _wrap_weight(api, values: torch.Tensor, scales: torch.Tensor):
+    """Prepared (values [E, N/4, 2K], scales) -> triton_kernels (Tensor, PrecisionConfig), no copies."""
+    E, n4, k2 = values.shape
+    N, K = n4 * 4, k2 // 2
+    vlayout = api.HopperMXValueLayout((E, K // 2, N), mx_axis=1)
+    w = api.Tensor(api.Storage(values.mT, vlayout), dtype=api.FP4, shape=[E, K, N])
+    slayout = api.HopperMXScaleLayout((E, K // 32, N), mx_axis=1, num_warps=NUM_WARPS)
+    ws = api.Tensor(api.Storage(scales.mT, slayout), dtype=torch.uint8, shape=[E, K // 32, N])
+    pc = api.PrecisionConfig(weight_scale=ws, flex_ctx=api.FlexCtx(rhs_data=api.InFlexData()))
+    return w, pc, N, K
+
+
+def expert_bitmatrix_words(ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """ids [T, k] (int, -1 = none) -> int32 [T, ceil(E/32)]: bit (e % 32) of word e // 32 is set
+    when the token picked expert e (the bitmatrix triton_kernels' routing reads; view as uint32).
+    Top-k ids of a token are distinct, so the sum below is the bitwise or."""
+    T = ids.shape[0]
+    n_words = -(-n_experts // 32)
+    idl = ids.long()
+    valid = idl >= 0
+    idl = idl.clamp(min=0)
+    bits = torch.where(valid, torch.ones_like(idl) << (idl % 32), torch.zeros_like(idl))
+    words = torch.zeros(T, n_words, dtype=torch.int64, device=ids.device)
+    words.scatter_add_(1, idl // 32, bits)
+    words = torch.where(words >= 2 ** 31, words - 2 ** 32, words)  # two's complement into int32
+    return words.to(torch.int32)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _routing_inputs_torch(ids, weights, n_experts, kp, expert_map):
+    """Plain-torch twin of ``_routing_inputs_kernel`` (CPU, tests): -> (ids16, scal, words)."""
+    T, k = ids.shape
+    if expert_map is not None:
+        ids = expert_map.to(torch.int32)[ids.long()]
+    ids16 = F.pad(ids.to(torch.int16), (0, kp - k), value=-1)
+    scal = F.pad(weights.to(torch.float32), (0, kp - k), value=0.0)
+    return ids16, scal, expert_bitmatrix_words(ids16, n_experts)
+
+
+def routing_inputs(ids, weights, n_experts, expert_map=None, use_kernel=None):
+    """Our top-k ids [T, k] (global ids when ``expert_map`` is given) and weights -> what
+    triton_kernels' routing reads: local ids int16 [T, kp] (-1 = none), weights float32 [T, kp]
+    and the expert bitmatrix (int32 words [T, ceil(E/32)]); kp = k rounded up to a power of two
+    (triton_kernels needs one; extra slots are empty). One Triton kernel on CUDA, torch elsewhere."""
+    T, k = ids.shape
+    kp = _next_pow2(k)
+    if use_kernel is None:
+        use_kernel = ids.is_cuda
+    if not use_kernel or _routing_inputs_kernel is None:
+        return (*_routing_inputs_torch(ids, weights, n_experts, kp, expert_map), kp)
+    n_words = -(-n_experts // 32)
+    ids16 = torch.empty(T, kp, dtype=torch.int16, device=ids.device)
+    scal = torch.empty(T, kp, dtype=torch.float32, device=ids.device)
+    words = torch.empty(T, n_words, dtype=torch.int32, device=ids.device)
+    if T:
+        block_t = 32
+        _routing_inputs_kernel[(triton.cdiv(T, block_t),)](
+            ids, ids.stride(0), ids.stride(1), weights, weights.stride(0), weights.stride(1),
+            expert_map, ids16, scal, words, T,
+            K=k, KP=kp, W=n_words, WP=_next_pow2(n_words), HAS_MAP=expert_map is not None,
+            BLOCK_T=block_t, num_warps=4)
+    return ids16, scal, words, kp
+
+
+def _routing(api, ids: torch.Tensor, weights: torch.Tensor, n_experts: int, expert_map=None):
+    """Our top-k -> triton_kernels (RoutingData, GatherIndx, ScatterIndx, kp)."""
+    T = ids.shape[0]
+    ids16, scal, words, kp = routing_inputs(ids, weights, n_experts, expert_map)
+    n_cols = words.shape[1] * 32
+    bitmatrix = api.Bitmatrix(words.view(torch.uint32), shape=[T, n_cols], shape_max=[T, None],
+                              scratchpad=None)
+    routing_data, gather, scatter = api.routing_from_bitmatrix(bitmatrix, scal, ids16, n_experts, kp)
+    return routing_data, gather, scatter, kp
+
+
+if importlib.util.find_spec("triton") is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _mxfp4c_silu_glu(x):
+        """matmul_ogs fused-activation hook: columns come in (gate, up) pairs -> silu(gate) * up."""
+        gate, up = tl.split(tl.reshape(x, (x.shape[0], x.shape[1] // 2, 2)))
+        gate = gate.to(tl.float32)
+        return gate / (1.0 + tl.exp(-gate)) * up.to(tl.float32)
+
+    @triton.jit
+    def _routing_inputs_kernel(Ids, stride_it, stride_ik, Wts, stride_wt, stride_wk, Map,
+                               Ids16, Scal, Words, T,
+                               K: tl.constexpr, KP: tl.constexpr, W: tl.constexpr,
+                               WP: tl.constexpr, HAS_MAP: tl.constexpr, BLOCK_T: tl.constexpr):
+        """One pass over the top-k: (map to local ids), pad k -> KP, cast, and the bitmatrix.
+        A token's ids are distinct, so summing their one-bit words is their bitwise or."""
+        t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+        s = tl.arange(0, KP)
+        m = (t[:, None] < T) & (s[None, :] < K)
+        e = tl.load(Ids + t[:, None] * stride_it + s[None, :] * stride_ik, mask=m, other=-1)
+        e = e.to(tl.int32)
+        if HAS_MAP:
+            e = tl.load(Map + tl.maximum(e, 0), mask=m & (e >= 0), other=-1).to(tl.int32)
+        w = tl.load(Wts + t[:, None] * stride_wt + s[None, :] * stride_wk, mask=m, other=0.0)
+        out_m = (t[:, None] < T) & (s[None, :] < KP)
+        tl.store(Ids16 + t[:, None] * KP + s[None, :], e.to(tl.int16), mask=out_m)
+        tl.store(Scal + t[:, None] * KP + s[None, :], w.to(tl.float32), mask=out_m)
+        valid = e >= 0
+        word = tl.where(valid, e >> 5, -1)
+        bit = tl.full(e.shape, 1, tl.uint32) << (e & 31).to(tl.uint32)
+        wi = tl.arange(0, WP)
+        hit = word[:, :, None] == wi[None, None, :]  # [BLOCK_T, KP, WP]
+        words = tl.sum(tl.where(hit, bit[:, :, None], tl.zeros_like(bit)[:, :, None]), axis=1)
+        tl.store(Words + t[:, None] * W + wi[None, :], words.to(tl.int32, bitcast=True),
+                 mask=(t[:, None] < T) & (wi[None, :] < W))
+else:  # pragma: no cover - no Triton: the backend reports itself unavailable
+    _mxfp4c_silu_glu = None
+    _routing_inputs_kernel = None
+
+
+def _activation(api, activation: str, alpha: float, limit: float):
+    if activation == "swiglu_oai":
+        return api.FusedActivation(api.FnSpecs("swiglu", api.swiglu_fn, ("alpha", "limit")),
+                                   (float(alpha), float(limit)), 2)
+    return api.FusedActivation(api.FnSpecs("mxfp4c_silu_glu", _mxfp4c_silu_glu, ()), (), 2)
+
+
+def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
+        activation, alpha, limit, expert_map, combine):
+    api = _api()
+    _check_activation(activation)
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    E = w13.shape[0]
+    w13_t, pc13, n13, Hp = _wrap_weight(api, w13, w13_scales)
+    w2_t, pc2, _, Ip = _wrap_weight(api, w2, w2_scales)
+    if T == 0 or k == 0:
+        shape = (T, H) if combine else (T, k, H)
+        return hidden.new_zeros(shape)
+    with torch.cuda.device(hidden.device), _split_k_constraint(SPLIT_K):
+        x = hidden if hidden.dtype == torch.bfloat16 else hidden.to(torch.bfloat16)
+        if H != Hp:
+            x = F.pad(x, (0, Hp - H))
+        routing_data, gather, scatter, kp = _routing(api, topk_ids, topk_weights, E, expert_map)
+        act = _activation(api, activation, alpha, limit)
+        inter = api.matmul_ogs(x, w13_t, w13_bias, routing_data, gather_indx=gather,
+                               precision_config=pc13, fused_activation=act)  # [T*kp, Ip] sorted
+        if combine:
+            out = api.matmul_ogs(inter, w2_t, w2_bias, routing_data, scatter_indx=scatter,
+                                 precision_config=pc2, gammas=routing_data.gate_scal)  # [T, Hp]
+            out = out[:, :H]
+        else:
+            ys = api.matmul_ogs(inter, w2_t, w2_bias, routing_data,
+                                precision_config=pc2)  # [T*kp, Hp], expert-sorted rows
+            pos = scatter.src_indx.view(T, kp)[:, :k].long()  # (token, slot) -> sorted row, -1 none
+            out = ys[pos.clamp(min=0)]
+            out = torch.where((pos >= 0).unsqueeze(-1), out, torch.zeros((), dtype=out.dtype,
+                                                                          device=out.device))
+            out = out[..., :H]
+    return out.to(hidden.dtype).contiguous()
