@@ -1,0 +1,194 @@
+"""The ``mxfp4`` Dynamo backend: ``torch.compile(model, backend="mxfp4")``.
+
+What it does with the graph Dynamo hands it:
+1. turns the parameter placeholders into frozen module attributes (Dynamo only does that itself when
+   freezing was on while it traced; patching freezing here is too late, DESIGN.md says why);
+2. picks the MoE kernel for the device (ops/dispatch.py; ``options={"kernel": ...}`` or
+   ``MXFP4_KERNEL`` override "auto");
+3. calls Inductor's compile_fx with freezing on, our joint_custom_post_pass (passes/manager.py) and
+   CUDA graphs when asked (``mode="reduce-overhead"`` or ``options={"cudagraphs": True}``).
+
+With grad enabled there is no freezing, so nothing can be rewritten: it says so once and compiles
+with plain Inductor (still correct).
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+import torch.fx as fx
+
+from .passes import MoERewritePass, take_reports
+
+log = logging.getLogger("mxfp4_compile")
+
+NAME = "mxfp4"
+
+# options={...} keys; anything else is an error that lists these
+OPTIONS = {
+    "kernel": "auto",              # "auto" | "reference" | "triton" | "triton_kernels" | "flashinfer"
+    "rounding": "floor",           # MXFP4 scale rule for quantizing bf16 weights: "floor" | "round_up"
+    "cudagraphs": False,           # CUDA graphs (what mode="reduce-overhead" turns on)
+    "max_autotune": False,         # Inductor max-autotune for the rest of the model
+    "release_bf16_weights": False,  # free the bf16 expert weights once compiled (see README)
+    "fallback_on_grad": True,      # grad enabled: compile without rewriting (False: raise)
+}
+
+_warned = set()
+last_compile_info: list[dict] = []   # one entry per compiled graph (explain and tests read it)
+
+
+def _once(key, msg):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(msg, stacklevel=3)
+        log.warning(msg)
+
+
+def resolve_options(mode=None, options=None) -> dict:
+    opts = dict(OPTIONS)
+    if options:
+        unknown = set(options) - set(OPTIONS)
+        if unknown:
+            raise ValueError(f"mxfp4 backend: unknown option(s) {sorted(unknown)}; valid: "
+                             f"{sorted(OPTIONS)}")
+        opts.update(options)
+    if mode in (None, "default"):
+        pass
+    elif mode == "reduce-overhead":
+        opts["cudagraphs"] = True
+    elif mode == "max-autotune":
+        opts["cudagraphs"], opts["max_autotune"] = True, True
+    elif mode == "max-autotune-no-cudagraphs":
+        opts["max_autotune"] = True
+    else:
+        raise ValueError(f"mxfp4 backend: unknown mode {mode!r}; use 'default', 'reduce-overhead', "
+                         f"'max-autotune' or 'max-autotune-no-cudagraphs' (or options={{...}})")
+    if opts["rounding"] not in ("floor", "round_up"):
+        raise ValueError(f"mxfp4 backend: rounding must be 'floor' or 'round_up', got "
+                         f"{opts['rounding']!r}")
+    return opts
+
+
+def _device(example_inputs, params):
+    for t in list(params) + list(example_inputs):
+        if isinstance(t, torch.Tensor) and t.device.type != "cpu":
+            return t.device
+    return torch.device("cpu")
+
+
+def lift_parameters(gm: fx.GraphModule, example_inputs):
+    """Parameter placeholders -> module attributes (frozen by Inductor). -> (kept input indices,
+    lifted parameters, their source names)."""
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    keep, lifted, names = [], [], []
+    for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
+        if not isinstance(ex, torch.nn.Parameter):
+            keep.append(i)
+            continue
+        name = f"_mxfp4_param_{i}"
+        gm.register_parameter(name, ex)
+        src = getattr(n, "_dynamo_source", None)
+        if hasattr(gm, "_param_name_to_source") and src is not None:
+            gm._param_name_to_source[name] = src  # AOTAutograd asserts every parameter has one
+        with gm.graph.inserting_before(n):
+            attr = gm.graph.get_attr(name)
+        attr.meta.update(n.meta)
+        n.replace_all_uses_with(attr)
+        gm.graph.erase_node(n)
+        lifted.append(ex)
+        names.append(_source_name(src) or n.name)
+    gm.recompile()
+    return keep, lifted, names
+
+
+def _source_name(src):
+    name = getattr(src, "name", None)
+    name = name() if callable(name) else name
+    return name if isinstance(name, str) else None
+
+
+def _inductor_patches(opts):
+    return {"triton.cudagraphs": bool(opts["cudagraphs"]), "max_autotune": bool(opts["max_autotune"])}
+
+
+def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None, *,
+                  _report_only=False):
+    """The Dynamo backend (registered as "mxfp4")."""
+    from torch._inductor.compile_fx import compile_fx
+
+    opts = resolve_options(mode, options)
+    if torch.is_grad_enabled():
+        msg = ("mxfp4 backend: grad is enabled, so the weights cannot be frozen and no MoE layer is "
+               "rewritten to MXFP4 (the model is compiled with plain Inductor and stays bf16). Run "
+               "the compiled model under torch.no_grad() or torch.inference_mode() for MXFP4.")
+        if not opts["fallback_on_grad"]:
+            raise RuntimeError(msg)
+        _once("grad", msg)
+        last_compile_info.append(dict(grad_enabled=True, rewritten=0, candidates=[]))
+        return compile_fx(gm, example_inputs, config_patches=_inductor_patches(opts))
+
+    from .ops import dispatch
+
+    keep, lifted, names = lift_parameters(gm, example_inputs)
+    kernel, why = dispatch.choose_kernel(_device(example_inputs, lifted), opts["kernel"])
+    # parameter order of AOTAutograd = named_parameters() order of gm = lift order
+    moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names,
+                              rewrite_enabled=not _report_only)
+    patches = dict(_inductor_patches(opts), freezing=True, joint_custom_post_pass=moe_pass)
+    take_reports()
+    inner = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=patches)
+    reports = take_reports()
+    cands = [c for r in reports for c in r]
+    done = [c for c in cands if c.rewritten]
+    info = dict(grad_enabled=False, kernel=kernel, kernel_reason=why, rewritten=len(done),
+                candidates=cands, cache_hit=not reports)
+    last_compile_info.append(info)
+    if not reports:
+        log.info("mxfp4: graph served from the FX graph cache (kernel %s: %s)", kernel, why)
+    else:
+        log.info("mxfp4: rewrote %d MoE layer(s) to torch.ops.mxfp4.moe, kernel %r (%s)%s",
+                 len(done), kernel, why,
+                 "".join(f"\n  not rewritten ({c.form} at {c.where}): {c.reason}"
+                         for c in cands if not c.rewritten))
+    if opts["release_bf16_weights"] and done:
+        _release(done, lifted, names)
+    n_keep = len(keep)
+
+    def run(*args):
+        if len(args) == n_keep:  # Dynamo already passes only the remaining inputs
+            return inner(*args)
+        return inner(*[args[i] for i in keep])
+
+    return run
+
+
+def _release(done, lifted, names):
+    """Free the storage of bf16 expert weights the compiled graph no longer reads.
+
+    The parameter keeps its shape (a zero-stride view of one element), so a later recompile (new T)
+    traces the same graph and the prepared-weight cache, keyed by the parameter's identity and
+    version, hands back the MXFP4 weights without reading the released values."""
+    expert = {w for c in done for w in c.details.get("weights", [])}
+    for p, name in zip(lifted, names):
+        if name in expert and p.numel() > 1:
+            with torch.no_grad():
+                p.data = p.data.new_zeros(()).expand(p.shape)
+
+
+def _register():
+    from torch._dynamo.backends import registry
+    try:
+        registry._discover_entrypoint_backends()
+    except Exception:
+        pass
+    if NAME in registry._COMPILER_FNS:
+        return
+    ep = registry._BACKENDS.get(NAME)
+    if ep is not None and getattr(ep, "value", "") == f"{__name__}:mxfp4_backend":
+        return  # the installed entry point loads this very function on first use
+    registry.register_backend(mxfp4_backend, name=NAME)
+
+
+_register()

@@ -1,0 +1,4 @@
+FORM = "grouped_mm"
+
+def match(ctx):
+    return []

@@ -1,0 +1,95 @@
+"""The joint_custom_post_pass the backend installs: run every form's matcher, rewrite what matched.
+
+Runs in Inductor's fw_compiler_freezing before freeze(), on the inference graph whose first
+placeholders are the (lifted, frozen) parameters, so the inserted weight transforms get folded."""
+from __future__ import annotations
+
+import glob
+import hashlib
+import logging
+import os
+
+import torch
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
+
+from . import dense, gather_bmm, grouped_mm
+from .match_utils import Candidate, NoMatch, constant_nodes, param_name, shape
+from .region import Context
+from .rewrite import rewrite
+
+log = logging.getLogger("mxfp4_compile")
+
+FORMS = (gather_bmm, grouped_mm, dense)
+
+# Reports of the graphs compiled since the last take_reports(); the backend and explain read them.
+_reports: list[list[Candidate]] = []
+
+
+def take_reports() -> list[list[Candidate]]:
+    out = list(_reports)
+    _reports.clear()
+    return out
+
+
+def _sources() -> tuple[str, ...]:
+    pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    files = glob.glob(os.path.join(pkg, "passes", "*.py")) + glob.glob(os.path.join(pkg, "ops", "**", "*.py"), recursive=True)
+    return tuple(sorted(files))
+
+
+class MoERewritePass(CustomGraphPass):
+    """Find the MoE expert blocks of one graph and replace each with torch.ops.mxfp4.moe."""
+
+    def __init__(self, kernel: str, rounding: str = "floor", param_names: list | None = None,
+                 rewrite_enabled: bool = True):
+        self.kernel = kernel
+        self.rounding = rounding
+        self.param_names = param_names        # reports only; not part of the cache key
+        self.rewrite_enabled = rewrite_enabled  # False: only report (explain)
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        tc = torch._guards.TracingContext.try_get()
+        n_params = len(tc.params_flat) if tc is not None and tc.params_flat is not None else 0
+        report = []
+        for form in FORMS:
+            ctx = Context(graph, constant_nodes(graph, n_params), self.param_names)
+            try:
+                results = form.match(ctx)
+            except Exception as e:  # a matcher bug must never break the user's compile
+                log.warning("mxfp4: the %s matcher failed (%r); graph left as is", form.FORM, e)
+                report.append(Candidate(form.FORM, "?", False, f"matcher error: {e!r}"))
+                continue
+            for r, where in results:
+                if isinstance(r, NoMatch):
+                    report.append(Candidate(form.FORM, where, False, str(r)))
+                    continue
+                details = dict(experts=r.num_experts, hidden=r.hidden_size,
+                               intermediate=r.intermediate_size, top_k=r.top_k,
+                               activation=r.activation.name,
+                               weights=[param_name(w, self.param_names) for w in r.w13 + [r.w2]])
+                if r.activation.name == "swiglu_oai":
+                    details.update(alpha=r.activation.alpha, limit=r.activation.limit)
+                bad = [n for n in (r.hidden_size, r.intermediate_size) if isinstance(n, int) and n % 32]
+                if bad:
+                    report.append(Candidate(form.FORM, where, False,
+                                            f"hidden/intermediate size {bad} not a multiple of 32 "
+                                            f"(MXFP4 blocks are 32 wide)", details))
+                    continue
+                if not self.rewrite_enabled:
+                    report.append(Candidate(form.FORM, where, False, "report only", details))
+                    continue
+                try:
+                    rewrite(graph, r, kernel=self.kernel, rounding=self.rounding)
+                except Exception as e:
+                    log.warning("mxfp4: rewriting %s failed (%r); left as is", where, e)
+                    report.append(Candidate(form.FORM, where, False, f"rewrite error: {e!r}", details))
+                    continue
+                report.append(Candidate(form.FORM, where, True, "", details))
+            graph.eliminate_dead_code()
+        graph.lint()
+        _reports.append(report)
+
+    def uuid(self):
+        h = hashlib.sha256(get_hash_for_files(_sources()))
+        h.update(repr((self.kernel, self.rounding, self.rewrite_enabled)).encode())
+        return h.hexdigest()

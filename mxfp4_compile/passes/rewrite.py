@@ -1,0 +1,74 @@
+"""Replace a matched MoERegion by torch.ops.mxfp4.moe fed by six weight-transform calls.
+
+The transform (torch.ops.mxfp4.prepare_moe_weights) reads only frozen parameters, so Inductor's
+freeze() constant-folds it: it runs once per weight per compile and is absent from the output code.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.utils import _pytree as pytree
+
+from .match_utils import MoERegion, aten, prims, same, shape, val
+
+
+def _fake_mode(graph):
+    for n in graph.nodes:
+        v = val(n)
+        if isinstance(v, FakeTensor):
+            return v.fake_mode
+    return None
+
+
+def call(graph: fx.Graph, target, args, kwargs=None) -> fx.Node:
+    """Insert a call and give it a fake ``meta["val"]`` (Inductor lowers from it)."""
+    kwargs = kwargs or {}
+    node = graph.call_function(target, tuple(args), kwargs)
+    mode = _fake_mode(graph)
+    fa, fk = pytree.tree_map(lambda x: val(x) if isinstance(x, fx.Node) else x, (args, kwargs))
+    if mode is not None:
+        with mode:
+            node.meta["val"] = target(*fa, **fk)
+    return node
+
+
+def rewrite(graph: fx.Graph, r: MoERegion, *, kernel: str, rounding: str) -> fx.Node:
+    mx = torch.ops.mxfp4
+    with graph.inserting_before(r.output):
+        if len(r.w13) == 2:  # separate gate and up weights -> [gate; up] concatenated
+            dim = 2 if r.w13_transposed else 1
+            w13 = call(graph, aten.cat.default, ([r.w13[0], r.w13[1]], dim))
+            interleaved = False
+        else:
+            w13 = r.w13[0]
+            interleaved = r.activation.interleaved
+        w2 = r.w2
+        if r.w2_transposed != r.w13_transposed:  # one flag covers both weights
+            w2 = call(graph, aten.permute.default, (w2, [0, 2, 1]))
+        prep = {}
+        for i, role in enumerate(("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")):
+            if role == "w13_bias" and r.w13_bias is None or role == "w2_bias" and r.w2_bias is None:
+                prep[role] = None
+                continue
+            prep[role] = call(graph, mx.prepare_moe_weights.default,
+                              (w13, r.w13_bias, w2, r.w2_bias, kernel, r.activation.name),
+                              dict(rounding=rounding, gate_up_interleaved=interleaved,
+                                   transposed=r.w13_transposed, index=i))
+        ids, weights = r.topk_ids, r.topk_weights
+        if ids is None:  # dense: every expert on every token, weights [T, E]
+            E = r.num_experts
+            ar = call(graph, prims.iota.default, (E,),
+                      dict(start=0, step=1, dtype=torch.int32, device=val(weights).device,
+                           requires_grad=False))
+            ids = call(graph, aten.expand.default, (ar, list(shape(weights))))
+        out = call(graph, mx.moe.default,
+                   (r.hidden, ids, weights, prep["w13"], prep["w13_scales"], prep["w13_bias"],
+                    prep["w2"], prep["w2_scales"], prep["w2_bias"], kernel),
+                   dict(activation=r.activation.name, alpha=float(r.activation.alpha),
+                        limit=float(r.activation.limit)))
+        want = val(r.output)
+        if val(out).dtype != want.dtype:
+            out = call(graph, prims.convert_element_type.default, (out, want.dtype))
+    r.output.replace_all_uses_with(out)
+    return out
