@@ -112,11 +112,9 @@ def _load_api_cached():
         return None, f"importing triton_kernels failed ({type(e).__name__}: {e}); {HOW_TO_GET}"
     where = _where(tk)
     if importlib.util.find_spec("triton_kernels.routing") is None:
-        newer = importlib.util.find_spec("triton_kernels.matmul") is not None
-        return None, (f"triton_kernels at {where} has no `routing` module: this is the "
-                      f"{'post-3.5 (matmul + ragged metadata) ' if newer else 'post-3.5 or unknown '}"
-                      f"API, which this backend does not support; it supports {SUPPORTED_API}. "
-                      f"{HOW_TO_GET}")
+        return None, (f"triton_kernels at {where} has no `routing` module: this is the post-3.5 "
+                      f"API (routing was removed after Triton 3.5), which this backend does not "
+                      f"support; it supports {SUPPORTED_API}. {HOW_TO_GET}")
     ns = types.SimpleNamespace(where=where)
     for modname, names in _REQUIRED.items():
         try:
@@ -136,7 +134,10 @@ def _load_api_cached():
 def _split_k_constraint(split_k):
     """Set triton_kernels' opt-flag constraint split_k for the duration of our two calls only, and
     never over a constraint or manual opt flags the user set themselves."""
-    of = importlib.import_module("triton_kernels.matmul_ogs_details.opt_flags")
+    try:
+        of = importlib.import_module("triton_kernels.matmul_ogs_details.opt_flags")
+    except ImportError:
+        of = None
     saved = getattr(of, "_opt_flags_constraints", None)
     if (split_k is None or not isinstance(saved, dict) or "split_k" in saved
             or getattr(of, "_opt_flags", None) is not None):

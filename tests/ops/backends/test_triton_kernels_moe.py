@@ -255,3 +255,21 @@ def test_routing_input_kernel_matches_torch_under_interpreter():
     r = subprocess.run([sys.executable, "-c", _INTERPRET_SCRIPT], env=env, capture_output=True,
                        text=True, timeout=300)
     assert r.returncode == 0 and "interpreter-ok" in r.stdout, r.stdout + r.stderr
+
+
+@needs_tk
+def test_split_k_constraint_is_scoped_and_respects_the_users_own():
+    import importlib
+    of = importlib.import_module("triton_kernels.matmul_ogs_details.opt_flags")
+    before = of._opt_flags_constraints
+    with tkm._split_k_constraint(1):
+        assert of._opt_flags_constraints.get("split_k") == 1
+    assert of._opt_flags_constraints is before and "split_k" not in before
+    of.update_opt_flags_constraints({"split_k": 3})
+    try:
+        with tkm._split_k_constraint(1):
+            assert of._opt_flags_constraints["split_k"] == 3
+    finally:
+        of.reset_opt_flags_constraints()
+    with tkm._split_k_constraint(None):
+        assert "split_k" not in of._opt_flags_constraints
