@@ -1,4 +1,165 @@
+"""Sort-by-expert + grouped GEMM with offsets.
+
+transformers' ``grouped_mm`` experts: ``sort(ids.view(-1))``, ``hidden[perm // k]``, offsets =
+``cumsum(histc(sorted_ids))`` (histc on float on CPU, on int on CUDA), ``aten._grouped_mm`` (CUDA
+and CPU in bf16) or the opaque ``transformers::grouped_mm_fallback`` (other dtypes), un-permute with
+``index_put(empty, [perm], arange)``, then ``view(T, k, H).sum(1)``. Rows here are "R": the (t, s)
+pairs in sorted order; the labels turn them back into (T, S) at the un-permute."""
+from __future__ import annotations
+
+import operator
+
+from .match_utils import Labels, NoMatch, aten, grouped_mm_ops, prims, same, shape, strip, val
+from .region import Context, ExpertGemm, match_pair, pair_gemms
+
 FORM = "grouped_mm"
 
-def match(ctx):
-    return []
+
+def find_gemms(ctx: Context) -> list[ExpertGemm]:
+    ops = set(grouped_mm_ops())
+    out = []
+    for n in ctx.graph.nodes:
+        if n.op == "call_function" and n.target in ops:
+            w = strip(n.args[1])[-1]
+            if shape(w) is not None and len(shape(w)) == 3:
+                out.append(ExpertGemm(n, w, n.args[0]))
+    return out
+
+
+def _offs(g):
+    return g.args[2] if len(g.args) > 2 else g.kwargs.get("offs")
+
+
+def _getitem(node, i):
+    for u in node.users:
+        if u.target is operator.getitem and u.args[1] == i:
+            return u
+    return None
+
+
+def analyze_offsets(offs, E):
+    """offs = cumsum(histc(sorted_ids, E, 0, E-1)) (or bincount) -> the sort node, else NoMatch."""
+    if offs is None or offs.target is not aten.cumsum.default:
+        raise NoMatch("grouped GEMM offsets are not a cumulative sum of per-expert counts")
+    h = strip(offs.args[0])[-1]
+    if h.target is aten.histc.default:
+        bins = h.args[1] if len(h.args) > 1 else h.kwargs.get("bins", 100)
+        lo = h.args[2] if len(h.args) > 2 else h.kwargs.get("min", 0)
+        hi = h.args[3] if len(h.args) > 3 else h.kwargs.get("max", 0)
+        if bins != E or lo != 0 or hi != E - 1:
+            raise NoMatch(f"token counts histc(bins={bins}, min={lo}, max={hi}) do not count the "
+                          f"{E} experts one per bin")
+    elif h.target is aten.bincount.default:
+        pass
+    else:
+        raise NoMatch(f"grouped GEMM offsets come from {h.target}, not a per-expert count")
+    sorted_ids = strip(h.args[0])[-1]
+    if sorted_ids.target is not operator.getitem or sorted_ids.args[1] != 0:
+        raise NoMatch("per-expert counts are not taken from sorted expert ids")
+    sort = sorted_ids.args[0]
+    if sort.target not in (aten.sort.default, aten.sort.stable) or \
+            sort.kwargs.get("descending", False) or (len(sort.args) > 2 and sort.args[2]):
+        raise NoMatch("rows are not sorted by expert id (ascending)")
+    return sort, sorted_ids
+
+
+def _is_floordiv_by(n, perm, k):
+    if n.target is aten.div.Tensor_mode and n.kwargs.get("rounding_mode") == "floor":
+        return n.args[0] is perm and n.args[1] == k
+    if n.target is aten.floor_divide.default:
+        return n.args[0] is perm and n.args[1] == k
+    return False
+
+
+def _is_inverse_perm(n, perm, S):
+    """index_put(empty(S), [perm], arange(S))."""
+    if n.target not in (aten.index_put.default, aten.index_put_.default):
+        return False
+    idx, values = n.args[1], n.args[2]
+    if len(idx) != 1 or idx[0] is not perm:
+        return False
+    v = strip(values)[-1]
+    return v.target in (prims.iota.default, aten.arange.default, aten.arange.start) and same(shape(v)[0], S)
+
+
+def match(ctx: Context):
+    results = []
+    for firsts, g2 in pair_gemms(find_gemms(ctx)):
+        where = f"{firsts[0].node.name}..{g2.node.name}"
+        try:
+            results.append((_match_one(ctx, firsts, g2), where))
+        except NoMatch as e:
+            results.append((e, where))
+    return results
+
+
+def _match_one(ctx, firsts, g2):
+    E = shape(g2.weight)[0]
+    offs = _offs(firsts[0].node)
+    if any(_offs(g.node) is not offs for g in firsts + [g2]):
+        raise NoMatch("the expert GEMMs use different offsets")
+    sort, sorted_ids = analyze_offsets(offs, E)
+    perm = _getitem(sort, 1)
+    flat = strip(sort.args[0])
+    ids = flat[-1]
+    if perm is None or shape(ids) is None or len(shape(ids)) != 2:
+        raise NoMatch("sorted ids are not the flattened [T, k] top-k ids")
+    T, k = shape(ids)
+    S = shape(sort.args[0])[0]
+    # rows of the first GEMM: hidden[perm // k]
+    xg = strip(firsts[0].x)[-1]
+    if any(strip(g.x)[-1] is not xg for g in firsts) or xg.target is not aten.index.Tensor or \
+            not _is_floordiv_by(xg.args[1][0], perm, k):
+        raise NoMatch("the first grouped GEMM does not read hidden[perm // k]")
+    hidden = xg.args[0]
+    if shape(hidden) is None or len(shape(hidden)) != 2 or not same(shape(hidden)[0], T):
+        raise NoMatch("the first grouped GEMM does not read a [T, H] hidden tensor")
+    labels = Labels(roots={}, sizes={"T": T, "S": k, "H": shape(hidden)[1], "R": S})
+    labels.set_root(hidden, (("T",), ("H",)))
+    labels.set_root(ids, (("T",), ("S",)))
+    labels.set_root(sorted_ids, (("R",),))
+    labels.set_root(perm, (("R",),))
+    labels.set_root(xg, (("R",), ("H",)))
+
+    def by_perm(n, lab):  # index(src, [perm]): (T,S)-ordered rows -> sorted rows
+        src = lab.of(n.args[0])
+        return (("R",),) + src[1:] if src is not None and src[0] == ("T", "S") else None
+
+    def unpermute(n, lab):  # index(src, [inverse perm]): sorted rows -> (T,S) order
+        src = lab.of(n.args[0])
+        return (("T", "S"),) + src[1:] if src is not None and src[0] == ("R",) else None
+
+    for u in perm.users:
+        if u.target is aten.index.Tensor and len(u.args[1]) == 1 and u.args[1][0] is perm:
+            labels.rules[u] = by_perm
+        if _is_inverse_perm(u, perm, S):
+            for v in u.users:
+                if v.target is aten.index.Tensor and v.args[1][0] is u:
+                    labels.rules[v] = unpermute
+
+    def grouped(n, lab):  # out[r] = x[r] @ W[expert of r]
+        lx, lw = lab.of(n.args[0]), lab.of(n.args[1])
+        if lx is None or lw is None or lx[0] != ("R",) or lw[0] != ("E",):
+            return None
+        lab.contracted[n] = (lx[1], lw[1])
+        return (("R",), lw[2])
+
+    for g in firsts + [g2]:
+        labels.rules[g.node] = grouped
+
+    def weights_ok(chain, lab):
+        root = chain[-1]
+        if root.target is aten.index.Tensor and root.args[1][0] is perm:
+            for n in strip(root.args[0]):
+                s = shape(n)
+                if s is not None and len(s) == 2 and same(s[0], T) and same(s[1], k) \
+                        and val(n).is_floating_point():
+                    lab.set_root(n, (("T",), ("S",)))
+                    return n
+        return None
+
+    region = match_pair(FORM, firsts, g2, labels, ctx, T=T, k=k, slot="S",
+                        ids_roots={ids, sorted_ids}, hidden=hidden, weights_root_ok=weights_ok,
+                        row_atoms=("R",))
+    region.topk_ids = ids
+    return region

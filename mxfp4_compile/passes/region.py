@@ -58,8 +58,11 @@ def find_hidden(x_operand, T):
 
 
 def _is_bias_gather(n, ctx, ids_roots):
-    """index(B [E, N], [ids]) with B parameter-only -> B, else None."""
+    """index(B [E, N], [ids]) (or B itself, broadcast: dense form) with B parameter-only ->
+    (B, node), else None. The caller's labels check that B's rows line up with the GEMM rows."""
     root = strip(n)[-1]
+    if root in ctx.const and shape(root) is not None and len(shape(root)) == 2:
+        return root, root
     if root.op == "call_function" and root.target is aten.index.Tensor:
         b, idx = root.args[0], root.args[1]
         if len(idx) == 1 and b in ctx.const and len(shape(b)) == 2 and strip(idx[0])[-1] in ids_roots:
@@ -109,9 +112,9 @@ def gemm_roles(g, labels, x_label, w_labels):
     raise NoMatch(f"{g.name}: contracts {a} with {b}, not the features with an expert weight dim")
 
 
-def check_rows(lab, slot, n_label, where):
+def check_rows(lab, row_atoms, n_label, where):
     atoms = [x for d in lab for x in d]
-    need = ["T", slot, n_label]
+    need = list(row_atoms) + [n_label]
     for x in need:
         if atoms.count(x) != 1:
             raise NoMatch(f"{where}: rows are not one (token, expert) pair each ({lab})")
@@ -130,8 +133,8 @@ def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, o
         if len(cur.users) != 1:
             raise NoMatch(f"{cur.name}: expert output used {len(cur.users)} times before the combine")
         u = next(iter(cur.users))
-        if is_view(u) and labels.of(u) is not None:
-            cur = u
+        if (is_view(u) or u in labels.rules) and labels.of(u) is not None:
+            cur = u  # a re-layout (view, un-permute of sorted rows)
         elif u.target is aten.add.Tensor and bias is None and weights is None:
             other = u.args[1] if u.args[0] is cur else u.args[0]
             found = _is_bias_gather(other, ctx, ids_roots) if isinstance(other, fx.Node) else None
@@ -178,7 +181,7 @@ def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, o
 
 
 def match_pair(form, firsts, g2: ExpertGemm, labels: Labels, ctx, *, T, k, slot, ids_roots,
-               hidden, weights_root_ok) -> MoERegion:
+               hidden, weights_root_ok, row_atoms=None) -> MoERegion:
     """The shared part of every form; ``labels`` already has the form's roots for hidden/ids/rows."""
     if len(firsts) > 2:
         raise NoMatch(f"{len(firsts)} expert GEMMs feed one activation")
@@ -199,7 +202,10 @@ def match_pair(form, firsts, g2: ExpertGemm, labels: Labels, ctx, *, T, k, slot,
         out, bias = follow_gemm_output(g.node, labels, ctx, ids_roots, (n_label,))
         if bias is not None and len(firsts) > 1:
             raise NoMatch("biases on separate gate/up GEMMs are not supported")
-        check_rows(labels.of(out), slot, n_label, out.name)
+        lab = labels.of(out)
+        if lab is None:
+            raise NoMatch(f"{out.name}: lost track of the GEMM rows")
+        check_rows(lab, row_atoms or ("T", slot), n_label, out.name)
         outs.append((out, bias, n_label))
     bias13 = outs[0][1]
     act_in = strip(g2.x)[-1]
