@@ -52,7 +52,7 @@ def match(ctx: Context):
             labels.set_root(hidden, (("T",), ("H",)))
 
             def weights_ok(chain, lab):
-                for n in reversed(chain):
+                for n in chain:  # nearest the use first
                     s = shape(n)
                     if s is not None and len(s) == 2 and same(s[0], T) and same(s[1], E) \
                             and val(n).is_floating_point():

@@ -29,7 +29,7 @@ def find_gemms(ctx: Context) -> list[ExpertGemm]:
 
 def routing_weights_root(T, k):
     def ok(chain, labels: Labels):
-        for n in reversed(chain):
+        for n in chain:  # nearest the use first: the weights as the model applies them
             s = shape(n)
             if s is not None and len(s) == 2 and same(s[0], T) and same(s[1], k) \
                     and val(n).is_floating_point():

@@ -1,0 +1,104 @@
+"""``mxfp4_compile.explain(model, *inputs)``: which MoE regions the backend rewrites, which not, why.
+
+It compiles the model once with the real backend (fresh Dynamo caches, under ``torch.no_grad()``),
+collects what every matcher saw, and reports each candidate region: rewritten, or the reason it was
+left alone (unsupported activation, weight not a frozen parameter, size not a multiple of 32, ...).
+Called with grad enabled it says that nothing would be rewritten in that mode, and why.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import torch
+
+from . import backend as _backend
+
+
+@dataclasses.dataclass
+class Region:
+    graph: int            # index of the compiled graph (Dynamo splits a model at graph breaks)
+    form: str             # matcher: gather_bmm | grouped_mm | dense
+    where: str            # first..second expert GEMM node names in the graph
+    rewritten: bool
+    reason: str           # why not ("" when rewritten)
+    details: dict         # experts, hidden, intermediate, top_k, activation, weight parameter names
+
+
+@dataclasses.dataclass
+class ExplainReport:
+    regions: list
+    kernel: str | None
+    kernel_reason: str | None
+    grad_enabled: bool
+    graphs: int
+    graph_breaks: list    # Dynamo's reasons, when the model did not compile as one graph
+    notes: list
+
+    @property
+    def rewritten(self) -> int:
+        return sum(r.rewritten for r in self.regions)
+
+    def __str__(self):
+        lines = [f"mxfp4 explain: {self.rewritten} of {len(self.regions)} candidate MoE region(s) "
+                 f"rewritten; {self.graphs} graph(s); kernel "
+                 f"{self.kernel!r} ({self.kernel_reason})"]
+        for r in self.regions:
+            what = "REWRITTEN" if r.rewritten else f"not rewritten: {r.reason}"
+            d = r.details
+            shape = (f" E={d['experts']} H={d['hidden']} I={d['intermediate']} k={d['top_k']} "
+                     f"{d['activation']}" if "experts" in d else "")
+            names = f" weights={d['weights']}" if d.get("weights") else ""
+            lines.append(f"  graph {r.graph} [{r.form}] {r.where}:{shape}{names} -> {what}")
+        for b in self.graph_breaks:
+            lines.append(f"  graph break: {b}")
+        for n in self.notes:
+            lines.append(f"  note: {n}")
+        return "\n".join(lines)
+
+
+GRAD_REASON = ("grad is enabled: the backend only rewrites under torch.no_grad() or "
+               "torch.inference_mode() (weights must be frozen)")
+
+
+def explain(model, *inputs, options=None, **kwargs) -> ExplainReport:
+    """Compile ``model`` on ``inputs`` with the mxfp4 backend and report every candidate MoE region.
+
+    Resets Dynamo's caches before and after (it needs to see the graphs fresh)."""
+    from torch._dynamo.utils import counters
+
+    grad = torch.is_grad_enabled()
+    start = len(_backend.last_compile_info)
+    breaks_before = dict(counters["graph_break"])
+    torch._dynamo.reset()
+    try:
+        with torch.no_grad():
+            compiled = torch.compile(model, backend=functools.partial(_backend.mxfp4_backend,
+                                                                      options=options), **kwargs)
+            compiled(*inputs)
+    finally:
+        torch._dynamo.reset()
+    infos = _backend.last_compile_info[start:]
+    breaks = [f"{k} (x{v - breaks_before.get(k, 0)})" for k, v in counters["graph_break"].items()
+              if v > breaks_before.get(k, 0)]
+    regions, notes = [], []
+    for gi, info in enumerate(infos):
+        for c in info.get("candidates", []):
+            rewritten, reason = c.rewritten, c.reason
+            if grad and rewritten:
+                rewritten, reason = False, GRAD_REASON
+            regions.append(Region(gi, c.form, c.where, rewritten, reason, dict(c.details)))
+        if info.get("cache_hit"):
+            notes.append(f"graph {gi} came from the FX graph cache: its regions are not listed")
+    if grad:
+        notes.append(GRAD_REASON + "; the regions above were analyzed as if under torch.no_grad()")
+    if not regions:
+        notes.append("no MoE expert block found: expert GEMMs must read [E, N, K] / [E, K, N] "
+                     "expert weights (gathered per token, grouped by expert, or dense over experts)")
+        if breaks:
+            notes.append("the model did not compile as one graph; a data-dependent experts loop "
+                         "(e.g. transformers' 'eager' experts) cannot be captured: use "
+                         "experts_implementation='batched_mm' or 'grouped_mm'")
+    kernel = next((i.get("kernel") for i in infos if i.get("kernel")), None)
+    why = next((i.get("kernel_reason") for i in infos if i.get("kernel")), None)
+    return ExplainReport(regions, kernel, why, grad, len(infos), breaks, notes)

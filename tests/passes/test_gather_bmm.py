@@ -1,0 +1,155 @@
+"""Per-token gather + einsum/bmm forms (gpt-oss reference style, gpt-fast, transformers batched_mm)."""
+import unittest
+
+import pytest
+import torch
+from expecttest import TestCase
+
+import moe_zoo as z
+
+BF16 = torch.bfloat16
+
+
+def x(T=5, dtype=BF16):
+    return torch.randn(T, z.H, generator=torch.Generator().manual_seed(T)).to(dtype)
+
+
+@pytest.mark.parametrize("activation", ["swiglu_oai", "silu_glu"])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_gather_forms(activation, bias, transposed):
+    torch.manual_seed(0)
+    m = z.GatherMoE(activation, bias=bias, transposed=transposed).to(BF16)
+    kd = 1 if transposed else -1
+    z.check_rewrite_numerics(m, (x(),), {"w13": kd, "w2": kd}, n_moe=1)
+
+
+def test_gather_fp32():
+    torch.manual_seed(0)
+    m = z.GatherMoE("swiglu_oai")
+    z.check_rewrite_numerics(m, (x(dtype=torch.float32),), {"w13": -1, "w2": -1}, n_moe=1,
+                             tight=1e-3)
+
+
+def test_swiglu_limit_read_from_graph():
+    """alpha/limit are the graph's constants, not the defaults."""
+    torch.manual_seed(0)
+    m = z.GatherMoE("swiglu_oai", limit=3.0).to(BF16)
+    with torch.no_grad():
+        m.w13.mul_(20)  # make the clamp matter
+    z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+
+
+def test_gpt_fast_separate_gate_up():
+    torch.manual_seed(0)
+    m = z.GptFastMoE().to(BF16)
+    z.check_rewrite_numerics(m, (x(),), {"w1": -1, "w2": -1, "w3": -1}, n_moe=1)
+
+
+def test_unsupported_activation_left_alone_and_correct():
+    torch.manual_seed(0)
+    m = z.GatherMoE("gelu").to(BF16)
+    with torch.no_grad():
+        ref = m(x())
+    out, code = z.compile_run(m, x())
+    assert z.moe_calls(code) == 0
+    assert z.rel_err(out, ref) < 1e-2
+
+
+@unittest.skipUnless(z.snapshot_torch_ok(), f"snapshots recorded with torch {z.SNAPSHOT_TORCH}")
+class TestGatherSnapshot(TestCase):
+    def test_gpt_oss_style_before_after(self):
+        torch.manual_seed(0)
+        (before, after), = z.record_pass_graphs(z.GatherMoE().to(BF16), x())
+        self.assertExpectedInline(before, """\
+arg0_1 = input
+arg1_1 = input
+arg2_1 = input
+arg3_1 = input
+arg4_1 = input
+arg5_1 = input
+permute = aten.permute.default(arg0_1, [1, 0])
+mm = aten.mm.default(arg5_1, permute)
+convert_element_type_2 = prims.convert_element_type.default(mm, float32)
+amax = aten.amax.default(convert_element_type_2, [-1], True)
+sub = aten.sub.Tensor(convert_element_type_2, amax)
+exp = aten.exp.default(sub)
+sum_1 = aten.sum.dim_IntList(exp, [-1], True)
+div = aten.div.Tensor(exp, sum_1)
+topk = aten.topk.default(div, 2)
+getitem = getitem(topk, 0)
+getitem_1 = getitem(topk, 1)
+sum_2 = aten.sum.dim_IntList(getitem, [-1], True)
+div_1 = aten.div.Tensor(getitem, sum_2)
+convert_element_type_3 = prims.convert_element_type.default(div_1, bfloat16)
+index = aten.index.Tensor(arg1_1, [getitem_1])
+unsqueeze = aten.unsqueeze.default(arg5_1, 2)
+unsqueeze_1 = aten.unsqueeze.default(unsqueeze, 3)
+view = aten.view.default(index, [5, 128, 64])
+view_1 = aten.view.default(unsqueeze_1, [5, 64, 1])
+bmm = aten.bmm.default(view, view_1)
+view_2 = aten.view.default(bmm, [5, 2, 64, 1])
+permute_5 = aten.permute.default(view_2, [0, 1, 2, 3])
+view_3 = aten.view.default(permute_5, [5, 2, 64])
+index_1 = aten.index.Tensor(arg2_1, [getitem_1])
+add = aten.add.Tensor(view_3, index_1)
+slice_1 = aten.slice.Tensor(add, 2, 0, 9223372036854775807, 2)
+convert_element_type_6 = prims.convert_element_type.default(slice_1, float32)
+clamp_max = aten.clamp_max.default(convert_element_type_6, 7)
+convert_element_type_7 = prims.convert_element_type.default(clamp_max, bfloat16)
+slice_2 = aten.slice.Tensor(add, 2, 1, 9223372036854775807, 2)
+convert_element_type_8 = prims.convert_element_type.default(slice_2, float32)
+clamp_min = aten.clamp_min.default(convert_element_type_8, -7)
+clamp_max_1 = aten.clamp_max.default(clamp_min, 7)
+convert_element_type_9 = prims.convert_element_type.default(clamp_max_1, bfloat16)
+mul = aten.mul.Tensor(convert_element_type_7, 1.702)
+sigmoid = aten.sigmoid.default(mul)
+mul_1 = aten.mul.Tensor(convert_element_type_7, sigmoid)
+add_1 = aten.add.Tensor(convert_element_type_9, 1)
+mul_2 = aten.mul.Tensor(mul_1, add_1)
+index_2 = aten.index.Tensor(arg3_1, [getitem_1])
+unsqueeze_2 = aten.unsqueeze.default(mul_2, 3)
+view_4 = aten.view.default(index_2, [10, 64, 32])
+view_5 = aten.view.default(unsqueeze_2, [10, 32, 1])
+bmm_1 = aten.bmm.default(view_4, view_5)
+view_6 = aten.view.default(bmm_1, [5, 2, 64, 1])
+permute_10 = aten.permute.default(view_6, [0, 1, 2, 3])
+view_7 = aten.view.default(permute_10, [5, 2, 64])
+index_3 = aten.index.Tensor(arg4_1, [getitem_1])
+add_2 = aten.add.Tensor(view_7, index_3)
+permute_11 = aten.permute.default(add_2, [0, 2, 1])
+unsqueeze_3 = aten.unsqueeze.default(convert_element_type_3, 2)
+permute_13 = aten.permute.default(permute_11, [0, 1, 2])
+bmm_2 = aten.bmm.default(permute_13, unsqueeze_3)
+permute_15 = aten.permute.default(bmm_2, [0, 1, 2])
+view_11 = aten.view.default(permute_15, [5, 64])
+return [view_11]""")
+        self.assertExpectedInline(after, """\
+arg0_1 = input
+arg1_1 = input
+arg2_1 = input
+arg3_1 = input
+arg4_1 = input
+arg5_1 = input
+permute = aten.permute.default(arg0_1, [1, 0])
+mm = aten.mm.default(arg5_1, permute)
+convert_element_type_2 = prims.convert_element_type.default(mm, float32)
+amax = aten.amax.default(convert_element_type_2, [-1], True)
+sub = aten.sub.Tensor(convert_element_type_2, amax)
+exp = aten.exp.default(sub)
+sum_1 = aten.sum.dim_IntList(exp, [-1], True)
+div = aten.div.Tensor(exp, sum_1)
+topk = aten.topk.default(div, 2)
+getitem = getitem(topk, 0)
+getitem_1 = getitem(topk, 1)
+sum_2 = aten.sum.dim_IntList(getitem, [-1], True)
+div_1 = aten.div.Tensor(getitem, sum_2)
+convert_element_type_3 = prims.convert_element_type.default(div_1, bfloat16)
+prepare_moe_weights_default = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=0)
+prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=1)
+prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=2)
+prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=3)
+prepare_moe_weights_default_4 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=4)
+prepare_moe_weights_default_5 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=5)
+moe_default = mxfp4.moe.default(arg5_1, getitem_1, convert_element_type_3, prepare_moe_weights_default, prepare_moe_weights_default_1, prepare_moe_weights_default_2, prepare_moe_weights_default_3, prepare_moe_weights_default_4, prepare_moe_weights_default_5, 'reference', activation='swiglu_oai', alpha=1.702, limit=7)
+return [moe_default]""")
