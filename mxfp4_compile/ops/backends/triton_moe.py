@@ -72,8 +72,22 @@ def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
             ((E, Hp), f32) if has_w2_bias else None]
 
 
+def _pack_words(w: torch.Tensor) -> torch.Tensor:
+    """Canonical packed codes [E, N, K/2] -> the same bytes with each group of 8 codes stored as
+    (e0, e2, e4, e6, e1, e3, e5, e7) in nibble order: as a little-endian 32-bit word, even codes
+    in the low half-word and odd codes in the high one, which is what the kernel's shift-and-mask
+    e2m1 -> bf16x2 decode wants (see _kernels._DEQUANT_ASM)."""
+    out = torch.empty_like(w)
+    for e in range(w.shape[0]):  # one expert at a time bounds the temporaries
+        codes = torch.stack((w[e] & 0xF, w[e] >> 4), dim=-1).reshape(w.shape[1], -1, 8)
+        nib = codes[..., [0, 2, 4, 6, 1, 3, 5, 7]]
+        out[e] = (nib[..., 0::2] | (nib[..., 1::2] << 4)).reshape(w.shape[1], -1)
+    return out
+
+
 def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
-    """Canonical padded MXFP4 -> this kernel's layout (the canonical one, contiguous)."""
+    """Canonical padded MXFP4 -> this kernel's layout: codes regrouped per 8 (`_pack_words`),
+    scales and biases as they are (contiguous uint8 / float32)."""
     if activation not in _ACT:
         raise ValueError(f"activation must be one of {sorted(_ACT)}, got {activation!r}")
     Hp, Ip = w13.shape[2] * 2, w2.shape[2] * 2
@@ -81,14 +95,14 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
         raise ValueError(f"kernel 'triton' needs Hp % {H_MULTIPLE} == 0 and Ip % {I_MULTIPLE} == 0, "
                          f"got Hp={Hp}, Ip={Ip}")
 
-    def c(t, dtype=None):
-        if t is None:
-            return None
-        t = t.view(torch.uint8) if dtype is torch.uint8 and t.dtype != torch.uint8 else t
-        return t.to(dtype).contiguous() if dtype is not None else t.contiguous()
+    def u8(t):
+        return (t if t.dtype == torch.uint8 else t.view(torch.uint8)).contiguous()
 
-    return (c(w13, torch.uint8), c(w13_scales, torch.uint8), c(w13_bias, torch.float32),
-            c(w2, torch.uint8), c(w2_scales, torch.uint8), c(w2_bias, torch.float32))
+    def f32(t):
+        return None if t is None else t.to(torch.float32).contiguous()
+
+    return (_pack_words(u8(w13)), u8(w13_scales), f32(w13_bias),
+            _pack_words(u8(w2)), u8(w2_scales), f32(w2_bias))
 
 
 def _next_pow2(n: int) -> int:
@@ -151,31 +165,34 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     es, sorted_assign = route(ids, emap, E)
     c1, c2 = configs.pick(T, k, E, Hp, Ip, interpret)
 
-    a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted rows
+    # activations in sorted-row order; BM spare rows: GEMM2 reads whole row blocks unmasked
+    a = torch.empty(M + c2.BM, Ip, dtype=torch.bfloat16, device=dev)
     nb1 = min(M, M // c1.BM + E)
     grid1 = (nb1 * triton_cdiv(Ip, c1.BN),)
     b13 = w13_bias if w13_bias is not None else es
+    w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
     K._gemm1_kernel[grid1](
-        x, sorted_assign, es, w13, w13_scales, b13, a,
+        x, sorted_assign, es, w13_words, w13_scales, b13, a,
         E, k, nb1, x.stride(0),
-        w13.stride(0), w13.stride(1), w13_scales.stride(0), w13_scales.stride(1),
+        w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0), w13_scales.stride(1),
         w13_bias.stride(0) if w13_bias is not None else 0,
         float(alpha), float(limit), H=H, Hp=Hp, Ip=Ip,
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
-        EVEN_K=Hp % c1.BK == 0, EVEN_N=Ip % c1.BN == 0, UPCAST=interpret,
+        EVEN_K=Hp % c1.BK == 0, EVEN_N=Ip % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
         num_warps=c1.num_warps, num_stages=c1.num_stages)
 
     y = torch.empty(M, H, dtype=torch.float32, device=dev)  # per-(token, slot) expert outputs
     nb2 = min(M, M // c2.BM + E)
     grid2 = (nb2 * triton_cdiv(H, c2.BN),)
     b2 = w2_bias if w2_bias is not None else es
+    w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
     K._gemm2_kernel[grid2](
-        a, sorted_assign, es, w2, w2_scales, b2, y,
+        a, sorted_assign, es, w2_words, w2_scales, b2, y,
         E, nb2,
-        w2.stride(0), w2.stride(1), w2_scales.stride(0), w2_scales.stride(1),
+        w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
         w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
         HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
-        EVEN_K=Ip % c2.BK == 0, EVEN_N=H % c2.BN == 0, UPCAST=interpret,
+        EVEN_K=Ip % c2.BK == 0, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP,
         num_warps=c2.num_warps, num_stages=c2.num_stages)
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)

@@ -86,37 +86,123 @@ def _block_info(es_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr):
     return e, row0, row1, total
 
 
+# e2m1 -> bf16 on the GPU, 8 elements per 32-bit word. `prepare` stores each group of 8 codes
+# e0..e7 with the even ones in the low half-word and the odd ones in the high half-word
+# (nibble i of the little-endian word holds e[0, 2, 4, 6, 1, 3, 5, 7][i]), so that one shift and
+# one masked merge put e_{2j} and e_{2j+1} into the two bf16 halves of a register: magnitude bits
+# at bf16 bits 8..6 (exponent e, mantissa m0), sign at bit 15. That bf16 is exactly
+# value * 2**-126 (e == 0 gives the subnormal 0.5 * 2**-126). One bf16x2 FMA by
+# 2**(s - 1 - ACC_SHIFT) (s = the e8m0 byte) scales two elements; the accumulator is multiplied
+# by 2**ACC_SHIFT at the end, which keeps the multiplier a normal bf16 for bytes 66..192
+# (|w| from about 2**-61 to 2**66; outside that range the result is not exact).
+ACC_SHIFT = tl.constexpr(64)
+ACC_SCALE = tl.constexpr(2.0 ** 64)  # 2**ACC_SHIFT
+_DEQUANT_ASM = tl.constexpr("""
+{
+.reg .b32 t, u, o, z;
+mov.b32 z, 0x80008000;
+shl.b32 t, $8, 6;
+shl.b32 u, $8, 12;
+and.b32 t, t, 0x01C001C0;
+and.b32 u, u, 0x80008000;
+or.b32 o, t, u;
+fma.rn.bf16x2 o, o, $9, z;
+mov.b32 {$0, $1}, o;
+shl.b32 t, $8, 2;
+shl.b32 u, $8, 8;
+and.b32 t, t, 0x01C001C0;
+and.b32 u, u, 0x80008000;
+or.b32 o, t, u;
+fma.rn.bf16x2 o, o, $9, z;
+mov.b32 {$2, $3}, o;
+shr.b32 t, $8, 2;
+shl.b32 u, $8, 4;
+and.b32 t, t, 0x01C001C0;
+and.b32 u, u, 0x80008000;
+or.b32 o, t, u;
+fma.rn.bf16x2 o, o, $9, z;
+mov.b32 {$4, $5}, o;
+shr.b32 t, $8, 6;
+and.b32 t, t, 0x01C001C0;
+and.b32 u, $8, 0x80008000;
+or.b32 o, t, u;
+fma.rn.bf16x2 o, o, $9, z;
+mov.b32 {$6, $7}, o;
+}
+""")
+
+
 @triton.jit
-def _dequant(packed, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
-    """packed uint8 [R, BK/2] (low nibble = even k), scales e8m0 [R, BK/32] -> bf16 [R, BK].
-
-    e2m1 -> bf16 by bit arithmetic: magnitude m = e1 e0 m0; for m >= 2 the bf16 pattern is
-    (m << 6) + (126 << 7) (exponent e - 1 + 127, mantissa bit m0); m == 1 is 0.5 (126 << 7);
-    m == 0 is zero. The scale byte s is the bf16 exponent field of 2**(s - 127), so the product
-    is exact; 0xFF becomes NaN. UPCAST (interpreter: its bf16 arithmetic is wrong) multiplies
-    in fp32 and returns fp32."""
-    codes = tl.join(packed & 0xF, packed >> 4).reshape(R, BK).to(tl.int16)
-    mag = codes & 7
-    bits = tl.where(mag >= 2, (mag << 6) + 16128, tl.where(mag == 1, 16128, 0))
-    bits = bits | ((codes & 8) << 12)
-    vals = bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
-    s = scales.to(tl.int16)
-    sbits = tl.where(s == 255, 0x7FC0, s << 7).to(tl.int16)
-    sv = sbits.to(tl.bfloat16, bitcast=True)
-    if UPCAST:
-        vals = vals.to(tl.float32)
-        sv = sv.to(tl.float32)
-    w = vals.reshape(R, BK // 32, 32) * sv[:, :, None]
-    return w.reshape(R, BK)
+def _join8(e0, e1, e2, e3, e4, e5, e6, e7, R: tl.constexpr, BK: tl.constexpr):
+    """Eight [R, BK/8] tensors (element j of each 8-group) -> [R, BK] in natural order."""
+    x = tl.join(tl.join(tl.join(e0, e4), tl.join(e2, e6)), tl.join(tl.join(e1, e5), tl.join(e3, e7)))
+    return x.reshape(R, BK)
 
 
 @triton.jit
-def _mma(acc, x, w, UPCAST: tl.constexpr):
-    """acc [BM, BN] += x [BM, BK] @ w[BN, BK].T (fp32 operands under the interpreter, whose
-    bf16 dot is wrong)."""
+def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
+    """words int32 [R, BK/8] (8 codes each, `prepare`'s order), scales uint8 [R, BK/8] (the e8m0
+    byte of each word's 32-block) -> [R, BK]: bf16 * 2**-ACC_SHIFT on the GPU (inline PTX);
+    under the interpreter (UPCAST) exact fp32 values, by plain bit arithmetic."""
     if UPCAST:
-        return tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
-    return tl.dot(x, tl.trans(w), acc)
+        s = scales.to(tl.int32)
+        sv = tl.where(s == 255, float("nan"), (s << 23).to(tl.float32, bitcast=True))  # 2**(s-127)
+        c0 = _e2m1_f32(words, 0)
+        c1 = _e2m1_f32(words, 16)
+        c2 = _e2m1_f32(words, 4)
+        c3 = _e2m1_f32(words, 20)
+        c4 = _e2m1_f32(words, 8)
+        c5 = _e2m1_f32(words, 24)
+        c6 = _e2m1_f32(words, 12)
+        c7 = _e2m1_f32(words, 28)
+        return _join8(c0 * sv, c1 * sv, c2 * sv, c3 * sv, c4 * sv, c5 * sv, c6 * sv, c7 * sv, R, BK)
+    s = scales.to(tl.int32)
+    f = tl.minimum(tl.maximum(s + (127 - 1 - ACC_SHIFT), 1), 254)
+    h = tl.where(s == 255, 0x7FC0, f << 7)
+    m = h | (h << 16)  # bf16x2 multiplier 2**(s - 1 - ACC_SHIFT), twice
+    e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
+        _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, m],
+        dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+    return _join8(e0, e1, e2, e3, e4, e5, e6, e7, R, BK)
+
+
+@triton.jit
+def _e2m1_f32(words, shift: tl.constexpr):
+    """fp32 value of the e2m1 code at bit `shift` of each word (interpreter path)."""
+    c = (words >> shift) & 0xF
+    mag = c & 7
+    bits = tl.where(mag >= 2, (mag << 6) + 16128, tl.where(mag == 1, 16128, 0))  # bf16 pattern
+    v = (bits << 16).to(tl.float32, bitcast=True)
+    return tl.where((c & 8) != 0, -v, v)
+
+
+@triton.jit
+def _load_w(w_ptrs, s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """One [R, BK] weight tile: words [R, BK/8] int32 and the scale byte of each word."""
+    kw = tl.arange(0, BK // 8)
+    if EVEN_K:
+        words = tl.load(w_ptrs + (k0 // 8 + kw)[None, :], mask=rmask[:, None], other=0)
+        sc = tl.load(s_ptrs + (k0 // 32 + kw // 4)[None, :], mask=rmask[:, None], other=0)
+    else:
+        km = rmask[:, None] & ((k0 + 8 * kw) < Kp)[None, :]
+        words = tl.load(w_ptrs + (k0 // 8 + kw)[None, :], mask=km, other=0)
+        sc = tl.load(s_ptrs + (k0 // 32 + kw // 4)[None, :], mask=km, other=0)
+    return words, sc
+
+
+@triton.jit
+def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
+    """acc += x [BM, BK] @ w [BN, BK].T  ([BM, BN]), or with SWAP acc [BN, BM] += w @ x.T (the
+    weight rows fill the MMA's M side: small BM wastes less). fp32 operands under the
+    interpreter, whose bf16 dot is wrong."""
+    if UPCAST:
+        x = x.to(tl.float32)
+        w = w.to(tl.float32)
+    if SWAP:
+        acc = tl.dot(w, tl.trans(x), acc)
+    else:
+        acc = tl.dot(x, tl.trans(w), acc)
+    return acc
 
 
 @triton.jit
@@ -126,7 +212,9 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
                   alpha, limit, H: tl.constexpr, Hp: tl.constexpr, Ip: tl.constexpr,
                   ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr,
-                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr):
+                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+                  SWAP: tl.constexpr):
+    """w_ptr: int32 words [E, 2Ip, Hp/8]; s_ptr: uint8 [E, 2Ip, Hp/32]."""
     pid = tl.program_id(0)
     pid_m = pid % n_blocks
     pid_n = pid // n_blocks
@@ -138,7 +226,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
     tok = tl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top  # [BM]
     offs_n = pid_n * BN + tl.arange(0, BN)  # intermediate columns
     if EVEN_N:
-        nmask = offs_n < BN * (pid_n + 1)
+        nmask = offs_n < Ip + BN  # all true: lets the compiler drop the mask
     else:
         nmask = offs_n < Ip
     if ACT == 0:  # swiglu_oai: rows interleaved (2j gate, 2j+1 up)
@@ -153,28 +241,26 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
     sg_ptrs = s_ptr + e64 * stride_se + g_rows[:, None] * stride_sn
     su_ptrs = s_ptr + e64 * stride_se + u_rows[:, None] * stride_sn
     x_ptrs = x_ptr + tok[:, None].to(tl.int64) * stride_xt
-    kb = tl.arange(0, BK // 2)
-    ks = tl.arange(0, BK // 32)
     kx = tl.arange(0, BK)
-    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
-    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    if SWAP:
+        acc_g = tl.zeros([BN, BM], dtype=tl.float32)
+        acc_u = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, Hp, BK):
         xk = k0 + kx
         x = tl.load(x_ptrs + xk[None, :], mask=(xk < H)[None, :], other=0.0).to(tl.bfloat16)
-        if EVEN_K:
-            wg = tl.load(wg_ptrs + (k0 // 2 + kb)[None, :], mask=nmask[:, None], other=0)
-            wu = tl.load(wu_ptrs + (k0 // 2 + kb)[None, :], mask=nmask[:, None], other=0)
-            sg = tl.load(sg_ptrs + (k0 // 32 + ks)[None, :], mask=nmask[:, None], other=0)
-            su = tl.load(su_ptrs + (k0 // 32 + ks)[None, :], mask=nmask[:, None], other=0)
-        else:
-            mb = nmask[:, None] & ((k0 + 2 * kb) < Hp)[None, :]
-            ms = nmask[:, None] & ((k0 + 32 * ks) < Hp)[None, :]
-            wg = tl.load(wg_ptrs + (k0 // 2 + kb)[None, :], mask=mb, other=0)
-            wu = tl.load(wu_ptrs + (k0 // 2 + kb)[None, :], mask=mb, other=0)
-            sg = tl.load(sg_ptrs + (k0 // 32 + ks)[None, :], mask=ms, other=0)
-            su = tl.load(su_ptrs + (k0 // 32 + ks)[None, :], mask=ms, other=0)
-        acc_g = _mma(acc_g, x, _dequant(wg, sg, BN, BK, UPCAST), UPCAST)
-        acc_u = _mma(acc_u, x, _dequant(wu, su, BN, BK, UPCAST), UPCAST)
+        wg, sg = _load_w(wg_ptrs, sg_ptrs, k0, nmask, Hp, BK, EVEN_K)
+        wu, su = _load_w(wu_ptrs, su_ptrs, k0, nmask, Hp, BK, EVEN_K)
+        acc_g = _mma(acc_g, x, _dequant(wg, sg, BN, BK, UPCAST), UPCAST, SWAP)
+        acc_u = _mma(acc_u, x, _dequant(wu, su, BN, BK, UPCAST), UPCAST, SWAP)
+    if SWAP:
+        acc_g = tl.trans(acc_g)
+        acc_u = tl.trans(acc_u)
+    if not UPCAST:
+        acc_g = acc_g * ACC_SCALE
+        acc_u = acc_u * ACC_SCALE
     if HAS_BIAS:
         acc_g += tl.load(b_ptr + e64 * stride_be + g_rows, mask=nmask, other=0.0)[None, :]
         acc_u += tl.load(b_ptr + e64 * stride_be + u_rows, mask=nmask, other=0.0)[None, :]
@@ -192,9 +278,10 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
 def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
                   E, n_blocks,
                   stride_we, stride_wn, stride_se, stride_sn, stride_be,
-                  H: tl.constexpr, Ip: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  BK: tl.constexpr, EB: tl.constexpr, EVEN_K: tl.constexpr,
-                  EVEN_N: tl.constexpr, UPCAST: tl.constexpr):
+                  H: tl.constexpr, Ip: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
+                  BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr, EVEN_K: tl.constexpr,
+                  EVEN_N: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
+    """w_ptr: int32 words [E, Hp, Ip/8]; s_ptr: uint8 [E, Hp, Ip/32]."""
     pid = tl.program_id(0)
     pid_m = pid % n_blocks
     pid_n = pid // n_blocks
@@ -206,29 +293,29 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     assign = tl.load(sorted_ptr + rows, mask=rmask, other=0)
     offs_n = pid_n * BN + tl.arange(0, BN)  # hidden columns
     if EVEN_N:
-        nmask = offs_n < BN * (pid_n + 1)
+        nmask = offs_n < H + BN
     else:
         nmask = offs_n < H
     e64 = e.to(tl.int64)
     w_ptrs = w_ptr + e64 * stride_we + offs_n[:, None] * stride_wn
     s_ptrs = s_ptr + e64 * stride_se + offs_n[:, None] * stride_sn
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * Ip
-    kb = tl.arange(0, BK // 2)
-    ks = tl.arange(0, BK // 32)
     kx = tl.arange(0, BK)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, Ip, BK):
         if EVEN_K:
             a = tl.load(a_ptrs + (k0 + kx)[None, :])
-            w = tl.load(w_ptrs + (k0 // 2 + kb)[None, :], mask=nmask[:, None], other=0)
-            s = tl.load(s_ptrs + (k0 // 32 + ks)[None, :], mask=nmask[:, None], other=0)
         else:
             a = tl.load(a_ptrs + (k0 + kx)[None, :], mask=((k0 + kx) < Ip)[None, :], other=0.0)
-            w = tl.load(w_ptrs + (k0 // 2 + kb)[None, :],
-                        mask=nmask[:, None] & ((k0 + 2 * kb) < Ip)[None, :], other=0)
-            s = tl.load(s_ptrs + (k0 // 32 + ks)[None, :],
-                        mask=nmask[:, None] & ((k0 + 32 * ks) < Ip)[None, :], other=0)
-        acc = _mma(acc, a, _dequant(w, s, BN, BK, UPCAST), UPCAST)
+        w, s = _load_w(w_ptrs, s_ptrs, k0, nmask, Ip, BK, EVEN_K)
+        acc = _mma(acc, a, _dequant(w, s, BN, BK, UPCAST), UPCAST, SWAP)
+    if SWAP:
+        acc = tl.trans(acc)
+    if not UPCAST:
+        acc = acc * ACC_SCALE
     if HAS_BIAS:
         acc += tl.load(b_ptr + e64 * stride_be + offs_n, mask=nmask, other=0.0)[None, :]
     y_ptrs = y_ptr + assign[:, None].to(tl.int64) * H + offs_n[None, :]

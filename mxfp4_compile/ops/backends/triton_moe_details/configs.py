@@ -18,18 +18,22 @@ class TileConfig:
     BK: int          # reduction step (elements; a multiple of 32: one e8m0 scale per 32)
     num_warps: int
     num_stages: int
+    SWAP: bool = False  # compute (W @ x.T): weight rows on the MMA's M side (small BM)
 
 
 # (max rows per expert, GEMM1 config, GEMM2 config); first row whose bound >= m_e wins.
 _TABLE = (
-    (16, TileConfig(16, 32, 128, 4, 4), TileConfig(16, 32, 128, 4, 4)),
-    (32, TileConfig(32, 32, 128, 4, 4), TileConfig(32, 64, 128, 4, 4)),
-    (64, TileConfig(64, 64, 64, 4, 4), TileConfig(64, 64, 128, 4, 4)),
-    (None, TileConfig(128, 64, 64, 8, 3), TileConfig(128, 128, 64, 8, 3)),
+    (16, TileConfig(16, 32, 128, 4, 4, True), TileConfig(16, 32, 128, 4, 4, True)),
+    (32, TileConfig(32, 64, 128, 4, 4, True), TileConfig(32, 64, 128, 4, 4, True)),
+    (64, TileConfig(64, 64, 64, 4, 4, True), TileConfig(64, 128, 64, 4, 3, True)),
+    (None, TileConfig(128, 128, 64, 8, 3, True), TileConfig(128, 128, 64, 8, 3, True)),
 )
 
 # Under the Triton interpreter (CPU tests) small tiles keep numpy fast.
-_INTERPRET = (TileConfig(16, 32, 64, 4, 1), TileConfig(16, 32, 64, 4, 1))
+_INTERPRET = (TileConfig(16, 32, 64, 4, 1), TileConfig(16, 32, 64, 4, 1, True))
+
+# Set by benchmarks (sweeps): (GEMM1 config, GEMM2 config) used for every call instead of _TABLE.
+OVERRIDE = None
 
 
 def rows_per_expert(T: int, k: int, E: int) -> float:
@@ -39,6 +43,8 @@ def rows_per_expert(T: int, k: int, E: int) -> float:
 
 def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False):
     """-> (GEMM1 config, GEMM2 config) for this call's shape."""
+    if OVERRIDE is not None:
+        return OVERRIDE
     if interpret:
         return _INTERPRET
     m_e = rows_per_expert(T, k, E)
