@@ -120,7 +120,7 @@ class DequantMoE(nn.Module):
 
     def __init__(self, dtype=torch.bfloat16):
         super().__init__()
-        ref = GatherMoE("swiglu_oai", bias=True)
+        ref = GatherMoE("swiglu_oai", bias=True).to(dtype)
         self.gate = ref.gate
         p13, s13 = numerics.quantize(ref.w13.detach().float(), "floor")
         p2, s2 = numerics.quantize(ref.w2.detach().float(), "floor")
@@ -316,3 +316,38 @@ def check_rewrite_numerics(model, inputs, k_dims, n_moe, tight=2e-2, **compile_k
     assert rel_err(out, ref_q) < tight, (rel_err(out, ref_q), err_q)
     assert rel_err(out, ref) < 1.25 * err_q + tight, (rel_err(out, ref), err_q)
     return out, code
+
+
+# ---- sort-by-expert + grouped GEMM ----------------------------------------------------------------
+def grouped_experts(x, ids, w, w13, w2, *, histc_int=False, fallback=False):
+    """Sorted rows + grouped GEMM with offsets, written from the ops' semantics (x [T, H], ids/w
+    [T, k], w13 [E, 2I, H], w2 [E, H, I]); silu_glu. histc_int: count on int (the CUDA spelling)."""
+    T, k = ids.shape
+    E = w13.shape[0]
+    flat = ids.reshape(-1)
+    sorted_ids, perm = torch.sort(flat)
+    xs = x[perm // k]
+    counts = torch.histc(sorted_ids.int() if histc_int else sorted_ids.float(), bins=E, min=0, max=E - 1)
+    offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+    mm = (lambda a, b: torch.ops.transformers.grouped_mm_fallback(a, b, offs)) if fallback else \
+        (lambda a, b: torch._grouped_mm(a, b, offs=offs))
+    h = mm(xs, w13.transpose(-2, -1))
+    gate, up = h.chunk(2, dim=-1)
+    y = mm(F.silu(gate) * up, w2.transpose(-2, -1))
+    y = y * w.reshape(-1)[perm].unsqueeze(-1)
+    inv = torch.empty_like(perm)
+    inv[perm] = torch.arange(perm.numel(), device=perm.device)
+    return y[inv].view(T, k, -1).sum(dim=1)
+
+
+class GroupedMoE(nn.Module):
+    def __init__(self, fallback=False):
+        super().__init__()
+        self.gate = nn.Linear(H, E, bias=False)
+        self.w13 = nn.Parameter(torch.randn(E, 2 * I, H) * .05)
+        self.w2 = nn.Parameter(torch.randn(E, H, I) * .05)
+        self.fallback = fallback
+
+    def forward(self, x):
+        w, ids = _router(x, self.gate, K)
+        return grouped_experts(x, ids, w, self.w13, self.w2, fallback=self.fallback)

@@ -1,0 +1,113 @@
+"""Dense "every expert on every token, then mask" forms."""
+import unittest
+
+import pytest
+import torch
+from expecttest import TestCase
+
+import moe_zoo as z
+
+BF16 = torch.bfloat16
+
+
+def x(T=5):
+    return torch.randn(T, z.H, generator=torch.Generator().manual_seed(T)).to(BF16)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("combine", ["einsum", "mask"])
+@pytest.mark.parametrize("topk", [True, False])
+def test_dense_forms(bias, combine, topk):
+    torch.manual_seed(0)
+    m = z.DenseMoE(bias=bias, combine=combine, topk=topk).to(BF16)
+    z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+
+
+@unittest.skipUnless(z.snapshot_torch_ok(), f"snapshots recorded with torch {z.SNAPSHOT_TORCH}")
+class TestDenseSnapshot(TestCase):
+    def test_dense_before_after(self):
+        torch.manual_seed(0)
+        (before, after), = z.record_pass_graphs(z.DenseMoE().to(BF16), x())
+        self.assertExpectedInline(before, """\
+arg0_1 = input
+arg1_1 = input
+arg2_1 = input
+arg3_1 = input
+permute = aten.permute.default(arg0_1, [1, 0])
+mm = aten.mm.default(arg3_1, permute)
+convert_element_type_2 = prims.convert_element_type.default(mm, float32)
+amax = aten.amax.default(convert_element_type_2, [-1], True)
+sub = aten.sub.Tensor(convert_element_type_2, amax)
+exp = aten.exp.default(sub)
+sum_1 = aten.sum.dim_IntList(exp, [-1], True)
+div = aten.div.Tensor(exp, sum_1)
+convert_element_type_3 = prims.convert_element_type.default(div, bfloat16)
+topk = aten.topk.default(convert_element_type_3, 2)
+getitem = getitem(topk, 0)
+getitem_1 = getitem(topk, 1)
+full_default = aten.full.default([5, 4], 0, dtype=bfloat16, device=cpu)
+sum_2 = aten.sum.dim_IntList(getitem, [-1], True)
+div_1 = aten.div.Tensor(getitem, sum_2)
+scatter = aten.scatter.src(full_default, 1, getitem_1, div_1)
+unsqueeze = aten.unsqueeze.default(arg3_1, 2)
+unsqueeze_1 = aten.unsqueeze.default(unsqueeze, 3)
+unsqueeze_2 = aten.unsqueeze.default(arg1_1, 3)
+permute_2 = aten.permute.default(unsqueeze_2, [0, 3, 1, 2])
+view = aten.view.default(unsqueeze_1, [1, 5, 64])
+permute_4 = aten.permute.default(permute_2, [3, 0, 2, 1])
+view_1 = aten.view.default(permute_4, [1, 64, 256])
+bmm = aten.bmm.default(view, view_1)
+view_2 = aten.view.default(bmm, [5, 1, 4, 64])
+permute_5 = aten.permute.default(view_2, [2, 0, 3, 1])
+view_3 = aten.view.default(permute_5, [4, 5, 64])
+slice_1 = aten.slice.Tensor(view_3, 2, 0, 32)
+convert_element_type_6 = prims.convert_element_type.default(slice_1, float32)
+neg = aten.neg.default(convert_element_type_6)
+exp_1 = aten.exp.default(neg)
+add = aten.add.Tensor(exp_1, 1)
+div_2 = aten.div.Tensor(convert_element_type_6, add)
+convert_element_type_7 = prims.convert_element_type.default(div_2, bfloat16)
+slice_2 = aten.slice.Tensor(view_3, 2, 32, 9223372036854775807)
+mul = aten.mul.Tensor(convert_element_type_7, slice_2)
+unsqueeze_3 = aten.unsqueeze.default(mul, 3)
+unsqueeze_4 = aten.unsqueeze.default(arg2_1, 3)
+permute_7 = aten.permute.default(unsqueeze_4, [0, 3, 1, 2])
+view_4 = aten.view.default(unsqueeze_3, [4, 5, 32])
+permute_9 = aten.permute.default(permute_7, [0, 3, 2, 1])
+view_5 = aten.view.default(permute_9, [4, 32, 64])
+bmm_1 = aten.bmm.default(view_4, view_5)
+view_6 = aten.view.default(bmm_1, [4, 5, 1, 64])
+permute_10 = aten.permute.default(view_6, [0, 1, 3, 2])
+view_7 = aten.view.default(permute_10, [4, 5, 64])
+permute_11 = aten.permute.default(view_7, [1, 2, 0])
+unsqueeze_5 = aten.unsqueeze.default(scatter, 2)
+permute_13 = aten.permute.default(permute_11, [0, 1, 2])
+bmm_2 = aten.bmm.default(permute_13, unsqueeze_5)
+permute_15 = aten.permute.default(bmm_2, [0, 1, 2])
+view_11 = aten.view.default(permute_15, [5, 64])
+return [view_11]""")
+        self.assertExpectedInline(after, """\
+arg0_1 = input
+arg1_1 = input
+arg2_1 = input
+arg3_1 = input
+permute = aten.permute.default(arg0_1, [1, 0])
+mm = aten.mm.default(arg3_1, permute)
+convert_element_type_2 = prims.convert_element_type.default(mm, float32)
+amax = aten.amax.default(convert_element_type_2, [-1], True)
+sub = aten.sub.Tensor(convert_element_type_2, amax)
+exp = aten.exp.default(sub)
+sum_1 = aten.sum.dim_IntList(exp, [-1], True)
+div = aten.div.Tensor(exp, sum_1)
+convert_element_type_3 = prims.convert_element_type.default(div, bfloat16)
+topk = aten.topk.default(convert_element_type_3, 2)
+getitem = getitem(topk, 0)
+getitem_1 = getitem(topk, 1)
+sum_2 = aten.sum.dim_IntList(getitem, [-1], True)
+div_1 = aten.div.Tensor(getitem, sum_2)
+prepare_moe_weights_default = mxfp4.prepare_moe_weights.default(arg1_1, None, arg2_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=0)
+prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default(arg1_1, None, arg2_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=1)
+prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default(arg1_1, None, arg2_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=3)
+prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default(arg1_1, None, arg2_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=4)
+moe_default = mxfp4.moe.default(arg3_1, getitem_1, div_1, prepare_moe_weights_default, prepare_moe_weights_default_1, None, prepare_moe_weights_default_2, prepare_moe_weights_default_3, None, 'reference', activation='silu_glu', alpha=1.702, limit=7)
+return [moe_default]""")
