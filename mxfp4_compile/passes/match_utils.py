@@ -324,26 +324,29 @@ class Activation:
     limit: float = 7.0
 
 
-def between(srcs, dst, limit=400):
+def between(srcs, dst, limit=2000):
     """Nodes on paths from any of ``srcs`` to ``dst`` (topological order), or None if too many."""
-    anc, stack = set(), [dst]
-    while stack:
-        x = stack.pop()
-        if x in anc:
-            continue
-        anc.add(x)
-        if len(anc) > limit:
-            return None
-        stack.extend(x.all_input_nodes)
+    order = {n: i for i, n in enumerate(dst.graph.nodes)}
+    stop = order[dst]
     desc, stack = set(), list(srcs)
-    while stack:
+    while stack:  # forward from the sources, never past dst
         x = stack.pop()
-        if x in desc or x not in anc:
+        if x in desc or order[x] > stop:
             continue
         desc.add(x)
+        if len(desc) > limit:
+            return None
         stack.extend(x.users)
-    order = {n: i for i, n in enumerate(dst.graph.nodes)}
-    return sorted(desc, key=order.__getitem__)
+    if dst not in desc:
+        return []
+    keep, stack = set(), [dst]
+    while stack:  # backward from dst, inside the forward set
+        x = stack.pop()
+        if x in keep or x not in desc:
+            continue
+        keep.add(x)
+        stack.extend(x.all_input_nodes)
+    return sorted(keep, key=order.__getitem__)
 
 
 def _run_subgraph(nodes, env):

@@ -4,6 +4,7 @@ which nodes are its expert GEMMs and what their operands' dimensions mean (Label
 from __future__ import annotations
 
 import dataclasses
+import heapq
 
 import torch.fx as fx
 
@@ -27,24 +28,36 @@ class Context:
 
 
 def pair_gemms(gemms: list[ExpertGemm], limit=300):
-    """-> [(first GEMMs (1 or 2: fused gate_up, or gate and up), second GEMM)]."""
+    """-> [(first GEMMs (1 or 2: fused gate_up, or gate and up), second GEMM)], in graph order.
+
+    A second GEMM is one whose activation operand comes from not-yet-paired expert GEMMs (the
+    backward search stops at every expert GEMM), so layer n+1's first GEMM, which also depends on
+    layer n's GEMMs through the residual stream, is never taken for a second GEMM."""
+    order = {n: i for i, n in enumerate(gemms[0].node.graph.nodes)} if gemms else {}
+    gemms = sorted(gemms, key=lambda g: order[g.node])
     by_node = {g.node: g for g in gemms}
     pairs, used = [], set()
     for g2 in gemms:
-        seen, stack, firsts = set(), [g2.x], []
-        while stack and len(seen) < limit:
-            n = stack.pop()
+        if g2.node in used:
+            continue
+        seen, heap, firsts = set(), [(-order[g2.x], id(g2.x), g2.x)], []
+        while heap and len(seen) < limit:  # latest nodes first: the activation sits right before
+            _, _, n = heapq.heappop(heap)
             if n in seen:
                 continue
             seen.add(n)
             if n in by_node and n is not g2.node:
-                firsts.append(by_node[n])
+                if n not in used:
+                    firsts.append(by_node[n])
                 continue
-            stack.extend(n.all_input_nodes)
+            for a in n.all_input_nodes:
+                heapq.heappush(heap, (-order[a], id(a), a))
         if firsts:
-            pairs.append((sorted(firsts, key=lambda g: list(g.node.graph.nodes).index(g.node)), g2))
+            firsts.sort(key=lambda g: order[g.node])
+            pairs.append((firsts, g2))
             used.update(g.node for g in firsts)
-    return [(f, g2) for f, g2 in pairs if g2.node not in used]
+            used.add(g2.node)
+    return pairs
 
 
 def find_hidden(x_operand, T):

@@ -1,0 +1,23 @@
+"""transformers 5.x MoE families from tiny configs (random weights, no downloads), compiled the way a
+user would: ``torch.compile(model, backend="mxfp4")`` under ``torch.no_grad()``; every MoE layer
+must become one torch.ops.mxfp4.moe call, in both experts implementations."""
+import pytest
+import torch
+
+import moe_zoo as z
+
+pytest.importorskip("transformers")
+
+# K dim of each expert weight by parameter name, per family (gpt-oss stores [E, K, N])
+K_DIMS = {"gpt_oss": {"gate_up_proj": 1, "down_proj": 1}}
+DEFAULT_K = {"gate_up_proj": -1, "down_proj": -1}
+
+
+@pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("family", sorted(z.HF_FAMILIES))
+def test_every_moe_layer_rewritten(family, impl):
+    m = z.hf_model(family, impl, layers=2)
+    n_layers = sum(1 for name, _ in m.named_modules() if name.endswith("mlp.experts"))
+    assert n_layers == 2
+    z.check_rewrite_numerics(m, (z.token_ids(),), K_DIMS.get(family, DEFAULT_K), n_moe=n_layers,
+                             tight=3e-2)
