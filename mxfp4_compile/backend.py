@@ -83,6 +83,7 @@ def lift_parameters(gm: fx.GraphModule, example_inputs):
     lifted parameters, their source names)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     keep, lifted, names = [], [], []
+    guards = _dynamo_guards()
     for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
         if not isinstance(ex, torch.nn.Parameter):
             keep.append(i)
@@ -92,6 +93,11 @@ def lift_parameters(gm: fx.GraphModule, example_inputs):
         src = getattr(n, "_dynamo_source", None)
         if hasattr(gm, "_param_name_to_source") and src is not None:
             gm._param_name_to_source[name] = src  # AOTAutograd asserts every parameter has one
+        if src is not None and guards is not None:
+            # the graph now holds this very tensor: a frame reused for another module (a layer
+            # loop with graph breaks) must recompile instead of running with these weights
+            from torch._dynamo.guards import GuardBuilder
+            guards.add(src.make_guard(GuardBuilder.ID_MATCH))
         with gm.graph.inserting_before(n):
             attr = gm.graph.get_attr(name)
         attr.meta.update(n.meta)
@@ -101,6 +107,13 @@ def lift_parameters(gm: fx.GraphModule, example_inputs):
         names.append(_source_name(src) or n.name)
     gm.recompile()
     return keep, lifted, names
+
+
+def _dynamo_guards():
+    """The guard set Dynamo is building for the frame being compiled (it is turned into the
+    frame's check function after the backend returns)."""
+    ctx = torch._guards.TracingContext.try_get()
+    return getattr(getattr(ctx, "guards_context", None), "dynamo_guards", None)
 
 
 def _source_name(src):

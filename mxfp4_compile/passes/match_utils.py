@@ -167,6 +167,10 @@ class Labels:
         self.memo[n] = out
         return out
 
+    def norm(self, label):
+        """A label without its size-1 atoms (T=1 or k=1 dims move freely through views)."""
+        return tuple(a for a in label if not same(self.sizes.get(a, 0), 1))
+
     def size_of(self, label):
         return math.prod(self.sizes[a] for a in label) if label else 1
 
@@ -219,7 +223,7 @@ class Labels:
                 if same(sh[i], 1):
                     continue
                 cur = out[off + i]
-                if cur == ():
+                if not self.norm(cur):
                     out[off + i] = l
                 else:
                     m = self.unify(cur, l)
@@ -230,8 +234,7 @@ class Labels:
 
     def unify(self, a, b):
         """Two labels of one dim -> the merged label, or None if they disagree."""
-        a = tuple(x for x in a if not (x.startswith("*") and same(self.sizes[x], 1)))
-        b = tuple(x for x in b if not (x.startswith("*") and same(self.sizes[x], 1)))
+        a, b = self.norm(a), self.norm(b)
         if len(a) != len(b):
             return None
         out = []
@@ -294,7 +297,7 @@ class Labels:
 
     def _regroup(self, src, s_out):
         """view/reshape: split and merge atomic labels by their sizes."""
-        atoms = [x for l in src for x in l]
+        atoms = [x for l in src for x in l if not same(self.sizes[x], 1)]
         out, i = [], 0
         for size in s_out:
             if same(size, 1):

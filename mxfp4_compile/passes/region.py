@@ -115,7 +115,7 @@ def gemm_roles(g, labels, x_label, w_labels):
         out, contracted = labels.of(g), labels.contracted.get(g)
     if out is None or contracted is None:
         raise NoMatch(f"{g.name}: operand dimensions do not line up as tokens x expert weight")
-    a, b = contracted
+    a, b = labels.norm(contracted[0]), labels.norm(contracted[1])
     pair = {a, b}
     wa, wb = w_labels
     if pair == {(x_label,), (wb,)}:
@@ -125,13 +125,13 @@ def gemm_roles(g, labels, x_label, w_labels):
     raise NoMatch(f"{g.name}: contracts {a} with {b}, not the features with an expert weight dim")
 
 
-def check_rows(lab, row_atoms, n_label, where):
-    atoms = [x for d in lab for x in d]
-    need = list(row_atoms) + [n_label]
+def check_rows(lab, row_atoms, n_label, where, labels):
+    atoms = [x for d in lab for x in labels.norm(d)]
+    need = [x for x in list(row_atoms) + [n_label] if labels.norm((x,))]
     for x in need:
         if atoms.count(x) != 1:
             raise NoMatch(f"{where}: rows are not one (token, expert) pair each ({lab})")
-    if lab[-1] != (n_label,):
+    if labels.norm(lab[-1]) != (n_label,):
         raise NoMatch(f"{where}: the GEMM's output features are not the last dim")
     for x in atoms:
         if x not in need and not x.startswith("*"):
@@ -170,7 +170,7 @@ def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, o
         elif u.target is aten.sum.dim_IntList and weights is not None and not summed:
             lab = labels.of(cur)
             dims = {d % len(lab) for d in u.args[1]}
-            if [lab[d] for d in dims] != [(slot,)]:
+            if [labels.norm(lab[d]) for d in dims] != [labels.norm((slot,))]:
                 raise NoMatch(f"{u.name}: sums over {[lab[d] for d in dims]}, not over the experts")
             summed, cur = True, u
         elif u.target is aten.bmm.default and weights is None and not summed:
@@ -179,14 +179,16 @@ def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, o
             if root is None:
                 raise NoMatch(f"{u.name}: combine GEMM with something other than routing weights")
             out, contracted = labels.gemm_labels(u)
-            if out is None or contracted[0] != (slot,) or contracted[1] != (slot,):
+            if out is None or labels.norm(contracted[0]) != labels.norm((slot,)) or \
+                    labels.norm(contracted[1]) != labels.norm((slot,)):
                 raise NoMatch(f"{u.name}: combine GEMM does not sum over the experts")
             weights, summed, cur = root, True, u
         else:
             break
         if summed:
             lab = labels.of(cur)
-            if lab is not None and [d for d in lab if d != ()] == [("T",), out_label] \
+            if lab is not None and [labels.norm(d) for d in lab if labels.norm(d)] == \
+                    [labels.norm(d) for d in (("T",), out_label) if labels.norm(d)] \
                     and len(shape(cur)) == 2:
                 return cur, weights, bias
     raise NoMatch(f"{cur.name}: expert outputs are not combined as sum_k w[t,k] * y (stopped at "
@@ -218,7 +220,7 @@ def match_pair(form, firsts, g2: ExpertGemm, labels: Labels, ctx, *, T, k, slot,
         lab = labels.of(out)
         if lab is None:
             raise NoMatch(f"{out.name}: lost track of the GEMM rows")
-        check_rows(lab, row_atoms or ("T", slot), n_label, out.name)
+        check_rows(lab, row_atoms or ("T", slot), n_label, out.name, labels)
         outs.append((out, bias, n_label))
     bias13 = outs[0][1]
     act_in = strip(g2.x)[-1]

@@ -1,0 +1,190 @@
+"""The mxfp4 Dynamo backend: registration, options, grad mode, the weight transform (once per weight
+per compile, folded away), the FX graph cache with two models, dynamic token counts, layer loops."""
+import copy
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+import moe_zoo as z
+from mxfp4_compile import backend
+from mxfp4_compile.ops import weights
+
+BF16 = torch.bfloat16
+KD = {"w13": -1, "w2": -1}
+
+
+def x(T=5):
+    return torch.randn(T, z.H, generator=torch.Generator().manual_seed(T)).to(BF16)
+
+
+def model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return z.GatherMoE(**kw).to(BF16)
+
+
+def test_registered_by_name():
+    from torch._dynamo.backends.registry import lookup_backend
+    assert "mxfp4" in torch._dynamo.list_backends()
+    assert lookup_backend("mxfp4") is backend.mxfp4_backend
+
+
+def test_options_and_modes():
+    assert backend.resolve_options()["kernel"] == "auto"
+    assert backend.resolve_options(mode="reduce-overhead")["cudagraphs"] is True
+    assert backend.resolve_options(options={"cudagraphs": True, "kernel": "reference"})["kernel"] == "reference"
+    with pytest.raises(ValueError, match="unknown option.*valid"):
+        backend.resolve_options(options={"kernal": "reference"})
+    with pytest.raises(ValueError, match="unknown mode"):
+        backend.resolve_options(mode="fast")
+    with pytest.raises(ValueError, match="rounding"):
+        backend.resolve_options(options={"rounding": "nearest"})
+
+
+def test_options_reach_the_rewrite():
+    m = model()
+    with torch.no_grad():
+        ref_q = copy.deepcopy(m)
+        for p in (ref_q.w13, ref_q.w2):
+            p.copy_(z.qdq(p, -1, "round_up"))
+        ref_q = ref_q(x())
+    out, code = z.compile_run(m, x(), options={"kernel": "reference", "rounding": "round_up"})
+    assert z.moe_calls(code) == 1 and "'reference'" in code
+    assert z.rel_err(out, ref_q) < 2e-2
+
+
+def test_reduce_overhead_mode_alone():
+    m = model()
+    out, code = z.compile_run(m, x(), mode="reduce-overhead")
+    assert z.moe_calls(code) == 1
+
+
+def test_grad_enabled_says_so_once_and_stays_correct():
+    backend._warned.discard("grad")
+    m = model()
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="torch.no_grad"):
+        out = torch.compile(m, backend="mxfp4")(x())
+    assert z.rel_err(out.detach(), m(x()).detach()) < 1e-2
+    assert backend.last_compile_info[-1]["grad_enabled"] and backend.last_compile_info[-1]["rewritten"] == 0
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a second compile must not repeat it
+        torch._dynamo.reset()
+        torch.compile(model(1), backend="mxfp4")(x())
+
+
+def test_transform_runs_once_per_weight_and_never_in_output_code():
+    weights.clear_cache()
+    m = model()
+    n0 = weights.quantization_count()
+    out, code = z.compile_run(m, x())
+    assert weights.quantization_count() - n0 == 1  # one MoE layer: its weights prepared once
+    assert "prepare_moe_weights" not in code and "mxfp4.quantize" not in code
+    cm = torch.compile(m, backend="mxfp4")
+    with torch.no_grad():
+        for T in (5, 5, 5):
+            cm(x(T))
+    assert weights.quantization_count() - n0 == 1
+
+
+def test_dynamic_token_counts_bounded_compiles_no_requantization():
+    weights.clear_cache()
+    m = model()
+    with torch.no_grad():
+        q = z.quantize_experts_(copy.deepcopy(m), KD)
+    torch._dynamo.reset()
+    n_graphs, n_quant = len(backend.last_compile_info), weights.quantization_count()
+    cm = torch.compile(m, backend="mxfp4")
+    with torch.no_grad():
+        for T in (1, 2, 3, 7, 64, 512, 33):
+            out = cm(x(T))
+            assert z.rel_err(out, q(x(T))) < 2e-2, T
+    compiles = len(backend.last_compile_info) - n_graphs
+    assert 1 <= compiles <= 3, compiles  # static, then dynamic T (plus Dynamo's 0/1 specialization)
+    assert all(i["rewritten"] == 1 for i in backend.last_compile_info[n_graphs:])
+    assert weights.quantization_count() - n_quant == 1
+
+
+def test_layer_loop_with_graph_breaks_gets_each_layers_weights():
+    """A frame reused for every layer must not run layer 2 with layer 1's frozen weights."""
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.moe = z.GatherMoE()
+
+        def forward(self, h):
+            h = h + self.moe(h)
+            torch._dynamo.graph_break()
+            return h
+
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(Block(), Block(), Block()).to(BF16)
+    with torch.no_grad():
+        ref_q = z.quantize_experts_(copy.deepcopy(m), KD)(x())
+    out, _ = z.compile_run(m, x())
+    assert z.rel_err(out, ref_q) < 2e-2
+
+
+def moe_with_weights_as_inputs(h, gate_w, w13, w2):
+    p = torch.softmax(h.float() @ gate_w.float().t(), dim=-1)
+    w, ids = torch.topk(p, z.K, dim=-1)
+    w = (w / w.sum(-1, keepdim=True)).to(h.dtype)
+    hh = torch.einsum("tkoh,th->tko", w13[ids], h)
+    a = torch.nn.functional.silu(hh[..., :z.I]) * hh[..., z.I:]
+    return torch.einsum("tkh,tk->th", torch.einsum("tkhi,tki->tkh", w2[ids], a), w)
+
+
+def test_weights_passed_as_inputs_are_not_rewritten_and_correct():
+    m = model(activation="silu_glu", bias=False)
+    args = (x(), m.gate.weight.detach(), m.w13.detach().clone(), m.w2.detach().clone())
+    with torch.no_grad():
+        ref = moe_with_weights_as_inputs(*args)
+        torch._dynamo.reset()
+        n = len(backend.last_compile_info)
+        out = torch.compile(moe_with_weights_as_inputs, backend="mxfp4")(*args)
+    cands = [c for i in backend.last_compile_info[n:] for c in i["candidates"]]
+    assert [c.rewritten for c in cands] == [False]
+    assert "not a frozen parameter" in cands[0].reason
+    assert z.rel_err(out, ref) < 1e-2
+
+
+_CACHE_SCRIPT = textwrap.dedent("""
+    import sys, copy
+    sys.path.insert(0, {tests!r})
+    import torch
+    torch._inductor.config.cpp.weight_prepack = False  # mkldnn prepack makes frozen CPU graphs bypass the cache
+    from torch._dynamo.utils import counters
+    import moe_zoo as z
+    x = torch.randn(5, z.H, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    outs, refs = [], []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        m = z.GatherMoE().to(torch.bfloat16)
+        with torch.no_grad():
+            refs.append(z.quantize_experts_(copy.deepcopy(m), {{"w13": -1, "w2": -1}})(x))
+        out, code = z.compile_run(m, x)
+        assert z.moe_calls(code) == 1
+        outs.append(out)
+    print("hit", counters["inductor"]["fxgraph_cache_hit"], "miss", counters["inductor"]["fxgraph_cache_miss"],
+          "bypass", counters["inductor"]["fxgraph_cache_bypass"])
+    print("own", z.rel_err(outs[0], refs[0]), z.rel_err(outs[1], refs[1]))
+    print("other", z.rel_err(outs[1], refs[0]))
+""")
+
+
+def test_fx_graph_cache_two_models_same_shapes(tmp_path):
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path), TORCHINDUCTOR_FX_GRAPH_CACHE="1")
+    script = _CACHE_SCRIPT.format(tests=os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = {l.split()[0]: l.split()[1:] for l in r.stdout.splitlines() if l.split()}
+    hit, miss, bypass = int(lines["hit"][0]), int(lines["hit"][2]), int(lines["hit"][4])
+    assert (hit, miss, bypass) == (1, 1, 0), r.stdout  # the second model is served from the cache
+    own = [float(v) for v in lines["own"]]
+    assert max(own) < 2e-2, r.stdout  # ... and still gets its own weights
+    assert float(lines["other"][0]) > 0.5, r.stdout
