@@ -297,13 +297,12 @@ def distinct_experts(E, k, T, activation, gen):
 def sweep_candidates(T):
     """Configs (same for both GEMMs) tried at T; chosen ones go to configs._TABLE by hand."""
     if T <= 64:
-        return [C(16, 16, 128, 4, 4, True), C(16, 32, 128, 4, 4, True), C(16, 64, 128, 4, 4, True),
-                C(16, 32, 256, 4, 3, True), C(16, 64, 256, 4, 3, True), C(32, 64, 128, 4, 4, True)]
+        return [C(16, 32, 128, 4, 4, False), C(16, 32, 128, 4, 4, True), C(16, 64, 128, 4, 4, True),
+                C(32, 64, 128, 4, 4, True)]
     if T <= 512:
-        return [C(16, 64, 128, 4, 4, True), C(32, 64, 128, 4, 4, True), C(64, 64, 64, 4, 4, True),
-                C(64, 128, 64, 4, 3, True), C(128, 128, 64, 8, 3, True)]
-    return [C(128, 128, 64, 8, 3, True), C(128, 128, 64, 8, 4, True), C(128, 64, 128, 8, 3, True),
-            C(256, 64, 64, 8, 3, True), C(64, 128, 64, 4, 3, True)]
+        return [C(32, 64, 128, 4, 4, True), C(64, 64, 64, 4, 4, True), C(64, 128, 64, 4, 3, True),
+                C(128, 128, 64, 8, 3, True)]
+    return [C(128, 128, 64, 8, 3, True), C(128, 128, 64, 8, 4, True), C(256, 64, 64, 8, 3, True)]
 
 
 def sweep(models, tokens, gen):
@@ -347,6 +346,84 @@ def sweep(models, tokens, gen):
     with open(os.path.join(OUT, "sweep.txt"), "w") as f:
         f.write(txt)
     print(txt)
+    return {key: C(*r["cfg"]) for key, r in best.items()}
+
+
+# ---------------------------------------------------------------- decode diagnosis ------------
+@triton.jit
+def _pattern_kernel(w_ptr, dst, n_tiles, stride_e, stride_row, k_words,
+                    BN: tl.constexpr, BKW: tl.constexpr, CONTIG: tl.constexpr):
+    """Read what one GEMM program reads (BN rows x k_words int32, BKW words per step), nothing
+    else. CONTIG: the same bytes, as one contiguous run per program (a tile-major layout)."""
+    pid = tl.program_id(0)
+    e = pid % 4
+    n = pid // 4
+    base = w_ptr + e.to(tl.int64) * stride_e + n * BN * stride_row
+    acc = tl.zeros([BN, BKW], dtype=tl.int32)
+    r = tl.arange(0, BN)
+    c = tl.arange(0, BKW)
+    for k in range(0, k_words, BKW):
+        if CONTIG:
+            offs = (k * BN + r[:, None] * BKW + c[None, :])
+        else:
+            offs = r[:, None] * stride_row + (k + c)[None, :]
+        acc ^= tl.load(base + offs)
+    tl.store(dst + pid * BN * BKW + r[:, None] * BKW + c[None, :], acc)
+
+
+class _Skip:
+    def __getitem__(self, grid):
+        return lambda *a, **k: None
+
+
+def diag(gen, one=False):
+    """Where does decode time go? 20b, T=1."""
+    from mxfp4_compile.ops.backends.triton_moe_details import _kernels as K
+    E, H, I, k, act, biases = MODELS["20b"]
+    canon = [random_canonical(E, H, I, act, biases, 64, 64, gen) for _ in range(R_SETS)]
+    ours = [triton_moe.prepare(*c, act) for c in canon]
+    T = 1
+    if one:  # for ncu: three eager calls
+        x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
+        ids, tw = route(torch.randn(T, E, device=DEV, generator=gen), k, act)
+        for _ in range(3):
+            call(triton_moe, x, ids, tw, ours[0], act)
+        torch.cuda.synchronize()
+        return
+    res = {}
+    orig = {n: getattr(K, n) for n in ("_gemm1_kernel", "_gemm2_kernel", "_finalize_kernel", "_route_kernel")}
+    for label, skip in (("full", ()), ("no_gemm2", ("_gemm2_kernel",)), ("no_gemm1", ("_gemm1_kernel",)),
+                        ("route_finalize_only", ("_gemm1_kernel", "_gemm2_kernel")),
+                        ("nothing", tuple(orig))):
+        for n in skip:
+            setattr(K, n, _Skip())
+        try:
+            res[label] = time_forward(triton_moe, ours, E, H, k, act, T, gen)
+        finally:
+            for n, f in orig.items():
+                setattr(K, n, f)
+    w = [o[0].view(torch.int32) for o in ours]  # [E, 2Ip, Hp/8]
+    kw = w[0].shape[2]
+    for BN, BKW in ((64, 16), (64, 32), (32, 16)):
+        for contig in (False, True):
+            n_tiles = w[0].shape[1] // BN
+            dst = torch.empty(4 * n_tiles * BN * BKW, dtype=torch.int32, device=DEV)
+
+            def fn():
+                for ww in w:
+                    _pattern_kernel[(4 * n_tiles,)](ww, dst, n_tiles, ww.stride(0), ww.stride(1),
+                                                    kw - kw % BKW, BN=BN, BKW=BKW, CONTIG=contig,
+                                                    num_warps=4)
+            us = graph_time_us(fn, len(w))
+            nbytes = 4 * n_tiles * BN * (kw - kw % BKW) * 4
+            res[f"pattern_BN{BN}_BKW{BKW}_{'contig' if contig else 'rows'}"] = (us, nbytes / us / 1e3)
+    bufs = [torch.empty(int(4 * w[0].shape[1] * kw * 4), dtype=torch.uint8, device=DEV).random_().view(torch.int32)
+            for _ in range(R_SETS)]
+    res["stream_same_bytes_w13"] = stream_floor_us(bufs[0].numel() * 4, bufs)
+    for kk, v in res.items():
+        log(f"DIAG {kk}: {v}")
+    with open(os.path.join(OUT, "diag.json"), "w") as f:
+        json.dump(res, f, indent=1)
 
 
 # ---------------------------------------------------------------- main ------------------------
@@ -357,6 +434,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the graph check and peers")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
+    ap.add_argument("--tuned", action="store_true",
+                    help="sweep first, then run the check with the best config per (model, T)")
+    ap.add_argument("--diag", action="store_true", help="decode time breakdown (20b, T=1)")
+    ap.add_argument("--diag-one", action="store_true", help="three eager T=1 calls (for ncu)")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -366,6 +447,9 @@ def main():
     gen = torch.Generator(device=DEV).manual_seed(0)
     if args.sweep:
         return sweep(args.models.split(","), tokens, gen)
+    if args.diag or args.diag_one:
+        return diag(gen, one=args.diag_one)
+    tuned = sweep(args.models.split(","), tokens, gen) if args.tuned else {}
     peers = {} if (args.quick or args.no_peers) else load_peers()
     bw = copy_bandwidth()
     tf = matmul_tflops()
@@ -391,6 +475,10 @@ def main():
         bufs = None
         for T in tokens:
             rec = {"model": model, "T": T}
+            cfg = tuned.get((model, T))
+            tile_configs.OVERRIDE = (cfg, cfg) if cfg is not None else None
+            if cfg is not None:
+                rec["cfg"] = list(dataclasses.astuple(cfg))
             try:
                 rec["ours_check"] = check_correctness("triton", triton_moe, canon[0], ours[0], E, H, k, act, T, gen)
                 for pname, pw in peer_w.items():
@@ -423,6 +511,7 @@ def main():
             except Exception as e:  # noqa: BLE001
                 rec["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
+            tile_configs.OVERRIDE = None
             results["shapes"].append(rec)
             log(json.dumps(rec))
             rows.append(rec)
@@ -463,6 +552,8 @@ def format_table(rows, bw, tf, peer_names):
         if "graph" in r:
             extra.update(r["graph"])
         line += "  " + " ".join(f"{kk}={v:.1e}" if isinstance(v, float) else f"{kk}={v}" for kk, v in extra.items())
+        if "cfg" in r:
+            line += f" cfg={r['cfg']}"
         lines.append(line)
     return "\n".join(lines) + "\n"
 

@@ -173,10 +173,11 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
     K._gemm1_kernel[grid1](
         x, sorted_assign, es, w13_words, w13_scales, b13, a,
-        E, k, nb1, x.stride(0),
-        w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0), w13_scales.stride(1),
-        w13_bias.stride(0) if w13_bias is not None else 0,
-        float(alpha), float(limit), H=H, Hp=Hp, Ip=Ip,
+        E, k, nb1, float(alpha), float(limit),
+        # strides as constants: the compiler then knows every row is 16-byte aligned
+        x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
+        w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
+        H=H, Hp=Hp, Ip=Ip,
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
         EVEN_K=Hp % c1.BK == 0, EVEN_N=Ip % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
         num_warps=c1.num_warps, num_stages=c1.num_stages)

@@ -177,17 +177,29 @@ def _e2m1_f32(words, shift: tl.constexpr):
 
 
 @triton.jit
-def _load_w(w_ptrs, s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
-    """One [R, BK] weight tile: words [R, BK/8] int32 and the scale byte of each word."""
+def _load_words(w_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
+    """One [R, BK] weight tile as int32 words [R, BK/8] (8 codes each)."""
     kw = tl.arange(0, BK // 8)
     if EVEN_K:
         words = tl.load(w_ptrs + (k0 // 8 + kw)[None, :], mask=rmask[:, None], other=0)
-        sc = tl.load(s_ptrs + (k0 // 32 + kw // 4)[None, :], mask=rmask[:, None], other=0)
     else:
         km = rmask[:, None] & ((k0 + 8 * kw) < Kp)[None, :]
         words = tl.load(w_ptrs + (k0 // 8 + kw)[None, :], mask=km, other=0)
-        sc = tl.load(s_ptrs + (k0 // 32 + kw // 4)[None, :], mask=km, other=0)
-    return words, sc
+    return words
+
+
+@triton.jit
+def _load_scales(s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr):
+    """The e8m0 byte of each word of the [R, BK] tile at k0, as [R, BK/8] uint8 (zero past Kp):
+    one byte per 32-block is loaded and repeated 4 times in registers (a 16-byte vector of words
+    is one 32-block), so there is one load per 32 codes, not per word. Byte loads cannot go
+    through cp.async, so the K loops fetch these one step ahead by hand."""
+    ks = tl.arange(0, BK // 32)
+    km = rmask[:, None] & ((k0 + 32 * ks) < Kp)[None, :]
+    s = tl.load(s_ptrs + (k0 // 32 + ks)[None, :], mask=km, other=0)  # [R, BK/32]
+    s = tl.join(s, s)
+    s = tl.join(s, s)  # [R, BK/32, 2, 2]
+    return s.reshape(s.shape[0], BK // 8)
 
 
 @triton.jit
@@ -207,9 +219,10 @@ def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
 
 @triton.jit
 def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
-                  E, k_top, n_blocks, stride_xt,
-                  stride_we, stride_wn, stride_se, stride_sn, stride_be,
-                  alpha, limit, H: tl.constexpr, Hp: tl.constexpr, Ip: tl.constexpr,
+                  E, k_top, n_blocks, alpha, limit,
+                  stride_xt: tl.constexpr, stride_we: tl.constexpr, stride_wn: tl.constexpr,
+                  stride_se: tl.constexpr, stride_sn: tl.constexpr, stride_be: tl.constexpr,
+                  H: tl.constexpr, Hp: tl.constexpr, Ip: tl.constexpr,
                   ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr,
                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
@@ -248,13 +261,19 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
     else:
         acc_g = tl.zeros([BM, BN], dtype=tl.float32)
         acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    sg = _load_scales(sg_ptrs, 0, nmask, Hp, BK)
+    su = _load_scales(su_ptrs, 0, nmask, Hp, BK)
     for k0 in range(0, Hp, BK):
+        sg_next = _load_scales(sg_ptrs, k0 + BK, nmask, Hp, BK)
+        su_next = _load_scales(su_ptrs, k0 + BK, nmask, Hp, BK)
         xk = k0 + kx
         x = tl.load(x_ptrs + xk[None, :], mask=(xk < H)[None, :], other=0.0).to(tl.bfloat16)
-        wg, sg = _load_w(wg_ptrs, sg_ptrs, k0, nmask, Hp, BK, EVEN_K)
-        wu, su = _load_w(wu_ptrs, su_ptrs, k0, nmask, Hp, BK, EVEN_K)
+        wg = _load_words(wg_ptrs, k0, nmask, Hp, BK, EVEN_K)
+        wu = _load_words(wu_ptrs, k0, nmask, Hp, BK, EVEN_K)
         acc_g = _mma(acc_g, x, _dequant(wg, sg, BN, BK, UPCAST), UPCAST, SWAP)
         acc_u = _mma(acc_u, x, _dequant(wu, su, BN, BK, UPCAST), UPCAST, SWAP)
+        sg = sg_next
+        su = su_next
     if SWAP:
         acc_g = tl.trans(acc_g)
         acc_u = tl.trans(acc_u)
@@ -277,7 +296,8 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
 @triton.jit
 def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
                   E, n_blocks,
-                  stride_we, stride_wn, stride_se, stride_sn, stride_be,
+                  stride_we: tl.constexpr, stride_wn: tl.constexpr, stride_se: tl.constexpr,
+                  stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Ip: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr, EVEN_K: tl.constexpr,
                   EVEN_N: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
@@ -305,13 +325,16 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+    sc = _load_scales(s_ptrs, 0, nmask, Ip, BK)
     for k0 in range(0, Ip, BK):
+        sc_next = _load_scales(s_ptrs, k0 + BK, nmask, Ip, BK)
         if EVEN_K:
             a = tl.load(a_ptrs + (k0 + kx)[None, :])
         else:
             a = tl.load(a_ptrs + (k0 + kx)[None, :], mask=((k0 + kx) < Ip)[None, :], other=0.0)
-        w, s = _load_w(w_ptrs, s_ptrs, k0, nmask, Ip, BK, EVEN_K)
-        acc = _mma(acc, a, _dequant(w, s, BN, BK, UPCAST), UPCAST, SWAP)
+        w = _load_words(w_ptrs, k0, nmask, Ip, BK, EVEN_K)
+        acc = _mma(acc, a, _dequant(w, sc, BN, BK, UPCAST), UPCAST, SWAP)
+        sc = sc_next
     if SWAP:
         acc = tl.trans(acc)
     if not UPCAST:
