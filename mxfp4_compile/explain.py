@@ -79,8 +79,8 @@ def explain(model, *inputs, options=None, **kwargs) -> ExplainReport:
     finally:
         torch._dynamo.reset()
     infos = _backend.last_compile_info[start:]
-    breaks = [f"{k} (x{v - breaks_before.get(k, 0)})" for k, v in counters["graph_break"].items()
-              if v > breaks_before.get(k, 0)]
+    breaks = [f"{k.strip().splitlines()[0]} (x{v - breaks_before.get(k, 0)})"
+              for k, v in counters["graph_break"].items() if v > breaks_before.get(k, 0)]
     regions, notes = [], []
     for gi, info in enumerate(infos):
         for c in info.get("candidates", []):

@@ -31,18 +31,21 @@ def swiglu_oai(h, alpha=1.702, limit=7.0):
 class GatherMoE(nn.Module):
     """Per-token gather + einsum (gpt-oss reference style); ``transposed`` stores [E, K, N]."""
 
-    def __init__(self, activation="swiglu_oai", bias=True, transposed=False, limit=7.0):
+    def __init__(self, activation="swiglu_oai", bias=True, transposed=False, limit=7.0, hidden=H,
+                 inter=I, k=K):
         super().__init__()
-        self.gate = nn.Linear(H, E, bias=False)
-        s13, s2 = (E, H, 2 * I) if transposed else (E, 2 * I, H), (E, I, H) if transposed else (E, H, I)
+        self.gate = nn.Linear(hidden, E, bias=False)
+        s13 = (E, hidden, 2 * inter) if transposed else (E, 2 * inter, hidden)
+        s2 = (E, inter, hidden) if transposed else (E, hidden, inter)
         self.w13, self.w2 = nn.Parameter(torch.randn(s13) * .05), nn.Parameter(torch.randn(s2) * .05)
-        self.b13 = nn.Parameter(torch.randn(E, 2 * I) * .05) if bias else None
-        self.b2 = nn.Parameter(torch.randn(E, H) * .05) if bias else None
+        self.b13 = nn.Parameter(torch.randn(E, 2 * inter) * .05) if bias else None
+        self.b2 = nn.Parameter(torch.randn(E, hidden) * .05) if bias else None
         self.activation, self.transposed, self.limit = activation, transposed, limit
+        self.inter, self.k = inter, k
 
     def forward(self, x):  # x [T, H]
-        w, ids = _router(x, self.gate, K)
-        t = self.transposed
+        w, ids = _router(x, self.gate, self.k)
+        t, I = self.transposed, self.inter
         h = torch.einsum("tkho,th->tko" if t else "tkoh,th->tko", self.w13[ids], x)
         if self.b13 is not None:
             h = h + self.b13[ids]
