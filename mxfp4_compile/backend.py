@@ -165,14 +165,14 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None, *
                  len(done), kernel, why,
                  "".join(f"\n  not rewritten ({c.form} at {c.where}): {c.reason}"
                          for c in cands if not c.rewritten))
-    if opts["release_bf16_weights"] and done:
-        _release(done, lifted, names)
     n_keep = len(keep)
+    pending = [(done, lifted, names)] if opts["release_bf16_weights"] and done else []
 
     def run(*args):
-        if len(args) == n_keep:  # Dynamo already passes only the remaining inputs
-            return inner(*args)
-        return inner(*[args[i] for i in keep])
+        out = inner(*args) if len(args) == n_keep else inner(*[args[i] for i in keep])
+        if pending:  # after the first call: Dynamo has built its guards from the live weights
+            _release(*pending.pop())
+        return out
 
     return run
 
@@ -180,14 +180,17 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None, *
 def _release(done, lifted, names):
     """Free the storage of bf16 expert weights the compiled graph no longer reads.
 
-    The parameter keeps its shape (a zero-stride view of one element), so a later recompile (new T)
-    traces the same graph and the prepared-weight cache, keyed by the parameter's identity and
-    version, hands back the MXFP4 weights without reading the released values."""
+    The parameter keeps its shape (a zero-stride view of one zero), so a later recompile (the next
+    call, whose stride guard fails once, or a new T) traces the same graph, and the prepared-weight
+    cache, keyed by the parameter's identity and version, hands back the MXFP4 weights without
+    reading the released values. The eager model is unusable afterwards (its expert weights are 0)."""
     expert = {w for c in done for w in c.details.get("weights", [])}
     for p, name in zip(lifted, names):
         if name in expert and p.numel() > 1:
-            with torch.no_grad():
-                p.data = p.data.new_zeros(()).expand(p.shape)
+            version = p._version
+            p.data = p.data.new_zeros(()).expand(p.shape)
+            if p._version != version:  # the cache would miss and quantize zeros: say so loudly
+                log.warning("mxfp4: releasing %s changed its version; recompiles will re-prepare", name)
 
 
 def _register():

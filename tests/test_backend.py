@@ -188,3 +188,19 @@ def test_fx_graph_cache_two_models_same_shapes(tmp_path):
     own = [float(v) for v in lines["own"]]
     assert max(own) < 2e-2, r.stdout  # ... and still gets its own weights
     assert float(lines["other"][0]) > 0.5, r.stdout
+
+
+def test_release_bf16_weights_keeps_recompiles_working():
+    weights.clear_cache()
+    m = model()
+    with torch.no_grad():
+        q = z.quantize_experts_(copy.deepcopy(m), KD)
+    torch._dynamo.reset()
+    n_quant = weights.quantization_count()
+    cm = torch.compile(m, backend="mxfp4", options={"release_bf16_weights": True})
+    with torch.no_grad():
+        for T in (5, 5, 9, 1, 33):
+            assert z.rel_err(cm(x(T)), q(x(T))) < 2e-2, T
+    assert m.w13.untyped_storage().nbytes() <= 2 and m.w2.untyped_storage().nbytes() <= 2
+    assert m.gate.weight.untyped_storage().nbytes() == z.E * z.H * 2  # only expert weights go
+    assert weights.quantization_count() - n_quant == 1
