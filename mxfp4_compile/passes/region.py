@@ -167,6 +167,7 @@ def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, o
             if labels.of(u) is None:
                 raise NoMatch(f"{u.name}: routing weights do not line up with the expert rows")
             weights, cur = root, u
+            summed = not labels.norm((slot,))  # top-1: weighting is the whole combine
         elif u.target is aten.sum.dim_IntList and weights is not None and not summed:
             lab = labels.of(cur)
             dims = {d % len(lab) for d in u.args[1]}

@@ -153,3 +153,11 @@ prepare_moe_weights_default_4 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1
 prepare_moe_weights_default_5 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=5)
 moe_default = mxfp4.moe.default(arg5_1, getitem_1, convert_element_type_3, prepare_moe_weights_default, prepare_moe_weights_default_1, prepare_moe_weights_default_2, prepare_moe_weights_default_3, prepare_moe_weights_default_4, prepare_moe_weights_default_5, 'reference', activation='swiglu_oai', alpha=1.702, limit=7)
 return [moe_default]""")
+
+
+@pytest.mark.parametrize("k", [1, 4])
+def test_top1_and_all_experts(k):
+    """k=1 (Switch/Llama-4 style) makes the slot dim size 1; k=E routes every token everywhere."""
+    torch.manual_seed(0)
+    m = z.GatherMoE("silu_glu", k=k).to(BF16)
+    z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
