@@ -354,3 +354,37 @@ class GroupedMoE(nn.Module):
     def forward(self, x):
         w, ids = _router(x, self.gate, K)
         return grouped_experts(x, ids, w, self.w13, self.w2, fallback=self.fallback)
+
+
+class TitanStyleMoE(nn.Module):
+    """torchtitan's token-choice MoE structure, written from its semantics: sigmoid router, argsort
+    of the flat ids, gather of token rows, counts from histc of the unsorted ids, separate w1/w3/w2
+    grouped GEMMs, scatter_add onto zeros or a shared expert's output."""
+
+    def __init__(self, score_before_experts=False, shared=True):
+        super().__init__()
+        self.gate = nn.Linear(H, E, bias=False)
+        self.w1 = nn.Parameter(torch.randn(E, I, H) * .05)
+        self.w2 = nn.Parameter(torch.randn(E, H, I) * .05)
+        self.w3 = nn.Parameter(torch.randn(E, I, H) * .05)
+        self.shared = nn.Linear(H, H, bias=False) if shared else None
+        self.score_before_experts = score_before_experts
+
+    def forward(self, x):  # [T, H]
+        scores = torch.sigmoid(self.gate(x).float())
+        top, ids = torch.topk(scores, K, dim=1)
+        counts = torch.histc(ids.view(-1).float(), bins=E, min=0, max=E)  # CPU histc needs float
+        order = torch.argsort(ids.view(-1), stable=True)
+        top_sorted = top.view(-1)[order]
+        rows = (order // K).reshape(-1, 1).expand(-1, x.shape[1])
+        routed = torch.gather(x, dim=0, index=rows)
+        if self.score_before_experts:
+            routed = (routed.float() * top_sorted.reshape(-1, 1)).to(x.dtype)
+        offs = torch.cumsum(counts, dim=0, dtype=torch.int32)
+        h = F.silu(torch._grouped_mm(routed, self.w1.transpose(-2, -1), offs=offs))
+        h = h * torch._grouped_mm(routed, self.w3.transpose(-2, -1), offs=offs)
+        y = torch._grouped_mm(h, self.w2.transpose(-2, -1), offs=offs)
+        out = self.shared(x) if self.shared is not None else torch.zeros_like(x)
+        if not self.score_before_experts:
+            y = (y.float() * top_sorted.reshape(-1, 1)).to(x.dtype)
+        return out.scatter_add(dim=0, index=rows, src=y)

@@ -1,5 +1,10 @@
 """Sort-by-expert + grouped GEMM with offsets.
 
+torchtitan's MoE (argsort of the ids, ``gather(x, 0, perm // k)``, counts from histc of the unsorted
+ids, separate w1/w3/w2 grouped GEMMs, ``out.scatter_add(0, rows, weighted outputs)`` onto zeros or the
+shared expert's output) is the same computation; only with ``score_before_experts=False``, since
+scaling the expert *inputs* by the routing weights is not what the op computes.
+
 transformers' ``grouped_mm`` experts: ``sort(ids.view(-1))``, ``hidden[perm // k]``, offsets =
 ``cumsum(histc(sorted_ids))`` (histc on float on CPU, on int on CUDA), ``aten._grouped_mm`` (CUDA
 and CPU in bf16) or the opaque ``transformers::grouped_mm_fallback`` (other dtypes), un-permute with
@@ -9,7 +14,8 @@ from __future__ import annotations
 
 import operator
 
-from .match_utils import Labels, NoMatch, aten, grouped_mm_ops, prims, same, shape, strip, val
+from .match_utils import (Labels, NoMatch, aten, grouped_mm_ops, is_view, prims, same, shape,
+                          strip, val)
 from .region import Context, ExpertGemm, match_pair, pair_gemms
 
 FORM = "grouped_mm"
@@ -37,8 +43,9 @@ def _getitem(node, i):
     return None
 
 
-def analyze_offsets(offs, E):
-    """offs = cumsum(histc(sorted_ids, E, 0, E-1)) (or bincount) -> the sort node, else NoMatch."""
+def analyze_offsets(offs, E, sort, ids):
+    """offs = cumsum(histc(ids, E, 0, E-1 or E)) (or bincount) of the sorted or the unsorted flat
+    ids (the counts do not depend on the order); else NoMatch."""
     if offs is None or offs.target is not aten.cumsum.default:
         raise NoMatch("grouped GEMM offsets are not a cumulative sum of per-expert counts")
     h = strip(offs.args[0])[-1]
@@ -46,21 +53,17 @@ def analyze_offsets(offs, E):
         bins = h.args[1] if len(h.args) > 1 else h.kwargs.get("bins", 100)
         lo = h.args[2] if len(h.args) > 2 else h.kwargs.get("min", 0)
         hi = h.args[3] if len(h.args) > 3 else h.kwargs.get("max", 0)
-        if bins != E or lo != 0 or hi != E - 1:
+        if bins != E or lo != 0 or hi not in (E - 1, E):
             raise NoMatch(f"token counts histc(bins={bins}, min={lo}, max={hi}) do not count the "
                           f"{E} experts one per bin")
     elif h.target is aten.bincount.default:
         pass
     else:
         raise NoMatch(f"grouped GEMM offsets come from {h.target}, not a per-expert count")
-    sorted_ids = strip(h.args[0])[-1]
-    if sorted_ids.target is not operator.getitem or sorted_ids.args[1] != 0:
-        raise NoMatch("per-expert counts are not taken from sorted expert ids")
-    sort = sorted_ids.args[0]
-    if sort.target not in (aten.sort.default, aten.sort.stable) or \
-            sort.kwargs.get("descending", False) or (len(sort.args) > 2 and sort.args[2]):
-        raise NoMatch("rows are not sorted by expert id (ascending)")
-    return sort, sorted_ids
+    counted = strip(h.args[0])[-1]
+    if counted is not ids and not (counted.target is operator.getitem and counted.args[0] is sort
+                                   and counted.args[1] == 0):
+        raise NoMatch("per-expert counts are not taken from the routed expert ids")
 
 
 def _is_floordiv_by(n, perm, k):
@@ -82,6 +85,17 @@ def _is_inverse_perm(n, perm, S):
     return v.target in (prims.iota.default, aten.arange.default, aten.arange.start) and same(shape(v)[0], S)
 
 
+def _users_through_views(n, depth=4):
+    out, frontier = [], [n]
+    for _ in range(depth):
+        nxt = []
+        for x in frontier:
+            for u in x.users:
+                (nxt if is_view(u) else out).append(u)
+        frontier = nxt
+    return out
+
+
 def match(ctx: Context):
     results = []
     for firsts, g2 in pair_gemms(find_gemms(ctx)):
@@ -93,31 +107,55 @@ def match(ctx: Context):
     return results
 
 
+def _rows_index(xg):
+    """hidden[q] (index) or gather(hidden, 0, q.view(-1, 1).expand(-1, H)) -> (hidden, q)."""
+    if xg.target is aten.index.Tensor and len(xg.args[1]) == 1:
+        return xg.args[0], xg.args[1][0]
+    if xg.target is aten.gather.default and xg.args[1] == 0:
+        return xg.args[0], strip(xg.args[2])[-1]
+    return None, None
+
+
 def _match_one(ctx, firsts, g2):
     E = shape(g2.weight)[0]
     offs = _offs(firsts[0].node)
     if any(_offs(g.node) is not offs for g in firsts + [g2]):
         raise NoMatch("the expert GEMMs use different offsets")
-    sort, sorted_ids = analyze_offsets(offs, E)
-    perm = _getitem(sort, 1)
+    # rows of the first GEMM: hidden[perm // k], perm from sorting the flat top-k ids
+    xg = strip(firsts[0].x)[-1]
+    if any(strip(g.x)[-1] is not xg for g in firsts):
+        raise NoMatch("gate and up GEMMs read different rows")
+    hidden, q = _rows_index(xg)
+    if hidden is None and xg.target is aten.mul.Tensor:
+        raise NoMatch("routing weights are applied to the expert inputs (score before experts): "
+                      "not the op's math (weights scale the expert outputs)")
+    if hidden is None or q.target not in (aten.div.Tensor_mode, aten.floor_divide.default):
+        raise NoMatch("the first grouped GEMM does not read hidden[perm // k]")
+    perm = q.args[0]
+    if perm.target is not operator.getitem or perm.args[1] != 1 or \
+            perm.args[0].target not in (aten.sort.default, aten.sort.stable):
+        raise NoMatch("rows are not ordered by sorting the expert ids")
+    sort = perm.args[0]
+    if sort.kwargs.get("descending", False) or (sort.target is aten.sort.default and len(sort.args) > 2
+                                                and sort.args[2]):
+        raise NoMatch("rows are not sorted by expert id (ascending)")
     flat = strip(sort.args[0])
     ids = flat[-1]
-    if perm is None or shape(ids) is None or len(shape(ids)) != 2:
+    if shape(ids) is None or len(shape(ids)) != 2:
         raise NoMatch("sorted ids are not the flattened [T, k] top-k ids")
     T, k = shape(ids)
-    S = shape(sort.args[0])[0]
-    # rows of the first GEMM: hidden[perm // k]
-    xg = strip(firsts[0].x)[-1]
-    if any(strip(g.x)[-1] is not xg for g in firsts) or xg.target is not aten.index.Tensor or \
-            not _is_floordiv_by(xg.args[1][0], perm, k):
+    if not _is_floordiv_by(q, perm, k):
         raise NoMatch("the first grouped GEMM does not read hidden[perm // k]")
-    hidden = xg.args[0]
+    analyze_offsets(offs, E, sort, ids)
+    sorted_ids = _getitem(sort, 0)
+    S = shape(sort.args[0])[0]
     if shape(hidden) is None or len(shape(hidden)) != 2 or not same(shape(hidden)[0], T):
         raise NoMatch("the first grouped GEMM does not read a [T, H] hidden tensor")
     labels = Labels(roots={}, sizes={"T": T, "S": k, "H": shape(hidden)[1], "R": S})
     labels.set_root(hidden, (("T",), ("H",)))
     labels.set_root(ids, (("T",), ("S",)))
-    labels.set_root(sorted_ids, (("R",),))
+    if sorted_ids is not None:
+        labels.set_root(sorted_ids, (("R",),))
     labels.set_root(perm, (("R",),))
     labels.set_root(xg, (("R",), ("H",)))
 
@@ -147,6 +185,17 @@ def _match_one(ctx, firsts, g2):
     for g in firsts + [g2]:
         labels.rules[g.node] = grouped
 
+    def scatter_combine(n, lab):  # base.scatter_add(0, (perm // k) expanded, y): the sum over k
+        src = lab.of(n.args[3])
+        if n.args[1] != 0 or strip(n.args[2])[-1] is not q or src is None or src[0] != ("R",):
+            return None
+        lab.residual[n] = n.args[0]
+        return (("T",),) + src[1:]
+
+    for u in _users_through_views(q):
+        if u.target is aten.scatter_add.default:
+            labels.rules[u] = scatter_combine
+
     def weights_ok(chain, lab):
         root = chain[-1]
         if root.target is aten.index.Tensor and root.args[1][0] is perm:
@@ -158,8 +207,8 @@ def _match_one(ctx, firsts, g2):
                     return n
         return None
 
-    region = match_pair(FORM, firsts, g2, labels, ctx, T=T, k=k, slot="S",
-                        ids_roots={ids, sorted_ids}, hidden=hidden, weights_root_ok=weights_ok,
-                        row_atoms=("R",))
+    ids_roots = {ids} | ({sorted_ids} if sorted_ids is not None else set())
+    region = match_pair(FORM, firsts, g2, labels, ctx, T=T, k=k, slot="S", ids_roots=ids_roots,
+                        hidden=hidden, weights_root_ok=weights_ok, row_atoms=("R",))
     region.topk_ids = ids
     return region

@@ -144,6 +144,7 @@ class Labels:
     rules: dict = dataclasses.field(default_factory=dict)   # node -> callable(node, labels) -> labels
     memo: dict = dataclasses.field(default_factory=dict)
     contracted: dict = dataclasses.field(default_factory=dict)  # grouped GEMM -> contracted pair
+    residual: dict = dataclasses.field(default_factory=dict)    # scatter_add combine -> its base
     _fresh: itertools.count = dataclasses.field(default_factory=itertools.count)
 
     def set_root(self, n, labels, sizes=None):
@@ -445,6 +446,7 @@ class MoERegion:
     activation: Activation
     output: fx.Node               # [T, H] node the op's result replaces
     dense_experts: bool = False   # weights are [T, E] over every expert
+    residual: fx.Node | None = None  # a tensor the combine adds the expert sum to (scatter_add base)
     num_experts: int = 0
     hidden_size: int = 0
     intermediate_size: int = 0

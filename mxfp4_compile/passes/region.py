@@ -146,7 +146,12 @@ def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, o
         if len(cur.users) != 1:
             raise NoMatch(f"{cur.name}: expert output used {len(cur.users)} times before the combine")
         u = next(iter(cur.users))
-        if (is_view(u) or u in labels.rules) and labels.of(u) is not None:
+        if u in labels.residual or (u.target is aten.scatter_add.default and u in labels.rules
+                                     and labels.of(u) is not None):
+            if weights is None or summed:
+                raise NoMatch(f"{u.name}: scatter-add combine of unweighted expert outputs")
+            summed, cur = True, u  # base.scatter_add(token rows, weighted outputs)
+        elif (is_view(u) or u in labels.rules) and labels.of(u) is not None:
             cur = u  # a re-layout (view, un-permute of sorted rows)
         elif u.target is aten.add.Tensor and bias is None and weights is None:
             other = u.args[1] if u.args[0] is cur else u.args[0]
@@ -269,8 +274,18 @@ def match_pair(form, firsts, g2: ExpertGemm, labels: Labels, ctx, *, T, k, slot,
     if not same(shape(out)[0], shape(hidden)[0]):
         raise NoMatch("output rows differ from the tokens")
     E = shape(g2.weight)[0]
+    residual = labels.residual.get(out)
+    if residual is not None and _is_zeros(residual):
+        residual = None
     return MoERegion(form=form, hidden=hidden, topk_ids=None, topk_weights=weights, w13=w13,
                      w13_bias=bias13, w2=g2.weight, w2_bias=bias2, w13_transposed=trans13,
                      w2_transposed=trans2, activation=act, output=out, num_experts=E,
-                     hidden_size=shape(hidden)[1], intermediate_size=I, top_k=k)
+                     hidden_size=shape(hidden)[1], intermediate_size=I, top_k=k,
+                     residual=residual)
+
+
+def _is_zeros(n):
+    r = strip(n)[-1]
+    return r.target in (aten.zeros_like.default, aten.zeros.default, aten.new_zeros.default) or \
+        (r.target in (aten.full.default, aten.full_like.default) and r.args[1] == 0)
 

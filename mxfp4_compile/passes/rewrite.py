@@ -70,5 +70,7 @@ def rewrite(graph: fx.Graph, r: MoERegion, *, kernel: str, rounding: str) -> fx.
         want = val(r.output)
         if val(out).dtype != want.dtype:
             out = call(graph, prims.convert_element_type.default, (out, want.dtype))
+        if r.residual is not None:  # scatter_add onto a base (e.g. the shared expert's output)
+            out = call(graph, aten.add.Tensor, (r.residual, out))
     r.output.replace_all_uses_with(out)
     return out

@@ -151,3 +151,23 @@ prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default(arg1_1, None, 
 prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default(arg1_1, None, arg2_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=4)
 moe_default = mxfp4.moe.default(arg3_1, getitem_1, convert_element_type_3, prepare_moe_weights_default, prepare_moe_weights_default_1, None, prepare_moe_weights_default_2, prepare_moe_weights_default_3, None, 'reference', activation='silu_glu', alpha=1.702, limit=7)
 return [moe_default]""")
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_torchtitan_style(shared):
+    torch.manual_seed(0)
+    m = z.TitanStyleMoE(shared=shared).to(BF16)
+    z.check_rewrite_numerics(m, (x(),), {"w1": -1, "w2": -1, "w3": -1}, n_moe=1)
+
+
+def test_torchtitan_score_before_experts_is_refused_and_correct():
+    torch.manual_seed(0)
+    m = z.TitanStyleMoE(score_before_experts=True).to(BF16)
+    with torch.no_grad():
+        ref = m(x())
+    out, code = z.compile_run(m, x())
+    assert z.moe_calls(code) == 0
+    assert z.rel_err(out, ref) < 1e-2
+    from mxfp4_compile import backend
+    reasons = [c.reason for c in backend.last_compile_info[-1]["candidates"]]
+    assert any("score before experts" in r for r in reasons), reasons
