@@ -294,8 +294,16 @@ def distinct_experts(E, k, T, activation, gen):
 
 
 # ---------------------------------------------------------------- tile sweep ------------------
-def sweep_candidates(T):
+DECODE2 = [C(16, 32, 128, 4, 4, False), C(16, 32, 128, 4, 2, False), C(16, 32, 128, 8, 4, False),
+           C(16, 32, 64, 4, 4, False), C(16, 16, 128, 4, 4, False), C(16, 64, 128, 4, 4, False),
+           C(16, 64, 128, 4, 4, True), C(16, 64, 64, 4, 4, True), C(16, 64, 128, 8, 4, True),
+           C(16, 128, 128, 8, 4, True)]
+
+
+def sweep_candidates(T, which="default"):
     """Configs (same for both GEMMs) tried at T; chosen ones go to configs._TABLE by hand."""
+    if which == "decode2":
+        return DECODE2
     if T <= 64:
         return [C(16, 32, 128, 4, 4, False), C(16, 32, 128, 4, 4, True), C(16, 64, 128, 4, 4, True),
                 C(32, 64, 128, 4, 4, True)]
@@ -305,19 +313,23 @@ def sweep_candidates(T):
     return [C(128, 128, 64, 8, 3, True), C(128, 128, 64, 8, 4, True), C(256, 64, 64, 8, 3, True)]
 
 
-def sweep(models, tokens, gen):
+def sweep(models, tokens, gen, which="default", shapes=None):
     out = []
     for model in models:
+        if shapes is not None and not any(m == model for m, _ in shapes):
+            continue
         E, H, I, k, act, biases = MODELS[model]
         canon = [random_canonical(E, H, I, act, biases, triton_moe.H_MULTIPLE, triton_moe.I_MULTIPLE, gen)
                  for _ in range(R_SETS)]
         ours = [triton_moe.prepare(*c, act) for c in canon]
         for T in tokens:
+            if shapes is not None and (model, T) not in shapes:
+                continue
             x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
             ids, tw = route(torch.randn(T, E, device=DEV, generator=gen), k, act)
             ref = moe_reference(x, ids, tw, *canon[0], act, 1.702, 7.0, None, True, sync_free=False)
             m_e = tile_configs.rows_per_expert(T, k, E)
-            for c in sweep_candidates(T):
+            for c in sweep_candidates(T, which):
                 rec = {"model": model, "T": T, "m_e": m_e, "cfg": list(dataclasses.astuple(c))}
                 tile_configs.OVERRIDE = (c, c)
                 try:
@@ -434,6 +446,8 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the graph check and peers")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
+    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2")
+    ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")
     ap.add_argument("--diag", action="store_true", help="decode time breakdown (20b, T=1)")
@@ -445,8 +459,12 @@ def main():
     log(f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
         f"triton {triton.__version__}")
     gen = torch.Generator(device=DEV).manual_seed(0)
+    shapes = None
+    if args.shapes:
+        shapes = {(a.split(":")[0], int(a.split(":")[1])) for a in args.shapes.split(",")}
     if args.sweep:
-        return sweep(args.models.split(","), tokens, gen)
+        sweep(args.models.split(","), tokens, gen, args.candidates, shapes)
+        return 0
     if args.diag or args.diag_one:
         return diag(gen, one=args.diag_one)
     tuned = sweep(args.models.split(","), tokens, gen) if args.tuned else {}

@@ -1,10 +1,19 @@
 """Tile configs of the "triton" MoE backend, picked by shape on the host (no call-time autotuning).
 
-A config is chosen from the expected rows per touched expert, m_e = T*k / min(E, T*k): the
-GEMMs group sorted rows of one expert into blocks of BM rows, so m_e decides how full a block
-is. Decode (m_e small) is weight-bandwidth bound: small BM, narrow BN so that every SM streams
-some expert's rows. Prefill is tensor-core bound: BM = 128 and wide tiles.
-The numbers are from benchmarks/gpu_check.py on an H100 (see benchmarks/NOTES.md).
+The GEMMs group the expert-sorted rows of one expert into blocks of BM rows, so the expected
+rows per touched expert, m_e = T*k / min(E, T*k), decides how full a block is. Decode (small m_e)
+is weight-bandwidth bound: BM = 16 (the smallest tensor-core tile) and narrow BN so that every
+SM streams some expert's rows; prefill is tensor-core bound: BM = 128, wide tiles.
+
+Measured on an H100 (benchmarks/gpu_check.py --tuned, 2026-11-24; benchmarks/NOTES.md, "v3"):
+the full forward was timed for each candidate at gpt-oss-20b / -120b / Mixtral shapes and
+T in {1, 8, 64, 512, 4096}, the same config for both GEMMs; the winners:
+  T*k <= 8           (16, 32, 128) mma.sync, W as operand B   20b/120b T=1, 20b T=8
+  m_e <= 8           (16, 64, 128) wgmma, W as operand A      120b T=8/64, 20b T=64, Mixtral T=8
+                                                            (Mixtral T=1 too: 199 vs 203 us)
+  m_e <= 32          (32, 64, 128)                           120b T=512, Mixtral T=64
+  m_e <= 64          (64, 64, 64)                            20b T=512
+  larger             (128, 128, 64), 8 warps, 3 stages       T=4096 all, Mixtral T=512
 """
 from __future__ import annotations
 
@@ -18,15 +27,16 @@ class TileConfig:
     BK: int          # reduction step (elements; a multiple of 32: one e8m0 scale per 32)
     num_warps: int
     num_stages: int
-    SWAP: bool = False  # compute (W @ x.T): weight rows on the MMA's M side (small BM)
+    SWAP: bool = False  # compute (W @ x.T): weight rows on the MMA's M side (wgmma needs it here)
 
 
-# (max rows per expert, GEMM1 config, GEMM2 config); first row whose bound >= m_e wins.
+_DECODE_TINY = TileConfig(16, 32, 128, 4, 4, False)  # T*k <= 8: a handful of experts
+# (max rows per expert, config for both GEMMs); first row whose bound >= m_e wins.
 _TABLE = (
-    (16, TileConfig(16, 32, 128, 4, 4, True), TileConfig(16, 32, 128, 4, 4, True)),
-    (32, TileConfig(32, 64, 128, 4, 4, True), TileConfig(32, 64, 128, 4, 4, True)),
-    (64, TileConfig(64, 64, 64, 4, 4, True), TileConfig(64, 128, 64, 4, 3, True)),
-    (None, TileConfig(128, 128, 64, 8, 3, True), TileConfig(128, 128, 64, 8, 3, True)),
+    (8, TileConfig(16, 64, 128, 4, 4, True)),
+    (32, TileConfig(32, 64, 128, 4, 4, True)),
+    (64, TileConfig(64, 64, 64, 4, 4, True)),
+    (None, TileConfig(128, 128, 64, 8, 3, True)),
 )
 
 # Under the Triton interpreter (CPU tests) small tiles keep numpy fast.
@@ -47,8 +57,10 @@ def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False):
         return OVERRIDE
     if interpret:
         return _INTERPRET
+    if T * k <= 8:
+        return _DECODE_TINY, _DECODE_TINY
     m_e = rows_per_expert(T, k, E)
-    for bound, c1, c2 in _TABLE:
+    for bound, c in _TABLE:
         if bound is None or m_e <= bound:
-            return c1, c2
+            return c, c
     raise AssertionError("unreachable")
