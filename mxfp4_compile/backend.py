@@ -126,8 +126,7 @@ def _inductor_patches(opts):
     return {"triton.cudagraphs": bool(opts["cudagraphs"]), "max_autotune": bool(opts["max_autotune"])}
 
 
-def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None, *,
-                  _report_only=False):
+def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     """The Dynamo backend (registered as "mxfp4")."""
     from torch._inductor.compile_fx import compile_fx
 
@@ -147,8 +146,7 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None, *
     keep, lifted, names = lift_parameters(gm, example_inputs)
     kernel, why = dispatch.choose_kernel(_device(example_inputs, lifted), opts["kernel"])
     # parameter order of AOTAutograd = named_parameters() order of gm = lift order
-    moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names,
-                              rewrite_enabled=not _report_only)
+    moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names)
     patches = dict(_inductor_patches(opts), freezing=True, joint_custom_post_pass=moe_pass)
     take_reports()
     inner = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=patches)

@@ -204,3 +204,14 @@ def test_release_bf16_weights_keeps_recompiles_working():
     assert m.w13.untyped_storage().nbytes() <= 2 and m.w2.untyped_storage().nbytes() <= 2
     assert m.gate.weight.untyped_storage().nbytes() == z.E * z.H * 2  # only expert weights go
     assert weights.quantization_count() - n_quant == 1
+
+
+def test_inference_mode_rewrites_too():
+    m = model()
+    with torch.no_grad():
+        q = z.quantize_experts_(copy.deepcopy(m), KD)(x())
+    torch._dynamo.reset()
+    with torch.inference_mode():
+        out = torch.compile(m, backend="mxfp4")(x())
+    assert backend.last_compile_info[-1]["rewritten"] == 1
+    assert z.rel_err(out, q) < 2e-2
