@@ -159,10 +159,12 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     if not reports:
         log.info("mxfp4: graph served from the FX graph cache (kernel %s: %s)", kernel, why)
     else:
-        log.info("mxfp4: rewrote %d MoE layer(s) to torch.ops.mxfp4.moe, kernel %r (%s)%s",
-                 len(done), kernel, why,
-                 "".join(f"\n  not rewritten ({c.form} at {c.where}): {c.reason}"
-                         for c in cands if not c.rewritten))
+        log.info("mxfp4: rewrote %d MoE layer(s) to torch.ops.mxfp4.moe, kernel %r (%s)",
+                 len(done), kernel, why)
+        skipped = [c for c in cands if not c.rewritten]
+        if skipped:  # the user asked for MXFP4: a layer left in bf16 deserves a warning
+            log.warning("mxfp4: %d MoE candidate(s) left unrewritten (bf16):%s", len(skipped),
+                        "".join(f"\n  {c.form} at {c.where}: {c.reason}" for c in skipped))
     n_keep = len(keep)
     pending = [(done, lifted, names)] if opts["release_bf16_weights"] and done else []
 
