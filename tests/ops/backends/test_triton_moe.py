@@ -124,6 +124,18 @@ def test_prepared_shapes_match_prepare():
                 assert (tuple(t.shape), t.dtype) == s
 
 
+def test_tile_table_covers_every_T():
+    from mxfp4_compile.ops.backends.triton_moe_details import configs
+
+    for E, Hp, Ip, k in ((32, 2880, 2880, 4), (128, 2880, 2880, 4), (8, 4096, 14336, 2), (5, 96, 64, 2)):
+        for T in (1, 2, 7, 8, 64, 100, 512, 4096, 16384):
+            for c, K in zip(configs.pick(T, k, E, Hp, Ip), (Hp, Ip)):
+                assert c.BK % 32 == 0 and c.BM >= 16 and c.BN >= 16
+    # gpt-oss decode: K = 2880 is not a multiple of 128 -> BK 64 (measured faster), Mixtral: 128
+    assert [c.BK for c in configs.pick(1, 4, 32, 2880, 2880)] == [64, 64]
+    assert [c.BK for c in configs.pick(1, 2, 8, 4096, 14336)] == [128, 128]
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")
 def test_cpu_without_interpreter_is_unavailable():
     from mxfp4_compile.ops.backends import triton_moe as tm

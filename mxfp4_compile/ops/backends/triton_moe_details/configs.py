@@ -5,15 +5,15 @@ rows per touched expert, m_e = T*k / min(E, T*k), decides how full a block is. D
 is weight-bandwidth bound: BM = 16 (the smallest tensor-core tile) and narrow BN so that every
 SM streams some expert's rows; prefill is tensor-core bound: BM = 128, wide tiles.
 
-Measured on an H100 (benchmarks/gpu_check.py --tuned, 2026-11-24; benchmarks/NOTES.md, "v3"):
-the full forward was timed for each candidate at gpt-oss-20b / -120b / Mixtral shapes and
-T in {1, 8, 64, 512, 4096}, the same config for both GEMMs; the winners:
-  T*k <= 8           (16, 32, 128) mma.sync, W as operand B   20b/120b T=1, 20b T=8
-  m_e <= 8           (16, 64, 128) wgmma, W as operand A      120b T=8/64, 20b T=64, Mixtral T=8
-                                                            (Mixtral T=1 too: 199 vs 203 us)
-  m_e <= 32          (32, 64, 128)                           120b T=512, Mixtral T=64
-  m_e <= 64          (64, 64, 64)                            20b T=512
-  larger             (128, 128, 64), 8 warps, 3 stages       T=4096 all, Mixtral T=512
+Measured on an H100 (benchmarks/gpu_check.py --tuned and --candidates decode2, 2026-11-24;
+benchmarks/NOTES.md, "v3"/"v4"): the full forward timed for each candidate at gpt-oss-20b /
+-120b / Mixtral shapes and T in {1, 8, 64, 512, 4096}, the same config for both GEMMs; winners:
+  m_e <= 8   (16, 64, BK) wgmma, W as operand A, BK = 64 when K % 128 != 0 (gpt-oss K = 2880:
+             20b T=1 84 us, T=64 304 us, 120b T=8 286 us with BK 64, vs 97 / 425 / 395 with
+             BK 128), else 128 (Mixtral T=1/8: 199 / 510 us; BK 64 not measured there)
+  m_e <= 32  (32, 64, 128)                     120b T=512, Mixtral T=64
+  m_e <= 64  (64, 64, 64)                      20b T=512
+  larger     (128, 128, 64), 8 warps, 3 stages T=4096 all, Mixtral T=512
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ class TileConfig:
     SWAP: bool = False  # compute (W @ x.T): weight rows on the MMA's M side (wgmma needs it here)
 
 
-_DECODE_TINY = TileConfig(16, 32, 128, 4, 4, False)  # T*k <= 8: a handful of experts
-# (max rows per expert, config for both GEMMs); first row whose bound >= m_e wins.
+# (max rows per expert, config for both GEMMs); first row whose bound >= m_e wins. BK of the
+# decode row is replaced by 64 where that GEMM's K is not a multiple of 128 (see above).
 _TABLE = (
     (8, TileConfig(16, 64, 128, 4, 4, True)),
     (32, TileConfig(32, 64, 128, 4, 4, True)),
@@ -57,10 +57,11 @@ def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False):
         return OVERRIDE
     if interpret:
         return _INTERPRET
-    if T * k <= 8:
-        return _DECODE_TINY, _DECODE_TINY
     m_e = rows_per_expert(T, k, E)
     for bound, c in _TABLE:
         if bound is None or m_e <= bound:
+            if bound == 8:  # decode: a K step that divides K avoids masked loads
+                return (c if Hp % c.BK == 0 else dataclasses.replace(c, BK=64),
+                        c if Ip % c.BK == 0 else dataclasses.replace(c, BK=64))
             return c, c
     raise AssertionError("unreachable")
