@@ -359,6 +359,8 @@ def _run_subgraph(nodes, env):
             return env[x]
         if isinstance(x, torch.SymInt):
             return hint(x)
+        if isinstance(x, torch.device):
+            return torch.device("cpu")  # the check runs on CPU whatever device the model is on
         return x
     for n in nodes:
         if n in env:

@@ -1,0 +1,53 @@
+"""The backend on a CUDA GPU (skipped without one): the graphs CUDA produces (transformers'
+grouped_mm is aten._grouped_mm with histc on int there), the auto-chosen GPU kernel, CUDA graphs.
+Run on the GPU machine: pytest -q tests/test_backend_cuda.py"""
+import copy
+
+import pytest
+import torch
+
+import moe_zoo as z
+from mxfp4_compile import backend
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+BF16 = torch.bfloat16
+
+
+def x(T=5):
+    return torch.randn(T, z.H, generator=torch.Generator().manual_seed(T)).to(BF16).cuda()
+
+
+@pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss", "qwen3_moe"])
+def test_transformers_on_cuda(family, impl):
+    pytest.importorskip("transformers")
+    m = z.hf_model(family, impl, layers=2).cuda()
+    kd = {"gate_up_proj": 1, "down_proj": 1} if family == "gpt_oss" else {"gate_up_proj": -1, "down_proj": -1}
+    z.check_rewrite_numerics(m, (z.token_ids().cuda(),), kd, n_moe=2, tight=3e-2)
+    info = backend.last_compile_info[-1]
+    assert info["kernel"] != "reference", info["kernel_reason"]
+    if impl == "grouped_mm":
+        (before, _), = z.record_pass_graphs(m, z.token_ids().cuda())
+        assert "aten._grouped_mm" in before and "aten.histc" in before
+
+
+def test_gpt_oss_reference_block_on_cuda():
+    pytest.importorskip("gpt_oss.torch.model")
+    m = z.gpt_oss_reference_block().cuda()
+    z.check_rewrite_numerics(m, (x(7),), {"mlp1_weight": -1, "mlp2_weight": -1}, n_moe=1)
+
+
+def test_reduce_overhead_uses_cuda_graphs():
+    from torch._dynamo.utils import counters
+    torch.manual_seed(0)
+    m = z.GatherMoE().to(BF16).cuda()
+    with torch.no_grad():
+        q = z.quantize_experts_(copy.deepcopy(m), {"w13": -1, "w2": -1})
+        torch._dynamo.reset()
+        counters.clear()
+        cm = torch.compile(m, backend="mxfp4", mode="reduce-overhead")
+        for _ in range(3):
+            out = cm(x(8))
+        torch.cuda.synchronize()
+    assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
+    assert z.rel_err(out, q(x(8))) < 2e-2
