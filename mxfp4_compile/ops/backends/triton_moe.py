@@ -105,6 +105,10 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
             _pack_words(u8(w2)), u8(w2_scales), f32(w2_bias))
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -157,6 +161,8 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     interpret = hidden.device.type == "cpu"
     dev = hidden.device
     x = hidden.contiguous()
+    # the kernels take row strides as compile-time constants and assume unit inner strides
+    w13, w13_scales, w2, w2_scales = (t.contiguous() for t in (w13, w13_scales, w2, w2_scales))
     ids = topk_ids.contiguous()
     tw = topk_weights.contiguous()
     emap = expert_map.to(torch.int32).contiguous() if expert_map is not None else None
@@ -168,7 +174,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     # activations in sorted-row order; BM spare rows: GEMM2 reads whole row blocks unmasked
     a = torch.empty(M + c2.BM, Ip, dtype=torch.bfloat16, device=dev)
     nb1 = min(M, M // c1.BM + E)
-    grid1 = (nb1 * triton_cdiv(Ip, c1.BN),)
+    grid1 = (nb1 * _cdiv(Ip, c1.BN),)
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
     K._gemm1_kernel[grid1](
@@ -184,7 +190,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
 
     y = torch.empty(M, H, dtype=torch.float32, device=dev)  # per-(token, slot) expert outputs
     nb2 = min(M, M // c2.BM + E)
-    grid2 = (nb2 * triton_cdiv(H, c2.BN),)
+    grid2 = (nb2 * _cdiv(H, c2.BN),)
     b2 = w2_bias if w2_bias is not None else es
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
     K._gemm2_kernel[grid2](
@@ -198,11 +204,8 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
     BH = min(1024, _next_pow2(H))
-    K._finalize_kernel[(T, triton_cdiv(H, BH))](
+    K._finalize_kernel[(T, _cdiv(H, BH))](
         y, ids, emap if emap is not None else es, tw, out, E, H=H, k_top=k,
         HAS_MAP=emap is not None, COMBINE=bool(combine), BH=BH, num_warps=4)
     return out
 
-
-def triton_cdiv(a: int, b: int) -> int:
-    return -(-a // b)

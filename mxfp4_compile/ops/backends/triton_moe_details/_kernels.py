@@ -155,15 +155,17 @@ def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
         c5 = _e2m1_f32(words, 24)
         c6 = _e2m1_f32(words, 12)
         c7 = _e2m1_f32(words, 28)
-        return _join8(c0 * sv, c1 * sv, c2 * sv, c3 * sv, c4 * sv, c5 * sv, c6 * sv, c7 * sv, R, BK)
-    s = scales.to(tl.int32)
-    f = tl.minimum(tl.maximum(s + (127 - 1 - ACC_SHIFT), 1), 254)
-    h = tl.where(s == 255, 0x7FC0, f << 7)
-    m = h | (h << 16)  # bf16x2 multiplier 2**(s - 1 - ACC_SHIFT), twice
-    e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
-        _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, m],
-        dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-    return _join8(e0, e1, e2, e3, e4, e5, e6, e7, R, BK)
+        w = _join8(c0 * sv, c1 * sv, c2 * sv, c3 * sv, c4 * sv, c5 * sv, c6 * sv, c7 * sv, R, BK)
+    else:  # (no early return: Triton would still emit the code after a constexpr-if return)
+        s = scales.to(tl.int32)
+        f = tl.minimum(tl.maximum(s + (127 - 1 - ACC_SHIFT), 1), 254)
+        h = tl.where(s == 255, 0x7FC0, f << 7)
+        m = h | (h << 16)  # bf16x2 multiplier 2**(s - 1 - ACC_SHIFT), twice
+        e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
+            _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, m],
+            dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
+        w = _join8(e0, e1, e2, e3, e4, e5, e6, e7, R, BK)
+    return w
 
 
 @triton.jit
