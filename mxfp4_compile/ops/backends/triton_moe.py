@@ -5,18 +5,20 @@ E local experts, H hidden (Hp padded), I intermediate (Ip padded).
   hidden        [T, H]            bf16 / fp16 / fp32 (output in the same dtype)
   topk_ids      [T, k]            int32 / int64
   topk_weights  [T, k]            float
-  w13, w13_s    [E, 2Ip, Hp/2], [E, 2Ip, Hp/32]  uint8: canonical layout (see ops/reference.py)
+  w13, w13_s    [E, 2Ip, Hp/2], [E, 2Ip, Hp/32]  uint8 (prepared: see below)
   w13_bias      [E, 2Ip]          float32 or None
-  w2, w2_s      [E, Hp, Ip/2], [E, Hp, Ip/32]    uint8
+  w2, w2_s      [E, Hp, Ip/2], [E, Hp, Ip/32]    uint8 (prepared)
   w2_bias       [E, Hp]           float32 or None
   expert_map    [E_global]        int32, -1 = not on this rank
 
-Each weight row keeps its K bytes contiguous, so a tile of BN rows x BK/2 bytes is BN runs of
-16-byte aligned vectors (Hp/2 and Ip/2 are multiples of 32 bytes); `prepare` only makes the
-tensors contiguous. Steps (triton_moe_details/_kernels.py): route (expert-sorted rows, on the
-GPU), GEMM1 (token gather, dequant, bias, activation), GEMM2 (bias, scatter to (token, slot)
-rows), finalize (weighted sum over slots in fixed order). No host sync, no data-dependent
-shapes: CUDA-graph safe and deterministic. Tiles come from triton_moe_details/configs.py.
+Prepared layout = the canonical one (ops/reference.py: rows, gate/up order, padding, scales and
+biases unchanged) except that inside every group of 8 codes along K the nibbles are reordered
+(`_pack_words`) so that one 32-bit word decodes to 4 bf16 pairs with a shift and a mask each.
+Rows keep their K bytes contiguous: a tile of BN rows x BK/2 bytes is BN runs of 16-byte aligned
+vectors (Hp/2, Ip/2 are multiples of 32 bytes). Steps (triton_moe_details/_kernels.py): route
+(expert-sorted rows, on the GPU), GEMM1 (token gather, dequant, bias, activation), GEMM2 (bias,
+scatter to (token, slot) rows), finalize (weighted sum over slots in fixed order). No host sync,
+no data-dependent shapes: CUDA-graph safe and deterministic. Tiles: triton_moe_details/configs.py.
 """
 from __future__ import annotations
 
