@@ -13,7 +13,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from . import dense, gather_bmm, grouped_mm
-from .match_utils import Candidate, NoMatch, constant_nodes, param_name, shape
+from .match_utils import Candidate, NoMatch, constant_nodes, param_name
 from .region import Context
 from .rewrite import rewrite
 

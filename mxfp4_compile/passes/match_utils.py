@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-import operator
 
 import torch
 import torch.fx as fx

@@ -8,8 +8,8 @@ import heapq
 
 import torch.fx as fx
 
-from .match_utils import (DTYPE_OPS, Activation, Labels, MoERegion, NoMatch, aten, identify_activation,
-                          is_view, same, shape, strip, val)
+from .match_utils import (DTYPE_OPS, Labels, MoERegion, NoMatch, aten, identify_activation,
+                          is_view, same, shape, strip)
 
 
 @dataclasses.dataclass
@@ -43,6 +43,8 @@ def pair_gemms(gemms: list[ExpertGemm], limit=300):
         seen, heap, firsts = set(), [(-order[g2.x], id(g2.x), g2.x)], []
         while heap and len(seen) < limit:  # latest nodes first: the activation sits right before
             _, _, n = heapq.heappop(heap)
+            if firsts and order[n] < min(order[g.node] for g in firsts) - 100:
+                break  # a separate gate/up GEMM sits next to the first one found, not far back
             if n in seen:
                 continue
             seen.add(n)

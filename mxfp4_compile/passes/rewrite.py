@@ -10,7 +10,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
-from .match_utils import MoERegion, aten, prims, same, shape, val
+from .match_utils import MoERegion, aten, prims, shape, val
 
 
 def _fake_mode(graph):

@@ -2,7 +2,6 @@
 user would: ``torch.compile(model, backend="mxfp4")`` under ``torch.no_grad()``; every MoE layer
 must become one torch.ops.mxfp4.moe call, in both experts implementations."""
 import pytest
-import torch
 
 import moe_zoo as z
 
