@@ -388,3 +388,29 @@ class TitanStyleMoE(nn.Module):
         if not self.score_before_experts:
             y = (y.float() * top_sorted.reshape(-1, 1)).to(x.dtype)
         return out.scatter_add(dim=0, index=rows, src=y)
+
+
+# more families, built through AutoConfig with one set of tiny overrides (unknown keys are ignored
+# by the families that do not use them): what "any family on the experts interface" means here
+MORE_HF_FAMILIES = ("granitemoe", "glm4_moe", "ernie4_5_moe", "hunyuan_v1_moe", "minimax",
+                    "flex_olmo", "exaone_moe", "solar_open", "afmoe")
+_TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+             num_attention_heads=2, num_key_value_heads=1, head_dim=32, max_position_embeddings=64,
+             num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
+             moe_intermediate_size=32, shared_expert_intermediate_size=32, first_k_dense_replace=0,
+             decoder_sparse_step=1, mlp_only_layers=[], n_group=1, topk_group=1, moe_layer_freq=1,
+             pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def hf_model_auto(family, experts_implementation, dtype=torch.bfloat16):
+    transformers = importlib.import_module("transformers")
+    cfg = transformers.AutoConfig.for_model(family, **_TINY)
+    cfg._experts_implementation = experts_implementation
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg).to(dtype).eval()
+
+
+def experts_modules(model):
+    """transformers experts modules (the ones use_experts_implementation decorated)."""
+    return [m for m in model.modules() if isinstance(getattr(m, "down_proj", None), nn.Parameter)
+            and hasattr(m, "is_transposed")]

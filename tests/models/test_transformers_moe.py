@@ -20,3 +20,14 @@ def test_every_moe_layer_rewritten(family, impl):
     assert n_layers == 2
     z.check_rewrite_numerics(m, (z.token_ids(),), K_DIMS.get(family, DEFAULT_K), n_moe=n_layers,
                              tight=3e-2)
+
+
+@pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("family", z.MORE_HF_FAMILIES)
+def test_more_families(family, impl):
+    m = z.hf_model_auto(family, impl)
+    experts = z.experts_modules(m)
+    assert experts, "no experts module found"
+    kd = 1 if experts[0].is_transposed else -1
+    z.check_rewrite_numerics(m, (z.token_ids(),), {"gate_up_proj": kd, "down_proj": kd},
+                             n_moe=len(experts), tight=3e-2)
