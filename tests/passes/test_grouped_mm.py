@@ -171,3 +171,82 @@ def test_torchtitan_score_before_experts_is_refused_and_correct():
     from mxfp4_compile import backend
     reasons = [c.reason for c in backend.last_compile_info[-1]["candidates"]]
     assert any("score before experts" in r for r in reasons), reasons
+
+
+@unittest.skipUnless(z.snapshot_torch_ok(), f"snapshots recorded with torch {z.SNAPSHOT_TORCH}")
+class TestTitanSnapshot(TestCase):
+    def test_torchtitan_style_before_after(self):
+        torch.manual_seed(0)
+        (before, after), = z.record_pass_graphs(z.TitanStyleMoE().to(BF16), x())
+        self.assertExpectedInline(before, """\
+arg0_1 = input
+arg1_1 = input
+arg2_1 = input
+arg3_1 = input
+arg4_1 = input
+arg5_1 = input
+permute = aten.permute.default(arg0_1, [1, 0])
+mm = aten.mm.default(arg5_1, permute)
+convert_element_type_2 = prims.convert_element_type.default(mm, float32)
+sigmoid = aten.sigmoid.default(convert_element_type_2)
+topk = aten.topk.default(sigmoid, 2, 1)
+getitem = getitem(topk, 0)
+getitem_1 = getitem(topk, 1)
+view = aten.view.default(getitem_1, [-1])
+convert_element_type_3 = prims.convert_element_type.default(view, float32)
+histc = aten.histc.default(convert_element_type_3, 4, 0, 4)
+view_1 = aten.view.default(getitem_1, [-1])
+sort = aten.sort.stable(view_1, stable=True)
+getitem_3 = getitem(sort, 1)
+view_2 = aten.view.default(getitem, [-1])
+index = aten.index.Tensor(view_2, [getitem_3])
+div = aten.div.Tensor_mode(getitem_3, 2, rounding_mode='floor')
+view_3 = aten.view.default(div, [-1, 1])
+expand = aten.expand.default(view_3, [-1, 64])
+gather = aten.gather.default(arg5_1, 0, expand)
+cumsum = aten.cumsum.default(histc, 0, dtype=int32)
+permute_1 = aten.permute.default(arg1_1, [0, 2, 1])
+_grouped_mm = aten._grouped_mm.default(gather, permute_1, cumsum)
+convert_element_type_4 = prims.convert_element_type.default(_grouped_mm, float32)
+neg = aten.neg.default(convert_element_type_4)
+exp = aten.exp.default(neg)
+add = aten.add.Tensor(exp, 1)
+div_1 = aten.div.Tensor(convert_element_type_4, add)
+convert_element_type_5 = prims.convert_element_type.default(div_1, bfloat16)
+permute_2 = aten.permute.default(arg2_1, [0, 2, 1])
+_grouped_mm_1 = aten._grouped_mm.default(gather, permute_2, cumsum)
+mul = aten.mul.Tensor(convert_element_type_5, _grouped_mm_1)
+permute_3 = aten.permute.default(arg3_1, [0, 2, 1])
+_grouped_mm_2 = aten._grouped_mm.default(mul, permute_3, cumsum)
+permute_4 = aten.permute.default(arg4_1, [1, 0])
+mm_1 = aten.mm.default(arg5_1, permute_4)
+convert_element_type_8 = prims.convert_element_type.default(_grouped_mm_2, float32)
+view_4 = aten.view.default(index, [-1, 1])
+mul_1 = aten.mul.Tensor(convert_element_type_8, view_4)
+convert_element_type_9 = prims.convert_element_type.default(mul_1, bfloat16)
+scatter_add = aten.scatter_add.default(mm_1, 0, expand, convert_element_type_9)
+return [scatter_add]""")
+        self.assertExpectedInline(after, """\
+arg0_1 = input
+arg1_1 = input
+arg2_1 = input
+arg3_1 = input
+arg4_1 = input
+arg5_1 = input
+permute = aten.permute.default(arg0_1, [1, 0])
+mm = aten.mm.default(arg5_1, permute)
+convert_element_type_2 = prims.convert_element_type.default(mm, float32)
+sigmoid = aten.sigmoid.default(convert_element_type_2)
+topk = aten.topk.default(sigmoid, 2, 1)
+getitem = getitem(topk, 0)
+getitem_1 = getitem(topk, 1)
+permute_4 = aten.permute.default(arg4_1, [1, 0])
+mm_1 = aten.mm.default(arg5_1, permute_4)
+cat_default = aten.cat.default([arg1_1, arg2_1], 1)
+prepare_moe_weights_default = mxfp4.prepare_moe_weights.default(cat_default, None, arg3_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=0)
+prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default(cat_default, None, arg3_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=1)
+prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default(cat_default, None, arg3_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=3)
+prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default(cat_default, None, arg3_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=4)
+moe_default = mxfp4.moe.default(arg5_1, getitem_1, getitem, prepare_moe_weights_default, prepare_moe_weights_default_1, None, prepare_moe_weights_default_2, prepare_moe_weights_default_3, None, 'reference', activation='silu_glu', alpha=1.702, limit=7)
+add_tensor = aten.add.Tensor(mm_1, moe_default)
+return [add_tensor]""")
