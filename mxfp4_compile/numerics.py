@@ -1,0 +1,136 @@
+"""MXFP4 numerics in plain, vectorized torch (OCP Microscaling Formats v1.0).
+
+An MXFP4 tensor stores blocks of 32 consecutive elements along the last dim K:
+  - each element as an e2m1 code (4 bits: sign, 2 exponent bits, 1 mantissa bit),
+    magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}, two codes per byte (low nibble = even element);
+  - one shared e8m0 scale per block: byte b means 2**(b - 127); 0xFF is NaN.
+
+Shapes: x [..., K] -> packed uint8 [..., K/2], scales uint8 [..., K/32].
+
+Scale rules (``rounding``):
+  "floor"     OCP MX v1.0: 2**(floor(log2(amax)) - 2). amax/scale lands in [4, 8), so the
+              block's largest values may saturate to ±6.
+  "round_up"  the smallest power of two with amax/scale <= 6 (triton_kernels / gpt-oss): never
+              clips, at the cost of a coarser grid for some blocks.
+Elements round to nearest, ties to even code. A NaN or Inf anywhere in a block poisons exactly
+that block (scale 0xFF, which dequantizes to NaN): e2m1 has no Inf, and a finite stand-in would
+hide the problem.
+"""
+from __future__ import annotations
+
+import torch
+
+BLOCK = 32
+SCALE_BIAS = 127
+SCALE_NAN = 0xFF
+ROUNDINGS = ("floor", "round_up")
+
+# Value of each 4-bit code, by code (bit 3 is the sign).
+E2M1_VALUES = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+)
+# Midpoints between neighbouring magnitudes. A value exactly on one goes to the even code: the
+# 1st, 3rd, 5th and 7th midpoints sit above an even code (ties stay down: strict >), the others
+# below one (ties go up: >=).
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+
+HAS_TORCH_MX_DTYPES = hasattr(torch, "float4_e2m1fn_x2") and hasattr(torch, "float8_e8m0fnu")
+
+
+def _as_uint8(t: torch.Tensor, what: str) -> torch.Tensor:
+    """Accept uint8 or torch's own MX dtypes (viewed back as bytes)."""
+    if t.dtype == torch.uint8:
+        return t
+    if HAS_TORCH_MX_DTYPES and t.dtype in (torch.float4_e2m1fn_x2, torch.float8_e8m0fnu):
+        return t.view(torch.uint8)
+    raise TypeError(f"{what} must be uint8 (or torch.float4_e2m1fn_x2 / torch.float8_e8m0fnu), "
+                    f"got {t.dtype}")
+
+
+def as_torch_mx_dtypes(packed: torch.Tensor, scales: torch.Tensor):
+    """Views of (packed, scales) as torch.float4_e2m1fn_x2 / torch.float8_e8m0fnu (no copy)."""
+    if not HAS_TORCH_MX_DTYPES:
+        raise RuntimeError("this torch has no float4_e2m1fn_x2 / float8_e8m0fnu dtypes; "
+                           "keep the uint8 tensors")
+    return packed.view(torch.float4_e2m1fn_x2), scales.view(torch.float8_e8m0fnu)
+
+
+def check_block_dim(k: int, what: str = "x") -> None:
+    if k % BLOCK != 0:
+        raise ValueError(f"{what}: the last dim K={k} is not a multiple of the MXFP4 block size "
+                         f"{BLOCK}; pad K to {((k + BLOCK - 1) // BLOCK) * BLOCK} with zeros first")
+
+
+def block_exponents(amax: torch.Tensor, rounding: str) -> torch.Tensor:
+    """Unbiased scale exponent per block (int32) for finite, non-negative block maxima."""
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    _, ex = torch.frexp(amax)  # amax = m * 2**ex, m in [0.5, 1)  ->  floor(log2 amax) = ex - 1
+    e = ex.to(torch.int32) - 3
+    if rounding == "round_up":
+        # floor's e puts amax/2**e in [4, 8); one step up when that exceeds 6. ldexp is exact.
+        e = e + (amax > torch.ldexp(torch.full_like(amax, 6.0), e)).to(torch.int32)
+    e = torch.where(amax == 0, torch.full_like(e, -SCALE_BIAS), e)
+    return e.clamp(-SCALE_BIAS, SCALE_BIAS)
+
+
+def quantize(x: torch.Tensor, rounding: str = "floor"):
+    """x [..., K] float -> (packed uint8 [..., K/2], scales uint8 [..., K/32])."""
+    if not x.is_floating_point():
+        raise TypeError(f"quantize: x must be a floating tensor, got {x.dtype}")
+    check_block_dim(x.shape[-1])
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    blocks = x.to(work).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
+    finite = torch.isfinite(blocks).all(dim=-1)  # [..., K/32]
+    amax = torch.where(torch.isfinite(blocks), blocks.abs(), 0).amax(dim=-1)
+    e = block_exponents(amax, rounding)
+    scaled = torch.ldexp(blocks, (-e).unsqueeze(-1).to(work))
+    mag = torch.nan_to_num(scaled.abs(), nan=0.0, posinf=0.0)
+    code = torch.zeros(mag.shape, dtype=torch.uint8, device=x.device)
+    for i, m in enumerate(_MIDPOINTS):  # 7 compares, not a loop over blocks
+        code += (mag > m) if i % 2 == 0 else (mag >= m)
+    code |= torch.signbit(scaled).to(torch.uint8) << 3
+    code = code.reshape(*x.shape[:-1], x.shape[-1])
+    packed = code[..., 0::2] | (code[..., 1::2] << 4)
+    scales = torch.where(finite, (e + SCALE_BIAS).to(torch.uint8),
+                         torch.full_like(e, SCALE_NAN, dtype=torch.uint8))
+    return packed.contiguous(), scales.to(torch.uint8).contiguous()
+
+
+def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes (0..15) -> float32 values, by bit arithmetic (no table gather)."""
+    c = codes.to(torch.int32)
+    mag = c & 7
+    exp = mag >> 1
+    # exp 0: subnormal, value = mantissa * 0.5; else (1 + mantissa/2) * 2**(exp - 1)
+    val = torch.where(exp == 0, (mag & 1).to(torch.float32) * 0.5,
+                      torch.ldexp(1.0 + (mag & 1).to(torch.float32) * 0.5, (exp - 1).to(torch.float32)))
+    return torch.where((c & 8) != 0, -val, val)
+
+
+def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
+    """packed uint8 [..., K/2] -> codes uint8 [..., K] (even element from the low nibble)."""
+    packed = _as_uint8(packed, "packed")
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
+
+
+def scale_values(scales: torch.Tensor) -> torch.Tensor:
+    """e8m0 bytes -> float32 powers of two (NaN for 0xFF)."""
+    s = _as_uint8(scales, "scales").to(torch.int32)
+    val = torch.ldexp(torch.ones(s.shape, dtype=torch.float32, device=s.device), (s - SCALE_BIAS).float())
+    return torch.where(s == SCALE_NAN, torch.full_like(val, float("nan")), val)
+
+
+def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
+    """(packed [..., K/2], scales [..., K/32]) -> [..., K] in ``dtype``."""
+    packed = _as_uint8(packed, "packed")
+    scales = _as_uint8(scales, "scales")
+    k = packed.shape[-1] * 2
+    if scales.shape[:-1] != packed.shape[:-1] or scales.shape[-1] * BLOCK != k:
+        raise ValueError(f"dequantize: packed {tuple(packed.shape)} holds K={k} elements per row, "
+                         f"which needs scales of shape {tuple(packed.shape[:-1]) + (k // BLOCK,)}; "
+                         f"got {tuple(scales.shape)}")
+    vals = decode_e2m1(unpack_codes(packed)).reshape(*packed.shape[:-1], k // BLOCK, BLOCK)
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # 6 * 2**127 needs fp64
+    out = vals.to(work) * scale_values(scales).to(work).unsqueeze(-1)
+    return out.reshape(*packed.shape[:-1], k).to(dtype)

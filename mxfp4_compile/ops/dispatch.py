@@ -1,0 +1,93 @@
+"""Which fused-MoE kernel runs where, and the padding each one needs.
+
+  sm100 (Blackwell)  flashinfer (trtllm-gen) when flashinfer is installed, else triton
+  sm90 (Hopper)      triton (ours); triton_kernels on request
+  sm80-sm89 (Ampere) triton (ours)
+  anything else      reference (plain torch; CPU included)
+
+``requested`` (the backend's ``options={"kernel": ...}``) or the env ``MXFP4_KERNEL`` replaces
+"auto". A kernel that cannot run on the device is an error that says why, never a quiet fallback.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import logging
+import os
+from types import ModuleType
+
+import torch
+
+log = logging.getLogger("mxfp4_compile")
+
+# kernel name -> module under mxfp4_compile.ops.backends
+KERNEL_MODULES = {
+    "reference": "reference_moe",
+    "triton": "triton_moe",
+    "triton_kernels": "triton_kernels_moe",
+    "flashinfer": "flashinfer_moe",
+}
+KERNELS = tuple(KERNEL_MODULES)
+
+
+def get_backend(name: str) -> ModuleType:
+    if name not in KERNEL_MODULES:
+        raise ValueError(f"unknown MXFP4 MoE kernel {name!r}; choose one of {list(KERNELS)} or 'auto'")
+    return importlib.import_module(f"mxfp4_compile.ops.backends.{KERNEL_MODULES[name]}")
+
+
+def padding(name: str) -> tuple[int, int]:
+    """(H multiple, I multiple) the kernel's weight layout needs."""
+    b = get_backend(name)
+    return b.H_MULTIPLE, b.I_MULTIPLE
+
+
+def padded_sizes(name: str, hidden_size: int, intermediate_size: int) -> tuple[int, int]:
+    hm, im = padding(name)
+    return -(-hidden_size // hm) * hm, -(-intermediate_size // im) * im
+
+
+def unavailable_reason(name: str, device: torch.device) -> str | None:
+    try:
+        backend = get_backend(name)
+    except ImportError as e:  # a backend module whose own imports fail
+        return f"its module failed to import: {e}"
+    return backend.unavailable_reason(torch.device(device))
+
+
+def _has_module(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def _auto(device: torch.device) -> tuple[str, str]:
+    if device.type != "cuda":
+        return "reference", f"device {device.type}: no fused GPU kernel, plain-torch reference"
+    major, minor = torch.cuda.get_device_capability(device)
+    cap = f"sm{major}{minor}"
+    if major == 10:
+        if _has_module("flashinfer"):
+            return "flashinfer", f"{cap} (Blackwell) with flashinfer installed: trtllm-gen MXFP4 MoE"
+        return "triton", f"{cap} (Blackwell) without flashinfer: our Triton kernel (pip install flashinfer-python for trtllm-gen)"
+    if 8 <= major <= 9:
+        return "triton", f"{cap}: our Triton kernel"
+    return "reference", f"{cap}: no fused kernel for this capability, plain-torch reference"
+
+
+def choose_kernel(device, requested: str | None = "auto") -> tuple[str, str]:
+    """-> (kernel name, why). Raises ValueError when the requested kernel cannot run here."""
+    device = torch.device(device)
+    requested = requested or "auto"
+    source = "requested"
+    if requested == "auto" and os.environ.get("MXFP4_KERNEL"):
+        requested, source = os.environ["MXFP4_KERNEL"], "MXFP4_KERNEL"
+    if requested == "auto":
+        name, why = _auto(device)
+    else:
+        if requested not in KERNEL_MODULES:
+            raise ValueError(f"{source} kernel {requested!r} is unknown; choose one of "
+                             f"{list(KERNELS)} or 'auto'")
+        name, why = requested, f"{source} ({requested})"
+    reason = unavailable_reason(name, device)
+    if reason is not None:
+        raise ValueError(f"MXFP4 kernel {name!r} ({why}) cannot run on {device}: {reason}")
+    return name, why

@@ -1,0 +1,96 @@
+"""Plain-torch fused MoE on MXFP4 weights in the canonical layout: the oracle for every kernel,
+and the kernel used on CPU (and on GPUs no other kernel supports).
+
+Shape legend: T tokens, k experts per token, E local experts, H hidden (Hp padded),
+I intermediate (Ip padded).
+  hidden        [T, H]            bf16 / fp16 / fp32
+  topk_ids      [T, k]            int32 / int64, global expert ids
+  topk_weights  [T, k]            float
+  w13, w13_s    [E, 2Ip, Hp/2], [E, 2Ip, Hp/32]   uint8 (gate/up rows: see ACTIVATIONS)
+  w13_bias      [E, 2Ip]          float32 or None
+  w2, w2_s      [E, Hp, Ip/2], [E, Hp, Ip/32]     uint8
+  w2_bias       [E, Hp]           float32 or None
+  expert_map    [E_global]        int32, global id -> local id, -1 = not on this rank
+Math is float32; the output has hidden's dtype.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import numerics
+
+# activation name -> how gate/up rows are stored in w13
+ACTIVATIONS = {"swiglu_oai": "interleaved", "silu_glu": "concatenated"}
+
+
+def swiglu_oai(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    """gpt-oss: gate = even rows (clamped above at limit), up = odd rows (clamped to ±limit)."""
+    gate = h[..., 0::2].clamp(max=limit)
+    up = h[..., 1::2].clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+
+
+def silu_glu(h: torch.Tensor) -> torch.Tensor:
+    """Mixtral/Qwen/DeepSeek: [gate; up] concatenated, silu(gate) * up."""
+    gate, up = h.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+def activate(h: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
+    if activation == "swiglu_oai":
+        return swiglu_oai(h, alpha, limit)
+    if activation == "silu_glu":
+        return silu_glu(h)
+    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
+def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
+    """Global top-k ids -> local expert ids (-1 where the expert lives on another rank)."""
+    ids = topk_ids.long()
+    if expert_map is None:
+        return ids
+    return expert_map.long()[ids]
+
+
+def moe_reference(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
+                  activation="swiglu_oai", alpha=1.702, limit=7.0, expert_map=None, combine=True,
+                  sync_free=None):
+    """Fused MoE forward. ``sync_free`` (default: on for non-CPU devices) computes every expert
+    on every token and masks, so no data-dependent shapes or host syncs occur (CUDA-graph safe);
+    otherwise each expert runs on its own tokens only."""
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    E = w13.shape[0]
+    if sync_free is None:
+        sync_free = hidden.device.type != "cpu"
+    x = F.pad(hidden.float(), (0, w13.shape[2] * 2 - H))  # [T, Hp]
+    ids = local_ids(topk_ids, expert_map)  # [T, k]
+    out = torch.zeros(T, k, w2.shape[1], dtype=torch.float32, device=hidden.device)  # per-slot outputs
+    for e in range(E):
+        W13 = numerics.dequantize(w13[e], w13_scales[e], torch.float32)  # [2Ip, Hp]
+        W2 = numerics.dequantize(w2[e], w2_scales[e], torch.float32)  # [Hp, Ip]
+        if sync_free:
+            h = x @ W13.T  # [T, 2Ip]
+            if w13_bias is not None:
+                h = h + w13_bias[e].float()
+            y = activate(h, activation, alpha, limit) @ W2.T  # [T, Hp]
+            if w2_bias is not None:
+                y = y + w2_bias[e].float()
+            hit = (ids == e).unsqueeze(-1)  # [T, k, 1]
+            out = torch.where(hit, y.unsqueeze(1), out)
+        else:
+            tok, slot = (ids == e).nonzero(as_tuple=True)
+            if tok.numel() == 0:
+                continue
+            h = x[tok] @ W13.T
+            if w13_bias is not None:
+                h = h + w13_bias[e].float()
+            y = activate(h, activation, alpha, limit) @ W2.T
+            if w2_bias is not None:
+                y = y + w2_bias[e].float()
+            out[tok, slot] = y
+    out = out[..., :H]
+    if not combine:
+        return out.to(hidden.dtype)
+    return (out * topk_weights.float().unsqueeze(-1)).sum(dim=1).to(hidden.dtype)
