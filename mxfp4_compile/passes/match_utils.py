@@ -401,7 +401,9 @@ def identify_activation(inputs, out) -> Activation:
         return _identified[key]
     with unset_fake_temporarily():  # the pass runs under Inductor's fake mode; this needs real data
         g = torch.Generator().manual_seed(0)
-        xs = [(torch.randn(s, generator=g) * 5).to(d) for s, d in zip(shapes, dtypes)]
+        # values past every constant in the subgraph, so each clamp is exercised
+        scale = min(max([5.0] + [1.5 * c for c in _scalars(nodes)]), 1e4)
+        xs = [(torch.randn(s, generator=g) * scale).to(d) for s, d in zip(shapes, dtypes)]
         if any(d != torch.float32 for d in dtypes + [val(out).dtype]):
             dtype = torch.bfloat16  # tolerance of the lowest precision involved
         got = _run_subgraph(nodes, dict(zip(inputs, xs)))[out].float()
