@@ -1,0 +1,328 @@
+"""Expert and tensor parallelism across 2 and 4 processes (torch.distributed).
+
+One spawn per world size runs every scenario on every rank and writes what failed; the tests below
+read those reports. Backend from the device: NCCL on cuda:rank when at least ``world`` GPUs are
+visible, else gloo on CPU, so this file runs unchanged on a multi-GPU host.
+
+Oracles (computed in each worker, single-process, no collectives):
+  EP  the fused op on the full (unsharded) prepared weights;
+  TP  every rank's shard prepared the same way (slice, pad I/world, quantize: the MX blocks follow
+      the shard), dequantized, unpadded, put back together and run through plain float math; and,
+      with weights exactly representable in MXFP4 (so any block split is lossless), the fused op on
+      the unsharded weights.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import mxfp4_compile  # noqa: F401  (registers torch.ops.mxfp4)
+from mxfp4_compile import distributed as D
+from mxfp4_compile import numerics
+from mxfp4_compile.ops.reference import activate
+from mxfp4_compile.ops.weights import prepare_moe_weights
+
+WORLDS = (2, 4)
+
+
+def _use_cuda(world: int) -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= world
+
+
+# ------------------------------------------------------------------------------------ helpers
+
+
+def _weights(E, H, I, *, seed, exact=False, bias=True):
+    """Float expert weights [E, 2I, H], [E, H, I] (+ biases); ``exact``: values in the e2m1 grid
+    times 1/8, which MXFP4 represents exactly whatever the block boundaries."""
+    g = torch.Generator().manual_seed(seed)
+    if exact:
+        lut = numerics.E2M1_VALUES / 8
+        w13 = lut[torch.randint(0, 16, (E, 2 * I, H), generator=g)]
+        w2 = lut[torch.randint(0, 16, (E, H, I), generator=g)]
+    else:
+        w13 = torch.randn(E, 2 * I, H, generator=g) / H ** 0.5
+        w2 = torch.randn(E, H, I, generator=g) / I ** 0.5
+    b13 = torch.randn(E, 2 * I, generator=g) if bias else None
+    b2 = torch.randn(E, H, generator=g) if bias else None
+    return w13, w2, b13, b2
+
+
+def _tokens(T, H, E, k, *, seed, dtype, device, experts=None):
+    """hidden [T, H], distinct top-k ids [T, k] (drawn from ``experts``), softmax weights [T, k]."""
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.arange(E) if experts is None else torch.as_tensor(experts)
+    ids = torch.stack([pool[torch.randperm(len(pool), generator=g)[:k]] for _ in range(T)]) \
+        if T else torch.empty(0, k, dtype=torch.long)
+    x = torch.randn(T, H, generator=g)
+    w = torch.randn(T, k, generator=g).softmax(-1)
+    return x.to(device, dtype), ids.to(device, torch.int32), w.to(device)
+
+
+def _close(got, want, dtype, what):
+    tol = 1e-4 if dtype == torch.float32 else 3e-2
+    scale = max(want.abs().max().item(), 1.0)
+    err = (got.float() - want.float()).abs().max().item() if want.numel() else 0.0
+    assert got.shape == want.shape, f"{what}: shape {tuple(got.shape)} != {tuple(want.shape)}"
+    assert err <= tol * scale, f"{what}: max |diff| {err:.3g} > {tol} * {scale:.3g}"
+
+
+def _single(w13, w2, b13, b2, activation, kernel, device, x, ids, w, gate_up_interleaved=None):
+    p = prepare_moe_weights(*(None if t is None else t.to(device) for t in (w13, w2, b13, b2)),
+                            activation=activation, kernel=kernel,
+                            gate_up_interleaved=gate_up_interleaved, cache=False)
+    return torch.ops.mxfp4.moe(x, ids, w, **p.moe_kwargs())
+
+
+def _shard_oracle(w13, w2, b13, b2, activation, world, x, ids, w, gate_up_interleaved):
+    """Per-shard quantization (canonical layout), dequantized and reassembled; float math."""
+    inter = gate_up_interleaved
+    I = w2.shape[2]
+    gates, ups, downs, gb, ub = [], [], [], [], []
+    for r in range(world):
+        s13, s2, sb13, _ = D.shard_intermediate(w13, w2, b13, b2, rank=r, world=world,
+                                                gate_up_interleaved=inter)
+        p = prepare_moe_weights(s13, s2, sb13, None, activation=activation, kernel="reference",
+                                gate_up_interleaved=inter, cache=False)
+        i_r, ip, H = s2.shape[2], p.w2.shape[2] * 2, w2.shape[1]
+        W13 = numerics.dequantize(p.w13, p.w13_scales, torch.float32)[:, :, :H]  # [E, 2Ip, H]
+        if activation == "swiglu_oai":  # canonical rows interleaved
+            gate, up = W13[:, 0:2 * i_r:2], W13[:, 1:2 * i_r:2]
+            bg, bu = (p.w13_bias[:, 0:2 * i_r:2], p.w13_bias[:, 1:2 * i_r:2]) if b13 is not None else (None, None)
+        else:  # concatenated [gate(Ip); up(Ip)]
+            gate, up = W13[:, :i_r], W13[:, ip:ip + i_r]
+            bg, bu = (p.w13_bias[:, :i_r], p.w13_bias[:, ip:ip + i_r]) if b13 is not None else (None, None)
+        gates.append(gate), ups.append(up), gb.append(bg), ub.append(bu)
+        downs.append(numerics.dequantize(p.w2, p.w2_scales, torch.float32)[:, :H, :i_r])
+    gate, up, down = torch.cat(gates, 1), torch.cat(ups, 1), torch.cat(downs, 2)  # full I again
+    assert gate.shape[1] == I and down.shape[2] == I
+    if activation == "swiglu_oai":
+        W13 = torch.stack((gate, up), 2).flatten(1, 2)
+        B13 = torch.stack((torch.cat(gb, 1), torch.cat(ub, 1)), 2).flatten(1, 2) if b13 is not None else None
+    else:
+        W13 = torch.cat((gate, up), 1)
+        B13 = torch.cat((torch.cat(gb, 1), torch.cat(ub, 1)), 1) if b13 is not None else None
+    xs, idl = x.float().cpu(), ids.long().cpu()
+    h = torch.einsum("tkoh,th->tko", W13[idl], xs)  # [T, k, 2I]
+    if B13 is not None:
+        h = h + B13[idl]
+    y = torch.einsum("tkhi,tki->tkh", down[idl], activate(h, activation, 1.702, 7.0))
+    if b2 is not None:
+        y = y + b2.float()[idl]
+    return (y * w.float().cpu().unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+# ---------------------------------------------------------------------------------- scenarios
+
+
+def sc_ep_contiguous(ctx):
+    for activation, E, bias in (("swiglu_oai", 8, True), ("silu_glu", 6, False)):  # 6 over 4: 2,2,1,1
+        w13, w2, b13, b2 = _weights(E, 64, 64, seed=1, bias=bias)
+        x, ids, w = _tokens(9, 64, E, 2, seed=2, dtype=ctx["dtype"], device=ctx["device"])
+        m = D.ShardedMoE.expert_parallel(w13, w2, b13, b2, activation=activation, device=ctx["device"])
+        assert m.w13.shape[0] == len(range(*D.expert_range(E, ctx["rank"], ctx["world"])))
+        want = _single(w13, w2, b13, b2, activation, m.prepared.kernel, ctx["device"], x, ids, w)
+        _close(m(x, ids, w), want, ctx["dtype"], f"EP {activation} E={E}")
+
+
+def sc_ep_round_robin_map(ctx):
+    E, rank, world = 8, ctx["rank"], ctx["world"]
+    emap = torch.full((E,), -1, dtype=torch.int32)
+    mine = torch.arange(rank, E, world)  # expert e on rank e % world, local id e // world
+    emap[mine] = torch.arange(len(mine), dtype=torch.int32)
+    w13, w2, b13, b2 = _weights(E, 64, 32, seed=3)
+    x, ids, w = _tokens(7, 64, E, 3, seed=4, dtype=ctx["dtype"], device=ctx["device"])
+    m = D.ShardedMoE.expert_parallel(w13, w2, b13, b2, activation="swiglu_oai", device=ctx["device"],
+                                     expert_map=emap)
+    want = _single(w13, w2, b13, b2, "swiglu_oai", m.prepared.kernel, ctx["device"], x, ids, w)
+    _close(m(x, ids, w), want, ctx["dtype"], "EP round-robin map")
+
+
+def sc_ep_rank_without_tokens(ctx):
+    E = 8
+    w13, w2, b13, b2 = _weights(E, 64, 32, seed=5)
+    only = list(range(*D.expert_range(E, 0, ctx["world"])))  # every token routed to rank 0's experts
+    x, ids, w = _tokens(5, 64, E, 2, seed=6, dtype=ctx["dtype"], device=ctx["device"], experts=only)
+    m = D.ShardedMoE.expert_parallel(w13, w2, b13, b2, activation="swiglu_oai", device=ctx["device"])
+    local = m.local(x, ids, w)
+    if ctx["rank"] != 0:
+        assert local.abs().max().item() == 0, "a rank without local tokens must contribute zero"
+    want = _single(w13, w2, b13, b2, "swiglu_oai", m.prepared.kernel, ctx["device"], x, ids, w)
+    _close(m(x, ids, w), want, ctx["dtype"], "EP, ranks > 0 without tokens")
+    x0, ids0, w0 = _tokens(0, 64, E, 2, seed=6, dtype=ctx["dtype"], device=ctx["device"])
+    out = m(x0, ids0, w0)
+    assert out.shape == (0, 64), f"T=0: got {tuple(out.shape)}"
+
+
+def _tp_cases(world):
+    # (E, H, I, activation, input gate/up interleaved, bias): I/world = 24 -> 32 or 48 -> 64
+    # (padding), and gpt-oss's I=2880 over 4 ranks = 720 per rank (not a multiple of 32).
+    cases = [(4, 64, 96, "swiglu_oai", True, True), (4, 64, 96, "silu_glu", False, False),
+             (3, 64, 96, "silu_glu", True, True), (3, 64, 96, "swiglu_oai", False, True)]
+    if world == 4:
+        cases.append((2, 32, 2880, "swiglu_oai", True, True))
+    return cases
+
+
+def sc_tp_per_shard_reference(ctx):
+    for i, (E, H, I, activation, inter, bias) in enumerate(_tp_cases(ctx["world"])):
+        w13, w2, b13, b2 = _weights(E, H, I, seed=10 + i, bias=bias)
+        x, ids, w = _tokens(6, H, E, 2, seed=20 + i, dtype=ctx["dtype"], device=ctx["device"])
+        m = D.ShardedMoE.tensor_parallel(w13, w2, b13, b2, activation=activation,
+                                         device=ctx["device"], gate_up_interleaved=inter)
+        want = _shard_oracle(w13, w2, b13, b2, activation, ctx["world"], x, ids, w, inter)
+        _close(m(x, ids, w).cpu(), want, ctx["dtype"], f"TP {activation} I={I} interleaved={inter}")
+
+
+def sc_tp_exact_equals_unsharded(ctx):
+    for i, (E, H, I, activation, inter, bias) in enumerate(_tp_cases(ctx["world"])[:3]):
+        w13, w2, b13, b2 = _weights(E, H, I, seed=30 + i, exact=True, bias=bias)
+        x, ids, w = _tokens(6, H, E, 2, seed=40 + i, dtype=ctx["dtype"], device=ctx["device"])
+        m = D.ShardedMoE.tensor_parallel(w13, w2, b13, b2, activation=activation,
+                                         device=ctx["device"], gate_up_interleaved=inter)
+        assert (m.w2_bias is not None) == (bias and ctx["rank"] == 0), "w2 bias must sit on rank 0 only"
+        want = _single(w13, w2, b13, b2, activation, m.prepared.kernel, ctx["device"], x, ids, w,
+                       gate_up_interleaved=inter)
+        _close(m(x, ids, w), want, ctx["dtype"], f"TP exact {activation} I={I}")
+
+
+SCENARIOS = {f.__name__[3:]: f for f in (sc_ep_contiguous, sc_ep_round_robin_map,
+                                         sc_ep_rank_without_tokens, sc_tp_per_shard_reference,
+                                         sc_tp_exact_equals_unsharded)}
+
+
+def _worker(rank, world, init_file, out_dir):
+    torch.set_num_threads(1)
+    cuda = _use_cuda(world)
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}",
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
+    ctx = dict(rank=rank, world=world, device=torch.device(f"cuda:{rank}" if cuda else "cpu"),
+               dtype=torch.bfloat16 if cuda else torch.float32)
+    report = {}
+    try:
+        for name, fn in SCENARIOS.items():
+            try:
+                fn(ctx)
+                report[name] = None
+            except Exception:
+                report[name] = traceback.format_exc()
+            dist.barrier()
+        report["_backend"] = dist.get_backend()
+    finally:
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump(report, f)
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    cache = {}
+
+    def get(world):
+        if world not in cache:
+            d = tmp_path_factory.mktemp(f"world{world}")
+            mp.spawn(_worker, args=(world, str(d / "rendezvous"), str(d)), nprocs=world, join=True)
+            cache[world] = [json.load(open(d / f"rank{r}.json")) for r in range(world)]
+        return cache[world]
+    return get
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+@pytest.mark.parametrize("world", WORLDS)
+def test_sharded(reports, world, scenario):
+    reps = reports(world)
+    assert reps[0]["_backend"] == ("nccl" if _use_cuda(world) else "gloo")
+    failed = {r: rep[scenario] for r, rep in enumerate(reps) if rep.get(scenario)}
+    assert not failed, "\n".join(f"rank {r}:\n{tb}" for r, tb in failed.items())
+
+
+# ------------------------------------------------------------- single-process: maps and slicing
+
+
+def test_expert_map_for_rank():
+    assert D.expert_map_for_rank(8, 1, 4).tolist() == [-1, -1, 0, 1, -1, -1, -1, -1]
+    assert D.expert_map_for_rank(6, 3, 4).tolist() == [-1, -1, -1, -1, -1, 0]  # 2, 2, 1, 1
+    held = sum((D.expert_map_for_rank(6, r, 4) >= 0).int() for r in range(4))
+    assert held.tolist() == [1] * 6
+    assert D.expert_map_for_rank(8, 0, 2).dtype == torch.int32
+    with pytest.raises(ValueError, match="rank must lie"):
+        D.expert_map_for_rank(8, 4, 4)
+    with pytest.raises(ValueError, match="every rank needs at least one"):
+        D.expert_map_for_rank(2, 0, 4)
+
+
+@pytest.mark.parametrize("bad, num_local, match", [
+    (torch.tensor([0, 1, -1], dtype=torch.int32), 2, "3 entries but the model has 4 global experts"),
+    (torch.tensor([0, 1, 2, -1], dtype=torch.int32), 2, r"local expert id in \[0, 2\); got \[2\]"),
+    (torch.tensor([0, -2, 1, -1], dtype=torch.int32), 2, r"got \[-2\]"),
+    (torch.tensor([0, 1, 0, -1], dtype=torch.int32), 2, "local 0 <- global \\[0, 2\\]"),
+    (torch.tensor([0, -1, -1, -1], dtype=torch.int32), 2, r"never uses local experts \[1\]"),
+    (torch.tensor([0., 1., -1., -1.]), 2, "1-D int32 tensor"),
+])
+def test_bad_expert_map(bad, num_local, match):
+    with pytest.raises(ValueError, match=match):
+        D.check_expert_map(bad, 4, num_local)
+
+
+def test_bad_map_errors_at_build_and_in_op():
+    w13, w2, b13, b2 = _weights(4, 64, 32, seed=0)
+    with pytest.raises(ValueError, match="5 entries but the model has 4"):
+        D.ShardedMoE.expert_parallel(w13, w2, activation="swiglu_oai", rank=0, world=2,
+                                     expert_map=torch.tensor([0, 1, -1, -1, -1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="several global experts to one local expert"):
+        D.ShardedMoE.expert_parallel(w13, w2, activation="swiglu_oai", rank=0, world=2,
+                                     expert_map=torch.tensor([0, 0, -1, -1], dtype=torch.int32))
+    with pytest.raises(ValueError, match="no experts"):
+        D.ShardedMoE.expert_parallel(w13, w2, activation="swiglu_oai", rank=0, world=2,
+                                     expert_map=torch.full((4,), -1, dtype=torch.int32))
+    # the op itself: a map pointing past the experts this rank holds
+    m = D.ShardedMoE.expert_parallel(w13, w2, b13, b2, activation="swiglu_oai", rank=0, world=2)
+    x, ids, w = _tokens(3, 64, 4, 2, seed=1, dtype=torch.float32, device="cpu")
+    with pytest.raises(ValueError, match="holds 2 experts"):
+        torch.ops.mxfp4.moe(x, ids, w, **m.prepared.moe_kwargs(),
+                            expert_map=torch.tensor([0, 1, 2, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match="give both rank and world"):
+        D.ShardedMoE.tensor_parallel(w13, w2, activation="swiglu_oai", rank=0)
+
+
+@pytest.mark.parametrize("interleaved", [True, False])
+def test_shard_intermediate_keeps_gate_up_pairs(interleaved):
+    E, H, I, world = 2, 32, 12, 4  # 3 columns per rank
+    col = torch.arange(I, dtype=torch.float32)
+    gate, up = col + 1000, col + 2000  # row value says which column and which half
+    rows = torch.stack((gate, up), 1).flatten() if interleaved else torch.cat((gate, up))
+    w13 = rows[None, :, None].expand(E, 2 * I, H).contiguous()
+    w2 = col[None, None, :].expand(E, H, I).contiguous()
+    b2 = torch.ones(E, H)
+    for r in range(world):
+        s13, s2, sb13, sb2 = D.shard_intermediate(w13, w2, rows[None].expand(E, -1), b2, rank=r,
+                                                  world=world, gate_up_interleaved=interleaved)
+        mine = col[3 * r:3 * r + 3]
+        want = torch.stack((mine + 1000, mine + 2000), 1).flatten() if interleaved \
+            else torch.cat((mine + 1000, mine + 2000))
+        assert s13[0, :, 0].tolist() == want.tolist()
+        assert sb13[0].tolist() == want.tolist()
+        assert s2[0, 0].tolist() == mine.tolist()
+        assert (sb2 is not None) == (r == 0)
+    t13, t2, _, _ = D.shard_intermediate(w13.transpose(1, 2), w2.transpose(1, 2), rank=1, world=world,
+                                         gate_up_interleaved=interleaved, transposed=True)
+    s13, s2, _, _ = D.shard_intermediate(w13, w2, rank=1, world=world, gate_up_interleaved=interleaved)
+    assert torch.equal(t13, s13.transpose(1, 2)) and torch.equal(t2, s2.transpose(1, 2))
+
+
+def test_tp_pads_per_rank_intermediate():
+    w13, w2, b13, b2 = _weights(2, 32, 2880, seed=0)
+    m = D.ShardedMoE.tensor_parallel(w13, w2, b13, b2, activation="swiglu_oai", rank=3, world=4,
+                                     kernel="reference")
+    assert m.prepared.intermediate_size == 720
+    assert tuple(m.w2.shape) == (2, 32, 736 // 2) and tuple(m.w13.shape) == (2, 2 * 736, 16)
+    assert m.w2_bias is None
