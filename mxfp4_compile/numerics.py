@@ -120,7 +120,8 @@ def decode_e2m1(codes: torch.Tensor) -> torch.Tensor:
 def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
     """packed uint8 [..., K/2] -> codes uint8 [..., K] (even element from the low nibble)."""
     packed = _as_uint8(packed, "packed")
-    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1], -1)
+    return torch.stack((packed & 0xF, packed >> 4), dim=-1).reshape(*packed.shape[:-1],
+                                                                     packed.shape[-1] * 2)
 
 
 def scale_values(scales: torch.Tensor) -> torch.Tensor:
