@@ -98,6 +98,10 @@ def _check_canonical_weights(hidden, w13, w13_scales, w13_bias, w2, w2_scales, w
             raise ValueError(f"moe: {name} is on {t.device} but hidden is on {hidden.device}")
     E, two_ip, hp_half = w13.shape
     hp, ip = hp_half * 2, two_ip // 2
+    if hp % 32 or ip % 32:
+        raise ValueError(f"moe: w13 {tuple(w13.shape)} implies Hp={hp}, Ip={ip}; both must be "
+                         f"multiples of the MXFP4 block size 32 (pad the weights: "
+                         f"mxfp4_compile.prepare_moe_weights does)")
     expect = {"w13_scales": (E, two_ip, hp // 32), "w2": (E, hp, ip // 2), "w2_scales": (E, hp, ip // 32)}
     for name, t in (("w13_scales", w13_scales), ("w2", w2), ("w2_scales", w2_scales)):
         if tuple(t.shape) != expect[name]:
