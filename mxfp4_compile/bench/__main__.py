@@ -1,0 +1,122 @@
+"""python -m mxfp4_compile.bench {op,e2e,plot} [flags]; `--help` on each explains every flag."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+GPU_TOKENS = "1,8,64,512,4096,16384"
+
+
+def _parser():
+    gpu = torch.cuda.is_available()
+    out_default = os.environ.get("OUT", "bench_out")
+    ap = argparse.ArgumentParser(
+        prog="python -m mxfp4_compile.bench",
+        description="Benchmarks of the MXFP4 MoE: 'op' (the fused MoE alone, every kernel and "
+                    "peer, with floors), 'e2e' (a GptOss model compiled with backend='mxfp4' vs "
+                    "Inductor bf16) and 'plot' (roofline PNG from op's CSV). Without a GPU each "
+                    "command runs at tiny CPU shapes (harness check only).")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    op = sub.add_parser("op", help="fused MoE op: correctness check, then CUDA-graph timing vs floors",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="Times the whole MoE forward (router top-k + the op) of every "
+                        "kernel and installed peer after a correctness check, next to the byte, "
+                        "streaming and FLOP floors measured in the same run. Writes op.csv, op.txt, "
+                        "op.json under --out.")
+    op.add_argument("--models", default="20b,120b,mixtral" if gpu else "tiny,tiny_glu",
+                    help="comma list of shapes: 20b (E32 H2880 I2880 top4 swiglu_oai+bias), 120b "
+                    "(E128, same), mixtral (E8 H4096 I14336 top2 silu_glu), tiny, tiny_glu (CPU test shapes)")
+    op.add_argument("--tokens", default=GPU_TOKENS if gpu else "1,8,64",
+                    help="comma list of token counts T")
+    op.add_argument("--kernels", default="auto",
+                    help="comma list from triton, reference, bf16_grouped_mm, triton_kernels, "
+                    "flashinfer; 'auto' = ours that can run here (reference only on CPU) + every peer "
+                    "(peers not installed / not runnable on this GPU are listed as not run)")
+    op.add_argument("--r-sets", type=int, default=4 if gpu else 2,
+                    help="weight sets rotated inside one timed graph, so weights come from HBM, "
+                    "not L2 (the bf16 peer uses at most 2: its sets are 4x larger)")
+    op.add_argument("--tol", type=float, default=1e-2,
+                    help="rel-L2 vs the float32 reference above which a kernel fails and is not timed")
+    op.add_argument("--min-replays", type=int, default=10, help="fewest graph replays per timing")
+    op.add_argument("--replay-s", type=float, default=0.3 if gpu else 0.02,
+                    help="seconds of replays per timing (more replays than --min-replays if they fit)")
+    op.add_argument("--stream-max-t", type=int, default=64,
+                    help="measure the streaming floor for T up to this (decode shapes)")
+    op.add_argument("--no-again", dest="again", action="store_false",
+                    help="do not time our kernels a second time (the repeat shows run-to-run noise)")
+    op.add_argument("--budget-s", type=float, default=0,
+                    help="stop starting new shapes after this many seconds (0 = no limit); "
+                    "shapes left are written as 'skipped' rows")
+    op.add_argument("--strict", action="store_true", help="exit 1 when any check failed or errored")
+    _common(op, out_default)
+
+    e2e = sub.add_parser("e2e", help="GptOss model: backend='mxfp4' vs Inductor bf16, CUDA graphs",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         description="transformers GptOssModel (no LM head) at gpt-oss-20b widths "
+                         "(or tiny on CPU), random weights, grouped_mm experts, compiled twice: "
+                         "backend='mxfp4' and default Inductor (bf16), both with CUDA graphs on GPU. "
+                         "Reports decode-step latency per batch size, prefill latency, compile time "
+                         "and expert-weight memory. Writes e2e.csv, e2e.txt under --out.")
+    e2e.add_argument("--layers", type=int, default=2 if gpu else 1, help="decoder layers")
+    e2e.add_argument("--experts", type=int, default=32 if gpu else 4,
+                     help="experts per layer (32 = gpt-oss-20b, 128 = 120b)")
+    e2e.add_argument("--width", choices=("20b", "tiny"), default="20b" if gpu else "tiny",
+                     help="20b: hidden 2880, intermediate 2880, 64 heads x 64, 8 KV heads, top-4; "
+                     "tiny: hidden 64 (CPU test)")
+    e2e.add_argument("--batches", default="1,8,64" if gpu else "1,2",
+                     help="decode batch sizes (each sequence feeds one new token)")
+    e2e.add_argument("--prefill", type=int, default=2048 if gpu else 16,
+                     help="prefill length (batch 1); 0 skips prefill")
+    e2e.add_argument("--backends", default="mxfp4,inductor",
+                     help="comma list: mxfp4 (backend='mxfp4'), inductor (default bf16 Inductor)")
+    e2e.add_argument("--kernel", default="auto",
+                     help="MoE kernel for backend='mxfp4' (options={'kernel': ...})")
+    e2e.add_argument("--iters", type=int, default=30 if gpu else 3, help="timed calls per shape (median)")
+    e2e.add_argument("--budget-s", type=float, default=0,
+                     help="stop starting new shapes after this many seconds (0 = no limit)")
+    e2e.add_argument("--vocab", type=int, default=1024,
+                     help="vocabulary (embedding only; no LM head is run)")
+    _common(e2e, out_default)
+
+    pl = sub.add_parser("plot", help="roofline PNG from op.csv",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        description="One panel per model: achieved TFLOP/s against arithmetic "
+                        "intensity (FLOPs per MXFP4 weight byte) under the copy-bandwidth and "
+                        "matmul-rate roofs of the run, one line per kernel/peer through its T "
+                        "points; below, percent of floor against T.")
+    pl.add_argument("--csv", default=None, help="op CSV to read (default: <out>/op.csv)")
+    pl.add_argument("--png", default=None, help="PNG to write (default: <out>/roofline.png)")
+    pl.add_argument("--out", default=out_default, help="folder of op.csv and the PNG")
+    pl.add_argument("--dpi", type=int, default=110, help="PNG resolution")
+    return ap
+
+
+def _common(p, out_default):
+    p.add_argument("--out", default=out_default, help="output folder (default: $OUT or bench_out)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device")
+    p.add_argument("--seed", type=int, default=0, help="random seed (weights, inputs, routing)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    if args.cmd in ("op", "e2e") and torch.device(args.device).type != "cuda":
+        from .floors import no_gpu_message
+        print(no_gpu_message(args.cmd), flush=True)
+    if args.cmd == "op":
+        from . import op
+        return op.run(args)
+    if args.cmd == "e2e":
+        from . import e2e
+        return e2e.run(args)
+    from . import plot
+    return plot.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

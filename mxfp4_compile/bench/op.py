@@ -1,0 +1,307 @@
+"""``python -m mxfp4_compile.bench op``: the fused MoE alone, every kernel and peer side by side.
+
+Per model shape (floors.MODELS) and token count T:
+  1. random MXFP4 weights (canonical layout, R sets), each kernel's layout prepared from them;
+  2. correctness first: router logits -> top-k -> each kernel on the same inputs, rel-L2 against
+     the float32 reference on the same MXFP4 bytes (< --tol), freed GPU memory filled with NaN
+     before each call (an unwritten output element shows as NaN and fails the check). A kernel
+     that fails is not timed;
+  3. timing: the whole forward (routing from logits + the MoE) for R weight sets in one CUDA
+     graph (R sets exceed L2, so weights come from HBM), median of replays / R;
+  4. floors from the same run (floors.py): byte floor, streaming floor (T <= 64), FLOP floor.
+Kernels: ours (dispatch.KERNELS that can run here; "reference" only on CPU, where it is the only
+one) and peers: bf16 ``torch._grouped_mm`` MoE on the dequantized weights (what the model ran
+before the rewrite), triton_kernels and FlashInfer when installed and runnable.
+Outputs: op.csv (one row per model, T, kernel), op.txt (the table), op.json (floors, versions).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+import traceback
+
+import torch
+
+from ..ops import dispatch
+from ..ops.reference import activate, moe_reference
+from ..ops.weights import pad_packed
+from .. import numerics
+from . import floors as F
+
+OURS = ("triton", "reference")          # kernels this project wrote
+PEERS = ("bf16_grouped_mm", "triton_kernels", "flashinfer")
+CSV_FIELDS = ["model", "T", "kernel", "role", "E", "H", "I", "k", "activation", "status", "rel_l2",
+              "check_passed", "poisoned", "us", "us_again", "distinct_experts", "mxfp4_bytes",
+              "flops", "byte_floor_us", "stream_floor_us", "flop_floor_us", "floor_us",
+              "pct_of_floor", "x_stream_floor", "achieved_GBps", "achieved_TFLOPs",
+              "vs_bf16_grouped_mm", "vs_triton_kernels", "vs_flashinfer", "copy_GBps",
+              "matmul_TFLOPs", "device", "torch", "triton", "note"]
+
+
+# ---------------------------------------------------------------- bf16 grouped_mm peer --------
+def bf16_grouped_moe(x, ids, tw, w13, b13, w2, b2, activation):
+    """bf16 MoE as transformers' grouped_mm experts run it: sort (token, slot) pairs by expert,
+    two ``torch._grouped_mm`` with expert offsets, activation, un-sort, weighted sum. No host sync
+    (histc, not bincount). w13 [E, 2I, H] bf16 (gate/up order of ``activation``), w2 [E, H, I]."""
+    T, k = ids.shape
+    E = w13.shape[0]
+    flat = ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    offs = torch.histc(flat.float(), bins=E, min=0, max=E - 1).cumsum(0).to(torch.int32)
+    e_sorted = flat[order].long()
+    xs = x[order // k]
+    h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
+    if b13 is not None:
+        h = h.float() + b13[e_sorted]
+    a = activate(h.float(), activation, F.ALPHA, F.LIMIT).to(x.dtype)
+    y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)
+    if b2 is not None:
+        y = y.float() + b2[e_sorted]
+    out = torch.empty_like(y).index_copy_(0, order, y)
+    return (out.view(T, k, -1).float() * tw.float().unsqueeze(-1)).sum(1).to(x.dtype)
+
+
+def dequantize_bf16(canon, H, I):
+    """Canonical MXFP4 (padded to 32) -> bf16 expert weights of the real sizes (exact: every
+    MXFP4 value is a bf16 value), expert by expert to bound temporaries."""
+    w13, s13, b13, w2, s2, b2 = canon
+    E = w13.shape[0]
+    W13 = torch.empty(E, w13.shape[1], w13.shape[2] * 2, dtype=torch.bfloat16, device=w13.device)
+    W2 = torch.empty(E, w2.shape[1], w2.shape[2] * 2, dtype=torch.bfloat16, device=w13.device)
+    for e in range(E):
+        W13[e] = numerics.dequantize(w13[e], s13[e], torch.bfloat16)
+        W2[e] = numerics.dequantize(w2[e], s2[e], torch.bfloat16)
+    assert W13.shape[1:] == (2 * I, H) and W2.shape[1:] == (H, I), "bench canonical weights must be unpadded"
+    return W13, b13, W2, b2
+
+
+# ---------------------------------------------------------------- runners ---------------------
+class Runner:
+    """One kernel or peer: prepare(canonical) -> weight set; call(x, ids, tw, wset) -> [T, H]."""
+
+    def __init__(self, name, role, prepare, call):
+        self.name, self.role, self.prepare, self.call = name, role, prepare, call
+
+
+def make_runners(device, kernels, activation, H, I):
+    """-> (runners, {name: reason not run})."""
+    runners, skipped = [], {}
+    for name in kernels:
+        if name == "bf16_grouped_mm":
+            if not hasattr(torch, "_grouped_mm"):
+                skipped[name] = "this torch has no torch._grouped_mm"
+                continue
+            runners.append(Runner(
+                name, "peer", lambda c: dequantize_bf16(c, H, I),
+                lambda x, ids, tw, w: bf16_grouped_moe(x, ids, tw, w[0], w[1], w[2], w[3], activation)))
+            continue
+        try:
+            reason = dispatch.unavailable_reason(name, device)
+        except Exception as e:  # noqa: BLE001 - a peer must never stop the run
+            reason = f"{type(e).__name__}: {e}"
+        if reason is not None:
+            skipped[name] = reason
+            continue
+        backend = dispatch.get_backend(name)
+        hm, im = backend.H_MULTIPLE, backend.I_MULTIPLE
+        hp, ip = -(-H // hm) * hm, -(-I // im) * im
+
+        def prep(c, backend=backend, hp=hp, ip=ip):
+            return backend.prepare(*pad_packed(*c, activation=activation, hp=hp, ip=ip), activation)
+
+        def call(x, ids, tw, w, backend=backend):
+            return backend.moe(x, ids, tw, *w, activation, F.ALPHA, F.LIMIT, None, True)
+        runners.append(Runner(name, "ours" if name in OURS else "peer", prep, call))
+    return runners, skipped
+
+
+def default_kernels(device) -> list[str]:
+    ours = [k for k in dispatch.KERNELS if k in OURS and (k != "reference" or device.type == "cpu")]
+    others = [k for k in dispatch.KERNELS if k not in OURS]
+    return ours + ["bf16_grouped_mm"] + others
+
+
+# ---------------------------------------------------------------- main loop -------------------
+def run(args) -> int:
+    device = torch.device(args.device)
+    os.makedirs(args.out, exist_ok=True)
+    info = F.device_summary(device)
+    t_start = time.time()
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    kernels = args.kernels.split(",") if args.kernels != "auto" else default_kernels(device)
+    models = args.models.split(",")
+    tokens = [int(t) for t in args.tokens.split(",")]
+    bw = F.copy_bandwidth(device)
+    tf = F.matmul_tflops(device)
+    print(f"[op] {info['device']}, torch {info['torch']}, triton {info['triton']}: copy {bw:.0f} GB/s "
+          f"(read+write), matmul {tf:.1f} TFLOP/s", flush=True)
+    meta = dict(info, copy_GBps=bw, matmul_TFLOPs=tf, models=models, tokens=tokens, kernels=kernels,
+                r_sets=args.r_sets, tol=args.tol, skipped={}, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    csv_path = os.path.join(args.out, "op.csv")
+    fh = open(csv_path, "w", newline="")
+    writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+    writer.writeheader()
+    rows = []
+    prog = F.Progress(len(models) * len(tokens) * len(kernels), "op", enabled=not args.no_progress)
+
+    def emit(row):
+        row.update(copy_GBps=round(bw, 1), matmul_TFLOPs=round(tf, 2), device=info["device"],
+                   torch=info["torch"], triton=info["triton"])
+        rows.append(row)
+        writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
+        fh.flush()
+
+    for model in models:
+        E, H, I, k, act, biases = F.MODELS[model]
+        runners, skipped = make_runners(device, kernels, act, H, I)
+        for n, why in skipped.items():
+            meta["skipped"][n] = why
+            prog.write(f"[op] {n} not run: {why}")
+        over = args.budget_s and time.time() - t_start > args.budget_s
+        canon, wsets = [], {}
+        if not over:
+            canon = [F.random_canonical(E, H, I, act, biases, 32, 32, gen) for _ in range(args.r_sets)]
+            for r in runners:
+                # the bf16 peer reads 4x the bytes: two sets already exceed L2 at every T
+                n_sets = min(args.r_sets, 2) if r.name == "bf16_grouped_mm" and device.type == "cuda" else args.r_sets
+                try:
+                    wsets[r.name] = [r.prepare(c) for c in canon[:n_sets]]
+                except Exception as e:  # noqa: BLE001
+                    wsets[r.name] = f"prepare failed: {type(e).__name__}: {str(e)[:300]}"
+        eb = F.expert_bytes(H, I, biases)
+        for T in tokens:
+            base = dict(model=model, T=T, E=E, H=H, I=I, k=k, activation=act)
+            if args.budget_s and time.time() - t_start > args.budget_s:
+                for r in runners:
+                    emit(dict(base, kernel=r.name, role=r.role, status="skipped",
+                              note=f"time budget ({args.budget_s:.0f} s) spent"))
+                    prog.step(f"{model} T={T} {r.name} skipped")
+                for _ in range(len(kernels) - len(runners)):
+                    prog.step()
+                continue
+            try:
+                shape_rows = run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog)
+            except Exception as e:  # noqa: BLE001 - keep going with the next shape
+                traceback.print_exc()
+                shape_rows = [dict(base, kernel=r.name, role=r.role, status="error",
+                                   note=f"{type(e).__name__}: {str(e)[:300]}") for r in runners]
+            for row in shape_rows:
+                emit(row)
+            for _ in range(len(kernels) - len(runners)):
+                prog.step()
+        del canon, wsets
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    prog.close()
+    fh.close()
+    meta["elapsed_s"] = time.time() - t_start
+    with open(os.path.join(args.out, "op.json"), "w") as f:
+        json.dump(meta, f, indent=1)
+    table = format_table(rows, meta)
+    with open(os.path.join(args.out, "op.txt"), "w") as f:
+        f.write(table)
+    print(table, flush=True)
+    checked = [r for r in rows if r.get("status") in ("ok", "check_failed")]
+    failed = [r for r in rows if r.get("status") in ("check_failed", "error")]
+    print(f"[op] {len(checked)} kernel runs checked, {len(failed)} failed; CSV {csv_path}", flush=True)
+    return 1 if failed and args.strict else 0
+
+
+def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog):
+    E, H, k, act, T = base["E"], base["H"], base["k"], base["activation"], base["T"]
+    x = torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16)
+    ids, tw = F.route(torch.randn(T, E, device=device, generator=gen), k, act)
+    ref = moe_reference(x, ids, tw, *canon[0], act, F.ALPHA, F.LIMIT, None, True, sync_free=False)
+    d = F.distinct_experts(ids)
+    nbytes = d * eb
+    flops = F.flops_per_token(H, base["I"], k) * T
+    floors = dict(distinct_experts=d, mxfp4_bytes=int(nbytes), flops=flops,
+                  byte_floor_us=nbytes / (bw * 1e9) * 1e6, flop_floor_us=flops / (tf * 1e12) * 1e6)
+    if T <= args.stream_max_t:
+        floors["stream_floor_us"] = F.stream_floor_us(nbytes, n_bufs=args.r_sets, device=device)
+    floors["floor_us"] = max(floors["byte_floor_us"], floors["flop_floor_us"])
+    xs = [torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16) for _ in range(args.r_sets)]
+    lg = [torch.randn(T, E, device=device, generator=gen) for _ in range(args.r_sets)]
+    out_rows = []
+    for r in runners:
+        row = dict(base, kernel=r.name, role=r.role, **floors)
+        ws = wsets.get(r.name)
+        if isinstance(ws, str):
+            row.update(status="error", note=ws)
+            out_rows.append(row)
+            prog.step(f"{base['model']} T={T} {r.name} prepare failed")
+            continue
+        try:
+            F.poison_free_memory(device)
+            out = r.call(x, ids, tw, ws[0])
+            err = F.rel_l2(out, ref) if tuple(out.shape) == (T, H) else float("nan")
+            ok = not math.isnan(err) and err < args.tol
+            row.update(rel_l2=err, check_passed=ok, poisoned=device.type == "cuda")
+            del out
+            if not ok:
+                row.update(status="check_failed",
+                           note=f"rel-L2 {err:.3g} (tol {args.tol}) or non-finite / wrong shape: not timed")
+            else:
+                def fn(ws=ws):
+                    for xx, ll, w in zip(xs, lg, ws):
+                        i, t = F.route(ll, k, act)
+                        r.call(xx, i, t, w)
+                kw = dict(n_inner=len(ws), min_replays=args.min_replays, budget_s=args.replay_s,
+                          device=device)
+                row["us"] = F.graph_time_us(fn, **kw)
+                if r.role == "ours" and args.again:
+                    row["us_again"] = F.graph_time_us(fn, **kw)
+                row["status"] = "ok"
+        except Exception as e:  # noqa: BLE001 - a kernel's failure is a row, not the end of the run
+            row.update(status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
+            prog.write(f"[op] {base['model']} T={T} {r.name}: {row['note']}")
+        us = row.get("us")
+        if us:
+            row["pct_of_floor"] = 100 * floors["floor_us"] / us
+            row["achieved_GBps"] = nbytes / (us * 1e-6) / 1e9
+            row["achieved_TFLOPs"] = flops / (us * 1e-6) / 1e12
+            if floors.get("stream_floor_us"):
+                row["x_stream_floor"] = us / floors["stream_floor_us"]
+        out_rows.append(row)
+        prog.step(f"{base['model']} T={T} {r.name} {'%.1f us' % us if us else row.get('status')}")
+    peer_us = {r["kernel"]: r.get("us") for r in out_rows if r["role"] == "peer"}
+    for row in out_rows:
+        for p in PEERS:
+            if row.get("us") and peer_us.get(p) and row["kernel"] != p:
+                row[f"vs_{p}"] = row["us"] / peer_us[p]
+    return out_rows
+
+
+def _fmt(v):
+    if isinstance(v, float):
+        return "" if math.isnan(v) else f"{v:.6g}"
+    return "" if v is None else v
+
+
+def format_table(rows, meta) -> str:
+    def f(v, fmt="{:.1f}"):
+        return "-" if v is None or v == "" or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
+
+    lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}",
+             f"copy {meta['copy_GBps']:.0f} GB/s, matmul {meta['matmul_TFLOPs']:.1f} TFLOP/s; "
+             f"whole forward (routing + MoE), CUDA graph, median, L2 cold ({meta['r_sets']} weight sets)",
+             "floor = max(MXFP4 byte floor, FLOP floor); %fl = floor / time; x_str = time / streaming "
+             "floor; vs_P = time / time of peer P (<1: faster than P)",
+             f"{'model':8s} {'T':>5s} {'kernel':16s} {'rel-L2':>8s} {'us':>9s} {'again':>9s} "
+             f"{'floor':>8s} {'%fl':>5s} {'x_str':>6s} {'vs_bf16':>7s} {'vs_tk':>6s} {'vs_fi':>6s}"]
+    for r in rows:
+        head = f"{r['model']:8s} {r['T']:>5d} {r['kernel']:16s}"
+        if r.get("status") not in ("ok",):
+            lines.append(f"{head} {r.get('status', '?').upper()}: {str(r.get('note', ''))[:110]}")
+            continue
+        lines.append(f"{head} {f(r.get('rel_l2'), '{:.1e}'):>8s} {f(r.get('us')):>9s} "
+                     f"{f(r.get('us_again')):>9s} {f(r.get('floor_us')):>8s} "
+                     f"{f(r.get('pct_of_floor'), '{:.0f}'):>5s} {f(r.get('x_stream_floor'), '{:.2f}'):>6s} "
+                     f"{f(r.get('vs_bf16_grouped_mm'), '{:.2f}'):>7s} {f(r.get('vs_triton_kernels'), '{:.2f}'):>6s} "
+                     f"{f(r.get('vs_flashinfer'), '{:.2f}'):>6s}")
+    if meta.get("skipped"):
+        lines.append("not run: " + "; ".join(f"{n}: {w}" for n, w in meta["skipped"].items()))
+    return "\n".join(lines) + "\n"
