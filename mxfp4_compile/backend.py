@@ -14,6 +14,7 @@ with plain Inductor (still correct).
 from __future__ import annotations
 
 import logging
+import operator
 import warnings
 
 import torch
@@ -85,12 +86,15 @@ def lift_parameters(gm: fx.GraphModule, example_inputs):
     keep, lifted, names = [], [], []
     guards = _dynamo_guards()
     for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
-        if not isinstance(ex, torch.nn.Parameter):
+        src = getattr(n, "_dynamo_source", None)
+        if not (isinstance(ex, torch.nn.Parameter) or _is_packed_weight_buffer(n, ex, src)):
             keep.append(i)
             continue
         name = f"_mxfp4_param_{i}"
-        gm.register_parameter(name, ex)
-        src = getattr(n, "_dynamo_source", None)
+        if isinstance(ex, torch.nn.Parameter):
+            gm.register_parameter(name, ex)
+        else:
+            gm.register_buffer(name, ex)
         if hasattr(gm, "_param_name_to_source") and src is not None:
             gm._param_name_to_source[name] = src  # AOTAutograd asserts every parameter has one
         if src is not None and guards is not None:
@@ -107,6 +111,44 @@ def lift_parameters(gm: fx.GraphModule, example_inputs):
         names.append(_source_name(src) or n.name)
     gm.recompile()
     return keep, lifted, names
+
+
+_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "t", "unsqueeze", "squeeze", "flatten",
+                 "unflatten", "expand", "contiguous", "select", "narrow", "chunk", "split",
+                 "__getitem__", "getitem"}
+
+
+def _is_packed_weight_buffer(n, ex, src) -> bool:
+    """An integer module buffer the graph never writes (packed MXFP4 blocks / scales stored as
+    buffers): frozen like a parameter, so a dequantize-then-matmul graph folds. Float buffers stay
+    inputs (rotary caches and the like may be rewritten between calls)."""
+    name = _source_name(src) or ""
+    if "_buffers[" not in name or not isinstance(ex, torch.Tensor) or ex.is_floating_point() \
+            or ex.dtype == torch.bool:
+        return False
+    stack, seen = [n], set()
+    while stack:  # any in-place use of the buffer or of a view of it -> not frozen
+        x = stack.pop()
+        if x in seen:
+            continue
+        seen.add(x)
+        for u in x.users:
+            if _writes(u):
+                return False
+            t = u.target
+            if (t if isinstance(t, str) else getattr(t, "__name__", "")) in _VIEW_METHODS:
+                stack.append(u)
+    return True
+
+
+def _writes(u) -> bool:
+    t = u.target
+    if isinstance(t, str):  # a method: add_, copy_, index_put_ ...
+        return t.endswith("_") and not t.endswith("__")
+    name = getattr(t, "__name__", "")
+    if getattr(t, "__module__", "") in ("_operator", "operator"):  # and_ is not in place, iand is
+        return name == "setitem" or (name.startswith("i") and name[1:] in dir(operator))
+    return name.endswith("_") and not name.endswith("__")
 
 
 def _dynamo_guards():

@@ -414,3 +414,29 @@ def experts_modules(model):
     """transformers experts modules (the ones use_experts_implementation decorated)."""
     return [m for m in model.modules() if isinstance(getattr(m, "down_proj", None), nn.Parameter)
             and hasattr(m, "is_transposed")]
+
+
+class DequantBufferMoE(DequantMoE):
+    """DequantMoE with the packed blocks/scales as module buffers and the e2m1 table built in
+    forward, next to a buffer the forward mutates (a step counter): the packed weights fold, the
+    counter stays a live input."""
+
+    def __init__(self, dtype=torch.bfloat16):
+        super().__init__(dtype)
+        for name in ("w13_blocks", "w13_scales", "w2_blocks", "w2_scales"):
+            t = getattr(self, name).data
+            delattr(self, name)
+            self.register_buffer(name, t)
+        del self.lut
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+
+    def forward(self, x):
+        self.steps.add_(1)
+        lut = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+                            -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+        w13 = _dequant_torch(self.w13_blocks, self.w13_scales, lut, self.dtype)
+        w2 = _dequant_torch(self.w2_blocks, self.w2_scales, lut, self.dtype)
+        w, ids = _router(x, self.gate, K)
+        h = torch.einsum("beck,bk->bec", w13[ids], x) + self.b13[ids]
+        y = torch.einsum("beck,bek->bec", w2[ids], swiglu_oai(h)) + self.b2[ids]
+        return torch.einsum("bec,be->bc", y, w)

@@ -112,9 +112,14 @@ def constant_nodes(graph: fx.Graph, n_params: int) -> set:
             const.add(n)
         elif n.op == "call_function":
             ins = n.all_input_nodes
-            if ins and all(i in const for i in ins) and not _is_random(n):
+            if all(i in const for i in ins) and not _is_random(n) and \
+                    (ins or not _reads_symbols(n)):  # factory ops (a LUT built in forward) too
                 const.add(n)
     return const
+
+
+def _reads_symbols(n) -> bool:
+    return any(isinstance(a, torch.SymInt) for a in pytree.tree_leaves((n.args, n.kwargs)))
 
 
 def _is_random(n) -> bool:

@@ -199,3 +199,14 @@ prepare_moe_weights_default_4 = mxfp4.prepare_moe_weights.default(convert_elemen
 prepare_moe_weights_default_5 = mxfp4.prepare_moe_weights.default(convert_element_type_2, arg6_1, convert_element_type_5, arg7_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=5)
 moe_default = mxfp4.moe.default(arg8_1, getitem_1, convert_element_type_9, prepare_moe_weights_default, prepare_moe_weights_default_1, prepare_moe_weights_default_2, prepare_moe_weights_default_3, prepare_moe_weights_default_4, prepare_moe_weights_default_5, 'reference', activation='swiglu_oai', alpha=1.702, limit=7)
 return [moe_default]""")
+
+
+def test_packed_weights_in_buffers_fold_and_mutated_buffer_stays_live():
+    torch.manual_seed(0)
+    m = z.DequantBufferMoE()
+    with torch.no_grad():
+        ref = m(x())
+    out, code = z.compile_run(m, x())
+    assert z.moe_calls(code) == 1 and "prepare_moe_weights" not in code and "exp2" not in code
+    assert z.rel_err(out, ref) < 1e-2
+    assert m.steps.item() == 2  # eager call + compiled call: the counter buffer was not frozen
