@@ -1,8 +1,8 @@
 """Which fused-MoE kernel runs where, and the padding each one needs.
 
   sm100 (Blackwell)  flashinfer (trtllm-gen) when flashinfer is installed, else triton
-  sm90 (Hopper)      triton_kernels when it is importable (measured faster than ours on the H100,
-                     benchmarks/NOTES.md), else triton (ours)
+  sm90 (Hopper)      triton (ours); triton_kernels on request (faster under CUDA graphs so far, but
+                     several times slower without them: Python-side wrapping on every call)
   sm80-sm89 (Ampere) triton (ours)
   anything else      reference (plain torch; CPU included)
 
@@ -70,11 +70,6 @@ def _auto(device: torch.device) -> tuple[str, str]:
             return "flashinfer", (f"{cap} (Blackwell) with flashinfer installed: trtllm-gen MXFP4 MoE "
                                   f"(this path is unverified on hardware)")
         return "triton", f"{cap} (Blackwell) without flashinfer: our Triton kernel (pip install flashinfer-python for trtllm-gen)"
-    if major == 9 and unavailable_reason("triton_kernels", device) is None:
-        from .backends import triton_kernels_moe
-        return "triton_kernels", (f"{cap} (Hopper) with triton_kernels installed "
-                                  f"({triton_kernels_moe.api_description()}): faster than our Triton "
-                                  f"kernel on the H100 so far (benchmarks/NOTES.md)")
     if 8 <= major <= 9:
         return "triton", f"{cap}: our Triton kernel"
     return "reference", f"{cap}: no fused kernel for this capability, plain-torch reference"
@@ -94,6 +89,9 @@ def choose_kernel(device, requested: str | None = "auto") -> tuple[str, str]:
             raise ValueError(f"{source} kernel {requested!r} is unknown; choose one of "
                              f"{list(KERNELS)} or 'auto'")
         name, why = requested, f"{source} ({requested})"
+        if name == "triton_kernels" and unavailable_reason(name, device) is None:
+            from .backends import triton_kernels_moe
+            why += f": {triton_kernels_moe.api_description()}"
     reason = unavailable_reason(name, device)
     if reason is not None:
         raise ValueError(f"MXFP4 kernel {name!r} ({why}) cannot run on {device}: {reason}")
