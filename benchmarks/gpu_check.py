@@ -25,7 +25,6 @@ import importlib
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import traceback
@@ -38,12 +37,14 @@ from mxfp4_compile.ops.backends import triton_moe
 from mxfp4_compile.ops.backends.triton_moe_details import configs as tile_configs
 from mxfp4_compile.ops.backends.triton_moe_details.configs import TileConfig as C
 from mxfp4_compile.ops.reference import moe_reference
+# floors, timing, random weights and checks live in the package (shared with python -m
+# mxfp4_compile.bench, which is the user-facing benchmark; this script keeps the kernel
+# engineer's sweeps and diagnosis)
+from mxfp4_compile.bench.floors import (MODELS, copy_bandwidth, expert_bytes, graph_time_us,
+                                        matmul_tflops, random_canonical, rel_l2, route,
+                                        stream_floor_us)
+from mxfp4_compile.bench.floors import poison_free_memory as _poison
 
-MODELS = {  # name -> (E, H, I, k, activation, biases)
-    "20b": (32, 2880, 2880, 4, "swiglu_oai", True),
-    "120b": (128, 2880, 2880, 4, "swiglu_oai", True),
-    "mixtral": (8, 4096, 14336, 2, "silu_glu", False),
-}
 TOKENS = (1, 8, 64, 512, 4096)
 R_SETS = 4  # weight sets rotated per timed graph
 OUT = os.environ.get("OUT", "/tmp/gpu_check_out")
@@ -55,143 +56,8 @@ def log(*a):
 
 
 # ---------------------------------------------------------------- weights and inputs ----------
-def random_canonical(E, H, I, activation, biases, hm, im, gen):
-    """Random MXFP4 bytes in the canonical layout, padded to (hm, im) multiples (zero padding)."""
-    Hp, Ip = -(-H // hm) * hm, -(-I // im) * im
-
-    def codes(n, kk):  # uniform e2m1 codes in [n, kk/2]; zero past the real sizes
-        return torch.randint(0, 256, (E, n, kk // 2), dtype=torch.uint8, device=DEV, generator=gen)
-
-    def scales(n, kk):  # 2^-9 .. 2^-6: weights of a few 1e-2, like real checkpoints
-        return torch.randint(118, 122, (E, n, kk // 32), dtype=torch.uint8, device=DEV, generator=gen)
-
-    w13 = torch.zeros(E, 2 * Ip, Hp // 2, dtype=torch.uint8, device=DEV)
-    s13 = torch.zeros(E, 2 * Ip, Hp // 32, dtype=torch.uint8, device=DEV)
-    w2 = torch.zeros(E, Hp, Ip // 2, dtype=torch.uint8, device=DEV)
-    s2 = torch.zeros(E, Hp, Ip // 32, dtype=torch.uint8, device=DEV)
-    b13 = torch.zeros(E, 2 * Ip, dtype=torch.float32, device=DEV) if biases else None
-    b2 = torch.zeros(E, Hp, dtype=torch.float32, device=DEV) if biases else None
-    if activation == "swiglu_oai":  # interleaved gate/up: rows [0, 2I) real
-        rows13 = [slice(0, 2 * I)]
-    else:  # concatenated: gate [0, I), up [Ip, Ip + I)
-        rows13 = [slice(0, I), slice(Ip, Ip + I)]
-    for r in rows13:
-        n = r.stop - r.start
-        w13[:, r, : H // 2] = codes(n, H)
-        s13[:, r, : H // 32] = scales(n, H)
-        if biases:
-            b13[:, r] = torch.randn(E, n, device=DEV, generator=gen) * 0.1
-    w2[:, :H, : I // 2] = codes(H, I)
-    s2[:, :H, : I // 32] = scales(H, I)
-    if biases:
-        b2[:, :H] = torch.randn(E, H, device=DEV, generator=gen) * 0.1
-    return (w13, s13, b13, w2, s2, b2)
-
-
-def expert_bytes(H, I, biases):
-    b = 3 * H * I * (0.5 + 1 / 32)
-    return b + (4 * (2 * I + H) if biases else 0)
-
-
-def route(logits, k, activation):
-    """Router logits [T, E] -> (ids int32 [T, k], weights [T, k]) as each model does it."""
-    if activation == "swiglu_oai":  # gpt-oss: top-k then softmax over the k
-        v, i = torch.topk(logits, k, dim=-1)
-        return i.to(torch.int32), torch.softmax(v.float(), dim=-1)
-    p = torch.softmax(logits.float(), dim=-1)  # Mixtral: softmax, top-k, renormalize
-    v, i = torch.topk(p, k, dim=-1)
-    return i.to(torch.int32), v / v.sum(-1, keepdim=True)
-
-
 def poison_free_memory(nbytes=1 << 30):
-    """Fill freed allocator memory with NaN so that outputs the op forgets to write show up."""
-    t = torch.empty(nbytes // 4, dtype=torch.float32, device=DEV)
-    t.fill_(float("nan"))
-    del t
-
-
-def rel_l2(out, ref):
-    out, ref = out.float(), ref.float()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-# ---------------------------------------------------------------- floors ----------------------
-@triton.jit
-def _stream_kernel(src, dst, n, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    pid = tl.program_id(0)
-    acc = tl.zeros([BLOCK], dtype=tl.int32)
-    base = pid * BLOCK * ITERS
-    for it in range(ITERS):
-        offs = base + it * BLOCK + tl.arange(0, BLOCK)
-        acc ^= tl.load(src + offs, mask=offs < n, other=0)
-    tl.store(dst + pid, tl.sum(acc, axis=0))
-
-
-def graph_time_us(fn, n_inner, min_replays=20, max_replays=200, budget_s=0.4):
-    """fn() issues work; captured once in a graph; median per-replay time / n_inner (us)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    g.replay()
-    torch.cuda.synchronize()
-    est = time.perf_counter() - t0
-    n = int(max(min_replays, min(max_replays, budget_s / max(est, 1e-6))))
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for a, b in ev:
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    times = [a.elapsed_time(b) * 1e3 / n_inner for a, b in ev]
-    del g
-    return statistics.median(times)
-
-
-def copy_bandwidth():
-    """Big device-to-device copy, bytes read + written per second (GB/s)."""
-    n = 1 << 30
-    a = torch.empty(n, dtype=torch.uint8, device=DEV).random_()
-    b = torch.empty_like(a)
-    us = graph_time_us(lambda: b.copy_(a), 1, min_replays=20, max_replays=50)
-    del a, b
-    return 2 * n / (us * 1e-6) / 1e9
-
-
-def stream_floor_us(nbytes, bufs):
-    """A plain streaming read of nbytes, rotating R buffers (cold L2). Best of a few tilings."""
-    n = (int(nbytes) // 16) * 4  # int32 elements, 16-byte multiple
-    best = float("inf")
-    for BLOCK, ITERS, nw in ((2048, 1, 4), (4096, 2, 8), (2048, 4, 4)):
-        grid = (triton.cdiv(n, BLOCK * ITERS),)
-        dst = torch.empty(grid[0], dtype=torch.int32, device=DEV)
-
-        def fn():
-            for buf in bufs:
-                _stream_kernel[grid](buf, dst, n, BLOCK=BLOCK, ITERS=ITERS, num_warps=nw)
-        best = min(best, graph_time_us(fn, len(bufs)))
-    return best
-
-
-def matmul_tflops():
-    n = 8192
-    a = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=DEV, dtype=torch.bfloat16)
-    c = torch.empty(n, n, device=DEV, dtype=torch.bfloat16)
-    us = graph_time_us(lambda: torch.mm(a, b, out=c), 1, min_replays=10, max_replays=30)
-    return 2 * n ** 3 / (us * 1e-6) / 1e12
+    _poison(DEV, nbytes)
 
 
 # ---------------------------------------------------------------- peers -----------------------

@@ -239,13 +239,14 @@ def stream_floor_us(nbytes, bufs=None, n_bufs=4, device=None):
 
 # ---------------------------------------------------------------- progress --------------------
 class Progress:
-    """tqdm when installed (stderr), else one plain line per step."""
+    """tqdm when installed and stderr is a terminal, else one plain line per step (logs)."""
 
     def __init__(self, total, desc, enabled=True):
         self.total, self.desc, self.n = total, desc, 0
         self.bar = None
         self.enabled = enabled
-        if enabled:
+        import sys
+        if enabled and sys.stderr.isatty():
             try:
                 from tqdm import tqdm
                 self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, mininterval=1.0)
