@@ -61,8 +61,9 @@ def _(packed, scales, dtype):
 # --------------------------------------------------------------------------------------------- moe
 
 
-def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, combine):
-    """Layout-independent checks; each backend checks its own weight layout."""
+def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, combine, weights=()):
+    """Layout-independent checks (``weights``: (name, tensor or None) pairs, device only); each
+    backend checks its own weight layout."""
     if hidden.dim() != 2 or not hidden.is_floating_point():
         raise ValueError(f"moe: hidden must be a float [T, H] tensor, got {hidden.dtype} "
                          f"{tuple(hidden.shape)}")
@@ -81,7 +82,8 @@ def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, c
     if expert_map is not None and (expert_map.dim() != 1 or expert_map.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"moe: expert_map must be a 1-D int32 tensor [E_global] (global id -> local "
                          f"id or -1), got {expert_map.dtype} {tuple(expert_map.shape)}")
-    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights), ("expert_map", expert_map)):
+    for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights), ("expert_map", expert_map),
+                    *weights):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"moe: {name} is on {t.device} but hidden is on {hidden.device}; "
                              f"keep every input on one device")
@@ -129,6 +131,11 @@ def _check_canonical_weights(hidden, w13, w13_scales, w13_bias, w2, w2_scales, w
                                  f"but this rank holds {E} experts")
 
 
+def _weight_pairs(*tensors):
+    # a weight on another device (e.g. meta) must not route the call to the fake kernel silently
+    return tuple(zip(("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias"), tensors))
+
+
 @torch.library.custom_op("mxfp4::moe", mutates_args=())
 def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         w13: torch.Tensor, w13_scales: torch.Tensor, w13_bias: torch.Tensor | None,
@@ -137,7 +144,8 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         expert_map: torch.Tensor | None = None, combine: bool = True) -> torch.Tensor:
     """Fused MoE experts on MXFP4 weights prepared for ``kernel`` (see ops/reference.py for the
     math). Returns [T, H] combined, or [T, k, H] unweighted per-slot outputs when not ``combine``."""
-    _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, combine)
+    _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, combine,
+               _weight_pairs(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
     if kernel == "reference":
         _check_canonical_weights(hidden, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, topk_ids,
                                  expert_map)
@@ -152,7 +160,8 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 @moe.register_fake
 def _(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, kernel,
       activation="swiglu_oai", alpha=1.702, limit=7.0, expert_map=None, combine=True):
-    _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, combine)
+    _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, combine,
+               _weight_pairs(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
     if combine:
         return hidden.new_empty(hidden.shape)
     return hidden.new_empty(hidden.shape[0], topk_ids.shape[1], hidden.shape[1])
