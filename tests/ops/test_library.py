@@ -1,0 +1,271 @@
+"""torch.library.opcheck for every mxfp4 op (schema, fake tensor, aot dispatch dynamic) and the ops'
+errors on bad input: each names the argument at fault."""
+import pytest
+import torch
+
+import mxfp4_compile  # noqa: F401
+from mxfp4_compile.ops import weights
+
+OPS = torch.ops.mxfp4
+
+
+def _g(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def opcheck(op, args, kwargs=None):
+    torch.library.opcheck(op, args, kwargs or {})
+
+
+# ---------------------------------------------------------------------------- quantize / dequantize
+
+
+@pytest.mark.parametrize("shape", [(32,), (1, 64), (0, 32), (3, 5, 96), (2, 0, 64)])
+@pytest.mark.parametrize("rounding", ["floor", "round_up"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_quantize(shape, rounding, dtype):
+    x = torch.randn(shape, generator=_g(0)).to(dtype)
+    opcheck(OPS.quantize.default, (x, rounding))
+
+
+def test_opcheck_quantize_noncontiguous():
+    x = torch.randn(64, 6, generator=_g(1)).t()  # [6, 64] transposed view
+    opcheck(OPS.quantize.default, (x,))
+    y = torch.randn(4, 128, generator=_g(2))[:, ::2]  # strided K
+    opcheck(OPS.quantize.default, (y, "round_up"))
+    assert torch.equal(OPS.quantize(y)[0], OPS.quantize(y.contiguous())[0])
+
+
+@pytest.mark.parametrize("shape", [(16,), (1, 16), (0, 32), (3, 5, 48)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_opcheck_dequantize(shape, dtype):
+    packed = torch.randint(0, 256, shape, generator=_g(3), dtype=torch.uint8)
+    scales = torch.randint(110, 140, (*shape[:-1], shape[-1] // 16), generator=_g(4), dtype=torch.uint8)
+    opcheck(OPS.dequantize.default, (packed, scales, dtype))
+
+
+def test_opcheck_dequantize_noncontiguous():
+    packed = torch.randint(0, 256, (32, 5), generator=_g(5), dtype=torch.uint8).t()
+    scales = torch.randint(110, 140, (5, 4), generator=_g(6), dtype=torch.uint8)[:, ::2]
+    opcheck(OPS.dequantize.default, (packed, scales, torch.float32))
+    assert torch.equal(OPS.dequantize(packed, scales, torch.float32),
+                       OPS.dequantize(packed.contiguous(), scales.contiguous(), torch.float32))
+
+
+# ---------------------------------------------------------------------------------------- moe
+
+
+def make_weights(E=4, H=64, I=64, bias=True, activation="swiglu_oai", seed=0):
+    g = _g(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=g) * 0.1
+    w2 = torch.randn(E, H, I, generator=g) * 0.1
+    b13 = torch.randn(E, 2 * I, generator=g) if bias else None
+    b2 = torch.randn(E, H, generator=g) if bias else None
+    return weights.prepare_moe_weights(w13, w2, b13, b2, activation=activation, cache=False)
+
+
+def make_routing(T, k, n, seed=0, dtype=torch.int64):
+    g = _g(seed)
+    ids = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(T)]) if T else \
+        torch.empty(0, k, dtype=torch.int64)
+    return ids.to(dtype), torch.rand(T, k, generator=g)
+
+
+def moe_args(prepared, hidden, ids, w):
+    p = prepared
+    return (hidden, ids, w, p.w13, p.w13_scales, p.w13_bias, p.w2, p.w2_scales, p.w2_bias, "reference")
+
+
+@pytest.mark.parametrize("T,activation,bias,combine", [  # every value of each, and every pair of T
+    (0, "swiglu_oai", True, True), (0, "silu_glu", False, False),        # with the others
+    (1, "swiglu_oai", False, True), (1, "silu_glu", True, False), (1, "swiglu_oai", True, False),
+    (5, "swiglu_oai", True, True), (5, "silu_glu", False, True), (5, "swiglu_oai", False, False),
+    (5, "silu_glu", True, False)])
+def test_opcheck_moe(T, activation, bias, combine):
+    p = make_weights(E=4, H=64, I=96, bias=bias, activation=activation)
+    ids, w = make_routing(T, 2, 4, seed=T, dtype=torch.int32 if bias else torch.int64)
+    hidden = torch.randn(T, 64, generator=_g(7)).bfloat16()
+    opcheck(OPS.moe.default, moe_args(p, hidden, ids, w),
+            dict(activation=activation, combine=combine))
+
+
+@pytest.mark.parametrize("combine", [True, False])
+def test_opcheck_moe_expert_map_noncontiguous(combine):
+    p = make_weights(E=3, H=96, I=64)
+    expert_map = torch.tensor([2, -1, 0, -1, 1, -1], dtype=torch.int32)
+    ids, w = make_routing(6, 3, 6, seed=8)
+    hidden = torch.randn(96, 6, generator=_g(9)).t()  # [T, H] transposed view
+    ids, w = ids.t().contiguous().t(), w.t().contiguous().t()  # column-major [T, k]
+    assert not hidden.is_contiguous() and not ids.is_contiguous()
+    args = moe_args(p, hidden, ids, w)
+    opcheck(OPS.moe.default, args, dict(expert_map=expert_map, combine=combine, alpha=1.0, limit=3.0))
+    want = OPS.moe(hidden.contiguous(), ids.contiguous(), w.contiguous(), *args[3:],
+                   expert_map=expert_map, combine=combine, alpha=1.0, limit=3.0)
+    assert torch.equal(OPS.moe(*args, expert_map=expert_map, combine=combine, alpha=1.0, limit=3.0), want)
+
+
+def test_opcheck_moe_sliced_hidden():
+    p = make_weights(E=4, H=64, I=64)
+    big = torch.randn(5, 160, generator=_g(10))
+    hidden = big[:, 16:80]  # row stride 160
+    ids, w = make_routing(5, 2, 4, seed=11)
+    opcheck(OPS.moe.default, moe_args(p, hidden, ids, w))
+
+
+# ------------------------------------------------------------------------- prepare_moe_weights
+
+
+@pytest.mark.parametrize("activation,bias,transposed", [
+    ("swiglu_oai", True, False), ("silu_glu", True, True), ("swiglu_oai", False, True)])
+def test_opcheck_prepare_moe_weights(activation, bias, transposed):
+    g = _g(12)
+    E, H, I = 3, 64, 96
+    w13 = torch.randn(E, 2 * I, H, generator=g)
+    w2 = torch.randn(E, H, I, generator=g)
+    if transposed:
+        w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)  # non-contiguous views too
+    b13 = torch.randn(E, 2 * I, generator=g).bfloat16() if bias else None
+    b2 = torch.randn(E, H, generator=g) if bias else None
+    for index in range(6):
+        if index in (2, 5) and not bias:
+            continue
+        opcheck(OPS.prepare_moe_weights.default, (w13, b13, w2, b2, "reference", activation),
+                dict(rounding="round_up", gate_up_interleaved=False, transposed=transposed, index=index))
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+@pytest.fixture
+def setup():
+    p = make_weights(E=4, H=64, I=64)
+    ids, w = make_routing(3, 2, 4)
+    hidden = torch.randn(3, 64)
+    return p, hidden, ids, w
+
+
+def _call(p, hidden, ids, w, **kw):
+    args = dict(hidden=hidden, topk_ids=ids, topk_weights=w, w13=p.w13, w13_scales=p.w13_scales,
+                w13_bias=p.w13_bias, w2=p.w2, w2_scales=p.w2_scales, w2_bias=p.w2_bias,
+                kernel="reference")
+    args.update(kw)
+    return OPS.moe(**args)
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("hidden", torch.ones(3, 64, dtype=torch.int32), "hidden"),
+    ("hidden", torch.ones(3, 4, 16), "hidden"),
+    ("topk_ids", torch.zeros(3, 2), "topk_ids"),
+    ("topk_ids", torch.zeros(4, 2, dtype=torch.int64), "topk_ids"),
+    ("topk_weights", torch.ones(3, 2, dtype=torch.int64), "topk_weights"),
+    ("topk_weights", torch.ones(3, 3), "topk_weights"),
+    ("kernel", "cutlass", "kernel"),
+    ("activation", "gelu", "activation"),
+    ("expert_map", torch.zeros(4), "expert_map"),
+    ("expert_map", torch.zeros(2, 2, dtype=torch.int32), "expert_map"),
+])
+def test_moe_bad_args(setup, field, value, match):
+    p, hidden, ids, w = setup
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
+        _call(p, hidden, ids, w, **{field: value})
+
+
+def test_moe_bad_weights(setup):
+    p, hidden, ids, w = setup
+    with pytest.raises(ValueError, match="w13 must be a uint8"):
+        _call(p, hidden, ids, w, w13=p.w13.float())
+    with pytest.raises(ValueError, match="w13_scales"):
+        _call(p, hidden, ids, w, w13_scales=p.w13_scales[:, :, :1])
+    # mismatched expert counts between w13 and w2
+    with pytest.raises(ValueError, match="w2 is"):
+        _call(p, hidden, ids, w, w2=torch.cat((p.w2, p.w2[:1])))
+    with pytest.raises(ValueError, match="w2_scales"):
+        _call(p, hidden, ids, w, w2_scales=p.w2_scales[:3])
+    with pytest.raises(ValueError, match="w13_bias"):
+        _call(p, hidden, ids, w, w13_bias=p.w13_bias[:, :10])
+    with pytest.raises(ValueError, match="w2_bias"):
+        _call(p, hidden, ids, w, w2_bias=p.w2_bias[:3])
+    with pytest.raises(ValueError, match="H=128"):  # hidden wider than the weights
+        _call(p, torch.randn(3, 128), ids, w)
+
+
+def test_moe_k_not_multiple_of_32(setup):
+    """Weights whose Hp (or Ip) is not a multiple of 32: an error naming the weight, not garbage."""
+    p, hidden, ids, w = setup
+    E = p.w13.shape[0]
+    w13 = torch.zeros(E, p.w13.shape[1], 24, dtype=torch.uint8)  # Hp = 48
+    s13 = torch.zeros(E, p.w13.shape[1], 1, dtype=torch.uint8)
+    w2 = torch.zeros(E, 48, p.w2.shape[2], dtype=torch.uint8)
+    s2 = torch.zeros(E, 48, p.w2_scales.shape[2], dtype=torch.uint8)
+    with pytest.raises(ValueError, match="w13"):
+        _call(p, hidden[:, :48], ids, w, w13=w13, w13_scales=s13, w2=w2, w2_scales=s2,
+              w13_bias=None, w2_bias=None)
+
+
+def test_moe_ids_out_of_range(setup):
+    p, hidden, ids, w = setup
+    for bad in (4, -1):
+        ids2 = ids.clone()
+        ids2[1, 0] = bad
+        with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 4\)"):
+            _call(p, hidden, ids2, w)
+    # top-k larger than E: some id must fall outside [0, E)
+    ids5, w5 = torch.arange(5).expand(3, 5), torch.rand(3, 5)
+    with pytest.raises(ValueError, match="topk_ids"):
+        _call(p, hidden, ids5, w5)
+
+
+def test_moe_bad_expert_map(setup):
+    p, hidden, ids, w = setup
+    # global ids beyond the map
+    emap = torch.tensor([0, 1, -1], dtype=torch.int32)
+    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 3\).*expert_map"):
+        _call(p, hidden, ids, w, expert_map=emap)
+    # map pointing past the local experts
+    emap = torch.tensor([0, 1, 2, 7], dtype=torch.int32)
+    ids2 = torch.tensor([[3, 0], [1, 2], [0, 1]])
+    with pytest.raises(ValueError, match="expert_map sends an expert to local id 7"):
+        _call(p, hidden, ids2, w, expert_map=emap)
+
+
+def test_moe_wrong_device(setup):
+    """Inputs on two devices (meta stands in for a second device on a CPU-only machine)."""
+    p, hidden, ids, w = setup
+    with pytest.raises((ValueError, RuntimeError), match="topk_weights|device"):
+        _call(p, hidden, ids, w.to("meta"))
+    with pytest.raises((ValueError, RuntimeError), match="w2|device"):
+        _call(p, hidden, ids, w, w2=p.w2.to("meta"))
+
+
+def test_quantize_bad(setup):
+    with pytest.raises(ValueError, match="K=48.*pad K to 64"):
+        OPS.quantize(torch.randn(2, 48))
+    with pytest.raises(ValueError, match="rounding"):
+        OPS.quantize(torch.randn(2, 32), "stochastic")
+    with pytest.raises(TypeError, match="x must be"):
+        OPS.quantize(torch.ones(2, 32, dtype=torch.int64))
+
+
+def test_prepare_moe_weights_bad():
+    g = _g(0)
+    w13, w2 = torch.randn(4, 128, 64, generator=g), torch.randn(4, 64, 64, generator=g)
+    op = OPS.prepare_moe_weights
+    with pytest.raises(ValueError, match="w13 has 4 experts but w2 has 3"):
+        op(w13, None, w2[:3], None, "reference", "swiglu_oai")
+    with pytest.raises(ValueError, match="w2"):
+        op(w13, None, w2[:, :, :32], None, "reference", "swiglu_oai")
+    # H = 48: not an error, the weight transform pads it (to 64 for the reference layout)
+    assert op(torch.randn(4, 128, 48), None, torch.randn(4, 48, 64), None, "reference",
+              "swiglu_oai").shape == (4, 128, 32)
+    with pytest.raises(ValueError, match="activation"):
+        op(w13, None, w2, None, "reference", "relu")
+    with pytest.raises(ValueError, match="kernel"):
+        op(w13, None, w2, None, "cutlass", "swiglu_oai")
+    with pytest.raises(ValueError, match="rounding"):
+        op(w13, None, w2, None, "reference", "swiglu_oai", rounding="nearest")
+    with pytest.raises(ValueError, match="bias"):
+        op(w13, None, w2, None, "reference", "swiglu_oai", index=2)
+    with pytest.raises(ValueError, match="w13_bias"):
+        op(w13, torch.randn(4, 64), w2, None, "reference", "swiglu_oai", index=2)
+    with pytest.raises(TypeError, match="w13 must be a float"):
+        op(w13.to(torch.int8), None, w2, None, "reference", "swiglu_oai")
