@@ -12,14 +12,14 @@ import os
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
-from . import dense, gather_bmm, grouped_mm
+from . import dense, gather_bmm, grouped_mm, tp_allreduce
 from .match_utils import Candidate, NoMatch, constant_nodes, param_name
 from .region import Context
 from .rewrite import rewrite
 
 log = logging.getLogger("mxfp4_compile")
 
-FORMS = (gather_bmm, grouped_mm, dense)
+FORMS = (tp_allreduce, gather_bmm, grouped_mm, dense)
 
 # Reports of the graphs compiled since the last take_reports(); the backend and explain read them.
 _reports: list[list[Candidate]] = []
@@ -79,7 +79,7 @@ class MoERewritePass(CustomGraphPass):
                     report.append(Candidate(form.FORM, where, False, "report only", details))
                     continue
                 try:
-                    rewrite(graph, r, kernel=self.kernel, rounding=self.rounding)
+                    getattr(form, "rewrite", rewrite)(graph, r, kernel=self.kernel, rounding=self.rounding)
                 except Exception as e:
                     log.warning("mxfp4: rewriting %s failed (%r); left as is", where, e)
                     report.append(Candidate(form.FORM, where, False, f"rewrite error: {e!r}", details))
