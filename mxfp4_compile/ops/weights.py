@@ -194,6 +194,9 @@ def prepare_moe_weights(w13, w2, w13_bias=None, w2_bias=None, *, activation, ker
     ``gate_up_interleaved`` says how the INPUT w13 orders gate/up rows (default: the activation's
     own order); ``transposed`` means the inputs are [E, K, N] (x @ w) instead of [E, N, K]."""
     global _quantized
+    _check_activation(activation)
+    if gate_up_interleaved is None:  # resolve before keying: None and its meaning share one entry
+        gate_up_interleaved = ACTIVATIONS[activation] == "interleaved"
     inputs = (w13, w2, w13_bias, w2_bias)
     key = (tuple(_tensor_key(t) for t in inputs), activation, kernel, rounding,
            gate_up_interleaved, transposed)
