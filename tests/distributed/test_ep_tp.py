@@ -32,8 +32,17 @@ from mxfp4_compile.ops.weights import prepare_moe_weights
 WORLDS = (2, 4)
 
 
+# MXFP4_TEST_SHARE_GPU=1: ranks share the visible GPUs (cuda:rank % count) over gloo, which
+# all-reduces CUDA tensors through the host: runs the GPU kernels on shards with one GPU.
+SHARE_GPU = os.environ.get("MXFP4_TEST_SHARE_GPU") == "1"
+
+
 def _use_cuda(world: int) -> bool:
-    return torch.cuda.is_available() and torch.cuda.device_count() >= world
+    return torch.cuda.is_available() and (SHARE_GPU or torch.cuda.device_count() >= world)
+
+
+def _nccl(world: int) -> bool:
+    return _use_cuda(world) and torch.cuda.device_count() >= world
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -292,11 +301,12 @@ SCENARIOS = {f.__name__[3:]: f for f in (sc_ep_contiguous, sc_ep_round_robin_map
 def _worker(rank, world, init_file, out_dir):
     torch.set_num_threads(1)
     cuda = _use_cuda(world)
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if cuda else "cpu")
     if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{init_file}",
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if _nccl(world) else "gloo", init_method=f"file://{init_file}",
                             rank=rank, world_size=world, timeout=datetime.timedelta(seconds=120))
-    ctx = dict(rank=rank, world=world, device=torch.device(f"cuda:{rank}" if cuda else "cpu"),
+    ctx = dict(rank=rank, world=world, device=device,
                dtype=torch.bfloat16 if cuda else torch.float32)
     report = {}
     try:
@@ -333,7 +343,7 @@ def reports(tmp_path_factory):
 @pytest.mark.parametrize("world", WORLDS)
 def test_sharded(reports, world, scenario):
     reps = reports(world)
-    assert reps[0]["_backend"] == ("nccl" if _use_cuda(world) else "gloo")
+    assert reps[0]["_backend"] == ("nccl" if _nccl(world) else "gloo")
     if all(str(rep.get(scenario)).startswith("SKIP: ") for rep in reps):
         pytest.skip(reps[0][scenario][6:])
     failed = {r: rep[scenario] for r, rep in enumerate(reps) if rep.get(scenario)}
