@@ -215,3 +215,17 @@ def test_inference_mode_rewrites_too():
         out = torch.compile(m, backend="mxfp4")(x())
     assert backend.last_compile_info[-1]["rewritten"] == 1
     assert z.rel_err(out, q) < 2e-2
+
+
+def test_entry_point_works_without_import():
+    from importlib.metadata import entry_points
+    if "mxfp4" not in entry_points(group="torch_dynamo_backends").names:
+        pytest.skip("package not installed (pip install -e .): no entry point")
+    code = ("import sys, torch\n"
+            "m = torch.nn.Linear(64, 64).bfloat16()\n"
+            "with torch.no_grad():\n"
+            "    torch.compile(m, backend='mxfp4')(torch.randn(3, 64, dtype=torch.bfloat16))\n"
+            "assert 'mxfp4_compile' in sys.modules\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       cwd=os.path.dirname(os.path.abspath(__file__)) + "/..")
+    assert r.returncode == 0, r.stderr[-2000:]
