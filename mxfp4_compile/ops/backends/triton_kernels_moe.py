@@ -21,17 +21,31 @@ Activations:
 
 Layout (``prepare``; runs once, any device, pure torch): triton_kernels' own Hopper swizzles,
 ``HopperMXValueLayout(mx_axis=1)`` for the e2m1 bytes and ``HopperMXScaleLayout(mx_axis=1,
-num_warps=8)`` for the e8m0 scales, as vLLM does on Hopper. The six prepared tensors are plain,
+num_warps=w(N))`` for the e8m0 scales, as vLLM does on Hopper. The six prepared tensors are plain,
 contiguous torch tensors (what the op passes around and Inductor freezes):
   w13        uint8   [E, 2Ip/4, 2Hp]              (swizzled bytes; ``.mT`` is triton_kernels' view)
-  w13_scales uint8   [E, pad256(2Ip)/32, pad2(Hp/32)*32]
+  w13_scales uint8   [E, pad(2Ip, 32*w(2Ip))/32, pad4(Hp/32)*32]
   w13_bias   float32 [E, 2Ip] or None             (gate/up pairs, as w13's rows)
   w2         uint8   [E, Hp/4, 2Ip]
-  w2_scales  uint8   [E, pad256(Hp)/32, pad2(Ip/32)*32]
+  w2_scales  uint8   [E, pad(Hp, 32*w(Hp))/32, pad4(Ip/32)*32]
   w2_bias    float32 [E, Hp] or None
 ``moe`` re-wraps them into triton_kernels ``Tensor``/``Storage``/layout objects at each call (a few
 small Python objects, no copies). Hp and Ip must be multiples of 64 (H_MULTIPLE, I_MULTIPLE):
-the value swizzle packs K in 32-byte groups, the scale swizzle K in pairs of blocks.
+the value swizzle packs K in 32-byte groups (N = 2Ip or Hp is then a multiple of 16, as it needs).
+
+What the Hopper MXFP4 ``_matmul_ogs`` needs, per GEMM with N output columns and K inputs (checked
+on CPU by compiling it for sm90 in the tests):
+  * ``BLOCK_N % (32 * num_warps) == 0`` (a static assert), where num_warps is the scale layout's
+    and BLOCK_N is opt_flags' choice: 256 when N > 128 with 8 warps, next_pow2(N) (<= 128) when
+    N <= 128, and 128 always with 4 warps. So w(N) = 8 warps when N > 128 (vLLM's choice; gpt-oss),
+    4 when N <= 128, where 8 cannot compile (e.g. H=64 or I<=64). w(N) follows from N alone,
+    so ``prepare`` and ``moe`` agree without storing it.
+  * BLOCK_K = 128 for e2m1 weights without native MXFP; the K tail is masked for values and
+    activations but the swizzled scales are read unmasked, a full 128-column block per BLOCK_K.
+    The scale rows are therefore zero-padded to a whole number of BLOCK_K blocks (pad4(K/32)
+    e8m0 columns; 2880 -> 92 blocks instead of 90, +2% of the scale bytes, +0.1% of the weights),
+    so a K that is not a multiple of 128 never reads another row's or another tensor's bytes
+    (an 0xFF there, e8m0 NaN, would turn the masked zeros into NaN).
 
 Activations are bf16 inside (the Hopper MXFP4 path of ``matmul_ogs`` takes only bf16): fp16/fp32
 hidden states are cast to bf16 and the result cast back. GEMM1's output (the activation) is stored
@@ -64,9 +78,16 @@ NAME = "triton_kernels"
 H_MULTIPLE = 64
 I_MULTIPLE = 64
 
-# HopperMXScaleLayout's warp count: baked into the scale swizzle (rows padded to 2*2*8*NUM_WARPS)
-# and into the kernel's tiling (matmul_ogs takes num_warps from the layout). 8 as vLLM uses.
+# HopperMXScaleLayout's warp count: baked into the scale swizzle (rows padded to 2*2*8*warps) and
+# into the kernel's tiling (matmul_ogs takes num_warps from the layout). 8 as vLLM uses, except
+# for N <= SMALL_N where opt_flags picks BLOCK_N <= 128, which 8 warps cannot tile (module
+# docstring); 4 warps always get BLOCK_N = 128.
 NUM_WARPS = 8
+NUM_WARPS_SMALL_N = 4
+SMALL_N = 128
+# BLOCK_K of the Hopper MXFP4 matmul (opt_flags' compute_block_k for e2m1 without native MXFP);
+# the swizzled scale rows are padded to whole blocks of it (the kernel reads them unmasked).
+BLOCK_K = 128
 # split_k for both GEMMs: 1 (no split) unless the user set triton_kernels' own constraints. The
 # library's heuristic splits K at small T into an fp32 scratch + a reduce pass; None keeps it.
 SPLIT_K: int | None = 1
@@ -192,6 +213,17 @@ def _pad_to(n: int, m: int) -> int:
     return -(-n // m) * m
 
 
+def num_warps_for(n: int) -> int:
+    """Warps of the scale swizzle and of the matmul for a weight with ``n`` output columns."""
+    return NUM_WARPS if n > SMALL_N else NUM_WARPS_SMALL_N
+
+
+def _scale_shape(E: int, N: int, K: int) -> tuple[int, int, int]:
+    """Prepared (swizzled) scale shape of a weight with N outputs and K inputs."""
+    rows = _pad_to(N, 2 * 2 * 8 * num_warps_for(N)) // 32  # HopperMXScaleLayout pads N
+    return (E, rows, _pad_to(K // 32, BLOCK_K // 32) * 32)
+
+
 def _check_padded(Hp: int, Ip: int) -> None:
     if Hp % H_MULTIPLE or Ip % I_MULTIPLE:
         raise ValueError(f"triton_kernels needs Hp % {H_MULTIPLE} == 0 and Ip % {I_MULTIPLE} == 0 "
@@ -204,12 +236,11 @@ def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
     _check_activation(activation)
     _check_padded(Hp, Ip)
     u8, f32 = torch.uint8, torch.float32
-    s_rows = 2 * 2 * 8 * NUM_WARPS  # HopperMXScaleLayout pads N to this
     return [((E, 2 * Ip // 4, 2 * Hp), u8),
-            ((E, _pad_to(2 * Ip, s_rows) // 32, _pad_to(Hp // 32, 2) * 32), u8),
+            (_scale_shape(E, 2 * Ip, Hp), u8),
             ((E, 2 * Ip), f32) if has_w13_bias else None,
             ((E, Hp // 4, 2 * Ip), u8),
-            ((E, _pad_to(Hp, s_rows) // 32, _pad_to(Ip // 32, 2) * 32), u8),
+            (_scale_shape(E, Hp, Ip), u8),
             ((E, Hp), f32) if has_w2_bias else None]
 
 
@@ -249,17 +280,21 @@ def unswizzle_values(v: torch.Tensor) -> torch.Tensor:
 
 
 def swizzle_scales(s: torch.Tensor) -> torch.Tensor:
-    """Canonical e8m0 bytes [E, N, K/32] -> contiguous Hopper-swizzled [E, pad(N)/32, pad(K/32)*32]."""
+    """Canonical e8m0 bytes [E, N, K/32] -> contiguous Hopper-swizzled ``_scale_shape(E, N, K)``:
+    N padded for the layout's warps (``num_warps_for(N)``), K/32 zero-padded to whole BLOCK_Ks."""
     api = _api()
+    E, N, k32 = s.shape
+    s = F.pad(s, (0, _pad_to(k32, BLOCK_K // 32) - k32))  # byte 0: finite, never read as data
     t = s.contiguous().transpose(1, 2)  # [E, K/32, N]
-    layout = api.HopperMXScaleLayout(t.shape, mx_axis=1, num_warps=NUM_WARPS)
+    layout = api.HopperMXScaleLayout(t.shape, mx_axis=1, num_warps=num_warps_for(N))
     return layout.swizzle_data(t).mT.contiguous()
 
 
 def unswizzle_scales(p: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """Inverse of ``swizzle_scales`` (for tests) -> [E, N, K/32]."""
     api = _api()
-    layout = api.HopperMXScaleLayout((p.shape[0], K // 32, N), mx_axis=1, num_warps=NUM_WARPS)
+    layout = api.HopperMXScaleLayout((p.shape[0], p.shape[2] // 32, N), mx_axis=1,
+                                     num_warps=num_warps_for(N))
     return layout.unswizzle_data(p.mT).transpose(1, 2)[:, :N, :K // 32].contiguous()
 
 
@@ -290,9 +325,13 @@ def _wrap_weight(api, values: torch.Tensor, scales: torch.Tensor):
     """Prepared (values [E, N/4, 2K], scales) -> triton_kernels (Tensor, PrecisionConfig), no copies."""
     E, n4, k2 = values.shape
     N, K = n4 * 4, k2 // 2
+    if tuple(scales.shape) != _scale_shape(E, N, K):
+        raise ValueError(f"triton_kernels: scales {tuple(scales.shape)} do not match weights "
+                         f"{tuple(values.shape)} (expected {_scale_shape(E, N, K)}); pass what "
+                         f"this backend's prepare returned")
     vlayout = api.HopperMXValueLayout((E, K // 2, N), mx_axis=1)
     w = api.Tensor(api.Storage(values.mT, vlayout), dtype=api.FP4, shape=[E, K, N])
-    slayout = api.HopperMXScaleLayout((E, K // 32, N), mx_axis=1, num_warps=NUM_WARPS)
+    slayout = api.HopperMXScaleLayout((E, K // 32, N), mx_axis=1, num_warps=num_warps_for(N))
     ws = api.Tensor(api.Storage(scales.mT, slayout), dtype=torch.uint8, shape=[E, K // 32, N])
     pc = api.PrecisionConfig(weight_scale=ws, flex_ctx=api.FlexCtx(rhs_data=api.InFlexData()))
     return w, pc, N, K

@@ -182,6 +182,9 @@ def test_prepare_rejects_mismatched_shapes():
     w13, s13, b13, w2, s2, b2 = _canonical(2, 64, 64)
     with pytest.raises(ValueError, match="w2"):
         tkm.prepare(w13, s13, b13, w2[:, :32], s2, b2, "swiglu_oai")
+    out = tkm.prepare(w13, s13, b13, w2, s2, b2, "swiglu_oai")
+    with pytest.raises(ValueError, match="scales .* do not match"):
+        tkm._wrap_weight(tkm._api(), out[0], out[1][:, :, :64])  # e.g. an older, unpadded layout
 
 
 @needs_tk
@@ -194,6 +197,152 @@ def test_wrap_recovers_logical_shapes():
     assert w.storage.data.data_ptr() == out[0].data_ptr()  # no copy
     w, pc, N, K = tkm._wrap_weight(api, out[3], out[4])
     assert (N, K) == (128, 192)
+
+
+# ---- the Hopper MXFP4 matmul's constraints, on CPU ---------------------------------------------
+# Shapes (E, Hp, Ip): tests/moe_zoo.py's tiny MoE (H=64, I=32 -> Ip=64; both GEMMs have N <= 128,
+# which failed to compile with 8 warps on the H100), N just above/below 128, and gpt-oss (2880).
+_CONSTRAINT_SHAPES = [(4, 64, 64), (2, 128, 64), (2, 192, 64), (2, 64, 128), (2, 256, 128),
+                      (1, 2880, 2880)]
+
+
+def test_num_warps_rule():
+    ns = (64, 128, 129, 192, 256, 2880, 5760)
+    assert [tkm.num_warps_for(n) for n in ns] == [4, 4, 8, 8, 8, 8, 8]
+
+
+@needs_tk
+@pytest.mark.parametrize("E,Hp,Ip", _CONSTRAINT_SHAPES)
+def test_opt_flags_satisfy_the_hopper_mxfp4_asserts(E, Hp, Ip):
+    """triton_kernels' own opt-flag choices for our prepared weights satisfy what _matmul_ogs
+    static-asserts for HOPPER_SCALE (BLOCK_N % (2*warps*2*8), (BLOCK_K/32) % 2), and the unmasked
+    scale loads stay inside each (padded) scale row and the padded rows, for both GEMMs."""
+    import triton
+    from triton_kernels.matmul_ogs_details.opt_flags_details import opt_flags_nvidia as of
+    shapes = tkm.prepared_shapes(E, Hp, Ip, "swiglu_oai", False, False)
+    api = tkm._api()
+    for vi, si, n_want, k_want in ((0, 1, 2 * Ip, Hp), (3, 4, Hp, Ip)):
+        values = torch.zeros(shapes[vi][0], dtype=torch.uint8)
+        scales = torch.zeros(shapes[si][0], dtype=torch.uint8)
+        w, pc, N, K = tkm._wrap_weight(api, values, scales)
+        assert (N, K) == (n_want, k_want)
+        warps = pc.weight_scale.storage.layout.num_warps
+        block_n = of.compute_block_n(N, None, pc)
+        block_k = of.compute_block_k(16, K, False, torch.bfloat16, api.FP4, pc)
+        assert of.compute_num_warps(16, block_n, pc) == warps == tkm.num_warps_for(N)
+        assert block_n % (2 * warps * 2 * 8) == 0, (N, block_n, warps)
+        assert block_k == tkm.BLOCK_K and (block_k // 32) % 2 == 0
+        # scale tile loads: rows pid_n*BLOCK_N/32 + [0, BLOCK_N/32), columns 128 per K block
+        rows, cols = scales.shape[1:]
+        assert rows * 32 >= triton.cdiv(N, block_n) * block_n
+        assert cols >= triton.cdiv(K, block_k) * block_k
+        if N > 128:  # the large-N path (gpt-oss) keeps vLLM's 8 warps and BLOCK_N = 256
+            assert (warps, block_n) == (8, 256)
+
+
+_SM90_COMPILE_SCRIPT = r"""
+import json, sys, types
+import torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime import driver
+import triton.runtime.jit as jit
+
+SM90 = GPUTarget("cuda", 90, 32)
+
+class CpuDriver:  # just enough of a driver for JITFunction.run to specialize and compile
+    def get_current_target(self): return SM90
+    def get_current_device(self): return 0
+    def get_current_stream(self, device=None): return 0
+
+driver.set_active(CpuDriver())
+props = types.SimpleNamespace(multi_processor_count=132, shared_memory_per_block_optin=232448)
+torch.cuda.get_device_properties = lambda *a, **k: props
+torch.cuda.get_device_capability = lambda *a, **k: (9, 0)
+torch.cuda.device = lambda *a, **k: __import__("contextlib").nullcontext()
+_histc = torch.histc
+torch.histc = lambda x, *a, **k: _histc(x.float(), *a, **k)  # routing_torch on CPU
+
+class NoLaunch:
+    function = packed_metadata = None
+    def launch_metadata(self, *a): return None
+    def run(self, *a): pass
+
+compiled = []
+def do_compile(self, key, signature, device, constexprs, options, attrs, warmup):
+    # the front end (where tl.static_assert fires) for sm90; no launch
+    from triton.compiler.compiler import make_backend
+    from triton._C.libtriton import ir
+    src = self.ASTSource(self, signature, constexprs, attrs)
+    backend = make_backend(SM90)
+    opts = backend.parse_options(options.__dict__)
+    ctx = ir.context()
+    ir.load_dialects(ctx)
+    backend.load_dialects(ctx)
+    src.make_ir(SM90, opts, backend.get_codegen_implementation(opts), backend.get_module_map(), ctx)
+    if self.fn.__name__ == "_matmul_ogs":
+        names = [p.name for p in self.params]
+        c = {names[k[0]]: v for k, v in constexprs.items() if len(k) == 1}
+        compiled.append([c["BLOCK_N"], c["BLOCK_K"], opts.num_warps])
+    return NoLaunch()
+jit.JITFunction._do_compile = do_compile
+
+from triton_kernels.routing import routing_torch
+from mxfp4_compile.ops.backends import triton_kernels_moe as tkm
+
+def torch_routing(api, ids, weights, n_experts, expert_map=None):
+    logits = torch.full((ids.shape[0], n_experts), -1e9)
+    logits.scatter_(1, ids.long(), weights.float())
+    return (*routing_torch(logits, ids.shape[1], expt_indx=ids.int()), ids.shape[1])
+tkm._routing = torch_routing
+
+out = {}
+for spec in sys.argv[1:]:
+    E, Hp, Ip, activation, combine = spec.split(",")
+    E, Hp, Ip, combine = int(E), int(Hp), int(Ip), combine == "1"
+    g = torch.Generator().manual_seed(0)
+    u8 = dict(dtype=torch.uint8, generator=g)
+    canon = (torch.randint(0, 256, (E, 2 * Ip, Hp // 2), **u8),
+             torch.randint(110, 140, (E, 2 * Ip, Hp // 32), **u8), torch.zeros(E, 2 * Ip),
+             torch.randint(0, 256, (E, Hp, Ip // 2), **u8),
+             torch.randint(110, 140, (E, Hp, Ip // 32), **u8), torch.zeros(E, Hp))
+    prepared = tkm.prepare(*canon, activation)
+    T, k = 5, 2
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+    x = torch.randn(T, Hp - 3 if Hp > 64 else Hp).bfloat16()
+    compiled.clear()
+    tkm.moe(x, ids, torch.rand(T, k), *prepared, activation, 1.702, 7.0, None, combine)
+    out[spec] = list(compiled)
+print("SM90-COMPILE " + json.dumps(out))
+"""
+
+
+@needs_tk
+def test_matmul_ogs_compiles_for_sm90_on_cpu():
+    """Our two matmul_ogs calls, traced through triton_kernels on CPU with a stand-in driver and
+    compiled by Triton's front end for sm90, where the Hopper MXFP4 static asserts fire (the tiny
+    shapes failed there with 8 warps: BLOCK_N % (2 * n_warps * 2 * 8) == 0)."""
+    import json
+    import os
+    import subprocess
+    pytest.importorskip("triton.backends.nvidia")
+    specs = [f"{E},{Hp},{Ip},swiglu_oai,1" for E, Hp, Ip in _CONSTRAINT_SHAPES]
+    specs += ["4,64,64,silu_glu,1", "4,64,64,swiglu_oai,0", "2,192,64,silu_glu,0"]
+    root = pathlib.Path(__file__).resolve().parents[3]
+    env = dict(os.environ)
+    env.pop("TRITON_INTERPRET", None)
+    extra = [str(root)] + ([str(_TK_DIR)] if (_TK_DIR / "triton_kernels").is_dir() else [])
+    env["PYTHONPATH"] = os.pathsep.join(extra + [p for p in [env.get("PYTHONPATH")] if p])
+    r = subprocess.run([sys.executable, "-c", _SM90_COMPILE_SCRIPT, *specs], env=env,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-6000:]
+    line = [ln for ln in r.stdout.splitlines() if ln.startswith("SM90-COMPILE ")][-1]
+    got = json.loads(line.split(" ", 1)[1])
+    for spec, kernels in got.items():
+        E, Hp, Ip = (int(v) for v in spec.split(",")[:3])
+        # [BLOCK_N, BLOCK_K, num_warps] of GEMM1 (N = 2*Ip) then GEMM2 (N = Hp)
+        want = [[256 if n > 128 else 128, 128, tkm.num_warps_for(n)] for n in (2 * Ip, Hp)]
+        assert kernels == want, (spec, kernels)
+    assert got["1,2880,2880,swiglu_oai,1"] == [[256, 128, 8], [256, 128, 8]]  # gpt-oss unchanged
 
 
 # ---- GPU (sm90) ----------------------------------------------------------------------------------------
