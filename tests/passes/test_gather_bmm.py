@@ -31,10 +31,11 @@ def test_gather_fp32():
                              tight=1e-3)
 
 
-def test_swiglu_limit_read_from_graph():
-    """alpha/limit are the graph's constants, not the defaults."""
+@pytest.mark.parametrize("limit", [3.0, float("inf")])
+def test_swiglu_limit_read_from_graph(limit):
+    """alpha/limit are the graph's constants, not the defaults (inf: a swiglu without clamps)."""
     torch.manual_seed(0)
-    m = z.GatherMoE("swiglu_oai", limit=3.0).to(BF16)
+    m = z.GatherMoE("swiglu_oai", limit=limit).to(BF16)
     with torch.no_grad():
         m.w13.mul_(20)  # make the clamp matter
     z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
