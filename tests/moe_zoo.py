@@ -206,9 +206,12 @@ def token_ids(T=7, seed=1):
 # ---- helpers -------------------------------------------------------------------------------------
 def qdq(w: torch.Tensor, k_dim: int, rounding="floor") -> torch.Tensor:
     """Quantize to MXFP4 along ``k_dim`` and back: the values the compiled model computes with."""
-    t = w.detach().float().transpose(k_dim, -1).contiguous()
+    t = w.detach().float().transpose(k_dim, -1)
+    k = t.shape[-1]
+    t = F.pad(t, (0, -k % 32)).contiguous()  # zero padding to whole blocks, as the transform does
     packed, scales = numerics.quantize(t, rounding)
-    return numerics.dequantize(packed, scales, torch.float32).transpose(k_dim, -1).to(w.dtype)
+    out = numerics.dequantize(packed, scales, torch.float32)[..., :k]
+    return out.transpose(k_dim, -1).to(w.dtype)
 
 
 def quantize_experts_(model, k_dims: dict):

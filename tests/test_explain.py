@@ -41,11 +41,12 @@ def test_grad_enabled_says_what_to_do():
     assert any("no_grad" in n for n in r.notes)
 
 
-def test_size_not_multiple_of_32():
+def test_size_not_multiple_of_32_is_padded():
     torch.manual_seed(0)
-    r = explain(z.GatherMoE(hidden=48).to(BF16), x(H=48))
-    assert [g.rewritten for g in r.regions] == [False]
-    assert "multiple of 32" in r.regions[0].reason
+    with torch.no_grad():
+        r = explain(z.GatherMoE(hidden=48, inter=40).to(BF16), x(H=48))
+    assert [g.rewritten for g in r.regions] == [True]
+    assert r.regions[0].details["padded"] == "H 48->64, I 40->64"
 
 
 def test_weight_not_frozen():

@@ -12,6 +12,7 @@ import os
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from ..ops.dispatch import padded_sizes
 from . import dense, gather_bmm, grouped_mm, tp_allreduce
 from .match_utils import Candidate, NoMatch, constant_nodes, param_name
 from .region import Context
@@ -69,12 +70,10 @@ class MoERewritePass(CustomGraphPass):
                                weights=[param_name(w, self.param_names) for w in r.w13 + [r.w2]])
                 if r.activation.name == "swiglu_oai":
                     details.update(alpha=r.activation.alpha, limit=r.activation.limit)
-                bad = [n for n in (r.hidden_size, r.intermediate_size) if isinstance(n, int) and n % 32]
-                if bad:
-                    report.append(Candidate(form.FORM, where, False,
-                                            f"hidden/intermediate size {bad} not a multiple of 32 "
-                                            f"(MXFP4 blocks are 32 wide)", details))
-                    continue
+                if isinstance(r.hidden_size, int) and isinstance(r.intermediate_size, int):
+                    hp, ip = padded_sizes(self.kernel, r.hidden_size, r.intermediate_size)
+                    if (hp, ip) != (r.hidden_size, r.intermediate_size):  # zero padding: exact
+                        details["padded"] = f"H {r.hidden_size}->{hp}, I {r.intermediate_size}->{ip}"
                 if not self.rewrite_enabled:
                     report.append(Candidate(form.FORM, where, False, "report only", details))
                     continue

@@ -162,3 +162,10 @@ def test_top1_and_all_experts(k):
     torch.manual_seed(0)
     m = z.GatherMoE("silu_glu", k=k).to(BF16)
     z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+
+
+def test_sizes_not_multiple_of_32_are_zero_padded():
+    torch.manual_seed(0)
+    m = z.GatherMoE("swiglu_oai", hidden=48, inter=40).to(BF16)
+    xx = torch.randn(5, 48, generator=torch.Generator().manual_seed(0)).to(BF16)
+    z.check_rewrite_numerics(m, (xx,), {"w13": -1, "w2": -1}, n_moe=1)
