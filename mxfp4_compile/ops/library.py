@@ -39,6 +39,9 @@ def _check_dequant(packed, scales, dtype):
                         f"{scales.dtype} (view torch's MX dtypes as uint8 first)")
     if not dtype.is_floating_point:
         raise TypeError(f"dequantize: dtype must be a float dtype, got {dtype}")
+    if scales.device != packed.device:  # else dispatch may pick the fake kernel (e.g. meta scales)
+        raise ValueError(f"dequantize: scales are on {scales.device} but packed is on {packed.device}; "
+                         f"keep both on one device")
     if scales.shape[:-1] != packed.shape[:-1] or scales.shape[-1] * 16 != packed.shape[-1]:
         raise ValueError(f"dequantize: packed {tuple(packed.shape)} needs scales "
                          f"{tuple(packed.shape[:-1]) + (packed.shape[-1] // 16,)}, got "
@@ -126,6 +129,9 @@ def _check_canonical_weights(hidden, w13, w13_scales, w13_bias, w2, w2_scales, w
                              f"got values in [{lo}, {hi}]")
         if expert_map is not None:
             mapped = local_ids(topk_ids, expert_map)
+            if int(mapped.min()) < -1:
+                raise ValueError(f"moe: expert_map sends an expert to local id {int(mapped.min())}; "
+                                 f"entries must be -1 (not on this rank) or in [0, {E})")
             if int(mapped.max()) >= E:
                 raise ValueError(f"moe: expert_map sends an expert to local id {int(mapped.max())} "
                                  f"but this rank holds {E} experts")
