@@ -226,6 +226,10 @@ def test_moe_bad_expert_map(setup):
     ids2 = torch.tensor([[3, 0], [1, 2], [0, 1]])
     with pytest.raises(ValueError, match="expert_map sends an expert to local id 7"):
         _call(p, hidden, ids2, w, expert_map=emap)
+    # entries below -1 are not "elsewhere": an error, not a silent zero
+    emap = torch.tensor([0, 1, 2, -2], dtype=torch.int32)
+    with pytest.raises(ValueError, match="expert_map sends an expert to local id -2"):
+        _call(p, hidden, ids2, w, expert_map=emap)
 
 
 def test_moe_wrong_device(setup):
@@ -235,6 +239,14 @@ def test_moe_wrong_device(setup):
         _call(p, hidden, ids, w.to("meta"))
     with pytest.raises((ValueError, RuntimeError), match="w2|device"):
         _call(p, hidden, ids, w, w2=p.w2.to("meta"))
+
+
+def test_dequantize_wrong_device():
+    packed = torch.randint(0, 256, (4, 16), dtype=torch.uint8)
+    scales = torch.full((4, 1), 127, dtype=torch.uint8)
+    with pytest.raises(ValueError, match="scales are on meta"):
+        OPS.dequantize(packed, scales.to("meta"), torch.float32)
+    assert OPS.dequantize(packed.to("meta"), scales.to("meta"), torch.float32).device.type == "meta"
 
 
 def test_quantize_bad(setup):

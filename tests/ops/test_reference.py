@@ -181,3 +181,17 @@ def test_low_precision_hidden(dtype):
     assert got.dtype == dtype
     want = moe_reference(hidden.float(), ids, w.to(dtype).float(), *wts)
     assert torch.equal(got, want.to(dtype))
+
+
+@pytest.mark.parametrize("sync_free", [False, True])
+def test_repeated_ids(sync_free):
+    """An expert picked twice for one token counts twice (the contract sums over slots)."""
+    T, k, E, H, I = 5, 3, 3, 64, 64
+    wts = random_weights(E, H, I, bias=True, seed=15)
+    ids = torch.randint(0, E, (T, k), generator=torch.Generator().manual_seed(16))
+    ids[0] = 1  # all three slots on one expert
+    w = torch.rand(T, k, generator=torch.Generator().manual_seed(17))
+    hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(18))
+    for combine in (True, False):
+        got = moe_reference(hidden, ids, w, *wts, combine=combine, sync_free=sync_free)
+        assert_rel(got, moe_loop64(hidden, ids, w, *wts, "swiglu_oai", combine=combine))
