@@ -26,6 +26,8 @@ import os
 
 import torch
 
+from . import reference_moe
+
 NAME = "triton"
 H_MULTIPLE = 64  # K of GEMM1 and N of GEMM2: rows stay 32-byte multiples (16-byte loads)
 I_MULTIPLE = 64
@@ -65,13 +67,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
-    """(shape, dtype) of each of the 6 tensors `prepare` returns (None for an absent bias)."""
-    u8, f32 = torch.uint8, torch.float32
-    return [((E, 2 * Ip, Hp // 2), u8), ((E, 2 * Ip, Hp // 32), u8),
-            ((E, 2 * Ip), f32) if has_w13_bias else None,
-            ((E, Hp, Ip // 2), u8), ((E, Hp, Ip // 32), u8),
-            ((E, Hp), f32) if has_w2_bias else None]
+# `prepare` regroups bytes in place: the shapes and dtypes stay the canonical ones.
+prepared_shapes = reference_moe.prepared_shapes
 
 
 def _pack_words(w: torch.Tensor) -> torch.Tensor:
