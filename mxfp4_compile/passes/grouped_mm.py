@@ -118,6 +118,9 @@ def _rows_index(xg):
 
 def _match_one(ctx, firsts, g2):
     E = shape(g2.weight)[0]
+    for g in firsts + [g2]:
+        if (len(g.node.args) > 3 and g.node.args[3] is not None) or g.node.kwargs.get("bias") is not None:
+            raise NoMatch(f"{g.node.name}: grouped GEMM with a fused bias is not supported")
     offs = _offs(firsts[0].node)
     if any(_offs(g.node) is not offs for g in firsts + [g2]):
         raise NoMatch("the expert GEMMs use different offsets")
