@@ -118,23 +118,31 @@ def _check_canonical_weights(hidden, w13, w13_scales, w13_bias, w2, w2_scales, w
     if hidden.shape[1] > hp:
         raise ValueError(f"moe: hidden has H={hidden.shape[1]} features but the weights hold only "
                          f"Hp={hp}; the weights were prepared for another model")
-    # Range of the ids: only where a host sync is harmless (never while capturing a CUDA graph).
-    capturing = hidden.is_cuda and torch.cuda.is_current_stream_capturing()
-    if not capturing and topk_ids.numel() and not isinstance(topk_ids, torch._subclasses.FakeTensor):
-        n_global = E if expert_map is None else expert_map.shape[0]
-        lo, hi = int(topk_ids.min()), int(topk_ids.max())
-        if lo < 0 or hi >= n_global:
-            raise ValueError(f"moe: topk_ids must lie in [0, {n_global}) (number of "
-                             f"{'global experts in expert_map' if expert_map is not None else 'experts'}), "
-                             f"got values in [{lo}, {hi}]")
-        if expert_map is not None:
-            mapped = local_ids(topk_ids, expert_map)
-            if int(mapped.min()) < -1:
-                raise ValueError(f"moe: expert_map sends an expert to local id {int(mapped.min())}; "
-                                 f"entries must be -1 (not on this rank) or in [0, {E})")
-            if int(mapped.max()) >= E:
-                raise ValueError(f"moe: expert_map sends an expert to local id {int(mapped.max())} "
-                                 f"but this rank holds {E} experts")
+    n_global = E if expert_map is None else expert_map.shape[0]
+    if topk_ids.shape[1] > n_global:
+        raise ValueError(f"moe: topk_ids has k={topk_ids.shape[1]} columns but there are only "
+                         f"{n_global} experts; a token cannot pick more distinct experts than exist")
+    if isinstance(topk_ids, torch._subclasses.FakeTensor) or not topk_ids.numel():
+        return
+    if topk_ids.device.type != "cpu":
+        # No host sync off the CPU (CUDA graphs, streams): a device-side assert instead.
+        torch._assert_async(((topk_ids >= 0) & (topk_ids < n_global)).all(),
+                            f"moe: topk_ids must lie in [0, {n_global})")
+        return
+    # On the CPU a host check can say exactly what is wrong.
+    lo, hi = int(topk_ids.min()), int(topk_ids.max())
+    if lo < 0 or hi >= n_global:
+        raise ValueError(f"moe: topk_ids must lie in [0, {n_global}) (number of "
+                         f"{'global experts in expert_map' if expert_map is not None else 'experts'}), "
+                         f"got values in [{lo}, {hi}]")
+    if expert_map is not None:
+        mapped = local_ids(topk_ids, expert_map)
+        if int(mapped.min()) < -1:
+            raise ValueError(f"moe: expert_map sends an expert to local id {int(mapped.min())}; "
+                             f"entries must be -1 (not on this rank) or in [0, {E})")
+        if int(mapped.max()) >= E:
+            raise ValueError(f"moe: expert_map sends an expert to local id {int(mapped.max())} "
+                             f"but this rank holds {E} experts")
 
 
 def _weight_pairs(*tensors):
