@@ -164,11 +164,14 @@ def _match_one(ctx, firsts, g2):
 
     def by_perm(n, lab):  # index(src, [perm]): (T,S)-ordered rows -> sorted rows
         src = lab.of(n.args[0])
-        return (("R",),) + src[1:] if src is not None and src[0] == ("T", "S") else None
+        # norm: at T=1 (or k=1) the size-1 atom is gone from a view of the [T, k] tensor
+        return (("R",),) + src[1:] if src is not None and src and \
+            lab.norm(src[0]) == lab.norm(("T", "S")) else None
 
     def unpermute(n, lab):  # index(src, [inverse perm]): sorted rows -> (T,S) order
         src = lab.of(n.args[0])
-        return (("T", "S"),) + src[1:] if src is not None and src[0] == ("R",) else None
+        return (("T", "S"),) + src[1:] if src is not None and src and \
+            lab.norm(src[0]) == lab.norm(("R",)) else None
 
     for u in perm.users:
         if u.target is aten.index.Tensor and len(u.args[1]) == 1 and u.args[1][0] is perm:
