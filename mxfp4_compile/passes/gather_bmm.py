@@ -5,7 +5,7 @@ weights), transformers' ``batched_mm`` experts (``W[ids.view(-1)]`` + bmm); afte
 ``index(W, [ids]) -> view/permute -> bmm`` whatever the einsum spelling."""
 from __future__ import annotations
 
-from .match_utils import Labels, NoMatch, aten, same, shape, strip, val
+from .match_utils import Labels, NoMatch, aten, same, shape, strip, strip_ids, val
 from .region import Context, ExpertGemm, find_hidden, match_pair, pair_gemms
 
 FORM = "gather_bmm"
@@ -22,7 +22,8 @@ def find_gemms(ctx: Context) -> list[ExpertGemm]:
                     and len(root.args[1]) == 1 and root.args[1][0] is not None:
                 w, idx = root.args[0], root.args[1][0]
                 if shape(w) is not None and len(shape(w)) == 3 and not val(idx).is_floating_point():
-                    out.append(ExpertGemm(n, w, n.args[1 - i], strip(idx)[-1]))
+                    chain, clamps = strip_ids(idx, shape(w)[0])  # transformers 5.17 clamps the ids
+                    out.append(ExpertGemm(n, w, n.args[1 - i], chain[-1], tuple(clamps)))
                     break
     return out
 
@@ -58,7 +59,10 @@ def match(ctx: Context):
             labels = Labels(roots={}, sizes={"T": T, "S": k, "H": shape(hidden)[1]})
             labels.set_root(hidden, (("T",), ("H",)))
             labels.set_root(ids, (("T",), ("S",)))
-            region = match_pair(FORM, firsts, g2, labels, ctx, T=T, k=k, slot="S", ids_roots={ids},
+            clamps = {c for g in firsts + [g2] for c in g.id_clamps}
+            labels.identity.update({c: c.args[0] for c in clamps})
+            region = match_pair(FORM, firsts, g2, labels, ctx, T=T, k=k, slot="S",
+                                ids_roots={ids} | clamps,
                                 hidden=hidden, weights_root_ok=routing_weights_root(T, k))
             region.topk_ids = ids
             results.append((region, where))

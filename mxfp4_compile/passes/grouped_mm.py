@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import operator
 
-from .match_utils import (Labels, NoMatch, aten, grouped_mm_ops, is_view, prims, same, shape,
-                          strip, val)
+from .match_utils import (Labels, NoMatch, aten, grouped_mm_ops, id_clamp_source, is_view, prims,
+                          same, sentinel_fill_source, shape, strip, val)
 from .region import Context, ExpertGemm, match_pair, pair_gemms
 
 FORM = "grouped_mm"
@@ -96,6 +96,22 @@ def _users_through_views(n, depth=4):
     return out
 
 
+def _sentinel_identities(sorted_ids, E):
+    """transformers 5.17's sentinel guards on the sorted ids: clamp_max(ids, E-1) for the bias
+    gathers, where(ids >= E, 0, rows) around the GEMMs -> {node: the node it equals when ids < E}."""
+    out = {}
+    for u in _users_through_views(sorted_ids):
+        src = id_clamp_source(u, E)
+        if src is not None and strip(src)[-1] is sorted_ids:
+            out[u] = src
+        elif u.target in (aten.ge.Scalar, aten.gt.Scalar):
+            for w in _users_through_views(u):
+                x = sentinel_fill_source(w, {sorted_ids}, E)
+                if x is not None:
+                    out[w] = x
+    return out
+
+
 def match(ctx: Context):
     results = []
     for firsts, g2 in pair_gemms(find_gemms(ctx)):
@@ -128,6 +144,10 @@ def _match_one(ctx, firsts, g2):
     xg = strip(firsts[0].x)[-1]
     if any(strip(g.x)[-1] is not xg for g in firsts):
         raise NoMatch("gate and up GEMMs read different rows")
+    masked_x = None
+    if xg.target in (aten.where.self, aten.masked_fill.Scalar):  # 5.17 zeroes sentinel rows; checked below
+        masked_x = xg
+        xg = strip(xg.args[2] if xg.target is aten.where.self else xg.args[0])[-1]
     hidden, q = _rows_index(xg)
     if hidden is None and xg.target is aten.mul.Tensor:
         raise NoMatch("routing weights are applied to the expert inputs (score before experts): "
@@ -152,6 +172,9 @@ def _match_one(ctx, firsts, g2):
     analyze_offsets(offs, E, sort, ids)
     sorted_ids = _getitem(sort, 0)
     S = shape(sort.args[0])[0]
+    identity = _sentinel_identities(sorted_ids, E) if sorted_ids is not None else {}
+    if masked_x is not None and masked_x not in identity:
+        raise NoMatch("the first grouped GEMM does not read hidden[perm // k]")
     if shape(hidden) is None or len(shape(hidden)) != 2 or not same(shape(hidden)[0], T):
         raise NoMatch("the first grouped GEMM does not read a [T, H] hidden tensor")
     labels = Labels(roots={}, sizes={"T": T, "S": k, "H": shape(hidden)[1], "R": S})
@@ -161,6 +184,7 @@ def _match_one(ctx, firsts, g2):
         labels.set_root(sorted_ids, (("R",),))
     labels.set_root(perm, (("R",),))
     labels.set_root(xg, (("R",), ("H",)))
+    labels.identity.update(identity)
 
     def by_perm(n, lab):  # index(src, [perm]): (T,S)-ordered rows -> sorted rows
         src = lab.of(n.args[0])
@@ -213,7 +237,8 @@ def _match_one(ctx, firsts, g2):
                     return n
         return None
 
-    ids_roots = {ids} | ({sorted_ids} if sorted_ids is not None else set())
+    ids_roots = {ids} | ({sorted_ids} if sorted_ids is not None else set()) | \
+        {n for n in identity if not val(n).is_floating_point()}  # the clamped ids of the bias gathers
     region = match_pair(FORM, firsts, g2, labels, ctx, T=T, k=k, slot="S", ids_roots=ids_roots,
                         hidden=hidden, weights_root_ok=weights_ok, row_atoms=("R",))
     region.topk_ids = ids

@@ -18,6 +18,7 @@ class ExpertGemm:
     weight: fx.Node               # 3-D expert weight it reads ([E, ., .], before any gather)
     x: fx.Node                    # its activation operand
     ids: fx.Node | None = None    # gather index root ([T, k] ids) for the gather form
+    id_clamps: tuple = ()         # identity clamps between ids and the gather (match_utils.strip_ids)
 
 
 @dataclasses.dataclass
@@ -94,6 +95,9 @@ def follow_gemm_output(g, labels: Labels, ctx, ids_roots, out_label):
         if is_view(u) and u.target not in DTYPE_OPS and labels.of(u) is not None:
             cur = u
             continue
+        if labels.identity.get(u) is cur:  # a sentinel mask (identity: see match_utils)
+            cur = u
+            continue
         if u.target is aten.add.Tensor and bias is None and len(u.args) == 2:
             other = u.args[1] if u.args[0] is cur else u.args[0]
             found = _is_bias_gather(other, ctx, ids_roots) if isinstance(other, fx.Node) else None
@@ -153,8 +157,9 @@ def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, o
             if weights is None or summed:
                 raise NoMatch(f"{u.name}: scatter-add combine of unweighted expert outputs")
             summed, cur = True, u  # base.scatter_add(token rows, weighted outputs)
-        elif (is_view(u) or u in labels.rules) and labels.of(u) is not None:
-            cur = u  # a re-layout (view, un-permute of sorted rows)
+        elif (is_view(u) or u in labels.rules or labels.identity.get(u) is cur) and \
+                labels.of(u) is not None:
+            cur = u  # a re-layout (view, un-permute of sorted rows) or a sentinel mask (identity)
         elif u.target is aten.add.Tensor and bias is None and weights is None:
             other = u.args[1] if u.args[0] is cur else u.args[0]
             found = _is_bias_gather(other, ctx, ids_roots) if isinstance(other, fx.Node) else None
