@@ -31,3 +31,13 @@ def test_more_families(family, impl):
     kd = 1 if experts[0].is_transposed else -1
     z.check_rewrite_numerics(m, (z.token_ids(),), {"gate_up_proj": kd, "down_proj": kd},
                              n_moe=len(experts), tight=3e-2)
+
+
+@pytest.mark.parametrize("impl", ["batched_mm", "grouped_mm"])
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral", "qwen3_moe"])
+def test_one_token_decode(family, impl):
+    """B=1, S=1 (a decode step, T=1): the size-1 token dim must not hide which rows the routing
+    weights belong to (grouped_mm used to be left in bf16 here)."""
+    m = z.hf_model(family, impl, layers=1)
+    z.check_rewrite_numerics(m, (z.token_ids(T=1),), K_DIMS.get(family, DEFAULT_K), n_moe=1,
+                             tight=3e-2)
