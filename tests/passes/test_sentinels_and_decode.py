@@ -6,10 +6,12 @@ the hand-written forms.
 ``mask = sorted_ids >= E``, ``sorted_ids.clamp_(max=E-1)`` for the bias gathers, ``masked_fill`` of
 the masked rows before the first GEMM and after each GEMM. Without expert parallelism every id is
 < E, so all of it is the identity and the region is the op's math."""
+import unittest
+
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from expecttest import TestCase
 
 import moe_zoo as z
 from mxfp4_compile import explain
@@ -120,3 +122,72 @@ def test_clamp_or_mask_of_valid_ids_not_rewritten(m, why):
 def test_hand_written_forms_one_token(make, kd):
     torch.manual_seed(0)
     z.check_rewrite_numerics(make().to(BF16).eval(), (_x(1),), kd, n_moe=1, tight=3e-2)
+
+
+@unittest.skipUnless(z.snapshot_torch_ok(), f"snapshots recorded with torch {z.SNAPSHOT_TORCH}")
+class TestSentinelSnapshots(TestCase):
+    def test_batched_517_after(self):
+        torch.manual_seed(0)
+        (_, after), = z.record_pass_graphs(Batched517().to(BF16).eval(), _x())
+        self.assertExpectedInline(after, """\
+arg0_1 = input
+arg1_1 = input
+arg2_1 = input
+arg3_1 = input
+arg4_1 = input
+arg5_1 = input
+permute = aten.permute.default(arg0_1, [1, 0])
+mm = aten.mm.default(arg5_1, permute)
+convert_element_type_2 = prims.convert_element_type.default(mm, float32)
+amax = aten.amax.default(convert_element_type_2, [-1], True)
+sub = aten.sub.Tensor(convert_element_type_2, amax)
+exp = aten.exp.default(sub)
+sum_1 = aten.sum.dim_IntList(exp, [-1], True)
+div = aten.div.Tensor(exp, sum_1)
+topk = aten.topk.default(div, 2)
+getitem = getitem(topk, 0)
+getitem_1 = getitem(topk, 1)
+sum_2 = aten.sum.dim_IntList(getitem, [-1], True)
+div_1 = aten.div.Tensor(getitem, sum_2)
+convert_element_type_3 = prims.convert_element_type.default(div_1, bfloat16)
+prepare_moe_weights_default = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=0)
+prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=1)
+prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=2)
+prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=3)
+prepare_moe_weights_default_4 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=4)
+prepare_moe_weights_default_5 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=5)
+moe_default = mxfp4.moe.default(arg5_1, getitem_1, convert_element_type_3, prepare_moe_weights_default, prepare_moe_weights_default_1, prepare_moe_weights_default_2, prepare_moe_weights_default_3, prepare_moe_weights_default_4, prepare_moe_weights_default_5, 'reference', activation='swiglu_oai', alpha=1.702, limit=7)
+return [moe_default]""")
+
+    def test_grouped_517_after(self):
+        torch.manual_seed(0)
+        (_, after), = z.record_pass_graphs(Grouped517().to(BF16).eval(), _x())
+        self.assertExpectedInline(after, """\
+arg0_1 = input
+arg1_1 = input
+arg2_1 = input
+arg3_1 = input
+arg4_1 = input
+arg5_1 = input
+permute = aten.permute.default(arg0_1, [1, 0])
+mm = aten.mm.default(arg5_1, permute)
+convert_element_type_2 = prims.convert_element_type.default(mm, float32)
+amax = aten.amax.default(convert_element_type_2, [-1], True)
+sub = aten.sub.Tensor(convert_element_type_2, amax)
+exp = aten.exp.default(sub)
+sum_1 = aten.sum.dim_IntList(exp, [-1], True)
+div = aten.div.Tensor(exp, sum_1)
+topk = aten.topk.default(div, 2)
+getitem = getitem(topk, 0)
+getitem_1 = getitem(topk, 1)
+sum_2 = aten.sum.dim_IntList(getitem, [-1], True)
+div_1 = aten.div.Tensor(getitem, sum_2)
+convert_element_type_3 = prims.convert_element_type.default(div_1, bfloat16)
+prepare_moe_weights_default = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=0)
+prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=1)
+prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=2)
+prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=3)
+prepare_moe_weights_default_4 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=4)
+prepare_moe_weights_default_5 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=5)
+moe_default = mxfp4.moe.default(arg5_1, getitem_1, convert_element_type_3, prepare_moe_weights_default, prepare_moe_weights_default_1, prepare_moe_weights_default_2, prepare_moe_weights_default_3, prepare_moe_weights_default_4, prepare_moe_weights_default_5, 'reference', activation='swiglu_oai', alpha=1.702, limit=7)
+return [moe_default]""")
