@@ -207,7 +207,8 @@ def _match_one(ctx, firsts, g2):
 
     def grouped(n, lab):  # out[r] = x[r] @ W[expert of r]
         lx, lw = lab.of(n.args[0]), lab.of(n.args[1])
-        if lx is None or lw is None or lx[0] != ("R",) or lw[0] != ("E",):
+        if lx is None or lw is None or not lx or lab.norm(lx[0]) != lab.norm(("R",)) \
+                or lw[0] != ("E",):
             return None
         lab.contracted[n] = (lx[1], lw[1])
         return (("R",), lw[2])
@@ -217,7 +218,8 @@ def _match_one(ctx, firsts, g2):
 
     def scatter_combine(n, lab):  # base.scatter_add(0, (perm // k) expanded, y): the sum over k
         src = lab.of(n.args[3])
-        if n.args[1] != 0 or strip(n.args[2])[-1] is not q or src is None or src[0] != ("R",):
+        if n.args[1] != 0 or strip(n.args[2])[-1] is not q or src is None or not src or \
+                lab.norm(src[0]) != lab.norm(("R",)):
             return None
         lab.residual[n] = n.args[0]
         return (("T",),) + src[1:]

@@ -250,3 +250,12 @@ prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default(cat_default, N
 moe_default = mxfp4.moe.default(arg5_1, getitem_1, getitem, prepare_moe_weights_default, prepare_moe_weights_default_1, None, prepare_moe_weights_default_2, prepare_moe_weights_default_3, None, 'reference', activation='silu_glu', alpha=1.702, limit=7)
 add_tensor = aten.add.Tensor(mm_1, moe_default)
 return [add_tensor]""")
+
+
+@pytest.mark.parametrize("cls", ["GroupedMoE", "TitanStyleMoE"])
+def test_top1_single_token(cls, monkeypatch):
+    """T=1 and k=1: every row dim has size 1 (sorted rows R included)."""
+    monkeypatch.setattr(z, "K", 1)
+    torch.manual_seed(0)
+    m = getattr(z, cls)().to(BF16)
+    z.check_rewrite_numerics(m, (x(1),), {"w13": -1, "w2": -1, "w1": -1, "w3": -1}, n_moe=1)
