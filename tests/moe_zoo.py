@@ -278,6 +278,8 @@ def graph_text(graph) -> str:
             lines.append(f"{n.name} = input")
         elif n.op == "output":
             lines.append(f"return {fmt(n.args[0])}")
+        elif n.op == "get_attr":  # e.g. transformers GptOss's lifted constant tensor
+            lines.append(f"{n.name} = get_attr({n.target})")
         else:
             t = getattr(n.target, "__name__", str(n.target)) if n.target.__module__ == "_operator" \
                 else str(n.target)
