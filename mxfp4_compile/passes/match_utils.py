@@ -460,6 +460,13 @@ def identify_activation(inputs, out) -> Activation:
     for n in nodes:  # the activation may read only its inputs and constants
         for a in n.all_input_nodes:
             if a not in nodes and a not in inputs:
+                root = strip(a)[-1]
+                if root.op == "placeholder" and shape(root) == ():
+                    raise NoMatch(f"activation reads a runtime scalar input ({root.name}): a Python "
+                                  f"float (swiglu alpha/limit) became a graph input, as "
+                                  f"torch.compile(dynamic=True) does; compile without dynamic=True "
+                                  f"(token counts still become dynamic) or set "
+                                  f"torch._dynamo.config.specialize_float = True")
                 raise NoMatch(f"activation reads another tensor ({a.name}): not a plain GLU")
     shapes = [tuple(hint(s) for s in shape(i)) for i in inputs]
     dtypes = [val(i).dtype for i in inputs]

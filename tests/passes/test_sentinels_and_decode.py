@@ -124,6 +124,19 @@ def test_hand_written_forms_one_token(make, kd):
     z.check_rewrite_numerics(make().to(BF16).eval(), (_x(1),), kd, n_moe=1, tight=3e-2)
 
 
+def test_dynamic_true_float_input_explained_and_correct():
+    """torch.compile(dynamic=True) turns swiglu's Python floats into graph inputs: the op needs them
+    as constants, so the region stays bf16, and explain says why and what to do."""
+    torch.manual_seed(0)
+    model = z.GatherMoE().to(BF16).eval()
+    with torch.no_grad():
+        ref = model(_x(5))
+        rep = explain(model, _x(5), dynamic=True)
+    assert "runtime scalar input" in str(rep) and "specialize_float" in str(rep), str(rep)
+    out, code = z.compile_run(model, _x(5), dynamic=True)
+    assert z.moe_calls(code) == 0 and z.rel_err(out, ref) < 1e-2
+
+
 @unittest.skipUnless(z.snapshot_torch_ok(), f"snapshots recorded with torch {z.SNAPSHOT_TORCH}")
 class TestSentinelSnapshots(TestCase):
     def test_batched_517_after(self):
