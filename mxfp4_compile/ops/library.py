@@ -64,8 +64,8 @@ def _(packed, scales, dtype):
 # --------------------------------------------------------------------------------------------- moe
 
 
-def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, combine, weights=()):
-    """Layout-independent checks (``weights``: (name, tensor or None) pairs, device only); each
+def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, weight_pairs=()):
+    """Layout-independent checks (``weight_pairs``: (name, tensor or None), device only); each
     backend checks its own weight layout."""
     if hidden.dim() != 2 or not hidden.is_floating_point():
         raise ValueError(f"moe: hidden must be a float [T, H] tensor, got {hidden.dtype} "
@@ -86,7 +86,7 @@ def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, c
         raise ValueError(f"moe: expert_map must be a 1-D int32 tensor [E_global] (global id -> local "
                          f"id or -1), got {expert_map.dtype} {tuple(expert_map.shape)}")
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights), ("expert_map", expert_map),
-                    *weights):
+                    *weight_pairs):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"moe: {name} is on {t.device} but hidden is on {hidden.device}; "
                              f"keep every input on one device")
@@ -147,7 +147,7 @@ def _check_canonical_weights(hidden, w13, w13_scales, w13_bias, w2, w2_scales, w
 
 def _weight_pairs(*tensors):
     # a weight on another device (e.g. meta) must not route the call to the fake kernel silently
-    return tuple(zip(("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias"), tensors))
+    return tuple(zip(weights.ROLES, tensors))
 
 
 @torch.library.custom_op("mxfp4::moe", mutates_args=())
@@ -158,7 +158,7 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         expert_map: torch.Tensor | None = None, combine: bool = True) -> torch.Tensor:
     """Fused MoE experts on MXFP4 weights prepared for ``kernel`` (see ops/reference.py for the
     math). Returns [T, H] combined, or [T, k, H] unweighted per-slot outputs when not ``combine``."""
-    _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, combine,
+    _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
                _weight_pairs(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
     if kernel == "reference":
         _check_canonical_weights(hidden, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, topk_ids,
@@ -174,7 +174,7 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 @moe.register_fake
 def _(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, kernel,
       activation="swiglu_oai", alpha=1.702, limit=7.0, expert_map=None, combine=True):
-    _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, combine,
+    _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
                _weight_pairs(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
     if combine:
         return hidden.new_empty(hidden.shape)

@@ -21,7 +21,7 @@ from .. import numerics
 from . import dispatch
 from .reference import ACTIVATIONS
 
-_ROLES = ("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")
+ROLES = ("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")
 
 
 @dataclasses.dataclass
@@ -39,10 +39,10 @@ class PreparedMoE:
     w2_bias: torch.Tensor | None   # canonical: [E, Hp] float32
 
     def tensors(self):
-        return tuple(getattr(self, r) for r in _ROLES)
+        return tuple(getattr(self, r) for r in ROLES)
 
     def moe_kwargs(self):
-        return dict(zip(_ROLES, self.tensors()), kernel=self.kernel, activation=self.activation)
+        return dict(zip(ROLES, self.tensors()), kernel=self.kernel, activation=self.activation)
 
 
 def _check_activation(activation: str) -> None:
