@@ -166,15 +166,28 @@ DECODE2 = [C(16, 32, 128, 4, 4, False), C(16, 32, 128, 4, 2, False), C(16, 32, 1
            C(16, 128, 128, 8, 4, True)]
 
 
+# v5 (fragment-order weights, paired gate/up rows): BN = 16 x num_warps keeps the dequantized
+# tile in registers (checked in the sm90 SASS); GEMM1's BN counts weight rows.
+V5_DECODE = [C(16, 64, 64, 4, 4, True), C(16, 64, 128, 4, 4, True), C(16, 128, 64, 8, 4, True),
+             C(16, 64, 64, 4, 6, True), C(16, 64, 256, 4, 3, True), C(32, 64, 64, 4, 4, True)]
+V5_MID = [C(32, 64, 64, 4, 4, True), C(64, 64, 64, 4, 4, True), C(64, 128, 64, 8, 3, True),
+          C(128, 128, 64, 8, 3, True)]
+V5_PREFILL = [C(128, 128, 64, 8, 3, True), C(128, 128, 64, 8, 4, True), C(256, 128, 64, 8, 3, True),
+              C(256, 128, 64, 8, 4, True), C(128, 64, 64, 4, 3, True)]
+
+
 def sweep_candidates(T, which="default"):
-    """Configs (same for both GEMMs) tried at T; chosen ones go to configs._TABLE by hand."""
+    """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
+    to configs._TABLE by hand."""
     if which == "decode2":
         return DECODE2
+    if which == "v5":
+        return V5_DECODE if T <= 64 else V5_MID if T <= 512 else V5_PREFILL
     if T <= 64:
         return [C(16, 32, 128, 4, 4, False), C(16, 32, 128, 4, 4, True), C(16, 64, 128, 4, 4, True),
                 C(32, 64, 128, 4, 4, True)]
     if T <= 512:
-        return [C(32, 64, 128, 4, 4, True), C(64, 64, 64, 4, 4, True), C(64, 128, 64, 4, 3, True),
+        return [C(32, 64, 64, 4, 4, True), C(64, 64, 64, 4, 4, True), C(64, 128, 64, 4, 3, True),
                 C(128, 128, 64, 8, 3, True)]
     return [C(128, 128, 64, 8, 3, True), C(128, 128, 64, 8, 4, True), C(256, 64, 64, 8, 3, True)]
 
@@ -196,8 +209,10 @@ def sweep(models, tokens, gen, which="default", shapes=None):
             ref = moe_reference(x, ids, tw, *canon[0], act, 1.702, 7.0, None, True, sync_free=False)
             m_e = tile_configs.rows_per_expert(T, k, E)
             for c in sweep_candidates(T, which):
-                rec = {"model": model, "T": T, "m_e": m_e, "cfg": list(dataclasses.astuple(c))}
-                tile_configs.OVERRIDE = (c, c)
+                pair = c if isinstance(c, tuple) and isinstance(c[0], C) else (c, c)
+                rec = {"model": model, "T": T, "m_e": m_e,
+                       "cfg": [list(dataclasses.astuple(x)) for x in pair]}
+                tile_configs.OVERRIDE = pair
                 try:
                     rec["err"] = rel_l2(call(triton_moe, x, ids, tw, ours[0], act), ref)
                     rec["us"] = time_forward(triton_moe, ours, E, H, k, act, T, gen)
@@ -224,7 +239,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
     with open(os.path.join(OUT, "sweep.txt"), "w") as f:
         f.write(txt)
     print(txt)
-    return {key: C(*r["cfg"]) for key, r in best.items()}
+    return {key: tuple(C(*x) for x in r["cfg"]) for key, r in best.items()}
 
 
 # ---------------------------------------------------------------- decode diagnosis ------------
@@ -312,7 +327,7 @@ def main():
     ap.add_argument("--quick", action="store_true", help="skip the graph check and peers")
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
-    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2")
+    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")
@@ -333,7 +348,7 @@ def main():
         return 0
     if args.diag or args.diag_one:
         return diag(gen, one=args.diag_one)
-    tuned = sweep(args.models.split(","), tokens, gen) if args.tuned else {}
+    tuned = sweep(args.models.split(","), tokens, gen, args.candidates) if args.tuned else {}
     peers = {} if (args.quick or args.no_peers) else load_peers()
     bw = copy_bandwidth()
     tf = matmul_tflops()
@@ -360,9 +375,9 @@ def main():
         for T in tokens:
             rec = {"model": model, "T": T}
             cfg = tuned.get((model, T))
-            tile_configs.OVERRIDE = (cfg, cfg) if cfg is not None else None
+            tile_configs.OVERRIDE = cfg
             if cfg is not None:
-                rec["cfg"] = list(dataclasses.astuple(cfg))
+                rec["cfg"] = [list(dataclasses.astuple(x)) for x in cfg]
             try:
                 rec["ours_check"] = check_correctness("triton", triton_moe, canon[0], ours[0], E, H, k, act, T, gen)
                 for pname, pw in peer_w.items():

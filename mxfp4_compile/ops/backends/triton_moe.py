@@ -12,9 +12,10 @@ E local experts, H hidden (Hp padded), I intermediate (Ip padded).
   expert_map    [E_global]        int32, -1 = not on this rank
 
 Prepared layout = the canonical one (ops/reference.py: rows, gate/up order, padding, scales and
-biases unchanged) except that inside every group of 8 codes along K the nibbles are reordered
-(`_pack_words`) so that one 32-bit word decodes to 4 bf16 pairs with a shift and a mask each.
-Rows keep their K bytes contiguous: a tile of BN rows x BK/2 bytes is BN runs of 16-byte aligned
+biases unchanged) except that inside every 32-code chunk along K the nibbles are permuted
+(`_pack_words`): each 32-bit word decodes to 4 bf16 pairs with a shift and a mask each, and the
+pairs land directly in the registers wgmma reads its A operand from. Rows keep their K bytes
+contiguous: a tile of BN rows x BK/2 bytes is BN runs of 16-byte aligned
 vectors (Hp/2, Ip/2 are multiples of 32 bytes). Steps (triton_moe_details/_kernels.py): route
 (expert-sorted rows, on the GPU), GEMM1 (token gather, dequant, bias, activation), GEMM2 (bias,
 scatter to (token, slot) rows), finalize (weighted sum over slots in fixed order). No host sync,
@@ -27,6 +28,7 @@ import os
 import torch
 
 from . import reference_moe
+from ..reference import ACTIVATIONS
 
 NAME = "triton"
 H_MULTIPLE = 64  # K of GEMM1 and N of GEMM2: rows stay 32-byte multiples (16-byte loads)
@@ -71,22 +73,43 @@ def unavailable_reason(device: torch.device) -> str | None:
 prepared_shapes = reference_moe.prepared_shapes
 
 
+# Nibble slot q of a 32-code chunk (4 little-endian words of 8 nibbles) -> the logical column
+# it holds. Word c, element t = 4s + 2h + lo holds column 16s + 8h + 2c + lo (_kernels._assemble:
+# what one thread needs for the wgmma A fragment); inside a word the elements sit in nibble order
+# (e0, e2, e4, e6, e1, e3, e5, e7): even elements in the low half-word, odd ones in the high one,
+# which the shift-and-mask e2m1 -> bf16x2 decode wants (_kernels._DEQUANT_ASM).
+_NIBBLE_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+_CHUNK_SOURCE = tuple(16 * (t >> 2) + 8 * ((t >> 1) & 1) + 2 * c + (t & 1)
+                      for c in range(4) for t in (_NIBBLE_ORDER[i] for i in range(8)))
+
+
 def _pack_words(w: torch.Tensor) -> torch.Tensor:
-    """Canonical packed codes [E, N, K/2] -> the same bytes with each group of 8 codes stored as
-    (e0, e2, e4, e6, e1, e3, e5, e7) in nibble order: as a little-endian 32-bit word, even codes
-    in the low half-word and odd codes in the high one, which is what the kernel's shift-and-mask
-    e2m1 -> bf16x2 decode wants (see _kernels._DEQUANT_ASM)."""
+    """Canonical packed codes [E, N, K/2] (K a multiple of 32) -> the same codes reordered inside
+    every 32-code chunk as `_CHUNK_SOURCE` says, packed two per byte again. A pure permutation
+    of nibbles within each row's 16-byte chunk: scales (one per chunk) are unchanged."""
+    src = torch.tensor(_CHUNK_SOURCE, device=w.device)
     out = torch.empty_like(w)
     for e in range(w.shape[0]):  # one expert at a time bounds the temporaries
-        codes = torch.stack((w[e] & 0xF, w[e] >> 4), dim=-1).reshape(w.shape[1], -1, 8)
-        nib = codes[..., [0, 2, 4, 6, 1, 3, 5, 7]]
+        codes = torch.stack((w[e] & 0xF, w[e] >> 4), dim=-1).reshape(w.shape[1], -1, 32)
+        nib = codes[..., src]
         out[e] = (nib[..., 0::2] | (nib[..., 1::2] << 4)).reshape(w.shape[1], -1)
     return out
 
 
+def _paired_rows(Ip: int, activation: str, device) -> torch.Tensor:
+    """Prepared w13 row r -> canonical row: 16-row groups hold 8 gate rows then the 8 up rows of
+    the same intermediate columns, so one MMA tile covers both halves of the activation."""
+    r = torch.arange(2 * Ip, device=device)
+    col = (r // 16) * 8 + r % 8
+    up = (r // 8) % 2
+    if ACTIVATIONS[activation] == "interleaved":
+        return 2 * col + up
+    return col + up * Ip
+
+
 def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
-    """Canonical padded MXFP4 -> this kernel's layout: codes regrouped per 8 (`_pack_words`),
-    scales and biases as they are (contiguous uint8 / float32)."""
+    """Canonical padded MXFP4 -> this kernel's layout: w13 rows paired (`_paired_rows`), codes
+    permuted inside every 32-code chunk (`_pack_words`); scales and biases follow their rows."""
     if activation not in _ACT:
         raise ValueError(f"activation must be one of {sorted(_ACT)}, got {activation!r}")
     Hp, Ip = w13.shape[2] * 2, w2.shape[2] * 2
@@ -100,7 +123,10 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     def f32(t):
         return None if t is None else t.to(torch.float32).contiguous()
 
-    return (_pack_words(u8(w13)), u8(w13_scales), f32(w13_bias),
+    rows = _paired_rows(Ip, activation, w13.device)
+    b13 = f32(w13_bias)
+    return (_pack_words(u8(w13)[:, rows]), u8(w13_scales)[:, rows].contiguous(),
+            None if b13 is None else b13[:, rows].contiguous(),
             _pack_words(u8(w2)), u8(w2_scales), f32(w2_bias))
 
 
@@ -173,7 +199,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     # activations in sorted-row order; BM spare rows: GEMM2 reads whole row blocks unmasked
     a = torch.empty(M + c2.BM, Ip, dtype=torch.bfloat16, device=dev)
     nb1 = min(M, M // c1.BM + E)
-    grid1 = (nb1 * _cdiv(Ip, c1.BN),)
+    grid1 = (nb1 * _cdiv(2 * Ip, c1.BN),)
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
     K._gemm1_kernel[grid1](
@@ -184,7 +210,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
         H=H, Hp=Hp, Ip=Ip,
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
-        EVEN_K=Hp % c1.BK == 0, EVEN_N=Ip % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
+        EVEN_K=Hp % c1.BK == 0, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
         num_warps=c1.num_warps, num_stages=c1.num_stages)
 
     y = torch.empty(M, H, dtype=torch.float32, device=dev)  # per-(token, slot) expert outputs

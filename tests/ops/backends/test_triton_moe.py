@@ -131,6 +131,7 @@ def test_tile_table_covers_every_T():
         for T in (1, 2, 7, 8, 64, 100, 512, 4096, 16384):
             for c, K in zip(configs.pick(T, k, E, Hp, Ip), (Hp, Ip)):
                 assert c.BK % 32 == 0 and c.BM >= 16 and c.BN >= 16
+            assert configs.pick(T, k, E, Hp, Ip)[0].BN % 16 == 0  # GEMM1: whole gate/up row groups
     # gpt-oss decode: K = 2880 is not a multiple of 128 -> BK 64 (measured faster), Mixtral: 128
     assert [c.BK for c in configs.pick(1, 4, 32, 2880, 2880)] == [64, 64]
     assert [c.BK for c in configs.pick(1, 2, 8, 4096, 14336)] == [128, 128]

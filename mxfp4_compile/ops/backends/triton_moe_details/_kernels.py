@@ -133,10 +133,17 @@ mov.b32 {$6, $7}, o;
 
 
 @triton.jit
-def _join8(e0, e1, e2, e3, e4, e5, e6, e7, R: tl.constexpr, BK: tl.constexpr):
-    """Eight [R, BK/8] tensors (element j of each 8-group) -> [R, BK] in natural order."""
-    x = tl.join(tl.join(tl.join(e0, e4), tl.join(e2, e6)), tl.join(tl.join(e1, e5), tl.join(e3, e7)))
-    return x.reshape(R, BK)
+def _assemble(e0, e1, e2, e3, e4, e5, e6, e7, R: tl.constexpr, BK: tl.constexpr):
+    """Eight [R, BK/8] tensors (element t of every word) -> the [R, BK] tile in logical K order.
+    `prepare` stores word c of each 32-code chunk with element t = 4s + 2h + lo holding column
+    16s + 8h + 2c + lo: the fragment a thread holds for a 64x16 wgmma A operand (bf16 pairs at
+    columns 2c, 2c+8 of each 16-column half). Built this way, the joins, permute and reshape
+    below only relabel registers: the tile never goes through shared memory on its way to the
+    tensor cores (checked in the sm90 SASS: no STS/LDSM of the dequantized tile)."""
+    q0 = tl.join(tl.join(e0, e1), tl.join(e2, e3))  # [R, BK/8, lo, h]  (s = 0)
+    q1 = tl.join(tl.join(e4, e5), tl.join(e6, e7))  # (s = 1)
+    x = tl.reshape(tl.join(q0, q1), (R, BK // 32, 4, 2, 2, 2))  # [R, chunk, c, lo, h, s]
+    return tl.reshape(tl.permute(x, (0, 1, 5, 4, 2, 3)), (R, BK))  # K = 32chunk+16s+8h+2c+lo
 
 
 @triton.jit
@@ -155,7 +162,7 @@ def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
         c5 = _e2m1_f32(words, 24)
         c6 = _e2m1_f32(words, 12)
         c7 = _e2m1_f32(words, 28)
-        w = _join8(c0 * sv, c1 * sv, c2 * sv, c3 * sv, c4 * sv, c5 * sv, c6 * sv, c7 * sv, R, BK)
+        w = _assemble(c0 * sv, c1 * sv, c2 * sv, c3 * sv, c4 * sv, c5 * sv, c6 * sv, c7 * sv, R, BK)
     else:  # (no early return: Triton would still emit the code after a constexpr-if return)
         s = scales.to(tl.int32)
         f = tl.minimum(tl.maximum(s + (127 - 1 - ACC_SHIFT), 1), 254)
@@ -164,7 +171,7 @@ def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
         e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
             _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, m],
             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
-        w = _join8(e0, e1, e2, e3, e4, e5, e6, e7, R, BK)
+        w = _assemble(e0, e1, e2, e3, e4, e5, e6, e7, R, BK)
     return w
 
 
@@ -229,7 +236,9 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr,
                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                   SWAP: tl.constexpr):
-    """w_ptr: int32 words [E, 2Ip, Hp/8]; s_ptr: uint8 [E, 2Ip, Hp/32]."""
+    """w_ptr: int32 words [E, 2Ip, Hp/8]; s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
+    paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
+    program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step."""
     pid = tl.program_id(0)
     pid_m = pid % n_blocks
     pid_n = pid // n_blocks
@@ -239,60 +248,48 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
     tok = tl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top  # [BM]
-    offs_n = pid_n * BN + tl.arange(0, BN)  # intermediate columns
+    offs_w = pid_n * BN + tl.arange(0, BN)  # weight rows (gate and up)
     if EVEN_N:
-        nmask = offs_n < Ip + BN  # all true: lets the compiler drop the mask
+        wmask = offs_w < 2 * Ip + BN  # all true: lets the compiler drop the mask
     else:
-        nmask = offs_n < Ip
-    if ACT == 0:  # swiglu_oai: rows interleaved (2j gate, 2j+1 up)
-        g_rows = 2 * offs_n
-        u_rows = 2 * offs_n + 1
-    else:  # silu_glu: [gate; up] concatenated
-        g_rows = offs_n
-        u_rows = Ip + offs_n
+        wmask = offs_w < 2 * Ip
     e64 = e.to(tl.int64)
-    wg_ptrs = w_ptr + e64 * stride_we + g_rows[:, None] * stride_wn
-    wu_ptrs = w_ptr + e64 * stride_we + u_rows[:, None] * stride_wn
-    sg_ptrs = s_ptr + e64 * stride_se + g_rows[:, None] * stride_sn
-    su_ptrs = s_ptr + e64 * stride_se + u_rows[:, None] * stride_sn
+    w_ptrs = w_ptr + e64 * stride_we + offs_w[:, None] * stride_wn
+    s_ptrs = s_ptr + e64 * stride_se + offs_w[:, None] * stride_sn
     x_ptrs = x_ptr + tok[:, None].to(tl.int64) * stride_xt
     kx = tl.arange(0, BK)
     if SWAP:
-        acc_g = tl.zeros([BN, BM], dtype=tl.float32)
-        acc_u = tl.zeros([BN, BM], dtype=tl.float32)
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
-        acc_g = tl.zeros([BM, BN], dtype=tl.float32)
-        acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-    sg = _load_scales(sg_ptrs, 0, nmask, Hp, BK)
-    su = _load_scales(su_ptrs, 0, nmask, Hp, BK)
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    sc = _load_scales(s_ptrs, 0, wmask, Hp, BK)
     for k0 in range(0, Hp, BK):
-        sg_next = _load_scales(sg_ptrs, k0 + BK, nmask, Hp, BK)
-        su_next = _load_scales(su_ptrs, k0 + BK, nmask, Hp, BK)
+        sc_next = _load_scales(s_ptrs, k0 + BK, wmask, Hp, BK)
         xk = k0 + kx
         x = tl.load(x_ptrs + xk[None, :], mask=(xk < H)[None, :], other=0.0).to(tl.bfloat16)
-        wg = _load_words(wg_ptrs, k0, nmask, Hp, BK, EVEN_K)
-        wu = _load_words(wu_ptrs, k0, nmask, Hp, BK, EVEN_K)
-        acc_g = _mma(acc_g, x, _dequant(wg, sg, BN, BK, UPCAST), UPCAST, SWAP)
-        acc_u = _mma(acc_u, x, _dequant(wu, su, BN, BK, UPCAST), UPCAST, SWAP)
-        sg = sg_next
-        su = su_next
+        w = _load_words(w_ptrs, k0, wmask, Hp, BK, EVEN_K)
+        acc = _mma(acc, x, _dequant(w, sc, BN, BK, UPCAST), UPCAST, SWAP)
+        sc = sc_next
     if SWAP:
-        acc_g = tl.trans(acc_g)
-        acc_u = tl.trans(acc_u)
+        acc = tl.trans(acc)  # [BM, BN]
     if not UPCAST:
-        acc_g = acc_g * ACC_SCALE
-        acc_u = acc_u * ACC_SCALE
+        acc = acc * ACC_SCALE
     if HAS_BIAS:
-        acc_g += tl.load(b_ptr + e64 * stride_be + g_rows, mask=nmask, other=0.0)[None, :]
-        acc_u += tl.load(b_ptr + e64 * stride_be + u_rows, mask=nmask, other=0.0)[None, :]
-    if ACT == 0:
-        gate = tl.minimum(acc_g, limit)
-        up = tl.minimum(tl.maximum(acc_u, -limit), limit)
+        acc += tl.load(b_ptr + e64 * stride_be + offs_w, mask=wmask, other=0.0)[None, :]
+    # [BM, BN] -> gate, up [BM, BN/2]: row 16g + 8u + i of the tile is column 8g + i, u = up
+    pair = tl.permute(tl.reshape(acc, (BM, BN // 16, 2, 8)), (0, 1, 3, 2))
+    gate, up = tl.split(pair)
+    gate = tl.reshape(gate, (BM, BN // 2))
+    up = tl.reshape(up, (BM, BN // 2))
+    if ACT == 0:  # swiglu_oai
+        gate = tl.minimum(gate, limit)
+        up = tl.minimum(tl.maximum(up, -limit), limit)
         act = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
-    else:
-        act = acc_g * tl.sigmoid(acc_g) * acc_u
+    else:  # silu_glu
+        act = gate * tl.sigmoid(gate) * up
+    offs_n = pid_n * (BN // 2) + tl.arange(0, BN // 2)  # intermediate columns
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * Ip + offs_n[None, :]
-    tl.store(a_ptrs, act.to(tl.bfloat16), mask=rmask[:, None] & nmask[None, :])
+    tl.store(a_ptrs, act.to(tl.bfloat16), mask=rmask[:, None] & (offs_n < Ip)[None, :])
 
 
 @triton.jit

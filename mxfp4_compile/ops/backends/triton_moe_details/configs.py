@@ -30,13 +30,14 @@ class TileConfig:
     SWAP: bool = False  # compute (W @ x.T): weight rows on the MMA's M side (wgmma needs it here)
 
 
-# (max rows per expert, config for both GEMMs); first row whose bound >= m_e wins. BK of the
-# decode row is replaced by 64 where that GEMM's K is not a multiple of 128 (see above).
+# (max rows per expert, GEMM1 config, GEMM2 config); first row whose bound >= m_e wins. GEMM1's
+# BN counts weight rows (gate and up: BN/2 intermediate columns). BK of the decode row is
+# replaced by 64 where that GEMM's K is not a multiple of 128 (see above).
 _TABLE = (
-    (8, TileConfig(16, 64, 128, 4, 4, True)),
-    (32, TileConfig(32, 64, 128, 4, 4, True)),
-    (64, TileConfig(64, 64, 64, 4, 4, True)),
-    (None, TileConfig(128, 128, 64, 8, 3, True)),
+    (8, TileConfig(16, 128, 128, 4, 4, True), TileConfig(16, 64, 128, 4, 4, True)),
+    (32, TileConfig(32, 128, 128, 4, 4, True), TileConfig(32, 64, 128, 4, 4, True)),
+    (64, TileConfig(64, 128, 64, 4, 4, True), TileConfig(64, 64, 64, 4, 4, True)),
+    (None, TileConfig(128, 256, 64, 8, 3, True), TileConfig(128, 128, 64, 8, 3, True)),
 )
 
 # Under the Triton interpreter (CPU tests) small tiles keep numpy fast.
@@ -58,10 +59,10 @@ def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False):
     if interpret:
         return _INTERPRET
     m_e = rows_per_expert(T, k, E)
-    for bound, c in _TABLE:
+    for bound, c1, c2 in _TABLE:
         if bound is None or m_e <= bound:
             if bound == 8:  # decode: a K step that divides K avoids masked loads
-                return (c if Hp % c.BK == 0 else dataclasses.replace(c, BK=64),
-                        c if Ip % c.BK == 0 else dataclasses.replace(c, BK=64))
-            return c, c
+                return (c1 if Hp % c1.BK == 0 else dataclasses.replace(c1, BK=64),
+                        c2 if Ip % c2.BK == 0 else dataclasses.replace(c2, BK=64))
+            return c1, c2
     raise AssertionError("unreachable")
