@@ -34,10 +34,10 @@ class TileConfig:
 # BN counts weight rows (gate and up: BN/2 intermediate columns). BK of the decode row is
 # replaced by 64 where that GEMM's K is not a multiple of 128 (see above).
 _TABLE = (
-    (8, TileConfig(16, 128, 128, 4, 4, True), TileConfig(16, 64, 128, 4, 4, True)),
-    (32, TileConfig(32, 128, 128, 4, 4, True), TileConfig(32, 64, 128, 4, 4, True)),
-    (64, TileConfig(64, 128, 64, 4, 4, True), TileConfig(64, 64, 64, 4, 4, True)),
-    (None, TileConfig(128, 256, 64, 8, 3, True), TileConfig(128, 128, 64, 8, 3, True)),
+    (8, TileConfig(16, 64, 128, 4, 4, True), TileConfig(16, 64, 128, 4, 4, True)),
+    (32, TileConfig(32, 64, 128, 4, 4, True), TileConfig(32, 64, 128, 4, 4, True)),
+    (64, TileConfig(64, 64, 64, 4, 4, True), TileConfig(64, 64, 64, 4, 4, True)),
+    (None, TileConfig(128, 128, 64, 8, 3, True), TileConfig(128, 128, 64, 8, 3, True)),
 )
 
 # Under the Triton interpreter (CPU tests) small tiles keep numpy fast.
