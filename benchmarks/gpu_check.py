@@ -173,7 +173,7 @@ V5_DECODE = [C(16, 64, 64, 4, 4, True), C(16, 64, 128, 4, 4, True), C(16, 128, 6
 V5_MID = [C(32, 64, 64, 4, 4, True), C(64, 64, 64, 4, 4, True), C(64, 128, 64, 8, 3, True),
           C(128, 128, 64, 8, 3, True)]
 V5_PREFILL = [C(128, 128, 64, 8, 3, True), C(128, 128, 64, 8, 4, True), C(256, 128, 64, 8, 3, True),
-              C(256, 128, 64, 8, 4, True), C(128, 64, 64, 4, 3, True)]
+              C(256, 128, 64, 8, 4, True), C(64, 128, 64, 8, 4, True)]
 
 
 def sweep_candidates(T, which="default"):
@@ -208,11 +208,17 @@ def sweep(models, tokens, gen, which="default", shapes=None):
             ids, tw = route(torch.randn(T, E, device=DEV, generator=gen), k, act)
             ref = moe_reference(x, ids, tw, *canon[0], act, 1.702, 7.0, None, True, sync_free=False)
             m_e = tile_configs.rows_per_expert(T, k, E)
-            for c in sweep_candidates(T, which):
+            cands = [(c, None) for c in sweep_candidates(T, which)]
+            if which == "v5" and T <= 64:  # what split-K buys: the first two without it
+                cands += [(c, (1, 1)) for c in sweep_candidates(T, which)[:3]]
+            for c, split in cands:
                 pair = c if isinstance(c, tuple) and isinstance(c[0], C) else (c, c)
                 rec = {"model": model, "T": T, "m_e": m_e,
                        "cfg": [list(dataclasses.astuple(x)) for x in pair]}
+                if split is not None:
+                    rec["split"] = split
                 tile_configs.OVERRIDE = pair
+                tile_configs.SPLIT_OVERRIDE = split
                 try:
                     rec["err"] = rel_l2(call(triton_moe, x, ids, tw, ours[0], act), ref)
                     rec["us"] = time_forward(triton_moe, ours, E, H, k, act, T, gen)
@@ -220,6 +226,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                     rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 finally:
                     tile_configs.OVERRIDE = None
+                    tile_configs.SPLIT_OVERRIDE = None
                 log("SWEEP", json.dumps(rec))
                 out.append(rec)
         del canon, ours
@@ -228,7 +235,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
         json.dump(out, f, indent=1)
     best = {}
     for r in out:
-        if "us" in r and r["err"] < 1e-2:
+        if "us" in r and r["err"] < 1e-2 and "split" not in r:
             key = (r["model"], r["T"])
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r

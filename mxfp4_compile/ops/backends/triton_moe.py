@@ -23,6 +23,7 @@ no data-dependent shapes: CUDA-graph safe and deterministic. Tiles: triton_moe_d
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -138,6 +139,15 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+@functools.lru_cache(maxsize=None)
+def _sm_count_of(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
+
+
 def route(topk_ids, expert_map, E: int):
     """-> (expert_start [EB] int32 (first E+1 used), sorted_assign [M] int32). GPU only, no sync."""
     from .triton_moe_details import _kernels as K
@@ -195,42 +205,53 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     EB = _next_pow2(E + 1)
     es, sorted_assign = route(ids, emap, E)
     c1, c2 = configs.pick(T, k, E, Hp, Ip, interpret)
+    # wgmma keeps MMAs in flight across K steps: drain before each dequant (sm90; _wgmma_drain)
+    sync = not interpret and torch.cuda.get_device_capability(dev)[0] == 9
+    sms = 8 if interpret else _sm_count(dev)
 
     # activations in sorted-row order; BM spare rows: GEMM2 reads whole row blocks unmasked
     a = torch.empty(M + c2.BM, Ip, dtype=torch.bfloat16, device=dev)
-    nb1 = min(M, M // c1.BM + E)
-    grid1 = (nb1 * _cdiv(2 * Ip, c1.BN),)
+    nb1 = min(M, M // c1.BM + E)  # row blocks, worst case (surplus programs exit at once)
+    n1 = _cdiv(2 * Ip, c1.BN)
+    split1, chunk1 = configs.split_k(nb1 * n1, Hp, c1.BK, sms)
+    p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
-    K._gemm1_kernel[grid1](
-        x, sorted_assign, es, w13_words, w13_scales, b13, a,
-        E, k, nb1, float(alpha), float(limit),
+    K._gemm1_kernel[(nb1 * n1, split1)](
+        x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
+        E, k, nb1, float(alpha), float(limit), M,
         # strides as constants: the compiler then knows every row is 16-byte aligned
         x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
         w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
         H=H, Hp=Hp, Ip=Ip,
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
-        EVEN_K=Hp % c1.BK == 0, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
-        num_warps=c1.num_warps, num_stages=c1.num_stages)
+        EVEN_K=split1 * chunk1 == Hp, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
+        SYNC=sync, SPLIT=split1, K_CHUNK=chunk1, num_warps=c1.num_warps, num_stages=c1.num_stages)
+    if split1 > 1:
+        BR, BC = 16, 128
+        K._act_kernel[(_cdiv(M, BR), _cdiv(Ip, BC))](
+            p, a, M, float(alpha), float(limit), Ip=Ip, ACT=_ACT[activation], SPLIT=split1,
+            BR=BR, BC=BC, num_warps=4)
 
-    y = torch.empty(M, H, dtype=torch.float32, device=dev)  # per-(token, slot) expert outputs
     nb2 = min(M, M // c2.BM + E)
-    grid2 = (nb2 * _cdiv(H, c2.BN),)
+    n2 = _cdiv(H, c2.BN)
+    split2, chunk2 = configs.split_k(nb2 * n2, Ip, c2.BK, sms, "gemm2")
+    y = torch.empty(split2, M, H, dtype=torch.float32, device=dev)  # per-(token, slot) outputs
     b2 = w2_bias if w2_bias is not None else es
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
-    K._gemm2_kernel[grid2](
+    K._gemm2_kernel[(nb2 * n2, split2)](
         a, sorted_assign, es, w2_words, w2_scales, b2, y,
-        E, nb2,
+        E, nb2, M,
         w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
         w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
         HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
-        EVEN_K=Ip % c2.BK == 0, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP,
-        num_warps=c2.num_warps, num_stages=c2.num_stages)
+        EVEN_K=split2 * chunk2 == Ip, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP,
+        SYNC=sync, SPLIT=split2, K_CHUNK=chunk2, num_warps=c2.num_warps, num_stages=c2.num_stages)
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
     BH = min(1024, _next_pow2(H))
     K._finalize_kernel[(T, _cdiv(H, BH))](
-        y, ids, emap if emap is not None else es, tw, out, E, H=H, k_top=k,
-        HAS_MAP=emap is not None, COMBINE=bool(combine), BH=BH, num_warps=4)
+        y, ids, emap if emap is not None else es, tw, out, E, M, H=H, k_top=k,
+        HAS_MAP=emap is not None, COMBINE=bool(combine), BH=BH, SPLIT=split2, num_warps=4)
     return out
 

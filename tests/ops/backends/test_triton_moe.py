@@ -31,12 +31,17 @@ CASES = {
     "fp16_hidden": dict(T=7, dtype="float16", H=160),
     "multi_chunk_routing": dict(T=7, route_budget=32),
     "multi_chunk_expert_map": dict(T=7, route_budget=32, emap=True, H=160, I=96),
+    # split-K (decode): K chunks of unequal length, summed in order; bias added once
+    "split_k_swiglu": dict(T=3, H=160, I=96, split=(3, 2), twice=True),
+    "split_k_silu_uncombined_map": dict(T=2, H=160, I=96, act="silu_glu", split=(2, 2),
+                                        combine=False, emap=True),
 }
 
 
 def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False, combine=True,
-              ids64=False, dtype="bfloat16", route_budget=None, seed=0, twice=False):
+              ids64=False, dtype="bfloat16", route_budget=None, seed=0, twice=False, split=None):
     from mxfp4_compile.ops.backends import triton_moe as tm
+    from mxfp4_compile.ops.backends.triton_moe_details import configs
     from mxfp4_compile.ops.reference import moe_reference
     from mxfp4_compile.ops.weights import quantize_experts
 
@@ -60,6 +65,7 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
         expert_map[torch.randperm(e_global, generator=g)[:E]] = torch.arange(E, dtype=torch.int32)
     if route_budget is not None:
         tm._ROUTE_BUDGET = route_budget
+    configs.SPLIT_OVERRIDE = split
     ref = moe_reference(x, ids, tw, *canonical, act, 1.702, 7.0, expert_map, combine).float()
     out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine)
     # determinism (bitwise equal reruns) on two cases only: each interpreter call costs seconds
@@ -135,6 +141,22 @@ def test_tile_table_covers_every_T():
     # gpt-oss decode: K = 2880 is not a multiple of 128 -> BK 64 (measured faster), Mixtral: 128
     assert [c.BK for c in configs.pick(1, 4, 32, 2880, 2880)] == [64, 64]
     assert [c.BK for c in configs.pick(1, 2, 8, 4096, 14336)] == [128, 128]
+
+
+def test_split_k_chunks_cover_k_once():
+    from mxfp4_compile.ops.backends.triton_moe_details import configs
+
+    for programs in (1, 4, 90, 180, 1000, 5000):
+        for K, BK in ((2880, 64), (14336, 256), (192, 64), (64, 64)):
+            n, chunk = configs.split_k(programs, K, BK, 132)
+            steps = -(-K // BK)
+            assert chunk % BK == 0 and 1 <= n <= steps
+            assert (n - 1) * chunk < K <= n * chunk  # every chunk non-empty, K covered once
+            if n > 1:
+                assert chunk // BK >= configs.MIN_STEPS_PER_CHUNK
+    # gpt-oss decode (4 experts x 90 tiles on 132 SMs) splits; a full prefill grid does not
+    assert configs.split_k(4 * 90, 2880, 64, 132)[0] > 1
+    assert configs.split_k(256 * 45, 2880, 64, 132)[0] == 1
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")

@@ -212,6 +212,18 @@ def _load_scales(s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _wgmma_drain(words):
+    """Identity on `words` that first waits for every wgmma still in flight (sm90 only).
+    Triton 3.6 pipelines wgmma across K steps (up to 3 in flight) even when operand A comes from
+    registers, and ptxas may then reuse those registers for the next step's dequantized tile
+    before the MMA has read them: on the H100 that gave rel-L2 3.7e-3 with bad rows changing
+    from run to run (BM 128, 8 warps) and 0.156 on every row (BM 256). Draining first fixed every
+    case and cost < 1% (benchmarks/NOTES.md, v5)."""
+    return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;\n mov.b32 $0, $1;", "=r,r", [words],
+                                     dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
     """acc += x [BM, BK] @ w [BN, BK].T  ([BM, BN]), or with SWAP acc [BN, BM] += w @ x.T (the
     weight rows fill the MMA's M side: small BM wastes less). fp32 operands under the
@@ -227,18 +239,22 @@ def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
-                  E, k_top, n_blocks, alpha, limit,
+def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
+                  E, k_top, n_blocks, alpha, limit, p_rows,
                   stride_xt: tl.constexpr, stride_we: tl.constexpr, stride_wn: tl.constexpr,
                   stride_se: tl.constexpr, stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Hp: tl.constexpr, Ip: tl.constexpr,
                   ACT: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr,
                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
-                  SWAP: tl.constexpr):
+                  SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
+                  K_CHUNK: tl.constexpr):
     """w_ptr: int32 words [E, 2Ip, Hp/8]; s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
     paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
-    program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step."""
+    program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step.
+    SPLIT > 1 (decode: too few programs to keep the SMs busy): program_id(1) takes K_CHUNK of
+    the K range and stores its partial gate/up sums (bias in chunk 0 only) to
+    p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates."""
     pid = tl.program_id(0)
     pid_m = pid % n_blocks
     pid_n = pid // n_blocks
@@ -262,12 +278,18 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    sc = _load_scales(s_ptrs, 0, wmask, Hp, BK)
-    for k0 in range(0, Hp, BK):
+    # K chunk of this program: a fixed step count (pipelining wants constant trip counts); the
+    # last chunk's steps past Hp load nothing (masked, EVEN_K is False then)
+    k_lo = tl.program_id(1) * K_CHUNK
+    sc = _load_scales(s_ptrs, k_lo, wmask, Hp, BK)
+    for i in range(0, K_CHUNK // BK):
+        k0 = k_lo + i * BK
         sc_next = _load_scales(s_ptrs, k0 + BK, wmask, Hp, BK)
         xk = k0 + kx
         x = tl.load(x_ptrs + xk[None, :], mask=(xk < H)[None, :], other=0.0).to(tl.bfloat16)
         w = _load_words(w_ptrs, k0, wmask, Hp, BK, EVEN_K)
+        if SYNC:
+            w = _wgmma_drain(w)
         acc = _mma(acc, x, _dequant(w, sc, BN, BK, UPCAST), UPCAST, SWAP)
         sc = sc_next
     if SWAP:
@@ -275,32 +297,67 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
     if not UPCAST:
         acc = acc * ACC_SCALE
     if HAS_BIAS:
-        acc += tl.load(b_ptr + e64 * stride_be + offs_w, mask=wmask, other=0.0)[None, :]
+        b = tl.load(b_ptr + e64 * stride_be + offs_w, mask=wmask, other=0.0)
+        if SPLIT > 1:
+            b = tl.where(tl.program_id(1) == 0, b, 0.0)
+        acc += b[None, :]
     # [BM, BN] -> gate, up [BM, BN/2]: row 16g + 8u + i of the tile is column 8g + i, u = up
     pair = tl.permute(tl.reshape(acc, (BM, BN // 16, 2, 8)), (0, 1, 3, 2))
     gate, up = tl.split(pair)
     gate = tl.reshape(gate, (BM, BN // 2))
     up = tl.reshape(up, (BM, BN // 2))
+    offs_n = pid_n * (BN // 2) + tl.arange(0, BN // 2)  # intermediate columns
+    omask = rmask[:, None] & (offs_n < Ip)[None, :]
+    if SPLIT > 1:
+        p = p_ptr + ((tl.program_id(1) * 2 * p_rows + rows[:, None]).to(tl.int64) * Ip
+                     + offs_n[None, :])
+        tl.store(p, gate, mask=omask)
+        tl.store(p + p_rows * Ip, up, mask=omask)
+    else:
+        act = _activation(gate, up, alpha, limit, ACT)
+        a_ptrs = a_ptr + rows[:, None].to(tl.int64) * Ip + offs_n[None, :]
+        tl.store(a_ptrs, act.to(tl.bfloat16), mask=omask)
+
+
+@triton.jit
+def _activation(gate, up, alpha, limit, ACT: tl.constexpr):
     if ACT == 0:  # swiglu_oai
         gate = tl.minimum(gate, limit)
         up = tl.minimum(tl.maximum(up, -limit), limit)
-        act = gate * tl.sigmoid(alpha * gate) * (up + 1.0)
-    else:  # silu_glu
-        act = gate * tl.sigmoid(gate) * up
-    offs_n = pid_n * (BN // 2) + tl.arange(0, BN // 2)  # intermediate columns
-    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * Ip + offs_n[None, :]
-    tl.store(a_ptrs, act.to(tl.bfloat16), mask=rmask[:, None] & (offs_n < Ip)[None, :])
+        return gate * tl.sigmoid(alpha * gate) * (up + 1.0)
+    return gate * tl.sigmoid(gate) * up  # silu_glu
+
+
+@triton.jit
+def _act_kernel(p_ptr, a_ptr, n_rows, alpha, limit, Ip: tl.constexpr, ACT: tl.constexpr,
+                SPLIT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """a[r, j] = act(sum_s gate[s, r, j], sum_s up[s, r, j]) over GEMM1's K chunks, added in
+    chunk order (deterministic). p_ptr [SPLIT, 2, n_rows, Ip] fp32 -> a_ptr [>= n_rows, Ip] bf16.
+    Rows of assignments not on this rank hold garbage and stay unread downstream."""
+    r = tl.program_id(0) * BR + tl.arange(0, BR)
+    c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m = (r < n_rows)[:, None] & (c < Ip)[None, :]
+    offs = r[:, None].to(tl.int64) * Ip + c[None, :]
+    gate = tl.zeros([BR, BC], dtype=tl.float32)
+    up = tl.zeros([BR, BC], dtype=tl.float32)
+    for s in tl.static_range(SPLIT):
+        gate += tl.load(p_ptr + (2 * s) * n_rows * Ip + offs, mask=m, other=0.0)
+        up += tl.load(p_ptr + (2 * s + 1) * n_rows * Ip + offs, mask=m, other=0.0)
+    tl.store(a_ptr + offs, _activation(gate, up, alpha, limit, ACT).to(tl.bfloat16), mask=m)
 
 
 @triton.jit
 def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-                  E, n_blocks,
+                  E, n_blocks, M,
                   stride_we: tl.constexpr, stride_wn: tl.constexpr, stride_se: tl.constexpr,
                   stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Ip: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr, EVEN_K: tl.constexpr,
-                  EVEN_N: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr):
-    """w_ptr: int32 words [E, Hp, Ip/8]; s_ptr: uint8 [E, Hp, Ip/32]."""
+                  EVEN_N: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
+                  SYNC: tl.constexpr, SPLIT: tl.constexpr, K_CHUNK: tl.constexpr):
+    """w_ptr: int32 words [E, Hp, Ip/8]; s_ptr: uint8 [E, Hp, Ip/32]. SPLIT > 1: program_id(1)
+    takes K_CHUNK of the K range and writes its partial sum (bias in chunk 0 only) to
+    y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks in order."""
     pid = tl.program_id(0)
     pid_m = pid % n_blocks
     pid_n = pid // n_blocks
@@ -324,14 +381,20 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    sc = _load_scales(s_ptrs, 0, nmask, Ip, BK)
-    for k0 in range(0, Ip, BK):
+    # K chunk of this program: a fixed step count (pipelining wants constant trip counts); the
+    # last chunk's steps past Ip load nothing (masked, EVEN_K is False then)
+    k_lo = tl.program_id(1) * K_CHUNK
+    sc = _load_scales(s_ptrs, k_lo, nmask, Ip, BK)
+    for i in range(0, K_CHUNK // BK):
+        k0 = k_lo + i * BK
         sc_next = _load_scales(s_ptrs, k0 + BK, nmask, Ip, BK)
         if EVEN_K:
             a = tl.load(a_ptrs + (k0 + kx)[None, :])
         else:
             a = tl.load(a_ptrs + (k0 + kx)[None, :], mask=((k0 + kx) < Ip)[None, :], other=0.0)
         w = _load_words(w_ptrs, k0, nmask, Ip, BK, EVEN_K)
+        if SYNC:
+            w = _wgmma_drain(w)
         acc = _mma(acc, a, _dequant(w, sc, BN, BK, UPCAST), UPCAST, SWAP)
         sc = sc_next
     if SWAP:
@@ -339,15 +402,20 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     if not UPCAST:
         acc = acc * ACC_SCALE
     if HAS_BIAS:
-        acc += tl.load(b_ptr + e64 * stride_be + offs_n, mask=nmask, other=0.0)[None, :]
+        b = tl.load(b_ptr + e64 * stride_be + offs_n, mask=nmask, other=0.0)
+        if SPLIT > 1:
+            b = tl.where(tl.program_id(1) == 0, b, 0.0)
+        acc += b[None, :]
+    if SPLIT > 1:
+        assign += tl.program_id(1) * M
     y_ptrs = y_ptr + assign[:, None].to(tl.int64) * H + offs_n[None, :]
     tl.store(y_ptrs, acc, mask=rmask[:, None] & (offs_n < H)[None, :])
 
 
 @triton.jit
-def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, H: tl.constexpr,
-                     k_top: tl.constexpr,
-                     HAS_MAP: tl.constexpr, COMBINE: tl.constexpr, BH: tl.constexpr):
+def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, M, H: tl.constexpr,
+                     k_top: tl.constexpr, HAS_MAP: tl.constexpr, COMBINE: tl.constexpr,
+                     BH: tl.constexpr, SPLIT: tl.constexpr):
     """out[t] = sum_s w[t, s] * y[t*k + s] in slot order; or out[t, s] = y[t*k + s] (zero for
     experts not on this rank). Rows of y for such experts were never written: mask, not scale."""
     t = tl.program_id(0)
@@ -360,7 +428,9 @@ def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, H: tl.constex
         if HAS_MAP:
             loc = tl.load(emap_ptr + loc).to(tl.int32)
         valid = (loc >= 0) & (loc < E)
-        y = tl.load(y_ptr + a.to(tl.int64) * H + offs, mask=hmask & valid, other=0.0)
+        y = tl.zeros([BH], dtype=tl.float32)
+        for c in tl.static_range(SPLIT):  # GEMM2's K chunks, in order
+            y += tl.load(y_ptr + (c * M + a).to(tl.int64) * H + offs, mask=hmask & valid, other=0.0)
         if COMBINE:
             acc += tl.where(valid, tl.load(tw_ptr + a).to(tl.float32), 0.0) * y
         else:

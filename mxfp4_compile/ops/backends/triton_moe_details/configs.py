@@ -45,6 +45,29 @@ _INTERPRET = (TileConfig(16, 32, 64, 4, 1), TileConfig(16, 32, 64, 4, 1, True))
 
 # Set by benchmarks (sweeps): (GEMM1 config, GEMM2 config) used for every call instead of _TABLE.
 OVERRIDE = None
+# Set by tests and sweeps: (GEMM1 split, GEMM2 split) instead of split_k's choice.
+SPLIT_OVERRIDE = None
+_SPLIT_INDEX = {"gemm1": 0, "gemm2": 1}
+
+# Split-K: a GEMM with fewer programs than PROGRAMS_PER_SM x SMs (decode: few experts, few
+# output tiles) splits K into chunks of at least MIN_STEPS_PER_CHUNK steps, summed afterwards
+# in chunk order (deterministic). Resources allow ~8 decode programs per SM (56 registers,
+# 15 kB shared memory at 4 warps), and without the split the grid left most of them idle.
+PROGRAMS_PER_SM = 6
+MIN_STEPS_PER_CHUNK = 4
+
+
+def split_k(programs: int, K: int, BK: int, sms: int, which: str = "gemm1"):
+    """-> (number of K chunks, chunk length in elements, a multiple of BK)."""
+    steps = -(-K // BK)
+    if SPLIT_OVERRIDE is not None:
+        want = SPLIT_OVERRIDE[_SPLIT_INDEX[which]]
+    else:
+        want = -(-PROGRAMS_PER_SM * sms // max(1, programs))
+        want = min(want, steps // MIN_STEPS_PER_CHUNK)
+    want = max(1, min(want, steps))
+    per = -(-steps // want)
+    return -(-steps // per), per * BK
 
 
 def rows_per_expert(T: int, k: int, E: int) -> float:
