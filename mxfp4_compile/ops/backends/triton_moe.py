@@ -219,7 +219,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
     K._gemm1_kernel[(nb1 * n1, split1)](
         x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
-        E, k, nb1, float(alpha), float(limit), M,
+        E, k, float(alpha), float(limit), M,
         # strides as constants: the compiler then knows every row is 16-byte aligned
         x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
         w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
@@ -241,7 +241,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
     K._gemm2_kernel[(nb2 * n2, split2)](
         a, sorted_assign, es, w2_words, w2_scales, b2, y,
-        E, nb2, M,
+        E, M,
         w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
         w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
         HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,

@@ -240,7 +240,7 @@ def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
 
 @triton.jit
 def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
-                  E, k_top, n_blocks, alpha, limit, p_rows,
+                  E, k_top, alpha, limit, p_rows,
                   stride_xt: tl.constexpr, stride_we: tl.constexpr, stride_wn: tl.constexpr,
                   stride_se: tl.constexpr, stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Hp: tl.constexpr, Ip: tl.constexpr,
@@ -255,9 +255,13 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     SPLIT > 1 (decode: too few programs to keep the SMs busy): program_id(1) takes K_CHUNK of
     the K range and stores its partial gate/up sums (bias in chunk 0 only) to
     p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates."""
+    # N tiles fastest: the programs running side by side share one row block's activations
+    # (read once from HBM, then from L2) and stream different weight tiles. (Row blocks fastest
+    # re-read all of x from HBM for every weight tile at prefill sizes.)
     pid = tl.program_id(0)
-    pid_m = pid % n_blocks
-    pid_n = pid // n_blocks
+    N_TILES: tl.constexpr = (2 * Ip + BN - 1) // BN
+    pid_n = pid % N_TILES
+    pid_m = pid // N_TILES
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return
@@ -286,7 +290,9 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
         k0 = k_lo + i * BK
         sc_next = _load_scales(s_ptrs, k0 + BK, wmask, Hp, BK)
         xk = k0 + kx
-        x = tl.load(x_ptrs + xk[None, :], mask=(xk < H)[None, :], other=0.0).to(tl.bfloat16)
+        # rows past the block's end load nothing (at decode that is most of the tile)
+        x = tl.load(x_ptrs + xk[None, :], mask=rmask[:, None] & (xk < H)[None, :],
+                    other=0.0).to(tl.bfloat16)
         w = _load_words(w_ptrs, k0, wmask, Hp, BK, EVEN_K)
         if SYNC:
             w = _wgmma_drain(w)
@@ -348,7 +354,7 @@ def _act_kernel(p_ptr, a_ptr, n_rows, alpha, limit, Ip: tl.constexpr, ACT: tl.co
 
 @triton.jit
 def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-                  E, n_blocks, M,
+                  E, M,
                   stride_we: tl.constexpr, stride_wn: tl.constexpr, stride_se: tl.constexpr,
                   stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Ip: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
@@ -358,9 +364,10 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     """w_ptr: int32 words [E, Hp, Ip/8]; s_ptr: uint8 [E, Hp, Ip/32]. SPLIT > 1: program_id(1)
     takes K_CHUNK of the K range and writes its partial sum (bias in chunk 0 only) to
     y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks in order."""
-    pid = tl.program_id(0)
-    pid_m = pid % n_blocks
-    pid_n = pid // n_blocks
+    pid = tl.program_id(0)  # N tiles fastest, as in _gemm1_kernel
+    N_TILES: tl.constexpr = (H + BN - 1) // BN
+    pid_n = pid % N_TILES
+    pid_m = pid // N_TILES
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return
@@ -389,9 +396,10 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
         k0 = k_lo + i * BK
         sc_next = _load_scales(s_ptrs, k0 + BK, nmask, Ip, BK)
         if EVEN_K:
-            a = tl.load(a_ptrs + (k0 + kx)[None, :])
+            a = tl.load(a_ptrs + (k0 + kx)[None, :], mask=rmask[:, None], other=0.0)
         else:
-            a = tl.load(a_ptrs + (k0 + kx)[None, :], mask=((k0 + kx) < Ip)[None, :], other=0.0)
+            a = tl.load(a_ptrs + (k0 + kx)[None, :], mask=rmask[:, None] & ((k0 + kx) < Ip)[None, :],
+                        other=0.0)
         w = _load_words(w_ptrs, k0, nmask, Ip, BK, EVEN_K)
         if SYNC:
             w = _wgmma_drain(w)
