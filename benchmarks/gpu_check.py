@@ -176,6 +176,19 @@ V5_PREFILL = [C(128, 128, 64, 8, 3, True), C(128, 128, 64, 8, 4, True), C(256, 1
               C(256, 128, 64, 8, 4, True), C(64, 128, 64, 8, 4, True)]
 
 
+V6 = {"decode": [C(16, 64, 64, 4, 4, True), C(16, 128, 64, 8, 4, True), C(16, 64, 256, 4, 3, True)],
+      "mid": [C(32, 64, 64, 4, 4, True), C(64, 128, 64, 8, 3, True), C(128, 128, 64, 8, 3, True)],
+      "prefill": [C(256, 128, 64, 8, 4, True), C(128, 128, 64, 8, 4, True), C(64, 128, 64, 8, 4, True)]}
+
+
+V7 = {"decode": [C(16, 64, 64, 4, 4, True), C(16, 64, 64, 4, 4, True, False),
+                 C(16, 128, 64, 8, 4, True), C(16, 128, 64, 8, 4, True, False),
+                 C(16, 64, 128, 4, 4, True), C(16, 64, 128, 4, 4, True, False),
+                 C(16, 64, 256, 4, 3, True), C(16, 64, 256, 4, 3, True, False)],
+      "mid": [C(32, 64, 64, 4, 4, True), C(64, 128, 64, 8, 3, True), C(128, 128, 64, 8, 3, True)],
+      "prefill": [C(256, 128, 64, 8, 4, True)]}
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -183,6 +196,10 @@ def sweep_candidates(T, which="default"):
         return DECODE2
     if which == "v5":
         return V5_DECODE if T <= 64 else V5_MID if T <= 512 else V5_PREFILL
+    if which == "v7":
+        return V7["decode"] if T <= 64 else V7["mid"] if T <= 512 else V7["prefill"]
+    if which == "v6":
+        return V6["decode"] if T <= 64 else V6["mid"] if T <= 512 else V6["prefill"]
     if T <= 64:
         return [C(16, 32, 128, 4, 4, False), C(16, 32, 128, 4, 4, True), C(16, 64, 128, 4, 4, True),
                 C(32, 64, 128, 4, 4, True)]
@@ -209,7 +226,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
             ref = moe_reference(x, ids, tw, *canon[0], act, 1.702, 7.0, None, True, sync_free=False)
             m_e = tile_configs.rows_per_expert(T, k, E)
             cands = [(c, None) for c in sweep_candidates(T, which)]
-            if which == "v5" and T <= 64:  # what split-K buys: the first two without it
+            if which in ("v5", "v6") and T <= 8:  # what split-K buys: the same without it
                 cands += [(c, (1, 1)) for c in sweep_candidates(T, which)[:3]]
             for c, split in cands:
                 pair = c if isinstance(c, tuple) and isinstance(c[0], C) else (c, c)
@@ -333,8 +350,9 @@ def main():
     ap.add_argument("--tokens", default=",".join(map(str, TOKENS)))
     ap.add_argument("--quick", action="store_true", help="skip the graph check and peers")
     ap.add_argument("--no-peers", action="store_true")
+    ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
-    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5")
+    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")
@@ -406,14 +424,24 @@ def main():
                     rec["stream_floor_us"] = stream_floor_us(nbytes, bufs)
                     del bufs
                 rec["flop_floor_us"] = flop_per_tok * T / (tf * 1e12) * 1e6
-                rec["ours_us"] = time_forward(triton_moe, ours, E, H, k, act, T, gen)
-                rec["ours_us_again"] = time_forward(triton_moe, ours, E, H, k, act, T, gen)
-                for pname, pw in peer_w.items():
-                    try:
-                        rec[f"{pname}_us"] = time_forward(peers[pname], pw, E, H, k, act, T, gen)
-                    except Exception as e:  # noqa: BLE001
-                        rec[f"{pname}_us"] = None
-                        log(f"peer {pname} timing failed {model} T={T}: {type(e).__name__}: {e}")
+                # ours and each peer in turn, args.rounds times: clocks drift during a run
+                # (power cap), so each ratio compares timings taken minutes apart at most
+                rounds = {"ours": []}
+                for _ in range(args.rounds):
+                    rounds["ours"].append(time_forward(triton_moe, ours, E, H, k, act, T, gen))
+                    for pname, pw in peer_w.items():
+                        try:
+                            us = time_forward(peers[pname], pw, E, H, k, act, T, gen)
+                        except Exception as e:  # noqa: BLE001
+                            us = None
+                            log(f"peer {pname} timing failed {model} T={T}: {type(e).__name__}: {e}")
+                        rounds.setdefault(pname, []).append(us)
+                for name, vals in rounds.items():
+                    vals = [v for v in vals if v is not None]
+                    rec[f"{name}_rounds"] = vals
+                    rec["ours_us" if name == "ours" else f"{name}_us"] = (
+                        sorted(vals)[len(vals) // 2] if vals else None)
+                rec["ours_us_again"] = max(rounds["ours"])
             except Exception as e:  # noqa: BLE001
                 rec["error"] = f"{type(e).__name__}: {e}"
                 traceback.print_exc()
@@ -436,7 +464,7 @@ def format_table(rows, bw, tf, peer_names):
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
     lines = [f"copy {bw:.0f} GB/s, bf16 matmul {tf:.0f} TFLOP/s; times in us (graph, median, L2 cold)",
-             "model   T     err      ours   again  bytefl  strmfl  flopfl  x_byte  x_strm  %mm   "
+             "model   T     err      ours   worst  bytefl  strmfl  flopfl  x_byte  x_strm  %mm   "
              + "  ".join(f"{p}(err,us,ours/p)" for p in peer_names)]
     for r in rows:
         if "error" in r:

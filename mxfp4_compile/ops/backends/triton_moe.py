@@ -219,14 +219,15 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
     K._gemm1_kernel[(nb1 * n1, split1)](
         x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
-        E, k, float(alpha), float(limit), M,
+        E, k, nb1, float(alpha), float(limit), M,
         # strides as constants: the compiler then knows every row is 16-byte aligned
         x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
         w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
         H=H, Hp=Hp, Ip=Ip,
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
         EVEN_K=split1 * chunk1 == Hp, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
-        SYNC=sync, SPLIT=split1, K_CHUNK=chunk1, num_warps=c1.num_warps, num_stages=c1.num_stages)
+        SYNC=sync, SPLIT=split1, K_CHUNK=chunk1, N_FIRST=c1.N_FIRST, num_warps=c1.num_warps,
+        num_stages=c1.num_stages)
     if split1 > 1:
         BR, BC = 16, 128
         K._act_kernel[(_cdiv(M, BR), _cdiv(Ip, BC))](
@@ -241,12 +242,13 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
     K._gemm2_kernel[(nb2 * n2, split2)](
         a, sorted_assign, es, w2_words, w2_scales, b2, y,
-        E, M,
+        E, nb2, M,
         w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
         w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
         HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
         EVEN_K=split2 * chunk2 == Ip, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP,
-        SYNC=sync, SPLIT=split2, K_CHUNK=chunk2, num_warps=c2.num_warps, num_stages=c2.num_stages)
+        SYNC=sync, SPLIT=split2, K_CHUNK=chunk2, N_FIRST=c2.N_FIRST, num_warps=c2.num_warps,
+        num_stages=c2.num_stages)
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
     BH = min(1024, _next_pow2(H))

@@ -240,7 +240,7 @@ def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
 
 @triton.jit
 def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
-                  E, k_top, alpha, limit, p_rows,
+                  E, k_top, n_blocks, alpha, limit, p_rows,
                   stride_xt: tl.constexpr, stride_we: tl.constexpr, stride_wn: tl.constexpr,
                   stride_se: tl.constexpr, stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Hp: tl.constexpr, Ip: tl.constexpr,
@@ -248,20 +248,24 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr,
                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                   SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
-                  K_CHUNK: tl.constexpr):
+                  K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr):
     """w_ptr: int32 words [E, 2Ip, Hp/8]; s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
     paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
     program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step.
     SPLIT > 1 (decode: too few programs to keep the SMs busy): program_id(1) takes K_CHUNK of
     the K range and stores its partial gate/up sums (bias in chunk 0 only) to
     p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates."""
-    # N tiles fastest: the programs running side by side share one row block's activations
-    # (read once from HBM, then from L2) and stream different weight tiles. (Row blocks fastest
-    # re-read all of x from HBM for every weight tile at prefill sizes.)
+    # N_FIRST (N tiles fastest): the programs running side by side share one row block's
+    # activations (read once from HBM, then from L2) and stream different weight tiles; row
+    # blocks fastest re-read all of x from HBM for every weight tile at prefill sizes.
     pid = tl.program_id(0)
     N_TILES: tl.constexpr = (2 * Ip + BN - 1) // BN
-    pid_n = pid % N_TILES
-    pid_m = pid // N_TILES
+    if N_FIRST:
+        pid_n = pid % N_TILES
+        pid_m = pid // N_TILES
+    else:
+        pid_m = pid % n_blocks
+        pid_n = pid // n_blocks
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return
@@ -354,20 +358,25 @@ def _act_kernel(p_ptr, a_ptr, n_rows, alpha, limit, Ip: tl.constexpr, ACT: tl.co
 
 @triton.jit
 def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-                  E, M,
+                  E, n_blocks, M,
                   stride_we: tl.constexpr, stride_wn: tl.constexpr, stride_se: tl.constexpr,
                   stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Ip: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr, EVEN_K: tl.constexpr,
                   EVEN_N: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
-                  SYNC: tl.constexpr, SPLIT: tl.constexpr, K_CHUNK: tl.constexpr):
+                  SYNC: tl.constexpr, SPLIT: tl.constexpr, K_CHUNK: tl.constexpr,
+                  N_FIRST: tl.constexpr):
     """w_ptr: int32 words [E, Hp, Ip/8]; s_ptr: uint8 [E, Hp, Ip/32]. SPLIT > 1: program_id(1)
     takes K_CHUNK of the K range and writes its partial sum (bias in chunk 0 only) to
     y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks in order."""
-    pid = tl.program_id(0)  # N tiles fastest, as in _gemm1_kernel
+    pid = tl.program_id(0)  # grid order as in _gemm1_kernel
     N_TILES: tl.constexpr = (H + BN - 1) // BN
-    pid_n = pid % N_TILES
-    pid_m = pid // N_TILES
+    if N_FIRST:
+        pid_n = pid % N_TILES
+        pid_m = pid // N_TILES
+    else:
+        pid_m = pid % n_blocks
+        pid_n = pid // n_blocks
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return

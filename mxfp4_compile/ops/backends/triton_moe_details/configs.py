@@ -28,6 +28,7 @@ class TileConfig:
     num_warps: int
     num_stages: int
     SWAP: bool = False  # compute (W @ x.T): weight rows on the MMA's M side (wgmma needs it here)
+    N_FIRST: bool = True  # grid order: weight tiles of one row block side by side (_kernels)
 
 
 # (max rows per expert, GEMM1 config, GEMM2 config); first row whose bound >= m_e wins. GEMM1's
@@ -53,7 +54,7 @@ _SPLIT_INDEX = {"gemm1": 0, "gemm2": 1}
 # output tiles) splits K into chunks of at least MIN_STEPS_PER_CHUNK steps, summed afterwards
 # in chunk order (deterministic). Resources allow ~8 decode programs per SM (56 registers,
 # 15 kB shared memory at 4 warps), and without the split the grid left most of them idle.
-PROGRAMS_PER_SM = 6
+PROGRAMS_PER_SM = 3
 MIN_STEPS_PER_CHUNK = 4
 
 
