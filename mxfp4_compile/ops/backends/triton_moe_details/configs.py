@@ -2,18 +2,26 @@
 
 The GEMMs group the expert-sorted rows of one expert into blocks of BM rows, so the expected
 rows per touched expert, m_e = T*k / min(E, T*k), decides how full a block is. Decode (small m_e)
-is weight-bandwidth bound: BM = 16 (the smallest tensor-core tile) and narrow BN so that every
-SM streams some expert's rows; prefill is tensor-core bound: BM = 128, wide tiles.
+is weight-bandwidth bound: BM = 16 (the smallest MMA N with the weights on the M side) and narrow
+weight tiles so that every SM streams some expert's rows; prefill is tensor-core bound: wide
+tiles, and BM 256 where there are enough rows to fill it (each dequantized weight tile then
+feeds 256 rows).
 
-Measured on an H100 (benchmarks/gpu_check.py --tuned and --candidates decode2, 2026-11-24;
-benchmarks/NOTES.md, "v3"/"v4"): the full forward timed for each candidate at gpt-oss-20b /
--120b / Mixtral shapes and T in {1, 8, 64, 512, 4096}, the same config for both GEMMs; winners:
-  m_e <= 8   (16, 64, BK) wgmma, W as operand A, BK = 64 when K % 128 != 0 (gpt-oss K = 2880:
-             20b T=1 84 us, T=64 304 us, 120b T=8 286 us with BK 64, vs 97 / 425 / 395 with
-             BK 128), else 128 (Mixtral T=1/8: 199 / 510 us; BK 64 not measured there)
-  m_e <= 32  (32, 64, 128)                     120b T=512, Mixtral T=64
-  m_e <= 64  (64, 64, 64)                      20b T=512
-  larger     (128, 128, 64), 8 warps, 3 stages T=4096 all, Mixtral T=512
+Every config keeps BN = 16 x num_warps (one 16-row MMA slab per warp): then the dequantized tile
+lands directly in the wgmma A-operand registers. Other shapes (e.g. BN 128 at 4 warps) made
+Triton 3.6 route the tile through shared memory again (sm90 SASS: STS.U16 + LDSM every K step;
+tests/ops/backends/test_triton_moe_sass.py checks the table).
+
+Measured on an H100 (benchmarks/gpu_check.py --tuned --candidates v5/v6/v7, 2026-11-24;
+benchmarks/NOTES.md "v5"-"v7"), whole forward incl. routing, same config for both GEMMs:
+  m_e <= 8, or <= 16 when K % 128 == 0   (16, 64, BK 64 | 128), 4 warps: gpt-oss K = 2880 takes
+      BK 64 (T=1 68.6 us vs 78.4 at BK 128), Mixtral (K 4096 / 14336) BK 128 (T=64 592 us vs
+      654 at BK 64); 8 warps / BN 128 was within 3% at T=1 and 5-10% slower at T=8..64
+  m_e <= 32   (32, 64, 64), 4 warps        120b T=512: 1077 us vs 1316 (64, 128) / 2053 (128, 128)
+  m_e <= 64   (64, 128, 64), 8 warps       20b T=512: 513 us vs 584 (128, 128) / 650 (32, 64)
+  larger      (256, 128, 64), 8 warps, if M = T*k >= 8192 (20b T=4096 1863 us, 120b 2902 us,
+              Mixtral 5699 us; 128 rows: 2425 / 3238 / 7511 us in v6), else (128, 128, 64)
+              (Mixtral T=512: 1253 us vs 1486 at (64, 128))
 """
 from __future__ import annotations
 
@@ -23,7 +31,7 @@ import dataclasses
 @dataclasses.dataclass(frozen=True)
 class TileConfig:
     BM: int          # sorted rows (tokens of one expert) per program
-    BN: int          # output columns per program (GEMM1: intermediate columns, gate+up both)
+    BN: int          # weight rows per program (GEMM1: gate and up rows, BN/2 columns of a)
     BK: int          # reduction step (elements; a multiple of 32: one e8m0 scale per 32)
     num_warps: int
     num_stages: int
@@ -31,15 +39,14 @@ class TileConfig:
     N_FIRST: bool = True  # grid order: weight tiles of one row block side by side (_kernels)
 
 
-# (max rows per expert, GEMM1 config, GEMM2 config); first row whose bound >= m_e wins. GEMM1's
-# BN counts weight rows (gate and up: BN/2 intermediate columns). BK of the decode row is
-# replaced by 64 where that GEMM's K is not a multiple of 128 (see above).
-_TABLE = (
-    (8, TileConfig(16, 64, 128, 4, 4, True), TileConfig(16, 64, 128, 4, 4, True)),
-    (32, TileConfig(32, 64, 128, 4, 4, True), TileConfig(32, 64, 128, 4, 4, True)),
-    (64, TileConfig(64, 64, 64, 4, 4, True), TileConfig(64, 64, 64, 4, 4, True)),
-    (None, TileConfig(128, 128, 64, 8, 3, True), TileConfig(128, 128, 64, 8, 3, True)),
+_DECODE = TileConfig(16, 64, 64, 4, 4, True)
+_TABLE = (  # (max rows per expert, config); first row whose bound >= m_e wins
+    (32, TileConfig(32, 64, 64, 4, 4, True)),
+    (64, TileConfig(64, 128, 64, 8, 3, True)),
+    (None, TileConfig(128, 128, 64, 8, 3, True)),
 )
+_PREFILL = TileConfig(256, 128, 64, 8, 4, True)  # M >= _PREFILL_ROWS and m_e > 64
+_PREFILL_ROWS = 8192
 
 # Under the Triton interpreter (CPU tests) small tiles keep numpy fast.
 _INTERPRET = (TileConfig(16, 32, 64, 4, 1), TileConfig(16, 32, 64, 4, 1, True))
@@ -53,7 +60,9 @@ _SPLIT_INDEX = {"gemm1": 0, "gemm2": 1}
 # Split-K: a GEMM with fewer programs than PROGRAMS_PER_SM x SMs (decode: few experts, few
 # output tiles) splits K into chunks of at least MIN_STEPS_PER_CHUNK steps, summed afterwards
 # in chunk order (deterministic). Resources allow ~8 decode programs per SM (56 registers,
-# 15 kB shared memory at 4 warps), and without the split the grid left most of them idle.
+# 15 kB shared memory at 4 warps); gpt-oss T=1 has 360 + 180 programs on 132 SMs. Measured (v5):
+# 20b T=1 96 -> 72 us with the split; a target of 6 per SM also split GEMM2 at T=8 and made it
+# slower (195 -> 227 us), 3 per SM leaves T >= 8 unsplit.
 PROGRAMS_PER_SM = 3
 MIN_STEPS_PER_CHUNK = 4
 
@@ -77,16 +86,19 @@ def rows_per_expert(T: int, k: int, E: int) -> float:
 
 
 def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False):
-    """-> (GEMM1 config, GEMM2 config) for this call's shape."""
+    """-> (GEMM1 config, GEMM2 config) for this call's shape. GEMM1's BN counts weight rows
+    (gate and up: BN/2 intermediate columns); its K is Hp, GEMM2's is Ip."""
     if OVERRIDE is not None:
         return OVERRIDE
     if interpret:
         return _INTERPRET
     m_e = rows_per_expert(T, k, E)
-    for bound, c1, c2 in _TABLE:
+    if m_e <= 8 or (m_e <= 16 and Hp % 128 == 0 and Ip % 128 == 0):
+        # a K step that divides K: a masked tail every step costs more than the wider step saves
+        return tuple(dataclasses.replace(_DECODE, BK=128 if K % 128 == 0 else 64) for K in (Hp, Ip))
+    if m_e > 64 and T * k >= _PREFILL_ROWS:
+        return _PREFILL, _PREFILL
+    for bound, c in _TABLE:
         if bound is None or m_e <= bound:
-            if bound == 8:  # decode: a K step that divides K avoids masked loads
-                return (c1 if Hp % c1.BK == 0 else dataclasses.replace(c1, BK=64),
-                        c2 if Ip % c2.BK == 0 else dataclasses.replace(c2, BK=64))
-            return c1, c2
+            return c, c
     raise AssertionError("unreachable")

@@ -1,0 +1,116 @@
+"""The "triton" MoE kernel's sm90 machine code, compiled here without a GPU (ptxas ships with
+triton): for every tile config the table picks, the dequantized weight tile must reach the wgmma
+A operand in registers (no 16-bit or vector shared-memory stores in the K loop: Triton 3.6 falls
+back to a registers -> shared -> registers round trip for some tile shapes, which costs decode
+speed), nothing may spill, and wgmma must be drained before each dequant (without it the H100
+gave wrong rows: see _kernels._wgmma_drain).
+"""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("needs the real Triton compiler, not the interpreter", allow_module_level=True)
+
+from mxfp4_compile.ops.backends.triton_moe_details import _kernels as K  # noqa: E402
+from mxfp4_compile.ops.backends.triton_moe_details import configs  # noqa: E402
+
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+_PTR = {"x_ptr": "*bf16", "a_ptr": "*bf16", "sorted_ptr": "*i32", "es_ptr": "*i32", "w_ptr": "*i32",
+        "s_ptr": "*u8", "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32"}
+
+# (GEMM, T, k, E, H, I): shapes whose picks cover every distinct row of the table
+SHAPES = [(1, 4, 32, 2880, 2880), (64, 2, 8, 4096, 14336), (512, 4, 128, 2880, 2880),
+          (512, 4, 32, 2880, 2880), (512, 2, 8, 4096, 14336), (4096, 4, 32, 2880, 2880)]
+
+
+def _compile(gemm, cfg, H, I):
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    split, chunk = 1, -(-(H if gemm == 1 else I) // cfg.BK) * cfg.BK  # no split-K
+    common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, UPCAST=False,
+                  SWAP=cfg.SWAP, SYNC=True, SPLIT=split, K_CHUNK=chunk, N_FIRST=cfg.N_FIRST)
+    if gemm == 1:
+        fn = K._gemm1_kernel
+        cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
+                  stride_se=2 * I * H // 32, stride_sn=H // 32, stride_be=2 * I, H=H, Hp=H, Ip=I,
+                  ACT=0, EVEN_K=H % cfg.BK == 0, EVEN_N=(2 * I) % cfg.BN == 0)
+        scalars = dict(E="i32", k_top="i32", n_blocks="i32", alpha="fp32", limit="fp32", p_rows="i32")
+    else:
+        fn = K._gemm2_kernel
+        cx = dict(common, stride_we=I * H // 8, stride_wn=I // 8, stride_se=I * H // 32,
+                  stride_sn=I // 32, stride_be=H, H=H, Ip=I, EVEN_K=I % cfg.BK == 0,
+                  EVEN_N=H % cfg.BN == 0)
+        scalars = dict(E="i32", n_blocks="i32", M="i32")
+    sig = {n: _PTR.get(n, scalars.get(n, "constexpr")) for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+             if t.startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32),
+                        options=dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(ck.asm["cubin"])
+    try:
+        return subprocess.run([_CUOBJDUMP, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+def _k_loop(sass):
+    """Instruction mnemonics of the K loop: the body of the widest backward branch."""
+    ins = []
+    for line in sass.splitlines():
+        m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*?);", line)
+        if m:
+            ins.append((int(m.group(1), 16), m.group(2)))
+    loops = []
+    for addr, text in ins:
+        b = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if b and int(b.group(1), 16) < addr:
+            loops.append((int(b.group(1), 16), addr))
+    assert loops, "no loop found in the SASS"
+    lo, hi = max(loops, key=lambda r: r[1] - r[0])
+    return [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for a, t in ins if lo <= a <= hi]
+
+
+def _configs():
+    seen = {}
+    for T, k, E, H, I in SHAPES:
+        for gemm, cfg in zip((1, 2), configs.pick(T, k, E, H, I)):
+            seen.setdefault((gemm, cfg, H, I), None)
+    return list(seen)
+
+
+@pytest.fixture(scope="module")
+def ptxas_works():
+    if not os.path.exists(_CUOBJDUMP):
+        pytest.skip("triton's cuobjdump is missing")
+
+
+@pytest.mark.parametrize("gemm,cfg,H,I", _configs(),
+                         ids=lambda v: str(v) if not hasattr(v, "BM") else
+                         f"{v.BM}x{v.BN}x{v.BK}w{v.num_warps}s{v.num_stages}")
+def test_dequantized_tile_stays_in_registers(ptxas_works, gemm, cfg, H, I):
+    assert cfg.BN == 16 * cfg.num_warps  # the rule the table follows (configs docstring)
+    sass = _compile(gemm, cfg, H, I)
+    loop = _k_loop(sass)
+    assert any(op.startswith("HGMMA") for op in loop)
+    # per K step: the scale bytes (4 small stores per 64 codes; Triton regroups them through
+    # shared memory) and one ldmatrix of the packed words per 64 codes, nothing else. The
+    # round trip of the dequantized tile shows as 16-byte/16-bit stores and 4-8 more ldmatrix.
+    stores = [op for op in loop if op.startswith(("STS", "STSM"))]
+    assert all(op in ("STS.U8", "STS.U16") for op in stores), f"tile through shared memory: {stores}"
+    assert len(stores) <= cfg.BK // 16, f"tile through shared memory: {stores}"
+    ldsm = [op for op in loop if op.startswith("LDSM")]
+    assert len(ldsm) <= cfg.BK // 64, f"tile through shared memory: {ldsm}"
+    assert "STL" not in sass and "LDL" not in sass, "register spills"
+    waits = [i for i, op in enumerate(loop) if op.startswith("WARPGROUP.DEPBAR")]
+    assert waits, "wgmma is not drained in the K loop"
