@@ -11,15 +11,17 @@ E local experts, H hidden (Hp padded), I intermediate (Ip padded).
   w2_bias       [E, Hp]           float32 or None
   expert_map    [E_global]        int32, -1 = not on this rank
 
-Prepared layout = the canonical one (ops/reference.py: rows, gate/up order, padding, scales and
-biases unchanged) except that inside every 32-code chunk along K the nibbles are permuted
-(`_pack_words`): each 32-bit word decodes to 4 bf16 pairs with a shift and a mask each, and the
-pairs land directly in the registers wgmma reads its A operand from. Rows keep their K bytes
-contiguous: a tile of BN rows x BK/2 bytes is BN runs of 16-byte aligned
-vectors (Hp/2, Ip/2 are multiples of 32 bytes). Steps (triton_moe_details/_kernels.py): route
-(expert-sorted rows, on the GPU), GEMM1 (token gather, dequant, bias, activation), GEMM2 (bias,
-scatter to (token, slot) rows), finalize (weighted sum over slots in fixed order). No host sync,
-no data-dependent shapes: CUDA-graph safe and deterministic. Tiles: triton_moe_details/configs.py.
+Prepared layout = the canonical one (ops/reference.py: padding, scales, biases) with two
+permutations: w13 rows are paired per 16 (8 gate rows, then the 8 up rows of the same columns:
+`_paired_rows`), and inside every 32-code chunk along K the nibbles are permuted (`_pack_words`)
+so that each 32-bit word decodes to 4 bf16 pairs with a shift and a mask each, landing directly
+in the registers wgmma reads its A operand from. Rows keep their K bytes contiguous: a tile of BN
+rows x BK/2 bytes is BN runs of 16-byte aligned vectors (Hp/2, Ip/2 are multiples of 32 bytes).
+Steps (triton_moe_details/_kernels.py): route (expert-sorted rows, on the GPU), GEMM1 (token
+gather, dequant, bias, activation), GEMM2 (bias, scatter to (token, slot) rows), finalize
+(weighted sum over slots in fixed order); at decode sizes the GEMMs split K (configs.split_k) and
+the chunks are added in order (_act_kernel, finalize). No host sync, no data-dependent shapes:
+CUDA-graph safe and deterministic. Tiles: triton_moe_details/configs.py.
 """
 from __future__ import annotations
 
@@ -209,8 +211,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     sync = not interpret and torch.cuda.get_device_capability(dev)[0] == 9
     sms = 8 if interpret else _sm_count(dev)
 
-    # activations in sorted-row order; BM spare rows: GEMM2 reads whole row blocks unmasked
-    a = torch.empty(M + c2.BM, Ip, dtype=torch.bfloat16, device=dev)
+    a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted-row order
     nb1 = min(M, M // c1.BM + E)  # row blocks, worst case (surplus programs exit at once)
     n1 = _cdiv(2 * Ip, c1.BN)
     split1, chunk1 = configs.split_k(nb1 * n1, Hp, c1.BK, sms)

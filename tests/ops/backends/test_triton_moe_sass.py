@@ -21,11 +21,12 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 from mxfp4_compile.ops.backends.triton_moe_details import _kernels as K  # noqa: E402
 from mxfp4_compile.ops.backends.triton_moe_details import configs  # noqa: E402
 
-_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+_CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
+                          "cuobjdump")
 _PTR = {"x_ptr": "*bf16", "a_ptr": "*bf16", "sorted_ptr": "*i32", "es_ptr": "*i32", "w_ptr": "*i32",
         "s_ptr": "*u8", "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32"}
 
-# (GEMM, T, k, E, H, I): shapes whose picks cover every distinct row of the table
+# (T, k, E, H, I): shapes whose picks cover every distinct row of the table
 SHAPES = [(1, 4, 32, 2880, 2880), (64, 2, 8, 4096, 14336), (512, 4, 128, 2880, 2880),
           (512, 4, 32, 2880, 2880), (512, 2, 8, 4096, 14336), (4096, 4, 32, 2880, 2880)]
 
@@ -42,7 +43,8 @@ def _compile(gemm, cfg, H, I):
         cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
                   stride_se=2 * I * H // 32, stride_sn=H // 32, stride_be=2 * I, H=H, Hp=H, Ip=I,
                   ACT=0, EVEN_K=H % cfg.BK == 0, EVEN_N=(2 * I) % cfg.BN == 0)
-        scalars = dict(E="i32", k_top="i32", n_blocks="i32", alpha="fp32", limit="fp32", p_rows="i32")
+        scalars = dict(E="i32", k_top="i32", n_blocks="i32", alpha="fp32", limit="fp32",
+                       p_rows="i32")
     else:
         fn = K._gemm2_kernel
         cx = dict(common, stride_we=I * H // 8, stride_wn=I // 8, stride_se=I * H // 32,
@@ -107,7 +109,7 @@ def test_dequantized_tile_stays_in_registers(ptxas_works, gemm, cfg, H, I):
     # shared memory) and one ldmatrix of the packed words per 64 codes, nothing else. The
     # round trip of the dequantized tile shows as 16-byte/16-bit stores and 4-8 more ldmatrix.
     stores = [op for op in loop if op.startswith(("STS", "STSM"))]
-    assert all(op in ("STS.U8", "STS.U16") for op in stores), f"tile through shared memory: {stores}"
+    assert all(op in ("STS.U8", "STS.U16") for op in stores), f"tile in shared memory: {stores}"
     assert len(stores) <= cfg.BK // 16, f"tile through shared memory: {stores}"
     ldsm = [op for op in loop if op.startswith("LDSM")]
     assert len(ldsm) <= cfg.BK // 64, f"tile through shared memory: {ldsm}"

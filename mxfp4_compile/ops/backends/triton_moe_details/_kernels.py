@@ -10,10 +10,11 @@ Pipeline (all on the GPU, no host sync, fixed-size buffers):
                   (assignment index t*k+s, grouped by expert, stable).
   _gemm1_kernel   a[r] = act(x[tok(r)] @ W13[e].T + b13[e]) for sorted rows r: token gather,
                   MXFP4 dequant in registers, bias and activation fused. a [M, Ip] bf16.
+                  (Split K: partial sums to p [SPLIT, 2, M, Ip], then _act_kernel -> a.)
   _gemm2_kernel   y[assign(r)] = a[r] @ W2[e].T + b2[e]: scatter to the (token, slot) row.
-                  y [M, H] fp32.
-  _finalize_kernel  out[t] = sum_s w[t,s] * y[t*k+s] in slot order (deterministic), or the
-                  [T, k, H] rows with zeros for experts not on this rank.
+                  y [SPLIT, M, H] fp32 (SPLIT = 1 but at decode sizes).
+  _finalize_kernel  out[t] = sum_s w[t,s] * sum_c y[c, t*k+s] in slot and chunk order
+                  (deterministic), or the [T, k, H] rows with zeros for experts not on this rank.
 GEMM programs find their (expert, row range) from expert_start alone: with BM rows per block,
 expert e owns ceil(count_e / BM) consecutive blocks; the grid is sized for the worst case
 min(M, M // BM + E) blocks and surplus programs exit at once.
@@ -219,8 +220,8 @@ def _wgmma_drain(words):
     before the MMA has read them: on the H100 that gave rel-L2 3.7e-3 with bad rows changing
     from run to run (BM 128, 8 warps) and 0.156 on every row (BM 256). Draining first fixed every
     case and cost < 1% (benchmarks/NOTES.md, v5)."""
-    return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;\n mov.b32 $0, $1;", "=r,r", [words],
-                                     dtype=tl.int32, is_pure=False, pack=1)
+    return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;\n mov.b32 $0, $1;", "=r,r",
+                                     [words], dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -407,8 +408,8 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
         if EVEN_K:
             a = tl.load(a_ptrs + (k0 + kx)[None, :], mask=rmask[:, None], other=0.0)
         else:
-            a = tl.load(a_ptrs + (k0 + kx)[None, :], mask=rmask[:, None] & ((k0 + kx) < Ip)[None, :],
-                        other=0.0)
+            a = tl.load(a_ptrs + (k0 + kx)[None, :],
+                        mask=rmask[:, None] & ((k0 + kx) < Ip)[None, :], other=0.0)
         w = _load_words(w_ptrs, k0, nmask, Ip, BK, EVEN_K)
         if SYNC:
             w = _wgmma_drain(w)
