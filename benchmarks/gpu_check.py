@@ -189,6 +189,18 @@ V7 = {"decode": [C(16, 64, 64, 4, 4, True), C(16, 64, 64, 4, 4, True, False),
       "prefill": [C(256, 128, 64, 8, 4, True)]}
 
 
+def _pair(c):
+    return dataclasses.replace(c, PAIR=True)
+
+
+V8 = {"decode": [C(16, 64, 64, 4, 4, True), _pair(C(16, 64, 64, 4, 4, True)),
+                 C(16, 64, 128, 4, 4, True), _pair(C(16, 64, 128, 4, 4, True))],
+      "mid": [C(32, 64, 64, 4, 4, True), _pair(C(32, 64, 64, 4, 4, True)),
+              C(64, 128, 64, 8, 3, True), _pair(C(64, 128, 64, 8, 3, True)),
+              C(128, 128, 64, 8, 3, True), _pair(C(128, 128, 64, 8, 3, True))],
+      "prefill": [C(256, 128, 64, 8, 4, True), _pair(C(128, 128, 64, 8, 3, True))]}
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -196,6 +208,8 @@ def sweep_candidates(T, which="default"):
         return DECODE2
     if which == "v5":
         return V5_DECODE if T <= 64 else V5_MID if T <= 512 else V5_PREFILL
+    if which == "v8":
+        return V8["decode"] if T <= 64 else V8["mid"] if T <= 512 else V8["prefill"]
     if which == "v7":
         return V7["decode"] if T <= 64 else V7["mid"] if T <= 512 else V7["prefill"]
     if which == "v6":
@@ -264,6 +278,62 @@ def sweep(models, tokens, gen, which="default", shapes=None):
         f.write(txt)
     print(txt)
     return {key: tuple(C(*x) for x in r["cfg"]) for key, r in best.items()}
+
+
+# ---------------------------------------------------------------- padding experiment ----------
+def pad_compare(models, tokens, gen, rounds=3):
+    """gpt-oss K = 2880 is not a multiple of 128, so its table configs step K by 64. Padding H and
+    I to 2944 (+2.2% bytes) allows 128-code steps (fewer instructions per weight byte). Times the
+    table config on 64-padded weights against 128-padded weights with BK 128, interleaved."""
+    import statistics
+    out = []
+    for model in models:
+        E, H, I, k, act, biases = MODELS[model]
+        sets = {}
+        for pad in (64, 128):
+            canon = [random_canonical(E, H, I, act, biases, pad, pad, gen) for _ in range(R_SETS)]
+            sets[pad] = (canon[0], [triton_moe.prepare(*c, act) for c in canon])
+            del canon
+        for T in tokens:
+            x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
+            ids, tw = route(torch.randn(T, E, device=DEV, generator=gen), k, act)
+            Hp64, Ip64 = sets[64][1][0][0].shape[2] * 2, sets[64][1][0][3].shape[2] * 2
+            Hp128, Ip128 = sets[128][1][0][0].shape[2] * 2, sets[128][1][0][3].shape[2] * 2
+            base = tile_configs.pick(T, k, E, Hp64, Ip64)
+            padded = tile_configs.pick(T, k, E, Hp128, Ip128)
+            wide = tuple(dataclasses.replace(c, BK=128, num_stages=min(c.num_stages, 3))
+                         if c.BM >= 256 else dataclasses.replace(c, BK=128) for c in padded)
+            variants = {"pad64_table": (64, base), "pad128_table": (128, padded),
+                        "pad128_bk128": (128, wide)}
+            rec = {"model": model, "T": T}
+            for name, (pad, cfg) in variants.items():
+                tile_configs.OVERRIDE = cfg
+                try:
+                    ref = moe_reference(x, ids, tw, *sets[pad][0], act, 1.702, 7.0, None, True,
+                                        sync_free=False)
+                    rec[name + "_err"] = rel_l2(call(triton_moe, x, ids, tw, sets[pad][1][0], act), ref)
+                    rec[name + "_cfg"] = [list(dataclasses.astuple(c))[:5] for c in cfg]
+                except Exception as e:  # noqa: BLE001
+                    rec[name + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
+                finally:
+                    tile_configs.OVERRIDE = None
+            times = {n: [] for n in variants if n + "_err" in rec}
+            for _ in range(rounds):
+                for name in times:
+                    pad, cfg = variants[name]
+                    tile_configs.OVERRIDE = cfg
+                    try:
+                        times[name].append(time_forward(triton_moe, sets[pad][1], E, H, k, act, T, gen))
+                    finally:
+                        tile_configs.OVERRIDE = None
+            for name, v in times.items():
+                rec[name + "_us"] = statistics.median(v)
+            log("PAD", json.dumps(rec))
+            out.append(rec)
+        del sets
+        torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "pad.json"), "w") as f:
+        json.dump(out, f, indent=1)
 
 
 # ---------------------------------------------------------------- decode diagnosis ------------
@@ -352,11 +422,13 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
-    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7")
+    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")
     ap.add_argument("--diag", action="store_true", help="decode time breakdown (20b, T=1)")
+    ap.add_argument("--pad-compare", action="store_true",
+                    help="64- vs 128-padded weights (BK 64 vs 128), see pad_compare")
     ap.add_argument("--diag-one", action="store_true", help="three eager T=1 calls (for ncu)")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
@@ -371,6 +443,8 @@ def main():
     if args.sweep:
         sweep(args.models.split(","), tokens, gen, args.candidates, shapes)
         return 0
+    if args.pad_compare:
+        return pad_compare(args.models.split(","), tokens, gen, args.rounds)
     if args.diag or args.diag_one:
         return diag(gen, one=args.diag_one)
     tuned = sweep(args.models.split(","), tokens, gen, args.candidates) if args.tuned else {}

@@ -213,7 +213,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
 
     a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted-row order
     nb1 = min(M, M // c1.BM + E)  # row blocks, worst case (surplus programs exit at once)
-    n1 = _cdiv(2 * Ip, c1.BN)
+    n1 = _cdiv(2 * Ip, c1.BN * (2 if c1.PAIR else 1))
     split1, chunk1 = configs.split_k(nb1 * n1, Hp, c1.BK, sms)
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
@@ -227,8 +227,8 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         H=H, Hp=Hp, Ip=Ip,
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
         EVEN_K=split1 * chunk1 == Hp, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
-        SYNC=sync, SPLIT=split1, K_CHUNK=chunk1, N_FIRST=c1.N_FIRST, num_warps=c1.num_warps,
-        num_stages=c1.num_stages)
+        SYNC=sync, SPLIT=split1, K_CHUNK=chunk1, N_FIRST=c1.N_FIRST, PAIR=c1.PAIR,
+        num_warps=c1.num_warps, num_stages=c1.num_stages)
     if split1 > 1:
         BR, BC = 16, 128
         K._act_kernel[(_cdiv(M, BR), _cdiv(Ip, BC))](
@@ -236,7 +236,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             BR=BR, BC=BC, num_warps=4)
 
     nb2 = min(M, M // c2.BM + E)
-    n2 = _cdiv(H, c2.BN)
+    n2 = _cdiv(H, c2.BN * (2 if c2.PAIR else 1))
     split2, chunk2 = configs.split_k(nb2 * n2, Ip, c2.BK, sms, "gemm2")
     y = torch.empty(split2, M, H, dtype=torch.float32, device=dev)  # per-(token, slot) outputs
     b2 = w2_bias if w2_bias is not None else es
@@ -248,8 +248,8 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
         HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
         EVEN_K=split2 * chunk2 == Ip, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP,
-        SYNC=sync, SPLIT=split2, K_CHUNK=chunk2, N_FIRST=c2.N_FIRST, num_warps=c2.num_warps,
-        num_stages=c2.num_stages)
+        SYNC=sync, SPLIT=split2, K_CHUNK=chunk2, N_FIRST=c2.N_FIRST, PAIR=c2.PAIR,
+        num_warps=c2.num_warps, num_stages=c2.num_stages)
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
     BH = min(1024, _next_pow2(H))

@@ -7,6 +7,7 @@ The interpreter rounds fp32 -> bf16 toward zero, so bf16 cases land near 6e-3, n
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -35,11 +36,15 @@ CASES = {
     "split_k_swiglu": dict(T=3, H=160, I=96, split=(3, 2), twice=True),
     "split_k_silu_uncombined_map": dict(T=2, H=160, I=96, act="silu_glu", split=(2, 2),
                                         combine=False, emap=True),
+    # two weight tiles per program; H 160 -> Hp 192: GEMM2's second tile is partly past H
+    "pair_tiles": dict(T=7, H=160, I=96, pair=True, twice=True),
+    "pair_tiles_split_silu": dict(T=2, H=160, I=96, act="silu_glu", pair=True, split=(2, 2)),
 }
 
 
 def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False, combine=True,
-              ids64=False, dtype="bfloat16", route_budget=None, seed=0, twice=False, split=None):
+              ids64=False, dtype="bfloat16", route_budget=None, seed=0, twice=False, split=None,
+              pair=False):
     from mxfp4_compile.ops.backends import triton_moe as tm
     from mxfp4_compile.ops.backends.triton_moe_details import configs
     from mxfp4_compile.ops.reference import moe_reference
@@ -66,6 +71,8 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
     if route_budget is not None:
         tm._ROUTE_BUDGET = route_budget
     configs.SPLIT_OVERRIDE = split
+    configs.OVERRIDE = tuple(dataclasses.replace(c, PAIR=True) for c in configs._INTERPRET) \
+        if pair else None
     ref = moe_reference(x, ids, tw, *canonical, act, 1.702, 7.0, expert_map, combine).float()
     out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine)
     # determinism (bitwise equal reruns) on two cases only: each interpreter call costs seconds

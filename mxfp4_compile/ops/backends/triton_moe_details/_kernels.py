@@ -225,6 +225,17 @@ def _wgmma_drain(words):
 
 
 @triton.jit
+def _tile_step(acc, x, w_ptrs, k0, wmask, sc, Kp: tl.constexpr, BN: tl.constexpr,
+               BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
+               SYNC: tl.constexpr):
+    """acc += one K step of one [BN, BK] weight tile (load, drain, dequant, MMA)."""
+    w = _load_words(w_ptrs, k0, wmask, Kp, BK, EVEN_K)
+    if SYNC:
+        w = _wgmma_drain(w)
+    return _mma(acc, x, _dequant(w, sc, BN, BK, UPCAST), UPCAST, SWAP)
+
+
+@triton.jit
 def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
     """acc += x [BM, BK] @ w [BN, BK].T  ([BM, BN]), or with SWAP acc [BN, BM] += w @ x.T (the
     weight rows fill the MMA's M side: small BM wastes less). fp32 operands under the
@@ -249,10 +260,12 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr,
                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                   SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
-                  K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr):
+                  K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr, PAIR: tl.constexpr):
     """w_ptr: int32 words [E, 2Ip, Hp/8]; s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
     paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
-    program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step.
+    program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step;
+    PAIR: two such tiles side by side (the next BN rows too), sharing the activation tile and
+    the loop's bookkeeping (fewer instructions per weight byte at decode).
     SPLIT > 1 (decode: too few programs to keep the SMs busy): program_id(1) takes K_CHUNK of
     the K range and stores its partial gate/up sums (bias in chunk 0 only) to
     p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates."""
@@ -260,7 +273,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     # activations (read once from HBM, then from L2) and stream different weight tiles; row
     # blocks fastest re-read all of x from HBM for every weight tile at prefill sizes.
     pid = tl.program_id(0)
-    N_TILES: tl.constexpr = (2 * Ip + BN - 1) // BN
+    N_TILES: tl.constexpr = (2 * Ip + (2 if PAIR else 1) * BN - 1) // ((2 if PAIR else 1) * BN)
     if N_FIRST:
         pid_n = pid % N_TILES
         pid_m = pid // N_TILES
@@ -273,7 +286,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
     tok = tl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top  # [BM]
-    offs_w = pid_n * BN + tl.arange(0, BN)  # weight rows (gate and up)
+    offs_w = pid_n * (2 if PAIR else 1) * BN + tl.arange(0, BN)  # weight rows (gate and up)
     if EVEN_N:
         wmask = offs_w < 2 * Ip + BN  # all true: lets the compiler drop the mask
     else:
@@ -287,22 +300,48 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if PAIR:  # the second tile: the next BN weight rows
+        wmask2 = (offs_w + BN) < (2 * Ip + BN if EVEN_N else 2 * Ip)
+        w_ptrs2 = w_ptrs + BN * stride_wn
+        s_ptrs2 = s_ptrs + BN * stride_sn
+        acc2 = tl.zeros_like(acc)
     # K chunk of this program: a fixed step count (pipelining wants constant trip counts); the
     # last chunk's steps past Hp load nothing (masked, EVEN_K is False then)
     k_lo = tl.program_id(1) * K_CHUNK
     sc = _load_scales(s_ptrs, k_lo, wmask, Hp, BK)
+    if PAIR:
+        sc2 = _load_scales(s_ptrs2, k_lo, wmask2, Hp, BK)
     for i in range(0, K_CHUNK // BK):
         k0 = k_lo + i * BK
         sc_next = _load_scales(s_ptrs, k0 + BK, wmask, Hp, BK)
+        if PAIR:
+            sc2_next = _load_scales(s_ptrs2, k0 + BK, wmask2, Hp, BK)
         xk = k0 + kx
         # rows past the block's end load nothing (at decode that is most of the tile)
         x = tl.load(x_ptrs + xk[None, :], mask=rmask[:, None] & (xk < H)[None, :],
                     other=0.0).to(tl.bfloat16)
-        w = _load_words(w_ptrs, k0, wmask, Hp, BK, EVEN_K)
-        if SYNC:
-            w = _wgmma_drain(w)
-        acc = _mma(acc, x, _dequant(w, sc, BN, BK, UPCAST), UPCAST, SWAP)
+        acc = _tile_step(acc, x, w_ptrs, k0, wmask, sc, Hp, BN, BK, EVEN_K, UPCAST, SWAP, SYNC)
         sc = sc_next
+        if PAIR:
+            acc2 = _tile_step(acc2, x, w_ptrs2, k0, wmask2, sc2, Hp, BN, BK, EVEN_K, UPCAST, SWAP,
+                              SYNC)
+            sc2 = sc2_next
+    w0 = pid_n * (2 if PAIR else 1) * BN  # first weight row of the (first) tile
+    _gemm1_store(acc, w0, wmask, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
+                 alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
+    if PAIR:
+        _gemm1_store(acc2, w0 + BN, wmask2, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr,
+                     p_rows, alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
+
+
+@triton.jit
+def _gemm1_store(acc, w0, wmask, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
+                 alpha, limit, Ip: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 ACT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                 SWAP: tl.constexpr, SPLIT: tl.constexpr):
+    """GEMM1 epilogue of the tile of weight rows w0 .. w0+BN (w0 a multiple of 16): bias, gate/up
+    pairing, activation -> a (or the raw chunk sums -> p when K is split)."""
+    offs_w = w0 + tl.arange(0, BN)
     if SWAP:
         acc = tl.trans(acc)  # [BM, BN]
     if not UPCAST:
@@ -317,7 +356,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     gate, up = tl.split(pair)
     gate = tl.reshape(gate, (BM, BN // 2))
     up = tl.reshape(up, (BM, BN // 2))
-    offs_n = pid_n * (BN // 2) + tl.arange(0, BN // 2)  # intermediate columns
+    offs_n = w0 // 2 + tl.arange(0, BN // 2)  # intermediate columns
     omask = rmask[:, None] & (offs_n < Ip)[None, :]
     if SPLIT > 1:
         p = p_ptr + ((tl.program_id(1) * 2 * p_rows + rows[:, None]).to(tl.int64) * Ip
@@ -366,12 +405,13 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr, EVEN_K: tl.constexpr,
                   EVEN_N: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
                   SYNC: tl.constexpr, SPLIT: tl.constexpr, K_CHUNK: tl.constexpr,
-                  N_FIRST: tl.constexpr):
+                  N_FIRST: tl.constexpr, PAIR: tl.constexpr):
     """w_ptr: int32 words [E, Hp, Ip/8]; s_ptr: uint8 [E, Hp, Ip/32]. SPLIT > 1: program_id(1)
     takes K_CHUNK of the K range and writes its partial sum (bias in chunk 0 only) to
-    y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks in order."""
+    y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks in order. PAIR: two BN-row weight
+    tiles per program, as in _gemm1_kernel."""
     pid = tl.program_id(0)  # grid order as in _gemm1_kernel
-    N_TILES: tl.constexpr = (H + BN - 1) // BN
+    N_TILES: tl.constexpr = (H + (2 if PAIR else 1) * BN - 1) // ((2 if PAIR else 1) * BN)
     if N_FIRST:
         pid_n = pid % N_TILES
         pid_m = pid // N_TILES
@@ -384,7 +424,10 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
     assign = tl.load(sorted_ptr + rows, mask=rmask, other=0)
-    offs_n = pid_n * BN + tl.arange(0, BN)  # hidden columns
+    if SPLIT > 1:
+        assign += tl.program_id(1) * M
+    n0 = pid_n * (2 if PAIR else 1) * BN  # first hidden column of the (first) tile
+    offs_n = n0 + tl.arange(0, BN)
     if EVEN_N:
         nmask = offs_n < H + BN
     else:
@@ -398,23 +441,46 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
+    if PAIR:  # the second tile: the next BN hidden columns
+        nmask2 = (offs_n + BN) < (H + BN if EVEN_N else H)
+        w_ptrs2 = w_ptrs + BN * stride_wn
+        s_ptrs2 = s_ptrs + BN * stride_sn
+        acc2 = tl.zeros_like(acc)
     # K chunk of this program: a fixed step count (pipelining wants constant trip counts); the
     # last chunk's steps past Ip load nothing (masked, EVEN_K is False then)
     k_lo = tl.program_id(1) * K_CHUNK
     sc = _load_scales(s_ptrs, k_lo, nmask, Ip, BK)
+    if PAIR:
+        sc2 = _load_scales(s_ptrs2, k_lo, nmask2, Ip, BK)
     for i in range(0, K_CHUNK // BK):
         k0 = k_lo + i * BK
         sc_next = _load_scales(s_ptrs, k0 + BK, nmask, Ip, BK)
+        if PAIR:
+            sc2_next = _load_scales(s_ptrs2, k0 + BK, nmask2, Ip, BK)
         if EVEN_K:
             a = tl.load(a_ptrs + (k0 + kx)[None, :], mask=rmask[:, None], other=0.0)
         else:
             a = tl.load(a_ptrs + (k0 + kx)[None, :],
                         mask=rmask[:, None] & ((k0 + kx) < Ip)[None, :], other=0.0)
-        w = _load_words(w_ptrs, k0, nmask, Ip, BK, EVEN_K)
-        if SYNC:
-            w = _wgmma_drain(w)
-        acc = _mma(acc, a, _dequant(w, sc, BN, BK, UPCAST), UPCAST, SWAP)
+        acc = _tile_step(acc, a, w_ptrs, k0, nmask, sc, Ip, BN, BK, EVEN_K, UPCAST, SWAP, SYNC)
         sc = sc_next
+        if PAIR:
+            acc2 = _tile_step(acc2, a, w_ptrs2, k0, nmask2, sc2, Ip, BN, BK, EVEN_K, UPCAST, SWAP,
+                              SYNC)
+            sc2 = sc2_next
+    _gemm2_store(acc, n0, nmask, assign, rmask, e64, b_ptr, stride_be, y_ptr, H, BN, HAS_BIAS,
+                 UPCAST, SWAP, SPLIT)
+    if PAIR:
+        _gemm2_store(acc2, n0 + BN, nmask2, assign, rmask, e64, b_ptr, stride_be, y_ptr, H, BN,
+                     HAS_BIAS, UPCAST, SWAP, SPLIT)
+
+
+@triton.jit
+def _gemm2_store(acc, n0, nmask, assign, rmask, e64, b_ptr, stride_be, y_ptr, H: tl.constexpr,
+                 BN: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
+                 SWAP: tl.constexpr, SPLIT: tl.constexpr):
+    """GEMM2 epilogue of the tile of hidden columns n0 .. n0+BN: bias, scatter to y rows."""
+    offs_n = n0 + tl.arange(0, BN)
     if SWAP:
         acc = tl.trans(acc)
     if not UPCAST:
@@ -424,8 +490,6 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
         if SPLIT > 1:
             b = tl.where(tl.program_id(1) == 0, b, 0.0)
         acc += b[None, :]
-    if SPLIT > 1:
-        assign += tl.program_id(1) * M
     y_ptrs = y_ptr + assign[:, None].to(tl.int64) * H + offs_n[None, :]
     tl.store(y_ptrs, acc, mask=rmask[:, None] & (offs_n < H)[None, :])
 
