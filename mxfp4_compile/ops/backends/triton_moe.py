@@ -19,7 +19,7 @@ in the registers wgmma reads its A operand from. Rows keep their K bytes contigu
 rows x BK/2 bytes is BN runs of 16-byte aligned vectors (Hp/2, Ip/2 are multiples of 32 bytes).
 Steps (triton_moe_details/_kernels.py): route (expert-sorted rows, on the GPU), GEMM1 (token
 gather, dequant, bias, activation), GEMM2 (bias, scatter to (token, slot) rows), finalize
-(weighted sum over slots in fixed order); at decode sizes the GEMMs split K (configs.split_k) and
+(weighted sum over slots in fixed order); at decode sizes the GEMMs split K (configs.plan) and
 the chunks are added in order (_act_kernel, finalize). No host sync, no data-dependent shapes:
 CUDA-graph safe and deterministic. Tiles: triton_moe_details/configs.py.
 """
@@ -209,12 +209,12 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     c1, c2 = configs.pick(T, k, E, Hp, Ip, interpret)
     # wgmma keeps MMAs in flight across K steps: drain before each dequant (sm90; _wgmma_drain)
     sync = not interpret and torch.cuda.get_device_capability(dev)[0] == 9
-    sms = 8 if interpret else _sm_count(dev)
+    sms = 0 if interpret else _sm_count(dev)  # 0: no automatic split/pairing (tests force them)
 
     a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted-row order
     nb1 = min(M, M // c1.BM + E)  # row blocks, worst case (surplus programs exit at once)
+    c1, split1, chunk1 = configs.plan(c1, nb1, 2 * Ip, Hp, sms, "gemm1")
     n1 = _cdiv(2 * Ip, c1.BN * (2 if c1.PAIR else 1))
-    split1, chunk1 = configs.split_k(nb1 * n1, Hp, c1.BK, sms)
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
@@ -236,8 +236,8 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             BR=BR, BC=BC, num_warps=4)
 
     nb2 = min(M, M // c2.BM + E)
+    c2, split2, chunk2 = configs.plan(c2, nb2, H, Ip, sms, "gemm2")
     n2 = _cdiv(H, c2.BN * (2 if c2.PAIR else 1))
-    split2, chunk2 = configs.split_k(nb2 * n2, Ip, c2.BK, sms, "gemm2")
     y = torch.empty(split2, M, H, dtype=torch.float32, device=dev)  # per-(token, slot) outputs
     b2 = w2_bias if w2_bias is not None else es
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]

@@ -166,6 +166,19 @@ def test_split_k_chunks_cover_k_once():
     assert configs.split_k(256 * 45, 2880, 64, 132)[0] == 1
 
 
+def test_plan_pairs_tiles_only_where_it_splits():
+    from mxfp4_compile.ops.backends.triton_moe_details import configs
+
+    c1, c2 = configs.pick(1, 4, 32, 2880, 2880)  # gpt-oss T=1: 4 row blocks
+    c, n, _ = configs.plan(c1, 4, 5760, 2880, 132, "gemm1")
+    assert c.PAIR and n > 1
+    c1, c2 = configs.pick(8, 4, 32, 2880, 2880)  # T=8: 32 blocks x 90 tiles fill the GPU
+    c, n, _ = configs.plan(c1, 32, 5760, 2880, 132, "gemm1")
+    assert not c.PAIR and n == 1
+    c, n, _ = configs.plan(configs.pick(4096, 4, 32, 2880, 2880)[0], 96, 5760, 2880, 132, "gemm1")
+    assert not c.PAIR and n == 1  # prefill tiles are never paired
+
+
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")
 def test_cpu_without_interpreter_is_unavailable():
     from mxfp4_compile.ops.backends import triton_moe as tm

@@ -87,8 +87,11 @@ def _k_loop(sass):
 def _configs():
     seen = {}
     for T, k, E, H, I in SHAPES:
-        for gemm, cfg in zip((1, 2), configs.pick(T, k, E, H, I)):
+        blocks = min(T * k, T * k // 16 + E)
+        for gemm, cfg, N, K in zip((1, 2), configs.pick(T, k, E, H, I), (2 * I, H), (H, I)):
             seen.setdefault((gemm, cfg, H, I), None)
+            # what the launch uses on an H100 (132 SMs): decode grids pair tiles (configs.plan)
+            seen.setdefault((gemm, configs.plan(cfg, blocks, N, K, 132, "gemm1")[0], H, I), None)
     return list(seen)
 
 

@@ -22,6 +22,8 @@ benchmarks/NOTES.md "v5"-"v7"), whole forward incl. routing, same config for bot
   larger      (256, 128, 64), 8 warps, if M = T*k >= 8192 (20b T=4096 1863 us, 120b 2902 us,
               Mixtral 5699 us; 128 rows: 2425 / 3238 / 7511 us in v6), else (128, 128, 64)
               (Mixtral T=512: 1253 us vs 1486 at (64, 128))
+Launch-time plan (`plan`): decode grids smaller than 3 programs per SM split K and pair weight
+tiles (two per program); see `plan` and `split_k` for the measurements.
 """
 from __future__ import annotations
 
@@ -66,6 +68,19 @@ _SPLIT_INDEX = {"gemm1": 0, "gemm2": 1}
 # slower (195 -> 227 us), 3 per SM leaves T >= 8 unsplit.
 PROGRAMS_PER_SM = 3
 MIN_STEPS_PER_CHUNK = 4
+
+
+def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str):
+    """-> (config, K chunks, chunk length) for one GEMM of `blocks` row blocks x N weight rows.
+    A decode grid too small for the GPU (the split-K case) also pairs weight tiles: the split
+    restores the program count, and each program then runs one loop's bookkeeping for two tiles
+    (v8 on the H100: gpt-oss T=1 69.2 -> 63.8 us; where the grid is big enough unpaired, pairing
+    only halved it: 20b T=8 187 -> 213 us, Mixtral T=1 GEMM1 139 -> 150 us)."""
+    if (OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR
+            and blocks * -(-N // c.BN) < PROGRAMS_PER_SM * sms):
+        c = dataclasses.replace(c, PAIR=True)
+    programs = blocks * -(-N // (c.BN * (2 if c.PAIR else 1)))
+    return (c,) + split_k(programs, K, c.BK, sms, which)
 
 
 def split_k(programs: int, K: int, BK: int, sms: int, which: str = "gemm1"):
