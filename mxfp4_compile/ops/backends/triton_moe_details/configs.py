@@ -75,8 +75,10 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str):
     A decode grid too small for the GPU (the split-K case) also pairs weight tiles: the split
     restores the program count, and each program then runs one loop's bookkeeping for two tiles
     (v8 on the H100: gpt-oss T=1 69.2 -> 63.8 us; where the grid is big enough unpaired, pairing
-    only halved it: 20b T=8 187 -> 213 us, Mixtral T=1 GEMM1 139 -> 150 us)."""
-    if (OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR
+    only halved it: 20b T=8 187 -> 213 us). 128-code steps are not paired: every paired BK 128
+    case was slower (20b T=1 78 -> 83 us, Mixtral T=1 141 -> 160 us; Mixtral's GEMM2 alone
+    paired: 142 -> 154 us in the bench)."""
+    if (OVERRIDE is None and c.BM == _DECODE.BM and c.BK == 64 and not c.PAIR
             and blocks * -(-N // c.BN) < PROGRAMS_PER_SM * sms):
         c = dataclasses.replace(c, PAIR=True)
     programs = blocks * -(-N // (c.BN * (2 if c.PAIR else 1)))
