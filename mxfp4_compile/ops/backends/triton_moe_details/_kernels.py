@@ -225,6 +225,20 @@ def _wgmma_drain(words):
 
 
 @triton.jit
+def _grid_position(N: tl.constexpr, n_blocks, BN: tl.constexpr, PAIR: tl.constexpr,
+                   N_FIRST: tl.constexpr):
+    """program_id(0) -> (row block, weight tile of BN rows, or of 2 BN with PAIR). N_FIRST (tiles
+    fastest): the programs running side by side share one row block's activations (read once
+    from HBM, then from L2) and stream different weight tiles; row blocks fastest re-read all of
+    x from HBM for every weight tile at prefill sizes."""
+    pid = tl.program_id(0)
+    N_TILES: tl.constexpr = (N + (2 if PAIR else 1) * BN - 1) // ((2 if PAIR else 1) * BN)
+    if N_FIRST:
+        return pid // N_TILES, pid % N_TILES
+    return pid % n_blocks, pid // n_blocks
+
+
+@triton.jit
 def _tile_step(acc, x, w_ptrs, k0, wmask, sc, Kp: tl.constexpr, BN: tl.constexpr,
                BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
                SYNC: tl.constexpr):
@@ -233,6 +247,44 @@ def _tile_step(acc, x, w_ptrs, k0, wmask, sc, Kp: tl.constexpr, BN: tl.constexpr
     if SYNC:
         w = _wgmma_drain(w)
     return _mma(acc, x, _dequant(w, sc, BN, BK, UPCAST), UPCAST, SWAP)
+
+
+@triton.jit
+def _k_loop(acc, acc2, act_ptrs, rmask, K_ACT: tl.constexpr, w_ptrs, s_ptrs, wmask, wmask2,
+            stride_wn: tl.constexpr, stride_sn: tl.constexpr, Kp: tl.constexpr,
+            K_CHUNK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
+            UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr, PAIR: tl.constexpr):
+    """The K loop of both GEMMs over this program's chunk: acc += act @ W.T for the BN weight
+    rows at w_ptrs (and acc2 for the next BN rows with PAIR). act_ptrs [BM]: the activation
+    rows (x gathered by token, or a), K_ACT of their columns valid; rows past the block's end
+    load nothing (at decode that is most of the tile). The chunk is a fixed step count
+    (pipelining wants constant trip counts); steps past Kp load nothing (EVEN_K is False then)."""
+    k_lo = tl.program_id(1) * K_CHUNK
+    kx = tl.arange(0, BK)
+    w_ptrs2 = w_ptrs + BN * stride_wn
+    s_ptrs2 = s_ptrs + BN * stride_sn
+    sc = _load_scales(s_ptrs, k_lo, wmask, Kp, BK)
+    if PAIR:
+        sc2 = _load_scales(s_ptrs2, k_lo, wmask2, Kp, BK)
+    for i in range(0, K_CHUNK // BK):
+        k0 = k_lo + i * BK
+        sc_next = _load_scales(s_ptrs, k0 + BK, wmask, Kp, BK)
+        if PAIR:
+            sc2_next = _load_scales(s_ptrs2, k0 + BK, wmask2, Kp, BK)
+        xk = k0 + kx
+        if EVEN_K and K_ACT == Kp:
+            x = tl.load(act_ptrs[:, None] + xk[None, :], mask=rmask[:, None], other=0.0)
+        else:
+            x = tl.load(act_ptrs[:, None] + xk[None, :],
+                        mask=rmask[:, None] & (xk < K_ACT)[None, :], other=0.0)
+        x = x.to(tl.bfloat16)
+        acc = _tile_step(acc, x, w_ptrs, k0, wmask, sc, Kp, BN, BK, EVEN_K, UPCAST, SWAP, SYNC)
+        sc = sc_next
+        if PAIR:
+            acc2 = _tile_step(acc2, x, w_ptrs2, k0, wmask2, sc2, Kp, BN, BK, EVEN_K, UPCAST, SWAP,
+                              SYNC)
+            sc2 = sc2_next
+    return acc, acc2
 
 
 @triton.jit
@@ -269,17 +321,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     SPLIT > 1 (decode: too few programs to keep the SMs busy): program_id(1) takes K_CHUNK of
     the K range and stores its partial gate/up sums (bias in chunk 0 only) to
     p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates."""
-    # N_FIRST (N tiles fastest): the programs running side by side share one row block's
-    # activations (read once from HBM, then from L2) and stream different weight tiles; row
-    # blocks fastest re-read all of x from HBM for every weight tile at prefill sizes.
-    pid = tl.program_id(0)
-    N_TILES: tl.constexpr = (2 * Ip + (2 if PAIR else 1) * BN - 1) // ((2 if PAIR else 1) * BN)
-    if N_FIRST:
-        pid_n = pid % N_TILES
-        pid_m = pid // N_TILES
-    else:
-        pid_m = pid % n_blocks
-        pid_n = pid // n_blocks
+    pid_m, pid_n = _grid_position(2 * Ip, n_blocks, BN, PAIR, N_FIRST)
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return
@@ -294,38 +336,14 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     e64 = e.to(tl.int64)
     w_ptrs = w_ptr + e64 * stride_we + offs_w[:, None] * stride_wn
     s_ptrs = s_ptr + e64 * stride_se + offs_w[:, None] * stride_sn
-    x_ptrs = x_ptr + tok[:, None].to(tl.int64) * stride_xt
-    kx = tl.arange(0, BK)
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    if PAIR:  # the second tile: the next BN weight rows
-        wmask2 = (offs_w + BN) < (2 * Ip + BN if EVEN_N else 2 * Ip)
-        w_ptrs2 = w_ptrs + BN * stride_wn
-        s_ptrs2 = s_ptrs + BN * stride_sn
-        acc2 = tl.zeros_like(acc)
-    # K chunk of this program: a fixed step count (pipelining wants constant trip counts); the
-    # last chunk's steps past Hp load nothing (masked, EVEN_K is False then)
-    k_lo = tl.program_id(1) * K_CHUNK
-    sc = _load_scales(s_ptrs, k_lo, wmask, Hp, BK)
-    if PAIR:
-        sc2 = _load_scales(s_ptrs2, k_lo, wmask2, Hp, BK)
-    for i in range(0, K_CHUNK // BK):
-        k0 = k_lo + i * BK
-        sc_next = _load_scales(s_ptrs, k0 + BK, wmask, Hp, BK)
-        if PAIR:
-            sc2_next = _load_scales(s_ptrs2, k0 + BK, wmask2, Hp, BK)
-        xk = k0 + kx
-        # rows past the block's end load nothing (at decode that is most of the tile)
-        x = tl.load(x_ptrs + xk[None, :], mask=rmask[:, None] & (xk < H)[None, :],
-                    other=0.0).to(tl.bfloat16)
-        acc = _tile_step(acc, x, w_ptrs, k0, wmask, sc, Hp, BN, BK, EVEN_K, UPCAST, SWAP, SYNC)
-        sc = sc_next
-        if PAIR:
-            acc2 = _tile_step(acc2, x, w_ptrs2, k0, wmask2, sc2, Hp, BN, BK, EVEN_K, UPCAST, SWAP,
-                              SYNC)
-            sc2 = sc2_next
+    wmask2 = (offs_w + BN) < (2 * Ip + BN if EVEN_N else 2 * Ip)  # PAIR: the next BN rows
+    acc, acc2 = _k_loop(acc, acc, x_ptr + tok.to(tl.int64) * stride_xt, rmask, H, w_ptrs, s_ptrs,
+                        wmask, wmask2, stride_wn, stride_sn, Hp, K_CHUNK, BN, BK, EVEN_K, UPCAST,
+                        SWAP, SYNC, PAIR)
     w0 = pid_n * (2 if PAIR else 1) * BN  # first weight row of the (first) tile
     _gemm1_store(acc, w0, wmask, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
                  alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
@@ -410,14 +428,7 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     takes K_CHUNK of the K range and writes its partial sum (bias in chunk 0 only) to
     y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks in order. PAIR: two BN-row weight
     tiles per program, as in _gemm1_kernel."""
-    pid = tl.program_id(0)  # grid order as in _gemm1_kernel
-    N_TILES: tl.constexpr = (H + (2 if PAIR else 1) * BN - 1) // ((2 if PAIR else 1) * BN)
-    if N_FIRST:
-        pid_n = pid % N_TILES
-        pid_m = pid // N_TILES
-    else:
-        pid_m = pid % n_blocks
-        pid_n = pid // n_blocks
+    pid_m, pid_n = _grid_position(H, n_blocks, BN, PAIR, N_FIRST)
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return
@@ -435,39 +446,14 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     e64 = e.to(tl.int64)
     w_ptrs = w_ptr + e64 * stride_we + offs_n[:, None] * stride_wn
     s_ptrs = s_ptr + e64 * stride_se + offs_n[:, None] * stride_sn
-    a_ptrs = a_ptr + rows[:, None].to(tl.int64) * Ip
-    kx = tl.arange(0, BK)
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
         acc = tl.zeros([BM, BN], dtype=tl.float32)
-    if PAIR:  # the second tile: the next BN hidden columns
-        nmask2 = (offs_n + BN) < (H + BN if EVEN_N else H)
-        w_ptrs2 = w_ptrs + BN * stride_wn
-        s_ptrs2 = s_ptrs + BN * stride_sn
-        acc2 = tl.zeros_like(acc)
-    # K chunk of this program: a fixed step count (pipelining wants constant trip counts); the
-    # last chunk's steps past Ip load nothing (masked, EVEN_K is False then)
-    k_lo = tl.program_id(1) * K_CHUNK
-    sc = _load_scales(s_ptrs, k_lo, nmask, Ip, BK)
-    if PAIR:
-        sc2 = _load_scales(s_ptrs2, k_lo, nmask2, Ip, BK)
-    for i in range(0, K_CHUNK // BK):
-        k0 = k_lo + i * BK
-        sc_next = _load_scales(s_ptrs, k0 + BK, nmask, Ip, BK)
-        if PAIR:
-            sc2_next = _load_scales(s_ptrs2, k0 + BK, nmask2, Ip, BK)
-        if EVEN_K:
-            a = tl.load(a_ptrs + (k0 + kx)[None, :], mask=rmask[:, None], other=0.0)
-        else:
-            a = tl.load(a_ptrs + (k0 + kx)[None, :],
-                        mask=rmask[:, None] & ((k0 + kx) < Ip)[None, :], other=0.0)
-        acc = _tile_step(acc, a, w_ptrs, k0, nmask, sc, Ip, BN, BK, EVEN_K, UPCAST, SWAP, SYNC)
-        sc = sc_next
-        if PAIR:
-            acc2 = _tile_step(acc2, a, w_ptrs2, k0, nmask2, sc2, Ip, BN, BK, EVEN_K, UPCAST, SWAP,
-                              SYNC)
-            sc2 = sc2_next
+    nmask2 = (offs_n + BN) < (H + BN if EVEN_N else H)  # PAIR: the next BN hidden columns
+    acc, acc2 = _k_loop(acc, acc, a_ptr + rows.to(tl.int64) * Ip, rmask, Ip, w_ptrs, s_ptrs,
+                        nmask, nmask2, stride_wn, stride_sn, Ip, K_CHUNK, BN, BK, EVEN_K, UPCAST,
+                        SWAP, SYNC, PAIR)
     _gemm2_store(acc, n0, nmask, assign, rmask, e64, b_ptr, stride_be, y_ptr, H, BN, HAS_BIAS,
                  UPCAST, SWAP, SPLIT)
     if PAIR:
