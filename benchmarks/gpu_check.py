@@ -201,6 +201,12 @@ V8 = {"decode": [C(16, 64, 64, 4, 4, True), _pair(C(16, 64, 64, 4, 4, True)),
       "prefill": [C(256, 128, 64, 8, 4, True), _pair(C(128, 128, 64, 8, 3, True))]}
 
 
+V9 = [(C(64, 128, 64, 8, 3, True), C(64, 128, 64, 8, 3, True)),
+      (C(64, 128, 64, 8, 3, True, maxnreg=80), C(64, 128, 64, 8, 3, True)),
+      (C(32, 64, 64, 4, 4, True), C(32, 64, 64, 4, 4, True)),
+      (C(128, 128, 64, 8, 3, True), C(128, 128, 64, 8, 3, True))]
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -208,6 +214,8 @@ def sweep_candidates(T, which="default"):
         return DECODE2
     if which == "v5":
         return V5_DECODE if T <= 64 else V5_MID if T <= 512 else V5_PREFILL
+    if which == "v9":
+        return V9
     if which == "v8":
         return V8["decode"] if T <= 64 else V8["mid"] if T <= 512 else V8["prefill"]
     if which == "v7":
@@ -422,7 +430,7 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
-    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8")
+    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")

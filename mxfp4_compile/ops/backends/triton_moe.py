@@ -150,6 +150,10 @@ def _sm_count(device: torch.device) -> int:
     return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
+def _regs(c) -> dict:
+    return {} if c.maxnreg is None else {"maxnreg": c.maxnreg}
+
+
 def route(topk_ids, expert_map, E: int):
     """-> (expert_start [EB] int32 (first E+1 used), sorted_assign [M] int32). GPU only, no sync."""
     from .triton_moe_details import _kernels as K
@@ -228,7 +232,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
         EVEN_K=split1 * chunk1 == Hp, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
         SYNC=sync, SPLIT=split1, K_CHUNK=chunk1, N_FIRST=c1.N_FIRST, PAIR=c1.PAIR,
-        num_warps=c1.num_warps, num_stages=c1.num_stages)
+        num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1))
     if split1 > 1:
         BR, BC = 16, 128
         K._act_kernel[(_cdiv(M, BR), _cdiv(Ip, BC))](
@@ -249,7 +253,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
         EVEN_K=split2 * chunk2 == Ip, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP,
         SYNC=sync, SPLIT=split2, K_CHUNK=chunk2, N_FIRST=c2.N_FIRST, PAIR=c2.PAIR,
-        num_warps=c2.num_warps, num_stages=c2.num_stages)
+        num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2))
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
     BH = min(1024, _next_pow2(H))

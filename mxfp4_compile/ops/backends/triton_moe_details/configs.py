@@ -40,6 +40,7 @@ class TileConfig:
     SWAP: bool = False  # compute (W @ x.T): weight rows on the MMA's M side (wgmma needs it here)
     N_FIRST: bool = True  # grid order: weight tiles of one row block side by side (_kernels)
     PAIR: bool = False  # two BN-row weight tiles per program (one loop's bookkeeping for both)
+    maxnreg: int | None = None  # register cap per thread (more resident programs), None: ptxas
 
 
 _DECODE = TileConfig(16, 64, 64, 4, 4, True)
