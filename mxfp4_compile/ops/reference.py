@@ -37,6 +37,11 @@ def silu_glu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+def check_activation(activation: str) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+
+
 def activate(h: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
     if activation == "swiglu_oai":
         return swiglu_oai(h, alpha, limit)

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import numerics
 from . import dispatch
-from .reference import ACTIVATIONS
+from .reference import ACTIVATIONS, check_activation
 
 ROLES = ("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")
 
@@ -43,11 +43,6 @@ class PreparedMoE:
 
     def moe_kwargs(self):
         return dict(zip(ROLES, self.tensors()), kernel=self.kernel, activation=self.activation)
-
-
-def _check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
 
 
 def _reorder_gate_up(t: torch.Tensor, dim: int, interleaved_in: bool, activation: str):
@@ -119,7 +114,7 @@ def check_expert_shapes(w13_shape, w2_shape, transposed: bool) -> tuple[int, int
 def quantize_experts(w13, w2, w13_bias=None, w2_bias=None, *, activation, rounding="floor",
                      gate_up_interleaved=None, transposed=False, h_multiple=32, i_multiple=32):
     """Float expert weights -> the six canonical MXFP4 tensors (padded)."""
-    _check_activation(activation)
+    check_activation(activation)
     E, H, I = check_expert_shapes(w13.shape, w2.shape, transposed)
     for name, t in (("w13", w13), ("w2", w2)):
         if not t.is_floating_point():
@@ -194,7 +189,7 @@ def prepare_moe_weights(w13, w2, w13_bias=None, w2_bias=None, *, activation, ker
     ``gate_up_interleaved`` says how the INPUT w13 orders gate/up rows (default: the activation's
     own order); ``transposed`` means the inputs are [E, K, N] (x @ w) instead of [E, N, K]."""
     global _quantized
-    _check_activation(activation)
+    check_activation(activation)
     if gate_up_interleaved is None:  # resolve before keying: None and its meaning share one entry
         gate_up_interleaved = ACTIVATIONS[activation] == "interleaved"
     inputs = (w13, w2, w13_bias, w2_bias)
@@ -225,7 +220,7 @@ def from_mxfp4_blocks(w13_blocks, w13_scales, w13_bias, w2_blocks, w2_scales, w2
 
     ``*_blocks`` [E, N, K/32, 16] uint8 (or already [E, N, K/2]), ``*_scales`` [E, N, K/32] uint8,
     biases [E, N]. w13 rows in the activation's canonical order (gpt-oss: interleaved)."""
-    _check_activation(activation)
+    check_activation(activation)
     flat = []
     for name, b, s in (("w13", w13_blocks, w13_scales), ("w2", w2_blocks, w2_scales)):
         b, s = numerics._as_uint8(b, f"{name}_blocks"), numerics._as_uint8(s, f"{name}_scales")

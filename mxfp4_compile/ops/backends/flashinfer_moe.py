@@ -60,13 +60,14 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ..reference import check_activation
+
 log = logging.getLogger("mxfp4_compile")
 
 NAME = "flashinfer"
 H_MULTIPLE = 256
 I_MULTIPLE = 256
 EPILOGUE_TILE_M = 128  # the seed's value ("depends on the kernel internals")
-ACTIVATIONS = ("swiglu_oai", "silu_glu")
 ACT_ENV = "MXFP4_FLASHINFER_ACTIVATIONS"  # "bf16" (default) or "mxfp8"
 SUPPORTED_API = "flashinfer-python 0.7.x: trtllm_fp4_block_scale_routed_moe (pre-routed, no tile_tokens_dim)"
 HOW_TO_GET = "pip install flashinfer-python==0.7.2.post1"
@@ -157,11 +158,6 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 # ---- pure-torch preparation (tested on CPU) -------------------------------------------------------------
-def _check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-
-
 def _check_padded(Hp: int, Ip: int) -> None:
     if Hp % H_MULTIPLE or Ip % I_MULTIPLE:
         raise ValueError(f"flashinfer needs Hp % {H_MULTIPLE} == 0 and Ip % {I_MULTIPLE} == 0; got "
@@ -170,7 +166,7 @@ def _check_padded(Hp: int, Ip: int) -> None:
 
 
 def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
-    _check_activation(activation)
+    check_activation(activation)
     _check_padded(Hp, Ip)
     u8, f32 = torch.uint8, torch.float32
     return [((E, 2 * Ip, Hp // 2), u8), ((E, 2 * Ip, Hp // 32), u8),
@@ -186,7 +182,7 @@ def swap_row_pairs(t: torch.Tensor, dim: int) -> torch.Tensor:
 
 def to_trtllm_gate_up(t: torch.Tensor, dim: int, activation: str) -> torch.Tensor:
     """Canonical gate/up rows -> trtllm-gen's (up, gate) pairs: row 2j = up_j, row 2j+1 = gate_j."""
-    _check_activation(activation)
+    check_activation(activation)
     if activation == "swiglu_oai":  # canonical (gate, up) pairs: swap
         return swap_row_pairs(t, dim)
     gate, up = t.chunk(2, dim=dim)  # canonical [gate; up]
@@ -195,7 +191,7 @@ def to_trtllm_gate_up(t: torch.Tensor, dim: int, activation: str) -> torch.Tenso
 
 def from_trtllm_gate_up(t: torch.Tensor, dim: int, activation: str) -> torch.Tensor:
     """Inverse of ``to_trtllm_gate_up``."""
-    _check_activation(activation)
+    check_activation(activation)
     if activation == "swiglu_oai":
         return swap_row_pairs(t, dim)
     pairs = t.unflatten(dim, (-1, 2))
@@ -226,7 +222,7 @@ def shuffle_a_row_indices(M: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> tor
 
 def prepare_unshuffled(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     """Steps before the CUDA shuffles: shape checks, (up, gate) row pairs, fp32 contiguous biases."""
-    _check_activation(activation)
+    check_activation(activation)
     E, two_ip, hp_half = w13.shape
     Hp, Ip = hp_half * 2, two_ip // 2
     _check_padded(Hp, Ip)
@@ -321,7 +317,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     """UNVERIFIED on hardware: see the module docstring."""
     global _warned
     fi = _fi()
-    _check_activation(activation)
+    check_activation(activation)
     if not _warned:
         log.warning("mxfp4: the flashinfer backend's kernel call has not been verified on hardware")
         _warned = True

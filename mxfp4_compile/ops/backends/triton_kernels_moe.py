@@ -74,6 +74,8 @@ import types
 import torch
 import torch.nn.functional as F
 
+from ..reference import check_activation
+
 NAME = "triton_kernels"
 H_MULTIPLE = 64
 I_MULTIPLE = 64
@@ -92,7 +94,6 @@ BLOCK_K = 128
 # library's heuristic splits K at small T into an fp32 scratch + a reduce pass; None keeps it.
 SPLIT_K: int | None = 1
 SUPPORTED_API = "matmul_ogs + routing (triton_kernels as in Triton 3.5.x / vLLM 0.33)"
-ACTIVATIONS = ("swiglu_oai", "silu_glu")
 
 HOW_TO_GET = (
     "get triton_kernels from vLLM 0.33's wheel: `pip download --no-deps vllm==0.33.0`, unzip only "
@@ -204,11 +205,6 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 # ---- layout -----------------------------------------------------------------------------------------
-def _check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
-
-
 def _pad_to(n: int, m: int) -> int:
     return -(-n // m) * m
 
@@ -233,7 +229,7 @@ def _check_padded(Hp: int, Ip: int) -> None:
 
 def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
     """(shape, dtype) of each of the six prepared tensors (None for an absent bias)."""
-    _check_activation(activation)
+    check_activation(activation)
     _check_padded(Hp, Ip)
     u8, f32 = torch.uint8, torch.float32
     return [((E, 2 * Ip // 4, 2 * Hp), u8),
@@ -300,7 +296,7 @@ def unswizzle_scales(p: torch.Tensor, N: int, K: int) -> torch.Tensor:
 
 def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     """Canonical padded MXFP4 (ops/reference.py) -> this kernel's six tensors (module docstring)."""
-    _check_activation(activation)
+    check_activation(activation)
     E, two_ip, hp_half = w13.shape
     Hp, Ip = hp_half * 2, two_ip // 2
     _check_padded(Hp, Ip)
@@ -455,7 +451,7 @@ def _activation(api, activation: str, alpha: float, limit: float):
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
         activation, alpha, limit, expert_map, combine):
     api = _api()
-    _check_activation(activation)
+    check_activation(activation)
     T, H = hidden.shape
     k = topk_ids.shape[1]
     E = w13.shape[0]

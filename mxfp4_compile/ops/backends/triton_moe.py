@@ -31,7 +31,7 @@ import os
 import torch
 
 from . import reference_moe
-from ..reference import ACTIVATIONS
+from ..reference import ACTIVATIONS, check_activation
 
 NAME = "triton"
 H_MULTIPLE = 64  # K of GEMM1 and N of GEMM2: rows stay 32-byte multiples (16-byte loads)
@@ -113,8 +113,7 @@ def _paired_rows(Ip: int, activation: str, device) -> torch.Tensor:
 def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     """Canonical padded MXFP4 -> this kernel's layout: w13 rows paired (`_paired_rows`), codes
     permuted inside every 32-code chunk (`_pack_words`); scales and biases follow their rows."""
-    if activation not in _ACT:
-        raise ValueError(f"activation must be one of {sorted(_ACT)}, got {activation!r}")
+    check_activation(activation)
     Hp, Ip = w13.shape[2] * 2, w2.shape[2] * 2
     if Hp % H_MULTIPLE or Ip % I_MULTIPLE:
         raise ValueError(f"kernel 'triton' needs Hp % {H_MULTIPLE} == 0 and Ip % {I_MULTIPLE} == 0, "
@@ -192,8 +191,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     reason = unavailable_reason(hidden.device)
     if reason is not None:
         raise RuntimeError(reason)
-    if activation not in _ACT:
-        raise ValueError(f"activation must be one of {sorted(_ACT)}, got {activation!r}")
+    check_activation(activation)
     if hidden.dtype not in _HIDDEN_DTYPES:
         raise TypeError(f"hidden must be one of {_HIDDEN_DTYPES}, got {hidden.dtype}")
     from .triton_moe_details import _kernels as K
