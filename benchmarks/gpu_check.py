@@ -207,6 +207,16 @@ V9 = [(C(64, 128, 64, 8, 3, True), C(64, 128, 64, 8, 3, True)),
       (C(128, 128, 64, 8, 3, True), C(128, 128, 64, 8, 3, True))]
 
 
+# v10 (session 3): 128/256-code steps for gpt-oss too, now that K = 2880 ends with one 64-code
+# tail step instead of masking every step (configs.tail); scales pre-biased, one wgmma drain
+# per step (fewer instructions per code).
+V10 = {"decode": [C(16, 64, 64, 4, 4, True), C(16, 64, 128, 4, 4, True), C(16, 64, 256, 4, 3, True)],
+       "mid": [C(32, 64, 64, 4, 4, True), C(32, 64, 128, 4, 4, True), C(64, 128, 64, 8, 3, True),
+               C(64, 128, 128, 8, 3, True), C(128, 128, 64, 8, 3, True)],
+       "prefill": [C(256, 128, 64, 8, 4, True), C(256, 128, 128, 8, 3, True),
+                   C(128, 128, 64, 8, 3, True), C(128, 128, 128, 8, 3, True)]}
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -216,6 +226,8 @@ def sweep_candidates(T, which="default"):
         return V5_DECODE if T <= 64 else V5_MID if T <= 512 else V5_PREFILL
     if which == "v9":
         return V9
+    if which == "v10":
+        return V10["decode"] if T <= 64 else V10["mid"] if T <= 512 else V10["prefill"]
     if which == "v8":
         return V8["decode"] if T <= 64 else V8["mid"] if T <= 512 else V8["prefill"]
     if which == "v7":
@@ -430,7 +442,7 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
-    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9")
+    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9|v10")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")

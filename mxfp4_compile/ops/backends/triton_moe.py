@@ -110,9 +110,34 @@ def _paired_rows(Ip: int, activation: str, device) -> torch.Tensor:
     return col + up * Ip
 
 
+# Scale bytes are stored biased, s + _SCALE_BIAS: the bf16 exponent of the multiplier the kernel
+# applies (_kernels, the e2m1 decode notes); exact for s <= _MAX_SCALE, 255 (NaN) kept.
+_SCALE_BIAS = 62
+_MAX_SCALE = 192
+
+
+def _bias_scales(codes: torch.Tensor, scales: torch.Tensor):
+    """-> (codes, biased scales): codes [E, N, K/2] and e8m0 bytes [E, N, K/32] uint8. A NaN
+    scale (255) stays 255 (an infinite multiplier) and its block's codes become 0, so the whole
+    block decodes to 0 * inf = NaN, as the format says."""
+    s = scales.to(torch.int16)
+    too_big = (s > _MAX_SCALE) & (s != 255)
+    if bool(too_big.any()):
+        raise ValueError(
+            f"kernel 'triton' handles e8m0 block scales up to {_MAX_SCALE} (2**{_MAX_SCALE - 127});"
+            f" these weights have {int(too_big.sum())} block(s) with a larger finite scale (max "
+            f"byte {int(s[too_big].max())}). Use kernel='reference' for such weights.")
+    nan = s == 255
+    if bool(nan.any()):
+        shape = codes.shape
+        codes = codes.reshape(*nan.shape, 16).masked_fill(nan[..., None], 0).reshape(shape)
+    return codes, torch.where(nan, s, s + _SCALE_BIAS).to(torch.uint8)
+
+
 def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     """Canonical padded MXFP4 -> this kernel's layout: w13 rows paired (`_paired_rows`), codes
-    permuted inside every 32-code chunk (`_pack_words`); scales and biases follow their rows."""
+    permuted inside every 32-code chunk (`_pack_words`); scales biased (`_bias_scales`) and,
+    like the biases, following their rows."""
     check_activation(activation)
     Hp, Ip = w13.shape[2] * 2, w2.shape[2] * 2
     if Hp % H_MULTIPLE or Ip % I_MULTIPLE:
@@ -127,9 +152,10 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
 
     rows = _paired_rows(Ip, activation, w13.device)
     b13 = f32(w13_bias)
-    return (_pack_words(u8(w13)[:, rows]), u8(w13_scales)[:, rows].contiguous(),
-            None if b13 is None else b13[:, rows].contiguous(),
-            _pack_words(u8(w2)), u8(w2_scales), f32(w2_bias))
+    w13, s13 = _bias_scales(u8(w13)[:, rows], u8(w13_scales)[:, rows])
+    w2, s2 = _bias_scales(u8(w2), u8(w2_scales))
+    return (_pack_words(w13), s13.contiguous(), None if b13 is None else b13[:, rows].contiguous(),
+            _pack_words(w2), s2.contiguous(), f32(w2_bias))
 
 
 def _cdiv(a: int, b: int) -> int:
@@ -217,6 +243,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     nb1 = min(M, M // c1.BM + E)  # row blocks, worst case (surplus programs exit at once)
     c1, split1, chunk1 = configs.plan(c1, nb1, 2 * Ip, Hp, sms, "gemm1")
     n1 = _cdiv(2 * Ip, c1.BN * (2 if c1.PAIR else 1))
+    tail1 = configs.tail(Hp, c1.BK) if split1 == 1 else 0
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
@@ -228,8 +255,9 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
         H=H, Hp=Hp, Ip=Ip,
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
-        EVEN_K=split1 * chunk1 == Hp, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
-        SYNC=sync, SPLIT=split1, K_CHUNK=chunk1, N_FIRST=c1.N_FIRST, PAIR=c1.PAIR,
+        EVEN_K=split1 * chunk1 == Hp or tail1 > 0, EVEN_N=(2 * Ip) % c1.BN == 0,
+        UPCAST=interpret, SWAP=c1.SWAP, SYNC=sync, SPLIT=split1, K_CHUNK=chunk1,
+        N_FIRST=c1.N_FIRST, PAIR=c1.PAIR, TAIL=tail1,
         num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1))
     if split1 > 1:
         BR, BC = 16, 128
@@ -240,6 +268,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     nb2 = min(M, M // c2.BM + E)
     c2, split2, chunk2 = configs.plan(c2, nb2, H, Ip, sms, "gemm2")
     n2 = _cdiv(H, c2.BN * (2 if c2.PAIR else 1))
+    tail2 = configs.tail(Ip, c2.BK) if split2 == 1 else 0
     y = torch.empty(split2, M, H, dtype=torch.float32, device=dev)  # per-(token, slot) outputs
     b2 = w2_bias if w2_bias is not None else es
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
@@ -249,8 +278,9 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
         w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
         HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
-        EVEN_K=split2 * chunk2 == Ip, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP,
-        SYNC=sync, SPLIT=split2, K_CHUNK=chunk2, N_FIRST=c2.N_FIRST, PAIR=c2.PAIR,
+        EVEN_K=split2 * chunk2 == Ip or tail2 > 0, EVEN_N=H % c2.BN == 0, UPCAST=interpret,
+        SWAP=c2.SWAP, SYNC=sync, SPLIT=split2, K_CHUNK=chunk2, N_FIRST=c2.N_FIRST,
+        PAIR=c2.PAIR, TAIL=tail2,
         num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2))
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)

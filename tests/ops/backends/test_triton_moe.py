@@ -39,12 +39,19 @@ CASES = {
     # two weight tiles per program; H 160 -> Hp 192: GEMM2's second tile is partly past H
     "pair_tiles": dict(T=7, H=160, I=96, pair=True, twice=True),
     "pair_tiles_split_silu": dict(T=2, H=160, I=96, act="silu_glu", pair=True, split=(2, 2)),
+    # 128-code steps on Hp = Ip = 192: one whole step, then a 64-code tail step (configs.tail);
+    # split K masks the steps instead (no tail)
+    "tail_step": dict(T=7, H=160, I=192, bk=128, twice=True),
+    "tail_step_pair": dict(T=2, H=160, I=192, bk=128, pair=True, act="silu_glu"),
+    "bk128_split_pair": dict(T=2, H=160, I=192, bk=128, split=(2, 2), pair=True),
+    # one w2 block with the NaN scale byte 255: NaN exactly where the reference has NaN
+    "nan_scale_block": dict(T=7, nan_block=True),
 }
 
 
 def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False, combine=True,
               ids64=False, dtype="bfloat16", route_budget=None, seed=0, twice=False, split=None,
-              pair=False):
+              pair=False, bk=None, nan_block=False):
     from mxfp4_compile.ops.backends import triton_moe as tm
     from mxfp4_compile.ops.backends.triton_moe_details import configs
     from mxfp4_compile.ops.reference import moe_reference
@@ -57,6 +64,10 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
     b2 = torch.randn(E, H, generator=g) * 0.1 if bias else None
     canonical = quantize_experts(w13, w2, b13, b2, activation=act, h_multiple=tm.H_MULTIPLE,
                                  i_multiple=tm.I_MULTIPLE)
+    if nan_block:  # expert 0, hidden row 3, first 32-block of its intermediate columns
+        canonical = list(canonical)
+        canonical[4] = canonical[4].clone()
+        canonical[4].view(torch.uint8)[0, 3, 0] = 255
     prepared = tm.prepare(*canonical, act)
     x = torch.randn(T, H, generator=g).to(getattr(torch, dtype))
     e_global = E + 3 if emap else E
@@ -71,15 +82,19 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
     if route_budget is not None:
         tm._ROUTE_BUDGET = route_budget
     configs.SPLIT_OVERRIDE = split
-    configs.OVERRIDE = tuple(dataclasses.replace(c, PAIR=True) for c in configs._INTERPRET) \
-        if pair else None
+    configs.OVERRIDE = tuple(dataclasses.replace(c, PAIR=pair, BK=bk or c.BK)
+                             for c in configs._INTERPRET) if pair or bk else None
     ref = moe_reference(x, ids, tw, *canonical, act, 1.702, 7.0, expert_map, combine).float()
     out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine)
     # determinism (bitwise equal reruns) on two cases only: each interpreter call costs seconds
     again = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine) if twice else out
     res = dict(shape=list(out.shape), ref_shape=list(ref.shape), dtype=str(out.dtype),
-               finite=bool(torch.isfinite(out.float()).all()),
-               deterministic=bool(torch.equal(out, again)))
+               deterministic=bool(torch.equal(out.nan_to_num(7.0), again.nan_to_num(7.0))))
+    if nan_block:
+        nan = torch.isnan(ref)
+        res["nan_match"] = bool(nan.any()) and bool(torch.equal(torch.isnan(out.float()), nan))
+        out, ref = out.float().masked_fill(nan, 0), ref.masked_fill(nan, 0)
+    res["finite"] = bool(torch.isfinite(out.float()).all())
     res["err"] = ((out.float() - ref).norm() / ref.norm()).item() if ref.numel() else 0.0
     if T:  # routing metadata: a stable grouping of the valid assignments by expert
         ids_local = ids.long() if expert_map is None else expert_map.long()[ids.long()]
@@ -113,6 +128,8 @@ def test_matches_reference_under_interpreter(results, name):
     assert r["finite"]
     assert r["deterministic"]
     assert r["err"] < TOL, f"rel-L2 {r['err']:.3g}"
+    if "nan_match" in r:
+        assert r["nan_match"], "NaN scale: NaN outputs differ from the reference's"
     if "route_ok" in r:
         assert r["route_ok"] and r["route_start_ok"]
 
@@ -135,6 +152,26 @@ def test_prepared_shapes_match_prepare():
             assert (t is None) == (s is None)
             if t is not None:
                 assert (tuple(t.shape), t.dtype) == s
+
+
+def test_prepare_biases_scales_and_keeps_nan_blocks_nan():
+    from mxfp4_compile.ops.backends import triton_moe as tm
+
+    g = torch.Generator().manual_seed(1)
+    codes = torch.randint(0, 256, (2, 3, 64), dtype=torch.uint8, generator=g)  # K = 128
+    scales = torch.randint(100, 140, (2, 3, 4), dtype=torch.uint8, generator=g)
+    scales[1, 2, 1] = 255
+    scales[0, 0, 3] = 192
+    out_codes, out_scales = tm._bias_scales(codes, scales)
+    nan = scales == 255
+    assert torch.equal(out_scales[~nan], scales[~nan] + tm._SCALE_BIAS)
+    assert int(out_scales[1, 2, 1]) == 255
+    blocks = out_codes.reshape(2, 3, 4, 16)
+    assert not blocks[1, 2, 1].any()  # the NaN block's codes: all zero (0 * inf = NaN)
+    assert torch.equal(blocks[~nan], codes.reshape(2, 3, 4, 16)[~nan])  # the rest untouched
+    scales[0, 1, 0] = 193  # 2**66: past what the bf16 multiplier holds exactly
+    with pytest.raises(ValueError, match="up to 192.*kernel='reference'"):
+        tm._bias_scales(codes, scales)
 
 
 def test_tile_table_covers_every_T():

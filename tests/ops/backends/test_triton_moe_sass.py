@@ -35,22 +35,23 @@ def _compile(gemm, cfg, H, I):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    split, chunk = 1, -(-(H if gemm == 1 else I) // cfg.BK) * cfg.BK  # no split-K
+    K_ = H if gemm == 1 else I
+    split, chunk = 1, -(-K_ // cfg.BK) * cfg.BK  # no split-K
+    tail = configs.tail(K_, cfg.BK)
     common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, UPCAST=False,
                   SWAP=cfg.SWAP, SYNC=True, SPLIT=split, K_CHUNK=chunk, N_FIRST=cfg.N_FIRST,
-                  PAIR=cfg.PAIR)
+                  PAIR=cfg.PAIR, TAIL=tail, EVEN_K=K_ % cfg.BK == 0 or tail > 0)
     if gemm == 1:
         fn = K._gemm1_kernel
         cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
                   stride_se=2 * I * H // 32, stride_sn=H // 32, stride_be=2 * I, H=H, Hp=H, Ip=I,
-                  ACT=0, EVEN_K=H % cfg.BK == 0, EVEN_N=(2 * I) % cfg.BN == 0)
+                  ACT=0, EVEN_N=(2 * I) % cfg.BN == 0)
         scalars = dict(E="i32", k_top="i32", n_blocks="i32", alpha="fp32", limit="fp32",
                        p_rows="i32")
     else:
         fn = K._gemm2_kernel
         cx = dict(common, stride_we=I * H // 8, stride_wn=I // 8, stride_se=I * H // 32,
-                  stride_sn=I // 32, stride_be=H, H=H, Ip=I, EVEN_K=I % cfg.BK == 0,
-                  EVEN_N=H % cfg.BN == 0)
+                  stride_sn=I // 32, stride_be=H, H=H, Ip=I, EVEN_N=H % cfg.BN == 0)
         scalars = dict(E="i32", n_blocks="i32", M="i32")
     sig = {n: _PTR.get(n, scalars.get(n, "constexpr")) for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()

@@ -94,8 +94,12 @@ def _block_info(es_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr):
 # at bf16 bits 8..6 (exponent e, mantissa m0), sign at bit 15. That bf16 is exactly
 # value * 2**-126 (e == 0 gives the subnormal 0.5 * 2**-126). One bf16x2 FMA by
 # 2**(s - 1 - ACC_SHIFT) (s = the e8m0 byte) scales two elements; the accumulator is multiplied
-# by 2**ACC_SHIFT at the end, which keeps the multiplier a normal bf16 for bytes 66..192
-# (|w| from about 2**-61 to 2**66; outside that range the result is not exact).
+# by 2**ACC_SHIFT at the end. `prepare` stores each scale biased, b = s + 127 - 1 - ACC_SHIFT
+# = s + 62 (the multiplier's bf16 exponent field): one integer multiply, b * 0x00800080, then
+# builds the bf16x2 multiplier. Exact for s = 66..192 (|w| from about 2**-61 to 2**66):
+# `prepare` refuses larger scales; smaller ones flush toward zero (absolute error < 2**-60).
+# s = 255 (NaN) becomes b = 255, an infinite multiplier, and `prepare` zeroes that block's codes:
+# 0 * inf = NaN for the whole block, as the format says.
 ACC_SHIFT = tl.constexpr(64)
 ACC_SCALE = tl.constexpr(2.0 ** 64)  # 2**ACC_SHIFT
 _DEQUANT_ASM = tl.constexpr("""
@@ -148,13 +152,13 @@ def _assemble(e0, e1, e2, e3, e4, e5, e6, e7, R: tl.constexpr, BK: tl.constexpr)
 
 
 @triton.jit
-def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr):
-    """words int32 [R, BK/8] (8 codes each, `prepare`'s order), scales uint8 [R, BK/8] (the e8m0
-    byte of each word's 32-block) -> [R, BK]: bf16 * 2**-ACC_SHIFT on the GPU (inline PTX);
-    under the interpreter (UPCAST) exact fp32 values, by plain bit arithmetic."""
+def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, SYNC: tl.constexpr):
+    """words int32 [R, BK/8] (8 codes each, `prepare`'s order), scales uint8 [R, BK/8] (the
+    biased scale byte of each word's 32-block) -> [R, BK]: bf16 * 2**-ACC_SHIFT on the GPU
+    (inline PTX); under the interpreter (UPCAST) exact fp32 values, by plain bit arithmetic."""
     if UPCAST:
-        s = scales.to(tl.int32)
-        sv = tl.where(s == 255, float("nan"), (s << 23).to(tl.float32, bitcast=True))  # 2**(s-127)
+        b = scales.to(tl.int32)
+        sv = tl.where(b == 255, float("nan"), ((b - 62) << 23).to(tl.float32, bitcast=True))
         c0 = _e2m1_f32(words, 0)
         c1 = _e2m1_f32(words, 16)
         c2 = _e2m1_f32(words, 4)
@@ -165,12 +169,14 @@ def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
         c7 = _e2m1_f32(words, 28)
         w = _assemble(c0 * sv, c1 * sv, c2 * sv, c3 * sv, c4 * sv, c5 * sv, c6 * sv, c7 * sv, R, BK)
     else:  # (no early return: Triton would still emit the code after a constexpr-if return)
-        s = scales.to(tl.int32)
-        f = tl.minimum(tl.maximum(s + (127 - 1 - ACC_SHIFT), 1), 254)
-        h = tl.where(s == 255, 0x7FC0, f << 7)
-        m = h | (h << 16)  # bf16x2 multiplier 2**(s - 1 - ACC_SHIFT), twice
+        m = scales.to(tl.int32) * 0x00800080  # bf16x2 multiplier 2**(s - 1 - ACC_SHIFT), twice
+        if SYNC:
+            token = _wgmma_drain()
+        else:
+            token = 0
+        # `token` is an unused operand: it only orders the dequant after the drain
         e0, e1, e2, e3, e4, e5, e6, e7 = tl.inline_asm_elementwise(
-            _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [words, m],
+            _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, m, token],
             dtype=(tl.bfloat16,) * 8, is_pure=True, pack=1)
         w = _assemble(e0, e1, e2, e3, e4, e5, e6, e7, R, BK)
     return w
@@ -213,15 +219,17 @@ def _load_scales(s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _wgmma_drain(words):
-    """Identity on `words` that first waits for every wgmma still in flight (sm90 only).
-    Triton 3.6 pipelines wgmma across K steps (up to 3 in flight) even when operand A comes from
-    registers, and ptxas may then reuse those registers for the next step's dequantized tile
-    before the MMA has read them: on the H100 that gave rel-L2 3.7e-3 with bad rows changing
-    from run to run (BM 128, 8 warps) and 0.156 on every row (BM 256). Draining first fixed every
-    case and cost < 1% (benchmarks/NOTES.md, v5)."""
-    return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;\n mov.b32 $0, $1;", "=r,r",
-                                     [words], dtype=tl.int32, is_pure=False, pack=1)
+def _wgmma_drain():
+    """Waits for every wgmma still in flight (sm90 only); returns an int32 0 the dequant takes
+    as an operand, so that it cannot be scheduled before the wait. Triton 3.6 pipelines wgmma
+    across K steps (up to 3 in flight) even when operand A comes from registers, and ptxas may
+    then reuse those registers for the next step's dequantized tile before the MMA has read
+    them: on the H100 that gave rel-L2 3.7e-3 with bad rows changing from run to run (BM 128,
+    8 warps) and 0.156 on every row (BM 256). Draining first fixed every case and cost < 1%
+    (benchmarks/NOTES.md, v5). One wait per K step: the token is a scalar."""
+    return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;\n mov.b32 $0, 0;", "=r,r",
+                                     [tl.full([], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+                                     pack=1)
 
 
 @triton.jit
@@ -244,46 +252,65 @@ def _tile_step(acc, x, w_ptrs, k0, wmask, sc, Kp: tl.constexpr, BN: tl.constexpr
                SYNC: tl.constexpr):
     """acc += one K step of one [BN, BK] weight tile (load, drain, dequant, MMA)."""
     w = _load_words(w_ptrs, k0, wmask, Kp, BK, EVEN_K)
-    if SYNC:
-        w = _wgmma_drain(w)
-    return _mma(acc, x, _dequant(w, sc, BN, BK, UPCAST), UPCAST, SWAP)
+    return _mma(acc, x, _dequant(w, sc, BN, BK, UPCAST, SYNC), UPCAST, SWAP)
+
+
+@triton.jit
+def _load_act(act_ptrs, rmask, k0, K_ACT: tl.constexpr, Kp: tl.constexpr, BK: tl.constexpr,
+              EVEN_K: tl.constexpr):
+    """The [BM, BK] activation tile at column k0 as bf16 (zero past K_ACT and in masked rows)."""
+    xk = k0 + tl.arange(0, BK)
+    if EVEN_K and K_ACT == Kp:
+        x = tl.load(act_ptrs[:, None] + xk[None, :], mask=rmask[:, None], other=0.0)
+    else:
+        x = tl.load(act_ptrs[:, None] + xk[None, :],
+                    mask=rmask[:, None] & (xk < K_ACT)[None, :], other=0.0)
+    return x.to(tl.bfloat16)
 
 
 @triton.jit
 def _k_loop(acc, acc2, act_ptrs, rmask, K_ACT: tl.constexpr, w_ptrs, s_ptrs, wmask, wmask2,
             stride_wn: tl.constexpr, stride_sn: tl.constexpr, Kp: tl.constexpr,
             K_CHUNK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
-            UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr, PAIR: tl.constexpr):
+            UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr, PAIR: tl.constexpr,
+            TAIL: tl.constexpr, SPLIT: tl.constexpr):
     """The K loop of both GEMMs over this program's chunk: acc += act @ W.T for the BN weight
     rows at w_ptrs (and acc2 for the next BN rows with PAIR). act_ptrs [BM]: the activation
     rows (x gathered by token, or a), K_ACT of their columns valid; rows past the block's end
-    load nothing (at decode that is most of the tile). The chunk is a fixed step count
-    (pipelining wants constant trip counts); steps past Kp load nothing (EVEN_K is False then)."""
+    load nothing (at decode that is most of the tile).
+    TAIL = 0: the chunk is a fixed step count (pipelining likes constant trip counts); steps
+    past Kp load nothing (EVEN_K is False then, and every step is masked).
+    TAIL > 0 (unsplit K only): Kp = whole BK steps + one TAIL step (e.g. gpt-oss 2880 = 22 x 128
+    + 64): the whole steps run unmasked, then the TAIL step."""
+    tl.static_assert(TAIL == 0 or SPLIT == 1)
     k_lo = tl.program_id(1) * K_CHUNK
-    kx = tl.arange(0, BK)
     w_ptrs2 = w_ptrs + BN * stride_wn
     s_ptrs2 = s_ptrs + BN * stride_sn
     sc = _load_scales(s_ptrs, k_lo, wmask, Kp, BK)
     if PAIR:
         sc2 = _load_scales(s_ptrs2, k_lo, wmask2, Kp, BK)
-    for i in range(0, K_CHUNK // BK):
+    # (constexpr arithmetic inline: the interpreter turns assigned constexprs into tensors)
+    for i in range(0, (K_CHUNK if TAIL == 0 else Kp - TAIL) // BK):
         k0 = k_lo + i * BK
         sc_next = _load_scales(s_ptrs, k0 + BK, wmask, Kp, BK)
         if PAIR:
             sc2_next = _load_scales(s_ptrs2, k0 + BK, wmask2, Kp, BK)
-        xk = k0 + kx
-        if EVEN_K and K_ACT == Kp:
-            x = tl.load(act_ptrs[:, None] + xk[None, :], mask=rmask[:, None], other=0.0)
-        else:
-            x = tl.load(act_ptrs[:, None] + xk[None, :],
-                        mask=rmask[:, None] & (xk < K_ACT)[None, :], other=0.0)
-        x = x.to(tl.bfloat16)
+        x = _load_act(act_ptrs, rmask, k0, K_ACT, Kp, BK, EVEN_K)
         acc = _tile_step(acc, x, w_ptrs, k0, wmask, sc, Kp, BN, BK, EVEN_K, UPCAST, SWAP, SYNC)
         sc = sc_next
         if PAIR:
             acc2 = _tile_step(acc2, x, w_ptrs2, k0, wmask2, sc2, Kp, BN, BK, EVEN_K, UPCAST, SWAP,
                               SYNC)
             sc2 = sc2_next
+    if TAIL > 0:
+        x = _load_act(act_ptrs, rmask, Kp - TAIL, K_ACT, Kp, TAIL, True)
+        st = _load_scales(s_ptrs, Kp - TAIL, wmask, Kp, TAIL)
+        acc = _tile_step(acc, x, w_ptrs, Kp - TAIL, wmask, st, Kp, BN, TAIL, True, UPCAST, SWAP,
+                         SYNC)
+        if PAIR:
+            st2 = _load_scales(s_ptrs2, Kp - TAIL, wmask2, Kp, TAIL)
+            acc2 = _tile_step(acc2, x, w_ptrs2, Kp - TAIL, wmask2, st2, Kp, BN, TAIL, True,
+                              UPCAST, SWAP, SYNC)
     return acc, acc2
 
 
@@ -312,7 +339,8 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr,
                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                   SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
-                  K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr, PAIR: tl.constexpr):
+                  K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr, PAIR: tl.constexpr,
+                  TAIL: tl.constexpr):
     """w_ptr: int32 words [E, 2Ip, Hp/8]; s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
     paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
     program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step;
@@ -343,7 +371,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     wmask2 = (offs_w + BN) < (2 * Ip + BN if EVEN_N else 2 * Ip)  # PAIR: the next BN rows
     acc, acc2 = _k_loop(acc, acc, x_ptr + tok.to(tl.int64) * stride_xt, rmask, H, w_ptrs, s_ptrs,
                         wmask, wmask2, stride_wn, stride_sn, Hp, K_CHUNK, BN, BK, EVEN_K, UPCAST,
-                        SWAP, SYNC, PAIR)
+                        SWAP, SYNC, PAIR, TAIL, SPLIT)
     w0 = pid_n * (2 if PAIR else 1) * BN  # first weight row of the (first) tile
     _gemm1_store(acc, w0, wmask, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
                  alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
@@ -423,7 +451,7 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr, EVEN_K: tl.constexpr,
                   EVEN_N: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
                   SYNC: tl.constexpr, SPLIT: tl.constexpr, K_CHUNK: tl.constexpr,
-                  N_FIRST: tl.constexpr, PAIR: tl.constexpr):
+                  N_FIRST: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr):
     """w_ptr: int32 words [E, Hp, Ip/8]; s_ptr: uint8 [E, Hp, Ip/32]. SPLIT > 1: program_id(1)
     takes K_CHUNK of the K range and writes its partial sum (bias in chunk 0 only) to
     y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks in order. PAIR: two BN-row weight
@@ -453,7 +481,7 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     nmask2 = (offs_n + BN) < (H + BN if EVEN_N else H)  # PAIR: the next BN hidden columns
     acc, acc2 = _k_loop(acc, acc, a_ptr + rows.to(tl.int64) * Ip, rmask, Ip, w_ptrs, s_ptrs,
                         nmask, nmask2, stride_wn, stride_sn, Ip, K_CHUNK, BN, BK, EVEN_K, UPCAST,
-                        SWAP, SYNC, PAIR)
+                        SWAP, SYNC, PAIR, TAIL, SPLIT)
     _gemm2_store(acc, n0, nmask, assign, rmask, e64, b_ptr, stride_be, y_ptr, H, BN, HAS_BIAS,
                  UPCAST, SWAP, SPLIT)
     if PAIR:

@@ -99,6 +99,14 @@ def split_k(programs: int, K: int, BK: int, sms: int, which: str = "gemm1"):
     return -(-steps // per), per * BK
 
 
+def tail(K: int, BK: int) -> int:
+    """The K step an unsplit GEMM adds after its whole BK steps (0: none). K a multiple of 64
+    whose remainder is 64 or 128 (gpt-oss 2880 at BK 128: 22 steps + 64) runs every whole step
+    unmasked and one narrower step at the end; other remainders, and split K, mask every step."""
+    r = K % BK
+    return r if r in (64, 128) else 0
+
+
 def rows_per_expert(T: int, k: int, E: int) -> float:
     m = T * k
     return m / max(1, min(E, m))
