@@ -217,6 +217,17 @@ V10 = {"decode": [C(16, 64, 64, 4, 4, True), C(16, 64, 128, 4, 4, True), C(16, 6
                    C(128, 128, 64, 8, 3, True), C(128, 128, 128, 8, 3, True)]}
 
 
+# v11: split K where a GEMM has long K but few programs (Mixtral decode GEMM2: 8 experts x 64
+# tiles, 112 steps each), and narrower/deeper tiles for the mid and 120b prefill shapes.
+_D128 = C(16, 64, 128, 4, 4, True)
+V11 = {"decode": [(_D128, (1, 1)), (_D128, (1, 2)), (_D128, (1, 4)), (_D128, (2, 2))],
+       "mid": [(C(64, 128, 64, 8, 3, True), None), (C(64, 128, 64, 8, 4, True), None),
+               (C(64, 64, 64, 4, 4, True), None), (C(64, 64, 128, 4, 4, True), None),
+               (C(128, 64, 64, 4, 3, True), None), (C(32, 64, 128, 4, 4, True), None)],
+       "prefill": [(C(256, 128, 64, 8, 4, True), None), (C(128, 64, 64, 4, 3, True), None),
+                   (C(256, 64, 64, 4, 3, True), None), (C(128, 128, 64, 8, 4, True), None)]}
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -259,7 +270,10 @@ def sweep(models, tokens, gen, which="default", shapes=None):
             ids, tw = route(torch.randn(T, E, device=DEV, generator=gen), k, act)
             ref = moe_reference(x, ids, tw, *canon[0], act, 1.702, 7.0, None, True, sync_free=False)
             m_e = tile_configs.rows_per_expert(T, k, E)
-            cands = [(c, None) for c in sweep_candidates(T, which)]
+            if which == "v11":
+                cands = V11["decode"] if T <= 64 else V11["mid"] if T <= 512 else V11["prefill"]
+            else:
+                cands = [(c, None) for c in sweep_candidates(T, which)]
             if which in ("v5", "v6") and T <= 8:  # what split-K buys: the same without it
                 cands += [(c, (1, 1)) for c in sweep_candidates(T, which)[:3]]
             for c, split in cands:
@@ -286,13 +300,13 @@ def sweep(models, tokens, gen, which="default", shapes=None):
         json.dump(out, f, indent=1)
     best = {}
     for r in out:
-        if "us" in r and r["err"] < 1e-2 and "split" not in r:
+        if "us" in r and r["err"] < 1e-2 and ("split" not in r or which == "v11"):
             key = (r["model"], r["T"])
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
     lines = ["best config per (model, T): BM BN BK warps stages SWAP"]
     for (m, T), r in sorted(best.items()):
-        lines.append(f"{m:8s} T={T:<5d} m_e={r['m_e']:<7.1f} {r['us']:9.1f} us  {r['cfg']}")
+        lines.append(f"{m:8s} T={T:<5d} m_e={r['m_e']:<7.1f} {r['us']:9.1f} us  {r['cfg']} {r.get('split', '')}")
     txt = "\n".join(lines) + "\n"
     with open(os.path.join(OUT, "sweep.txt"), "w") as f:
         f.write(txt)
@@ -442,7 +456,7 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
-    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9|v10")
+    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9|v10|v11")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")

@@ -182,9 +182,11 @@ def test_tile_table_covers_every_T():
             for c, K in zip(configs.pick(T, k, E, Hp, Ip), (Hp, Ip)):
                 assert c.BK % 32 == 0 and c.BM >= 16 and c.BN >= 16
             assert configs.pick(T, k, E, Hp, Ip)[0].BN % 16 == 0  # GEMM1: whole gate/up row groups
-    # gpt-oss decode: K = 2880 is not a multiple of 128 -> BK 64 (measured faster), Mixtral: 128
-    assert [c.BK for c in configs.pick(1, 4, 32, 2880, 2880)] == [64, 64]
-    assert [c.BK for c in configs.pick(1, 2, 8, 4096, 14336)] == [128, 128]
+    # decode steps K by 128; gpt-oss K = 2880 ends with one 64-code tail step, Mixtral's none
+    assert [c.BK for c in configs.pick(8, 4, 32, 2880, 2880)] == [128, 128]
+    assert configs.tail(2880, 128) == 64 and configs.tail(4096, 128) == 0
+    assert configs.tail(14336, 256) == 0 and configs.tail(2880, 256) == 64
+    assert configs.tail(2880 + 128, 256) == 0  # a 192-code remainder: masked steps instead
 
 
 def test_split_k_chunks_cover_k_once():
@@ -208,15 +210,15 @@ def test_plan_pairs_tiles_only_where_it_splits():
 
     c1, c2 = configs.pick(1, 4, 32, 2880, 2880)  # gpt-oss T=1: 4 row blocks
     c, n, _ = configs.plan(c1, 4, 5760, 2880, 132, "gemm1")
-    assert c.PAIR and n > 1
+    assert c.PAIR and c.BK == 64 and n > 1  # small grid: split K, 64-code steps, paired tiles
     c1, c2 = configs.pick(8, 4, 32, 2880, 2880)  # T=8: 32 blocks x 90 tiles fill the GPU
     c, n, _ = configs.plan(c1, 32, 5760, 2880, 132, "gemm1")
-    assert not c.PAIR and n == 1
+    assert not c.PAIR and c.BK == 128 and n == 1
     c, n, _ = configs.plan(configs.pick(4096, 4, 32, 2880, 2880)[0], 96, 5760, 2880, 132, "gemm1")
     assert not c.PAIR and n == 1  # prefill tiles are never paired
-    c2 = configs.pick(1, 2, 8, 4096, 14336)[1]  # Mixtral T=1 GEMM2: 2 blocks x 64 tiles, BK 128
+    c2 = configs.pick(1, 2, 8, 4096, 14336)[1]  # Mixtral T=1 GEMM2: 2 blocks x 64 tiles
     c, n, _ = configs.plan(c2, 2, 4096, 14336, 132, "gemm2")
-    assert not c.PAIR and n > 1  # split, but 128-code steps are not paired (measured slower)
+    assert c.PAIR and c.BK == 64 and n > 1
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")

@@ -13,15 +13,21 @@ Triton 3.6 route the tile through shared memory again (sm90 SASS: STS.U16 + LDSM
 tests/ops/backends/test_triton_moe_sass.py checks the table).
 
 Measured on an H100 (benchmarks/gpu_check.py --tuned --candidates v5/v6/v7, 2026-11-24;
-benchmarks/NOTES.md "v5"-"v7"), whole forward incl. routing, same config for both GEMMs:
-  m_e <= 8, or <= 16 when K % 128 == 0   (16, 64, BK 64 | 128), 4 warps: gpt-oss K = 2880 takes
-      BK 64 (T=1 68.6 us vs 78.4 at BK 128), Mixtral (K 4096 / 14336) BK 128 (T=64 592 us vs
-      654 at BK 64); 8 warps / BN 128 was within 3% at T=1 and 5-10% slower at T=8..64
+benchmarks/NOTES.md "v5"-"v7"; decode BK from v10/v11, session 3), whole forward incl. routing,
+same config for both GEMMs:
+  m_e <= 8, or <= 16 when K % 128 == 0   (16, 64, 128), 4 warps: 128-code steps, gpt-oss
+      K = 2880 as 22 steps + one 64-code tail step (`tail`): 20b T=8 161 us vs 187 at BK 64
+      and 182 at BK 256; 120b T=64 732 vs 816; Mixtral T=64 540 vs 615. Where the grid is
+      small enough to split K (T=1), `plan` takes BK 64 with paired tiles instead (20b T=1
+      66 us vs 79 at BK 128; Mixtral 130 vs 145). Splitting K at T=8/64 was slower everywhere
+      (v11: 20b T=8 167 -> 191 us with GEMM2 split in 2).
   m_e <= 32   (32, 64, 64), 4 warps        120b T=512: 1077 us vs 1316 (64, 128) / 2053 (128, 128)
   m_e <= 64   (64, 128, 64), 8 warps       20b T=512: 513 us vs 584 (128, 128) / 650 (32, 64)
   larger      (256, 128, 64), 8 warps, if M = T*k >= 8192 (20b T=4096 1863 us, 120b 2902 us,
               Mixtral 5699 us; 128 rows: 2425 / 3238 / 7511 us in v6), else (128, 128, 64)
               (Mixtral T=512: 1253 us vs 1486 at (64, 128))
+  (v10/v11 re-measured the mid and prefill rows with BK 128, BN 64 at 4 warps and 4 stages:
+  nothing beat them by more than run-to-run noise, 2-4%.)
 Launch-time plan (`plan`): decode grids smaller than 3 programs per SM split K and pair weight
 tiles (two per program); see `plan` and `split_k` for the measurements.
 """
@@ -43,7 +49,7 @@ class TileConfig:
     maxnreg: int | None = None  # register cap per thread (more resident programs), None: ptxas
 
 
-_DECODE = TileConfig(16, 64, 64, 4, 4, True)
+_DECODE = TileConfig(16, 64, 128, 4, 4, True)
 _TABLE = (  # (max rows per expert, config); first row whose bound >= m_e wins
     (32, TileConfig(32, 64, 64, 4, 4, True)),
     (64, TileConfig(64, 128, 64, 8, 3, True)),
@@ -73,15 +79,15 @@ MIN_STEPS_PER_CHUNK = 4
 
 def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str):
     """-> (config, K chunks, chunk length) for one GEMM of `blocks` row blocks x N weight rows.
-    A decode grid too small for the GPU (the split-K case) also pairs weight tiles: the split
-    restores the program count, and each program then runs one loop's bookkeeping for two tiles
-    (v8 on the H100: gpt-oss T=1 69.2 -> 63.8 us; where the grid is big enough unpaired, pairing
-    only halved it: 20b T=8 187 -> 213 us). 128-code steps are not paired: every paired BK 128
-    case was slower (20b T=1 78 -> 83 us, Mixtral T=1 141 -> 160 us; Mixtral's GEMM2 alone
-    paired: 142 -> 154 us in the bench)."""
-    if (OVERRIDE is None and c.BM == _DECODE.BM and c.BK == 64 and not c.PAIR
+    A decode grid too small for the GPU (the split-K case) steps K by 64 and pairs weight
+    tiles: the split restores the program count, and each program then runs one loop's
+    bookkeeping for two tiles (v8 on the H100: gpt-oss T=1 69.2 -> 63.8 us; where the grid is
+    big enough unpaired, pairing only halved it: 20b T=8 187 -> 213 us). 128-code steps lose
+    there: split K masks every step (no tail step), and paired BK 128 was slower in every case
+    (20b T=1 78 -> 83 us, Mixtral T=1 141 -> 160 us)."""
+    if (OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR
             and blocks * -(-N // c.BN) < PROGRAMS_PER_SM * sms):
-        c = dataclasses.replace(c, PAIR=True)
+        c = dataclasses.replace(c, BK=64, PAIR=True)
     programs = blocks * -(-N // (c.BN * (2 if c.PAIR else 1)))
     return (c,) + split_k(programs, K, c.BK, sms, which)
 
@@ -121,8 +127,7 @@ def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False):
         return _INTERPRET
     m_e = rows_per_expert(T, k, E)
     if m_e <= 8 or (m_e <= 16 and Hp % 128 == 0 and Ip % 128 == 0):
-        # a K step that divides K: a masked tail every step costs more than the wider step saves
-        return tuple(dataclasses.replace(_DECODE, BK=128 if K % 128 == 0 else 64) for K in (Hp, Ip))
+        return _DECODE, _DECODE
     if m_e > 64 and T * k >= _PREFILL_ROWS:
         return _PREFILL, _PREFILL
     for bound, c in _TABLE:
