@@ -228,6 +228,18 @@ V11 = {"decode": [(_D128, (1, 1)), (_D128, (1, 2)), (_D128, (1, 4)), (_D128, (2,
                    (C(256, 64, 64, 4, 3, True), None), (C(128, 128, 64, 8, 4, True), None)]}
 
 
+# v12: HALF (an expert's last block with <= BM/2 rows runs a BM/2-row copy of the body) on the
+# mid and prefill configs, against the same config without it.
+def _half(c):
+    return dataclasses.replace(c, HALF=True)
+
+
+_MID = [C(32, 64, 64, 4, 4, True), C(64, 128, 64, 8, 3, True), C(128, 128, 64, 8, 3, True)]
+_PRE = [C(256, 128, 64, 8, 4, True), C(128, 128, 64, 8, 3, True)]
+V12 = {"mid": [x for c in _MID for x in (c, _half(c))],
+       "prefill": [x for c in _PRE for x in (c, _half(c))]}
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -237,6 +249,8 @@ def sweep_candidates(T, which="default"):
         return V5_DECODE if T <= 64 else V5_MID if T <= 512 else V5_PREFILL
     if which == "v9":
         return V9
+    if which == "v12":
+        return V12["mid"] if T <= 512 else V12["prefill"]
     if which == "v10":
         return V10["decode"] if T <= 64 else V10["mid"] if T <= 512 else V10["prefill"]
     if which == "v8":
@@ -456,7 +470,7 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
-    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9|v10|v11")
+    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9|v10|v11|v12")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")

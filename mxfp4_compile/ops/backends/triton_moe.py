@@ -257,7 +257,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
         EVEN_K=split1 * chunk1 == Hp or tail1 > 0, EVEN_N=(2 * Ip) % c1.BN == 0,
         UPCAST=interpret, SWAP=c1.SWAP, SYNC=sync, SPLIT=split1, K_CHUNK=chunk1,
-        N_FIRST=c1.N_FIRST, PAIR=c1.PAIR, TAIL=tail1,
+        N_FIRST=c1.N_FIRST, PAIR=c1.PAIR, TAIL=tail1, HALF=c1.HALF,
         num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1))
     if split1 > 1:
         BR, BC = 16, 128
@@ -280,7 +280,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
         EVEN_K=split2 * chunk2 == Ip or tail2 > 0, EVEN_N=H % c2.BN == 0, UPCAST=interpret,
         SWAP=c2.SWAP, SYNC=sync, SPLIT=split2, K_CHUNK=chunk2, N_FIRST=c2.N_FIRST,
-        PAIR=c2.PAIR, TAIL=tail2,
+        PAIR=c2.PAIR, TAIL=tail2, HALF=c2.HALF,
         num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2))
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)

@@ -44,6 +44,9 @@ CASES = {
     "tail_step": dict(T=7, H=160, I=192, bk=128, twice=True),
     "tail_step_pair": dict(T=2, H=160, I=192, bk=128, pair=True, act="silu_glu"),
     "bk128_split_pair": dict(T=2, H=160, I=192, bk=128, split=(2, 2), pair=True),
+    # 32-row blocks; those with <= 16 rows (an expert's last) take the 16-row copy of the body
+    "half_blocks": dict(T=40, H=160, half=True, twice=True),
+    "half_blocks_silu_uncombined": dict(T=23, act="silu_glu", half=True, combine=False),
     # one w2 block with the NaN scale byte 255: NaN exactly where the reference has NaN
     "nan_scale_block": dict(T=7, nan_block=True),
 }
@@ -51,7 +54,7 @@ CASES = {
 
 def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False, combine=True,
               ids64=False, dtype="bfloat16", route_budget=None, seed=0, twice=False, split=None,
-              pair=False, bk=None, nan_block=False):
+              pair=False, bk=None, nan_block=False, half=False):
     from mxfp4_compile.ops.backends import triton_moe as tm
     from mxfp4_compile.ops.backends.triton_moe_details import configs
     from mxfp4_compile.ops.reference import moe_reference
@@ -82,8 +85,9 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
     if route_budget is not None:
         tm._ROUTE_BUDGET = route_budget
     configs.SPLIT_OVERRIDE = split
-    configs.OVERRIDE = tuple(dataclasses.replace(c, PAIR=pair, BK=bk or c.BK)
-                             for c in configs._INTERPRET) if pair or bk else None
+    configs.OVERRIDE = tuple(dataclasses.replace(c, PAIR=pair, BK=bk or c.BK, HALF=half,
+                                                 BM=32 if half else c.BM)
+                             for c in configs._INTERPRET) if pair or bk or half else None
     ref = moe_reference(x, ids, tw, *canonical, act, 1.702, 7.0, expert_map, combine).float()
     out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine)
     # determinism (bitwise equal reruns) on two cases only: each interpreter call costs seconds

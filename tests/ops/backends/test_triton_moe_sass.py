@@ -40,7 +40,7 @@ def _compile(gemm, cfg, H, I):
     tail = configs.tail(K_, cfg.BK)
     common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, UPCAST=False,
                   SWAP=cfg.SWAP, SYNC=True, SPLIT=split, K_CHUNK=chunk, N_FIRST=cfg.N_FIRST,
-                  PAIR=cfg.PAIR, TAIL=tail, EVEN_K=K_ % cfg.BK == 0 or tail > 0)
+                  PAIR=cfg.PAIR, TAIL=tail, HALF=cfg.HALF, EVEN_K=K_ % cfg.BK == 0 or tail > 0)
     if gemm == 1:
         fn = K._gemm1_kernel
         cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,

@@ -340,7 +340,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                   SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
                   K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr, PAIR: tl.constexpr,
-                  TAIL: tl.constexpr):
+                  TAIL: tl.constexpr, HALF: tl.constexpr):
     """w_ptr: int32 words [E, 2Ip, Hp/8]; s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
     paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
     program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step;
@@ -348,11 +348,36 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     the loop's bookkeeping (fewer instructions per weight byte at decode).
     SPLIT > 1 (decode: too few programs to keep the SMs busy): program_id(1) takes K_CHUNK of
     the K range and stores its partial gate/up sums (bias in chunk 0 only) to
-    p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates."""
+    p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates.
+    HALF: a block holding at most BM/2 rows (an expert's last, part-filled block) runs a copy of
+    the body compiled for BM/2 rows: half the MMA work for the same weight tiles."""
     pid_m, pid_n = _grid_position(2 * Ip, n_blocks, BN, PAIR, N_FIRST)
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return
+    if HALF and row1 - row0 <= BM // 2:
+        _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
+                     k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
+                     stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM // 2, BN, BK, EVEN_K,
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
+    else:
+        _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
+                     k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
+                     stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM, BN, BK, EVEN_K,
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
+
+
+@triton.jit
+def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
+                 k_top, alpha, limit, p_rows,
+                 stride_xt: tl.constexpr, stride_we: tl.constexpr, stride_wn: tl.constexpr,
+                 stride_se: tl.constexpr, stride_sn: tl.constexpr, stride_be: tl.constexpr,
+                 H: tl.constexpr, Hp: tl.constexpr, Ip: tl.constexpr, ACT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                 EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
+                 SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
+                 K_CHUNK: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr):
+    """GEMM1 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
     tok = tl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top  # [BM]
@@ -451,15 +476,37 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
                   BN: tl.constexpr, BK: tl.constexpr, EB: tl.constexpr, EVEN_K: tl.constexpr,
                   EVEN_N: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
                   SYNC: tl.constexpr, SPLIT: tl.constexpr, K_CHUNK: tl.constexpr,
-                  N_FIRST: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr):
+                  N_FIRST: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr,
+                  HALF: tl.constexpr):
     """w_ptr: int32 words [E, Hp, Ip/8]; s_ptr: uint8 [E, Hp, Ip/32]. SPLIT > 1: program_id(1)
     takes K_CHUNK of the K range and writes its partial sum (bias in chunk 0 only) to
     y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks in order. PAIR: two BN-row weight
-    tiles per program, as in _gemm1_kernel."""
+    tiles per program, HALF: part-filled blocks on BM/2 rows, as in _gemm1_kernel."""
     pid_m, pid_n = _grid_position(H, n_blocks, BN, PAIR, N_FIRST)
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return
+    if HALF and row1 - row0 <= BM // 2:
+        _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
+                     stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
+                     BM // 2, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR,
+                     TAIL)
+    else:
+        _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
+                     stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
+                     BM, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
+
+
+@triton.jit
+def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
+                 stride_we: tl.constexpr, stride_wn: tl.constexpr, stride_se: tl.constexpr,
+                 stride_sn: tl.constexpr, stride_be: tl.constexpr, H: tl.constexpr,
+                 Ip: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+                 BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
+                 UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr,
+                 SPLIT: tl.constexpr, K_CHUNK: tl.constexpr, PAIR: tl.constexpr,
+                 TAIL: tl.constexpr):
+    """GEMM2 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
     assign = tl.load(sorted_ptr + rows, mask=rmask, other=0)

@@ -47,6 +47,7 @@ class TileConfig:
     N_FIRST: bool = True  # grid order: weight tiles of one row block side by side (_kernels)
     PAIR: bool = False  # two BN-row weight tiles per program (one loop's bookkeeping for both)
     maxnreg: int | None = None  # register cap per thread (more resident programs), None: ptxas
+    HALF: bool = False  # blocks with <= BM/2 rows (an expert's last) run a BM/2-row copy
 
 
 _DECODE = TileConfig(16, 64, 128, 4, 4, True)
