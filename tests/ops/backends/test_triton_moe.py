@@ -191,6 +191,9 @@ def test_tile_table_covers_every_T():
     assert configs.tail(2880, 128) == 64 and configs.tail(4096, 128) == 0
     assert configs.tail(14336, 256) == 0 and configs.tail(2880, 256) == 64
     assert configs.tail(2880 + 128, 256) == 0  # a 192-code remainder: masked steps instead
+    # prefill: part-filled last blocks on half the rows where they are many (120b: 128 experts)
+    assert all(c.HALF for c in configs.pick(4096, 4, 128, 2880, 2880))
+    assert not any(c.HALF for c in configs.pick(16384, 2, 8, 4096, 14336))  # Mixtral: few
 
 
 def test_split_k_chunks_cover_k_once():

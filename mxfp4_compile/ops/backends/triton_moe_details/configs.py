@@ -27,7 +27,8 @@ same config for both GEMMs:
               Mixtral 5699 us; 128 rows: 2425 / 3238 / 7511 us in v6), else (128, 128, 64)
               (Mixtral T=512: 1253 us vs 1486 at (64, 128))
   (v10/v11 re-measured the mid and prefill rows with BK 128, BN 64 at 4 warps and 4 stages:
-  nothing beat them by more than run-to-run noise, 2-4%.)
+  nothing beat them by more than run-to-run noise, 2-4%. HALF on the mid rows: 20b T=512 -2.5%,
+  120b T=512 -1%, Mixtral T=512 +2%: within noise, not used.)
 Launch-time plan (`plan`): decode grids smaller than 3 programs per SM split K and pair weight
 tiles (two per program); see `plan` and `split_k` for the measurements.
 """
@@ -58,6 +59,12 @@ _TABLE = (  # (max rows per expert, config); first row whose bound >= m_e wins
 )
 _PREFILL = TileConfig(256, 128, 64, 8, 4, True)  # M >= _PREFILL_ROWS and m_e > 64
 _PREFILL_ROWS = 8192
+# HALF (an expert's last block, when it holds <= BM/2 rows, runs on BM/2 rows) where such blocks
+# are a large share: about E of the T*k/BM + E blocks are an expert's last. Measured (v12,
+# prefill config): 120b T=4096 (share 0.67) 2798 -> 2513 us, 120b T=16384 (0.33) 7157 -> 6911,
+# 20b T=4096 (0.33) 1797 -> 1754; 20b T=16384 (0.11) 6173 -> 6136, and Mixtral (E = 8: 0.2 at
+# T=4096, 0.06 at 16384) 1-4% slower with it (the second copy of the loop is not free).
+HALF_SHARE = 0.25
 
 # Under the Triton interpreter (CPU tests) small tiles keep numpy fast.
 _INTERPRET = (TileConfig(16, 32, 64, 4, 1), TileConfig(16, 32, 64, 4, 1, True))
@@ -130,7 +137,10 @@ def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False):
     if m_e <= 8 or (m_e <= 16 and Hp % 128 == 0 and Ip % 128 == 0):
         return _DECODE, _DECODE
     if m_e > 64 and T * k >= _PREFILL_ROWS:
-        return _PREFILL, _PREFILL
+        c = _PREFILL
+        if E / (T * k / c.BM + E) >= HALF_SHARE:
+            c = dataclasses.replace(c, HALF=True)
+        return c, c
     for bound, c in _TABLE:
         if bound is None or m_e <= bound:
             return c, c
