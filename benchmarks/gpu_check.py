@@ -240,6 +240,22 @@ V12 = {"mid": [x for c in _MID for x in (c, _half(c))],
        "prefill": [x for c in _PRE for x in (c, _half(c))]}
 
 
+# v13: register caps (TileConfig.maxnreg) for more resident warps; caps chosen from the sm90
+# SASS compiled on the CPU: no spills at gpt-oss and Mixtral widths (GEMM2 of (64, 128) spills
+# at 80, so it keeps its own count).
+def _cap(c, n):
+    return dataclasses.replace(c, maxnreg=n)
+
+
+_DEC = C(16, 64, 128, 4, 4, True)
+_M64 = C(64, 128, 64, 8, 3, True)
+_M128 = C(128, 128, 64, 8, 3, True)
+V13 = {"decode": [_DEC, _cap(_DEC, 64), _cap(C(16, 64, 128, 4, 3, True), 64), _cap(_DEC, 80)],
+       "mid": [C(32, 64, 64, 4, 4, True), _cap(C(32, 64, 64, 4, 4, True), 56),
+               _M64, (_cap(_M64, 80), _M64), _M128, _cap(_M128, 128),
+               _cap(C(128, 64, 64, 4, 3, True), 128)]}
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -249,6 +265,8 @@ def sweep_candidates(T, which="default"):
         return V5_DECODE if T <= 64 else V5_MID if T <= 512 else V5_PREFILL
     if which == "v9":
         return V9
+    if which == "v13":
+        return V13["decode"] if T <= 64 else V13["mid"]
     if which == "v12":
         return V12["mid"] if T <= 512 else V12["prefill"]
     if which == "v10":
@@ -470,7 +488,7 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
-    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9|v10|v11|v12")
+    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9|v10|v11|v12|v13")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")

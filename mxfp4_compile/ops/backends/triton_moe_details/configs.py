@@ -22,13 +22,14 @@ same config for both GEMMs:
       66 us vs 79 at BK 128; Mixtral 130 vs 145). Splitting K at T=8/64 was slower everywhere
       (v11: 20b T=8 167 -> 191 us with GEMM2 split in 2).
   m_e <= 32   (32, 64, 64), 4 warps        120b T=512: 1077 us vs 1316 (64, 128) / 2053 (128, 128)
-  m_e <= 64   (64, 128, 64), 8 warps       20b T=512: 513 us vs 584 (128, 128) / 650 (32, 64)
   larger      (256, 128, 64), 8 warps, if M = T*k >= 8192 (20b T=4096 1863 us, 120b 2902 us,
               Mixtral 5699 us; 128 rows: 2425 / 3238 / 7511 us in v6), else (128, 128, 64)
-              (Mixtral T=512: 1253 us vs 1486 at (64, 128))
+              capped at 128 registers (v13: 20b T=512 441 us vs 507 at (64, 128) and 561
+              uncapped; Mixtral T=512 1139 vs 1241 uncapped; no spills at either width)
   (v10/v11 re-measured the mid and prefill rows with BK 128, BN 64 at 4 warps and 4 stages:
   nothing beat them by more than run-to-run noise, 2-4%. HALF on the mid rows: 20b T=512 -2.5%,
-  120b T=512 -1%, Mixtral T=512 +2%: within noise, not used.)
+  120b T=512 -1%, Mixtral T=512 +2%: within noise, and with the register cap GEMM2 spills.
+  Register caps at decode (64 or 80 on (16, 64, 128)) moved times by -2..+10%: not used.)
 Launch-time plan (`plan`): decode grids smaller than 3 programs per SM split K and pair weight
 tiles (two per program); see `plan` and `split_k` for the measurements.
 """
@@ -54,8 +55,8 @@ class TileConfig:
 _DECODE = TileConfig(16, 64, 128, 4, 4, True)
 _TABLE = (  # (max rows per expert, config); first row whose bound >= m_e wins
     (32, TileConfig(32, 64, 64, 4, 4, True)),
-    (64, TileConfig(64, 128, 64, 8, 3, True)),
-    (None, TileConfig(128, 128, 64, 8, 3, True)),
+    # 128 registers (ptxas takes 149-157): 2 resident programs of 8 warps per SM instead of 1
+    (None, TileConfig(128, 128, 64, 8, 3, True, maxnreg=128)),
 )
 _PREFILL = TileConfig(256, 128, 64, 8, 4, True)  # M >= _PREFILL_ROWS and m_e > 64
 _PREFILL_ROWS = 8192
