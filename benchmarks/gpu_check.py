@@ -256,6 +256,12 @@ V13 = {"decode": [_DEC, _cap(_DEC, 64), _cap(C(16, 64, 128, 4, 3, True), 64), _c
                _cap(C(128, 64, 64, 4, 3, True), 128)]}
 
 
+# v14: decode pipeline depth, warps per program and grid order at 128-code steps.
+V14 = [C(16, 64, 128, 4, 4, True), C(16, 64, 128, 4, 3, True), C(16, 64, 128, 4, 5, True),
+       C(16, 128, 128, 8, 4, True), C(16, 32, 128, 2, 4, True),
+       C(16, 64, 128, 4, 4, True, False)]
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -265,6 +271,8 @@ def sweep_candidates(T, which="default"):
         return V5_DECODE if T <= 64 else V5_MID if T <= 512 else V5_PREFILL
     if which == "v9":
         return V9
+    if which == "v14":
+        return V14
     if which == "v13":
         return V13["decode"] if T <= 64 else V13["mid"]
     if which == "v12":
@@ -302,18 +310,29 @@ def sweep(models, tokens, gen, which="default", shapes=None):
             ids, tw = route(torch.randn(T, E, device=DEV, generator=gen), k, act)
             ref = moe_reference(x, ids, tw, *canon[0], act, 1.702, 7.0, None, True, sync_free=False)
             m_e = tile_configs.rows_per_expert(T, k, E)
-            if which == "v11":
+            if which == "v15":  # the table's plan (paired BK 64 at T=1), split-K targets
+                cands = [(None, t) for t in (3, 5, 8)]
+            elif which == "v11":
                 cands = V11["decode"] if T <= 64 else V11["mid"] if T <= 512 else V11["prefill"]
             else:
                 cands = [(c, None) for c in sweep_candidates(T, which)]
             if which in ("v5", "v6") and T <= 8:  # what split-K buys: the same without it
                 cands += [(c, (1, 1)) for c in sweep_candidates(T, which)[:3]]
             for c, split in cands:
+                target = None
+                if which == "v15":  # c is None: the table's own pick and plan
+                    c = tile_configs.pick(T, k, E, -(-H // triton_moe.H_MULTIPLE) * triton_moe.H_MULTIPLE,
+                                          -(-I // triton_moe.I_MULTIPLE) * triton_moe.I_MULTIPLE)
+                    target, split = split, None
                 pair = c if isinstance(c, tuple) and isinstance(c[0], C) else (c, c)
                 rec = {"model": model, "T": T, "m_e": m_e,
                        "cfg": [list(dataclasses.astuple(x)) for x in pair]}
                 if split is not None:
                     rec["split"] = split
+                if target is not None:
+                    rec["split_target"] = target
+                    tile_configs.SPLIT_TARGET_PER_SM = target
+                    pair = None  # leave the table (and plan's pairing) in charge
                 tile_configs.OVERRIDE = pair
                 tile_configs.SPLIT_OVERRIDE = split
                 try:
@@ -324,6 +343,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                 finally:
                     tile_configs.OVERRIDE = None
                     tile_configs.SPLIT_OVERRIDE = None
+                    tile_configs.SPLIT_TARGET_PER_SM = 3
                 log("SWEEP", json.dumps(rec))
                 out.append(rec)
         del canon, ours
@@ -488,7 +508,7 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
-    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9|v10|v11|v12|v13")
+    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9|v10|v11|v12|v13|v14|v15")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")

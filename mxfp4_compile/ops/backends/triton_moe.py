@@ -284,7 +284,8 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2))
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
-    BH = min(1024, _next_pow2(H))
+    # decode: T programs of 1024 columns would leave most SMs idle; 128 columns each then
+    BH = min(1024 if T >= 64 else 128, _next_pow2(H))
     K._finalize_kernel[(T, _cdiv(H, BH))](
         y, ids, emap if emap is not None else es, tw, out, E, M, H=H, k_top=k,
         HAS_MAP=emap is not None, COMBINE=bool(combine), BH=BH, SPLIT=split2, num_warps=4)

@@ -83,6 +83,9 @@ _SPLIT_INDEX = {"gemm1": 0, "gemm2": 1}
 # 20b T=1 96 -> 72 us with the split; a target of 6 per SM also split GEMM2 at T=8 and made it
 # slower (195 -> 227 us), 3 per SM leaves T >= 8 unsplit.
 PROGRAMS_PER_SM = 3
+# once a GEMM splits: chunks enough for this many programs per SM (v15, T=1: 3 -> 5 / 8 made
+# 20b 59 -> 77 / 75 us, Mixtral GEMM2 150 -> 177 / 150)
+SPLIT_TARGET_PER_SM = 3
 MIN_STEPS_PER_CHUNK = 4
 
 
@@ -107,7 +110,9 @@ def split_k(programs: int, K: int, BK: int, sms: int, which: str = "gemm1"):
     if SPLIT_OVERRIDE is not None:
         want = SPLIT_OVERRIDE[_SPLIT_INDEX[which]]
     else:
-        want = -(-PROGRAMS_PER_SM * sms // max(1, programs))
+        if programs >= PROGRAMS_PER_SM * sms:
+            return 1, steps * BK
+        want = -(-SPLIT_TARGET_PER_SM * sms // max(1, programs))
         want = min(want, steps // MIN_STEPS_PER_CHUNK)
     want = max(1, min(want, steps))
     per = -(-steps // want)
