@@ -210,7 +210,8 @@ V9 = [(C(64, 128, 64, 8, 3, True), C(64, 128, 64, 8, 3, True)),
 # v10 (session 3): 128/256-code steps for gpt-oss too, now that K = 2880 ends with one 64-code
 # tail step instead of masking every step (configs.tail); scales pre-biased, one wgmma drain
 # per step (fewer instructions per code).
-V10 = {"decode": [C(16, 64, 64, 4, 4, True), C(16, 64, 128, 4, 4, True), C(16, 64, 256, 4, 3, True)],
+V10 = {"decode": [C(16, 64, 64, 4, 4, True), C(16, 64, 128, 4, 4, True),
+                  C(16, 64, 256, 4, 3, True)],
        "mid": [C(32, 64, 64, 4, 4, True), C(32, 64, 128, 4, 4, True), C(64, 128, 64, 8, 3, True),
                C(64, 128, 128, 8, 3, True), C(128, 128, 64, 8, 3, True)],
        "prefill": [C(256, 128, 64, 8, 4, True), C(256, 128, 128, 8, 3, True),
@@ -321,8 +322,8 @@ def sweep(models, tokens, gen, which="default", shapes=None):
             for c, split in cands:
                 target = None
                 if which == "v15":  # c is None: the table's own pick and plan
-                    c = tile_configs.pick(T, k, E, -(-H // triton_moe.H_MULTIPLE) * triton_moe.H_MULTIPLE,
-                                          -(-I // triton_moe.I_MULTIPLE) * triton_moe.I_MULTIPLE)
+                    hm, im = triton_moe.H_MULTIPLE, triton_moe.I_MULTIPLE
+                    c = tile_configs.pick(T, k, E, -(-H // hm) * hm, -(-I // im) * im)
                     target, split = split, None
                 pair = c if isinstance(c, tuple) and isinstance(c[0], C) else (c, c)
                 rec = {"model": model, "T": T, "m_e": m_e,
@@ -358,7 +359,8 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                 best[key] = r
     lines = ["best config per (model, T): BM BN BK warps stages SWAP"]
     for (m, T), r in sorted(best.items()):
-        lines.append(f"{m:8s} T={T:<5d} m_e={r['m_e']:<7.1f} {r['us']:9.1f} us  {r['cfg']} {r.get('split', '')}")
+        lines.append(f"{m:8s} T={T:<5d} m_e={r['m_e']:<7.1f} {r['us']:9.1f} us  {r['cfg']} "
+                     f"{r.get('split', '')}{r.get('split_target', '')}")
     txt = "\n".join(lines) + "\n"
     with open(os.path.join(OUT, "sweep.txt"), "w") as f:
         f.write(txt)
@@ -508,7 +510,8 @@ def main():
     ap.add_argument("--no-peers", action="store_true")
     ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
-    ap.add_argument("--candidates", default="default", help="sweep candidate set: default|decode2|v5|v6|v7|v8|v9|v10|v11|v12|v13|v14|v15")
+    ap.add_argument("--candidates", default="default",
+                    help="sweep candidate set: default|decode2|v5...v15 (see the V* lists)")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")

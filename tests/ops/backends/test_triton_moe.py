@@ -223,9 +223,11 @@ def test_plan_pairs_tiles_only_where_it_splits():
     assert not c.PAIR and c.BK == 128 and n == 1
     c, n, _ = configs.plan(configs.pick(4096, 4, 32, 2880, 2880)[0], 96, 5760, 2880, 132, "gemm1")
     assert not c.PAIR and n == 1  # prefill tiles are never paired
-    c2 = configs.pick(1, 2, 8, 4096, 14336)[1]  # Mixtral T=1 GEMM2: 2 blocks x 64 tiles
+    c1, c2 = configs.pick(1, 2, 8, 4096, 14336)  # Mixtral T=1 GEMM2: 2 blocks x 64 tiles
     c, n, _ = configs.plan(c2, 2, 4096, 14336, 132, "gemm2")
     assert c.PAIR and c.BK == 64 and n > 1
+    c, n, _ = configs.plan(c1, 2, 2 * 14336, 4096, 132, "gemm1")  # 896 programs: one BK 64 wave
+    assert not c.PAIR and c.BK == 64 and n == 1
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")

@@ -152,7 +152,8 @@ def _assemble(e0, e1, e2, e3, e4, e5, e6, e7, R: tl.constexpr, BK: tl.constexpr)
 
 
 @triton.jit
-def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr, SYNC: tl.constexpr):
+def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.constexpr,
+             SYNC: tl.constexpr):
     """words int32 [R, BK/8] (8 codes each, `prepare`'s order), scales uint8 [R, BK/8] (the
     biased scale byte of each word's 32-block) -> [R, BK]: bf16 * 2**-ACC_SHIFT on the GPU
     (inline PTX); under the interpreter (UPCAST) exact fp32 values, by plain bit arithmetic."""

@@ -25,7 +25,7 @@ same config for both GEMMs:
   larger      (256, 128, 64), 8 warps, if M = T*k >= 8192 (20b T=4096 1863 us, 120b 2902 us,
               Mixtral 5699 us; 128 rows: 2425 / 3238 / 7511 us in v6), else (128, 128, 64)
               capped at 128 registers (v13: 20b T=512 441 us vs 507 at (64, 128) and 561
-              uncapped; Mixtral T=512 1139 vs 1241 uncapped; no spills at either width)
+              uncapped; Mixtral T=512 1139 vs 1241 uncapped; no spills in the K loop)
   (v10/v11 re-measured the mid and prefill rows with BK 128, BN 64 at 4 warps and 4 stages:
   nothing beat them by more than run-to-run noise, 2-4%. HALF on the mid rows: 20b T=512 -2.5%,
   120b T=512 -1%, Mixtral T=512 +2%: within noise, and with the register cap GEMM2 spills.
@@ -86,6 +86,7 @@ PROGRAMS_PER_SM = 3
 # once a GEMM splits: chunks enough for this many programs per SM (v15, T=1: 3 -> 5 / 8 made
 # 20b 59 -> 77 / 75 us, Mixtral GEMM2 150 -> 177 / 150)
 SPLIT_TARGET_PER_SM = 3
+ONE_WAVE_PER_SM = 8  # decode grids below this many programs per SM step K by 64 (`plan`)
 MIN_STEPS_PER_CHUNK = 4
 
 
@@ -96,10 +97,16 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str):
     bookkeeping for two tiles (v8 on the H100: gpt-oss T=1 69.2 -> 63.8 us; where the grid is
     big enough unpaired, pairing only halved it: 20b T=8 187 -> 213 us). 128-code steps lose
     there: split K masks every step (no tail step), and paired BK 128 was slower in every case
-    (20b T=1 78 -> 83 us, Mixtral T=1 141 -> 160 us)."""
-    if (OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR
-            and blocks * -(-N // c.BN) < PROGRAMS_PER_SM * sms):
-        c = dataclasses.replace(c, BK=64, PAIR=True)
+    (20b T=1 78 -> 83 us, Mixtral T=1 141 -> 160 us).
+    A decode grid that fits one wave of 64-code programs (about 9 per SM by registers) but not
+    of 128-code ones (5 per SM) steps K by 64 too: Mixtral T=1 GEMM1 (2 x 448 = 896 programs),
+    forward 145 -> 130 us (v10)."""
+    if OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR:
+        programs = blocks * -(-N // c.BN)
+        if programs < PROGRAMS_PER_SM * sms:
+            c = dataclasses.replace(c, BK=64, PAIR=True)
+        elif programs < ONE_WAVE_PER_SM * sms:
+            c = dataclasses.replace(c, BK=64)
     programs = blocks * -(-N // (c.BN * (2 if c.PAIR else 1)))
     return (c,) + split_k(programs, K, c.BK, sms, which)
 
