@@ -17,10 +17,10 @@ benchmarks/NOTES.md "v5"-"v7"; decode BK from v10/v11, session 3), whole forward
 same config for both GEMMs:
   m_e <= 8, or <= 16 when K % 128 == 0   (16, 64, 128), 4 warps: 128-code steps, gpt-oss
       K = 2880 as 22 steps + one 64-code tail step (`tail`): 20b T=8 161 us vs 187 at BK 64
-      and 182 at BK 256; 120b T=64 732 vs 816; Mixtral T=64 540 vs 615. Where the grid is
-      small enough to split K (T=1), `plan` takes BK 64 with paired tiles instead (20b T=1
-      66 us vs 79 at BK 128; Mixtral 130 vs 145). Splitting K at T=8/64 was slower everywhere
-      (v11: 20b T=8 167 -> 191 us with GEMM2 split in 2).
+      and 182 at BK 256; 120b T=64 732 vs 816; Mixtral T=64 540 vs 615. Small grids (T=1)
+      step K by 64 instead (`plan`: paired tiles and split K, or one wave of 64-code programs;
+      20b T=1 66 us vs 79 at BK 128, Mixtral 130 vs 145). Splitting K at T=8/64 was slower
+      everywhere (v11: 20b T=8 167 -> 191 us with GEMM2 split in 2).
   m_e <= 32   (32, 64, 64), 4 warps        120b T=512: 1077 us vs 1316 (64, 128) / 2053 (128, 128)
   larger      (256, 128, 64), 8 warps, if M = T*k >= 8192 (20b T=4096 1863 us, 120b 2902 us,
               Mixtral 5699 us; 128 rows: 2425 / 3238 / 7511 us in v6), else (128, 128, 64)
