@@ -228,6 +228,9 @@ def test_plan_pairs_tiles_only_where_it_splits():
     assert c.PAIR and c.BK == 64 and n > 1
     c, n, _ = configs.plan(c1, 2, 2 * 14336, 4096, 132, "gemm1")  # 896 programs: one BK 64 wave
     assert not c.PAIR and c.BK == 64 and n == 1
+    c1, c2 = configs.pick(64, 2, 8, 4096, 14336)  # Mixtral T=64 GEMM2: 16 x 64 in the grid
+    assert configs.plan(c2, 16, 4096, 14336, 132, "gemm2")[0].BK == 128
+    assert configs.plan(c2, 9, 4096, 14336, 132, "gemm2")[0].BK == 128  # T=8: 576, one wave
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")

@@ -86,7 +86,12 @@ PROGRAMS_PER_SM = 3
 # once a GEMM splits: chunks enough for this many programs per SM (v15, T=1: 3 -> 5 / 8 made
 # 20b 59 -> 77 / 75 us, Mixtral GEMM2 150 -> 177 / 150)
 SPLIT_TARGET_PER_SM = 3
-ONE_WAVE_PER_SM = 8  # decode grids below this many programs per SM step K by 64 (`plan`)
+# Decode grids of RESIDENT_PER_SM (what fits at once at 128-code steps: 92 registers, 4 warps)
+# up to ONE_WAVE_PER_SM programs per SM step K by 64 (`plan`): one wave instead of 1-2. The upper
+# bound stays below the ~9 programs that fit at 64-code steps because `blocks` counts the worst
+# case (Mixtral T=64 GEMM2: 1024 programs in the grid, 512 with rows; BK 128 measured there).
+RESIDENT_PER_SM = 5
+ONE_WAVE_PER_SM = 7
 MIN_STEPS_PER_CHUNK = 4
 
 
@@ -100,12 +105,12 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str):
     (20b T=1 78 -> 83 us, Mixtral T=1 141 -> 160 us).
     A decode grid that fits one wave of 64-code programs (about 9 per SM by registers) but not
     of 128-code ones (5 per SM) steps K by 64 too: Mixtral T=1 GEMM1 (2 x 448 = 896 programs),
-    forward 145 -> 130 us (v10)."""
+    forward 149 -> 133 us (v10 and the session-3 follow-up run)."""
     if OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR:
         programs = blocks * -(-N // c.BN)
         if programs < PROGRAMS_PER_SM * sms:
             c = dataclasses.replace(c, BK=64, PAIR=True)
-        elif programs < ONE_WAVE_PER_SM * sms:
+        elif RESIDENT_PER_SM * sms <= programs < ONE_WAVE_PER_SM * sms:
             c = dataclasses.replace(c, BK=64)
     programs = blocks * -(-N // (c.BN * (2 if c.PAIR else 1)))
     return (c,) + split_k(programs, K, c.BK, sms, which)
