@@ -241,13 +241,12 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
 
     a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted-row order
     nb1 = min(M, M // c1.BM + E)  # row blocks, worst case (surplus programs exit at once)
-    c1, split1, chunk1 = configs.plan(c1, nb1, 2 * Ip, Hp, sms, "gemm1")
-    n1 = _cdiv(2 * Ip, c1.BN * (2 if c1.PAIR else 1))
-    tail1 = configs.tail(Hp, c1.BK) if split1 == 1 else 0
+    p1 = configs.plan(c1, nb1, 2 * Ip, Hp, sms, "gemm1")
+    c1, split1 = p1.config, p1.split
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
-    K._gemm1_kernel[(nb1 * n1, split1)](
+    K._gemm1_kernel[(nb1 * p1.tiles, split1)](
         x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
         E, k, nb1, float(alpha), float(limit), M,
         # strides as constants: the compiler then knows every row is 16-byte aligned
@@ -255,9 +254,9 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
         H=H, Hp=Hp, Ip=Ip,
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
-        EVEN_K=split1 * chunk1 == Hp or tail1 > 0, EVEN_N=(2 * Ip) % c1.BN == 0,
-        UPCAST=interpret, SWAP=c1.SWAP, SYNC=sync, SPLIT=split1, K_CHUNK=chunk1,
-        N_FIRST=c1.N_FIRST, PAIR=c1.PAIR, TAIL=tail1, HALF=c1.HALF,
+        EVEN_K=p1.even_k, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
+        SYNC=sync, SPLIT=split1, K_CHUNK=p1.chunk, N_FIRST=c1.N_FIRST, PAIR=c1.PAIR,
+        TAIL=p1.tail, HALF=c1.HALF,
         num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1))
     if split1 > 1:
         BR, BC = 16, 128
@@ -266,21 +265,20 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             BR=BR, BC=BC, num_warps=4)
 
     nb2 = min(M, M // c2.BM + E)
-    c2, split2, chunk2 = configs.plan(c2, nb2, H, Ip, sms, "gemm2")
-    n2 = _cdiv(H, c2.BN * (2 if c2.PAIR else 1))
-    tail2 = configs.tail(Ip, c2.BK) if split2 == 1 else 0
+    p2 = configs.plan(c2, nb2, H, Ip, sms, "gemm2")
+    c2, split2 = p2.config, p2.split
     y = torch.empty(split2, M, H, dtype=torch.float32, device=dev)  # per-(token, slot) outputs
     b2 = w2_bias if w2_bias is not None else es
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
-    K._gemm2_kernel[(nb2 * n2, split2)](
+    K._gemm2_kernel[(nb2 * p2.tiles, split2)](
         a, sorted_assign, es, w2_words, w2_scales, b2, y,
         E, nb2, M,
         w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
         w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
         HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
-        EVEN_K=split2 * chunk2 == Ip or tail2 > 0, EVEN_N=H % c2.BN == 0, UPCAST=interpret,
-        SWAP=c2.SWAP, SYNC=sync, SPLIT=split2, K_CHUNK=chunk2, N_FIRST=c2.N_FIRST,
-        PAIR=c2.PAIR, TAIL=tail2, HALF=c2.HALF,
+        EVEN_K=p2.even_k, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP, SYNC=sync,
+        SPLIT=split2, K_CHUNK=p2.chunk, N_FIRST=c2.N_FIRST, PAIR=c2.PAIR, TAIL=p2.tail,
+        HALF=c2.HALF,
         num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2))
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)

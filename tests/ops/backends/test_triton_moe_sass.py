@@ -35,12 +35,12 @@ def _compile(gemm, cfg, H, I):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    K_ = H if gemm == 1 else I
-    split, chunk = 1, -(-K_ // cfg.BK) * cfg.BK  # no split-K
-    tail = configs.tail(K_, cfg.BK)
+    # the launch's plan without split K (0 SMs: no automatic split, the config as given)
+    pl = configs.plan(cfg, 1, 2 * I if gemm == 1 else H, H if gemm == 1 else I, 0, "gemm1")
     common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, UPCAST=False,
-                  SWAP=cfg.SWAP, SYNC=True, SPLIT=split, K_CHUNK=chunk, N_FIRST=cfg.N_FIRST,
-                  PAIR=cfg.PAIR, TAIL=tail, HALF=cfg.HALF, EVEN_K=K_ % cfg.BK == 0 or tail > 0)
+                  SWAP=cfg.SWAP, SYNC=True, SPLIT=pl.split, K_CHUNK=pl.chunk,
+                  N_FIRST=cfg.N_FIRST, PAIR=cfg.PAIR, TAIL=pl.tail, HALF=cfg.HALF,
+                  EVEN_K=pl.even_k)
     if gemm == 1:
         fn = K._gemm1_kernel
         cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
@@ -94,7 +94,8 @@ def _configs():
         for gemm, cfg, N, K in zip((1, 2), configs.pick(T, k, E, H, I), (2 * I, H), (H, I)):
             seen.setdefault((gemm, cfg, H, I), None)
             # what the launch uses on an H100 (132 SMs): decode grids pair tiles (configs.plan)
-            seen.setdefault((gemm, configs.plan(cfg, blocks, N, K, 132, "gemm1")[0], H, I), None)
+            seen.setdefault((gemm, configs.plan(cfg, blocks, N, K, 132, "gemm1").config, H, I),
+                            None)
     return list(seen)
 
 

@@ -36,6 +36,7 @@ tiles (two per program); see `plan` and `split_k` for the measurements.
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,8 +96,18 @@ ONE_WAVE_PER_SM = 7
 MIN_STEPS_PER_CHUNK = 4
 
 
-def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str):
-    """-> (config, K chunks, chunk length) for one GEMM of `blocks` row blocks x N weight rows.
+class Plan(NamedTuple):
+    """How one GEMM launches (`plan`)."""
+    config: TileConfig
+    tiles: int    # weight tiles along N per row block (BN rows each, 2 BN with PAIR)
+    split: int    # K chunks (grid axis 1)
+    chunk: int    # K elements per chunk, a multiple of BK
+    tail: int     # the narrower last K step of an unsplit GEMM (`tail`), 0: none
+    even_k: bool  # whole steps only: no K mask in the loop
+
+
+def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str) -> Plan:
+    """-> the Plan of one GEMM of `blocks` row blocks x N weight rows over K.
     A decode grid too small for the GPU (the split-K case) steps K by 64 and pairs weight
     tiles: the split restores the program count, and each program then runs one loop's
     bookkeeping for two tiles (v8 on the H100: gpt-oss T=1 69.2 -> 63.8 us; where the grid is
@@ -112,8 +123,10 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str):
             c = dataclasses.replace(c, BK=64, PAIR=True)
         elif RESIDENT_PER_SM * sms <= programs < ONE_WAVE_PER_SM * sms:
             c = dataclasses.replace(c, BK=64)
-    programs = blocks * -(-N // (c.BN * (2 if c.PAIR else 1)))
-    return (c,) + split_k(programs, K, c.BK, sms, which)
+    tiles = -(-N // (c.BN * (2 if c.PAIR else 1)))
+    split, chunk = split_k(blocks * tiles, K, c.BK, sms, which)
+    t = tail(K, c.BK) if split == 1 else 0  # split chunks mask their steps instead
+    return Plan(c, tiles, split, chunk, t, split * chunk == K or t > 0)
 
 
 def split_k(programs: int, K: int, BK: int, sms: int, which: str = "gemm1"):
