@@ -11,12 +11,13 @@ E local experts, H hidden (Hp padded), I intermediate (Ip padded).
   w2_bias       [E, Hp]           float32 or None
   expert_map    [E_global]        int32, -1 = not on this rank
 
-Prepared layout = the canonical one (ops/reference.py: padding, scales, biases) with two
+Prepared layout = the canonical one (ops/reference.py: padding, scales, biases) with three
 permutations: w13 rows are paired per 16 (8 gate rows, then the 8 up rows of the same columns:
-`_paired_rows`), and inside every 32-code chunk along K the nibbles are permuted (`_pack_words`)
-so that each 32-bit word decodes to 4 bf16 pairs with a shift and a mask each, landing directly
-in the registers wgmma reads its A operand from. Rows keep their K bytes contiguous: a tile of BN
-rows x BK/2 bytes is BN runs of 16-byte aligned vectors (Hp/2, Ip/2 are multiples of 32 bytes).
+`_paired_rows`), and inside every 32-code chunk along K the codes' bits are regrouped
+(`_pack_words`) so that each 32-bit word decodes to 4 bf16 pairs with a rotate and one or two
+masks each (triton_moe_details/layout.py), landing directly in the registers wgmma reads its A
+operand from; then rows are tiled by 16 (`_tile_rows`): a K step of a BN-row tile reads BN/16
+runs of 16 x BK/2 bytes. Scales stay [E, N, K/32], biased (`_bias_scales`).
 Steps (triton_moe_details/_kernels.py): route (expert-sorted rows, on the GPU), GEMM1 (token
 gather, dequant, bias, activation), GEMM2 (bias, scatter to (token, slot) rows), finalize
 (weighted sum over slots in fixed order); at decode sizes the GEMMs split K (configs.plan) and
@@ -76,27 +77,42 @@ def unavailable_reason(device: torch.device) -> str | None:
 prepared_shapes = reference_moe.prepared_shapes
 
 
-# Nibble slot q of a 32-code chunk (4 little-endian words of 8 nibbles) -> the logical column
-# it holds. Word c, element t = 4s + 2h + lo holds column 16s + 8h + 2c + lo (_kernels._assemble:
-# what one thread needs for the wgmma A fragment); inside a word the elements sit in nibble order
-# (e0, e2, e4, e6, e1, e3, e5, e7): even elements in the low half-word, odd ones in the high one,
-# which the shift-and-mask e2m1 -> bf16x2 decode wants (_kernels._DEQUANT_ASM).
-_NIBBLE_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
-_CHUNK_SOURCE = tuple(16 * (t >> 2) + 8 * ((t >> 1) & 1) + 2 * c + (t & 1)
-                      for c in range(4) for t in (_NIBBLE_ORDER[i] for i in range(8)))
+# Element t = 4s + 2h + lo of word c of a 32-code chunk (4 little-endian words) holds column
+# 16s + 8h + 2c + lo: what one thread needs for the wgmma A fragment (_kernels._assemble); its
+# bits sit where the e2m1 -> bf16x2 decode reads them (triton_moe_details/layout.py).
+_WORD_COLUMNS = tuple(tuple(16 * (t >> 2) + 8 * ((t >> 1) & 1) + 2 * c + (t & 1) for t in range(8))
+                      for c in range(4))
 
 
 def _pack_words(w: torch.Tensor) -> torch.Tensor:
-    """Canonical packed codes [E, N, K/2] (K a multiple of 32) -> the same codes reordered inside
-    every 32-code chunk as `_CHUNK_SOURCE` says, packed two per byte again. A pure permutation
-    of nibbles within each row's 16-byte chunk: scales (one per chunk) are unchanged."""
-    src = torch.tensor(_CHUNK_SOURCE, device=w.device)
+    """Canonical packed codes [E, N, K/2] (K a multiple of 32) -> this kernel's words, stored as
+    the same uint8 [E, N, K/2]: inside every 32-code chunk (one 16-byte vector, one scale) word c
+    gathers the columns `_WORD_COLUMNS[c]` and places each code's magnitude and sign bits at
+    layout.MAG_AT / SIGN_AT. A permutation of bits within each chunk: scales are unchanged."""
+    from .triton_moe_details import layout
+
+    dev = w.device
+    cols = torch.tensor(_WORD_COLUMNS, device=dev)  # [4, 8]
+    mag_at = torch.tensor(layout.MAG_AT, device=dev, dtype=torch.int64)
+    sign_at = torch.tensor(layout.SIGN_AT, device=dev, dtype=torch.int64)
     out = torch.empty_like(w)
     for e in range(w.shape[0]):  # one expert at a time bounds the temporaries
         codes = torch.stack((w[e] & 0xF, w[e] >> 4), dim=-1).reshape(w.shape[1], -1, 32)
-        nib = codes[..., src]
-        out[e] = (nib[..., 0::2] | (nib[..., 1::2] << 4)).reshape(w.shape[1], -1)
+        c = codes[..., cols].to(torch.int64)  # [N, K/32, 4 words, 8 elements]
+        words = (((c & 7) << mag_at) | ((c >> 3) << sign_at)).sum(-1)  # disjoint bits: sum = or
+        words = words - (words >> 31 << 32)  # uint32 value -> the int32 with the same bits
+        out[e] = words.to(torch.int32).reshape(w.shape[1], -1).view(torch.uint8)
     return out
+
+
+def _tile_rows(w: torch.Tensor) -> torch.Tensor:
+    """Packed words [E, N, K/2] (N % 16 == 0, K % 64 == 0) -> the same bytes reordered so that
+    each 16-row group stores its 64-code blocks one after another, a block holding the 16 rows'
+    32 bytes side by side ([E, N/16, K/64, 16, 32] in memory; _kernels._row_words). One K step
+    of a BN-row tile then reads BN/16 runs of BK/2 x 16 bytes instead of BN runs of BK/2 bytes:
+    on the H100 the GEMMs ran 4-12% faster at decode (benchmarks/NOTES.md, session 4)."""
+    E, N, kb = w.shape
+    return w.reshape(E, N // 16, 16, kb // 32, 32).transpose(2, 3).reshape(E, N, kb)
 
 
 def _paired_rows(Ip: int, activation: str, device) -> torch.Tensor:
@@ -136,8 +152,8 @@ def _bias_scales(codes: torch.Tensor, scales: torch.Tensor):
 
 def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     """Canonical padded MXFP4 -> this kernel's layout: w13 rows paired (`_paired_rows`), codes
-    permuted inside every 32-code chunk (`_pack_words`); scales biased (`_bias_scales`) and,
-    like the biases, following their rows."""
+    regrouped inside every 32-code chunk (`_pack_words`), rows tiled by 16 (`_tile_rows`);
+    scales biased (`_bias_scales`) and, like the biases, following their rows (not tiled)."""
     check_activation(activation)
     Hp, Ip = w13.shape[2] * 2, w2.shape[2] * 2
     if Hp % H_MULTIPLE or Ip % I_MULTIPLE:
@@ -154,8 +170,9 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     b13 = f32(w13_bias)
     w13, s13 = _bias_scales(u8(w13)[:, rows], u8(w13_scales)[:, rows])
     w2, s2 = _bias_scales(u8(w2), u8(w2_scales))
-    return (_pack_words(w13), s13.contiguous(), None if b13 is None else b13[:, rows].contiguous(),
-            _pack_words(w2), s2.contiguous(), f32(w2_bias))
+    return (_tile_rows(_pack_words(w13)), s13.contiguous(),
+            None if b13 is None else b13[:, rows].contiguous(),
+            _tile_rows(_pack_words(w2)), s2.contiguous(), f32(w2_bias))
 
 
 def _cdiv(a: int, b: int) -> int:

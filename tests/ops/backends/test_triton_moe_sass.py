@@ -127,5 +127,11 @@ def test_dequantized_tile_stays_in_registers(ptxas_works, gemm, cfg, H, I):
         assert "STL" not in sass and "LDL" not in sass, "register spills"
     else:  # a cap may push a few loop-invariant values (epilogue addresses) to local memory
         assert len(re.findall(r"\bSTL", sass)) <= 32, "a register cap made ptxas spill a lot"
+    # the e2m1 decode (layout.py): 15 instructions per 32-bit word of codes (5 rotates, 6 LOP3,
+    # 4 HMUL2), BK / 16 words per thread per tile and step; other LOP3/SHF/IMAD.SHL in the loop
+    # (addresses, scale bytes) get a small allowance
+    decode = [op for op in loop if op.startswith(("LOP3", "SHF", "IMAD.SHL", "HMUL2"))]
+    words = tiles * cfg.BK // 16
+    assert len(decode) <= 15 * words + 8, f"{len(decode)} decode-class ops for {words} words"
     waits = [i for i, op in enumerate(loop) if op.startswith("WARPGROUP.DEPBAR")]
     assert waits, "wgmma is not drained in the K loop"

@@ -22,6 +22,8 @@ min(M, M // BM + E) blocks and surplus programs exit at once.
 import triton
 import triton.language as tl
 
+from .layout import DEQUANT_ASM, MAG_AT, SIGN_AT
+
 
 @triton.jit
 def _local_ids(ids_ptr, emap_ptr, offs, mask, E, HAS_MAP: tl.constexpr):
@@ -87,12 +89,9 @@ def _block_info(es_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr):
     return e, row0, row1, total
 
 
-# e2m1 -> bf16 on the GPU, 8 elements per 32-bit word. `prepare` stores each group of 8 codes
-# e0..e7 with the even ones in the low half-word and the odd ones in the high half-word
-# (nibble i of the little-endian word holds e[0, 2, 4, 6, 1, 3, 5, 7][i]), so that one shift and
-# one masked merge put e_{2j} and e_{2j+1} into the two bf16 halves of a register: magnitude bits
-# at bf16 bits 8..6 (exponent e, mantissa m0), sign at bit 15. That bf16 is exactly
-# value * 2**-126 (e == 0 gives the subnormal 0.5 * 2**-126). One bf16x2 FMA by
+# e2m1 -> bf16 on the GPU, 8 elements per 32-bit word: `prepare` places each code's bits as
+# layout.py says, and layout.DEQUANT_ASM turns a word into 4 bf16 pairs that are exactly
+# value * 2**-126, with one rotate and one or two masks each, then one bf16x2 FMA by
 # 2**(s - 1 - ACC_SHIFT) (s = the e8m0 byte) scales two elements; the accumulator is multiplied
 # by 2**ACC_SHIFT at the end. `prepare` stores each scale biased, b = s + 127 - 1 - ACC_SHIFT
 # = s + 62 (the multiplier's bf16 exponent field): one integer multiply, b * 0x00800080, then
@@ -102,39 +101,9 @@ def _block_info(es_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr):
 # 0 * inf = NaN for the whole block, as the format says.
 ACC_SHIFT = tl.constexpr(64)
 ACC_SCALE = tl.constexpr(2.0 ** 64)  # 2**ACC_SHIFT
-_DEQUANT_ASM = tl.constexpr("""
-{
-.reg .b32 t, u, o, z;
-mov.b32 z, 0x80008000;
-shl.b32 t, $8, 6;
-shl.b32 u, $8, 12;
-and.b32 t, t, 0x01C001C0;
-and.b32 u, u, 0x80008000;
-or.b32 o, t, u;
-fma.rn.bf16x2 o, o, $9, z;
-mov.b32 {$0, $1}, o;
-shl.b32 t, $8, 2;
-shl.b32 u, $8, 8;
-and.b32 t, t, 0x01C001C0;
-and.b32 u, u, 0x80008000;
-or.b32 o, t, u;
-fma.rn.bf16x2 o, o, $9, z;
-mov.b32 {$2, $3}, o;
-shr.b32 t, $8, 2;
-shl.b32 u, $8, 4;
-and.b32 t, t, 0x01C001C0;
-and.b32 u, u, 0x80008000;
-or.b32 o, t, u;
-fma.rn.bf16x2 o, o, $9, z;
-mov.b32 {$4, $5}, o;
-shr.b32 t, $8, 6;
-and.b32 t, t, 0x01C001C0;
-and.b32 u, $8, 0x80008000;
-or.b32 o, t, u;
-fma.rn.bf16x2 o, o, $9, z;
-mov.b32 {$6, $7}, o;
-}
-""")
+_DEQUANT_ASM = tl.constexpr(DEQUANT_ASM)
+_MAG_AT = tl.constexpr(MAG_AT)
+_SIGN_AT = tl.constexpr(SIGN_AT)
 
 
 @triton.jit
@@ -160,14 +129,14 @@ def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
     if UPCAST:
         b = scales.to(tl.int32)
         sv = tl.where(b == 255, float("nan"), ((b - 62) << 23).to(tl.float32, bitcast=True))
-        c0 = _e2m1_f32(words, 0)
-        c1 = _e2m1_f32(words, 16)
-        c2 = _e2m1_f32(words, 4)
-        c3 = _e2m1_f32(words, 20)
-        c4 = _e2m1_f32(words, 8)
-        c5 = _e2m1_f32(words, 24)
-        c6 = _e2m1_f32(words, 12)
-        c7 = _e2m1_f32(words, 28)
+        c0 = _e2m1_f32(words, _MAG_AT[0], _SIGN_AT[0])
+        c1 = _e2m1_f32(words, _MAG_AT[1], _SIGN_AT[1])
+        c2 = _e2m1_f32(words, _MAG_AT[2], _SIGN_AT[2])
+        c3 = _e2m1_f32(words, _MAG_AT[3], _SIGN_AT[3])
+        c4 = _e2m1_f32(words, _MAG_AT[4], _SIGN_AT[4])
+        c5 = _e2m1_f32(words, _MAG_AT[5], _SIGN_AT[5])
+        c6 = _e2m1_f32(words, _MAG_AT[6], _SIGN_AT[6])
+        c7 = _e2m1_f32(words, _MAG_AT[7], _SIGN_AT[7])
         w = _assemble(c0 * sv, c1 * sv, c2 * sv, c3 * sv, c4 * sv, c5 * sv, c6 * sv, c7 * sv, R, BK)
     else:  # (no early return: Triton would still emit the code after a constexpr-if return)
         m = scales.to(tl.int32) * 0x00800080  # bf16x2 multiplier 2**(s - 1 - ACC_SHIFT), twice
@@ -184,24 +153,35 @@ def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
 
 
 @triton.jit
-def _e2m1_f32(words, shift: tl.constexpr):
-    """fp32 value of the e2m1 code at bit `shift` of each word (interpreter path)."""
-    c = (words >> shift) & 0xF
-    mag = c & 7
+def _e2m1_f32(words, mag_at: tl.constexpr, sign_at: tl.constexpr):
+    """fp32 value of the e2m1 code whose magnitude bits start at bit `mag_at` of each word and
+    whose sign is bit `sign_at` (layout.py; interpreter path)."""
+    mag = (words >> mag_at) & 7
+    neg = ((words >> sign_at) & 1) != 0
     bits = tl.where(mag >= 2, (mag << 6) + 16128, tl.where(mag == 1, 16128, 0))  # bf16 pattern
     v = (bits << 16).to(tl.float32, bitcast=True)
-    return tl.where((c & 8) != 0, -v, v)
+    return tl.where(neg, -v, v)
+
+
+@triton.jit
+def _row_words(offs, stride_wn: tl.constexpr):
+    """Word offset (at column 0) of weight rows `offs` in an expert's prepared matrix: rows come
+    in groups of 16 (16 x stride_wn words), and inside a group each 64-code block holds the 16
+    rows' 8 words side by side (`prepare`, triton_moe._tile_rows)."""
+    return (offs // 16) * (16 * stride_wn) + (offs % 16) * 8
 
 
 @triton.jit
 def _load_words(w_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
-    """One [R, BK] weight tile as int32 words [R, BK/8] (8 codes each)."""
+    """One [R, BK] weight tile as int32 words [R, BK/8] (8 codes each); w_ptrs [R, 1] from
+    _row_words, k0 a multiple of 64. 64-code block b of a row group starts at word 128 b."""
     kw = tl.arange(0, BK // 8)
+    off = (k0 // 64) * 128 + (kw // 8) * 128 + kw % 8
     if EVEN_K:
-        words = tl.load(w_ptrs + (k0 // 8 + kw)[None, :], mask=rmask[:, None], other=0)
+        words = tl.load(w_ptrs + off[None, :], mask=rmask[:, None], other=0)
     else:
         km = rmask[:, None] & ((k0 + 8 * kw) < Kp)[None, :]
-        words = tl.load(w_ptrs + (k0 // 8 + kw)[None, :], mask=km, other=0)
+        words = tl.load(w_ptrs + off[None, :], mask=km, other=0)
     return words
 
 
@@ -388,7 +368,7 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
     else:
         wmask = offs_w < 2 * Ip
     e64 = e.to(tl.int64)
-    w_ptrs = w_ptr + e64 * stride_we + offs_w[:, None] * stride_wn
+    w_ptrs = w_ptr + e64 * stride_we + _row_words(offs_w, stride_wn)[:, None]
     s_ptrs = s_ptr + e64 * stride_se + offs_w[:, None] * stride_sn
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
@@ -520,7 +500,7 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
     else:
         nmask = offs_n < H
     e64 = e.to(tl.int64)
-    w_ptrs = w_ptr + e64 * stride_we + offs_n[:, None] * stride_wn
+    w_ptrs = w_ptr + e64 * stride_we + _row_words(offs_n, stride_wn)[:, None]
     s_ptrs = s_ptr + e64 * stride_se + offs_n[:, None] * stride_sn
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)

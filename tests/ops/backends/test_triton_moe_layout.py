@@ -1,0 +1,96 @@
+"""The "triton" kernel's word layout (triton_moe_details/layout.py) on the host: `prepare`'s
+packing, the bit-level model of the GPU decode, and the PTX that the kernel inlines. The GPU
+runs only the PTX, so the PTX is checked here by executing its text on a tiny interpreter."""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from mxfp4_compile.numerics import decode_e2m1, unpack_codes
+from mxfp4_compile.ops.backends import triton_moe as tm
+from mxfp4_compile.ops.backends.triton_moe_details import layout
+
+
+def _bf16_halves(pattern: int) -> list[float]:
+    """bf16x2 bit pattern -> [low half, high half] as float64 values."""
+    halves = torch.tensor([pattern & 0xFFFF, pattern >> 16], dtype=torch.int32).to(torch.int16)
+    return halves.view(torch.bfloat16).double().tolist()
+
+
+def test_packed_words_decode_to_every_code_at_its_column():
+    g = torch.Generator().manual_seed(3)
+    # every byte value appears: all 16 codes in both nibbles, at every column of a chunk
+    packed = torch.randint(0, 256, (2, 5, 64), dtype=torch.uint8, generator=g)  # K = 128
+    packed[0, 0] = torch.arange(64, dtype=torch.uint8)
+    packed[0, 1] = torch.arange(64, 128, dtype=torch.uint8)
+    packed[1, 0] = torch.arange(128, 192, dtype=torch.uint8)
+    packed[1, 1] = torch.arange(192, 256, dtype=torch.uint8)
+    values = decode_e2m1(unpack_codes(packed)).double()  # [E, N, K]
+    words = tm._pack_words(packed).view(torch.int32)  # [E, N, K/8]
+    assert words.shape == (2, 5, 16)
+    for e in range(2):
+        for n in range(5):
+            for w in range(16):
+                chunk, c = divmod(w, 4)
+                got = [v * 2.0 ** 126 for pat in layout.decode_word(int(words[e, n, w]) & 0xFFFFFFFF)
+                       for v in _bf16_halves(pat)]
+                want = values[e, n, [32 * chunk + col for col in tm._WORD_COLUMNS[c]]]
+                assert got == want.tolist(), (e, n, w)
+                # -0 keeps its sign (code 8): the bf16 sign bit is the code's
+                assert [torch.tensor(v).signbit().item() for v in got] == want.signbit().tolist()
+
+
+def _run_ptx(text: str, word: int) -> list[int]:
+    """Executes the decode PTX's integer part on `word` ($8); returns the 4 bf16x2 registers it
+    hands to the fma (the scale multiply, which the kernel tests check on real data)."""
+    regs, before_fma = {"$8": word}, []
+
+    def val(x):
+        return regs[x] if x in regs else int(x, 0)
+
+    for line in text.splitlines():
+        m = re.match(r"(\S+)\s+(.*);$", line.strip())
+        if not m or m.group(1) == ".reg":
+            continue
+        op, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
+        if op == "mov.b32" and args[0].startswith("{"):
+            continue  # the split into the two bf16 results
+        if op == "mov.b32":
+            regs[args[0]] = val(args[1])
+        elif op == "and.b32":
+            regs[args[0]] = val(args[1]) & val(args[2])
+        elif op == "or.b32":
+            regs[args[0]] = val(args[1]) | val(args[2])
+        elif op == "shf.l.wrap.b32":
+            assert args[1] == args[2], "a rotate shifts a register into itself"
+            regs[args[0]] = layout.rotl(val(args[1]), val(args[3]))
+        elif op == "fma.rn.bf16x2":
+            assert args[1:] == [args[0], "$9", "z"] and regs["z"] == 0x80008000
+            before_fma.append(regs[args[0]])
+        else:
+            raise AssertionError(f"unexpected PTX op {op!r}")
+    return before_fma
+
+
+def test_dequant_ptx_matches_the_layout_model():
+    g = torch.Generator().manual_seed(4)
+    words = torch.randint(0, 2 ** 32, (2000,), dtype=torch.int64, generator=g).tolist()
+    for w in words + [0, 0xFFFFFFFF, 0x80000000, 1]:
+        assert _run_ptx(layout.DEQUANT_ASM, w) == layout.decode_word(w), hex(w)
+    # outputs in register order, each pair written once
+    outs = re.findall(r"mov\.b32 \{\$(\d), \$(\d)\}", layout.DEQUANT_ASM)
+    assert outs == [(str(2 * j), str(2 * j + 1)) for j in range(4)]
+
+
+
+def test_tile_rows_puts_each_byte_where_the_kernel_reads_it():
+    g = torch.Generator().manual_seed(5)
+    E, N, kb = 2, 48, 96  # K = 192: three 64-code blocks per row
+    w = torch.randint(0, 256, (E, N, kb), dtype=torch.uint8, generator=g)
+    tiled = tm._tile_rows(w)
+    assert tiled.shape == w.shape and tiled.dtype == torch.uint8
+    e, n, b = torch.meshgrid(torch.arange(E), torch.arange(N), torch.arange(kb), indexing="ij")
+    # _kernels._row_words + _load_words, in bytes: 16-row groups, 512-byte blocks of 16 rows
+    at = e * N * kb + (n // 16) * 16 * kb + (b // 32) * 512 + (n % 16) * 32 + b % 32
+    assert torch.equal(tiled.reshape(-1)[at], w)
