@@ -263,6 +263,12 @@ V14 = [C(16, 64, 128, 4, 4, True), C(16, 64, 128, 4, 3, True), C(16, 64, 128, 4,
        C(16, 64, 128, 4, 4, True, False)]
 
 
+# v16 (session 4, after the 16-row weight tiling): decode depth, BM 32 (one row block for most
+# experts at m_e 16), 8 warps, grid order.
+V16 = [_DEC, C(16, 64, 128, 4, 3, True), C(16, 64, 128, 4, 5, True), C(16, 64, 128, 4, 6, True),
+       C(32, 64, 128, 4, 4, True), C(16, 128, 128, 8, 4, True), C(16, 64, 128, 4, 4, True, False)]
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -274,6 +280,8 @@ def sweep_candidates(T, which="default"):
         return V9
     if which == "v14":
         return V14
+    if which == "v16":
+        return V16
     if which == "v13":
         return V13["decode"] if T <= 64 else V13["mid"]
     if which == "v12":
@@ -511,7 +519,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
     ap.add_argument("--candidates", default="default",
-                    help="sweep candidate set: default|decode2|v5...v15 (see the V* lists)")
+                    help="sweep candidate set: default|decode2|v5...v16 (see the V* lists)")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")

@@ -15,12 +15,14 @@ tests/ops/backends/test_triton_moe_sass.py checks the table).
 Measured on an H100 (benchmarks/gpu_check.py --tuned --candidates v5/v6/v7, 2026-11-24;
 benchmarks/NOTES.md "v5"-"v7"; decode BK from v10/v11, session 3), whole forward incl. routing,
 same config for both GEMMs:
-  m_e <= 8, or <= 16 when K % 128 == 0   (16, 64, 128), 4 warps: 128-code steps, gpt-oss
+  m_e <= 8   (16, 64, 128), 4 warps: 128-code steps, gpt-oss
       K = 2880 as 22 steps + one 64-code tail step (`tail`): 20b T=8 161 us vs 187 at BK 64
-      and 182 at BK 256; 120b T=64 732 vs 816; Mixtral T=64 540 vs 615. Small grids (T=1)
+      and 182 at BK 256; 120b T=64 732 vs 816; Mixtral T=64 540 vs 615 (then). Small grids (T=1)
       step K by 64 instead (`plan`: paired tiles and split K, or one wave of 64-code programs;
       20b T=1 66 us vs 79 at BK 128, Mixtral 130 vs 145). Splitting K at T=8/64 was slower
       everywhere (v11: 20b T=8 167 -> 191 us with GEMM2 split in 2).
+  m_e <= 16 when K % 128 == 0   (32, 64, 128), 4 warps: one row block for most experts
+      (session 4, v16: Mixtral T=64 431 us vs 552 at BM 16; 20b T=64, m_e 8, 253 vs 231)
   m_e <= 32   (32, 64, 64), 4 warps        120b T=512: 1077 us vs 1316 (64, 128) / 2053 (128, 128)
   larger      (256, 128, 64), 8 warps, if M = T*k >= 8192 (20b T=4096 1863 us, 120b 2902 us,
               Mixtral 5699 us; 128 rows: 2425 / 3238 / 7511 us in v6), else (128, 128, 64)
@@ -54,6 +56,9 @@ class TileConfig:
 
 
 _DECODE = TileConfig(16, 64, 128, 4, 4, True)
+# 8 < m_e <= 16 with K % 128 == 0: 32-row blocks keep most experts to one block, so their
+# weights are streamed once, not twice (v16, Mixtral T=64: 431 us vs 552 at BM 16)
+_DECODE32 = TileConfig(32, 64, 128, 4, 4, True)
 _TABLE = (  # (max rows per expert, config); first row whose bound >= m_e wins
     (32, TileConfig(32, 64, 64, 4, 4, True)),
     # 128 registers (ptxas takes 149-157): 2 resident programs of 8 warps per SM instead of 1
@@ -165,8 +170,10 @@ def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False):
     if interpret:
         return _INTERPRET
     m_e = rows_per_expert(T, k, E)
-    if m_e <= 8 or (m_e <= 16 and Hp % 128 == 0 and Ip % 128 == 0):
+    if m_e <= 8:
         return _DECODE, _DECODE
+    if m_e <= 16 and Hp % 128 == 0 and Ip % 128 == 0:
+        return _DECODE32, _DECODE32
     if m_e > 64 and T * k >= _PREFILL_ROWS:
         c = _PREFILL
         if E / (T * k / c.BM + E) >= HALF_SHARE:
