@@ -17,7 +17,7 @@ permutations: w13 rows are paired per 16 (8 gate rows, then the 8 up rows of the
 (`_pack_words`) so that each 32-bit word decodes to 4 bf16 pairs with a rotate and one or two
 masks each (triton_moe_details/layout.py), landing directly in the registers wgmma reads its A
 operand from; then rows are tiled by 16 (`_tile_rows`): a K step of a BN-row tile reads BN/16
-runs of 16 x BK/2 bytes. Scales stay [E, N, K/32], biased (`_bias_scales`).
+runs of 16 x BK/2 bytes; the scales, biased (`_bias_scales`), are tiled the same way.
 Steps (triton_moe_details/_kernels.py): route (expert-sorted rows, on the GPU), GEMM1 (token
 gather, dequant, bias, activation), GEMM2 (bias, scatter to (token, slot) rows), finalize
 (weighted sum over slots in fixed order); at decode sizes the GEMMs split K (configs.plan) and
@@ -105,14 +105,16 @@ def _pack_words(w: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _tile_rows(w: torch.Tensor) -> torch.Tensor:
-    """Packed words [E, N, K/2] (N % 16 == 0, K % 64 == 0) -> the same bytes reordered so that
-    each 16-row group stores its 64-code blocks one after another, a block holding the 16 rows'
-    32 bytes side by side ([E, N/16, K/64, 16, 32] in memory; _kernels._row_words). One K step
-    of a BN-row tile then reads BN/16 runs of BK/2 x 16 bytes instead of BN runs of BK/2 bytes:
-    on the H100 the GEMMs ran 4-12% faster at decode (benchmarks/NOTES.md, session 4)."""
-    E, N, kb = w.shape
-    return w.reshape(E, N // 16, 16, kb // 32, 32).transpose(2, 3).reshape(E, N, kb)
+def _tile_rows(t: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """Packed words [E, N, K/2] (block_bytes 32) or scale bytes [E, N, K/32] (block_bytes 2),
+    N % 16 == 0, K % 64 == 0 -> the same bytes reordered so that each 16-row group stores its
+    64-code blocks one after another, a block holding the 16 rows' bytes side by side:
+    [E, N/16, K/64, 16, block_bytes] in memory
+    (_kernels._row_words / _row_scales). One K step of a BN-row tile then reads BN/16 runs of
+    16 x BK/2 bytes instead of BN runs of BK/2 bytes: on the H100 the decode GEMMs ran 4-12%
+    faster (benchmarks/NOTES.md, session 4)."""
+    E, N, nb = t.shape
+    return t.reshape(E, N // 16, 16, nb // block_bytes, block_bytes).transpose(2, 3).reshape(E, N, nb)
 
 
 def _paired_rows(Ip: int, activation: str, device) -> torch.Tensor:
@@ -152,8 +154,8 @@ def _bias_scales(codes: torch.Tensor, scales: torch.Tensor):
 
 def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     """Canonical padded MXFP4 -> this kernel's layout: w13 rows paired (`_paired_rows`), codes
-    regrouped inside every 32-code chunk (`_pack_words`), rows tiled by 16 (`_tile_rows`);
-    scales biased (`_bias_scales`) and, like the biases, following their rows (not tiled)."""
+    regrouped inside every 32-code chunk (`_pack_words`); scales biased (`_bias_scales`) and,
+    like the biases, following their rows; codes and scales tiled by 16 rows (`_tile_rows`)."""
     check_activation(activation)
     Hp, Ip = w13.shape[2] * 2, w2.shape[2] * 2
     if Hp % H_MULTIPLE or Ip % I_MULTIPLE:
@@ -170,9 +172,9 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     b13 = f32(w13_bias)
     w13, s13 = _bias_scales(u8(w13)[:, rows], u8(w13_scales)[:, rows])
     w2, s2 = _bias_scales(u8(w2), u8(w2_scales))
-    return (_tile_rows(_pack_words(w13)), s13.contiguous(),
+    return (_tile_rows(_pack_words(w13), 32), _tile_rows(s13, 2),
             None if b13 is None else b13[:, rows].contiguous(),
-            _tile_rows(_pack_words(w2)), s2.contiguous(), f32(w2_bias))
+            _tile_rows(_pack_words(w2), 32), _tile_rows(s2, 2), f32(w2_bias))
 
 
 def _cdiv(a: int, b: int) -> int:

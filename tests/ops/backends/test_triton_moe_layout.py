@@ -86,11 +86,14 @@ def test_dequant_ptx_matches_the_layout_model():
 
 def test_tile_rows_puts_each_byte_where_the_kernel_reads_it():
     g = torch.Generator().manual_seed(5)
-    E, N, kb = 2, 48, 96  # K = 192: three 64-code blocks per row
-    w = torch.randint(0, 256, (E, N, kb), dtype=torch.uint8, generator=g)
-    tiled = tm._tile_rows(w)
-    assert tiled.shape == w.shape and tiled.dtype == torch.uint8
-    e, n, b = torch.meshgrid(torch.arange(E), torch.arange(N), torch.arange(kb), indexing="ij")
-    # _kernels._row_words + _load_words, in bytes: 16-row groups, 512-byte blocks of 16 rows
-    at = e * N * kb + (n // 16) * 16 * kb + (b // 32) * 512 + (n % 16) * 32 + b % 32
-    assert torch.equal(tiled.reshape(-1)[at], w)
+    E, N, K = 2, 48, 2048  # 32 blocks of 64 codes per row: K/32 = 64 scale bytes, K/2 = 1024
+    e, n = torch.arange(E)[:, None, None], torch.arange(N)[None, :, None]
+    # _kernels._row_words + _load_words (32 bytes a block), _row_scales + _load_scales (2)
+    for nb, block in ((K // 2, 32), (K // 32, 2)):
+        t = torch.randint(0, 256, (E, N, nb), dtype=torch.uint8, generator=g)
+        tiled = tm._tile_rows(t, block)
+        assert tiled.shape == t.shape and tiled.dtype == torch.uint8
+        b = torch.arange(nb)[None, None, :]
+        at = e * N * nb + (n // 16) * 16 * nb + (b // block) * 16 * block + (n % 16) * block \
+            + b % block
+        assert torch.equal(tiled.reshape(-1)[at], t)

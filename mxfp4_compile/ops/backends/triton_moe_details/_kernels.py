@@ -172,6 +172,13 @@ def _row_words(offs, stride_wn: tl.constexpr):
 
 
 @triton.jit
+def _row_scales(offs, stride_sn: tl.constexpr):
+    """Byte offset (at column 0) of the scale rows `offs`: tiled like the words, 16-row groups
+    whose 64-code blocks hold the 16 rows' 2 scale bytes side by side (triton_moe._tile_rows)."""
+    return (offs // 16) * (16 * stride_sn) + (offs % 16) * 2
+
+
+@triton.jit
 def _load_words(w_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     """One [R, BK] weight tile as int32 words [R, BK/8] (8 codes each); w_ptrs [R, 1] from
     _row_words, k0 a multiple of 64. 64-code block b of a row group starts at word 128 b."""
@@ -193,7 +200,8 @@ def _load_scales(s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr):
     through cp.async, so the K loops fetch these one step ahead by hand."""
     ks = tl.arange(0, BK // 32)
     km = rmask[:, None] & ((k0 + 32 * ks) < Kp)[None, :]
-    s = tl.load(s_ptrs + (k0 // 32 + ks)[None, :], mask=km, other=0)  # [R, BK/32]
+    off = (k0 // 64) * 32 + (ks // 2) * 32 + ks % 2  # 64-code block b of a row group at byte 32 b
+    s = tl.load(s_ptrs + off[None, :], mask=km, other=0)  # [R, BK/32]
     s = tl.join(s, s)
     s = tl.join(s, s)  # [R, BK/32, 2, 2]
     return s.reshape(s.shape[0], BK // 8)
@@ -369,7 +377,7 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
         wmask = offs_w < 2 * Ip
     e64 = e.to(tl.int64)
     w_ptrs = w_ptr + e64 * stride_we + _row_words(offs_w, stride_wn)[:, None]
-    s_ptrs = s_ptr + e64 * stride_se + offs_w[:, None] * stride_sn
+    s_ptrs = s_ptr + e64 * stride_se + _row_scales(offs_w, stride_sn)[:, None]
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
@@ -501,7 +509,7 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
         nmask = offs_n < H
     e64 = e.to(tl.int64)
     w_ptrs = w_ptr + e64 * stride_we + _row_words(offs_n, stride_wn)[:, None]
-    s_ptrs = s_ptr + e64 * stride_se + offs_n[:, None] * stride_sn
+    s_ptrs = s_ptr + e64 * stride_se + _row_scales(offs_n, stride_sn)[:, None]
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
