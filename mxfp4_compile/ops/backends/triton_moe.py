@@ -41,6 +41,7 @@ I_MULTIPLE = 64
 _ACT = {"swiglu_oai": 0, "silu_glu": 1}
 _HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ROUTE_BUDGET = 32768  # elements of the [CHUNK, EB] one-hot tile of one routing program
+_ROUTE_SORT_MAX = 1024  # up to this many assignments: one routing program sorts them all
 
 
 def _interpreting() -> bool:
@@ -205,13 +206,16 @@ def route(topk_ids, expert_map, E: int):
     M = topk_ids.numel()
     dev = topk_ids.device
     EB = _next_pow2(E + 1)
-    chunk = max(4, min(_next_pow2(M), _ROUTE_BUDGET // EB))
+    if M <= _ROUTE_SORT_MAX:  # one program: histogram + sort
+        chunk = max(4, _next_pow2(M))
+    else:
+        chunk = max(4, min(_next_pow2(M), _ROUTE_BUDGET // EB))
     n_chunks = -(-M // chunk)
     es = torch.empty(EB, dtype=torch.int32, device=dev)
     sorted_assign = torch.empty(M, dtype=torch.int32, device=dev)
     has_map = expert_map is not None
     emap = expert_map if has_map else es  # dummy pointer when absent
-    nw = 4 if chunk * EB <= 8192 else 8
+    nw = 4 if chunk * EB <= 8192 or n_chunks == 1 else 8
     if n_chunks == 1:
         K._route_kernel[(1,)](topk_ids, emap, es, es, sorted_assign, M, E, 1,
                               HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=2, num_warps=nw)

@@ -82,8 +82,9 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
     if emap:  # E of the E+3 global experts live here, in a shuffled order
         expert_map = torch.full((e_global,), -1, dtype=torch.int32)
         expert_map[torch.randperm(e_global, generator=g)[:E]] = torch.arange(E, dtype=torch.int32)
-    if route_budget is not None:
+    if route_budget is not None:  # the chunked (two-launch) routing instead of one sort
         tm._ROUTE_BUDGET = route_budget
+        tm._ROUTE_SORT_MAX = 0
     configs.SPLIT_OVERRIDE = split
     configs.OVERRIDE = tuple(dataclasses.replace(c, PAIR=pair, BK=bk or c.BK, HALF=half,
                                                  BM=32 if half else c.BM)
@@ -247,9 +248,9 @@ if __name__ == "__main__":  # the child process: TRITON_INTERPRET=1 is already s
     from mxfp4_compile.ops.backends import triton_moe as _tm
 
     out = {}
-    budget = _tm._ROUTE_BUDGET
+    budget, sort_max = _tm._ROUTE_BUDGET, _tm._ROUTE_SORT_MAX
     for name, kw in CASES.items():
-        _tm._ROUTE_BUDGET = budget
+        _tm._ROUTE_BUDGET, _tm._ROUTE_SORT_MAX = budget, sort_max
         try:
             out[name] = _run_case(**kw)
         except Exception as e:  # reported per case by the parent

@@ -41,20 +41,23 @@ def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chu
                   PHASE: tl.constexpr):
     """PHASE 0: per-chunk expert counts -> counts [n_chunks, EB].
     PHASE 1: scatter each assignment to its sorted position (chunk bases from counts).
-    PHASE 2: one program does both (n_chunks == 1: the decode case, one launch)."""
+    PHASE 2: one program does both (n_chunks == 1: decode sizes, one launch): a histogram, and
+    a sort of (bucket, index) keys, which is the stable order itself (assignments past M sort
+    last: bucket E, the largest indices). 20b T=64: 2.4 us against 7.3 for the one-hot scan."""
     c = tl.program_id(0)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < M
     loc = _local_ids(ids_ptr, emap_ptr, offs, mask, E, HAS_MAP)  # [CHUNK]
     buckets = tl.arange(0, EB)
-    onehot = (loc[:, None] == buckets[None, :]).to(tl.int32) * mask[:, None].to(tl.int32)
-    if PHASE == 0:
-        cnt = tl.sum(onehot, axis=0)  # [EB]
-        tl.store(counts_ptr + c * EB + buckets, cnt)
+    if PHASE == 2:
+        total = tl.histogram(loc, EB)  # (past M: counted in bucket E, which no start includes)
+        tl.store(es_ptr + buckets, tl.cumsum(total, axis=0) - total, mask=buckets <= E)
+        srt = tl.sort(loc * CHUNK + offs)
+        tl.store(sorted_ptr + offs, srt % CHUNK, mask=mask)
     else:
-        if PHASE == 2:
-            total = tl.sum(onehot, axis=0)
-            base = tl.zeros([EB], dtype=tl.int32)
+        onehot = (loc[:, None] == buckets[None, :]).to(tl.int32) * mask[:, None].to(tl.int32)
+        if PHASE == 0:
+            tl.store(counts_ptr + c * EB + buckets, tl.sum(onehot, axis=0))
         else:
             total = tl.zeros([EB], dtype=tl.int32)
             base = tl.zeros([EB], dtype=tl.int32)
@@ -64,12 +67,12 @@ def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chu
                 total += row
                 base += tl.where(cc < c, row, 0)
                 cc += 1
-        start = tl.cumsum(total, axis=0) - total  # exclusive: first sorted row of each bucket
-        if c == 0:
-            tl.store(es_ptr + buckets, start, mask=buckets <= E)
-        rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # [CHUNK] rank in chunk
-        pos = tl.sum(onehot * (start + base)[None, :], axis=1) + rank
-        tl.store(sorted_ptr + pos, offs, mask=mask)
+            start = tl.cumsum(total, axis=0) - total  # exclusive: first sorted row of a bucket
+            if c == 0:
+                tl.store(es_ptr + buckets, start, mask=buckets <= E)
+            rank = tl.sum(tl.cumsum(onehot, axis=0) * onehot, axis=1) - 1  # [CHUNK] rank
+            pos = tl.sum(onehot * (start + base)[None, :], axis=1) + rank
+            tl.store(sorted_ptr + pos, offs, mask=mask)
 
 
 @triton.jit
