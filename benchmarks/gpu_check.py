@@ -269,6 +269,18 @@ V16 = [_DEC, C(16, 64, 128, 4, 3, True), C(16, 64, 128, 4, 5, True), C(16, 64, 1
        C(32, 64, 128, 4, 4, True), C(16, 128, 128, 8, 4, True), C(16, 64, 128, 4, 4, True, False)]
 
 
+# v17 (session 4): GEMM2 at decode, where its grid is 3-5 programs per SM (Mixtral T=8: 512):
+# split in 2, 64-code steps, 2-warp programs (twice the grid), 6 stages. (config, split) pairs.
+V17 = [(_DEC, None), (_DEC, (1, 2)), ((_DEC, dataclasses.replace(_DEC, BK=64)), None),
+       ((_DEC, C(16, 32, 128, 2, 4, True)), None), ((_DEC, C(16, 64, 128, 4, 6, True)), None)]
+
+
+# v18 (session 4): the same small GEMM2 grids split in 2 or 3 at 64-code steps (about 9
+# programs fit per SM at BK 64, so the doubled grid stays one wave).
+_D64 = dataclasses.replace(_DEC, BK=64)
+V18 = [(_DEC, None), ((_DEC, _D64), (1, 2)), ((_DEC, _D64), (1, 3)), (_DEC, (1, 2))]
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -323,6 +335,8 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                 cands = [(None, t) for t in (3, 5, 8)]
             elif which == "v11":
                 cands = V11["decode"] if T <= 64 else V11["mid"] if T <= 512 else V11["prefill"]
+            elif which in ("v17", "v18"):
+                cands = V17 if which == "v17" else V18
             else:
                 cands = [(c, None) for c in sweep_candidates(T, which)]
             if which in ("v5", "v6") and T <= 8:  # what split-K buys: the same without it
@@ -361,7 +375,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
         json.dump(out, f, indent=1)
     best = {}
     for r in out:
-        if "us" in r and r["err"] < 1e-2 and ("split" not in r or which == "v11"):
+        if "us" in r and r["err"] < 1e-2 and ("split" not in r or which in ("v11", "v17", "v18")):
             key = (r["model"], r["T"])
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
@@ -519,7 +533,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
     ap.add_argument("--candidates", default="default",
-                    help="sweep candidate set: default|decode2|v5...v16 (see the V* lists)")
+                    help="sweep candidate set: default|decode2|v5...v18 (see the V* lists)")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")

@@ -51,7 +51,12 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--shapes", default="20b:8,20b:64,mixtral:8,mixtral:64")
     ap.add_argument("--iters", type=int, default=20)
+    ap.add_argument("--route-sort-max", type=int, default=None,
+                    help="assignments up to which one routing program sorts them all "
+                         "(triton_moe._ROUTE_SORT_MAX; default: the module's)")
     args = ap.parse_args()
+    if args.route_sort_max is not None:
+        triton_moe._ROUTE_SORT_MAX = args.route_sort_max
     gen = torch.Generator(device=DEV).manual_seed(0)
     for spec in args.shapes.split(","):
         model, T = spec.split(":")

@@ -43,7 +43,7 @@ def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chu
     PHASE 1: scatter each assignment to its sorted position (chunk bases from counts).
     PHASE 2: one program does both (n_chunks == 1: decode sizes, one launch): a histogram, and
     a sort of (bucket, index) keys, which is the stable order itself (assignments past M sort
-    last: bucket E, the largest indices). 20b T=64: 2.4 us against 7.3 for the one-hot scan."""
+    last: bucket E, the largest indices); up to triton_moe._ROUTE_SORT_MAX assignments."""
     c = tl.program_id(0)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < M
