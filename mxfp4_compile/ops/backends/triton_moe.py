@@ -43,7 +43,8 @@ _HIDDEN_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _ROUTE_BUDGET = 32768  # elements of the [CHUNK, EB] one-hot tile of one routing program
 # Up to this many assignments one routing program sorts them all (H100, route kernel alone:
 # 256 (20b/120b T=64) 2.1 us vs 7.3 / 12.9 us for the one-hot scan; 2048 (20b T=512) 27.7 us
-# vs 19.8 for the two chunked launches; sizes in between not measured, so they keep the scan)
+# vs 19.8 for the two chunked launches; sizes in between not measured, so they keep the scan:
+# in one program while M <= _ROUTE_BUDGET / EB, else in chunks)
 _ROUTE_SORT_MAX = 256
 
 
@@ -84,8 +85,8 @@ prepared_shapes = reference_moe.prepared_shapes
 # Element t = 4s + 2h + lo of word c of a 32-code chunk (4 little-endian words) holds column
 # 16s + 8h + 2c + lo: what one thread needs for the wgmma A fragment (_kernels._assemble); its
 # bits sit where the e2m1 -> bf16x2 decode reads them (triton_moe_details/layout.py).
-_WORD_COLUMNS = tuple(tuple(16 * (t >> 2) + 8 * ((t >> 1) & 1) + 2 * c + (t & 1) for t in range(8))
-                      for c in range(4))
+_WORD_COLUMNS = tuple(tuple(16 * (t >> 2) + 8 * ((t >> 1) & 1) + 2 * c + (t & 1)
+                            for t in range(8)) for c in range(4))
 
 
 def _pack_words(w: torch.Tensor) -> torch.Tensor:
@@ -113,12 +114,12 @@ def _tile_rows(t: torch.Tensor, block_bytes: int) -> torch.Tensor:
     """Packed words [E, N, K/2] (block_bytes 32) or scale bytes [E, N, K/32] (block_bytes 2),
     N % 16 == 0, K % 64 == 0 -> the same bytes reordered so that each 16-row group stores its
     64-code blocks one after another, a block holding the 16 rows' bytes side by side:
-    [E, N/16, K/64, 16, block_bytes] in memory
-    (_kernels._row_words / _row_scales). One K step of a BN-row tile then reads BN/16 runs of
-    16 x BK/2 bytes instead of BN runs of BK/2 bytes: on the H100 the decode GEMMs ran 4-12%
-    faster (benchmarks/NOTES.md, session 4)."""
+    [E, N/16, K/64, 16, block_bytes] in memory (_kernels._row_words / _row_scales). One K step
+    of a BN-row tile then reads BN/16 runs of 16 x BK/2 bytes instead of BN runs of BK/2 bytes:
+    on the H100 the decode GEMMs ran 4-12% faster (benchmarks/NOTES.md, session 4)."""
     E, N, nb = t.shape
-    return t.reshape(E, N // 16, 16, nb // block_bytes, block_bytes).transpose(2, 3).reshape(E, N, nb)
+    t = t.reshape(E, N // 16, 16, nb // block_bytes, block_bytes)
+    return t.transpose(2, 3).reshape(E, N, nb)
 
 
 def _paired_rows(Ip: int, activation: str, device) -> torch.Tensor:
@@ -209,25 +210,26 @@ def route(topk_ids, expert_map, E: int):
     M = topk_ids.numel()
     dev = topk_ids.device
     EB = _next_pow2(E + 1)
-    if M <= _ROUTE_SORT_MAX:  # one program: histogram + sort
-        chunk = max(4, _next_pow2(M))
-    else:
-        chunk = max(4, min(_next_pow2(M), _ROUTE_BUDGET // EB))
+    sort = M <= _ROUTE_SORT_MAX  # one program: histogram + sort
+    chunk = max(4, _next_pow2(M) if sort else min(_next_pow2(M), _ROUTE_BUDGET // EB))
     n_chunks = -(-M // chunk)
     es = torch.empty(EB, dtype=torch.int32, device=dev)
     sorted_assign = torch.empty(M, dtype=torch.int32, device=dev)
     has_map = expert_map is not None
     emap = expert_map if has_map else es  # dummy pointer when absent
-    nw = 4 if chunk * EB <= 8192 or n_chunks == 1 else 8
+    nw = 4 if chunk * EB <= 8192 or sort else 8
     if n_chunks == 1:
         K._route_kernel[(1,)](topk_ids, emap, es, es, sorted_assign, M, E, 1,
-                              HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=2, num_warps=nw)
+                              HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=2, SORT=sort,
+                              num_warps=nw)
     else:
         counts = torch.empty(n_chunks, EB, dtype=torch.int32, device=dev)
         K._route_kernel[(n_chunks,)](topk_ids, emap, counts, es, sorted_assign, M, E, n_chunks,
-                                     HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=0, num_warps=nw)
+                                     HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=0, SORT=False,
+                                     num_warps=nw)
         K._route_kernel[(n_chunks,)](topk_ids, emap, counts, es, sorted_assign, M, E, n_chunks,
-                                     HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=1, num_warps=nw)
+                                     HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=1, SORT=False,
+                                     num_warps=nw)
     return es, sorted_assign
 
 

@@ -31,6 +31,7 @@ CASES = {
     "expert_map_int64_fp32": dict(T=7, emap=True, ids64=True, dtype="float32"),
     "fp16_hidden": dict(T=7, dtype="float16", H=160),
     "multi_chunk_routing": dict(T=7, route_budget=32),
+    "one_chunk_scan_routing": dict(T=7, emap=True, route_sort_max=0),  # no sort, one launch
     "multi_chunk_expert_map": dict(T=7, route_budget=32, emap=True, H=160, I=96),
     # split-K (decode): K chunks of unequal length, summed in order; bias added once
     "split_k_swiglu": dict(T=3, H=160, I=96, split=(3, 2), twice=True),
@@ -53,8 +54,8 @@ CASES = {
 
 
 def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False, combine=True,
-              ids64=False, dtype="bfloat16", route_budget=None, seed=0, twice=False, split=None,
-              pair=False, bk=None, nan_block=False, half=False):
+              ids64=False, dtype="bfloat16", route_budget=None, route_sort_max=None, seed=0,
+              twice=False, split=None, pair=False, bk=None, nan_block=False, half=False):
     from mxfp4_compile.ops.backends import triton_moe as tm
     from mxfp4_compile.ops.backends.triton_moe_details import configs
     from mxfp4_compile.ops.reference import moe_reference
@@ -85,6 +86,8 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
     if route_budget is not None:  # the chunked (two-launch) routing instead of one sort
         tm._ROUTE_BUDGET = route_budget
         tm._ROUTE_SORT_MAX = 0
+    if route_sort_max is not None:
+        tm._ROUTE_SORT_MAX = route_sort_max
     configs.SPLIT_OVERRIDE = split
     configs.OVERRIDE = tuple(dataclasses.replace(c, PAIR=pair, BK=bk or c.BK, HALF=half,
                                                  BM=32 if half else c.BM)

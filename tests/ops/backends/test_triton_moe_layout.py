@@ -33,8 +33,8 @@ def test_packed_words_decode_to_every_code_at_its_column():
         for n in range(5):
             for w in range(16):
                 chunk, c = divmod(w, 4)
-                got = [v * 2.0 ** 126 for pat in layout.decode_word(int(words[e, n, w]) & 0xFFFFFFFF)
-                       for v in _bf16_halves(pat)]
+                pats = layout.decode_word(int(words[e, n, w]) & 0xFFFFFFFF)
+                got = [v * 2.0 ** 126 for pat in pats for v in _bf16_halves(pat)]
                 want = values[e, n, [32 * chunk + col for col in tm._WORD_COLUMNS[c]]]
                 assert got == want.tolist(), (e, n, w)
                 # -0 keeps its sign (code 8): the bf16 sign bit is the code's

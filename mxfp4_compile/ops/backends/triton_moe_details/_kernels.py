@@ -38,18 +38,18 @@ def _local_ids(ids_ptr, emap_ptr, offs, mask, E, HAS_MAP: tl.constexpr):
 @triton.jit
 def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chunks,
                   HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr,
-                  PHASE: tl.constexpr):
+                  PHASE: tl.constexpr, SORT: tl.constexpr):
     """PHASE 0: per-chunk expert counts -> counts [n_chunks, EB].
     PHASE 1: scatter each assignment to its sorted position (chunk bases from counts).
-    PHASE 2: one program does both (n_chunks == 1: decode sizes, one launch): a histogram, and
-    a sort of (bucket, index) keys, which is the stable order itself (assignments past M sort
-    last: bucket E, the largest indices); up to triton_moe._ROUTE_SORT_MAX assignments."""
+    PHASE 2: one program does both (n_chunks == 1, one launch). With SORT (small M: up to
+    triton_moe._ROUTE_SORT_MAX) a histogram and a sort of (bucket, index) keys, which is the
+    stable order itself (assignments past M sort last: bucket E, the largest indices)."""
     c = tl.program_id(0)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < M
     loc = _local_ids(ids_ptr, emap_ptr, offs, mask, E, HAS_MAP)  # [CHUNK]
     buckets = tl.arange(0, EB)
-    if PHASE == 2:
+    if SORT:
         total = tl.histogram(loc, EB)  # (past M: counted in bucket E, which no start includes)
         tl.store(es_ptr + buckets, tl.cumsum(total, axis=0) - total, mask=buckets <= E)
         srt = tl.sort(loc * CHUNK + offs)
@@ -59,14 +59,18 @@ def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chu
         if PHASE == 0:
             tl.store(counts_ptr + c * EB + buckets, tl.sum(onehot, axis=0))
         else:
-            total = tl.zeros([EB], dtype=tl.int32)
-            base = tl.zeros([EB], dtype=tl.int32)
-            cc = 0
-            while cc < n_chunks:  # a while loop: n_chunks varies with T, no recompiles
-                row = tl.load(counts_ptr + cc * EB + buckets)
-                total += row
-                base += tl.where(cc < c, row, 0)
-                cc += 1
+            if PHASE == 2:
+                total = tl.sum(onehot, axis=0)
+                base = tl.zeros([EB], dtype=tl.int32)
+            else:
+                total = tl.zeros([EB], dtype=tl.int32)
+                base = tl.zeros([EB], dtype=tl.int32)
+                cc = 0
+                while cc < n_chunks:  # a while loop: n_chunks varies with T, no recompiles
+                    row = tl.load(counts_ptr + cc * EB + buckets)
+                    total += row
+                    base += tl.where(cc < c, row, 0)
+                    cc += 1
             start = tl.cumsum(total, axis=0) - total  # exclusive: first sorted row of a bucket
             if c == 0:
                 tl.store(es_ptr + buckets, start, mask=buckets <= E)
