@@ -3,8 +3,8 @@ word to 4 bf16 pairs. Pure Python (no triton): triton_moe.prepare packs with it,
 
 A bf16 whose bits 8..6 (the exponent's two low bits and the mantissa's top bit) hold a code's
 (e1, e0, m) and whose bit 15 holds its sign equals the code's value * 2**-126 (e == 0 gives the
-subnormal 0.5 * 2**-126); one bf16x2 multiply by the block scale (times 2**126, folded into the
-biased scale byte) finishes the decode. Element t = 2j + lane of a word goes to half `lane` of
+subnormal 0.5 * 2**-126); one bf16x2 multiply by a power of two built from the block's biased
+scale byte (the 2**126 and the accumulator's shift are folded into it: _kernels) finishes it. Element t = 2j + lane of a word goes to half `lane` of
 bf16x2 register j, built as
 
     reg_j = (rotl(word, MAG_ROT) & 0x01C001C0) | (rotl(word, SIGN_ROT) & 0x80008000)
