@@ -473,13 +473,14 @@ class _Skip:
         return lambda *a, **k: None
 
 
-def diag(gen, one=False):
-    """Where does decode time go? 20b, T=1."""
+def diag(gen, one=False, shape="20b:1"):
+    """Where does decode time go? 20b, T=1 (with `one`: three eager calls at `shape`)."""
     from mxfp4_compile.ops.backends.triton_moe_details import _kernels as K
-    E, H, I, k, act, biases = MODELS["20b"]
+    model, T = shape.split(":")
+    T = int(T)
+    E, H, I, k, act, biases = MODELS[model]
     canon = [random_canonical(E, H, I, act, biases, 64, 64, gen) for _ in range(R_SETS)]
     ours = [triton_moe.prepare(*c, act) for c in canon]
-    T = 1
     if one:  # for ncu: three eager calls
         x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
         ids, tw = route(torch.randn(T, E, device=DEV, generator=gen), k, act)
@@ -540,7 +541,9 @@ def main():
     ap.add_argument("--diag", action="store_true", help="decode time breakdown (20b, T=1)")
     ap.add_argument("--pad-compare", action="store_true",
                     help="64- vs 128-padded weights (BK 64 vs 128), see pad_compare")
-    ap.add_argument("--diag-one", action="store_true", help="three eager T=1 calls (for ncu)")
+    ap.add_argument("--diag-one", action="store_true",
+                    help="three eager calls at --diag-shape (for ncu)")
+    ap.add_argument("--diag-shape", default="20b:1", help="model:T of --diag-one's calls")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
     tokens = [int(t) for t in args.tokens.split(",")]
@@ -557,7 +560,7 @@ def main():
     if args.pad_compare:
         return pad_compare(args.models.split(","), tokens, gen, args.rounds)
     if args.diag or args.diag_one:
-        return diag(gen, one=args.diag_one)
+        return diag(gen, one=args.diag_one, shape=args.diag_shape)
     tuned = sweep(args.models.split(","), tokens, gen, args.candidates) if args.tuned else {}
     peers = {} if (args.quick or args.no_peers) else load_peers()
     bw = copy_bandwidth()

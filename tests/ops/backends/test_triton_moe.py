@@ -222,9 +222,10 @@ def test_plan_pairs_tiles_only_where_it_splits():
     c1, c2 = configs.pick(1, 4, 32, 2880, 2880)  # gpt-oss T=1: 4 row blocks
     c, _, n, *_ = configs.plan(c1, 4, 5760, 2880, 132, "gemm1")
     assert c.PAIR and c.BK == 64 and n > 1  # small grid: split K, 64-code steps, paired tiles
+    assert c.maxnreg is None  # the 64-register cap was measured on the 128-code config only
     c1, c2 = configs.pick(8, 4, 32, 2880, 2880)  # T=8: 32 blocks x 90 tiles fill the GPU
     c, _, n, *_ = configs.plan(c1, 32, 5760, 2880, 132, "gemm1")
-    assert not c.PAIR and c.BK == 128 and n == 1
+    assert not c.PAIR and c.BK == 128 and n == 1 and c.maxnreg == 64
     c1 = configs.pick(4096, 4, 32, 2880, 2880)[0]
     c, _, n, *_ = configs.plan(c1, 96, 5760, 2880, 132, "gemm1")
     assert not c.PAIR and n == 1  # prefill tiles are never paired
@@ -232,7 +233,7 @@ def test_plan_pairs_tiles_only_where_it_splits():
     c, _, n, *_ = configs.plan(c2, 2, 4096, 14336, 132, "gemm2")
     assert c.PAIR and c.BK == 64 and n > 1
     c, _, n, *_ = configs.plan(c1, 2, 2 * 14336, 4096, 132, "gemm1")  # 896 programs: one BK 64 wave
-    assert not c.PAIR and c.BK == 64 and n == 1
+    assert not c.PAIR and c.BK == 64 and n == 1 and c.maxnreg is None
     c1, c2 = configs.pick(64, 2, 8, 4096, 14336)  # Mixtral T=64 GEMM2: 16 x 64 in the grid
     assert configs.plan(c2, 16, 4096, 14336, 132, "gemm2").config.BK == 128
     assert configs.plan(c2, 9, 4096, 14336, 132, "gemm2").config.BK == 128  # T=8: 576, one wave

@@ -31,7 +31,8 @@ same config for both GEMMs:
   (v10/v11 re-measured the mid and prefill rows with BK 128, BN 64 at 4 warps and 4 stages:
   nothing beat them by more than run-to-run noise, 2-4%. HALF on the mid rows: 20b T=512 -2.5%,
   120b T=512 -1%, Mixtral T=512 +2%: within noise, and with the register cap GEMM2 spills.
-  Register caps at decode (64 or 80 on (16, 64, 128)) moved times by -2..+10%: not used.)
+  Register caps at decode (64 or 80 on (16, 64, 128)) moved times by -2..+10% in session 3; after
+  the row tiling (session 4, v13 again) 64 registers won, see _DECODE.)
 Launch-time plan (`plan`): decode grids smaller than 3 programs per SM split K and pair weight
 tiles (two per program); see `plan` and `split_k` for the measurements.
 """
@@ -55,7 +56,11 @@ class TileConfig:
     HALF: bool = False  # blocks with <= BM/2 rows (an expert's last) run a BM/2-row copy
 
 
-_DECODE = TileConfig(16, 64, 128, 4, 4, True)
+# 64 registers (ptxas takes 91, no spills at 64): 7 resident programs per SM instead of 5 (ncu:
+# the decode GEMMs ran at 30% occupancy, 0.6 issued per scheduler, DRAM at 57-64%). v13 on the
+# H100, session 4: Mixtral T=8 326 -> 303 us, 120b T=64 654 -> 627, 20b T=64 226 -> 219,
+# 20b T=8 151 -> 152. The 64-code variants `plan` derives for small grids keep ptxas's count.
+_DECODE = TileConfig(16, 64, 128, 4, 4, True, maxnreg=64)
 # 8 < m_e <= 16 with K % 128 == 0: 32-row blocks keep most experts to one block, so their
 # weights are streamed once, not twice (v16, Mixtral T=64: 431 us vs 552 at BM 16)
 _DECODE32 = TileConfig(32, 64, 128, 4, 4, True)
@@ -92,10 +97,12 @@ PROGRAMS_PER_SM = 3
 # once a GEMM splits: chunks enough for this many programs per SM (v15, T=1: 3 -> 5 / 8 made
 # 20b 59 -> 77 / 75 us, Mixtral GEMM2 150 -> 177 / 150)
 SPLIT_TARGET_PER_SM = 3
-# Decode grids of RESIDENT_PER_SM (what fits at once at 128-code steps: 92 registers, 4 warps)
-# up to ONE_WAVE_PER_SM programs per SM step K by 64 (`plan`): one wave instead of 1-2. The upper
-# bound stays below the ~9 programs that fit at 64-code steps because `blocks` counts the worst
-# case (Mixtral T=64 GEMM2: 1024 programs in the grid, 512 with rows; BK 128 measured there).
+# Decode grids of RESIDENT_PER_SM (what fit at once at 128-code steps with 92 registers, 4 warps;
+# _DECODE's 64-register cap now fits 7: this rule was measured before the cap and is kept as
+# it was) up to ONE_WAVE_PER_SM programs per SM step K by 64 (`plan`): one wave instead of 1-2.
+# The upper bound stays below the ~9 programs that fit at 64-code steps because `blocks` counts
+# the worst case (Mixtral T=64 GEMM2: 1024 programs in the grid, 512 with rows; BK 128 measured
+# there).
 RESIDENT_PER_SM = 5
 ONE_WAVE_PER_SM = 7
 MIN_STEPS_PER_CHUNK = 4
@@ -125,9 +132,9 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str) -> Pl
     if OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR:
         programs = blocks * -(-N // c.BN)
         if programs < PROGRAMS_PER_SM * sms:
-            c = dataclasses.replace(c, BK=64, PAIR=True)
+            c = dataclasses.replace(c, BK=64, PAIR=True, maxnreg=None)
         elif RESIDENT_PER_SM * sms <= programs < ONE_WAVE_PER_SM * sms:
-            c = dataclasses.replace(c, BK=64)
+            c = dataclasses.replace(c, BK=64, maxnreg=None)
     tiles = -(-N // (c.BN * (2 if c.PAIR else 1)))
     split, chunk = split_k(blocks * tiles, K, c.BK, sms, which)
     t = tail(K, c.BK) if split == 1 else 0  # split chunks mask their steps instead
