@@ -281,6 +281,12 @@ _D64 = dataclasses.replace(_DEC, BK=64)
 V18 = [(_DEC, None), ((_DEC, _D64), (1, 2)), ((_DEC, _D64), (1, 3)), (_DEC, (1, 2))]
 
 
+# v19 (session 4): the BM 32 decode row (Mixtral T=64) is held to 4 programs per SM by its
+# 46 kB of shared memory; 3 stages (34.5 kB) fit 6, with or without 64 registers.
+_D32 = C(32, 64, 128, 4, 4, True)
+V19 = [_D32, _cap(_D32, 64), C(32, 64, 128, 4, 3, True), _cap(C(32, 64, 128, 4, 3, True), 64)]
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -294,6 +300,8 @@ def sweep_candidates(T, which="default"):
         return V14
     if which == "v16":
         return V16
+    if which == "v19":
+        return V19
     if which == "v13":
         return V13["decode"] if T <= 64 else V13["mid"]
     if which == "v12":
@@ -534,7 +542,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3, help="timings of each kernel, interleaved")
     ap.add_argument("--sweep", action="store_true", help="time candidate tile configs instead")
     ap.add_argument("--candidates", default="default",
-                    help="sweep candidate set: default|decode2|v5...v18 (see the V* lists)")
+                    help="sweep candidate set: default|decode2|v5...v19 (see the V* lists)")
     ap.add_argument("--shapes", default=None, help="sweep only these model:T pairs, e.g. 20b:1,mixtral:1")
     ap.add_argument("--tuned", action="store_true",
                     help="sweep first, then run the check with the best config per (model, T)")
