@@ -114,7 +114,7 @@ def _tile_rows(t: torch.Tensor, block_bytes: int) -> torch.Tensor:
     """Packed words [E, N, K/2] (block_bytes 32) or scale bytes [E, N, K/32] (block_bytes 2),
     N % 16 == 0, K % 64 == 0 -> the same bytes reordered so that each 16-row group stores its
     64-code blocks one after another, a block holding the 16 rows' bytes side by side:
-    [E, N/16, K/64, 16, block_bytes] in memory (_kernels._row_words / _row_scales). One K step
+    [E, N/16, K/64, 16, block_bytes] in memory (_kernels._tiled_rows / _tiled_cols). One K step
     of a BN-row tile then reads BN/16 runs of 16 x BK/2 bytes instead of BN runs of BK/2 bytes:
     on the H100 the decode GEMMs ran 4-12% faster (benchmarks/NOTES.md, session 4)."""
     E, N, nb = t.shape

@@ -88,7 +88,7 @@ def test_tile_rows_puts_each_byte_where_the_kernel_reads_it():
     g = torch.Generator().manual_seed(5)
     E, N, K = 2, 48, 2048  # 32 blocks of 64 codes per row: K/32 = 64 scale bytes, K/2 = 1024
     e, n = torch.arange(E)[:, None, None], torch.arange(N)[None, :, None]
-    # _kernels._row_words + _load_words (32 bytes a block), _row_scales + _load_scales (2)
+    # _kernels._tiled_rows + _tiled_cols: 32 bytes a row per block (8 words), or 2 scale bytes
     for nb, block in ((K // 2, 32), (K // 32, 2)):
         t = torch.randint(0, 256, (E, N, nb), dtype=torch.uint8, generator=g)
         tiled = tm._tile_rows(t, block)

@@ -171,26 +171,27 @@ def _e2m1_f32(words, mag_at: tl.constexpr, sign_at: tl.constexpr):
 
 
 @triton.jit
-def _row_words(offs, stride_wn: tl.constexpr):
-    """Word offset (at column 0) of weight rows `offs` in an expert's prepared matrix: rows come
-    in groups of 16 (16 x stride_wn words), and inside a group each 64-code block holds the 16
-    rows' 8 words side by side (`prepare`, triton_moe._tile_rows)."""
-    return (offs // 16) * (16 * stride_wn) + (offs % 16) * 8
+def _tiled_rows(offs, stride: tl.constexpr, W: tl.constexpr):
+    """Offset (at column 0) of rows `offs` in an expert's prepared codes or scales, tiled by
+    `prepare` (triton_moe._tile_rows): groups of 16 rows (16 x stride units), and inside a group
+    each 64-code block holds the 16 rows' W units side by side (W = 8 words, or 2 scale bytes)."""
+    return (offs // 16) * (16 * stride) + (offs % 16) * W
 
 
 @triton.jit
-def _row_scales(offs, stride_sn: tl.constexpr):
-    """Byte offset (at column 0) of the scale rows `offs`: tiled like the words, 16-row groups
-    whose 64-code blocks hold the 16 rows' 2 scale bytes side by side (triton_moe._tile_rows)."""
-    return (offs // 16) * (16 * stride_sn) + (offs % 16) * 2
+def _tiled_cols(k0, N: tl.constexpr, W: tl.constexpr):
+    """Offsets, from a row's _tiled_rows start, of its N units (W per 64-code block) beginning
+    at code k0, a multiple of 64: block b of a row group starts at unit 16 W b."""
+    j = tl.arange(0, N)
+    return (k0 // 64) * (16 * W) + (j // W) * (16 * W) + j % W
 
 
 @triton.jit
 def _load_words(w_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr):
     """One [R, BK] weight tile as int32 words [R, BK/8] (8 codes each); w_ptrs [R, 1] from
-    _row_words, k0 a multiple of 64. 64-code block b of a row group starts at word 128 b."""
+    _tiled_rows, k0 a multiple of 64."""
     kw = tl.arange(0, BK // 8)
-    off = (k0 // 64) * 128 + (kw // 8) * 128 + kw % 8
+    off = _tiled_cols(k0, BK // 8, 8)
     if EVEN_K:
         words = tl.load(w_ptrs + off[None, :], mask=rmask[:, None], other=0)
     else:
@@ -207,8 +208,7 @@ def _load_scales(s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr):
     through cp.async, so the K loops fetch these one step ahead by hand."""
     ks = tl.arange(0, BK // 32)
     km = rmask[:, None] & ((k0 + 32 * ks) < Kp)[None, :]
-    off = (k0 // 64) * 32 + (ks // 2) * 32 + ks % 2  # 64-code block b of a row group at byte 32 b
-    s = tl.load(s_ptrs + off[None, :], mask=km, other=0)  # [R, BK/32]
+    s = tl.load(s_ptrs + _tiled_cols(k0, BK // 32, 2)[None, :], mask=km, other=0)  # [R, BK/32]
     s = tl.join(s, s)
     s = tl.join(s, s)  # [R, BK/32, 2, 2]
     return s.reshape(s.shape[0], BK // 8)
@@ -383,8 +383,8 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
     else:
         wmask = offs_w < 2 * Ip
     e64 = e.to(tl.int64)
-    w_ptrs = w_ptr + e64 * stride_we + _row_words(offs_w, stride_wn)[:, None]
-    s_ptrs = s_ptr + e64 * stride_se + _row_scales(offs_w, stride_sn)[:, None]
+    w_ptrs = w_ptr + e64 * stride_we + _tiled_rows(offs_w, stride_wn, 8)[:, None]
+    s_ptrs = s_ptr + e64 * stride_se + _tiled_rows(offs_w, stride_sn, 2)[:, None]
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
@@ -515,8 +515,8 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
     else:
         nmask = offs_n < H
     e64 = e.to(tl.int64)
-    w_ptrs = w_ptr + e64 * stride_we + _row_words(offs_n, stride_wn)[:, None]
-    s_ptrs = s_ptr + e64 * stride_se + _row_scales(offs_n, stride_sn)[:, None]
+    w_ptrs = w_ptr + e64 * stride_we + _tiled_rows(offs_n, stride_wn, 8)[:, None]
+    s_ptrs = s_ptr + e64 * stride_se + _tiled_rows(offs_n, stride_sn, 2)[:, None]
     if SWAP:
         acc = tl.zeros([BN, BM], dtype=tl.float32)
     else:
