@@ -33,6 +33,7 @@ import torch
 
 from . import reference_moe
 from ..reference import ACTIVATIONS, check_activation
+from .triton_moe_details import layout  # pure Python: importable without triton
 
 NAME = "triton"
 H_MULTIPLE = 64  # K of GEMM1 and N of GEMM2: rows stay 32-byte multiples (16-byte loads)
@@ -94,8 +95,6 @@ def _pack_words(w: torch.Tensor) -> torch.Tensor:
     the same uint8 [E, N, K/2]: inside every 32-code chunk (one 16-byte vector, one scale) word c
     gathers the columns `_WORD_COLUMNS[c]` and places each code's magnitude and sign bits at
     layout.MAG_AT / SIGN_AT. A permutation of bits within each chunk: scales are unchanged."""
-    from .triton_moe_details import layout
-
     dev = w.device
     cols = torch.tensor(_WORD_COLUMNS, device=dev)  # [4, 8]
     mag_at = torch.tensor(layout.MAG_AT, device=dev, dtype=torch.int64)
@@ -134,9 +133,9 @@ def _paired_rows(Ip: int, activation: str, device) -> torch.Tensor:
 
 
 # Scale bytes are stored biased, s + _SCALE_BIAS: the bf16 exponent of the multiplier the kernel
-# applies (_kernels, the e2m1 decode notes); exact for s <= _MAX_SCALE, 255 (NaN) kept.
-_SCALE_BIAS = 62
-_MAX_SCALE = 192
+# applies (layout.py); exact for s <= _MAX_SCALE, 255 (NaN) kept.
+_SCALE_BIAS = layout.SCALE_BIAS
+_MAX_SCALE = layout.MAX_SCALE
 
 
 def _bias_scales(codes: torch.Tensor, scales: torch.Tensor):

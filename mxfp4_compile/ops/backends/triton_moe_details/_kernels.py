@@ -22,7 +22,7 @@ min(M, M // BM + E) blocks and surplus programs exit at once.
 import triton
 import triton.language as tl
 
-from .layout import DEQUANT_ASM, MAG_AT, SIGN_AT
+from . import layout
 
 
 @triton.jit
@@ -106,11 +106,12 @@ def _block_info(es_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr):
 # `prepare` refuses larger scales; smaller ones flush toward zero (absolute error < 2**-60).
 # s = 255 (NaN) becomes b = 255, an infinite multiplier, and `prepare` zeroes that block's codes:
 # 0 * inf = NaN for the whole block, as the format says.
-ACC_SHIFT = tl.constexpr(64)
-ACC_SCALE = tl.constexpr(2.0 ** 64)  # 2**ACC_SHIFT
-_DEQUANT_ASM = tl.constexpr(DEQUANT_ASM)
-_MAG_AT = tl.constexpr(MAG_AT)
-_SIGN_AT = tl.constexpr(SIGN_AT)
+ACC_SHIFT = tl.constexpr(layout.ACC_SHIFT)
+ACC_SCALE = tl.constexpr(2.0 ** layout.ACC_SHIFT)
+_SCALE_BIAS = tl.constexpr(layout.SCALE_BIAS)
+_DEQUANT_ASM = tl.constexpr(layout.DEQUANT_ASM)
+_MAG_AT = tl.constexpr(layout.MAG_AT)
+_SIGN_AT = tl.constexpr(layout.SIGN_AT)
 
 
 @triton.jit
@@ -135,7 +136,8 @@ def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
     (inline PTX); under the interpreter (UPCAST) exact fp32 values, by plain bit arithmetic."""
     if UPCAST:
         b = scales.to(tl.int32)
-        sv = tl.where(b == 255, float("nan"), ((b - 62) << 23).to(tl.float32, bitcast=True))
+        sv = tl.where(b == 255, float("nan"),
+                      ((b - _SCALE_BIAS) << 23).to(tl.float32, bitcast=True))
         c0 = _e2m1_f32(words, _MAG_AT[0], _SIGN_AT[0])
         c1 = _e2m1_f32(words, _MAG_AT[1], _SIGN_AT[1])
         c2 = _e2m1_f32(words, _MAG_AT[2], _SIGN_AT[2])
