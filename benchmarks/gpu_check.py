@@ -220,8 +220,8 @@ V10 = {"decode": [C(16, 64, 64, 4, 4, True), C(16, 64, 128, 4, 4, True),
 
 # v11: split K where a GEMM has long K but few programs (Mixtral decode GEMM2: 8 experts x 64
 # tiles, 112 steps each), and narrower/deeper tiles for the mid and 120b prefill shapes.
-_D128 = C(16, 64, 128, 4, 4, True)
-V11 = {"decode": [(_D128, (1, 1)), (_D128, (1, 2)), (_D128, (1, 4)), (_D128, (2, 2))],
+_DEC = C(16, 64, 128, 4, 4, True)
+V11 = {"decode": [(_DEC, (1, 1)), (_DEC, (1, 2)), (_DEC, (1, 4)), (_DEC, (2, 2))],
        "mid": [(C(64, 128, 64, 8, 3, True), None), (C(64, 128, 64, 8, 4, True), None),
                (C(64, 64, 64, 4, 4, True), None), (C(64, 64, 128, 4, 4, True), None),
                (C(128, 64, 64, 4, 3, True), None), (C(32, 64, 128, 4, 4, True), None)],
@@ -248,7 +248,6 @@ def _cap(c, n):
     return dataclasses.replace(c, maxnreg=n)
 
 
-_DEC = C(16, 64, 128, 4, 4, True)
 _M64 = C(64, 128, 64, 8, 3, True)
 _M128 = C(128, 128, 64, 8, 3, True)
 V13 = {"decode": [_DEC, _cap(_DEC, 64), _cap(C(16, 64, 128, 4, 3, True), 64), _cap(_DEC, 80)],
@@ -271,13 +270,13 @@ V16 = [_DEC, C(16, 64, 128, 4, 3, True), C(16, 64, 128, 4, 5, True), C(16, 64, 1
 
 # v17 (session 4): GEMM2 at decode, where its grid is 3-5 programs per SM (Mixtral T=8: 512):
 # split in 2, 64-code steps, 2-warp programs (twice the grid), 6 stages. (config, split) pairs.
-V17 = [(_DEC, None), (_DEC, (1, 2)), ((_DEC, dataclasses.replace(_DEC, BK=64)), None),
+_D64 = dataclasses.replace(_DEC, BK=64)
+V17 = [(_DEC, None), (_DEC, (1, 2)), ((_DEC, _D64), None),
        ((_DEC, C(16, 32, 128, 2, 4, True)), None), ((_DEC, C(16, 64, 128, 4, 6, True)), None)]
 
 
 # v18 (session 4): the same small GEMM2 grids split in 2 or 3 at 64-code steps (about 9
 # programs fit per SM at BK 64, so the doubled grid stays one wave).
-_D64 = dataclasses.replace(_DEC, BK=64)
 V18 = [(_DEC, None), ((_DEC, _D64), (1, 2)), ((_DEC, _D64), (1, 3)), (_DEC, (1, 2))]
 
 

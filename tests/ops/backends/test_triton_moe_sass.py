@@ -18,6 +18,7 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs the real Triton compiler, not the interpreter", allow_module_level=True)
 
+from mxfp4_compile.ops.backends import triton_moe  # noqa: E402
 from mxfp4_compile.ops.backends.triton_moe_details import _kernels as K  # noqa: E402
 from mxfp4_compile.ops.backends.triton_moe_details import configs  # noqa: E402
 
@@ -57,9 +58,8 @@ def _compile(gemm, cfg, H, I):
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
              if t.startswith("*")}
     src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    if cfg.maxnreg is not None:  # a register cap must not make ptxas spill
-        opts["maxnreg"] = cfg.maxnreg
+    # the launch's options, register cap included (a cap must not make ptxas spill)
+    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **triton_moe._regs(cfg))
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(ck.asm["cubin"])

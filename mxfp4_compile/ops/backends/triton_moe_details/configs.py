@@ -127,8 +127,9 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str) -> Pl
     there: split K masks every step (no tail step), and paired BK 128 was slower in every case
     (20b T=1 78 -> 83 us, Mixtral T=1 141 -> 160 us).
     A decode grid that fits one wave of 64-code programs (about 9 per SM by registers) but not
-    of 128-code ones (5 per SM) steps K by 64 too: Mixtral T=1 GEMM1 (2 x 448 = 896 programs),
-    forward 149 -> 133 us (v10 and the session-3 follow-up run)."""
+    of 128-code ones (5 per SM before _DECODE's register cap; RESIDENT_PER_SM) steps K by 64
+    too: Mixtral T=1 GEMM1 (2 x 448 = 896 programs), forward 149 -> 133 us (v10 and the
+    session-3 follow-up run)."""
     if OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR:
         programs = blocks * -(-N // c.BN)
         if programs < PROGRAMS_PER_SM * sms:
