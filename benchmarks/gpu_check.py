@@ -397,6 +397,70 @@ def sweep(models, tokens, gen, which="default", shapes=None):
     return {key: tuple(C(*x) for x in r["cfg"]) for key, r in best.items()}
 
 
+# ---------------------------------------------------------------- launch A/B (session 5) ------
+# Switches of configs.py per variant: programmatic dependent launch, GEMM1's L2 prefetch of W2.
+LAUNCH_VARIANTS = {
+    "base": dict(PDL=False, PREFETCH_W2_BYTES=0),
+    "pdl": dict(PDL=True, PREFETCH_W2_BYTES=0),
+    "pdl_pf1": dict(PDL=True, PREFETCH_W2_BYTES=24 << 20, PREFETCH_W2_WHERE=1),
+    "pdl_pf2": dict(PDL=True, PREFETCH_W2_BYTES=24 << 20, PREFETCH_W2_WHERE=2),
+    "pf1": dict(PDL=False, PREFETCH_W2_BYTES=24 << 20, PREFETCH_W2_WHERE=1),
+}
+
+
+def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
+    """Each variant's correctness (poisoned, vs the float32 reference) and whole-forward time,
+    interleaved `rounds` times; the router ops alone (top-k, softmax) timed the same way."""
+    keys = list(LAUNCH_VARIANTS["pdl_pf1"])
+    saved = {n: getattr(tile_configs, n) for n in keys}
+    out = []
+    for model in models:
+        if shapes is not None and not any(m == model for m, _ in shapes):
+            continue
+        E, H, I, k, act, biases = MODELS[model]
+        canon = [random_canonical(E, H, I, act, biases, triton_moe.H_MULTIPLE,
+                                  triton_moe.I_MULTIPLE, gen) for _ in range(R_SETS)]
+        ours = [triton_moe.prepare(*c, act) for c in canon]
+        for T in tokens:
+            if shapes is not None and (model, T) not in shapes:
+                continue
+            lg = [torch.randn(T, E, device=DEV, generator=gen) for _ in range(R_SETS)]
+
+            def routers():
+                for ll in lg:
+                    route(ll, k, act)
+            rec = {"model": model, "T": T, "router_us": graph_time_us(routers, R_SETS)}
+            for _ in range(rounds):
+                for v in variants:
+                    for n, val in LAUNCH_VARIANTS[v].items():
+                        setattr(tile_configs, n, val)
+                    try:
+                        if v not in rec:
+                            rec[v] = {"err": check_correctness("triton", triton_moe, canon[0],
+                                                               ours[0], E, H, k, act, T, gen),
+                                      "us": []}
+                        rec[v]["us"].append(time_forward(triton_moe, ours, E, H, k, act, T, gen))
+                    except Exception as e:  # noqa: BLE001
+                        rec[v] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                        traceback.print_exc()
+                    finally:
+                        for n, val in saved.items():
+                            setattr(tile_configs, n, val)
+            for v in variants:
+                if "us" in rec.get(v, {}):
+                    rec[v]["median"] = sorted(rec[v]["us"])[len(rec[v]["us"]) // 2]
+            log("LAUNCH_AB", json.dumps(rec))
+            out.append(rec)
+        del canon, ours
+        torch.cuda.empty_cache()
+    with open(os.path.join(OUT, "launch_ab.json"), "w") as f:
+        json.dump(out, f, indent=1)
+    for r in out:
+        log(f"{r['model']:8s} T={r['T']:<5d} router {r['router_us']:6.1f} us  " + "  ".join(
+            f"{v} {r[v]['median']:7.1f}" for v in variants if "median" in r.get(v, {})))
+    return 0
+
+
 # ---------------------------------------------------------------- padding experiment ----------
 def pad_compare(models, tokens, gen, rounds=3):
     """gpt-oss K = 2880 is not a multiple of 128, so its table configs step K by 64. Padding H and
@@ -550,6 +614,8 @@ def main():
                     help="64- vs 128-padded weights (BK 64 vs 128), see pad_compare")
     ap.add_argument("--diag-one", action="store_true",
                     help="three eager calls at --diag-shape (for ncu)")
+    ap.add_argument("--launch-ab", default=None,
+                    help="comma list of LAUNCH_VARIANTS to A/B (with --shapes / --models)")
     ap.add_argument("--diag-shape", default="20b:1", help="model:T of --diag-one's calls")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
@@ -564,6 +630,9 @@ def main():
     if args.sweep:
         sweep(args.models.split(","), tokens, gen, args.candidates, shapes)
         return 0
+    if args.launch_ab:
+        return launch_ab(args.models.split(","), tokens, gen, args.launch_ab.split(","),
+                         args.rounds, shapes)
     if args.pad_compare:
         return pad_compare(args.models.split(","), tokens, gen, args.rounds)
     if args.diag or args.diag_one:

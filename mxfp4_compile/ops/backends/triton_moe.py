@@ -202,8 +202,9 @@ def _regs(c) -> dict:
     return {} if c.maxnreg is None else {"maxnreg": c.maxnreg}
 
 
-def route(topk_ids, expert_map, E: int):
-    """-> (expert_start [EB] int32 (first E+1 used), sorted_assign [M] int32). GPU only, no sync."""
+def route(topk_ids, expert_map, E: int, pdl: dict | None = None):
+    """-> (expert_start [EB] int32 (first E+1 used), sorted_assign [M] int32). GPU only, no sync.
+    pdl: _pdl(...)'s launch options (programmatic dependent launch), None: off."""
     from .triton_moe_details import _kernels as K
 
     M = topk_ids.numel()
@@ -217,19 +218,31 @@ def route(topk_ids, expert_map, E: int):
     has_map = expert_map is not None
     emap = expert_map if has_map else es  # dummy pointer when absent
     nw = 4 if chunk * EB <= 8192 or sort else 8
+    pdl = pdl or {"PDL": False}
     if n_chunks == 1:
         K._route_kernel[(1,)](topk_ids, emap, es, es, sorted_assign, M, E, 1,
                               HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=2, SORT=sort,
-                              num_warps=nw)
+                              num_warps=nw, **pdl)
     else:
         counts = torch.empty(n_chunks, EB, dtype=torch.int32, device=dev)
         K._route_kernel[(n_chunks,)](topk_ids, emap, counts, es, sorted_assign, M, E, n_chunks,
                                      HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=0, SORT=False,
-                                     num_warps=nw)
+                                     num_warps=nw, **pdl)
         K._route_kernel[(n_chunks,)](topk_ids, emap, counts, es, sorted_assign, M, E, n_chunks,
                                      HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=1, SORT=False,
-                                     num_warps=nw)
+                                     num_warps=nw, **pdl)
     return es, sorted_assign
+
+
+def _pdl(device: torch.device, interpret: bool) -> dict:
+    """Launch options of every kernel of one call: programmatic dependent launch on sm90+ (each
+    kernel's programs launch while the previous kernel finishes and wait for it in the kernel:
+    _kernels._pdl_enter), so the five dependent launches of a decode call do not each pay the
+    launch gap. Off under the interpreter and before sm90 (no griddepcontrol)."""
+    from .triton_moe_details import configs
+
+    on = (not interpret and configs.PDL and torch.cuda.get_device_capability(device)[0] >= 9)
+    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
 
 
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
@@ -260,7 +273,8 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     emap = expert_map.to(torch.int32).contiguous() if expert_map is not None else None
     M = T * k
     EB = _next_pow2(E + 1)
-    es, sorted_assign = route(ids, emap, E)
+    pdl = _pdl(dev, interpret)
+    es, sorted_assign = route(ids, emap, E, pdl)
     c1, c2 = configs.pick(T, k, E, Hp, Ip, interpret)
     # wgmma keeps MMAs in flight across K steps: drain before each dequant (sm90; _wgmma_drain)
     sync = not interpret and torch.cuda.get_device_capability(dev)[0] == 9
@@ -273,8 +287,11 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
+    w2_bytes, s2_bytes = w2[0].numel(), w2_scales[0].numel()  # uint8: bytes per expert
+    bulk = not interpret and torch.cuda.get_device_capability(dev)[0] >= 9  # cp.async.bulk
+    pf2 = configs.prefetch_w2(min(E, M) * (w2_bytes + s2_bytes)) if bulk else 0
     K._gemm1_kernel[(nb1 * p1.tiles, split1)](
-        x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
+        x, sorted_assign, es, w13_words, w13_scales, b13, a, p, w2, w2_scales,
         E, k, nb1, float(alpha), float(limit), M,
         # strides as constants: the compiler then knows every row is 16-byte aligned
         x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
@@ -283,13 +300,13 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
         EVEN_K=p1.even_k, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
         SYNC=sync, SPLIT=split1, K_CHUNK=p1.chunk, N_FIRST=c1.N_FIRST, PAIR=c1.PAIR,
-        TAIL=p1.tail, HALF=c1.HALF,
-        num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1))
+        TAIL=p1.tail, HALF=c1.HALF, PF2=pf2, W2_BYTES=w2_bytes, S2_BYTES=s2_bytes,
+        num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1), **pdl)
     if split1 > 1:
         BR, BC = 16, 128
         K._act_kernel[(_cdiv(M, BR), _cdiv(Ip, BC))](
             p, a, M, float(alpha), float(limit), Ip=Ip, ACT=_ACT[activation], SPLIT=split1,
-            BR=BR, BC=BC, num_warps=4)
+            BR=BR, BC=BC, num_warps=4, **pdl)
 
     nb2 = min(M, M // c2.BM + E)
     p2 = configs.plan(c2, nb2, H, Ip, sms, "gemm2")
@@ -306,13 +323,14 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         EVEN_K=p2.even_k, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP, SYNC=sync,
         SPLIT=split2, K_CHUNK=p2.chunk, N_FIRST=c2.N_FIRST, PAIR=c2.PAIR, TAIL=p2.tail,
         HALF=c2.HALF,
-        num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2))
+        num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2), **pdl)
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
     # decode: T programs of 1024 columns would leave most SMs idle; 128 columns each then
     BH = min(1024 if T >= 64 else 128, _next_pow2(H))
     K._finalize_kernel[(T, _cdiv(H, BH))](
         y, ids, emap if emap is not None else es, tw, out, E, M, H=H, k_top=k,
-        HAS_MAP=emap is not None, COMBINE=bool(combine), BH=BH, SPLIT=split2, num_warps=4)
+        HAS_MAP=emap is not None, COMBINE=bool(combine), BH=BH, SPLIT=split2, num_warps=4,
+        **pdl)
     return out
 

@@ -21,8 +21,45 @@ min(M, M // BM + E) blocks and surplus programs exit at once.
 """
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import layout
+
+
+@triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    """Programmatic dependent launch (sm90+, the launch sets launch_pdl): this grid's programs
+    may already be resident while the previous kernel in the stream still runs, so wait for it
+    (its writes visible) before any read or write; then let the next kernel's programs launch,
+    to wait in turn. Every program of every kernel does both, first thing, so a kernel's launch
+    of its dependents implies that everything before it in the stream has completed."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+# one thread of the program issues it (a scalar in Triton runs on every thread)
+_PREFETCH_ASM = tl.constexpr("""{
+ .reg .pred first;
+ .reg .b32 tid;
+ mov.u32 tid, %tid.x;
+ setp.eq.u32 first, tid, 0;
+ @first cp.async.bulk.prefetch.L2.global [$1], $2;
+ mov.b32 $0, 0;
+}""")
+
+
+@triton.jit
+def _prefetch_l2(base, nbytes: tl.constexpr, j, J: tl.constexpr):
+    """Share j of J of the `nbytes` bytes at `base` (16-byte aligned, nbytes a multiple of 16)
+    into L2 with bulk prefetches (sm90 cp.async.bulk.prefetch: no registers, no wait) of at
+    most 64 kB each: ptxas encodes the size in 16 bits of 16-byte units."""
+    SHARE: tl.constexpr = (nbytes + 16 * J - 1) // (16 * J) * 16
+    lo = j * SHARE
+    hi = tl.minimum(nbytes, lo + SHARE)
+    for off in range(lo, hi, 65536):
+        tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l,r", [base + off, tl.minimum(hi - off, 65536)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit
@@ -38,12 +75,13 @@ def _local_ids(ids_ptr, emap_ptr, offs, mask, E, HAS_MAP: tl.constexpr):
 @triton.jit
 def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chunks,
                   HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr,
-                  PHASE: tl.constexpr, SORT: tl.constexpr):
+                  PHASE: tl.constexpr, SORT: tl.constexpr, PDL: tl.constexpr):
     """PHASE 0: per-chunk expert counts -> counts [n_chunks, EB].
     PHASE 1: scatter each assignment to its sorted position (chunk bases from counts).
     PHASE 2: one program does both (n_chunks == 1, one launch). With SORT (small M: up to
     triton_moe._ROUTE_SORT_MAX) a histogram and a sort of (bucket, index) keys, which is the
     stable order itself (assignments past M sort last: bucket E, the largest indices)."""
+    _pdl_enter(PDL)
     c = tl.program_id(0)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < M
@@ -328,7 +366,7 @@ def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
+def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, w2_ptr, s2_ptr,
                   E, k_top, n_blocks, alpha, limit, p_rows,
                   stride_xt: tl.constexpr, stride_we: tl.constexpr, stride_wn: tl.constexpr,
                   stride_se: tl.constexpr, stride_sn: tl.constexpr, stride_be: tl.constexpr,
@@ -338,7 +376,8 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                   SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
                   K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr, PAIR: tl.constexpr,
-                  TAIL: tl.constexpr, HALF: tl.constexpr):
+                  TAIL: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
+                  PF2: tl.constexpr, W2_BYTES: tl.constexpr, S2_BYTES: tl.constexpr):
     """w_ptr: int32 words [E, 2Ip, Hp/8]; s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
     paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
     program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step;
@@ -348,11 +387,19 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     the K range and stores its partial gate/up sums (bias in chunk 0 only) to
     p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates.
     HALF: a block holding at most BM/2 rows (an expert's last, part-filled block) runs a copy of
-    the body compiled for BM/2 rows: half the MMA work for the same weight tiles."""
+    the body compiled for BM/2 rows: half the MMA work for the same weight tiles.
+    PF2 (decode, when the touched experts' W2 fits in L2 with room to spare): the programs of
+    each expert's first row block prefetch that expert's W2 codes and scales (w2_ptr, s2_ptr:
+    W2_BYTES and S2_BYTES per expert) into L2, each a share, so that GEMM2 reads L2, not HBM.
+    PF2 = 1 before the K loop, 2 after it."""
+    _pdl_enter(PDL)
     pid_m, pid_n = _grid_position(2 * Ip, n_blocks, BN, PAIR, N_FIRST)
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return
+    if PF2 == 1:
+        _prefetch_w2(es_ptr, e, row0, pid_n, w2_ptr, s2_ptr, Ip, BN, PAIR, SPLIT, W2_BYTES,
+                     S2_BYTES)
     if HALF and row1 - row0 <= BM // 2:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
@@ -363,6 +410,23 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM, BN, BK, EVEN_K,
                      EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
+    if PF2 == 2:
+        _prefetch_w2(es_ptr, e, row0, pid_n, w2_ptr, s2_ptr, Ip, BN, PAIR, SPLIT, W2_BYTES,
+                     S2_BYTES)
+
+
+@triton.jit
+def _prefetch_w2(es_ptr, e, row0, pid_n, w2_ptr, s2_ptr, Ip: tl.constexpr, BN: tl.constexpr,
+                 PAIR: tl.constexpr, SPLIT: tl.constexpr, W2_BYTES: tl.constexpr,
+                 S2_BYTES: tl.constexpr):
+    """GEMM1's program (pid_n, program_id(1)) of expert e's first row block prefetches its share
+    of expert e's W2 codes and scales into L2 (_gemm1_kernel's PF2)."""
+    if row0 == tl.load(es_ptr + e):
+        N_TILES: tl.constexpr = (2 * Ip + (2 if PAIR else 1) * BN - 1) // ((2 if PAIR else 1) * BN)
+        j = pid_n * SPLIT + tl.program_id(1)
+        e64 = e.to(tl.int64)
+        _prefetch_l2(w2_ptr + e64 * W2_BYTES, W2_BYTES, j, N_TILES * SPLIT)
+        _prefetch_l2(s2_ptr + e64 * S2_BYTES, S2_BYTES, j, N_TILES * SPLIT)
 
 
 @triton.jit
@@ -449,10 +513,11 @@ def _activation(gate, up, alpha, limit, ACT: tl.constexpr):
 
 @triton.jit
 def _act_kernel(p_ptr, a_ptr, n_rows, alpha, limit, Ip: tl.constexpr, ACT: tl.constexpr,
-                SPLIT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+                SPLIT: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr, PDL: tl.constexpr):
     """a[r, j] = act(sum_s gate[s, r, j], sum_s up[s, r, j]) over GEMM1's K chunks, added in
     chunk order (deterministic). p_ptr [SPLIT, 2, n_rows, Ip] fp32 -> a_ptr [>= n_rows, Ip] bf16.
     Rows of assignments not on this rank hold garbage and stay unread downstream."""
+    _pdl_enter(PDL)
     r = tl.program_id(0) * BR + tl.arange(0, BR)
     c = tl.program_id(1) * BC + tl.arange(0, BC)
     m = (r < n_rows)[:, None] & (c < Ip)[None, :]
@@ -475,11 +540,12 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
                   EVEN_N: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
                   SYNC: tl.constexpr, SPLIT: tl.constexpr, K_CHUNK: tl.constexpr,
                   N_FIRST: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr,
-                  HALF: tl.constexpr):
+                  HALF: tl.constexpr, PDL: tl.constexpr):
     """w_ptr: int32 words [E, Hp, Ip/8]; s_ptr: uint8 [E, Hp, Ip/32]. SPLIT > 1: program_id(1)
     takes K_CHUNK of the K range and writes its partial sum (bias in chunk 0 only) to
     y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks in order. PAIR: two BN-row weight
     tiles per program, HALF: part-filled blocks on BM/2 rows, as in _gemm1_kernel."""
+    _pdl_enter(PDL)
     pid_m, pid_n = _grid_position(H, n_blocks, BN, PAIR, N_FIRST)
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
@@ -556,9 +622,10 @@ def _gemm2_store(acc, n0, nmask, assign, rmask, e64, b_ptr, stride_be, y_ptr, H:
 @triton.jit
 def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, M, H: tl.constexpr,
                      k_top: tl.constexpr, HAS_MAP: tl.constexpr, COMBINE: tl.constexpr,
-                     BH: tl.constexpr, SPLIT: tl.constexpr):
+                     BH: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
     """out[t] = sum_s w[t, s] * y[t*k + s] in slot order; or out[t, s] = y[t*k + s] (zero for
     experts not on this rank). Rows of y for such experts were never written: mask, not scale."""
+    _pdl_enter(PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BH + tl.arange(0, BH)
     hmask = offs < H
