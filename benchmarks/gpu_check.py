@@ -398,20 +398,21 @@ def sweep(models, tokens, gen, which="default", shapes=None):
 
 
 # ---------------------------------------------------------------- launch A/B (session 5) ------
-# Switches of configs.py per variant: programmatic dependent launch, GEMM1's L2 prefetch of W2.
+# Switches of configs.py per variant: which kernels launch with programmatic dependent launch.
+_ALL = ("route", "gemm1", "act", "gemm2", "finalize")
 LAUNCH_VARIANTS = {
-    "base": dict(PDL=False, PREFETCH_W2_BYTES=0),
-    "pdl": dict(PDL=True, PREFETCH_W2_BYTES=0),
-    "pdl_pf1": dict(PDL=True, PREFETCH_W2_BYTES=24 << 20, PREFETCH_W2_WHERE=1),
-    "pdl_pf2": dict(PDL=True, PREFETCH_W2_BYTES=24 << 20, PREFETCH_W2_WHERE=2),
-    "pf1": dict(PDL=False, PREFETCH_W2_BYTES=24 << 20, PREFETCH_W2_WHERE=1),
+    "base": dict(PDL_LAUNCH=frozenset(), PDL_LATE=False),
+    "pdl": dict(PDL_LAUNCH=frozenset(_ALL), PDL_LATE=False),
+    "pdl_late": dict(PDL_LAUNCH=frozenset(_ALL), PDL_LATE=True),
+    "pdl_no_g2": dict(PDL_LAUNCH=frozenset(_ALL) - {"gemm2"}, PDL_LATE=False),
+    "pdl_small": dict(PDL_LAUNCH=frozenset({"route", "act", "finalize"}), PDL_LATE=False),
 }
 
 
 def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
     """Each variant's correctness (poisoned, vs the float32 reference) and whole-forward time,
     interleaved `rounds` times; the router ops alone (top-k, softmax) timed the same way."""
-    keys = list(LAUNCH_VARIANTS["pdl_pf1"])
+    keys = list(LAUNCH_VARIANTS["pdl"])
     saved = {n: getattr(tile_configs, n) for n in keys}
     out = []
     for model in models:

@@ -26,6 +26,7 @@ CUDA-graph safe and deterministic. Tiles: triton_moe_details/configs.py.
 """
 from __future__ import annotations
 
+import collections
 import functools
 import os
 
@@ -204,7 +205,7 @@ def _regs(c) -> dict:
 
 def route(topk_ids, expert_map, E: int, pdl: dict | None = None):
     """-> (expert_start [EB] int32 (first E+1 used), sorted_assign [M] int32). GPU only, no sync.
-    pdl: _pdl(...)'s launch options (programmatic dependent launch), None: off."""
+    pdl: the route kernel's launch options from _pdl, None: no programmatic launch."""
     from .triton_moe_details import _kernels as K
 
     M = topk_ids.numel()
@@ -218,7 +219,7 @@ def route(topk_ids, expert_map, E: int, pdl: dict | None = None):
     has_map = expert_map is not None
     emap = expert_map if has_map else es  # dummy pointer when absent
     nw = 4 if chunk * EB <= 8192 or sort else 8
-    pdl = pdl or {"PDL": False}
+    pdl = pdl or {"PDL": 0}
     if n_chunks == 1:
         K._route_kernel[(1,)](topk_ids, emap, es, es, sorted_assign, M, E, 1,
                               HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=2, SORT=sort,
@@ -234,15 +235,19 @@ def route(topk_ids, expert_map, E: int, pdl: dict | None = None):
     return es, sorted_assign
 
 
-def _pdl(device: torch.device, interpret: bool) -> dict:
-    """Launch options of every kernel of one call: programmatic dependent launch on sm90+ (each
-    kernel's programs launch while the previous kernel finishes and wait for it in the kernel:
-    _kernels._pdl_enter), so the five dependent launches of a decode call do not each pay the
-    launch gap. Off under the interpreter and before sm90 (no griddepcontrol)."""
+def _pdl(device: torch.device, interpret: bool):
+    """-> launch options per kernel ("route", "gemm1", "act", "gemm2", "finalize"): programmatic
+    dependent launch on sm90+ (_kernels._pdl_enter) where configs.PDL_LAUNCH says, so that a
+    decode call's dependent launches overlap the end of the kernel before them. Kernels that
+    are not launched that way still wait and trigger (no-ops then). Off under the interpreter
+    and before sm90 (no griddepcontrol)."""
     from .triton_moe_details import configs
 
-    on = (not interpret and configs.PDL and torch.cuda.get_device_capability(device)[0] >= 9)
-    return {"PDL": True, "launch_pdl": True} if on else {"PDL": False}
+    if interpret or not configs.PDL_LAUNCH or torch.cuda.get_device_capability(device)[0] < 9:
+        return collections.defaultdict(lambda: {"PDL": 0})
+    return {name: {"PDL": 2 if name in ("gemm1", "gemm2") and configs.PDL_LATE else 1,
+                   "launch_pdl": name in configs.PDL_LAUNCH}
+            for name in ("route", "gemm1", "act", "gemm2", "finalize")}
 
 
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
@@ -274,7 +279,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     M = T * k
     EB = _next_pow2(E + 1)
     pdl = _pdl(dev, interpret)
-    es, sorted_assign = route(ids, emap, E, pdl)
+    es, sorted_assign = route(ids, emap, E, pdl["route"])
     c1, c2 = configs.pick(T, k, E, Hp, Ip, interpret)
     # wgmma keeps MMAs in flight across K steps: drain before each dequant (sm90; _wgmma_drain)
     sync = not interpret and torch.cuda.get_device_capability(dev)[0] == 9
@@ -287,11 +292,8 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
-    w2_bytes, s2_bytes = w2[0].numel(), w2_scales[0].numel()  # uint8: bytes per expert
-    bulk = not interpret and torch.cuda.get_device_capability(dev)[0] >= 9  # cp.async.bulk
-    pf2 = configs.prefetch_w2(min(E, M) * (w2_bytes + s2_bytes)) if bulk else 0
     K._gemm1_kernel[(nb1 * p1.tiles, split1)](
-        x, sorted_assign, es, w13_words, w13_scales, b13, a, p, w2, w2_scales,
+        x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
         E, k, nb1, float(alpha), float(limit), M,
         # strides as constants: the compiler then knows every row is 16-byte aligned
         x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
@@ -300,13 +302,13 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
         EVEN_K=p1.even_k, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
         SYNC=sync, SPLIT=split1, K_CHUNK=p1.chunk, N_FIRST=c1.N_FIRST, PAIR=c1.PAIR,
-        TAIL=p1.tail, HALF=c1.HALF, PF2=pf2, W2_BYTES=w2_bytes, S2_BYTES=s2_bytes,
-        num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1), **pdl)
+        TAIL=p1.tail, HALF=c1.HALF,
+        num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1), **pdl["gemm1"])
     if split1 > 1:
         BR, BC = 16, 128
         K._act_kernel[(_cdiv(M, BR), _cdiv(Ip, BC))](
             p, a, M, float(alpha), float(limit), Ip=Ip, ACT=_ACT[activation], SPLIT=split1,
-            BR=BR, BC=BC, num_warps=4, **pdl)
+            BR=BR, BC=BC, num_warps=4, **pdl["act"])
 
     nb2 = min(M, M // c2.BM + E)
     p2 = configs.plan(c2, nb2, H, Ip, sms, "gemm2")
@@ -323,7 +325,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         EVEN_K=p2.even_k, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP, SYNC=sync,
         SPLIT=split2, K_CHUNK=p2.chunk, N_FIRST=c2.N_FIRST, PAIR=c2.PAIR, TAIL=p2.tail,
         HALF=c2.HALF,
-        num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2), **pdl)
+        num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2), **pdl["gemm2"])
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
     # decode: T programs of 1024 columns would leave most SMs idle; 128 columns each then
@@ -331,6 +333,6 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     K._finalize_kernel[(T, _cdiv(H, BH))](
         y, ids, emap if emap is not None else es, tw, out, E, M, H=H, k_top=k,
         HAS_MAP=emap is not None, COMBINE=bool(combine), BH=BH, SPLIT=split2, num_warps=4,
-        **pdl)
+        **pdl["finalize"])
     return out
 

@@ -25,15 +25,14 @@ from mxfp4_compile.ops.backends.triton_moe_details import configs  # noqa: E402
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                           "cuobjdump")
 _PTR = {"x_ptr": "*bf16", "a_ptr": "*bf16", "sorted_ptr": "*i32", "es_ptr": "*i32", "w_ptr": "*i32",
-        "s_ptr": "*u8", "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32", "w2_ptr": "*u8",
-        "s2_ptr": "*u8"}
+        "s_ptr": "*u8", "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32"}
 
 # (T, k, E, H, I): shapes whose picks cover every distinct row of the table
 SHAPES = [(1, 4, 32, 2880, 2880), (64, 2, 8, 4096, 14336), (512, 4, 128, 2880, 2880),
           (512, 4, 32, 2880, 2880), (512, 2, 8, 4096, 14336), (4096, 4, 32, 2880, 2880)]
 
 
-def _compile(gemm, cfg, H, I, pf2=0, asm="sass"):
+def _compile(gemm, cfg, H, I):
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -42,13 +41,12 @@ def _compile(gemm, cfg, H, I, pf2=0, asm="sass"):
     common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, UPCAST=False,
                   SWAP=cfg.SWAP, SYNC=True, SPLIT=pl.split, K_CHUNK=pl.chunk,
                   N_FIRST=cfg.N_FIRST, PAIR=cfg.PAIR, TAIL=pl.tail, HALF=cfg.HALF,
-                  EVEN_K=pl.even_k, PDL=True)  # as launched on sm90
+                  EVEN_K=pl.even_k, PDL=1)  # as launched on sm90
     if gemm == 1:
         fn = K._gemm1_kernel
         cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
                   stride_se=2 * I * H // 32, stride_sn=H // 32, stride_be=2 * I, H=H, Hp=H, Ip=I,
-                  ACT=0, EVEN_N=(2 * I) % cfg.BN == 0, PF2=pf2, W2_BYTES=H * I // 2,
-                  S2_BYTES=H * I // 32)
+                  ACT=0, EVEN_N=(2 * I) % cfg.BN == 0)
         scalars = dict(E="i32", k_top="i32", n_blocks="i32", alpha="fp32", limit="fp32",
                        p_rows="i32")
     else:

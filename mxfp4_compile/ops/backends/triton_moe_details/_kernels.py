@@ -28,38 +28,23 @@ from . import layout
 
 @triton.jit
 def _pdl_enter(PDL: tl.constexpr):
-    """Programmatic dependent launch (sm90+, the launch sets launch_pdl): this grid's programs
-    may already be resident while the previous kernel in the stream still runs, so wait for it
-    (its writes visible) before any read or write; then let the next kernel's programs launch,
-    to wait in turn. Every program of every kernel does both, first thing, so a kernel's launch
-    of its dependents implies that everything before it in the stream has completed."""
-    if PDL:
+    """Programmatic dependent launch (sm90+; PDL = 0: none). A kernel launched with launch_pdl
+    may have programs resident while the previous kernel in the stream still runs: each waits
+    for it (its writes then visible) before any read or write. Then, with PDL = 1, it lets the
+    next kernel launch at once; with PDL = 2 (the GEMMs) only after its K loop (_pdl_trigger).
+    Every program waits before it triggers, so a kernel's dependents launch only after
+    everything before it in the stream has completed. Without launch_pdl both are no-ops."""
+    if PDL > 0:
         gdc_wait()
+    if PDL == 1:
         gdc_launch_dependents()
 
 
-# one thread of the program issues it (a scalar in Triton runs on every thread)
-_PREFETCH_ASM = tl.constexpr("""{
- .reg .pred first;
- .reg .b32 tid;
- mov.u32 tid, %tid.x;
- setp.eq.u32 first, tid, 0;
- @first cp.async.bulk.prefetch.L2.global [$1], $2;
- mov.b32 $0, 0;
-}""")
-
-
 @triton.jit
-def _prefetch_l2(base, nbytes: tl.constexpr, j, J: tl.constexpr):
-    """Share j of J of the `nbytes` bytes at `base` (16-byte aligned, nbytes a multiple of 16)
-    into L2 with bulk prefetches (sm90 cp.async.bulk.prefetch: no registers, no wait) of at
-    most 64 kB each: ptxas encodes the size in 16 bits of 16-byte units."""
-    SHARE: tl.constexpr = (nbytes + 16 * J - 1) // (16 * J) * 16
-    lo = j * SHARE
-    hi = tl.minimum(nbytes, lo + SHARE)
-    for off in range(lo, hi, 65536):
-        tl.inline_asm_elementwise(_PREFETCH_ASM, "=r,l,r", [base + off, tl.minimum(hi - off, 65536)],
-                                  dtype=tl.int32, is_pure=False, pack=1)
+def _pdl_trigger(PDL: tl.constexpr):
+    """PDL = 2: the next kernel may launch now (this program's K loop is done)."""
+    if PDL == 2:
+        gdc_launch_dependents()
 
 
 @triton.jit
@@ -366,7 +351,7 @@ def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
 
 
 @triton.jit
-def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, w2_ptr, s2_ptr,
+def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   E, k_top, n_blocks, alpha, limit, p_rows,
                   stride_xt: tl.constexpr, stride_we: tl.constexpr, stride_wn: tl.constexpr,
                   stride_se: tl.constexpr, stride_sn: tl.constexpr, stride_be: tl.constexpr,
@@ -376,8 +361,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, 
                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                   SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
                   K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr, PAIR: tl.constexpr,
-                  TAIL: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
-                  PF2: tl.constexpr, W2_BYTES: tl.constexpr, S2_BYTES: tl.constexpr):
+                  TAIL: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
     """w_ptr: int32 words [E, 2Ip, Hp/8]; s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
     paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
     program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step;
@@ -387,46 +371,22 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, 
     the K range and stores its partial gate/up sums (bias in chunk 0 only) to
     p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates.
     HALF: a block holding at most BM/2 rows (an expert's last, part-filled block) runs a copy of
-    the body compiled for BM/2 rows: half the MMA work for the same weight tiles.
-    PF2 (decode, when the touched experts' W2 fits in L2 with room to spare): the programs of
-    each expert's first row block prefetch that expert's W2 codes and scales (w2_ptr, s2_ptr:
-    W2_BYTES and S2_BYTES per expert) into L2, each a share, so that GEMM2 reads L2, not HBM.
-    PF2 = 1 before the K loop, 2 after it."""
+    the body compiled for BM/2 rows: half the MMA work for the same weight tiles."""
     _pdl_enter(PDL)
     pid_m, pid_n = _grid_position(2 * Ip, n_blocks, BN, PAIR, N_FIRST)
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return
-    if PF2 == 1:
-        _prefetch_w2(es_ptr, e, row0, pid_n, w2_ptr, s2_ptr, Ip, BN, PAIR, SPLIT, W2_BYTES,
-                     S2_BYTES)
     if HALF and row1 - row0 <= BM // 2:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM // 2, BN, BK, EVEN_K,
-                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, PDL)
     else:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM, BN, BK, EVEN_K,
-                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
-    if PF2 == 2:
-        _prefetch_w2(es_ptr, e, row0, pid_n, w2_ptr, s2_ptr, Ip, BN, PAIR, SPLIT, W2_BYTES,
-                     S2_BYTES)
-
-
-@triton.jit
-def _prefetch_w2(es_ptr, e, row0, pid_n, w2_ptr, s2_ptr, Ip: tl.constexpr, BN: tl.constexpr,
-                 PAIR: tl.constexpr, SPLIT: tl.constexpr, W2_BYTES: tl.constexpr,
-                 S2_BYTES: tl.constexpr):
-    """GEMM1's program (pid_n, program_id(1)) of expert e's first row block prefetches its share
-    of expert e's W2 codes and scales into L2 (_gemm1_kernel's PF2)."""
-    if row0 == tl.load(es_ptr + e):
-        N_TILES: tl.constexpr = (2 * Ip + (2 if PAIR else 1) * BN - 1) // ((2 if PAIR else 1) * BN)
-        j = pid_n * SPLIT + tl.program_id(1)
-        e64 = e.to(tl.int64)
-        _prefetch_l2(w2_ptr + e64 * W2_BYTES, W2_BYTES, j, N_TILES * SPLIT)
-        _prefetch_l2(s2_ptr + e64 * S2_BYTES, S2_BYTES, j, N_TILES * SPLIT)
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, PDL)
 
 
 @triton.jit
@@ -438,7 +398,8 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
                  HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                  SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
-                 K_CHUNK: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr):
+                 K_CHUNK: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr,
+                 PDL: tl.constexpr):
     """GEMM1 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
@@ -459,6 +420,7 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
     acc, acc2 = _k_loop(acc, acc, x_ptr + tok.to(tl.int64) * stride_xt, rmask, H, w_ptrs, s_ptrs,
                         wmask, wmask2, stride_wn, stride_sn, Hp, K_CHUNK, BN, BK, EVEN_K, UPCAST,
                         SWAP, SYNC, PAIR, TAIL, SPLIT)
+    _pdl_trigger(PDL)
     w0 = pid_n * (2 if PAIR else 1) * BN  # first weight row of the (first) tile
     _gemm1_store(acc, w0, wmask, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
                  alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
@@ -554,11 +516,12 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
                      BM // 2, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR,
-                     TAIL)
+                     TAIL, PDL)
     else:
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
-                     BM, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
+                     BM, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL,
+                     PDL)
 
 
 @triton.jit
@@ -569,7 +532,7 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
                  BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                  UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr,
                  SPLIT: tl.constexpr, K_CHUNK: tl.constexpr, PAIR: tl.constexpr,
-                 TAIL: tl.constexpr):
+                 TAIL: tl.constexpr, PDL: tl.constexpr):
     """GEMM2 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
@@ -593,6 +556,7 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
     acc, acc2 = _k_loop(acc, acc, a_ptr + rows.to(tl.int64) * Ip, rmask, Ip, w_ptrs, s_ptrs,
                         nmask, nmask2, stride_wn, stride_sn, Ip, K_CHUNK, BN, BK, EVEN_K, UPCAST,
                         SWAP, SYNC, PAIR, TAIL, SPLIT)
+    _pdl_trigger(PDL)
     _gemm2_store(acc, n0, nmask, assign, rmask, e64, b_ptr, stride_be, y_ptr, H, BN, HAS_BIAS,
                  UPCAST, SWAP, SPLIT)
     if PAIR:

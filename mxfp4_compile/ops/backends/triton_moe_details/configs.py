@@ -108,21 +108,10 @@ ONE_WAVE_PER_SM = 7
 MIN_STEPS_PER_CHUNK = 4
 
 
-# Programmatic dependent launch of every kernel on sm90+ (triton_moe._pdl). A switch for A/B runs.
-PDL = True
-# GEMM1 prefetches GEMM2's weights into L2 (_kernels._gemm1_kernel's PF2) when the touched
-# experts' W2 bytes (worst case: min(E, T*k) experts) are at most this: the 50 MB L2 also has to
-# pass GEMM1's own weight stream. 0 turns it off; PREFETCH_W2_WHERE = 1 issues the prefetch
-# before GEMM1's K loop, 2 after it.
-PREFETCH_W2_BYTES = 24 << 20
-PREFETCH_W2_WHERE = 1
-
-
-def prefetch_w2(w2_bytes: int) -> int:
-    """-> GEMM1's PF2 for a call whose touched experts hold `w2_bytes` of W2 (0: none)."""
-    return PREFETCH_W2_WHERE if 0 < w2_bytes <= PREFETCH_W2_BYTES else 0
-
-
+# Kernels launched with programmatic dependent launch on sm90+ (triton_moe._pdl), and whether
+# the GEMMs let their dependents launch only after their K loop (PDL_LATE). Switches for A/B.
+PDL_LAUNCH = frozenset({"route", "gemm1", "act", "gemm2", "finalize"})
+PDL_LATE = False
 class Plan(NamedTuple):
     """How one GEMM launches (`plan`)."""
     config: TileConfig
