@@ -286,6 +286,20 @@ _D32 = C(32, 64, 128, 4, 4, True)
 V19 = [_D32, _cap(_D32, 64), C(32, 64, 128, 4, 3, True), _cap(C(32, 64, 128, 4, 3, True), 64)]
 
 
+# v20 (session 5): prefill where experts hold about 128 rows (120b T=4096: BM 256 blocks of
+# 129-160 rows waste up to half the MMA): BM 128 with the half copy for second blocks.
+_PRE_HALF = dataclasses.replace(tile_configs._PREFILL, HALF=True)  # the table's pick there
+V20 = [(_PRE_HALF, None), (_cap(C(128, 128, 64, 8, 3, True, HALF=True), 128), None),
+       (C(128, 128, 64, 8, 4, True, HALF=True), None), (_cap(_M128, 128), None)]
+# v21 (session 5): Mixtral T=8 GEMM2 (512 programs with rows, 3.9 per SM, 84% of SM cycles
+# active in ncu) split in 2 where the doubled grid fits one wave: 3 stages (about 9 per SM by
+# shared memory) or BK 64 at 64 registers (8 per SM).
+_DT = tile_configs._DECODE  # the table's decode row (64 registers)
+V21 = [(_DT, None), ((_DT, dataclasses.replace(_DT, num_stages=3)), (1, 2)),
+       ((_DT, dataclasses.replace(_DT, BK=64)), (1, 2)),
+       ((_DT, dataclasses.replace(_DT, num_stages=3)), None)]
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -342,8 +356,8 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                 cands = [(None, t) for t in (3, 5, 8)]
             elif which == "v11":
                 cands = V11["decode"] if T <= 64 else V11["mid"] if T <= 512 else V11["prefill"]
-            elif which in ("v17", "v18"):
-                cands = V17 if which == "v17" else V18
+            elif which in ("v17", "v18", "v20", "v21"):
+                cands = {"v17": V17, "v18": V18, "v20": V20, "v21": V21}[which]
             else:
                 cands = [(c, None) for c in sweep_candidates(T, which)]
             if which in ("v5", "v6") and T <= 8:  # what split-K buys: the same without it
@@ -382,7 +396,8 @@ def sweep(models, tokens, gen, which="default", shapes=None):
         json.dump(out, f, indent=1)
     best = {}
     for r in out:
-        if "us" in r and r["err"] < 1e-2 and ("split" not in r or which in ("v11", "v17", "v18")):
+        if "us" in r and r["err"] < 1e-2 and ("split" not in r or which in ("v11", "v17", "v18",
+                                                                           "v21")):
             key = (r["model"], r["T"])
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
@@ -401,19 +416,17 @@ def sweep(models, tokens, gen, which="default", shapes=None):
 # Switches of configs.py per variant: which kernels launch with programmatic dependent launch.
 _ALL = ("route", "gemm1", "act", "gemm2", "finalize")
 LAUNCH_VARIANTS = {
-    "base": dict(PDL_LAUNCH=frozenset(), PDL_LATE=False),
-    "pdl": dict(PDL_LAUNCH=frozenset(_ALL), PDL_LATE=False),
-    "pdl_late": dict(PDL_LAUNCH=frozenset(_ALL), PDL_LATE=True),
-    "pdl_no_g2": dict(PDL_LAUNCH=frozenset(_ALL) - {"gemm2"}, PDL_LATE=False),
-    "pdl_small": dict(PDL_LAUNCH=frozenset({"route", "act", "finalize"}), PDL_LATE=False),
+    "base": dict(PDL_LAUNCH=frozenset()),
+    "pdl": dict(PDL_LAUNCH=frozenset(_ALL)),
+    "pdl_no_g2": dict(PDL_LAUNCH=frozenset(_ALL) - {"gemm2"}),
+    "pdl_small": dict(PDL_LAUNCH=frozenset({"route", "act", "finalize"})),
 }
 
 
 def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
     """Each variant's correctness (poisoned, vs the float32 reference) and whole-forward time,
     interleaved `rounds` times; the router ops alone (top-k, softmax) timed the same way."""
-    keys = list(LAUNCH_VARIANTS["pdl"])
-    saved = {n: getattr(tile_configs, n) for n in keys}
+    saved = {n: getattr(tile_configs, n) for v in LAUNCH_VARIANTS.values() for n in v}
     out = []
     for model in models:
         if shapes is not None and not any(m == model for m, _ in shapes):

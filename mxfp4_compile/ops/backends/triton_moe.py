@@ -22,11 +22,11 @@ Steps (triton_moe_details/_kernels.py): route (expert-sorted rows, on the GPU), 
 gather, dequant, bias, activation), GEMM2 (bias, scatter to (token, slot) rows), finalize
 (weighted sum over slots in fixed order); at decode sizes the GEMMs split K (configs.plan) and
 the chunks are added in order (_act_kernel, finalize). No host sync, no data-dependent shapes:
-CUDA-graph safe and deterministic. Tiles: triton_moe_details/configs.py.
+CUDA-graph safe and deterministic. On sm90+ most launches are programmatic dependent launches
+(`_pdl`). Tiles: triton_moe_details/configs.py.
 """
 from __future__ import annotations
 
-import collections
 import functools
 import os
 
@@ -219,7 +219,7 @@ def route(topk_ids, expert_map, E: int, pdl: dict | None = None):
     has_map = expert_map is not None
     emap = expert_map if has_map else es  # dummy pointer when absent
     nw = 4 if chunk * EB <= 8192 or sort else 8
-    pdl = pdl or {"PDL": 0}
+    pdl = pdl or {"PDL": False}
     if n_chunks == 1:
         K._route_kernel[(1,)](topk_ids, emap, es, es, sorted_assign, M, E, 1,
                               HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=2, SORT=sort,
@@ -236,18 +236,17 @@ def route(topk_ids, expert_map, E: int, pdl: dict | None = None):
 
 
 def _pdl(device: torch.device, interpret: bool):
-    """-> launch options per kernel ("route", "gemm1", "act", "gemm2", "finalize"): programmatic
-    dependent launch on sm90+ (_kernels._pdl_enter) where configs.PDL_LAUNCH says, so that a
-    decode call's dependent launches overlap the end of the kernel before them. Kernels that
-    are not launched that way still wait and trigger (no-ops then). Off under the interpreter
-    and before sm90 (no griddepcontrol)."""
+    """-> launch options per kernel ("route", "gemm1", "act", "gemm2", "finalize"). On sm90+
+    the kernels in configs.PDL_LAUNCH launch with programmatic dependent launch
+    (_kernels._pdl_enter): their programs become resident while the kernel before them ends.
+    The others launch as usual; in them the wait returns at once, and the trigger still lets
+    the next kernel launch early. Off under the interpreter and before sm90 (no griddepcontrol)."""
     from .triton_moe_details import configs
 
-    if interpret or not configs.PDL_LAUNCH or torch.cuda.get_device_capability(device)[0] < 9:
-        return collections.defaultdict(lambda: {"PDL": 0})
-    return {name: {"PDL": 2 if name in ("gemm1", "gemm2") and configs.PDL_LATE else 1,
-                   "launch_pdl": name in configs.PDL_LAUNCH}
-            for name in ("route", "gemm1", "act", "gemm2", "finalize")}
+    names = ("route", "gemm1", "act", "gemm2", "finalize")
+    if interpret or torch.cuda.get_device_capability(device)[0] < 9:
+        return {name: {"PDL": False} for name in names}
+    return {name: {"PDL": True, "launch_pdl": name in configs.PDL_LAUNCH} for name in names}
 
 
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,

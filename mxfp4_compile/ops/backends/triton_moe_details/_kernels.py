@@ -28,22 +28,13 @@ from . import layout
 
 @triton.jit
 def _pdl_enter(PDL: tl.constexpr):
-    """Programmatic dependent launch (sm90+; PDL = 0: none). A kernel launched with launch_pdl
-    may have programs resident while the previous kernel in the stream still runs: each waits
-    for it (its writes then visible) before any read or write. Then, with PDL = 1, it lets the
-    next kernel launch at once; with PDL = 2 (the GEMMs) only after its K loop (_pdl_trigger).
+    """Programmatic dependent launch (sm90+). A kernel launched with launch_pdl may have
+    programs resident while the previous kernel in the stream still runs: each waits for it
+    (its writes then visible) before any read or write, then lets the next kernel launch.
     Every program waits before it triggers, so a kernel's dependents launch only after
     everything before it in the stream has completed. Without launch_pdl both are no-ops."""
-    if PDL > 0:
+    if PDL:
         gdc_wait()
-    if PDL == 1:
-        gdc_launch_dependents()
-
-
-@triton.jit
-def _pdl_trigger(PDL: tl.constexpr):
-    """PDL = 2: the next kernel may launch now (this program's K loop is done)."""
-    if PDL == 2:
         gdc_launch_dependents()
 
 
@@ -381,12 +372,12 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM // 2, BN, BK, EVEN_K,
-                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, PDL)
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
     else:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM, BN, BK, EVEN_K,
-                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, PDL)
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
 
 
 @triton.jit
@@ -398,8 +389,7 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
                  HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                  SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
-                 K_CHUNK: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr,
-                 PDL: tl.constexpr):
+                 K_CHUNK: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr):
     """GEMM1 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
@@ -420,7 +410,6 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
     acc, acc2 = _k_loop(acc, acc, x_ptr + tok.to(tl.int64) * stride_xt, rmask, H, w_ptrs, s_ptrs,
                         wmask, wmask2, stride_wn, stride_sn, Hp, K_CHUNK, BN, BK, EVEN_K, UPCAST,
                         SWAP, SYNC, PAIR, TAIL, SPLIT)
-    _pdl_trigger(PDL)
     w0 = pid_n * (2 if PAIR else 1) * BN  # first weight row of the (first) tile
     _gemm1_store(acc, w0, wmask, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
                  alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
@@ -516,12 +505,11 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
                      BM // 2, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR,
-                     TAIL, PDL)
+                     TAIL)
     else:
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
-                     BM, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL,
-                     PDL)
+                     BM, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
 
 
 @triton.jit
@@ -532,7 +520,7 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
                  BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                  UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr,
                  SPLIT: tl.constexpr, K_CHUNK: tl.constexpr, PAIR: tl.constexpr,
-                 TAIL: tl.constexpr, PDL: tl.constexpr):
+                 TAIL: tl.constexpr):
     """GEMM2 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
@@ -556,7 +544,6 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
     acc, acc2 = _k_loop(acc, acc, a_ptr + rows.to(tl.int64) * Ip, rmask, Ip, w_ptrs, s_ptrs,
                         nmask, nmask2, stride_wn, stride_sn, Ip, K_CHUNK, BN, BK, EVEN_K, UPCAST,
                         SWAP, SYNC, PAIR, TAIL, SPLIT)
-    _pdl_trigger(PDL)
     _gemm2_store(acc, n0, nmask, assign, rmask, e64, b_ptr, stride_be, y_ptr, H, BN, HAS_BIAS,
                  UPCAST, SWAP, SPLIT)
     if PAIR:

@@ -108,10 +108,13 @@ ONE_WAVE_PER_SM = 7
 MIN_STEPS_PER_CHUNK = 4
 
 
-# Kernels launched with programmatic dependent launch on sm90+ (triton_moe._pdl), and whether
-# the GEMMs let their dependents launch only after their K loop (PDL_LATE). Switches for A/B.
-PDL_LAUNCH = frozenset({"route", "gemm1", "act", "gemm2", "finalize"})
-PDL_LATE = False
+# Kernels launched with programmatic dependent launch on sm90+ (triton_moe._pdl). Not GEMM2:
+# launched while GEMM1's programs still hold the SMs, its programs land unevenly. H100, session
+# 5 (gpu_check --launch-ab, whole forward, medians of 3): all five kernels gave 20b T=1 53.1 ->
+# 50.6 us, 120b T=1 54.1 -> 51.6, but Mixtral T=1 113.7 -> 121.7 and T=8 319 -> 336; without
+# GEMM2: 50.9, 52.2, 112.9, 316, and T=64 within run-to-run noise (20b 219.4 -> 219.0).
+# Triggering after the GEMMs' K loop instead was in between at T=1 (51.9, 52.6, 112.8).
+PDL_LAUNCH = frozenset({"route", "gemm1", "act", "finalize"})
 class Plan(NamedTuple):
     """How one GEMM launches (`plan`)."""
     config: TileConfig
