@@ -236,7 +236,22 @@ def test_plan_pairs_tiles_only_where_it_splits():
     assert not c.PAIR and c.BK == 64 and n == 1 and c.maxnreg is None
     c1, c2 = configs.pick(64, 2, 8, 4096, 14336)  # Mixtral T=64 GEMM2: 16 x 64 in the grid
     assert configs.plan(c2, 16, 4096, 14336, 132, "gemm2").config.BK == 128
-    assert configs.plan(c2, 9, 4096, 14336, 132, "gemm2").config.BK == 128  # T=8: 576, one wave
+    # Mixtral T=8 GEMM2 (9 blocks x 64 tiles: 3-5 programs per SM) splits K in 2 at 3 stages,
+    # GEMM1 of a grid that size does not
+    p = configs.plan(configs.pick(8, 2, 8, 4096, 14336)[1], 9, 4096, 14336, 132, "gemm2")
+    assert (p.config.BK, p.config.num_stages, p.split, p.even_k) == (128, 3, 2, True)
+    p = configs.plan(configs.pick(8, 2, 8, 4096, 14336)[0], 9, 4096, 4096, 132, "gemm1")
+    assert (p.config.num_stages, p.split) == (4, 1)
+
+
+def test_prefill_block_rows_follow_rows_per_expert():
+    from mxfp4_compile.ops.backends.triton_moe_details import configs
+
+    # 120b T=4096: about 128 rows per expert -> 128-row blocks, with the half copy
+    assert [(c.BM, c.HALF) for c in configs.pick(4096, 4, 128, 2880, 2880)] == [(128, True)] * 2
+    # 20b T=4096 (512 rows per expert) and 120b T=16384 keep 256-row blocks
+    assert configs.pick(4096, 4, 32, 2880, 2880)[0].BM == 256
+    assert configs.pick(16384, 4, 128, 2880, 2880)[0].BM == 256
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")

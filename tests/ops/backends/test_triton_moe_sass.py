@@ -29,7 +29,8 @@ _PTR = {"x_ptr": "*bf16", "a_ptr": "*bf16", "sorted_ptr": "*i32", "es_ptr": "*i3
 
 # (T, k, E, H, I): shapes whose picks cover every distinct row of the table
 SHAPES = [(1, 4, 32, 2880, 2880), (64, 2, 8, 4096, 14336), (512, 4, 128, 2880, 2880),
-          (512, 4, 32, 2880, 2880), (512, 2, 8, 4096, 14336), (4096, 4, 32, 2880, 2880)]
+          (512, 4, 32, 2880, 2880), (512, 2, 8, 4096, 14336), (4096, 4, 32, 2880, 2880),
+          (4096, 4, 128, 2880, 2880), (8, 2, 8, 4096, 14336)]
 
 
 def _compile(gemm, cfg, H, I):
@@ -94,8 +95,8 @@ def _configs():
         for gemm, cfg, N, K in zip((1, 2), configs.pick(T, k, E, H, I), (2 * I, H), (H, I)):
             seen.setdefault((gemm, cfg, H, I), None)
             # what the launch uses on an H100 (132 SMs): decode grids pair tiles (configs.plan)
-            seen.setdefault((gemm, configs.plan(cfg, blocks, N, K, 132, "gemm1").config, H, I),
-                            None)
+            seen.setdefault((gemm, configs.plan(cfg, blocks, N, K, 132, f"gemm{gemm}").config,
+                             H, I), None)
     return list(seen)
 
 

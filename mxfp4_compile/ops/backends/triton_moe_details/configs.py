@@ -25,7 +25,9 @@ same config for both GEMMs:
       (session 4, v16: Mixtral T=64 431 us vs 552 at BM 16; 20b T=64, m_e 8, 253 vs 231)
   m_e <= 32   (32, 64, 64), 4 warps        120b T=512: 1077 us vs 1316 (64, 128) / 2053 (128, 128)
   larger      (256, 128, 64), 8 warps, if M = T*k >= 8192 (20b T=4096 1863 us, 120b 2902 us,
-              Mixtral 5699 us; 128 rows: 2425 / 3238 / 7511 us in v6), else (128, 128, 64)
+              Mixtral 5699 us; 128 rows: 2425 / 3238 / 7511 us in v6) and m_e > 128 (with
+              HALF, 128-row blocks won at m_e 128 in session 5: _PREFILL_128_MAX_ROWS), else
+              (128, 128, 64)
               capped at 128 registers (v13: 20b T=512 441 us vs 507 at (64, 128) and 561
               uncapped; Mixtral T=512 1139 vs 1241 uncapped; no spills in the K loop)
   (v10/v11 re-measured the mid and prefill rows with BK 128, BN 64 at 4 warps and 4 stages:
@@ -71,6 +73,11 @@ _TABLE = (  # (max rows per expert, config); first row whose bound >= m_e wins
 )
 _PREFILL = TileConfig(256, 128, 64, 8, 4, True)  # M >= _PREFILL_ROWS and m_e > 64
 _PREFILL_ROWS = 8192
+# ... but experts of about 128 rows (m_e <= 128) take 128-row blocks: at BM 256 an expert of
+# 129-160 rows runs one block at up to half waste. v20 (session 5, HALF on both): 120b T=4096
+# (m_e 128) 2397.9 -> 2250.9 us; at m_e 512 (20b T=4096) 256 rows stay ahead, 1648.9 vs 1822.0.
+# m_e between 128 and 512 is not measured and keeps 256.
+_PREFILL_128_MAX_ROWS = 128
 # HALF (an expert's last block, when it holds <= BM/2 rows, runs on BM/2 rows) where such blocks
 # are a large share: about E of the T*k/BM + E blocks are an expert's last. Measured (v12,
 # prefill config): 120b T=4096 (share 0.67) 2798 -> 2513 us, 120b T=16384 (0.33) 7157 -> 6911,
@@ -136,25 +143,37 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str) -> Pl
     A decode grid that fits one wave of 64-code programs (about 9 per SM by registers) but not
     of 128-code ones (5 per SM before _DECODE's register cap; RESIDENT_PER_SM) steps K by 64
     too: Mixtral T=1 GEMM1 (2 x 448 = 896 programs), forward 149 -> 133 us (v10 and the
-    session-3 follow-up run)."""
+    session-3 follow-up run).
+    A GEMM2 decode grid between those two (3-5 programs per SM) splits K in 2 at 3 stages, which
+    fits the doubled grid in one wave (8 programs per SM at 64 registers; 7 at 4 stages, by
+    shared memory): Mixtral T=8 GEMM2 (576 programs), forward 314.9 / 313.8 -> 303.0 / 303.2 us
+    in two v21 rounds; split in 2 at 4 stages (two waves) was +-5% by routing draw (v17/v18),
+    3 stages unsplit 316-318, and BK 64 split in 2 338."""
+    force_split = None
     if OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR:
         programs = blocks * -(-N // c.BN)
         if programs < PROGRAMS_PER_SM * sms:
             c = dataclasses.replace(c, BK=64, PAIR=True, maxnreg=None)
+        elif (which == "gemm2" and programs < RESIDENT_PER_SM * sms
+              and K >= 2 * MIN_STEPS_PER_CHUNK * c.BK):
+            c = dataclasses.replace(c, num_stages=3)
+            force_split = 2
         elif RESIDENT_PER_SM * sms <= programs < ONE_WAVE_PER_SM * sms:
             c = dataclasses.replace(c, BK=64, maxnreg=None)
     tiles = -(-N // (c.BN * (2 if c.PAIR else 1)))
-    split, chunk = split_k(blocks * tiles, K, c.BK, sms, which)
+    split, chunk = split_k(blocks * tiles, K, c.BK, sms, which, force_split)
     t = tail(K, c.BK) if split == 1 else 0  # split chunks mask their steps instead
     return Plan(c, tiles, split, chunk, t, split * chunk == K or t > 0)
 
 
-def split_k(programs: int, K: int, BK: int, sms: int, which: str = "gemm1"):
-    """-> (number of K chunks, chunk length in elements, a multiple of BK)."""
+def split_k(programs: int, K: int, BK: int, sms: int, which: str = "gemm1",
+            want: int | None = None):
+    """-> (number of K chunks, chunk length in elements, a multiple of BK); `want`: this many
+    chunks (plan's choice) unless SPLIT_OVERRIDE says otherwise."""
     steps = -(-K // BK)
     if SPLIT_OVERRIDE is not None:
         want = SPLIT_OVERRIDE[_SPLIT_INDEX[which]]
-    else:
+    elif want is None:
         if programs >= PROGRAMS_PER_SM * sms:
             return 1, steps * BK
         want = -(-SPLIT_TARGET_PER_SM * sms // max(1, programs))
@@ -190,7 +209,7 @@ def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False):
     if m_e <= 16 and Hp % 128 == 0 and Ip % 128 == 0:
         return _DECODE32, _DECODE32
     if m_e > 64 and T * k >= _PREFILL_ROWS:
-        c = _PREFILL
+        c = _PREFILL if m_e > _PREFILL_128_MAX_ROWS else _TABLE[-1][1]
         if E / (T * k / c.BM + E) >= HALF_SHARE:
             c = dataclasses.replace(c, HALF=True)
         return c, c
