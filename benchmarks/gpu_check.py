@@ -300,6 +300,17 @@ V21 = [(_DT, None), ((_DT, dataclasses.replace(_DT, num_stages=3)), (1, 2)),
        ((_DT, dataclasses.replace(_DT, num_stages=3)), None)]
 
 
+# v22 (session 5): Mixtral T=8 GEMM1 at 3 stages (8 programs per SM at 64 registers instead of
+# 7 by shared memory), GEMM2 as the table has it (split in 2 at 3 stages).
+_DT3 = dataclasses.replace(_DT, num_stages=3)
+V22 = [((_DT, _DT3), (1, 2)), ((_DT3, _DT3), (1, 2))]
+# v23 (session 5): 120b T=4096 (128 rows per expert) at 64-row blocks with the half copy.
+V23 = [(_cap(C(128, 128, 64, 8, 3, True, HALF=True), 128), None),
+       (_cap(C(64, 128, 64, 8, 3, True, HALF=True), 128), None),
+       (C(64, 128, 64, 8, 4, True, HALF=True), None),
+       (_cap(C(64, 128, 64, 8, 3, True, HALF=True), 80), None)]  # 3 per SM (GEMM2: 11 STL)
+
+
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
     to configs._TABLE by hand."""
@@ -356,8 +367,9 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                 cands = [(None, t) for t in (3, 5, 8)]
             elif which == "v11":
                 cands = V11["decode"] if T <= 64 else V11["mid"] if T <= 512 else V11["prefill"]
-            elif which in ("v17", "v18", "v20", "v21"):
-                cands = {"v17": V17, "v18": V18, "v20": V20, "v21": V21}[which]
+            elif which in ("v17", "v18", "v20", "v21", "v22", "v23"):
+                cands = {"v17": V17, "v18": V18, "v20": V20, "v21": V21, "v22": V22,
+                         "v23": V23}[which]
             else:
                 cands = [(c, None) for c in sweep_candidates(T, which)]
             if which in ("v5", "v6") and T <= 8:  # what split-K buys: the same without it
@@ -397,7 +409,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
     best = {}
     for r in out:
         if "us" in r and r["err"] < 1e-2 and ("split" not in r or which in ("v11", "v17", "v18",
-                                                                           "v21")):
+                                                                           "v21", "v22")):
             key = (r["model"], r["T"])
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
