@@ -432,6 +432,9 @@ LAUNCH_VARIANTS = {
     "pdl": dict(PDL_LAUNCH=frozenset(_ALL)),
     "pdl_no_g2": dict(PDL_LAUNCH=frozenset(_ALL) - {"gemm2"}),
     "pdl_small": dict(PDL_LAUNCH=frozenset({"route", "act", "finalize"})),
+    "cur": {},  # the tables as they are
+    # decode tiles at 3 stages (64 registers: 8 programs per SM instead of 7 by shared memory)
+    "dec3": dict(_DECODE=dataclasses.replace(tile_configs._DECODE, num_stages=3)),
 }
 
 

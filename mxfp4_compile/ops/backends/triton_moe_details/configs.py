@@ -62,7 +62,13 @@ class TileConfig:
 # the decode GEMMs ran at 30% occupancy, 0.6 issued per scheduler, DRAM at 57-64%). v13 on the
 # H100, session 4: Mixtral T=8 326 -> 303 us, 120b T=64 654 -> 627, 20b T=64 226 -> 219,
 # 20b T=8 151 -> 152. The 64-code variants `plan` derives for small grids keep ptxas's count.
-_DECODE = TileConfig(16, 64, 128, 4, 4, True, maxnreg=64)
+# 3 stages (session 5): at 64 registers 8 programs fit per SM, 4 stages' shared memory held it
+# to 7. gpu_check --launch-ab cur,dec3 (medians of 3, same inputs): 20b T=1 51.7 -> 50.1 us,
+# 120b T=1 51.9 -> 51.0, Mixtral T=1 112.7 -> 111.8 (lower in every round), 20b T=64 218.9 ->
+# 217.0; v22 (paired, twice): Mixtral T=8 GEMM1 308.6 / 310.1 -> 299.8 / 300.0; 20b and 120b
+# T=8 and 120b T=64 within their run-to-run spread (6 rounds: 151.0 / 151.9, 194.1 / 198.3,
+# 658.2 / 648.1, rounds spread 4-6%).
+_DECODE = TileConfig(16, 64, 128, 4, 3, True, maxnreg=64)
 # 8 < m_e <= 16 with K % 128 == 0: 32-row blocks keep most experts to one block, so their
 # weights are streamed once, not twice (v16, Mixtral T=64: 431 us vs 552 at BM 16)
 _DECODE32 = TileConfig(32, 64, 128, 4, 4, True)
@@ -147,8 +153,9 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str) -> Pl
     A GEMM2 decode grid between those two (3-5 programs per SM) splits K in 2 at 3 stages, which
     fits the doubled grid in one wave (8 programs per SM at 64 registers; 7 at 4 stages, by
     shared memory): Mixtral T=8 GEMM2 (576 programs), forward 314.9 / 313.8 -> 303.0 / 303.2 us
-    in two v21 rounds; split in 2 at 4 stages (two waves) was +-5% by routing draw (v17/v18),
-    3 stages unsplit 316-318, and BK 64 split in 2 338."""
+    in two v21 rounds (GEMM1 at 4 stages then); split in 2 at 4 stages (two waves) was +-5% by
+    routing draw (v17/v18), 3 stages unsplit 316-318, and BK 64 split in 2 338. In the bench's
+    own routing draw (bench op A/B against session 4's code) it was even: 324.5 / 318.9 vs 322.9."""
     force_split = None
     if OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR:
         programs = blocks * -(-N // c.BN)
