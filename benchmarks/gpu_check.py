@@ -294,7 +294,7 @@ V20 = [(_PRE_HALF, None), (_cap(C(128, 128, 64, 8, 3, True, HALF=True), 128), No
 # v21 (session 5): Mixtral T=8 GEMM2 (512 programs with rows, 3.9 per SM, 84% of SM cycles
 # active in ncu) split in 2 where the doubled grid fits one wave: 3 stages (about 9 per SM by
 # shared memory) or BK 64 at 64 registers (8 per SM).
-_DT = tile_configs._DECODE  # the table's decode row (64 registers)
+_DT = C(16, 64, 128, 4, 4, True, maxnreg=64)  # the table's decode row when v21/v22 ran
 V21 = [(_DT, None), ((_DT, dataclasses.replace(_DT, num_stages=3)), (1, 2)),
        ((_DT, dataclasses.replace(_DT, BK=64)), (1, 2)),
        ((_DT, dataclasses.replace(_DT, num_stages=3)), None)]
