@@ -4,6 +4,8 @@ A operand in registers (no 16-bit or vector shared-memory stores in the K loop: 
 back to a registers -> shared -> registers round trip for some tile shapes, which costs decode
 speed), nothing may spill in the K loop (nor anywhere without a register cap), and wgmma must
 be drained before each dequant (without it the H100 gave wrong rows: see _kernels._wgmma_drain).
+Every kernel must wait for the one before it (programmatic dependent launch) before it touches
+global memory.
 """
 from __future__ import annotations
 
@@ -34,9 +36,6 @@ SHAPES = [(1, 4, 32, 2880, 2880), (64, 2, 8, 4096, 14336), (512, 4, 128, 2880, 2
 
 
 def _compile(gemm, cfg, H, I):
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     # the launch's plan without split K (0 SMs: no automatic split, the config as given)
     pl = configs.plan(cfg, 1, 2 * I if gemm == 1 else H, H if gemm == 1 else I, 0, "gemm1")
     common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, UPCAST=False,
@@ -55,12 +54,21 @@ def _compile(gemm, cfg, H, I):
         cx = dict(common, stride_we=I * H // 8, stride_wn=I // 8, stride_se=I * H // 32,
                   stride_sn=I // 32, stride_be=H, H=H, Ip=I, EVEN_N=H % cfg.BN == 0)
         scalars = dict(E="i32", n_blocks="i32", M="i32")
-    sig = {n: _PTR.get(n, scalars.get(n, "constexpr")) for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
-             if t.startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
     # the launch's options, register cap included (a cap must not make ptxas spill)
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **triton_moe._regs(cfg))
+    return _sass(fn, dict(_PTR, **scalars), cx, opts)
+
+
+def _sass(fn, types, constexprs, opts):
+    """sm90 SASS of kernel `fn`: arguments typed by `types` (name -> Triton type), the rest
+    compile-time constants from `constexprs`."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+             if t.startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
     ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(ck.asm["cubin"])
@@ -136,3 +144,42 @@ def test_dequantized_tile_stays_in_registers(ptxas_works, gemm, cfg, H, I):
     assert len(decode) <= 15 * words + 8, f"{len(decode)} decode-class ops for {words} words"
     waits = [i for i, op in enumerate(loop) if op.startswith("WARPGROUP.DEPBAR")]
     assert waits, "wgmma is not drained in the K loop"
+
+
+_SMALL_KERNELS = {  # kernel -> (argument types, compile-time constants): the launches' own
+    "route": ({"ids_ptr": "*i64", "emap_ptr": "*i32", "counts_ptr": "*i32", "es_ptr": "*i32",
+               "sorted_ptr": "*i32", "M": "i32", "E": "i32", "n_chunks": "i32"},
+              dict(HAS_MAP=True, CHUNK=256, EB=64, PHASE=2, SORT=True, PDL=True)),
+    "route_scan": ({"ids_ptr": "*i64", "emap_ptr": "*i32", "counts_ptr": "*i32",
+                    "es_ptr": "*i32", "sorted_ptr": "*i32", "M": "i32", "E": "i32",
+                    "n_chunks": "i32"},
+                   dict(HAS_MAP=False, CHUNK=256, EB=64, PHASE=1, SORT=False, PDL=True)),
+    "act": ({"p_ptr": "*fp32", "a_ptr": "*bf16", "n_rows": "i32", "alpha": "fp32",
+             "limit": "fp32"}, dict(Ip=2880, ACT=0, SPLIT=3, BR=16, BC=128, PDL=True)),
+    "finalize": ({"y_ptr": "*fp32", "ids_ptr": "*i64", "emap_ptr": "*i32", "tw_ptr": "*fp32",
+                  "out_ptr": "*bf16", "E": "i32", "M": "i32"},
+                 dict(H=2880, k_top=4, HAS_MAP=True, COMBINE=True, BH=128, SPLIT=2, PDL=True)),
+}
+
+
+@pytest.mark.parametrize("name", [*_SMALL_KERNELS, "gemm1", "gemm2"])
+def test_each_kernel_waits_for_the_previous_one_before_touching_memory(ptxas_works, name):
+    # programmatic dependent launch (triton_moe._pdl): a kernel's programs may start while the
+    # kernel before it still runs, so griddepcontrol.wait (ACQBULK) must come before every
+    # global load or store, and the trigger for the next kernel (PREEXIT) after the wait
+    if name.startswith("gemm"):
+        c = configs.pick(8, 4, 32, 2880, 2880)[0]
+        sass = _compile(int(name[-1]), c, 2880, 2880)
+    else:
+        fn = {"route": K._route_kernel, "route_scan": K._route_kernel, "act": K._act_kernel,
+              "finalize": K._finalize_kernel}[name]
+        types, cx = _SMALL_KERNELS[name]
+        sass = _sass(fn, types, cx, dict(num_warps=4))
+    ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
+                                           sass)]
+    assert ops.count("ACQBULK") == 1 and ops.count("PREEXIT") == 1, "no griddepcontrol pair"
+    wait = ops.index("ACQBULK")
+    memory = [i for i, op in enumerate(ops)
+              if op.startswith(("LDG", "STG", "LDGSTS", "ATOMG", "RED", "UBLKCP", "UTMALDG"))]
+    assert memory and min(memory) > wait, f"global memory access before the wait: {ops[:wait]}"
+    assert ops.index("PREEXIT") > wait

@@ -128,6 +128,8 @@ MIN_STEPS_PER_CHUNK = 4
 # GEMM2: 50.9, 52.2, 112.9, 316, and T=64 within run-to-run noise (20b 219.4 -> 219.0).
 # Triggering after the GEMMs' K loop instead was in between at T=1 (51.9, 52.6, 112.8).
 PDL_LAUNCH = frozenset({"route", "gemm1", "act", "finalize"})
+
+
 class Plan(NamedTuple):
     """How one GEMM launches (`plan`)."""
     config: TileConfig
