@@ -63,11 +63,11 @@ class TileConfig:
 # H100, session 4: Mixtral T=8 326 -> 303 us, 120b T=64 654 -> 627, 20b T=64 226 -> 219,
 # 20b T=8 151 -> 152. The 64-code variants `plan` derives for small grids keep ptxas's count.
 # 3 stages (session 5): at 64 registers 8 programs fit per SM, 4 stages' shared memory held it
-# to 7. gpu_check --launch-ab cur,dec3 (medians of 3, same inputs): 20b T=1 51.7 -> 50.1 us,
-# 120b T=1 51.9 -> 51.0, Mixtral T=1 112.7 -> 111.8 (lower in every round), 20b T=64 218.9 ->
-# 217.0; v22 (paired, twice): Mixtral T=8 GEMM1 308.6 / 310.1 -> 299.8 / 300.0; 20b and 120b
-# T=8 and 120b T=64 within their run-to-run spread (6 rounds: 151.0 / 151.9, 194.1 / 198.3,
-# 658.2 / 648.1, rounds spread 4-6%).
+# to 7. gpu_check --launch-ab, 4 vs 3 stages (the 4-stage side is variant dec4 now), medians of
+# 3 on the same inputs: 20b T=1 51.7 -> 50.1 us, 120b T=1 51.9 -> 51.0, Mixtral T=1 112.7 ->
+# 111.8 (lower in every round), 20b T=64 218.9 -> 217.0; v22 (paired, twice): Mixtral T=8
+# GEMM1 308.6 / 310.1 -> 299.8 / 300.0; 20b and 120b T=8 and 120b T=64 within their run-to-run
+# spread (6 rounds: 151.0 / 151.9, 194.1 / 198.3, 658.2 / 648.1, rounds spread 4-6%).
 _DECODE = TileConfig(16, 64, 128, 4, 3, True, maxnreg=64)
 # 8 < m_e <= 16 with K % 128 == 0: 32-row blocks keep most experts to one block, so their
 # weights are streamed once, not twice (v16, Mixtral T=64: 431 us vs 552 at BM 16)
