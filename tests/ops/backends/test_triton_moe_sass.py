@@ -146,13 +146,11 @@ def test_dequantized_tile_stays_in_registers(ptxas_works, gemm, cfg, H, I):
     assert waits, "wgmma is not drained in the K loop"
 
 
+_ROUTE_ARGS = {"ids_ptr": "*i64", "emap_ptr": "*i32", "counts_ptr": "*i32", "es_ptr": "*i32",
+               "sorted_ptr": "*i32", "M": "i32", "E": "i32", "n_chunks": "i32"}
 _SMALL_KERNELS = {  # kernel -> (argument types, compile-time constants): the launches' own
-    "route": ({"ids_ptr": "*i64", "emap_ptr": "*i32", "counts_ptr": "*i32", "es_ptr": "*i32",
-               "sorted_ptr": "*i32", "M": "i32", "E": "i32", "n_chunks": "i32"},
-              dict(HAS_MAP=True, CHUNK=256, EB=64, PHASE=2, SORT=True, PDL=True)),
-    "route_scan": ({"ids_ptr": "*i64", "emap_ptr": "*i32", "counts_ptr": "*i32",
-                    "es_ptr": "*i32", "sorted_ptr": "*i32", "M": "i32", "E": "i32",
-                    "n_chunks": "i32"},
+    "route": (_ROUTE_ARGS, dict(HAS_MAP=True, CHUNK=256, EB=64, PHASE=2, SORT=True, PDL=True)),
+    "route_scan": (_ROUTE_ARGS,
                    dict(HAS_MAP=False, CHUNK=256, EB=64, PHASE=1, SORT=False, PDL=True)),
     "act": ({"p_ptr": "*fp32", "a_ptr": "*bf16", "n_rows": "i32", "alpha": "fp32",
              "limit": "fp32"}, dict(Ip=2880, ACT=0, SPLIT=3, BR=16, BC=128, PDL=True)),
