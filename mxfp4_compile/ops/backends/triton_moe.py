@@ -235,16 +235,17 @@ def route(topk_ids, expert_map, E: int, pdl: dict | None = None):
     return es, sorted_assign
 
 
-def _pdl(device: torch.device, interpret: bool):
-    """-> launch options per kernel ("route", "gemm1", "act", "gemm2", "finalize"). On sm90+
-    the kernels in configs.PDL_LAUNCH launch with programmatic dependent launch
-    (_kernels._pdl_enter): their programs become resident while the kernel before them ends.
-    The others launch as usual; in them the wait returns at once, and the trigger still lets
-    the next kernel launch early. Off under the interpreter and before sm90 (no griddepcontrol)."""
+def _pdl(major: int):
+    """-> launch options per kernel ("route", "gemm1", "act", "gemm2", "finalize") on a GPU of
+    compute capability `major` (0: the interpreter). On sm90+ the kernels in configs.PDL_LAUNCH
+    launch with programmatic dependent launch (_kernels._pdl_enter): their programs become
+    resident while the kernel before them ends. The others launch as usual; in them the wait
+    returns at once, and the trigger still lets the next kernel launch early. Off under the
+    interpreter and before sm90 (no griddepcontrol)."""
     from .triton_moe_details import configs
 
     names = ("route", "gemm1", "act", "gemm2", "finalize")
-    if interpret or torch.cuda.get_device_capability(device)[0] < 9:
+    if major < 9:
         return {name: {"PDL": False} for name in names}
     return {name: {"PDL": True, "launch_pdl": name in configs.PDL_LAUNCH} for name in names}
 
@@ -277,11 +278,12 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     emap = expert_map.to(torch.int32).contiguous() if expert_map is not None else None
     M = T * k
     EB = _next_pow2(E + 1)
-    pdl = _pdl(dev, interpret)
+    major = 0 if interpret else torch.cuda.get_device_capability(dev)[0]
+    pdl = _pdl(major)
     es, sorted_assign = route(ids, emap, E, pdl["route"])
     c1, c2 = configs.pick(T, k, E, Hp, Ip, interpret)
     # wgmma keeps MMAs in flight across K steps: drain before each dequant (sm90; _wgmma_drain)
-    sync = not interpret and torch.cuda.get_device_capability(dev)[0] == 9
+    sync = major == 9
     sms = 0 if interpret else _sm_count(dev)  # 0: no automatic split/pairing (tests force them)
 
     a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted-row order
