@@ -72,10 +72,11 @@ _DECODE = TileConfig(16, 64, 128, 4, 3, True, maxnreg=64)
 # 8 < m_e <= 16 with K % 128 == 0: 32-row blocks keep most experts to one block, so their
 # weights are streamed once, not twice (v16, Mixtral T=64: 431 us vs 552 at BM 16)
 _DECODE32 = TileConfig(32, 64, 128, 4, 4, True)
+# 128 registers (ptxas takes 149-157): 2 resident programs of 8 warps per SM instead of 1
+_MID128 = TileConfig(128, 128, 64, 8, 3, True, maxnreg=128)
 _TABLE = (  # (max rows per expert, config); first row whose bound >= m_e wins
     (32, TileConfig(32, 64, 64, 4, 4, True)),
-    # 128 registers (ptxas takes 149-157): 2 resident programs of 8 warps per SM instead of 1
-    (None, TileConfig(128, 128, 64, 8, 3, True, maxnreg=128)),
+    (None, _MID128),
 )
 _PREFILL = TileConfig(256, 128, 64, 8, 4, True)  # M >= _PREFILL_ROWS and m_e > 64
 _PREFILL_ROWS = 8192
@@ -218,7 +219,7 @@ def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False):
     if m_e <= 16 and Hp % 128 == 0 and Ip % 128 == 0:
         return _DECODE32, _DECODE32
     if m_e > 64 and T * k >= _PREFILL_ROWS:
-        c = _PREFILL if m_e > _PREFILL_128_MAX_ROWS else _TABLE[-1][1]
+        c = _PREFILL if m_e > _PREFILL_128_MAX_ROWS else _MID128
         if E / (T * k / c.BM + E) >= HALF_SHARE:
             c = dataclasses.replace(c, HALF=True)
         return c, c
