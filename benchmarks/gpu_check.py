@@ -60,6 +60,15 @@ def poison_free_memory(nbytes=1 << 30):
     _poison(DEV, nbytes)
 
 
+def weight_sets(model, gen, pad=None):
+    """-> (R_SETS random canonical weight sets of `model`, padded to `pad` (default: our kernel's
+    multiples), and our kernel's layout prepared from each)."""
+    E, H, I, k, act, biases = MODELS[model]
+    hm, im = (pad, pad) if pad else (triton_moe.H_MULTIPLE, triton_moe.I_MULTIPLE)
+    canon = [random_canonical(E, H, I, act, biases, hm, im, gen) for _ in range(R_SETS)]
+    return canon, [triton_moe.prepare(*c, act) for c in canon]
+
+
 # ---------------------------------------------------------------- peers -----------------------
 def load_peers():
     """Other kernels to time next to ours: {name: backend module} (those that can run here)."""
@@ -353,9 +362,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
         if shapes is not None and not any(m == model for m, _ in shapes):
             continue
         E, H, I, k, act, biases = MODELS[model]
-        canon = [random_canonical(E, H, I, act, biases, triton_moe.H_MULTIPLE, triton_moe.I_MULTIPLE, gen)
-                 for _ in range(R_SETS)]
-        ours = [triton_moe.prepare(*c, act) for c in canon]
+        canon, ours = weight_sets(model, gen)
         for T in tokens:
             if shapes is not None and (model, T) not in shapes:
                 continue
@@ -448,9 +455,7 @@ def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
         if shapes is not None and not any(m == model for m, _ in shapes):
             continue
         E, H, I, k, act, biases = MODELS[model]
-        canon = [random_canonical(E, H, I, act, biases, triton_moe.H_MULTIPLE,
-                                  triton_moe.I_MULTIPLE, gen) for _ in range(R_SETS)]
-        ours = [triton_moe.prepare(*c, act) for c in canon]
+        canon, ours = weight_sets(model, gen)
         for T in tokens:
             if shapes is not None and (model, T) not in shapes:
                 continue
@@ -502,8 +507,8 @@ def pad_compare(models, tokens, gen, rounds=3):
         E, H, I, k, act, biases = MODELS[model]
         sets = {}
         for pad in (64, 128):
-            canon = [random_canonical(E, H, I, act, biases, pad, pad, gen) for _ in range(R_SETS)]
-            sets[pad] = (canon[0], [triton_moe.prepare(*c, act) for c in canon])
+            canon, ours = weight_sets(model, gen, pad)
+            sets[pad] = (canon[0], ours)
             del canon
         for T in tokens:
             x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
@@ -580,8 +585,7 @@ def diag(gen, one=False, shape="20b:1"):
     model, T = shape.split(":")
     T = int(T)
     E, H, I, k, act, biases = MODELS[model]
-    canon = [random_canonical(E, H, I, act, biases, 64, 64, gen) for _ in range(R_SETS)]
-    ours = [triton_moe.prepare(*c, act) for c in canon]
+    canon, ours = weight_sets(model, gen, 64)
     if one:  # for ncu: three eager calls
         x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
         ids, tw = route(torch.randn(T, E, device=DEV, generator=gen), k, act)
@@ -676,9 +680,7 @@ def main():
     for model in args.models.split(","):
         E, H, I, k, act, biases = MODELS[model]
         t0 = time.time()
-        canon = [random_canonical(E, H, I, act, biases, triton_moe.H_MULTIPLE, triton_moe.I_MULTIPLE, gen)
-                 for _ in range(R_SETS)]
-        ours = [triton_moe.prepare(*c, act) for c in canon]
+        canon, ours = weight_sets(model, gen)
         peer_w = {}
         for pname, mod in peers.items():
             try:
