@@ -25,7 +25,6 @@ import importlib
 import json
 import math
 import os
-import re
 import sys
 import time
 import traceback
@@ -444,67 +443,13 @@ LAUNCH_VARIANTS = {
     # session 4's decode row (4 stages; 7 programs per SM by shared memory). Session 5 ran
     # "cur" (then this row) against the 3-stage row the table now has.
     "dec4": dict(_DECODE=_DT),
-    # one wgmma fence per K step (one_fence): register caps as they are / at least 72 / 80
-    "of": dict(WGMMA_SYNC=2),
-    "of72": dict(WGMMA_SYNC=3),
-    "of80": dict(WGMMA_SYNC=4),
 }
-
-
-_DRAIN_MARK = re.compile(r"mxfp4-drain-(\d)")
-
-
-def one_fence(ptx: str) -> str:
-    """PTX rewrite experiment for kernels compiled with configs.WGMMA_SYNC > 1. Triton 3.6 splits
-    each K step's register-A dot into K=16 wgmmas, each behind its own wgmma.fence (and a
-    wait_group 7); ptxas then gives all slices the same A registers and waits for each wgmma
-    before the next slice's dequant (8 serial waits per 128-code step, sm90 SASS). Every
-    slice's A registers are written before the step's first fence (the drain orders the
-    dequant after the previous step's wgmmas), so one fence per step is enough (PTX ISA,
-    wgmma.fence): keep the first fence after each drain, drop the rest and the wait_group N > 0
-    between them. SYNC 3 / 4 also raise the register cap to 72 / 80 (at 64 ptxas serializes the
-    wgmmas again, for want of registers)."""
-    m = _DRAIN_MARK.search(ptx)
-    if m is None:
-        return ptx
-    cap = {2: None, 3: 72, 4: 80}[int(m.group(1))]
-    out, armed, fenced = [], False, False
-    for line in ptx.splitlines():
-        st = line.strip()
-        if st.startswith("wgmma.wait_group.sync.aligned 0"):
-            armed, fenced = True, False
-        elif st.startswith("wgmma.fence.sync.aligned"):
-            if armed:
-                armed, fenced = False, True
-            elif fenced:
-                continue
-        elif fenced and re.match(r"wgmma\.wait_group\.sync\.aligned [1-9]", st):
-            continue
-        elif fenced and "fma.rn.bf16x2" in st:
-            raise RuntimeError("one_fence: a dequant after the step's fence; the rewrite is unsafe")
-        out.append(line)
-    text = "\n".join(out) + "\n"
-    if cap is not None:
-        text = re.sub(r"\.maxnreg (\d+)", lambda g: f".maxnreg {max(int(g.group(1)), cap)}", text)
-    return text
-
-
-def install_one_fence():
-    """Routes every PTX this process compiles through one_fence (a no-op without the mark)."""
-    from triton import knobs
-
-    def hook(backend, stages, options, language, capability):
-        if "ptx" in stages:
-            make = stages["ptx"]
-            stages["ptx"] = lambda src, md, make=make: one_fence(make(src, md))
-    knobs.runtime.add_stages_inspection_hook = hook
 
 
 def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
     """Each variant's correctness (poisoned, vs the float32 reference) and whole-forward time,
     interleaved `rounds` times; the router ops alone (top-k, softmax) timed the same way."""
     saved = {n: getattr(tile_configs, n) for v in LAUNCH_VARIANTS.values() for n in v}
-    install_one_fence()  # only rewrites kernels compiled with WGMMA_SYNC > 1
     out = []
     for model in models:
         if shapes is not None and not any(m == model for m, _ in shapes):

@@ -283,7 +283,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     es, sorted_assign = route(ids, emap, E, pdl["route"])
     c1, c2 = configs.pick(T, k, E, Hp, Ip, interpret)
     # wgmma keeps MMAs in flight across K steps: drain before each dequant (sm90; _wgmma_drain)
-    sync = configs.WGMMA_SYNC if major == 9 else 0
+    sync = major == 9
     sms = 0 if interpret else _sm_count(dev)  # 0: no automatic split/pairing (tests force them)
 
     a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted-row order

@@ -164,7 +164,7 @@ def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
     else:  # (no early return: Triton would still emit the code after a constexpr-if return)
         m = scales.to(tl.int32) * 0x00800080  # bf16x2 multiplier 2**(s - 1 - ACC_SHIFT), twice
         if SYNC:
-            token = _wgmma_drain(SYNC)
+            token = _wgmma_drain()
         else:
             token = 0
         # `token` is an unused operand: it only orders the dequant after the drain
@@ -231,7 +231,7 @@ def _load_scales(s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
-def _wgmma_drain(SYNC: tl.constexpr):
+def _wgmma_drain():
     """Waits for every wgmma still in flight (sm90 only); returns an int32 0 the dequant takes
     as an operand, so that it cannot be scheduled before the wait. Triton 3.6 pipelines wgmma
     across K steps (up to 3 in flight) even when operand A comes from registers, and ptxas may
@@ -239,23 +239,9 @@ def _wgmma_drain(SYNC: tl.constexpr):
     them: on the H100 that gave rel-L2 3.7e-3 with bad rows changing from run to run (BM 128,
     8 warps) and 0.156 on every row (BM 256). Draining first fixed every case and cost < 1%
     (benchmarks/NOTES.md, v5). One wait per K step: the token is a scalar."""
-    # SYNC > 1 (benchmarks only): the same wait, marked in the PTX for a rewrite experiment
-    if SYNC == 2:
-        return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0; // mxfp4-drain-2\n"
-                                         " mov.b32 $0, 0;", "=r,r", [tl.full([], 0, tl.int32)],
-                                         dtype=tl.int32, is_pure=False, pack=1)
-    elif SYNC == 3:
-        return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0; // mxfp4-drain-3\n"
-                                         " mov.b32 $0, 0;", "=r,r", [tl.full([], 0, tl.int32)],
-                                         dtype=tl.int32, is_pure=False, pack=1)
-    elif SYNC == 4:
-        return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0; // mxfp4-drain-4\n"
-                                         " mov.b32 $0, 0;", "=r,r", [tl.full([], 0, tl.int32)],
-                                         dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;\n mov.b32 $0, 0;",
-                                         "=r,r", [tl.full([], 0, tl.int32)], dtype=tl.int32,
-                                         is_pure=False, pack=1)
+    return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;\n mov.b32 $0, 0;", "=r,r",
+                                     [tl.full([], 0, tl.int32)], dtype=tl.int32, is_pure=False,
+                                     pack=1)
 
 
 @triton.jit

@@ -97,9 +97,6 @@ _INTERPRET = (TileConfig(16, 32, 64, 4, 1), TileConfig(16, 32, 64, 4, 1, True))
 
 # Set by benchmarks (sweeps): (GEMM1 config, GEMM2 config) used for every call instead of _TABLE.
 OVERRIDE = None
-# sm90 wgmma drain before each dequant (_kernels._wgmma_drain): 1. Benchmarks set 2-4 to mark the
-# kernels' PTX for a rewrite experiment (benchmarks/gpu_check.py, one_fence).
-WGMMA_SYNC = 1
 # Set by tests and sweeps: (GEMM1 split, GEMM2 split) instead of split_k's choice.
 SPLIT_OVERRIDE = None
 _SPLIT_INDEX = {"gemm1": 0, "gemm2": 1}
