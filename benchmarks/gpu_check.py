@@ -319,6 +319,16 @@ V23 = [(_cap(C(128, 128, 64, 8, 3, True, HALF=True), 128), None),
        (C(64, 128, 64, 8, 4, True, HALF=True), None),
        (_cap(C(64, 128, 64, 8, 3, True, HALF=True), 80), None)]  # 3 per SM (GEMM2: 11 STL)
 
+# v24 (session 6): two weight tiles per program (PAIR) at 128-code decode steps, 64 registers.
+# Mixtral T=8 GEMM1 ran at 0.89 issued per scheduler and cycle with "not selected" the largest
+# stall (ncu, session 5): issue-bound there; PAIR at BK 128 has 461 instructions per step for
+# two tiles against 2 x 274 (sm90 SASS). 3 stages: 36 kB shared memory, 6 programs per SM;
+# 2 stages: 24 kB, 8 (by registers). "table": the table's own pick and plan.
+_P3 = dataclasses.replace(_DT3, PAIR=True)
+_P2 = dataclasses.replace(_DT3, PAIR=True, num_stages=2)
+V24 = [("table", None), ((_P3, _P3), None), ((_P2, _P2), None), ((_P3, _DT3), None),
+       ((_P2, _DT3), None)]
+
 
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
@@ -374,9 +384,9 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                 cands = [(None, t) for t in (3, 5, 8)]
             elif which == "v11":
                 cands = V11["decode"] if T <= 64 else V11["mid"] if T <= 512 else V11["prefill"]
-            elif which in ("v17", "v18", "v20", "v21", "v22", "v23"):
+            elif which in ("v17", "v18", "v20", "v21", "v22", "v23", "v24"):
                 cands = {"v17": V17, "v18": V18, "v20": V20, "v21": V21, "v22": V22,
-                         "v23": V23}[which]
+                         "v23": V23, "v24": V24}[which]
             else:
                 cands = [(c, None) for c in sweep_candidates(T, which)]
             if which in ("v5", "v6") and T <= 8:  # what split-K buys: the same without it
@@ -387,6 +397,10 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                     hm, im = triton_moe.H_MULTIPLE, triton_moe.I_MULTIPLE
                     c = tile_configs.pick(T, k, E, -(-H // hm) * hm, -(-I // im) * im)
                     target, split = split, None
+                table = c == "table"
+                if table:
+                    hm, im = triton_moe.H_MULTIPLE, triton_moe.I_MULTIPLE
+                    c = tile_configs.pick(T, k, E, -(-H // hm) * hm, -(-I // im) * im)
                 pair = c if isinstance(c, tuple) and isinstance(c[0], C) else (c, c)
                 rec = {"model": model, "T": T, "m_e": m_e,
                        "cfg": [list(dataclasses.astuple(x)) for x in pair]}
@@ -396,6 +410,9 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                     rec["split_target"] = target
                     tile_configs.SPLIT_TARGET_PER_SM = target
                     pair = None  # leave the table (and plan's pairing) in charge
+                if table:
+                    rec["table"] = True
+                    pair = None
                 tile_configs.OVERRIDE = pair
                 tile_configs.SPLIT_OVERRIDE = split
                 try:
