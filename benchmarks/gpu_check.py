@@ -460,7 +460,6 @@ LAUNCH_VARIANTS = {
     # session 4's decode row (4 stages; 7 programs per SM by shared memory). Session 5 ran
     # "cur" (then this row) against the 3-stage row the table now has.
     "dec4": dict(_DECODE=_DT),
-    "tma": dict(TMA=True),  # weight tiles by the tensor memory accelerator (session 6)
 }
 
 

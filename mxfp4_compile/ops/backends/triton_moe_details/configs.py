@@ -97,8 +97,6 @@ _INTERPRET = (TileConfig(16, 32, 64, 4, 1), TileConfig(16, 32, 64, 4, 1, True))
 
 # Set by benchmarks (sweeps): (GEMM1 config, GEMM2 config) used for every call instead of _TABLE.
 OVERRIDE = None
-# (experiment, benchmarks) weight tiles loaded by the tensor memory accelerator on sm90+
-TMA = False
 # Set by tests and sweeps: (GEMM1 split, GEMM2 split) instead of split_k's choice.
 SPLIT_OVERRIDE = None
 _SPLIT_INDEX = {"gemm1": 0, "gemm2": 1}
