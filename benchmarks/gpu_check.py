@@ -36,6 +36,7 @@ import triton.language as tl
 from mxfp4_compile.ops.backends import triton_moe
 from mxfp4_compile.ops.backends.triton_moe_details import configs as tile_configs
 from mxfp4_compile.ops.backends.triton_moe_details.configs import TileConfig as C
+from mxfp4_compile.ops.backends.triton_moe_details._kernels import _tiled_cols, _tiled_rows
 from mxfp4_compile.ops.reference import moe_reference
 # floors, timing, random weights and checks live in the package (shared with python -m
 # mxfp4_compile.bench, which is the user-facing benchmark; this script keeps the kernel
@@ -381,7 +382,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
             ref = moe_reference(x, ids, tw, *canon[0], act, 1.702, 7.0, None, True, sync_free=False)
             m_e = tile_configs.rows_per_expert(T, k, E)
             if which == "v15":  # the table's plan (paired BK 64 at T=1), split-K targets
-                cands = [(None, t) for t in (3, 5, 8)]
+                cands = [(None, t) for t in (3, 4, 5, 6, 8)]
             elif which == "v11":
                 cands = V11["decode"] if T <= 64 else V11["mid"] if T <= 512 else V11["prefill"]
             elif which in ("v17", "v18", "v20", "v21", "v22", "v23", "v24"):
@@ -591,6 +592,77 @@ def _pattern_kernel(w_ptr, dst, n_tiles, stride_e, stride_row, k_words,
     tl.store(dst + pid * BN * BKW + r[:, None] * BKW + c[None, :], acc)
 
 
+@triton.jit
+def _reader_kernel(w_ptr, dst, n_tiles, steps, N: tl.constexpr, K_WORDS: tl.constexpr,
+                   BN: tl.constexpr, BKW: tl.constexpr, CONTIG: tl.constexpr,
+                   UNROLL: tl.constexpr):
+    """Read what one decode GEMM program reads, nothing else: BN prepared weight rows of expert
+    pid // n_tiles, BKW words per step, in the 16-row tiled layout (_kernels._tiled_rows /
+    _tiled_cols); CONTIG: the same amount as one contiguous run per program. `steps` (K_WORDS /
+    BKW) is a runtime value (one step's loads in flight per warp: Triton does not pipeline
+    loads that feed no dot); UNROLL: a compile-time loop, unrolled (many steps in flight)."""
+    pid = tl.program_id(0)
+    e = pid // n_tiles
+    r = (pid % n_tiles) * BN + tl.arange(0, BN)
+    c = tl.arange(0, BKW)
+    acc = tl.zeros([BN, BKW], dtype=tl.int32)
+    if CONTIG:
+        base = w_ptr + pid.to(tl.int64) * (BN * K_WORDS) + tl.arange(0, BN)[:, None] * BKW
+        if UNROLL:
+            for i in tl.static_range(K_WORDS // BKW):
+                acc ^= tl.load(base + i * (BN * BKW) + c[None, :])
+        else:
+            for i in range(0, steps):
+                acc ^= tl.load(base + i * (BN * BKW) + c[None, :])
+    else:
+        base = w_ptr + e.to(tl.int64) * (N * K_WORDS) + _tiled_rows(r, K_WORDS, 8)[:, None]
+        if UNROLL:
+            for i in tl.static_range(K_WORDS // BKW):
+                acc ^= tl.load(base + _tiled_cols(i * BKW * 8, BKW, 8)[None, :])
+        else:
+            for i in range(0, steps):
+                acc ^= tl.load(base + _tiled_cols(i * BKW * 8, BKW, 8)[None, :])
+    tl.store(dst + pid, tl.sum(tl.sum(acc, 1), 0))
+
+
+def diag_reader(shape="mixtral:8"):
+    """How fast does a plain reader stream GEMM1's weights (all E experts' w13, as Mixtral T=8
+    touches them) with the decode grid and tiles (BN 64, 128-code steps, 4 warps, 64 registers),
+    against one contiguous run per program and the streaming floor? Separates the access pattern
+    and grid from what the GEMM does per step."""
+    model = shape.split(":")[0]
+    E, H, I, k, act, biases = MODELS[model]
+    N, kw = 2 * I, H // 8
+    bufs = [torch.empty(E * N * kw * 4, dtype=torch.uint8, device=DEV).random_().view(torch.int32)
+            for _ in range(2)]
+    nbytes = E * N * kw * 4
+    res = {"bytes": nbytes}
+    for BN, BKW, nreg, contig, unroll in ((64, 16, 64, False, False), (64, 16, 64, True, False),
+                                          (64, 16, 64, False, True), (64, 16, 64, True, True),
+                                          (64, 16, None, False, True), (128, 16, None, False, True),
+                                          (64, 32, 64, False, False), (64, 8, 64, False, True)):
+        stages = 3
+        n_tiles = N // BN
+        dst = torch.empty(E * n_tiles, dtype=torch.int32, device=DEV)
+        opts = dict(num_warps=4, num_stages=stages, **({"maxnreg": nreg} if nreg else {}))
+
+        def fn():
+            for b in bufs:
+                _reader_kernel[(E * n_tiles,)](b, dst, n_tiles, kw // BKW, N=N, K_WORDS=kw, BN=BN, BKW=BKW,
+                                               CONTIG=contig, UNROLL=unroll, **opts)
+        us = graph_time_us(fn, len(bufs))
+        key = (f"BN{BN}_BKW{BKW}_reg{nreg}_{'contig' if contig else 'tiled'}"
+               f"{'_unrolled' if unroll else ''}")
+        res[key] = (round(us, 1), round(nbytes / us / 1e6, 3))
+        log(f"READER {key}: {us:.1f} us, {nbytes / us / 1e6:.3f} TB/s")
+    us = stream_floor_us(nbytes, bufs)
+    res["stream_floor"] = (round(us, 1), round(nbytes / us / 1e6, 3))
+    log(f"READER stream floor: {us:.1f} us, {nbytes / us / 1e6:.3f} TB/s")
+    with open(os.path.join(OUT, "reader.json"), "w") as f:
+        json.dump(res, f, indent=1)
+    return 0
+
+
 class _Skip:
     def __getitem__(self, grid):
         return lambda *a, **k: None
@@ -667,6 +739,8 @@ def main():
                     help="three eager calls at --diag-shape (for ncu)")
     ap.add_argument("--launch-ab", default=None,
                     help="comma list of LAUNCH_VARIANTS to A/B (with --shapes / --models)")
+    ap.add_argument("--diag-reader", action="store_true",
+                    help="a plain reader of GEMM1's weights with the decode grid (--diag-shape)")
     ap.add_argument("--diag-shape", default="20b:1", help="model:T of --diag-one's calls")
     args = ap.parse_args()
     os.makedirs(OUT, exist_ok=True)
@@ -686,6 +760,8 @@ def main():
                          args.rounds, shapes)
     if args.pad_compare:
         return pad_compare(args.models.split(","), tokens, gen, args.rounds)
+    if args.diag_reader:
+        return diag_reader(args.diag_shape)
     if args.diag or args.diag_one:
         return diag(gen, one=args.diag_one, shape=args.diag_shape)
     tuned = sweep(args.models.split(","), tokens, gen, args.candidates) if args.tuned else {}
