@@ -595,7 +595,7 @@ def _pattern_kernel(w_ptr, dst, n_tiles, stride_e, stride_row, k_words,
 @triton.jit
 def _reader_kernel(w_ptr, dst, n_tiles, steps, N: tl.constexpr, K_WORDS: tl.constexpr,
                    BN: tl.constexpr, BKW: tl.constexpr, CONTIG: tl.constexpr,
-                   UNROLL: tl.constexpr):
+                   UNROLL: tl.constexpr, SPLIT: tl.constexpr = 1):
     """Read what one decode GEMM program reads, nothing else: BN prepared weight rows of expert
     pid // n_tiles, BKW words per step, in the 16-row tiled layout (_kernels._tiled_rows /
     _tiled_cols); CONTIG: the same amount as one contiguous run per program. `steps` (K_WORDS /
@@ -604,6 +604,7 @@ def _reader_kernel(w_ptr, dst, n_tiles, steps, N: tl.constexpr, K_WORDS: tl.cons
     pid = tl.program_id(0)
     e = pid // n_tiles
     r = (pid % n_tiles) * BN + tl.arange(0, BN)
+    i0 = tl.program_id(1) * steps  # SPLIT: K chunk of `steps` steps (tiled, not unrolled only)
     c = tl.arange(0, BKW)
     acc = tl.zeros([BN, BKW], dtype=tl.int32)
     if CONTIG:
@@ -620,19 +621,20 @@ def _reader_kernel(w_ptr, dst, n_tiles, steps, N: tl.constexpr, K_WORDS: tl.cons
             for i in tl.static_range(K_WORDS // BKW):
                 acc ^= tl.load(base + _tiled_cols(i * BKW * 8, BKW, 8)[None, :])
         else:
-            for i in range(0, steps):
+            for i in range(i0, i0 + steps):
                 acc ^= tl.load(base + _tiled_cols(i * BKW * 8, BKW, 8)[None, :])
-    tl.store(dst + pid, tl.sum(tl.sum(acc, 1), 0))
+    tl.store(dst + pid * SPLIT + tl.program_id(1), tl.sum(tl.sum(acc, 1), 0))
 
 
 def diag_reader(shape="mixtral:8"):
     """How fast does a plain reader stream GEMM1's weights (all E experts' w13, as Mixtral T=8
-    touches them) with the decode grid and tiles (BN 64, 128-code steps, 4 warps, 64 registers),
-    against one contiguous run per program and the streaming floor? Separates the access pattern
-    and grid from what the GEMM does per step."""
-    model = shape.split(":")[0]
+    touches them; GEMM2's w2 with READER_GEMM=2) with the decode grid and tiles (BN 64, 128-code
+    steps, 4 warps, 64 registers), against one contiguous run per program, K split in 2 or 4,
+    and the streaming floor? Separates the access pattern and grid from what the GEMM does per
+    step."""
+    model, which = shape.split(":")[0], os.environ.get("READER_GEMM", "1")
     E, H, I, k, act, biases = MODELS[model]
-    N, kw = 2 * I, H // 8
+    N, kw = (2 * I, H // 8) if which == "1" else (H, I // 8)
     bufs = [torch.empty(E * N * kw * 4, dtype=torch.uint8, device=DEV).random_().view(torch.int32)
             for _ in range(2)]
     nbytes = E * N * kw * 4
@@ -640,19 +642,23 @@ def diag_reader(shape="mixtral:8"):
     for BN, BKW, nreg, contig, unroll in ((64, 16, 64, False, False), (64, 16, 64, True, False),
                                           (64, 16, 64, False, True), (64, 16, 64, True, True),
                                           (64, 16, None, False, True), (128, 16, None, False, True),
-                                          (64, 32, 64, False, False), (64, 8, 64, False, True)):
-        stages = 3
+                                          (64, 32, 64, False, False), (64, 8, 64, False, True),
+                                          (64, 16, 64, False, 2), (64, 16, 64, False, 4)):
+        stages, split = 3, 1
+        if unroll not in (False, True):  # a K split (runtime loop, tiled)
+            split, unroll = unroll, False
         n_tiles = N // BN
-        dst = torch.empty(E * n_tiles, dtype=torch.int32, device=DEV)
+        dst = torch.empty(E * n_tiles * split, dtype=torch.int32, device=DEV)
         opts = dict(num_warps=4, num_stages=stages, **({"maxnreg": nreg} if nreg else {}))
 
         def fn():
             for b in bufs:
-                _reader_kernel[(E * n_tiles,)](b, dst, n_tiles, kw // BKW, N=N, K_WORDS=kw, BN=BN, BKW=BKW,
-                                               CONTIG=contig, UNROLL=unroll, **opts)
+                _reader_kernel[(E * n_tiles, split)](b, dst, n_tiles, kw // BKW // split, N=N,
+                                                      K_WORDS=kw, BN=BN, BKW=BKW, CONTIG=contig,
+                                                      UNROLL=unroll, SPLIT=split, **opts)
         us = graph_time_us(fn, len(bufs))
         key = (f"BN{BN}_BKW{BKW}_reg{nreg}_{'contig' if contig else 'tiled'}"
-               f"{'_unrolled' if unroll else ''}")
+               f"{'_unrolled' if unroll else ''}{f'_split{split}' if split > 1 else ''}")
         res[key] = (round(us, 1), round(nbytes / us / 1e6, 3))
         log(f"READER {key}: {us:.1f} us, {nbytes / us / 1e6:.3f} TB/s")
     us = stream_floor_us(nbytes, bufs)
