@@ -394,14 +394,12 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                 cands += [(c, (1, 1)) for c in sweep_candidates(T, which)[:3]]
             for c, split in cands:
                 target = None
-                if which == "v15":  # c is None: the table's own pick and plan
-                    hm, im = triton_moe.H_MULTIPLE, triton_moe.I_MULTIPLE
-                    c = tile_configs.pick(T, k, E, -(-H // hm) * hm, -(-I // im) * im)
-                    target, split = split, None
                 table = c == "table"
-                if table:
+                if which == "v15" or table:  # the table's own pick (and plan)
                     hm, im = triton_moe.H_MULTIPLE, triton_moe.I_MULTIPLE
                     c = tile_configs.pick(T, k, E, -(-H // hm) * hm, -(-I // im) * im)
+                if which == "v15":  # split holds the split-K target
+                    target, split = split, None
                 pair = c if isinstance(c, tuple) and isinstance(c[0], C) else (c, c)
                 rec = {"model": model, "T": T, "m_e": m_e,
                        "cfg": [list(dataclasses.astuple(x)) for x in pair]}
@@ -639,17 +637,17 @@ def diag_reader(shape="mixtral:8"):
             for _ in range(2)]
     nbytes = E * N * kw * 4
     res = {"bytes": nbytes}
-    for BN, BKW, nreg, contig, unroll in ((64, 16, 64, False, False), (64, 16, 64, True, False),
-                                          (64, 16, 64, False, True), (64, 16, 64, True, True),
-                                          (64, 16, None, False, True), (128, 16, None, False, True),
-                                          (64, 32, 64, False, False), (64, 8, 64, False, True),
-                                          (64, 16, 64, False, 2), (64, 16, 64, False, 4)):
-        stages, split = 3, 1
-        if unroll not in (False, True):  # a K split (runtime loop, tiled)
-            split, unroll = unroll, False
+    # (BN, words per step, register cap, contiguous, unrolled, K split): split > 1 only with
+    # the tiled runtime loop
+    for BN, BKW, nreg, contig, unroll, split in (
+            (64, 16, 64, False, False, 1), (64, 16, 64, True, False, 1),
+            (64, 16, 64, False, True, 1), (64, 16, 64, True, True, 1),
+            (64, 16, None, False, True, 1), (128, 16, None, False, True, 1),
+            (64, 32, 64, False, False, 1), (64, 8, 64, False, True, 1),
+            (64, 16, 64, False, False, 2), (64, 16, 64, False, False, 4)):
         n_tiles = N // BN
         dst = torch.empty(E * n_tiles * split, dtype=torch.int32, device=DEV)
-        opts = dict(num_warps=4, num_stages=stages, **({"maxnreg": nreg} if nreg else {}))
+        opts = dict(num_warps=4, num_stages=3, **({"maxnreg": nreg} if nreg else {}))
 
         def fn():
             for b in bufs:
