@@ -152,9 +152,20 @@ def check_graph(backend, weights, E, H, k, activation, T, gen, replays=1000):
     return {"graph_equals_eager": bool(ok_new), "stable_1000": stable}
 
 
-def time_forward(backend, weight_sets, E, H, k, activation, T, gen):
-    xs = [torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16) for _ in weight_sets]
-    lg = [torch.randn(T, E, device=DEV, generator=gen) for _ in weight_sets]
+def draw_inputs(E, H, T, gen, n=R_SETS):
+    """n hidden states [T, H] and router logits [T, E]: one draw per shape, shared by every
+    variant that shape compares. At few tokens the routing draw moves the time more than most
+    variants do (Mixtral T=8: how many of the 8 experts 16 assignments touch; the same table
+    config measured 282-310 us across draws in sweep v25)."""
+    xs = [torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16) for _ in range(n)]
+    lg = [torch.randn(T, E, device=DEV, generator=gen) for _ in range(n)]
+    return xs, lg
+
+
+def time_forward(backend, weight_sets, E, H, k, activation, T, gen, inputs=None):
+    """Whole forward (routing from logits + the op) per call, one weight set per call in one
+    CUDA graph; `inputs` from draw_inputs (drawn here when None)."""
+    xs, lg = inputs if inputs is not None else draw_inputs(E, H, T, gen, len(weight_sets))
 
     def fn():
         for x, l, w in zip(xs, lg, weight_sets):
@@ -330,6 +341,13 @@ _P2 = dataclasses.replace(_DT3, PAIR=True, num_stages=2)
 V24 = [("table", None), ((_P3, _P3), None), ((_P2, _P2), None), ((_P3, _DT3), None),
        ((_P2, _DT3), None)]
 
+# v25 (session 6): K splits for the decode shapes with the table's configs. A plain reader
+# streams every decode grid at ~97% of the floor (--diag-reader), but one-wave GEMMs cannot
+# even out slow SMs (Mixtral T=8 GEMM2: 1024 programs, 29% behind the reader; GEMM1, 3.4
+# waves, 14%); 20b T=8 GEMM2 is 1.2 waves. (GEMM1 split, GEMM2 split); None: the table's.
+V25 = [("table", None), ("table", (1, 1)), ("table", (1, 2)), ("table", (1, 3)),
+       ("table", (1, 4)), ("table", (2, 2)), ("table", (2, 4))]
+
 
 def sweep_candidates(T, which="default"):
     """Configs tried at T (one config for both GEMMs, or a (GEMM1, GEMM2) pair); chosen ones go
@@ -381,13 +399,14 @@ def sweep(models, tokens, gen, which="default", shapes=None):
             ids, tw = route(torch.randn(T, E, device=DEV, generator=gen), k, act)
             ref = moe_reference(x, ids, tw, *canon[0], act, 1.702, 7.0, None, True, sync_free=False)
             m_e = tile_configs.rows_per_expert(T, k, E)
+            inputs = draw_inputs(E, H, T, gen)
             if which == "v15":  # the table's plan (paired BK 64 at T=1), split-K targets
                 cands = [(None, t) for t in (3, 4, 5, 6, 8)]
             elif which == "v11":
                 cands = V11["decode"] if T <= 64 else V11["mid"] if T <= 512 else V11["prefill"]
-            elif which in ("v17", "v18", "v20", "v21", "v22", "v23", "v24"):
+            elif which in ("v17", "v18", "v20", "v21", "v22", "v23", "v24", "v25"):
                 cands = {"v17": V17, "v18": V18, "v20": V20, "v21": V21, "v22": V22,
-                         "v23": V23, "v24": V24}[which]
+                         "v23": V23, "v24": V24, "v25": V25}[which]
             else:
                 cands = [(c, None) for c in sweep_candidates(T, which)]
             if which in ("v5", "v6") and T <= 8:  # what split-K buys: the same without it
@@ -416,7 +435,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                 tile_configs.SPLIT_OVERRIDE = split
                 try:
                     rec["err"] = rel_l2(call(triton_moe, x, ids, tw, ours[0], act), ref)
-                    rec["us"] = time_forward(triton_moe, ours, E, H, k, act, T, gen)
+                    rec["us"] = time_forward(triton_moe, ours, E, H, k, act, T, gen, inputs)
                 except Exception as e:  # noqa: BLE001
                     rec["error"] = f"{type(e).__name__}: {str(e)[:200]}"
                 finally:
@@ -432,7 +451,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
     best = {}
     for r in out:
         if "us" in r and r["err"] < 1e-2 and ("split" not in r or which in ("v11", "v17", "v18",
-                                                                           "v21", "v22")):
+                                                                           "v21", "v22", "v25")):
             key = (r["model"], r["T"])
             if key not in best or r["us"] < best[key]["us"]:
                 best[key] = r
@@ -475,7 +494,8 @@ def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
         for T in tokens:
             if shapes is not None and (model, T) not in shapes:
                 continue
-            lg = [torch.randn(T, E, device=DEV, generator=gen) for _ in range(R_SETS)]
+            inputs = draw_inputs(E, H, T, gen)
+            lg = inputs[1]
 
             def routers():
                 for ll in lg:
@@ -490,7 +510,8 @@ def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
                             rec[v] = {"err": check_correctness("triton", triton_moe, canon[0],
                                                                ours[0], E, H, k, act, T, gen),
                                       "us": []}
-                        rec[v]["us"].append(time_forward(triton_moe, ours, E, H, k, act, T, gen))
+                        rec[v]["us"].append(time_forward(triton_moe, ours, E, H, k, act, T, gen,
+                                                         inputs))
                     except Exception as e:  # noqa: BLE001
                         rec[v] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
                         traceback.print_exc()
@@ -550,12 +571,14 @@ def pad_compare(models, tokens, gen, rounds=3):
                 finally:
                     tile_configs.OVERRIDE = None
             times = {n: [] for n in variants if n + "_err" in rec}
+            inputs = draw_inputs(E, H, T, gen)
             for _ in range(rounds):
                 for name in times:
                     pad, cfg = variants[name]
                     tile_configs.OVERRIDE = cfg
                     try:
-                        times[name].append(time_forward(triton_moe, sets[pad][1], E, H, k, act, T, gen))
+                        times[name].append(time_forward(triton_moe, sets[pad][1], E, H, k, act,
+                                                        T, gen, inputs))
                     finally:
                         tile_configs.OVERRIDE = None
             for name, v in times.items():
@@ -743,6 +766,7 @@ def main():
                     help="three eager calls at --diag-shape (for ncu)")
     ap.add_argument("--launch-ab", default=None,
                     help="comma list of LAUNCH_VARIANTS to A/B (with --shapes / --models)")
+    ap.add_argument("--seed", type=int, default=0, help="weights and inputs (routing draws)")
     ap.add_argument("--diag-reader", action="store_true",
                     help="a plain reader of GEMM1's weights with the decode grid (--diag-shape)")
     ap.add_argument("--diag-shape", default="20b:1", help="model:T of --diag-one's calls")
@@ -752,7 +776,7 @@ def main():
     props = torch.cuda.get_device_properties(DEV)
     log(f"device {props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}, "
         f"triton {triton.__version__}")
-    gen = torch.Generator(device=DEV).manual_seed(0)
+    gen = torch.Generator(device=DEV).manual_seed(args.seed)
     shapes = None
     if args.shapes:
         shapes = {(a.split(":")[0], int(a.split(":")[1])) for a in args.shapes.split(",")}
@@ -820,11 +844,13 @@ def main():
                 # ours and each peer in turn, args.rounds times: clocks drift during a run
                 # (power cap), so each ratio compares timings taken minutes apart at most
                 rounds = {"ours": []}
+                inputs = draw_inputs(E, H, T, gen)  # the same draws for ours and every peer
                 for _ in range(args.rounds):
-                    rounds["ours"].append(time_forward(triton_moe, ours, E, H, k, act, T, gen))
+                    rounds["ours"].append(time_forward(triton_moe, ours, E, H, k, act, T, gen,
+                                                       inputs))
                     for pname, pw in peer_w.items():
                         try:
-                            us = time_forward(peers[pname], pw, E, H, k, act, T, gen)
+                            us = time_forward(peers[pname], pw, E, H, k, act, T, gen, inputs)
                         except Exception as e:  # noqa: BLE001
                             us = None
                             log(f"peer {pname} timing failed {model} T={T}: {type(e).__name__}: {e}")
