@@ -478,6 +478,10 @@ LAUNCH_VARIANTS = {
     # session 4's decode row (4 stages; 7 programs per SM by shared memory). Session 5 ran
     # "cur" (then this row) against the 3-stage row the table now has.
     "dec4": dict(_DECODE=_DT),
+    # Mixtral T=8 GEMM2 in 2 / 4 / 8 K chunks (the table has 8 since session 6)
+    "g2split2": dict(GEMM2_MID_SPLIT=2),
+    "g2split4": dict(GEMM2_MID_SPLIT=4),
+    "g2split8": dict(GEMM2_MID_SPLIT=8),
 }
 
 

@@ -236,10 +236,13 @@ def test_plan_pairs_tiles_only_where_it_splits():
     assert not c.PAIR and c.BK == 64 and n == 1 and c.maxnreg is None
     c1, c2 = configs.pick(64, 2, 8, 4096, 14336)  # Mixtral T=64 GEMM2: 16 x 64 in the grid
     assert configs.plan(c2, 16, 4096, 14336, 132, "gemm2").config.BK == 128
-    # Mixtral T=8 GEMM2 (9 blocks x 64 tiles: 3-5 programs per SM) splits K in 2 at 3 stages,
-    # GEMM1 of a grid that size does not
-    p = configs.plan(configs.pick(8, 2, 8, 4096, 14336)[1], 9, 4096, 14336, 132, "gemm2")
-    assert (p.config.BK, p.config.num_stages, p.split, p.even_k) == (128, 3, 2, True)
+    # Mixtral T=8 GEMM2 (9 blocks x 64 tiles: 3-5 programs per SM) splits K in 8 at 3 stages,
+    # into no fewer than MIN_STEPS_PER_CHUNK steps a chunk; GEMM1 of a grid that size does not
+    c2 = configs.pick(8, 2, 8, 4096, 14336)[1]
+    p = configs.plan(c2, 9, 4096, 14336, 132, "gemm2")
+    assert (p.config.BK, p.config.num_stages, p.split, p.even_k) == (128, 3, 8, True)
+    assert p.chunk == 14 * 128
+    assert configs.plan(c2, 9, 4096, 1024, 132, "gemm2").split == 8 // configs.MIN_STEPS_PER_CHUNK
     p = configs.plan(configs.pick(8, 2, 8, 4096, 14336)[0], 9, 4096, 4096, 132, "gemm1")
     assert p.split == 1
 

@@ -120,6 +120,8 @@ SPLIT_TARGET_PER_SM = 3
 RESIDENT_PER_SM = 5
 ONE_WAVE_PER_SM = 7
 MIN_STEPS_PER_CHUNK = 4
+# K chunks of a GEMM2 decode grid of 3-5 programs per SM (`plan`; Mixtral T=8)
+GEMM2_MID_SPLIT = 8
 
 
 # Kernels launched with programmatic dependent launch on sm90+ (triton_moe._pdl). Not GEMM2:
@@ -153,12 +155,13 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str) -> Pl
     of 128-code ones (5 per SM before _DECODE's register cap; RESIDENT_PER_SM) steps K by 64
     too: Mixtral T=1 GEMM1 (2 x 448 = 896 programs), forward 149 -> 133 us (v10 and the
     session-3 follow-up run).
-    A GEMM2 decode grid between those two (3-5 programs per SM) splits K in 2 at 3 stages, which
-    fits the doubled grid in one wave (8 programs per SM at 64 registers; 7 at 4 stages, by
-    shared memory): Mixtral T=8 GEMM2 (576 programs), forward 314.9 / 313.8 -> 303.0 / 303.2 us
-    in two v21 rounds (GEMM1 at 4 stages then); split in 2 at 4 stages (two waves) was +-5% by
-    routing draw (v17/v18), 3 stages unsplit 316-318, and BK 64 split in 2 338. In the bench's
-    own routing draw (bench op A/B against session 4's code) it was even: 324.5 / 318.9 vs 322.9."""
+    A GEMM2 decode grid between those two (3-5 programs per SM) splits K into GEMM2_MID_SPLIT
+    chunks of at least MIN_STEPS_PER_CHUNK steps, at 3 stages: unsplit, one wave of 4-5 long
+    programs per SM cannot even out slow SMs (Mixtral T=8 GEMM2, 576 programs: 29% behind a
+    plain reader of the same grid, gpu_check --diag-reader). Session 5 split it in 2 (v21:
+    314.9 / 313.8 -> 303.0 / 303.2 us); session 6, launch-ab on one input draw per seed, three
+    seeds (the draw alone moves this shape by 10%): 2 chunks 311.2 / 290.5 / 282.4 us, 4 chunks
+    302.3 / 286.8 / 280.0, 8 chunks 301.2 / 283.8 / 275.5; 4 stages 305.9 / 290.5 / 283.9."""
     force_split = None
     if OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR:
         programs = blocks * -(-N // c.BN)
@@ -167,7 +170,7 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str) -> Pl
         elif (which == "gemm2" and programs < RESIDENT_PER_SM * sms
               and K >= 2 * MIN_STEPS_PER_CHUNK * c.BK):
             c = dataclasses.replace(c, num_stages=3)
-            force_split = 2
+            force_split = min(GEMM2_MID_SPLIT, -(-K // c.BK) // MIN_STEPS_PER_CHUNK)
         elif RESIDENT_PER_SM * sms <= programs < ONE_WAVE_PER_SM * sms:
             c = dataclasses.replace(c, BK=64, maxnreg=None)
     tiles = -(-N // (c.BN * (2 if c.PAIR else 1)))
