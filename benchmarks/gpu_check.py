@@ -482,6 +482,7 @@ LAUNCH_VARIANTS = {
     "g2split2": dict(GEMM2_MID_SPLIT=2),
     "g2split4": dict(GEMM2_MID_SPLIT=4),
     "g2split8": dict(GEMM2_MID_SPLIT=8),
+    "notma": dict(TMA=False),  # cp.async weight tiles everywhere (configs.TMA, session 6)
 }
 
 

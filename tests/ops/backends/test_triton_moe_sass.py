@@ -15,6 +15,7 @@ import subprocess
 import tempfile
 
 import pytest
+import torch
 
 triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
@@ -37,11 +38,15 @@ SHAPES = [(1, 4, 32, 2880, 2880), (64, 2, 8, 4096, 14336), (512, 4, 128, 2880, 2
 
 def _compile(gemm, cfg, H, I):
     # the launch's plan without split K (0 SMs: no automatic split, the config as given)
-    pl = configs.plan(cfg, 1, 2 * I if gemm == 1 else H, H if gemm == 1 else I, 0, "gemm1")
+    k_dim = H if gemm == 1 else I
+    pl = configs.plan(cfg, 1, 2 * I if gemm == 1 else H, k_dim, 0, "gemm1")
+    # weight tiles by TMA where an sm90 launch uses it (an empty tensor: an aligned address)
+    tma = configs.use_tma(cfg, k_dim, 9, torch.empty(0))
     common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, UPCAST=False,
                   SWAP=cfg.SWAP, SYNC=True, SPLIT=pl.split, K_CHUNK=pl.chunk,
                   N_FIRST=cfg.N_FIRST, PAIR=cfg.PAIR, TAIL=pl.tail, HALF=cfg.HALF,
-                  EVEN_K=pl.even_k, PDL=True)  # as launched on sm90
+                  EVEN_K=pl.even_k, PDL=True, TMA=tma)  # as launched on sm90
+    desc = f"tensordesc<i32[{cfg.BN // 16}, {cfg.BK // 64}, 16, 8]>" if tma else "*i32"
     if gemm == 1:
         fn = K._gemm1_kernel
         cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
@@ -56,7 +61,7 @@ def _compile(gemm, cfg, H, I):
         scalars = dict(E="i32", n_blocks="i32", M="i32")
     # the launch's options, register cap included (a cap must not make ptxas spill)
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **triton_moe._regs(cfg))
-    return _sass(fn, dict(_PTR, **scalars), cx, opts)
+    return _sass(fn, dict(_PTR, w_desc=desc, **scalars), cx, opts)
 
 
 def _sass(fn, types, constexprs, opts):
@@ -80,7 +85,9 @@ def _sass(fn, types, constexprs, opts):
 
 
 def _k_loop(sass):
-    """Instruction mnemonics of the K loop: the body of the widest backward branch."""
+    """Instruction mnemonics of the K loop: the body of the widest backward branch that holds
+    no EXIT (with TMA, ptxas places the mbarrier wait's retry after the kernel's exits and
+    branches back from there)."""
     ins = []
     for line in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*?);", line)
@@ -89,7 +96,8 @@ def _k_loop(sass):
     loops = []
     for addr, text in ins:
         b = re.search(r"BRA (0x[0-9a-f]+)", text)
-        if b and int(b.group(1), 16) < addr:
+        if b and int(b.group(1), 16) < addr and not any(
+                int(b.group(1), 16) <= a <= addr and t.split()[-1] == "EXIT" for a, t in ins):
             loops.append((int(b.group(1), 16), addr))
     assert loops, "no loop found in the SASS"
     lo, hi = max(loops, key=lambda r: r[1] - r[0])
@@ -160,12 +168,15 @@ _SMALL_KERNELS = {  # kernel -> (argument types, compile-time constants): the la
 }
 
 
-@pytest.mark.parametrize("name", [*_SMALL_KERNELS, "gemm1", "gemm2"])
+@pytest.mark.parametrize("name", [*_SMALL_KERNELS, "gemm1", "gemm2", "gemm2_tma"])
 def test_each_kernel_waits_for_the_previous_one_before_touching_memory(ptxas_works, name):
     # programmatic dependent launch (triton_moe._pdl): a kernel's programs may start while the
     # kernel before it still runs, so griddepcontrol.wait (ACQBULK) must come before every
     # global load or store, and the trigger for the next kernel (PREEXIT) after the wait
-    if name.startswith("gemm"):
+    if name == "gemm2_tma":  # Mixtral T=8: weight tiles by TMA (configs.use_tma)
+        sass = _compile(2, configs.pick(8, 2, 8, 4096, 14336)[1], 4096, 14336)
+        assert "UTMALDG" in sass
+    elif name.startswith("gemm"):
         c = configs.pick(8, 4, 32, 2880, 2880)[0]
         sass = _compile(int(name[-1]), c, 2880, 2880)
     else:

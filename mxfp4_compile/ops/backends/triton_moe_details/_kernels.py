@@ -217,6 +217,18 @@ def _load_words(w_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr, EVEN_K: t
 
 
 @triton.jit
+def _load_words_tma(w_desc, rg, k0, BN: tl.constexpr, BK: tl.constexpr):
+    """_load_words through the tensor memory accelerator (sm90; configs.use_tma): w_desc views
+    the prepared words as [E N/16, K/64, 16, 8] (16-row group, 64-code block, row, word), with
+    a [BN/16, BK/64, 16, 8] box; rg is the tile's first row group (its expert's rows: one tile
+    never crosses an expert when BN divides N; past N a tile reads the next expert's rows, whose
+    products land in masked-off outputs, or zeros past the last). Past K the copy fills zeros,
+    so split chunks' steps past K add nothing, as the masked loads do."""
+    blk = w_desc.load([rg, k0 // 64, 0, 0])  # [BN/16, BK/64, 16, 8]
+    return tl.reshape(tl.permute(blk, (0, 2, 1, 3)), (BN, BK // 8))
+
+
+@triton.jit
 def _load_scales(s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr):
     """The e8m0 byte of each word of the [R, BK] tile at k0, as [R, BK/8] uint8 (zero past Kp):
     one byte per 32-block is loaded and repeated 4 times in registers (a 16-byte vector of words
@@ -261,9 +273,12 @@ def _grid_position(N: tl.constexpr, n_blocks, BN: tl.constexpr, PAIR: tl.constex
 @triton.jit
 def _tile_step(acc, x, w_ptrs, k0, wmask, sc, Kp: tl.constexpr, BN: tl.constexpr,
                BK: tl.constexpr, EVEN_K: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
-               SYNC: tl.constexpr):
+               SYNC: tl.constexpr, w_desc, rg, TMA: tl.constexpr):
     """acc += one K step of one [BN, BK] weight tile (load, drain, dequant, MMA)."""
-    w = _load_words(w_ptrs, k0, wmask, Kp, BK, EVEN_K)
+    if TMA:
+        w = _load_words_tma(w_desc, rg, k0, BN, BK)
+    else:
+        w = _load_words(w_ptrs, k0, wmask, Kp, BK, EVEN_K)
     return _mma(acc, x, _dequant(w, sc, BN, BK, UPCAST, SYNC), UPCAST, SWAP)
 
 
@@ -285,7 +300,7 @@ def _k_loop(acc, acc2, act_ptrs, rmask, K_ACT: tl.constexpr, w_ptrs, s_ptrs, wma
             stride_wn: tl.constexpr, stride_sn: tl.constexpr, Kp: tl.constexpr,
             K_CHUNK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
             UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr, PAIR: tl.constexpr,
-            TAIL: tl.constexpr, SPLIT: tl.constexpr):
+            TAIL: tl.constexpr, SPLIT: tl.constexpr, w_desc, rg, TMA: tl.constexpr):
     """The K loop of both GEMMs over this program's chunk: acc += act @ W.T for the BN weight
     rows at w_ptrs (and acc2 for the next BN rows with PAIR). act_ptrs [BM]: the activation
     rows (x gathered by token, or a), K_ACT of their columns valid; rows past the block's end
@@ -295,6 +310,7 @@ def _k_loop(acc, acc2, act_ptrs, rmask, K_ACT: tl.constexpr, w_ptrs, s_ptrs, wma
     TAIL > 0 (unsplit K only): Kp = whole BK steps + one TAIL step (e.g. gpt-oss 2880 = 22 x 128
     + 64): the whole steps run unmasked, then the TAIL step."""
     tl.static_assert(TAIL == 0 or SPLIT == 1)
+    tl.static_assert(TAIL == 0 or not TMA)  # the descriptor's box is one BK step
     k_lo = tl.program_id(1) * K_CHUNK
     w_ptrs2 = w_ptrs + BN * stride_wn
     s_ptrs2 = s_ptrs + BN * stride_sn
@@ -308,21 +324,22 @@ def _k_loop(acc, acc2, act_ptrs, rmask, K_ACT: tl.constexpr, w_ptrs, s_ptrs, wma
         if PAIR:
             sc2_next = _load_scales(s_ptrs2, k0 + BK, wmask2, Kp, BK)
         x = _load_act(act_ptrs, rmask, k0, K_ACT, Kp, BK, EVEN_K)
-        acc = _tile_step(acc, x, w_ptrs, k0, wmask, sc, Kp, BN, BK, EVEN_K, UPCAST, SWAP, SYNC)
+        acc = _tile_step(acc, x, w_ptrs, k0, wmask, sc, Kp, BN, BK, EVEN_K, UPCAST, SWAP, SYNC,
+                         w_desc, rg, TMA)
         sc = sc_next
         if PAIR:
             acc2 = _tile_step(acc2, x, w_ptrs2, k0, wmask2, sc2, Kp, BN, BK, EVEN_K, UPCAST, SWAP,
-                              SYNC)
+                              SYNC, w_desc, rg + BN // 16, TMA)
             sc2 = sc2_next
     if TAIL > 0:
         x = _load_act(act_ptrs, rmask, Kp - TAIL, K_ACT, Kp, TAIL, True)
         st = _load_scales(s_ptrs, Kp - TAIL, wmask, Kp, TAIL)
         acc = _tile_step(acc, x, w_ptrs, Kp - TAIL, wmask, st, Kp, BN, TAIL, True, UPCAST, SWAP,
-                         SYNC)
+                         SYNC, w_desc, rg, TMA)
         if PAIR:
             st2 = _load_scales(s_ptrs2, Kp - TAIL, wmask2, Kp, TAIL)
             acc2 = _tile_step(acc2, x, w_ptrs2, Kp - TAIL, wmask2, st2, Kp, BN, TAIL, True,
-                              UPCAST, SWAP, SYNC)
+                              UPCAST, SWAP, SYNC, w_desc, rg + BN // 16, TMA)
     return acc, acc2
 
 
@@ -343,7 +360,7 @@ def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
 
 @triton.jit
 def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
-                  E, k_top, n_blocks, alpha, limit, p_rows,
+                  E, k_top, n_blocks, alpha, limit, p_rows, w_desc,
                   stride_xt: tl.constexpr, stride_we: tl.constexpr, stride_wn: tl.constexpr,
                   stride_se: tl.constexpr, stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Hp: tl.constexpr, Ip: tl.constexpr,
@@ -352,12 +369,14 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                   SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
                   K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr, PAIR: tl.constexpr,
-                  TAIL: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr):
-    """w_ptr: int32 words [E, 2Ip, Hp/8]; s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
-    paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
-    program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step;
-    PAIR: two such tiles side by side (the next BN rows too), sharing the activation tile and
-    the loop's bookkeeping (fewer instructions per weight byte at decode).
+                  TAIL: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
+                  TMA: tl.constexpr = False):
+    """w_ptr: int32 words [E, 2Ip, Hp/8] (with TMA, w_desc: their descriptor, _load_words_tma);
+    s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s paired order (16-row groups: 8 gate rows,
+    then the 8 up rows of the same columns). One program: BM sorted rows x BN weight rows =
+    BN/2 intermediate columns, one MMA per K step; PAIR: two such tiles side by side (the next
+    BN rows too), sharing the activation tile and the loop's bookkeeping (fewer instructions
+    per weight byte at decode).
     SPLIT > 1 (decode: too few programs to keep the SMs busy): program_id(1) takes K_CHUNK of
     the K range and stores its partial gate/up sums (bias in chunk 0 only) to
     p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates.
@@ -372,12 +391,12 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM // 2, BN, BK, EVEN_K,
-                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, TMA)
     else:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM, BN, BK, EVEN_K,
-                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, TMA)
 
 
 @triton.jit
@@ -389,7 +408,8 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
                  HAS_BIAS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                  SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
-                 K_CHUNK: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr):
+                 K_CHUNK: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr, w_desc,
+                 TMA: tl.constexpr):
     """GEMM1 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
@@ -409,7 +429,9 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
     wmask2 = (offs_w + BN) < (2 * Ip + BN if EVEN_N else 2 * Ip)  # PAIR: the next BN rows
     acc, acc2 = _k_loop(acc, acc, x_ptr + tok.to(tl.int64) * stride_xt, rmask, H, w_ptrs, s_ptrs,
                         wmask, wmask2, stride_wn, stride_sn, Hp, K_CHUNK, BN, BK, EVEN_K, UPCAST,
-                        SWAP, SYNC, PAIR, TAIL, SPLIT)
+                        SWAP, SYNC, PAIR, TAIL, SPLIT, w_desc,
+                        (e * (stride_we // stride_wn) + pid_n * (2 if PAIR else 1) * BN) // 16,
+                        TMA)
     w0 = pid_n * (2 if PAIR else 1) * BN  # first weight row of the (first) tile
     _gemm1_store(acc, w0, wmask, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
                  alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
@@ -483,7 +505,7 @@ def _act_kernel(p_ptr, a_ptr, n_rows, alpha, limit, Ip: tl.constexpr, ACT: tl.co
 
 @triton.jit
 def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-                  E, n_blocks, M,
+                  E, n_blocks, M, w_desc,
                   stride_we: tl.constexpr, stride_wn: tl.constexpr, stride_se: tl.constexpr,
                   stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Ip: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
@@ -491,8 +513,9 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
                   EVEN_N: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
                   SYNC: tl.constexpr, SPLIT: tl.constexpr, K_CHUNK: tl.constexpr,
                   N_FIRST: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr,
-                  HALF: tl.constexpr, PDL: tl.constexpr):
-    """w_ptr: int32 words [E, Hp, Ip/8]; s_ptr: uint8 [E, Hp, Ip/32]. SPLIT > 1: program_id(1)
+                  HALF: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False):
+    """w_ptr: int32 words [E, Hp, Ip/8] (with TMA, w_desc: their descriptor); s_ptr: uint8
+    [E, Hp, Ip/32]. SPLIT > 1: program_id(1)
     takes K_CHUNK of the K range and writes its partial sum (bias in chunk 0 only) to
     y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks in order. PAIR: two BN-row weight
     tiles per program, HALF: part-filled blocks on BM/2 rows, as in _gemm1_kernel."""
@@ -505,11 +528,12 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
                      BM // 2, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR,
-                     TAIL)
+                     TAIL, w_desc, TMA)
     else:
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
-                     BM, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL)
+                     BM, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL,
+                     w_desc, TMA)
 
 
 @triton.jit
@@ -520,7 +544,7 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
                  BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                  UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr,
                  SPLIT: tl.constexpr, K_CHUNK: tl.constexpr, PAIR: tl.constexpr,
-                 TAIL: tl.constexpr):
+                 TAIL: tl.constexpr, w_desc, TMA: tl.constexpr):
     """GEMM2 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
@@ -543,7 +567,8 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
     nmask2 = (offs_n + BN) < (H + BN if EVEN_N else H)  # PAIR: the next BN hidden columns
     acc, acc2 = _k_loop(acc, acc, a_ptr + rows.to(tl.int64) * Ip, rmask, Ip, w_ptrs, s_ptrs,
                         nmask, nmask2, stride_wn, stride_sn, Ip, K_CHUNK, BN, BK, EVEN_K, UPCAST,
-                        SWAP, SYNC, PAIR, TAIL, SPLIT)
+                        SWAP, SYNC, PAIR, TAIL, SPLIT, w_desc,
+                        (e * (stride_we // stride_wn) + n0) // 16, TMA)
     _gemm2_store(acc, n0, nmask, assign, rmask, e64, b_ptr, stride_be, y_ptr, H, BN, HAS_BIAS,
                  UPCAST, SWAP, SPLIT)
     if PAIR:

@@ -133,6 +133,24 @@ GEMM2_MID_SPLIT = 8
 PDL_LAUNCH = frozenset({"route", "gemm1", "act", "finalize"})
 
 
+# Weight tiles through the tensor memory accelerator (_kernels._load_words_tma) on sm90, for
+# unpaired 128-code steps over a K with no tail step: the Mixtral decode shapes. Session 6,
+# gpu_check --launch-ab on one input draw per seed, three seeds (medians of 3, us), cp.async ->
+# TMA: Mixtral T=8 258.8 / 329.0 / 310.3 -> 254.2 / 325.0 / 307.6, T=64 406.2 / 407.5 / 412.4 ->
+# 394.2 / 395.2 / 394.6; slower where it was also tried: 20b T=64 (K = 2880: the tail step
+# becomes a masked whole step) 218.1 / 216.8 / 216.9 -> 222.1 / 220.9 / 221.0, and (fresh draws
+# per variant) T=1 paired 64-code steps (Mixtral 112.5 -> 121.9, 20b 50.8 -> 52.2), 64-code
+# mid and prefill tiles (20b T=512 413.7 -> 430.9, 120b T=4096 2274 -> 2339). False: cp.async.
+TMA = True
+
+
+def use_tma(c: TileConfig, K: int, major: int, words) -> bool:
+    """Whether a GEMM with planned config `c` over K (prepared int32 words `words`) loads its
+    weight tiles by TMA: see TMA. The descriptor needs a 16-byte aligned base."""
+    return (TMA and major == 9 and c.BK == 128 and not c.PAIR and K % c.BK == 0
+            and words.data_ptr() % 16 == 0)
+
+
 class Plan(NamedTuple):
     """How one GEMM launches (`plan`)."""
     config: TileConfig
