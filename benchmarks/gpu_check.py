@@ -832,7 +832,9 @@ def main():
                         rec[f"{pname}_check"] = check_correctness(pname, peers[pname], canon[0], pw[0], E, H, k, act, T, gen)
                     except Exception as e:  # noqa: BLE001
                         rec[f"{pname}_check"] = {"error": f"{type(e).__name__}: {e}"}
-                if not args.quick and T in (1, 64, 4096) and model == "20b":
+                # (Mixtral T=8 / 64: the weight tiles come by TMA, configs.use_tma)
+                if not args.quick and ((model == "20b" and T in (1, 64, 4096))
+                                       or (model == "mixtral" and T in (8, 64))):
                     rec["graph"] = check_graph(triton_moe, ours[0], E, H, k, act, T, gen)
                 d = distinct_experts(E, k, T, act, gen)
                 nbytes = d * eb
