@@ -5,7 +5,8 @@ back to a registers -> shared -> registers round trip for some tile shapes, whic
 speed), nothing may spill in the K loop (nor anywhere without a register cap), and wgmma must
 be drained before each dequant (without it the H100 gave wrong rows: see _kernels._wgmma_drain).
 Every kernel must wait for the one before it (programmatic dependent launch) before it touches
-global memory.
+global memory. Configs whose weight tiles come by TMA on sm90 (configs.use_tma: Mixtral's decode
+rows) are compiled that way.
 """
 from __future__ import annotations
 

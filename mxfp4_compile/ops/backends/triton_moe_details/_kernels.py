@@ -515,9 +515,9 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
                   N_FIRST: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr,
                   HALF: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False):
     """w_ptr: int32 words [E, Hp, Ip/8] (with TMA, w_desc: their descriptor); s_ptr: uint8
-    [E, Hp, Ip/32]. SPLIT > 1: program_id(1)
-    takes K_CHUNK of the K range and writes its partial sum (bias in chunk 0 only) to
-    y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks in order. PAIR: two BN-row weight
+    [E, Hp, Ip/32]. SPLIT > 1: program_id(1) takes K_CHUNK of the K range and writes its
+    partial sum (bias in chunk 0 only) to y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks
+    in order. PAIR: two BN-row weight
     tiles per program, HALF: part-filled blocks on BM/2 rows, as in _gemm1_kernel."""
     _pdl_enter(PDL)
     pid_m, pid_n = _grid_position(H, n_blocks, BN, PAIR, N_FIRST)
