@@ -247,26 +247,25 @@ def test_plan_pairs_tiles_only_where_it_splits():
     assert p.split == 1
 
 
-def test_tma_loads_only_unpaired_128_code_steps_with_no_tail(monkeypatch):
+def test_tma_loads_the_unpaired_128_code_decode_steps(monkeypatch):
     from mxfp4_compile.ops.backends.triton_moe_details import configs
 
     words = torch.zeros(64, dtype=torch.int32)  # storage from the allocator: aligned
     c1, c2 = configs.pick(8, 2, 8, 4096, 14336)  # Mixtral T=8
     p1 = configs.plan(c1, 9, 2 * 14336, 4096, 132, "gemm1")
     p2 = configs.plan(c2, 9, 4096, 14336, 132, "gemm2")
-    assert configs.use_tma(p1.config, 4096, 9, words) and configs.use_tma(p2.config, 14336, 9,
-                                                                          words)
+    assert configs.use_tma(p1.config, 9, words) and configs.use_tma(p2.config, 9, words)
     for major in (0, 8, 10):  # interpreter, Ampere; Blackwell is not measured
-        assert not configs.use_tma(p2.config, 14336, major, words)
-    assert not configs.use_tma(p2.config, 14336, 9, words[1:])  # base not 16-byte aligned
-    c = configs.pick(8, 4, 32, 2880, 2880)[0]  # gpt-oss: K = 2880 ends in a 64-code tail step
-    assert c.BK == 128 and not configs.use_tma(c, 2880, 9, words)
+        assert not configs.use_tma(p2.config, major, words)
+    assert not configs.use_tma(p2.config, 9, words[1:])  # base not 16-byte aligned
+    g = configs.plan(configs.pick(8, 4, 32, 2880, 2880)[0], 34, 5760, 2880, 132, "gemm1")
+    assert g.tail == 64 and configs.use_tma(g.config, 9, words)  # gpt-oss: a tail descriptor
     t1 = configs.plan(configs.pick(1, 2, 8, 4096, 14336)[1], 2, 4096, 14336, 132, "gemm2")
-    assert t1.config.PAIR and not configs.use_tma(t1.config, 14336, 9, words)  # T=1: paired
+    assert t1.config.PAIR and not configs.use_tma(t1.config, 9, words)  # T=1: paired, BK 64
     big = configs.pick(4096, 2, 8, 4096, 14336)[0]  # prefill: 64-code steps
-    assert not configs.use_tma(big, 4096, 9, words)
+    assert not configs.use_tma(big, 9, words)
     monkeypatch.setattr(configs, "TMA", False)
-    assert not configs.use_tma(p2.config, 14336, 9, words)
+    assert not configs.use_tma(p2.config, 9, words)
 
 
 def test_prefill_block_rows_follow_rows_per_expert():

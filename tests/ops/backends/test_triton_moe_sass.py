@@ -5,8 +5,8 @@ back to a registers -> shared -> registers round trip for some tile shapes, whic
 speed), nothing may spill in the K loop (nor anywhere without a register cap), and wgmma must
 be drained before each dequant (without it the H100 gave wrong rows: see _kernels._wgmma_drain).
 Every kernel must wait for the one before it (programmatic dependent launch) before it touches
-global memory. Configs whose weight tiles come by TMA on sm90 (configs.use_tma: Mixtral's decode
-rows) are compiled that way.
+global memory. Configs whose weight tiles come by TMA on sm90 (configs.use_tma: the decode rows)
+are compiled that way.
 """
 from __future__ import annotations
 
@@ -39,15 +39,16 @@ SHAPES = [(1, 4, 32, 2880, 2880), (64, 2, 8, 4096, 14336), (512, 4, 128, 2880, 2
 
 def _compile(gemm, cfg, H, I):
     # the launch's plan without split K (0 SMs: no automatic split, the config as given)
-    k_dim = H if gemm == 1 else I
-    pl = configs.plan(cfg, 1, 2 * I if gemm == 1 else H, k_dim, 0, "gemm1")
+    pl = configs.plan(cfg, 1, 2 * I if gemm == 1 else H, H if gemm == 1 else I, 0, "gemm1")
     # weight tiles by TMA where an sm90 launch uses it (an empty tensor: an aligned address)
-    tma = configs.use_tma(cfg, k_dim, 9, torch.empty(0))
+    tma = configs.use_tma(cfg, 9, torch.empty(0))
     common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, UPCAST=False,
                   SWAP=cfg.SWAP, SYNC=True, SPLIT=pl.split, K_CHUNK=pl.chunk,
                   N_FIRST=cfg.N_FIRST, PAIR=cfg.PAIR, TAIL=pl.tail, HALF=cfg.HALF,
                   EVEN_K=pl.even_k, PDL=True, TMA=tma)  # as launched on sm90
-    desc = f"tensordesc<i32[{cfg.BN // 16}, {cfg.BK // 64}, 16, 8]>" if tma else "*i32"
+    box = "tensordesc<i32[{}, {}, 16, 8]>"  # the launch's descriptors: a whole and the tail step
+    desc = box.format(cfg.BN // 16, cfg.BK // 64) if tma else "*i32"
+    desc_t = box.format(cfg.BN // 16, (pl.tail or cfg.BK) // 64) if tma else "*i32"
     if gemm == 1:
         fn = K._gemm1_kernel
         cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
@@ -62,7 +63,7 @@ def _compile(gemm, cfg, H, I):
         scalars = dict(E="i32", n_blocks="i32", M="i32")
     # the launch's options, register cap included (a cap must not make ptxas spill)
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **triton_moe._regs(cfg))
-    return _sass(fn, dict(_PTR, w_desc=desc, **scalars), cx, opts)
+    return _sass(fn, dict(_PTR, w_desc=desc, w_desc_t=desc_t, **scalars), cx, opts)
 
 
 def _sass(fn, types, constexprs, opts):
@@ -129,6 +130,8 @@ def ptxas_works():
 def test_dequantized_tile_stays_in_registers(ptxas_works, gemm, cfg, H, I):
     assert cfg.BN == 16 * cfg.num_warps  # the rule the table follows (configs docstring)
     sass = _compile(gemm, cfg, H, I)
+    # decode rows load weight tiles by TMA (configs.use_tma), the others by cp.async
+    assert ("UTMALDG" in sass) == configs.use_tma(cfg, 9, torch.empty(0))
     loop = _k_loop(sass)
     assert any(op.startswith("HGMMA") for op in loop)
     # per K step: the scale bytes (4 small stores per 64 codes; Triton regroups them through
@@ -169,17 +172,18 @@ _SMALL_KERNELS = {  # kernel -> (argument types, compile-time constants): the la
 }
 
 
-@pytest.mark.parametrize("name", [*_SMALL_KERNELS, "gemm1", "gemm2", "gemm2_tma"])
+@pytest.mark.parametrize("name", [*_SMALL_KERNELS, "gemm1", "gemm2", "gemm2_no_tail"])
 def test_each_kernel_waits_for_the_previous_one_before_touching_memory(ptxas_works, name):
     # programmatic dependent launch (triton_moe._pdl): a kernel's programs may start while the
     # kernel before it still runs, so griddepcontrol.wait (ACQBULK) must come before every
     # global load or store, and the trigger for the next kernel (PREEXIT) after the wait
-    if name == "gemm2_tma":  # Mixtral T=8: weight tiles by TMA (configs.use_tma)
+    if name == "gemm2_no_tail":  # Mixtral T=8: K = 14336, whole 128-code steps
         sass = _compile(2, configs.pick(8, 2, 8, 4096, 14336)[1], 4096, 14336)
-        assert "UTMALDG" in sass
-    elif name.startswith("gemm"):
+    elif name.startswith("gemm"):  # gpt-oss T=8: K = 2880, 22 whole steps and a 64-code tail
         c = configs.pick(8, 4, 32, 2880, 2880)[0]
         sass = _compile(int(name[-1]), c, 2880, 2880)
+    if name.startswith("gemm"):
+        assert "UTMALDG" in sass  # the weight tiles come by TMA: the wait must precede it too
     else:
         fn = {"route": K._route_kernel, "route_scan": K._route_kernel, "act": K._act_kernel,
               "finalize": K._finalize_kernel}[name]

@@ -220,7 +220,8 @@ def _load_words(w_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr, EVEN_K: t
 def _load_words_tma(w_desc, rg, k0, BN: tl.constexpr, BK: tl.constexpr):
     """_load_words through the tensor memory accelerator (sm90; configs.use_tma): w_desc views
     the prepared words as [E N/16, K/64, 16, 8] (16-row group, 64-code block, row, word), with
-    a [BN/16, BK/64, 16, 8] box; rg is the tile's first row group (its expert's rows: one tile
+    a [BN/16, BK/64, 16, 8] box (BK: a whole step, or the tail step through a second
+    descriptor); rg is the tile's first row group (its expert's rows: one tile
     never crosses an expert when BN divides N; past N a tile reads the next expert's rows, whose
     products land in masked-off outputs, or zeros past the last). Past K the copy fills zeros,
     so split chunks' steps past K add nothing, as the masked loads do."""
@@ -300,7 +301,7 @@ def _k_loop(acc, acc2, act_ptrs, rmask, K_ACT: tl.constexpr, w_ptrs, s_ptrs, wma
             stride_wn: tl.constexpr, stride_sn: tl.constexpr, Kp: tl.constexpr,
             K_CHUNK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
             UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr, PAIR: tl.constexpr,
-            TAIL: tl.constexpr, SPLIT: tl.constexpr, w_desc, rg, TMA: tl.constexpr):
+            TAIL: tl.constexpr, SPLIT: tl.constexpr, w_desc, w_desc_t, rg, TMA: tl.constexpr):
     """The K loop of both GEMMs over this program's chunk: acc += act @ W.T for the BN weight
     rows at w_ptrs (and acc2 for the next BN rows with PAIR). act_ptrs [BM]: the activation
     rows (x gathered by token, or a), K_ACT of their columns valid; rows past the block's end
@@ -308,9 +309,10 @@ def _k_loop(acc, acc2, act_ptrs, rmask, K_ACT: tl.constexpr, w_ptrs, s_ptrs, wma
     TAIL = 0: the chunk is a fixed step count (pipelining likes constant trip counts); steps
     past Kp load nothing (EVEN_K is False then, and every step is masked).
     TAIL > 0 (unsplit K only): Kp = whole BK steps + one TAIL step (e.g. gpt-oss 2880 = 22 x 128
-    + 64): the whole steps run unmasked, then the TAIL step."""
+    + 64): the whole steps run unmasked, then the TAIL step.
+    TMA: the weight tiles through w_desc (whole steps) and w_desc_t (the TAIL step), from row
+    group rg (_load_words_tma) instead of w_ptrs."""
     tl.static_assert(TAIL == 0 or SPLIT == 1)
-    tl.static_assert(TAIL == 0 or not TMA)  # the descriptor's box is one BK step
     k_lo = tl.program_id(1) * K_CHUNK
     w_ptrs2 = w_ptrs + BN * stride_wn
     s_ptrs2 = s_ptrs + BN * stride_sn
@@ -335,11 +337,11 @@ def _k_loop(acc, acc2, act_ptrs, rmask, K_ACT: tl.constexpr, w_ptrs, s_ptrs, wma
         x = _load_act(act_ptrs, rmask, Kp - TAIL, K_ACT, Kp, TAIL, True)
         st = _load_scales(s_ptrs, Kp - TAIL, wmask, Kp, TAIL)
         acc = _tile_step(acc, x, w_ptrs, Kp - TAIL, wmask, st, Kp, BN, TAIL, True, UPCAST, SWAP,
-                         SYNC, w_desc, rg, TMA)
+                         SYNC, w_desc_t, rg, TMA)
         if PAIR:
             st2 = _load_scales(s_ptrs2, Kp - TAIL, wmask2, Kp, TAIL)
             acc2 = _tile_step(acc2, x, w_ptrs2, Kp - TAIL, wmask2, st2, Kp, BN, TAIL, True,
-                              UPCAST, SWAP, SYNC, w_desc, rg + BN // 16, TMA)
+                              UPCAST, SWAP, SYNC, w_desc_t, rg + BN // 16, TMA)
     return acc, acc2
 
 
@@ -360,7 +362,7 @@ def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
 
 @triton.jit
 def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
-                  E, k_top, n_blocks, alpha, limit, p_rows, w_desc,
+                  E, k_top, n_blocks, alpha, limit, p_rows, w_desc, w_desc_t,
                   stride_xt: tl.constexpr, stride_we: tl.constexpr, stride_wn: tl.constexpr,
                   stride_se: tl.constexpr, stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Hp: tl.constexpr, Ip: tl.constexpr,
@@ -371,9 +373,9 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr, PAIR: tl.constexpr,
                   TAIL: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
                   TMA: tl.constexpr = False):
-    """w_ptr: int32 words [E, 2Ip, Hp/8] (with TMA, w_desc: their descriptor, _load_words_tma);
-    s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s paired order (16-row groups: 8 gate rows,
-    then the 8 up rows of the same columns). One program: BM sorted rows x BN weight rows =
+    """w_ptr: int32 words [E, 2Ip, Hp/8] (with TMA, w_desc / w_desc_t: their descriptors for a
+    whole / the TAIL step, _load_words_tma); s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
+    paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One program: BM sorted rows x BN weight rows =
     BN/2 intermediate columns, one MMA per K step; PAIR: two such tiles side by side (the next
     BN rows too), sharing the activation tile and the loop's bookkeeping (fewer instructions
     per weight byte at decode).
@@ -391,12 +393,14 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM // 2, BN, BK, EVEN_K,
-                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, TMA)
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, w_desc_t,
+                     TMA)
     else:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM, BN, BK, EVEN_K,
-                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, TMA)
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, w_desc_t,
+                     TMA)
 
 
 @triton.jit
@@ -409,7 +413,7 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                  SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
                  K_CHUNK: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr, w_desc,
-                 TMA: tl.constexpr):
+                 w_desc_t, TMA: tl.constexpr):
     """GEMM1 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
@@ -429,7 +433,7 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
     wmask2 = (offs_w + BN) < (2 * Ip + BN if EVEN_N else 2 * Ip)  # PAIR: the next BN rows
     acc, acc2 = _k_loop(acc, acc, x_ptr + tok.to(tl.int64) * stride_xt, rmask, H, w_ptrs, s_ptrs,
                         wmask, wmask2, stride_wn, stride_sn, Hp, K_CHUNK, BN, BK, EVEN_K, UPCAST,
-                        SWAP, SYNC, PAIR, TAIL, SPLIT, w_desc,
+                        SWAP, SYNC, PAIR, TAIL, SPLIT, w_desc, w_desc_t,
                         (e * (stride_we // stride_wn) + pid_n * (2 if PAIR else 1) * BN) // 16,
                         TMA)
     w0 = pid_n * (2 if PAIR else 1) * BN  # first weight row of the (first) tile
@@ -505,7 +509,7 @@ def _act_kernel(p_ptr, a_ptr, n_rows, alpha, limit, Ip: tl.constexpr, ACT: tl.co
 
 @triton.jit
 def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-                  E, n_blocks, M, w_desc,
+                  E, n_blocks, M, w_desc, w_desc_t,
                   stride_we: tl.constexpr, stride_wn: tl.constexpr, stride_se: tl.constexpr,
                   stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Ip: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
@@ -514,10 +518,10 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
                   SYNC: tl.constexpr, SPLIT: tl.constexpr, K_CHUNK: tl.constexpr,
                   N_FIRST: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr,
                   HALF: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False):
-    """w_ptr: int32 words [E, Hp, Ip/8] (with TMA, w_desc: their descriptor); s_ptr: uint8
-    [E, Hp, Ip/32]. SPLIT > 1: program_id(1) takes K_CHUNK of the K range and writes its
-    partial sum (bias in chunk 0 only) to y_ptr [SPLIT, M, H]; _finalize_kernel adds the chunks
-    in order. PAIR: two BN-row weight
+    """w_ptr: int32 words [E, Hp, Ip/8] (with TMA, w_desc / w_desc_t: their descriptors for a
+    whole / the TAIL step); s_ptr: uint8 [E, Hp, Ip/32]. SPLIT > 1: program_id(1) takes K_CHUNK
+    of the K range and writes its partial sum (bias in chunk 0 only) to y_ptr [SPLIT, M, H];
+    _finalize_kernel adds the chunks in order. PAIR: two BN-row weight
     tiles per program, HALF: part-filled blocks on BM/2 rows, as in _gemm1_kernel."""
     _pdl_enter(PDL)
     pid_m, pid_n = _grid_position(H, n_blocks, BN, PAIR, N_FIRST)
@@ -528,12 +532,12 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
                      BM // 2, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR,
-                     TAIL, w_desc, TMA)
+                     TAIL, w_desc, w_desc_t, TMA)
     else:
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
                      BM, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL,
-                     w_desc, TMA)
+                     w_desc, w_desc_t, TMA)
 
 
 @triton.jit
@@ -544,7 +548,7 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
                  BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                  UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr,
                  SPLIT: tl.constexpr, K_CHUNK: tl.constexpr, PAIR: tl.constexpr,
-                 TAIL: tl.constexpr, w_desc, TMA: tl.constexpr):
+                 TAIL: tl.constexpr, w_desc, w_desc_t, TMA: tl.constexpr):
     """GEMM2 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
     rows = row0 + tl.arange(0, BM)
     rmask = rows < row1
@@ -567,7 +571,7 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
     nmask2 = (offs_n + BN) < (H + BN if EVEN_N else H)  # PAIR: the next BN hidden columns
     acc, acc2 = _k_loop(acc, acc, a_ptr + rows.to(tl.int64) * Ip, rmask, Ip, w_ptrs, s_ptrs,
                         nmask, nmask2, stride_wn, stride_sn, Ip, K_CHUNK, BN, BK, EVEN_K, UPCAST,
-                        SWAP, SYNC, PAIR, TAIL, SPLIT, w_desc,
+                        SWAP, SYNC, PAIR, TAIL, SPLIT, w_desc, w_desc_t,
                         (e * (stride_we // stride_wn) + n0) // 16, TMA)
     _gemm2_store(acc, n0, nmask, assign, rmask, e64, b_ptr, stride_be, y_ptr, H, BN, HAS_BIAS,
                  UPCAST, SWAP, SPLIT)

@@ -134,21 +134,22 @@ PDL_LAUNCH = frozenset({"route", "gemm1", "act", "finalize"})
 
 
 # Weight tiles through the tensor memory accelerator (_kernels._load_words_tma) on sm90, for
-# unpaired 128-code steps over a K with no tail step: the Mixtral decode shapes. Session 6,
-# gpu_check --launch-ab on one input draw per seed, three seeds (medians of 3, us), cp.async ->
-# TMA: Mixtral T=8 258.8 / 329.0 / 310.3 -> 254.2 / 325.0 / 307.6, T=64 406.2 / 407.5 / 412.4 ->
-# 394.2 / 395.2 / 394.6; slower where it was also tried: 20b T=64 (K = 2880: the tail step
-# becomes a masked whole step) 218.1 / 216.8 / 216.9 -> 222.1 / 220.9 / 221.0, and (fresh draws
-# per variant) T=1 paired 64-code steps (Mixtral 112.5 -> 121.9, 20b 50.8 -> 52.2), 64-code
-# mid and prefill tiles (20b T=512 413.7 -> 430.9, 120b T=4096 2274 -> 2339). False: cp.async.
+# unpaired 128-code steps: the decode rows (a K with a 64-code tail step, gpt-oss 2880, loads
+# the tail through a second descriptor). Session 6, gpu_check --launch-ab on one input draw per
+# seed, three seeds (medians of 3, us), cp.async -> TMA: Mixtral T=8 258.8 / 329.0 / 310.3 ->
+# 254.2 / 325.0 / 307.6, T=64 406.2 / 407.5 / 412.4 -> 394.2 / 395.2 / 394.6; 20b T=8
+# 144.5 / 151.1 / 152.1 -> 144.5 / 150.3 / 150.4, T=64 216.7 / 216.8 / 216.7 -> 214.6 / 214.6 /
+# 214.5; 120b T=8 197.7 / 195.1 / 195.6 -> 194.2 / 191.6 / 191.8, T=64 628.8 / 642.2 / 646.2 ->
+# 614.8 / 627.6 / 640.3. Slower where it was also tried (fresh draws per variant): T=1's paired
+# 64-code steps (Mixtral 112.5 -> 121.9, 20b 50.8 -> 52.2), the 64-code mid and prefill tiles
+# (20b T=512 413.7 -> 430.9, 120b T=4096 2274 -> 2339). False: cp.async everywhere.
 TMA = True
 
 
-def use_tma(c: TileConfig, K: int, major: int, words) -> bool:
-    """Whether a GEMM with planned config `c` over K (prepared int32 words `words`) loads its
-    weight tiles by TMA: see TMA. The descriptor needs a 16-byte aligned base."""
-    return (TMA and major == 9 and c.BK == 128 and not c.PAIR and K % c.BK == 0
-            and words.data_ptr() % 16 == 0)
+def use_tma(c: TileConfig, major: int, words) -> bool:
+    """Whether a GEMM with planned config `c` (prepared int32 words `words`) loads its weight
+    tiles by TMA: see TMA. The descriptor needs a 16-byte aligned base."""
+    return TMA and major == 9 and c.BK == 128 and not c.PAIR and words.data_ptr() % 16 == 0
 
 
 class Plan(NamedTuple):
