@@ -110,10 +110,10 @@ def _configs():
     seen = {}
     for T, k, E, H, I in SHAPES:
         blocks = min(T * k, T * k // 16 + E)
-        for gemm, cfg, N, K in zip((1, 2), configs.pick(T, k, E, H, I), (2 * I, H), (H, I)):
+        for gemm, cfg, N, k_dim in zip((1, 2), configs.pick(T, k, E, H, I), (2 * I, H), (H, I)):
             seen.setdefault((gemm, cfg, H, I), None)
             # what the launch uses on an H100 (132 SMs): decode grids pair tiles (configs.plan)
-            seen.setdefault((gemm, configs.plan(cfg, blocks, N, K, 132, f"gemm{gemm}").config,
+            seen.setdefault((gemm, configs.plan(cfg, blocks, N, k_dim, 132, f"gemm{gemm}").config,
                              H, I), None)
     return list(seen)
 

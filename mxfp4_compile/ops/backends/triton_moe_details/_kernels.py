@@ -375,10 +375,10 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   TMA: tl.constexpr = False):
     """w_ptr: int32 words [E, 2Ip, Hp/8] (with TMA, w_desc / w_desc_t: their descriptors for a
     whole / the TAIL step, _load_words_tma); s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
-    paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One program: BM sorted rows x BN weight rows =
-    BN/2 intermediate columns, one MMA per K step; PAIR: two such tiles side by side (the next
-    BN rows too), sharing the activation tile and the loop's bookkeeping (fewer instructions
-    per weight byte at decode).
+    paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
+    program: BM sorted rows x BN weight rows = BN/2 intermediate columns, one MMA per K step;
+    PAIR: two such tiles side by side (the next BN rows too), sharing the activation tile and
+    the loop's bookkeeping (fewer instructions per weight byte at decode).
     SPLIT > 1 (decode: too few programs to keep the SMs busy): program_id(1) takes K_CHUNK of
     the K range and stores its partial gate/up sums (bias in chunk 0 only) to
     p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates.
