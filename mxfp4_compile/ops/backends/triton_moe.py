@@ -250,21 +250,25 @@ def _pdl(major: int):
     return {name: {"PDL": True, "launch_pdl": name in configs.PDL_LAUNCH} for name in names}
 
 
-def _words_desc(words, c, tma, steps=None):
-    """With `tma`: a host tensor descriptor (_kernels._load_words_tma) over prepared words
+def _words_descs(words, c, tma, tail):
+    """With `tma`: host tensor descriptors (_kernels._load_words_tma) over prepared words
     [E, N, K/8] int32 viewed as [E N/16, K/64, 16, 8] (16-row group, 64-code block, row, word:
-    the tiled layout), its box one BN-row tile's BK step (or `steps` codes: the tail step). It
-    holds the base pointer by value,
-    so a CUDA graph replays it as captured (the weights are fixed). Without: the words (the
-    kernel ignores the argument)."""
+    the tiled layout), boxes of one BN-row tile's BK step and of its `tail` step (the same
+    descriptor when there is none). They hold the base pointer by value, so a CUDA graph
+    replays them as captured (the weights are fixed). Without: the words twice (the kernel
+    ignores both)."""
     if not tma:
-        return words
+        return words, words
     from triton.tools.tensor_descriptor import TensorDescriptor
 
     E, N, kw = words.shape
     v = words.view(E * N // 16, kw // 8, 16, 8)
-    return TensorDescriptor(v, list(v.shape), list(v.stride()),
-                            [c.BN // 16, (steps or c.BK) // 64, 16, 8])
+
+    def desc(codes):
+        box = [c.BN // 16, codes // 64, 16, 8]
+        return TensorDescriptor(v, list(v.shape), list(v.stride()), box)
+    whole = desc(c.BK)
+    return whole, (desc(tail) if tail else whole)
 
 
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
@@ -313,8 +317,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     tma1 = configs.use_tma(c1, major, w13_words)
     K._gemm1_kernel[(nb1 * p1.tiles, split1)](
         x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
-        E, k, nb1, float(alpha), float(limit), M, _words_desc(w13_words, c1, tma1),
-        _words_desc(w13_words, c1, tma1, p1.tail),
+        E, k, nb1, float(alpha), float(limit), M, *_words_descs(w13_words, c1, tma1, p1.tail),
         # strides as constants: the compiler then knows every row is 16-byte aligned
         x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
         w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
@@ -339,7 +342,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     tma2 = configs.use_tma(c2, major, w2_words)
     K._gemm2_kernel[(nb2 * p2.tiles, split2)](
         a, sorted_assign, es, w2_words, w2_scales, b2, y,
-        E, nb2, M, _words_desc(w2_words, c2, tma2), _words_desc(w2_words, c2, tma2, p2.tail),
+        E, nb2, M, *_words_descs(w2_words, c2, tma2, p2.tail),
         w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
         w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
         HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
