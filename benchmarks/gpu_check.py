@@ -483,6 +483,8 @@ LAUNCH_VARIANTS = {
     "g2split4": dict(GEMM2_MID_SPLIT=4),
     "g2split8": dict(GEMM2_MID_SPLIT=8),
     "notma": dict(TMA=False),  # cp.async weight tiles everywhere (configs.TMA, session 6)
+    "nomma2": dict(MMA2=False),  # the Triton (wgmma) decode tiles instead of _mma2 (session 7)
+    "mma2s4": dict(MMA2_STAGES=4),
 }
 
 

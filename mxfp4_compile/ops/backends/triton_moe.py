@@ -314,19 +314,31 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
-    tma1 = configs.use_tma(c1, major, w13_words)
-    K._gemm1_kernel[(nb1 * p1.tiles, split1)](
-        x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
-        E, k, nb1, float(alpha), float(limit), M, *_words_descs(w13_words, c1, tma1, p1.tail),
-        # strides as constants: the compiler then knows every row is 16-byte aligned
-        x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
-        w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
-        H=H, Hp=Hp, Ip=Ip,
-        ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
-        EVEN_K=p1.even_k, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
-        SYNC=sync, SPLIT=split1, K_CHUNK=p1.chunk, N_FIRST=c1.N_FIRST, PAIR=c1.PAIR,
-        TAIL=p1.tail, HALF=c1.HALF, TMA=tma1,
-        num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1), **pdl["gemm1"])
+    if configs.use_mma2(c1, major) and x.dtype == torch.bfloat16:  # (it copies x as is)
+        from .triton_moe_details import _mma2
+        _mma2._gemm1_kernel[(nb1 * p1.tiles, split1)](
+            x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
+            E, k, nb1, float(alpha), float(limit), M,
+            x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
+            w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
+            H=H, Hp=Hp, Ip=Ip, ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM,
+            BN=c1.BN, BK=c1.BK, EB=EB, SPLIT=split1, K_CHUNK=p1.chunk,
+            MASK_K=p1.tail > 0 or not p1.even_k, NUM_STAGES=configs.MMA2_STAGES,
+            num_warps=4, **pdl["gemm1"])
+    else:
+        tma1 = configs.use_tma(c1, major, w13_words)
+        K._gemm1_kernel[(nb1 * p1.tiles, split1)](
+            x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
+            E, k, nb1, float(alpha), float(limit), M, *_words_descs(w13_words, c1, tma1, p1.tail),
+            # strides as constants: the compiler then knows every row is 16-byte aligned
+            x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
+            w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
+            H=H, Hp=Hp, Ip=Ip,
+            ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
+            EVEN_K=p1.even_k, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
+            SYNC=sync, SPLIT=split1, K_CHUNK=p1.chunk, N_FIRST=c1.N_FIRST, PAIR=c1.PAIR,
+            TAIL=p1.tail, HALF=c1.HALF, TMA=tma1,
+            num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1), **pdl["gemm1"])
     if split1 > 1:
         BR, BC = 16, 128
         K._act_kernel[(_cdiv(M, BR), _cdiv(Ip, BC))](
@@ -339,17 +351,27 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     y = torch.empty(split2, M, H, dtype=torch.float32, device=dev)  # per-(token, slot) outputs
     b2 = w2_bias if w2_bias is not None else es
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
-    tma2 = configs.use_tma(c2, major, w2_words)
-    K._gemm2_kernel[(nb2 * p2.tiles, split2)](
-        a, sorted_assign, es, w2_words, w2_scales, b2, y,
-        E, nb2, M, *_words_descs(w2_words, c2, tma2, p2.tail),
-        w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
-        w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
-        HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
-        EVEN_K=p2.even_k, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP, SYNC=sync,
-        SPLIT=split2, K_CHUNK=p2.chunk, N_FIRST=c2.N_FIRST, PAIR=c2.PAIR, TAIL=p2.tail,
-        HALF=c2.HALF, TMA=tma2,
-        num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2), **pdl["gemm2"])
+    if configs.use_mma2(c2, major):
+        from .triton_moe_details import _mma2
+        _mma2._gemm2_kernel[(nb2 * p2.tiles, split2)](
+            a, sorted_assign, es, w2_words, w2_scales, b2, y, E, nb2, M,
+            w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
+            w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
+            HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB, SPLIT=split2,
+            K_CHUNK=p2.chunk, MASK_K=p2.tail > 0 or not p2.even_k,
+            NUM_STAGES=configs.MMA2_STAGES, num_warps=4, **pdl["gemm2"])
+    else:
+        tma2 = configs.use_tma(c2, major, w2_words)
+        K._gemm2_kernel[(nb2 * p2.tiles, split2)](
+            a, sorted_assign, es, w2_words, w2_scales, b2, y,
+            E, nb2, M, *_words_descs(w2_words, c2, tma2, p2.tail),
+            w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
+            w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
+            HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
+            EVEN_K=p2.even_k, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP, SYNC=sync,
+            SPLIT=split2, K_CHUNK=p2.chunk, N_FIRST=c2.N_FIRST, PAIR=c2.PAIR, TAIL=p2.tail,
+            HALF=c2.HALF, TMA=tma2,
+            num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2), **pdl["gemm2"])
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
     # decode: T programs of 1024 columns would leave most SMs idle; 128 columns each then

@@ -152,6 +152,28 @@ def use_tma(c: TileConfig, major: int, words) -> bool:
     return TMA and major == 9 and c.BK == 128 and not c.PAIR and words.data_ptr() % 16 == 0
 
 
+# Decode tiles through _mma2 (Gluon, mma.sync, explicit register layouts) instead of the Triton
+# kernels' wgmma, where `use_mma2` allows: fewer instructions per K step (sm90 SASS, Mixtral
+# GEMM1 64 x 128 step: 241 against 295 with TMA). MMA2_STAGES: its cp.async pipeline depth.
+MMA2 = True
+MMA2_STAGES = 3
+
+
+def use_mma2(c: TileConfig, major: int) -> bool:
+    """Whether a GEMM with planned config `c` runs _mma2's kernels on a GPU of compute capability
+    `major` (0: the interpreter, which cannot run Gluon)."""
+    return (MMA2 and major >= 8 and c.SWAP and c.BM == 16 and c.BN == 64 and c.num_warps == 4
+            and not c.PAIR and not c.HALF and c.BK in (64, 128) and _gluon_available())
+
+
+def _gluon_available() -> bool:
+    try:
+        from . import _mma2  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 class Plan(NamedTuple):
     """How one GEMM launches (`plan`)."""
     config: TileConfig

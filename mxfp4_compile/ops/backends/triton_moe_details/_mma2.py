@@ -1,0 +1,310 @@
+"""Decode GEMMs of the "triton" MoE backend written in Gluon, on mma.sync (sm80+).
+
+Why a second implementation of the decode tiles: at T <= 64 the GEMMs stream the weights once
+and are limited by the instructions each K step issues (benchmarks/NOTES.md, session 6: a
+plain reader streams the same grid at 97% of the floor; the Triton GEMMs issue ~295
+instructions per 64 x 128 step, of which ~100 are wgmma fences, descriptors, warpgroup waits
+and a shared-memory round trip of the scale bytes that Triton's layout choice forces). Here every
+layout is explicit:
+  - words and scale bytes are loaded from shared memory straight into the registers of the
+    threads whose A fragment they decode to (the fragment a thread holds for mma.m16n8k16,
+    which is what `prepare`'s word order was built for: layout.py, _kernels._assemble);
+  - the MMA is mma.sync (no fences, descriptors or warpgroup waits; nothing left in flight
+    across steps, so no register race to drain);
+  - words, scales and the activation tile come through one cp.async pipeline of NUM_STAGES.
+Same inputs, outputs and semantics as _kernels._gemm1_kernel / _gemm2_kernel with SWAP (weight
+rows on the MMA's M side), BN = 64, 4 warps, unpaired tiles; a K tail (gpt-oss K = 2880) is a
+masked last step. GPU only: Gluon has no interpreter, so CPU CI runs the Triton kernels and
+compiles these for sm90 (tests/ops/backends/test_triton_moe_mma2.py); the H100 checks both.
+
+Shape legend (one program): BN weight rows (G = BN/16 groups of 16, one per warp), BM sorted
+rows (tokens), BK codes per step = NB 64-code blocks = NCH 32-code chunks.
+"""
+from triton.experimental import gluon
+from triton.experimental.gluon import language as gl
+from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
+from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+from . import layout
+
+_DEQUANT_ASM = gl.constexpr(layout.DEQUANT_ASM)
+_ACC_SCALE = gl.constexpr(2.0 ** layout.ACC_SHIFT)
+
+
+@gluon.jit
+def _pdl_enter(PDL: gl.constexpr):
+    """_kernels._pdl_enter: wait for the previous kernel, then let the next one launch."""
+    if PDL:
+        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
+                                  is_pure=False, pack=1)
+        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
+                                  dtype=gl.int32, is_pure=False, pack=1)
+
+
+@gluon.jit
+def _add(a, b):
+    return a + b
+
+
+@gluon.jit
+def _block_info(es_ptr, pid_m, E, BM: gl.constexpr, EB: gl.constexpr):
+    """_kernels._block_info: block pid_m -> (expert, first sorted row, end row, blocks)."""
+    L: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    offs = gl.arange(0, EB, layout=L)
+    lo = gl.load(es_ptr + offs, mask=offs < E, other=0)
+    hi = gl.load(es_ptr + offs + 1, mask=offs < E, other=0)
+    nb = (hi - lo + BM - 1) // BM
+    cb = gl.associative_scan(nb, 0, _add)  # inclusive block count
+    total = gl.sum(nb, axis=0)
+    e = gl.sum((cb <= pid_m).to(gl.int32), axis=0)
+    sel = offs == e
+    blk0 = gl.sum(gl.where(sel, cb - nb, 0), axis=0)
+    row0 = gl.sum(gl.where(sel, lo, 0), axis=0) + (pid_m - blk0) * BM
+    row1 = gl.sum(gl.where(sel, hi, 0), axis=0)
+    return e, row0, row1, total
+
+
+@gluon.constexpr_function
+def _x_layout(BN, BK):
+    """Copy layout of the [BM, BK] activation tile: 16-byte pieces, a row's BK/8 side by side."""
+    return gl.BlockedLayout([1, 8], [32 * 8 // BK, BK // 8], [BN // 16, 1], [1, 0])
+
+
+@gluon.jit
+def _issue(stage, k0, w_smem, s_smem, x_smem, w_base, s_base, x_rows, xmask, K_ACT,
+           Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
+           BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr):
+    """cp.async of one K step (codes k0 .. k0+BK) into pipeline stage `stage`: the weight words
+    [G, NB, 16, 8] and scale bytes [G, NB, 32] of the BN-row tile (as `prepare` tiles them: per
+    16-row group and 64-code block, 16 rows x 8 words, then 16 rows x 2 bytes) and the
+    activation tile [BM, BK]. MASK_K: steps may run past Kp (a tail or a split chunk's end);
+    those blocks and columns are zero-filled, and decode to zero."""
+    G: gl.constexpr = BN // 16
+    NB: gl.constexpr = BK // 64
+    WL: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 16, 2], [G, 1, 1, 1], [3, 2, 1, 0])
+    g = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, WL))))
+    b = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, WL))))
+    r = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, WL))))
+    w = gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, WL))))
+    g4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(g, 1), 2), 3)
+    b4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(b, 0), 2), 3)
+    r4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 0), 1), 3)
+    w4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(w, 0), 1), 2)
+    woff = g4 * (16 * stride_wn) + (k0 // 64 + b4) * 128 + r4 * 8 + w4
+    SL: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, NB, 32 // NB], [G, 1, 1], [2, 1, 0])
+    sg = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, SL)))
+    sb = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(2, SL)))
+    sj = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, SL)))
+    sg3 = gl.expand_dims(gl.expand_dims(sg, 1), 2)
+    sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)
+    sj3 = gl.expand_dims(gl.expand_dims(sj, 0), 1)
+    soff = sg3 * (16 * stride_sn) + (k0 // 64 + sb3) * 32 + sj3
+    XL: gl.constexpr = _x_layout(BN, BK)
+    xk = k0 + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
+    xptr = gl.expand_dims(x_rows, 1) + gl.expand_dims(xk, 0)
+    xm = xmask
+    if MASK_K:
+        cp.async_copy_global_to_shared(w_smem.index(stage), w_base + woff,
+                                       mask=(k0 + 64 * b4 + 0 * woff) < Kp)
+        cp.async_copy_global_to_shared(s_smem.index(stage), s_base + soff,
+                                       mask=(k0 + 64 * sb3 + 0 * soff) < Kp)
+        cp.async_copy_global_to_shared(x_smem.index(stage), xptr,
+                                       mask=gl.expand_dims(xm, 1) & gl.expand_dims(xk < K_ACT, 0))
+    else:
+        cp.async_copy_global_to_shared(w_smem.index(stage), w_base + woff)
+        cp.async_copy_global_to_shared(s_smem.index(stage), s_base + soff)
+        cp.async_copy_global_to_shared(x_smem.index(stage), xptr,
+                                       mask=gl.expand_dims(xm, 1) & gl.expand_dims(xk < K_ACT, 0))
+    cp.commit_group()
+
+
+@gluon.jit
+def _decode_tile(w_stage, s_stage, BN: gl.constexpr, BK: gl.constexpr):
+    """One stage's words and scale bytes -> the [BN, BK] bf16 tile (times 2**-ACC_SHIFT) in the
+    mma.sync A-operand layout. Thread (g, c) of warp G holds, for rows 16G+g and 16G+g+8 and
+    every 32-code chunk, word c of the chunk (its 8 codes are that thread's fragment elements:
+    layout.py) and the chunk's scale byte."""
+    G: gl.constexpr = BN // 16
+    NB: gl.constexpr = BK // 64
+    # [G, NB, half, g, cb, c]: rows 16G + 8half + g, chunk 2NB + cb, word c of the chunk
+    W6: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, 1], [1, 1, 1, 8, 1, 4], [G, 1, 1, 1, 1, 1],
+                                        [5, 4, 3, 2, 1, 0])
+    words = w_stage.reshape([G, NB, 2, 8, 2, 4]).load(W6)
+    sc = s_stage.reshape([G, NB, 2, 8, 2]).load(gl.SliceLayout(5, W6))
+    m = gl.expand_dims(sc.to(gl.int32) * 0x00800080, 5)  # bf16x2 multiplier (_kernels._dequant)
+    e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
+        _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, m, words], dtype=(gl.bfloat16,) * 8,
+        is_pure=True, pack=1)
+    q0 = gl.join(gl.join(e0, e1), gl.join(e2, e3))  # [..., lo, h]  (s = 0)
+    q1 = gl.join(gl.join(e4, e5), gl.join(e6, e7))  # (s = 1)
+    t = gl.join(q0, q1)  # [G, NB, half, g, cb, c, lo, h, s]
+    # rows (G, half, g); K = 64NB + 32cb + 16s + 8h + 2c + lo
+    t = gl.permute(t, (0, 2, 3, 1, 4, 8, 7, 5, 6))
+    return gl.reshape(t, (BN, BK))
+
+
+@gluon.jit
+def _k_loop(w_base, s_base, x_rows, xmask, K_ACT, n_steps, k_lo,
+            Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
+            BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr,
+            MASK_K: gl.constexpr):
+    """acc [BN, BM] fp32 (mma layout) = W[rows] @ act[x_rows].T over n_steps steps from k_lo."""
+    G: gl.constexpr = BN // 16
+    NB: gl.constexpr = BK // 64
+    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[G, 1],
+                                                  instr_shape=[16, 8])
+    A_L: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
+    B_L: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
+    # (layouts of one stage's buffer: the leading stage index is not part of them)
+    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
+    plain_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    xs_l: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+    w_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, G, NB, 16, 8], plain)
+    s_smem = gl.allocate_shared_memory(gl.uint8, [NUM_STAGES, G, NB, 32], plain_s)
+    x_smem = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BM, BK], xs_l)
+    # the activation rows in the copy layout once (a layout change goes through shared memory)
+    x_rows = gl.convert_layout(x_rows, gl.SliceLayout(1, _x_layout(BN, BK)))
+    xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(BN, BK)))
+    for i in gl.static_range(NUM_STAGES - 1):
+        if i < n_steps:
+            _issue(i, k_lo + i * BK, w_smem, s_smem, x_smem, w_base, s_base, x_rows, xmask,
+                   K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+        else:
+            cp.commit_group()  # one group per step, real or empty: wait_group counts them
+    acc = gl.zeros([BN, BM], gl.float32, MMA)
+    for i in range(n_steps):
+        cp.wait_group(NUM_STAGES - 2)
+        gl.thread_barrier()  # every thread's copies of step i landed; step i-1's reads done
+        nxt = i + NUM_STAGES - 1
+        if nxt < n_steps:
+            _issue(nxt % NUM_STAGES, k_lo + nxt * BK, w_smem, s_smem, x_smem, w_base, s_base,
+                   x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+        else:
+            cp.commit_group()  # empty group: keeps wait_group's count in step
+        st = i % NUM_STAGES
+        a = gl.convert_layout(_decode_tile(w_smem.index(st), s_smem.index(st), BN, BK), A_L)
+        b = x_smem.index(st).permute((1, 0)).load(B_L)
+        acc = mma_v2(a, b, acc)
+    return acc * _ACC_SCALE
+
+
+@gluon.jit
+def _steps(Kp: gl.constexpr, K_CHUNK: gl.constexpr, BK: gl.constexpr, SPLIT: gl.constexpr):
+    """(first code, number of BK steps) of this program's K chunk."""
+    k_lo = gl.program_id(1) * K_CHUNK
+    if SPLIT > 1:
+        n = (K_CHUNK + BK - 1) // BK
+    else:
+        n = (Kp + BK - 1) // BK
+    return k_lo, n
+
+
+@gluon.jit
+def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
+                  E, k_top, n_blocks, alpha, limit, p_rows,
+                  stride_xt: gl.constexpr, stride_we: gl.constexpr, stride_wn: gl.constexpr,
+                  stride_se: gl.constexpr, stride_sn: gl.constexpr, stride_be: gl.constexpr,
+                  H: gl.constexpr, Hp: gl.constexpr, Ip: gl.constexpr, ACT: gl.constexpr,
+                  HAS_BIAS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
+                  EB: gl.constexpr, SPLIT: gl.constexpr, K_CHUNK: gl.constexpr,
+                  MASK_K: gl.constexpr, NUM_STAGES: gl.constexpr, PDL: gl.constexpr):
+    """_kernels._gemm1_kernel for the decode tiles (see the module docstring)."""
+    _pdl_enter(PDL)
+    N_TILES: gl.constexpr = (2 * Ip + BN - 1) // BN
+    pid = gl.program_id(0)
+    pid_m = pid // N_TILES
+    pid_n = pid % N_TILES
+    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
+    if pid_m < total:
+        RL: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        rows = row0 + gl.arange(0, BM, layout=RL)
+        rmask = rows < row1
+        tok = gl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top
+        e64 = e.to(gl.int64)
+        w0 = pid_n * BN
+        w_base = w_ptr + e64 * stride_we + (w0 // 16) * (16 * stride_wn)
+        s_base = s_ptr + e64 * stride_se + (w0 // 16) * (16 * stride_sn)
+        k_lo, n_steps = _steps(Hp, K_CHUNK, BK, SPLIT)
+        acc = _k_loop(w_base, s_base, x_ptr + tok.to(gl.int64) * stride_xt, rmask, H, n_steps,
+                      k_lo, Hp, stride_wn, stride_sn, BN, BM, BK, NUM_STAGES, MASK_K)
+        # epilogue in a plain layout: [G, half, i, BM], tile row 16G + 8half + i = gate (half 0)
+        # or up (half 1) of intermediate column 8G + i (`prepare`'s paired row order)
+        G: gl.constexpr = BN // 16
+        EL: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1], [1, 1, 8, 4], [G, 1, 1, 1],
+                                            [1, 3, 2, 0])
+        acc = gl.convert_layout(gl.reshape(acc, (G, 2, 8, BM)), EL)
+        if HAS_BIAS:
+            bo = w0 + gl.arange(0, BN, layout=gl.BlockedLayout([1], [32], [G], [0]))
+            bias = gl.load(b_ptr + e64 * stride_be + bo, mask=bo < 2 * Ip, other=0.0)
+            if SPLIT > 1:
+                bias = gl.where(gl.program_id(1) == 0, bias, 0.0)
+            bias = gl.convert_layout(gl.reshape(bias, (G, 2, 8, 1)), EL)
+            acc = acc + bias
+        gate, up = gl.split(gl.permute(acc, (0, 2, 3, 1)))  # [G, i, BM] each
+        OL: gl.constexpr = gl.SliceLayout(3, gl.BlockedLayout([1, 1, 1, 2], [1, 8, 4, 1],
+                                                              [G, 1, 1, 1], [3, 1, 2, 0]))
+        gate = gl.convert_layout(gate, OL)
+        up = gl.convert_layout(up, OL)
+        col = w0 // 2 + gl.expand_dims(gl.expand_dims(
+            gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, OL))), 1), 2) * 8 \
+            + gl.expand_dims(gl.expand_dims(
+                gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, OL))), 0), 2)
+        r3 = gl.expand_dims(gl.expand_dims(gl.convert_layout(
+            rows, gl.SliceLayout(0, gl.SliceLayout(1, OL))), 0), 1)
+        m3 = gl.expand_dims(gl.expand_dims(gl.convert_layout(
+            rmask, gl.SliceLayout(0, gl.SliceLayout(1, OL))), 0), 1) & (col < Ip)
+        if SPLIT > 1:
+            p = p_ptr + ((gl.program_id(1) * 2 * p_rows + r3).to(gl.int64) * Ip + col)
+            gl.store(p, gate, mask=m3)
+            gl.store(p + p_rows * Ip, up, mask=m3)
+        else:
+            if ACT == 0:  # swiglu_oai
+                g_ = gl.minimum(gate, limit)
+                u_ = gl.minimum(gl.maximum(up, -limit), limit)
+                act = g_ * (1.0 / (1.0 + gl.exp(-alpha * g_))) * (u_ + 1.0)
+            else:
+                act = gate * (1.0 / (1.0 + gl.exp(-gate))) * up
+            gl.store(a_ptr + r3.to(gl.int64) * Ip + col, act.to(gl.bfloat16), mask=m3)
+
+
+@gluon.jit
+def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E, n_blocks, M,
+                  stride_we: gl.constexpr, stride_wn: gl.constexpr, stride_se: gl.constexpr,
+                  stride_sn: gl.constexpr, stride_be: gl.constexpr, H: gl.constexpr,
+                  Ip: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
+                  BN: gl.constexpr, BK: gl.constexpr, EB: gl.constexpr, SPLIT: gl.constexpr,
+                  K_CHUNK: gl.constexpr, MASK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
+                  PDL: gl.constexpr):
+    """_kernels._gemm2_kernel for the decode tiles (see the module docstring)."""
+    _pdl_enter(PDL)
+    N_TILES: gl.constexpr = (H + BN - 1) // BN
+    pid = gl.program_id(0)
+    pid_m = pid // N_TILES
+    pid_n = pid % N_TILES
+    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
+    if pid_m < total:
+        RL: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        rows = row0 + gl.arange(0, BM, layout=RL)
+        rmask = rows < row1
+        e64 = e.to(gl.int64)
+        n0 = pid_n * BN
+        w_base = w_ptr + e64 * stride_we + (n0 // 16) * (16 * stride_wn)
+        s_base = s_ptr + e64 * stride_se + (n0 // 16) * (16 * stride_sn)
+        k_lo, n_steps = _steps(Ip, K_CHUNK, BK, SPLIT)
+        acc = _k_loop(w_base, s_base, a_ptr + rows.to(gl.int64) * Ip, rmask, Ip, n_steps, k_lo,
+                      Ip, stride_wn, stride_sn, BN, BM, BK, NUM_STAGES, MASK_K)
+        G: gl.constexpr = BN // 16
+        OL: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [G, 1], [0, 1])
+        acc = gl.convert_layout(acc, OL)
+        cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, OL))
+        if HAS_BIAS:
+            bias = gl.load(b_ptr + e64 * stride_be + cols, mask=cols < H, other=0.0)
+            if SPLIT > 1:
+                bias = gl.where(gl.program_id(1) == 0, bias, 0.0)
+            acc = acc + gl.expand_dims(bias, 1)
+        r = gl.convert_layout(rows, gl.SliceLayout(0, OL))
+        assign = gl.load(sorted_ptr + r, mask=r < row1, other=0)
+        if SPLIT > 1:
+            assign += gl.program_id(1) * M
+        ptrs = y_ptr + gl.expand_dims(assign.to(gl.int64) * H, 0) + gl.expand_dims(cols, 1)
+        gl.store(ptrs, acc, mask=gl.expand_dims(r < row1, 0) & gl.expand_dims(cols < H, 1))
