@@ -309,12 +309,14 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
 
     a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted-row order
     nb1 = min(M, M // c1.BM + E)  # row blocks, worst case (surplus programs exit at once)
-    p1 = configs.plan(c1, nb1, 2 * Ip, Hp, sms, "gemm1")
+    # _mma2 (Gluon) runs the decode tiles where it can; it copies x as is: bf16 only
+    m2 = configs.mma2_possible(major)
+    p1 = configs.plan(c1, nb1, 2 * Ip, Hp, sms, "gemm1", m2 and x.dtype == torch.bfloat16)
     c1, split1 = p1.config, p1.split
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
-    if configs.use_mma2(c1, major) and x.dtype == torch.bfloat16:  # (it copies x as is)
+    if configs.use_mma2(c1, major) and x.dtype == torch.bfloat16:
         from .triton_moe_details import _mma2
         _mma2._gemm1_kernel[(nb1 * p1.tiles, split1)](
             x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
@@ -346,7 +348,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             BR=BR, BC=BC, num_warps=4, **pdl["act"])
 
     nb2 = min(M, M // c2.BM + E)
-    p2 = configs.plan(c2, nb2, H, Ip, sms, "gemm2")
+    p2 = configs.plan(c2, nb2, H, Ip, sms, "gemm2", m2)
     c2, split2 = p2.config, p2.split
     y = torch.empty(split2, M, H, dtype=torch.float32, device=dev)  # per-(token, slot) outputs
     b2 = w2_bias if w2_bias is not None else es

@@ -71,8 +71,8 @@ def _x_layout(BN, BK):
 
 
 @gluon.jit
-def _issue(stage, k0, w_smem, s_smem, x_smem, w_base, s_base, x_rows, xmask, K_ACT,
-           Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
+def _issue(stage, k0, w_smem, s_smem, x_smem, w_base, s_base, x_rows, xmask,
+           K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
            BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr):
     """cp.async of one K step (codes k0 .. k0+BK) into pipeline stage `stage`: the weight words
     [G, NB, 16, 8] and scale bytes [G, NB, 32] of the BN-row tile (as `prepare` tiles them: per
@@ -103,18 +103,20 @@ def _issue(stage, k0, w_smem, s_smem, x_smem, w_base, s_base, x_rows, xmask, K_A
     xk = k0 + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
     xptr = gl.expand_dims(x_rows, 1) + gl.expand_dims(xk, 0)
     xm = xmask
+    if MASK_K or K_ACT < Kp:
+        xm2 = gl.expand_dims(xm, 1) & gl.expand_dims(xk < K_ACT, 0)
+    else:
+        xm2 = gl.expand_dims(xm, 1) & gl.expand_dims(xk >= 0, 0)
     if MASK_K:
         cp.async_copy_global_to_shared(w_smem.index(stage), w_base + woff,
                                        mask=(k0 + 64 * b4 + 0 * woff) < Kp)
         cp.async_copy_global_to_shared(s_smem.index(stage), s_base + soff,
                                        mask=(k0 + 64 * sb3 + 0 * soff) < Kp)
-        cp.async_copy_global_to_shared(x_smem.index(stage), xptr,
-                                       mask=gl.expand_dims(xm, 1) & gl.expand_dims(xk < K_ACT, 0))
+        cp.async_copy_global_to_shared(x_smem.index(stage), xptr, mask=xm2)
     else:
         cp.async_copy_global_to_shared(w_smem.index(stage), w_base + woff)
         cp.async_copy_global_to_shared(s_smem.index(stage), s_base + soff)
-        cp.async_copy_global_to_shared(x_smem.index(stage), xptr,
-                                       mask=gl.expand_dims(xm, 1) & gl.expand_dims(xk < K_ACT, 0))
+        cp.async_copy_global_to_shared(x_smem.index(stage), xptr, mask=xm2)
     cp.commit_group()
 
 
@@ -144,7 +146,7 @@ def _decode_tile(w_stage, s_stage, BN: gl.constexpr, BK: gl.constexpr):
 
 
 @gluon.jit
-def _k_loop(w_base, s_base, x_rows, xmask, K_ACT, n_steps, k_lo,
+def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps, k_lo,
             Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
             BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr,
             MASK_K: gl.constexpr):
@@ -172,19 +174,21 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT, n_steps, k_lo,
         else:
             cp.commit_group()  # one group per step, real or empty: wait_group counts them
     acc = gl.zeros([BN, BM], gl.float32, MMA)
+    rd = 0  # stage of step i
+    wr = NUM_STAGES - 1  # stage of step i + NUM_STAGES - 1 (counters: no modulo per step)
     for i in range(n_steps):
         cp.wait_group(NUM_STAGES - 2)
         gl.thread_barrier()  # every thread's copies of step i landed; step i-1's reads done
-        nxt = i + NUM_STAGES - 1
-        if nxt < n_steps:
-            _issue(nxt % NUM_STAGES, k_lo + nxt * BK, w_smem, s_smem, x_smem, w_base, s_base,
+        if i + NUM_STAGES - 1 < n_steps:
+            _issue(wr, k_lo + (i + NUM_STAGES - 1) * BK, w_smem, s_smem, x_smem, w_base, s_base,
                    x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
         else:
             cp.commit_group()  # empty group: keeps wait_group's count in step
-        st = i % NUM_STAGES
-        a = gl.convert_layout(_decode_tile(w_smem.index(st), s_smem.index(st), BN, BK), A_L)
-        b = x_smem.index(st).permute((1, 0)).load(B_L)
+        a = gl.convert_layout(_decode_tile(w_smem.index(rd), s_smem.index(rd), BN, BK), A_L)
+        b = x_smem.index(rd).permute((1, 0)).load(B_L)
         acc = mma_v2(a, b, acc)
+        rd = 0 if rd == NUM_STAGES - 1 else rd + 1
+        wr = 0 if wr == NUM_STAGES - 1 else wr + 1
     return acc * _ACC_SCALE
 
 

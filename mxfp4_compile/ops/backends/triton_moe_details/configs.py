@@ -153,17 +153,38 @@ def use_tma(c: TileConfig, major: int, words) -> bool:
 
 
 # Decode tiles through _mma2 (Gluon, mma.sync, explicit register layouts) instead of the Triton
-# kernels' wgmma, where `use_mma2` allows: fewer instructions per K step (sm90 SASS, Mixtral
-# GEMM1 64 x 128 step: 241 against 295 with TMA). MMA2_STAGES: its cp.async pipeline depth.
+# kernels' wgmma, where `use_mma2` allows: 216 instructions per 64 x 128 K step (sm90 SASS,
+# Mixtral GEMM1) against 295 (TMA) / 274 (cp.async). Session 7 on the H100 (gpu_check
+# --launch-ab, medians of 3 on one input draw, whole forward, us), Triton kernels -> _mma2:
+# Mixtral T=1 113.6 -> 95.2, T=8 296.6 -> 271.7; 20b T=1 49.8 -> 49.2, T=8 142.8 -> 130.3,
+# T=64 213.3 -> 194.3; 120b T=1 51.1 -> 50.8, T=8 190.0 -> 183.3, T=64 634.5 -> 623.5.
+# MMA2_STAGES: its cp.async pipeline depth (4: Mixtral T=8 269.9, 20b T=8 133.6, T=64 195.9).
 MMA2 = True
 MMA2_STAGES = 3
+# Small decode grids (T=1) under _mma2: 128 (or 64) runs _mma2 unpaired at that K step with
+# split K; 0 keeps the Triton kernels' paired 64-code tiles (20b 49.2 / 48.8 / 49.4 us for
+# 128 / 64 / 0, 120b 50.8 / 49.7 / 51.0, Mixtral 95.2 / 99.1 / 101.1).
+# MMA2_WAVE128: grids of 5-7 programs per SM keep 128-code steps under _mma2 (the Triton kernels
+# step by 64 there; Mixtral T=1 95.2 against 100.7 us).
+# MMA2_BM32: the 32-row decode tiles (8 < m_e <= 16) on _mma2 too. Off: twice the mma.sync work
+# per weight byte and 6 programs per SM (38 kB of shared memory) made Mixtral T=64 slower,
+# 420.5 us against 384.3 on the Triton kernels' wgmma.
+MMA2_SMALL = 128
+MMA2_WAVE128 = True
+MMA2_BM32 = False
 
 
 def use_mma2(c: TileConfig, major: int) -> bool:
     """Whether a GEMM with planned config `c` runs _mma2's kernels on a GPU of compute capability
     `major` (0: the interpreter, which cannot run Gluon)."""
-    return (MMA2 and major >= 8 and c.SWAP and c.BM == 16 and c.BN == 64 and c.num_warps == 4
-            and not c.PAIR and not c.HALF and c.BK in (64, 128) and _gluon_available())
+    return (mma2_possible(major) and c.SWAP and (c.BM == 16 or (c.BM == 32 and MMA2_BM32))
+            and c.BN == 64 and c.num_warps == 4 and not c.PAIR and not c.HALF
+            and c.BK in (64, 128))
+
+
+def mma2_possible(major: int) -> bool:
+    """Whether _mma2 can run at all here (`plan` plans its decode grids for it then)."""
+    return MMA2 and major >= 8 and _gluon_available()
 
 
 def _gluon_available() -> bool:
@@ -184,7 +205,8 @@ class Plan(NamedTuple):
     even_k: bool  # whole steps only: no K mask in the loop
 
 
-def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str) -> Plan:
+def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str,
+         mma2: bool = False) -> Plan:
     """-> the Plan of one GEMM of `blocks` row blocks x N weight rows over K.
     A decode grid too small for the GPU (the split-K case) steps K by 64 and pairs weight
     tiles: the split restores the program count, and each program then runs one loop's
@@ -207,12 +229,16 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str) -> Pl
     if OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR:
         programs = blocks * -(-N // c.BN)
         if programs < PROGRAMS_PER_SM * sms:
-            c = dataclasses.replace(c, BK=64, PAIR=True, maxnreg=None)
+            if not (mma2 and MMA2_SMALL):
+                c = dataclasses.replace(c, BK=64, PAIR=True, maxnreg=None)
+            elif MMA2_SMALL == 64:
+                c = dataclasses.replace(c, BK=64)
         elif (which == "gemm2" and programs < RESIDENT_PER_SM * sms
               and K >= 2 * MIN_STEPS_PER_CHUNK * c.BK):
             c = dataclasses.replace(c, num_stages=3)
             force_split = min(GEMM2_MID_SPLIT, -(-K // c.BK) // MIN_STEPS_PER_CHUNK)
-        elif RESIDENT_PER_SM * sms <= programs < ONE_WAVE_PER_SM * sms:
+        elif RESIDENT_PER_SM * sms <= programs < ONE_WAVE_PER_SM * sms and not (
+                mma2 and MMA2_WAVE128):
             c = dataclasses.replace(c, BK=64, maxnreg=None)
     tiles = -(-N // (c.BN * (2 if c.PAIR else 1)))
     split, chunk = split_k(blocks * tiles, K, c.BK, sms, which, force_split)

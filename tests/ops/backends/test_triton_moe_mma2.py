@@ -1,0 +1,148 @@
+"""The Gluon decode GEMMs (triton_moe_details/_mma2.py) compiled for sm90 and sm80 here, without a
+GPU (Gluon has no interpreter: the H100 checks their results, benchmarks/gpu_check.py and
+tests/test_backend_cuda.py). For every launch `plan` sends to them at the decode shapes of the
+three benchmark models: the K loop must issue clearly fewer instructions than the Triton
+kernel's for the same tile (the reason this kernel exists), use mma.sync with the words and the
+activations loaded by ldmatrix, keep nothing in local memory, and wait for the previous kernel
+(programmatic dependent launch) before touching global memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import tempfile
+
+import pytest
+
+triton = pytest.importorskip("triton")
+if os.environ.get("TRITON_INTERPRET") == "1":
+    pytest.skip("needs the real Triton compiler, not the interpreter", allow_module_level=True)
+gluon_rt = pytest.importorskip("triton.experimental.gluon._runtime")
+
+from mxfp4_compile.ops.backends.triton_moe_details import _mma2, configs  # noqa: E402
+from test_triton_moe_sass import _CUOBJDUMP, _k_loop, _compile as _compile_triton  # noqa: E402
+
+# (T, k, E, H, I) decode shapes: gpt-oss-20b, -120b (K = 2880: a masked tail step) and Mixtral
+SHAPES = [(1, 4, 32, 2880, 2880), (8, 4, 32, 2880, 2880), (64, 4, 32, 2880, 2880),
+          (1, 4, 128, 2880, 2880), (64, 4, 128, 2880, 2880), (1, 2, 8, 4096, 14336),
+          (8, 2, 8, 4096, 14336)]
+
+
+def _launches():
+    """Distinct (gemm, planned config, split, chunk, mask, H, I) that an H100 launch of the
+    SHAPES sends to _mma2 (as triton_moe.moe plans them)."""
+    seen = {}
+    for T, k, E, H, I in SHAPES:
+        M = T * k
+        for gemm, c, N, K in zip((1, 2), configs.pick(T, k, E, H, I), (2 * I, H), (H, I)):
+            p = configs.plan(c, min(M, M // c.BM + E), N, K, 132, f"gemm{gemm}", True)
+            if configs.use_mma2(p.config, 9):
+                key = (gemm, p.config, p.split, p.chunk, p.tail > 0 or not p.even_k, H, I)
+                seen.setdefault(key, None)
+    return list(seen)
+
+
+def _compile(gemm, cfg, split, chunk, mask, H, I, arch=90):
+    """SASS of one _mma2 kernel as triton_moe.moe launches it (sm90: with programmatic launch)."""
+    from triton.backends.compiler import GPUTarget
+
+    common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, SPLIT=split,
+                  K_CHUNK=chunk, MASK_K=mask, NUM_STAGES=configs.MMA2_STAGES, PDL=arch >= 90)
+    ptr = {"x_ptr": "*bf16", "a_ptr": "*bf16", "sorted_ptr": "*i32", "es_ptr": "*i32",
+           "w_ptr": "*i32", "s_ptr": "*u8", "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32"}
+    if gemm == 1:
+        fn = _mma2._gemm1_kernel
+        cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
+                  stride_se=2 * I * H // 32, stride_sn=H // 32, stride_be=2 * I, H=H, Hp=H, Ip=I,
+                  ACT=0)
+        types = dict(ptr, E="i32", k_top="i32", n_blocks="i32", alpha="fp32", limit="fp32",
+                     p_rows="i32")
+    else:
+        fn = _mma2._gemm2_kernel
+        cx = dict(common, stride_we=I * H // 8, stride_wn=I // 8, stride_se=I * H // 32,
+                  stride_sn=I // 32, stride_be=H, H=H, Ip=I)
+        types = dict(ptr, E="i32", n_blocks="i32", M="i32")
+    sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
+    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
+             if t.startswith("*")}
+    src = gluon_rt.GluonASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(ck.asm["cubin"])
+    try:
+        return subprocess.run([_CUOBJDUMP, "-sass", f.name], capture_output=True, text=True,
+                              check=True).stdout
+    finally:
+        os.unlink(f.name)
+
+
+@pytest.fixture(scope="module")
+def ptxas_works():
+    if not os.path.exists(_CUOBJDUMP):
+        pytest.skip("triton's cuobjdump is missing")
+
+
+def test_the_decode_shapes_reach_mma2():
+    # both GEMMs, split (T=1, Mixtral T=8 GEMM2) and not, with and without masked steps
+    launches = _launches()
+    assert {(g, s > 1) for g, _, s, *_ in launches} == {(1, False), (1, True), (2, False),
+                                                        (2, True)}
+    assert {m for *_, m, _, _ in launches} == {True, False}
+    assert all(not c.PAIR and c.BK == 128 for _, c, *_ in launches)
+
+
+@pytest.mark.parametrize("launch", _launches(),
+                         ids=lambda v: f"gemm{v[0]}_split{v[2]}_mask{int(v[4])}_K{v[5 + v[0] % 2]}")
+def test_k_loop(ptxas_works, launch):
+    gemm, cfg, split, chunk, mask, H, I = launch
+    sass = _compile(gemm, cfg, split, chunk, mask, H, I)
+    loop = _k_loop(sass)
+    # one mma.sync m16n8k16 per 16 codes and 8 rows, A and B from registers: no wgmma
+    assert loop.count("HMMA.16816.F32.BF16") == (cfg.BK // 16) * (cfg.BM // 8)
+    assert not [op for op in loop if op.startswith(("HGMMA", "WARPGROUP"))]
+    # the only shared-memory stores are the cp.async copies; words and activations arrive by
+    # ldmatrix (2 + 8 per 128-code step), the scale bytes by 16-bit loads
+    assert not [op for op in loop if op.startswith(("STS", "STSM"))], "a layout change in the loop"
+    assert loop.count("LDSM.16.M88.4") == cfg.BK // 64 + cfg.BK // 16
+    assert "STL" not in sass and "LDL" not in sass, "register spills"
+    # fewer instructions per step than the Triton kernel's loop for the same tile (sm90, as
+    # launched: TMA where it uses it); 216 against 295 for Mixtral's GEMM1 when written
+    triton_loop = _k_loop(_compile_triton(gemm, dataclasses.replace(cfg, maxnreg=64), H, I))
+    assert len(loop) < 0.85 * len(triton_loop), (len(loop), len(triton_loop))
+
+
+@pytest.mark.parametrize("gemm", [1, 2])
+def test_waits_for_the_previous_kernel_before_touching_memory(ptxas_works, gemm):
+    launch = next(v for v in _launches() if v[0] == gemm and v[2] > 1)  # T=1: split K
+    ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
+                                           _compile(*launch))]
+    assert ops.count("ACQBULK") == 1 and ops.count("PREEXIT") == 1, "no griddepcontrol pair"
+    wait = ops.index("ACQBULK")
+    memory = [i for i, op in enumerate(ops) if op.startswith(("LDG", "STG", "LDGSTS"))]
+    assert memory and min(memory) > wait, f"global memory access before the wait: {ops[:wait]}"
+    assert ops.index("PREEXIT") > wait
+
+
+def test_compiles_for_sm80_without_griddepcontrol(ptxas_works):
+    # Ampere runs the same kernels (mma.sync and cp.async are sm80 features), without PDL
+    launch = next(v for v in _launches() if v[0] == 1 and v[4])
+    sass = _compile(*launch, arch=80)
+    assert "HMMA.16816.F32.BF16" in sass and "ACQBULK" not in sass
+
+
+def test_plan_for_mma2():
+    dec = configs._DECODE
+    # T=1 (gpt-oss-20b GEMM1: 4 experts x 90 tiles): unpaired 128-code steps and split K on
+    # _mma2; paired 64-code steps on the Triton kernels
+    p = configs.plan(dec, 4, 5760, 2880, 132, "gemm1", True)
+    assert (p.config.BK, p.config.PAIR, p.split > 1, p.even_k) == (128, False, True, False)
+    assert configs.use_mma2(p.config, 9) and configs.use_mma2(p.config, 8)
+    q = configs.plan(dec, 4, 5760, 2880, 132, "gemm1", False)
+    assert q.config.PAIR and not configs.use_mma2(q.config, 9)
+    # never under the interpreter, nor for tiles it does not implement
+    assert not configs.use_mma2(dec, 0)
+    assert not configs.use_mma2(configs._DECODE32, 9)  # MMA2_BM32 off: measured slower
+    assert not configs.use_mma2(configs._MID128, 9)
+    assert configs.mma2_possible(9) and not configs.mma2_possible(7)
