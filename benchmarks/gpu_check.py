@@ -484,7 +484,6 @@ LAUNCH_VARIANTS = {
     "g2split8": dict(GEMM2_MID_SPLIT=8),
     "notma": dict(TMA=False),  # cp.async weight tiles everywhere (configs.TMA, session 6)
     "nomma2": dict(MMA2=False),  # the Triton (wgmma) decode tiles instead of _mma2 (session 7)
-    "mma2s4": dict(MMA2_STAGES=4),
     "small0": dict(MMA2_SMALL=0),  # T=1: the Triton kernels' paired 64-code tiles
     "small64": dict(MMA2_SMALL=64),  # T=1: _mma2 at 64-code steps
     "nobm32": dict(MMA2_BM32=False),  # 32-row decode tiles on the Triton kernels

@@ -11,7 +11,7 @@ layout is explicit:
     which is what `prepare`'s word order was built for: layout.py, _kernels._assemble);
   - the MMA is mma.sync (no fences, descriptors or warpgroup waits; nothing left in flight
     across steps, so no register race to drain);
-  - words, scales and the activation tile come through one cp.async pipeline of NUM_STAGES.
+  - words, scales and the activation tile come through one cp.async pipeline of 3 stages.
 Same inputs, outputs and semantics as _kernels._gemm1_kernel / _gemm2_kernel with SWAP (weight
 rows on the MMA's M side), BN = 64, 4 warps, unpaired tiles; a K tail (gpt-oss K = 2880) is a
 masked last step. GPU only: Gluon has no interpreter, so CPU CI runs the Triton kernels and
@@ -71,14 +71,14 @@ def _x_layout(BN, BK):
 
 
 @gluon.jit
-def _issue(stage, k0, w_smem, s_smem, x_smem, w_base, s_base, x_rows, xmask,
+def _issue(k0, w_buf, s_buf, x_buf, w_base, s_base, x_rows, xmask,
            K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
            BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr):
-    """cp.async of one K step (codes k0 .. k0+BK) into pipeline stage `stage`: the weight words
+    """cp.async of one K step (codes k0 .. k0+BK) into one stage's buffers: the weight words
     [G, NB, 16, 8] and scale bytes [G, NB, 32] of the BN-row tile (as `prepare` tiles them: per
     16-row group and 64-code block, 16 rows x 8 words, then 16 rows x 2 bytes) and the
     activation tile [BM, BK]. MASK_K: steps may run past Kp (a tail or a split chunk's end);
-    those blocks and columns are zero-filled, and decode to zero."""
+    in a step that does, the blocks and columns past Kp are zero-filled, and decode to zero."""
     G: gl.constexpr = BN // 16
     NB: gl.constexpr = BK // 64
     WL: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 16, 2], [G, 1, 1, 1], [3, 2, 1, 0])
@@ -102,21 +102,22 @@ def _issue(stage, k0, w_smem, s_smem, x_smem, w_base, s_base, x_rows, xmask,
     XL: gl.constexpr = _x_layout(BN, BK)
     xk = k0 + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
     xptr = gl.expand_dims(x_rows, 1) + gl.expand_dims(xk, 0)
-    xm = xmask
-    if MASK_K or K_ACT < Kp:
-        xm2 = gl.expand_dims(xm, 1) & gl.expand_dims(xk < K_ACT, 0)
-    else:
-        xm2 = gl.expand_dims(xm, 1) & gl.expand_dims(xk >= 0, 0)
-    if MASK_K:
-        cp.async_copy_global_to_shared(w_smem.index(stage), w_base + woff,
+    if MASK_K and k0 + BK > Kp:  # (uniform branch: only the steps that reach past Kp)
+        cp.async_copy_global_to_shared(w_buf, w_base + woff,
                                        mask=(k0 + 64 * b4 + 0 * woff) < Kp)
-        cp.async_copy_global_to_shared(s_smem.index(stage), s_base + soff,
+        cp.async_copy_global_to_shared(s_buf, s_base + soff,
                                        mask=(k0 + 64 * sb3 + 0 * soff) < Kp)
-        cp.async_copy_global_to_shared(x_smem.index(stage), xptr, mask=xm2)
+        cp.async_copy_global_to_shared(
+            x_buf, xptr, mask=gl.expand_dims(xmask, 1) & gl.expand_dims(xk < K_ACT, 0))
     else:
-        cp.async_copy_global_to_shared(w_smem.index(stage), w_base + woff)
-        cp.async_copy_global_to_shared(s_smem.index(stage), s_base + soff)
-        cp.async_copy_global_to_shared(x_smem.index(stage), xptr, mask=xm2)
+        cp.async_copy_global_to_shared(w_buf, w_base + woff)
+        cp.async_copy_global_to_shared(s_buf, s_base + soff)
+        if K_ACT < Kp:  # x's columns past K_ACT (K padding): zeros
+            cp.async_copy_global_to_shared(
+                x_buf, xptr, mask=gl.expand_dims(xmask, 1) & gl.expand_dims(xk < K_ACT, 0))
+        else:
+            cp.async_copy_global_to_shared(
+                x_buf, xptr, mask=gl.expand_dims(xmask, 1) & gl.expand_dims(xk >= 0, 0))
     cp.commit_group()
 
 
@@ -146,61 +147,80 @@ def _decode_tile(w_stage, s_stage, BN: gl.constexpr, BK: gl.constexpr):
 
 
 @gluon.jit
-def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps, k_lo,
-            Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
-            BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, NUM_STAGES: gl.constexpr,
-            MASK_K: gl.constexpr):
-    """acc [BN, BM] fp32 (mma layout) = W[rows] @ act[x_rows].T over n_steps steps from k_lo."""
-    G: gl.constexpr = BN // 16
-    NB: gl.constexpr = BK // 64
-    MMA: gl.constexpr = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[G, 1],
-                                                  instr_shape=[16, 8])
-    A_L: gl.constexpr = gl.DotOperandLayout(0, MMA, 2)
-    B_L: gl.constexpr = gl.DotOperandLayout(1, MMA, 2)
-    # (layouts of one stage's buffer: the leading stage index is not part of them)
-    plain: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
-    plain_s: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
-    xs_l: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-    w_smem = gl.allocate_shared_memory(gl.int32, [NUM_STAGES, G, NB, 16, 8], plain)
-    s_smem = gl.allocate_shared_memory(gl.uint8, [NUM_STAGES, G, NB, 32], plain_s)
-    x_smem = gl.allocate_shared_memory(gl.bfloat16, [NUM_STAGES, BM, BK], xs_l)
-    # the activation rows in the copy layout once (a layout change goes through shared memory)
-    x_rows = gl.convert_layout(x_rows, gl.SliceLayout(1, _x_layout(BN, BK)))
-    xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(BN, BK)))
-    for i in gl.static_range(NUM_STAGES - 1):
-        if i < n_steps:
-            _issue(i, k_lo + i * BK, w_smem, s_smem, x_smem, w_base, s_base, x_rows, xmask,
-                   K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
-        else:
-            cp.commit_group()  # one group per step, real or empty: wait_group counts them
-    acc = gl.zeros([BN, BM], gl.float32, MMA)
-    rd = 0  # stage of step i
-    wr = NUM_STAGES - 1  # stage of step i + NUM_STAGES - 1 (counters: no modulo per step)
-    for i in range(n_steps):
-        cp.wait_group(NUM_STAGES - 2)
-        gl.thread_barrier()  # every thread's copies of step i landed; step i-1's reads done
-        if i + NUM_STAGES - 1 < n_steps:
-            _issue(wr, k_lo + (i + NUM_STAGES - 1) * BK, w_smem, s_smem, x_smem, w_base, s_base,
-                   x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
-        else:
-            cp.commit_group()  # empty group: keeps wait_group's count in step
-        a = gl.convert_layout(_decode_tile(w_smem.index(rd), s_smem.index(rd), BN, BK), A_L)
-        b = x_smem.index(rd).permute((1, 0)).load(B_L)
-        acc = mma_v2(a, b, acc)
-        rd = 0 if rd == NUM_STAGES - 1 else rd + 1
-        wr = 0 if wr == NUM_STAGES - 1 else wr + 1
-    return acc * _ACC_SCALE
+def _step(acc, i, n_steps, k_lo, r_w, r_s, r_x, w_w, w_s, w_x, w_base, s_base, x_rows, xmask,
+          K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
+          stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+          MASK_K: gl.constexpr):
+    """K step i: its copies (buffers r_*) are waited for, step i+2's are issued into w_*, then
+    acc += the decoded weight tile @ the activation tile.T."""
+    MMA: gl.constexpr = _mma_layout(BN)
+    cp.wait_group(1)
+    gl.thread_barrier()  # every thread's copies of step i landed; step i-1's reads are done
+    if i + 2 < n_steps:
+        _issue(k_lo + (i + 2) * BK, w_w, w_s, w_x, w_base, s_base, x_rows, xmask, K_ACT, Kp,
+               stride_wn, stride_sn, BN, BM, BK, MASK_K)
+    else:
+        cp.commit_group()  # an empty group keeps wait_group's count in step
+    a = gl.convert_layout(_decode_tile(r_w, r_s, BN, BK), gl.DotOperandLayout(0, MMA, 2))
+    b = r_x.permute((1, 0)).load(gl.DotOperandLayout(1, MMA, 2))
+    return mma_v2(a, b, acc)
+
+
+@gluon.constexpr_function
+def _mma_layout(BN):
+    return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[BN // 16, 1],
+                                     instr_shape=[16, 8])
 
 
 @gluon.jit
-def _steps(Kp: gl.constexpr, K_CHUNK: gl.constexpr, BK: gl.constexpr, SPLIT: gl.constexpr):
-    """(first code, number of BK steps) of this program's K chunk."""
-    k_lo = gl.program_id(1) * K_CHUNK
-    if SPLIT > 1:
-        n = (K_CHUNK + BK - 1) // BK
+def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.constexpr, k_lo,
+            Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
+            BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr):
+    """acc [BN, BM] fp32 (mma layout) = W[rows] @ act[x_rows].T over n_steps steps from k_lo.
+    Three pipeline stages, each its own shared-memory buffers, the loop unrolled by three so
+    that every stage is a static choice: with one multi-stage buffer indexed per step the
+    compiler cannot tell a stage being filled from the one being read and puts a second
+    barrier between them (sm90 SASS: 2 BAR per step, now 1)."""
+    G: gl.constexpr = BN // 16
+    NB: gl.constexpr = BK // 64
+    w_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
+    s_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    x_l: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
+    w0 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
+    w1 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
+    w2 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
+    s0 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
+    s1 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
+    s2 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
+    x0 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
+    x1 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
+    x2 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
+    # the activation rows in the copy layout once (a layout change goes through shared memory)
+    x_rows = gl.convert_layout(x_rows, gl.SliceLayout(1, _x_layout(BN, BK)))
+    xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(BN, BK)))
+    _issue(k_lo, w0, s0, x0, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn,
+           BN, BM, BK, MASK_K)
+    if n_steps > 1:
+        _issue(k_lo + BK, w1, s1, x1, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn,
+               stride_sn, BN, BM, BK, MASK_K)
     else:
-        n = (Kp + BK - 1) // BK
-    return k_lo, n
+        cp.commit_group()
+    acc = gl.zeros([BN, BM], gl.float32, _mma_layout(BN))
+    for j in range(n_steps // 3):
+        i = 3 * j
+        acc = _step(acc, i, n_steps, k_lo, w0, s0, x0, w2, s2, x2, w_base, s_base, x_rows,
+                    xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+        acc = _step(acc, i + 1, n_steps, k_lo, w1, s1, x1, w0, s0, x0, w_base, s_base, x_rows,
+                    xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+        acc = _step(acc, i + 2, n_steps, k_lo, w2, s2, x2, w1, s1, x1, w_base, s_base, x_rows,
+                    xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+    if n_steps % 3 > 0:
+        acc = _step(acc, n_steps - n_steps % 3, n_steps, k_lo, w0, s0, x0, w2, s2, x2, w_base,
+                    s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+    if n_steps % 3 > 1:
+        acc = _step(acc, n_steps - 1, n_steps, k_lo, w1, s1, x1, w0, s0, x0, w_base, s_base,
+                    x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+    return acc * _ACC_SCALE
 
 
 @gluon.jit
@@ -211,7 +231,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   H: gl.constexpr, Hp: gl.constexpr, Ip: gl.constexpr, ACT: gl.constexpr,
                   HAS_BIAS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                   EB: gl.constexpr, SPLIT: gl.constexpr, K_CHUNK: gl.constexpr,
-                  MASK_K: gl.constexpr, NUM_STAGES: gl.constexpr, PDL: gl.constexpr):
+                  MASK_K: gl.constexpr, PDL: gl.constexpr):
     """_kernels._gemm1_kernel for the decode tiles (see the module docstring)."""
     _pdl_enter(PDL)
     N_TILES: gl.constexpr = (2 * Ip + BN - 1) // BN
@@ -228,9 +248,10 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
         w0 = pid_n * BN
         w_base = w_ptr + e64 * stride_we + (w0 // 16) * (16 * stride_wn)
         s_base = s_ptr + e64 * stride_se + (w0 // 16) * (16 * stride_sn)
-        k_lo, n_steps = _steps(Hp, K_CHUNK, BK, SPLIT)
-        acc = _k_loop(w_base, s_base, x_ptr + tok.to(gl.int64) * stride_xt, rmask, H, n_steps,
-                      k_lo, Hp, stride_wn, stride_sn, BN, BM, BK, NUM_STAGES, MASK_K)
+        # this program's K chunk (program_id(1)), steps past Hp are masked (MASK_K)
+        STEPS: gl.constexpr = (K_CHUNK + BK - 1) // BK if SPLIT > 1 else (Hp + BK - 1) // BK
+        acc = _k_loop(w_base, s_base, x_ptr + tok.to(gl.int64) * stride_xt, rmask, H, STEPS,
+                      gl.program_id(1) * K_CHUNK, Hp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
         # epilogue in a plain layout: [G, half, i, BM], tile row 16G + 8half + i = gate (half 0)
         # or up (half 1) of intermediate column 8G + i (`prepare`'s paired row order)
         G: gl.constexpr = BN // 16
@@ -277,8 +298,7 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E, n_bl
                   stride_sn: gl.constexpr, stride_be: gl.constexpr, H: gl.constexpr,
                   Ip: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
                   BN: gl.constexpr, BK: gl.constexpr, EB: gl.constexpr, SPLIT: gl.constexpr,
-                  K_CHUNK: gl.constexpr, MASK_K: gl.constexpr, NUM_STAGES: gl.constexpr,
-                  PDL: gl.constexpr):
+                  K_CHUNK: gl.constexpr, MASK_K: gl.constexpr, PDL: gl.constexpr):
     """_kernels._gemm2_kernel for the decode tiles (see the module docstring)."""
     _pdl_enter(PDL)
     N_TILES: gl.constexpr = (H + BN - 1) // BN
@@ -294,9 +314,9 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E, n_bl
         n0 = pid_n * BN
         w_base = w_ptr + e64 * stride_we + (n0 // 16) * (16 * stride_wn)
         s_base = s_ptr + e64 * stride_se + (n0 // 16) * (16 * stride_sn)
-        k_lo, n_steps = _steps(Ip, K_CHUNK, BK, SPLIT)
-        acc = _k_loop(w_base, s_base, a_ptr + rows.to(gl.int64) * Ip, rmask, Ip, n_steps, k_lo,
-                      Ip, stride_wn, stride_sn, BN, BM, BK, NUM_STAGES, MASK_K)
+        STEPS: gl.constexpr = (K_CHUNK + BK - 1) // BK if SPLIT > 1 else (Ip + BK - 1) // BK
+        acc = _k_loop(w_base, s_base, a_ptr + rows.to(gl.int64) * Ip, rmask, Ip, STEPS,
+                      gl.program_id(1) * K_CHUNK, Ip, stride_wn, stride_sn, BN, BM, BK, MASK_K)
         G: gl.constexpr = BN // 16
         OL: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [G, 1], [0, 1])
         acc = gl.convert_layout(acc, OL)

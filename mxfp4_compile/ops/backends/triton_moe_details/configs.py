@@ -158,9 +158,8 @@ def use_tma(c: TileConfig, major: int, words) -> bool:
 # --launch-ab, medians of 3 on one input draw, whole forward, us), Triton kernels -> _mma2:
 # Mixtral T=1 113.6 -> 95.2, T=8 296.6 -> 271.7; 20b T=1 49.8 -> 49.2, T=8 142.8 -> 130.3,
 # T=64 213.3 -> 194.3; 120b T=1 51.1 -> 50.8, T=8 190.0 -> 183.3, T=64 634.5 -> 623.5.
-# MMA2_STAGES: its cp.async pipeline depth (4: Mixtral T=8 269.9, 20b T=8 133.6, T=64 195.9).
+# Its cp.async pipeline has 3 stages (4: Mixtral T=8 269.9, 20b T=8 133.6, T=64 195.9).
 MMA2 = True
-MMA2_STAGES = 3
 # Small decode grids (T=1) under _mma2: 128 (or 64) runs _mma2 unpaired at that K step with
 # split K; 0 keeps the Triton kernels' paired 64-code tiles (20b 49.2 / 48.8 / 49.4 us for
 # 128 / 64 / 0, 120b 50.8 / 49.7 / 51.0, Mixtral 95.2 / 99.1 / 101.1).
