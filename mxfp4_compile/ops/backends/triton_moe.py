@@ -302,21 +302,22 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     major = 0 if interpret else torch.cuda.get_device_capability(dev)[0]
     pdl = _pdl(major)
     es, sorted_assign = route(ids, emap, E, pdl["route"])
-    c1, c2 = configs.pick(T, k, E, Hp, Ip, interpret)
+    # _mma2 (Gluon) runs the decode tiles where it can; it copies x as is: bf16 only
+    m2 = configs.mma2_possible(major)
+    m2_x = m2 and x.dtype == torch.bfloat16
+    c1, c2 = configs.pick(T, k, E, Hp, Ip, interpret, m2_x)
     # wgmma keeps MMAs in flight across K steps: drain before each dequant (sm90; _wgmma_drain)
     sync = major == 9
     sms = 0 if interpret else _sm_count(dev)  # 0: no automatic split/pairing (tests force them)
 
     a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted-row order
     nb1 = min(M, M // c1.BM + E)  # row blocks, worst case (surplus programs exit at once)
-    # _mma2 (Gluon) runs the decode tiles where it can; it copies x as is: bf16 only
-    m2 = configs.mma2_possible(major)
-    p1 = configs.plan(c1, nb1, 2 * Ip, Hp, sms, "gemm1", m2 and x.dtype == torch.bfloat16)
+    p1 = configs.plan(c1, nb1, 2 * Ip, Hp, sms, "gemm1", m2_x)
     c1, split1 = p1.config, p1.split
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
-    if configs.use_mma2(c1, major) and x.dtype == torch.bfloat16:
+    if m2_x and configs.use_mma2(c1, major):
         from .triton_moe_details import _mma2
         _mma2._gemm1_kernel[(nb1 * p1.tiles, split1)](
             x, sorted_assign, es, w13_words, w13_scales, b13, a, p,

@@ -36,7 +36,8 @@ def _launches():
     seen = {}
     for T, k, E, H, I in SHAPES:
         M = T * k
-        for gemm, c, N, K in zip((1, 2), configs.pick(T, k, E, H, I), (2 * I, H), (H, I)):
+        for gemm, c, N, K in zip((1, 2), configs.pick(T, k, E, H, I, mma2=True), (2 * I, H),
+                                 (H, I)):
             p = configs.plan(c, min(M, M // c.BM + E), N, K, 132, f"gemm{gemm}", True)
             if configs.use_mma2(p.config, 9):
                 key = (gemm, p.config, p.split, p.chunk, p.tail > 0 or not p.even_k, H, I)
@@ -91,6 +92,7 @@ def test_the_decode_shapes_reach_mma2():
                                                         (2, True)}
     assert {m for *_, m, _, _ in launches} == {True, False}
     assert all(not c.PAIR and c.BK == 128 for _, c, *_ in launches)
+    assert {c.BM for _, c, *_ in launches} == {8, 16}  # 8-row blocks where m_e <= 2
 
 
 @pytest.mark.parametrize("launch", _launches(),
@@ -105,10 +107,10 @@ def test_k_loop(ptxas_works, launch):
     assert steps == 3 and loop.count("HMMA.16816.F32.BF16") == steps * hmma
     assert not [op for op in loop if op.startswith(("HGMMA", "WARPGROUP"))]
     # one barrier per step; the only shared-memory stores are the cp.async copies; words and
-    # activations arrive by ldmatrix (2 + 8 per 128-code step), the scale bytes by 16-bit loads
+    # activations arrive by ldmatrix (2 + BM/2 per 128-code step), the scale bytes by 16-bit loads
     assert loop.count("BAR.SYNC.DEFER_BLOCKING") == steps
     assert not [op for op in loop if op.startswith(("STS", "STSM"))], "a layout change in the loop"
-    assert loop.count("LDSM.16.M88.4") == steps * (cfg.BK // 64 + cfg.BK // 16)
+    assert loop.count("LDSM.16.M88.4") == steps * (cfg.BK // 64 + cfg.BK * cfg.BM // 256)
     assert "STL" not in sass and "LDL" not in sass, "register spills"
     # fewer instructions per step than the Triton kernel's loop for the same tile (sm90, as
     # launched: TMA where it uses it); 183 against 295 for Mixtral's GEMM1 when written
@@ -148,4 +150,8 @@ def test_plan_for_mma2():
     assert not configs.use_mma2(dec, 0)
     assert not configs.use_mma2(configs._DECODE32, 9)  # MMA2_BM32 off: measured slower
     assert not configs.use_mma2(configs._MID128, 9)
+    # 8-row blocks only for _mma2 (Triton's dot needs 16) and where experts hold <= 2 rows
+    assert configs.pick(1, 4, 32, 2880, 2880, mma2=True)[0].BM == 8
+    assert configs.pick(1, 4, 32, 2880, 2880)[0].BM == 16
+    assert configs.pick(64, 4, 32, 2880, 2880, mma2=True)[0].BM == 16  # m_e = 8
     assert configs.mma2_possible(9) and not configs.mma2_possible(7)

@@ -171,12 +171,17 @@ MMA2 = True
 MMA2_SMALL = 128
 MMA2_WAVE128 = True
 MMA2_BM32 = False
+# Blocks of 8 rows (mma.sync's smallest N) where experts hold at most MMA2_BM8_ROWS rows on
+# average (T=1, gpt-oss T=8, Mixtral T=8): half the MMA and activation work of 16-row blocks
+# (170 instructions per 128-code step against 183). 0: off.
+MMA2_BM8_ROWS = 2
+_DECODE8 = TileConfig(8, 64, 128, 4, 3, True)
 
 
 def use_mma2(c: TileConfig, major: int) -> bool:
     """Whether a GEMM with planned config `c` runs _mma2's kernels on a GPU of compute capability
     `major` (0: the interpreter, which cannot run Gluon)."""
-    return (mma2_possible(major) and c.SWAP and (c.BM == 16 or (c.BM == 32 and MMA2_BM32))
+    return (mma2_possible(major) and c.SWAP and (c.BM in (8, 16) or (c.BM == 32 and MMA2_BM32))
             and c.BN == 64 and c.num_warps == 4 and not c.PAIR and not c.HALF
             and c.BK in (64, 128))
 
@@ -225,7 +230,7 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str,
     seeds (the draw alone moves this shape by 10%): 2 chunks 311.2 / 290.5 / 282.4 us, 4 chunks
     302.3 / 286.8 / 280.0, 8 chunks 301.2 / 283.8 / 275.5; 4 stages 305.9 / 290.5 / 283.9."""
     force_split = None
-    if OVERRIDE is None and c.BM == _DECODE.BM and not c.PAIR:
+    if OVERRIDE is None and c.BM in (_DECODE8.BM, _DECODE.BM) and not c.PAIR:
         programs = blocks * -(-N // c.BN)
         if programs < PROGRAMS_PER_SM * sms:
             if not (mma2 and MMA2_SMALL):
@@ -275,14 +280,18 @@ def rows_per_expert(T: int, k: int, E: int) -> float:
     return m / max(1, min(E, m))
 
 
-def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False):
+def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False,
+         mma2: bool = False):
     """-> (GEMM1 config, GEMM2 config) for this call's shape. GEMM1's BN counts weight rows
-    (gate and up: BN/2 intermediate columns); its K is Hp, GEMM2's is Ip."""
+    (gate and up: BN/2 intermediate columns); its K is Hp, GEMM2's is Ip. mma2: both GEMMs can
+    run _mma2 (mma2_possible, bf16 activations), which has 8-row decode blocks."""
     if OVERRIDE is not None:
         return OVERRIDE
     if interpret:
         return _INTERPRET
     m_e = rows_per_expert(T, k, E)
+    if mma2 and m_e <= MMA2_BM8_ROWS:
+        return _DECODE8, _DECODE8
     if m_e <= 8:
         return _DECODE, _DECODE
     if m_e <= 16 and Hp % 128 == 0 and Ip % 128 == 0:
