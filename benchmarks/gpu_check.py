@@ -489,7 +489,7 @@ LAUNCH_VARIANTS = {
     "nobm32": dict(MMA2_BM32=False),  # 32-row decode tiles on the Triton kernels
     "nowave128": dict(MMA2_WAVE128=False),
     "nobm8": dict(MMA2_BM8_ROWS=0),  # 16-row blocks at T=1 and m_e <= 2 too
-    "pps2": dict(PROGRAMS_PER_SM=2),  # split K only below 2 programs per SM
+    "pps3": dict(MMA2_PROGRAMS_PER_SM=3),  # _mma2 splits K below 3 programs per SM
     "tgt5": dict(SPLIT_TARGET_PER_SM=5),
 }
 

@@ -86,10 +86,9 @@ def ptxas_works():
 
 
 def test_the_decode_shapes_reach_mma2():
-    # both GEMMs, split (T=1, Mixtral T=8 GEMM2) and not, with and without masked steps
+    # both GEMMs; GEMM2 split (T=1, Mixtral T=8) and not; GEMM1 is never split here
     launches = _launches()
-    assert {(g, s > 1) for g, _, s, *_ in launches} == {(1, False), (1, True), (2, False),
-                                                        (2, True)}
+    assert {(g, s > 1) for g, _, s, *_ in launches} == {(1, False), (2, False), (2, True)}
     assert {m for *_, m, _, _ in launches} == {True, False}
     assert all(not c.PAIR and c.BK == 128 for _, c, *_ in launches)
     assert {c.BM for _, c, *_ in launches} == {8, 16}  # 8-row blocks where m_e <= 2
@@ -120,7 +119,7 @@ def test_k_loop(ptxas_works, launch):
 
 @pytest.mark.parametrize("gemm", [1, 2])
 def test_waits_for_the_previous_kernel_before_touching_memory(ptxas_works, gemm):
-    launch = next(v for v in _launches() if v[0] == gemm and v[2] > 1)  # T=1: split K
+    launch = next(v for v in _launches() if v[0] == gemm and v[4])  # masked K steps
     ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
                                            _compile(*launch))]
     assert ops.count("ACQBULK") == 1 and ops.count("PREEXIT") == 1, "no griddepcontrol pair"
@@ -139,13 +138,16 @@ def test_compiles_for_sm80_without_griddepcontrol(ptxas_works):
 
 def test_plan_for_mma2():
     dec = configs._DECODE
-    # T=1 (gpt-oss-20b GEMM1: 4 experts x 90 tiles): unpaired 128-code steps and split K on
-    # _mma2; paired 64-code steps on the Triton kernels
-    p = configs.plan(dec, 4, 5760, 2880, 132, "gemm1", True)
-    assert (p.config.BK, p.config.PAIR, p.split > 1, p.even_k) == (128, False, True, False)
-    assert configs.use_mma2(p.config, 9) and configs.use_mma2(p.config, 8)
+    # T=1, gpt-oss-20b: GEMM1 (4 experts x 90 tiles, 2.7 programs per SM) runs unsplit with its
+    # activation fused; GEMM2 (4 x 45) splits K; both unpaired 128-code steps on _mma2, where
+    # the Triton kernels pair 64-code tiles
+    p1 = configs.plan(dec, 4, 5760, 2880, 132, "gemm1", True)
+    p2 = configs.plan(dec, 4, 2880, 2880, 132, "gemm2", True)
+    assert (p1.config.BK, p1.config.PAIR, p1.split) == (128, False, 1)
+    assert (p2.config.BK, p2.config.PAIR, p2.split > 1, p2.even_k) == (128, False, True, False)
+    assert configs.use_mma2(p2.config, 9) and configs.use_mma2(p2.config, 8)
     q = configs.plan(dec, 4, 5760, 2880, 132, "gemm1", False)
-    assert q.config.PAIR and not configs.use_mma2(q.config, 9)
+    assert q.config.PAIR and q.split > 1 and not configs.use_mma2(q.config, 9)
     # never under the interpreter, nor for tiles it does not implement
     assert not configs.use_mma2(dec, 0)
     assert not configs.use_mma2(configs._DECODE32, 9)  # MMA2_BM32 off: measured slower

@@ -176,6 +176,10 @@ MMA2_BM32 = False
 # (170 instructions per 128-code step against 183). 0: off.
 MMA2_BM8_ROWS = 2
 _DECODE8 = TileConfig(8, 64, 128, 4, 3, True)
+# Under _mma2 a decode grid splits K below this many programs per SM (PROGRAMS_PER_SM for the
+# Triton kernels): 2 leaves gpt-oss T=1's GEMM1 (360 programs) unsplit, activation fused, no
+# act kernel: 20b T=1 45.3 -> 43.5 us, 120b 46.9 -> 44.7 (Mixtral, unchanged grids, 90.3 / 90.7).
+MMA2_PROGRAMS_PER_SM = 2
 
 
 def use_mma2(c: TileConfig, major: int) -> bool:
@@ -232,7 +236,7 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str,
     force_split = None
     if OVERRIDE is None and c.BM in (_DECODE8.BM, _DECODE.BM) and not c.PAIR:
         programs = blocks * -(-N // c.BN)
-        if programs < PROGRAMS_PER_SM * sms:
+        if programs < (MMA2_PROGRAMS_PER_SM if mma2 else PROGRAMS_PER_SM) * sms:
             if not (mma2 and MMA2_SMALL):
                 c = dataclasses.replace(c, BK=64, PAIR=True, maxnreg=None)
             elif MMA2_SMALL == 64:
@@ -245,20 +249,22 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str,
                 mma2 and MMA2_WAVE128):
             c = dataclasses.replace(c, BK=64, maxnreg=None)
     tiles = -(-N // (c.BN * (2 if c.PAIR else 1)))
-    split, chunk = split_k(blocks * tiles, K, c.BK, sms, which, force_split)
+    split, chunk = split_k(blocks * tiles, K, c.BK, sms, which, force_split,
+                           MMA2_PROGRAMS_PER_SM if mma2 else PROGRAMS_PER_SM)
     t = tail(K, c.BK) if split == 1 else 0  # split chunks mask their steps instead
     return Plan(c, tiles, split, chunk, t, split * chunk == K or t > 0)
 
 
 def split_k(programs: int, K: int, BK: int, sms: int, which: str = "gemm1",
-            want: int | None = None):
+            want: int | None = None, per_sm: int = PROGRAMS_PER_SM):
     """-> (number of K chunks, chunk length in elements, a multiple of BK); `want`: this many
-    chunks (plan's choice) unless SPLIT_OVERRIDE says otherwise."""
+    chunks (plan's choice) unless SPLIT_OVERRIDE says otherwise; none for grids of at least
+    `per_sm` programs per SM."""
     steps = -(-K // BK)
     if SPLIT_OVERRIDE is not None:
         want = SPLIT_OVERRIDE[_SPLIT_INDEX[which]]
     elif want is None:
-        if programs >= PROGRAMS_PER_SM * sms:
+        if programs >= per_sm * sms:
             return 1, steps * BK
         want = -(-SPLIT_TARGET_PER_SM * sms // max(1, programs))
         want = min(want, steps // MIN_STEPS_PER_CHUNK)
