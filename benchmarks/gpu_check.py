@@ -491,6 +491,7 @@ LAUNCH_VARIANTS = {
     "nobm8": dict(MMA2_BM8_ROWS=0),  # 16-row blocks at T=1 and m_e <= 2 too
     "pps3": dict(MMA2_PROGRAMS_PER_SM=3),  # _mma2 splits K below 3 programs per SM
     "tgt5": dict(SPLIT_TARGET_PER_SM=5),
+    "half1": dict(HALF_LEVELS=1),  # part-filled prefill blocks on BM/2 rows only
 }
 
 

@@ -48,6 +48,7 @@ CASES = {
     # 32-row blocks; those with <= 16 rows (an expert's last) take the 16-row copy of the body
     "half_blocks": dict(T=40, H=160, half=True, twice=True),
     "half_blocks_silu_uncombined": dict(T=23, act="silu_glu", half=True, combine=False),
+    "quarter_blocks": dict(T=40, H=160, half=2),  # and blocks of <= BM/4 rows on a BM/4 copy
     # one w2 block with the NaN scale byte 255: NaN exactly where the reference has NaN
     "nan_scale_block": dict(T=7, nan_block=True),
 }
@@ -271,8 +272,8 @@ def test_tma_loads_the_unpaired_128_code_decode_steps(monkeypatch):
 def test_prefill_block_rows_follow_rows_per_expert():
     from mxfp4_compile.ops.backends.triton_moe_details import configs
 
-    # 120b T=4096: about 128 rows per expert -> 128-row blocks, with the half copy
-    assert [(c.BM, c.HALF) for c in configs.pick(4096, 4, 128, 2880, 2880)] == [(128, True)] * 2
+    # 120b T=4096: about 128 rows per expert -> 128-row blocks, with the half and quarter copies
+    assert [(c.BM, c.HALF) for c in configs.pick(4096, 4, 128, 2880, 2880)] == [(128, 2)] * 2
     # 20b T=4096 (512 rows per expert) and 120b T=16384 keep 256-row blocks
     assert configs.pick(4096, 4, 32, 2880, 2880)[0].BM == 256
     assert configs.pick(16384, 4, 128, 2880, 2880)[0].BM == 256

@@ -383,13 +383,20 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     the K range and stores its partial gate/up sums (bias in chunk 0 only) to
     p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates.
     HALF: a block holding at most BM/2 rows (an expert's last, part-filled block) runs a copy of
-    the body compiled for BM/2 rows: half the MMA work for the same weight tiles."""
+    the body compiled for BM/2 rows: half the MMA work for the same weight tiles; HALF = 2 also
+    a copy for BM/4 rows, for blocks of at most BM/4."""
     _pdl_enter(PDL)
     pid_m, pid_n = _grid_position(2 * Ip, n_blocks, BN, PAIR, N_FIRST)
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return
-    if HALF and row1 - row0 <= BM // 2:
+    if HALF >= 2 and row1 - row0 <= BM // 4:
+        _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
+                     k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
+                     stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM // 4, BN, BK, EVEN_K,
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, w_desc_t,
+                     TMA)
+    elif HALF and row1 - row0 <= BM // 2:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM // 2, BN, BK, EVEN_K,
@@ -528,7 +535,12 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
     if pid_m >= total:
         return
-    if HALF and row1 - row0 <= BM // 2:
+    if HALF >= 2 and row1 - row0 <= BM // 4:
+        _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
+                     stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
+                     BM // 4, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR,
+                     TAIL, w_desc, w_desc_t, TMA)
+    elif HALF and row1 - row0 <= BM // 2:
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
                      BM // 2, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR,

@@ -55,7 +55,8 @@ class TileConfig:
     N_FIRST: bool = True  # grid order: weight tiles of one row block side by side (_kernels)
     PAIR: bool = False  # two BN-row weight tiles per program (one loop's bookkeeping for both)
     maxnreg: int | None = None  # register cap per thread (more resident programs), None: ptxas
-    HALF: bool = False  # blocks with <= BM/2 rows (an expert's last) run a BM/2-row copy
+    HALF: int = 0  # blocks with <= BM/2 rows (an expert's last) run a BM/2-row copy; 2: and
+    #                 blocks with <= BM/4 rows a BM/4-row copy
 
 
 # 64 registers (ptxas takes 91, no spills at 64): 7 resident programs per SM instead of 5 (ncu:
@@ -91,6 +92,8 @@ _PREFILL_128_MAX_ROWS = 128
 # 20b T=4096 (0.33) 1797 -> 1754; 20b T=16384 (0.11) 6173 -> 6136, and Mixtral (E = 8: 0.2 at
 # T=4096, 0.06 at 16384) 1-4% slower with it (the second copy of the loop is not free).
 HALF_SHARE = 0.25
+# copies of the block body for part-filled blocks: 1 (BM/2 rows), 2 (and BM/4)
+HALF_LEVELS = 2
 
 # Under the Triton interpreter (CPU tests) small tiles keep numpy fast.
 _INTERPRET = (TileConfig(16, 32, 64, 4, 1), TileConfig(16, 32, 64, 4, 1, True))
@@ -305,7 +308,7 @@ def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False,
     if m_e > 64 and T * k >= _PREFILL_ROWS:
         c = _PREFILL if m_e > _PREFILL_128_MAX_ROWS else _MID128
         if E / (T * k / c.BM + E) >= HALF_SHARE:
-            c = dataclasses.replace(c, HALF=True)
+            c = dataclasses.replace(c, HALF=HALF_LEVELS)
         return c, c
     for bound, c in _TABLE:
         if bound is None or m_e <= bound:
