@@ -302,9 +302,12 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     major = 0 if interpret else torch.cuda.get_device_capability(dev)[0]
     pdl = _pdl(major)
     es, sorted_assign = route(ids, emap, E, pdl["route"])
-    # _mma2 (Gluon) runs the decode tiles where it can; it copies x as is: bf16 only
-    m2 = configs.mma2_possible(major)
-    m2_x = m2 and x.dtype == torch.bfloat16
+    # _mma2 (Gluon) runs the decode tiles where it can. Its 16-byte cp.async copies need the
+    # weights on 16-byte boundaries, and GEMM1 copies x as is: bf16 on a 16-byte boundary only
+    # (else the Triton kernels run GEMM1, and the 8-row decode tiles, which they lack, are off)
+    m2 = configs.mma2_possible(major) and all(
+        t.data_ptr() % 16 == 0 for t in (w13, w13_scales, w2, w2_scales))
+    m2_x = m2 and x.dtype == torch.bfloat16 and x.data_ptr() % 16 == 0
     c1, c2 = configs.pick(T, k, E, Hp, Ip, interpret, m2_x)
     # wgmma keeps MMAs in flight across K steps: drain before each dequant (sm90; _wgmma_drain)
     sync = major == 9

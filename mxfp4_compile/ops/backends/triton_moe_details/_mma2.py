@@ -1,24 +1,29 @@
 """Decode GEMMs of the "triton" MoE backend written in Gluon, on mma.sync (sm80+).
 
 Why a second implementation of the decode tiles: at T <= 64 the GEMMs stream the weights once
-and are limited by the instructions each K step issues (benchmarks/NOTES.md, session 6: a
-plain reader streams the same grid at 97% of the floor; the Triton GEMMs issue ~295
-instructions per 64 x 128 step, of which ~100 are wgmma fences, descriptors, warpgroup waits
-and a shared-memory round trip of the scale bytes that Triton's layout choice forces). Here every
-layout is explicit:
-  - words and scale bytes are loaded from shared memory straight into the registers of the
-    threads whose A fragment they decode to (the fragment a thread holds for mma.m16n8k16,
-    which is what `prepare`'s word order was built for: layout.py, _kernels._assemble);
-  - the MMA is mma.sync (no fences, descriptors or warpgroup waits; nothing left in flight
-    across steps, so no register race to drain);
-  - words, scales and the activation tile come through one cp.async pipeline of 3 stages.
+and are limited by the instructions each K step issues (benchmarks/NOTES.md, session 6: a plain
+reader streams the same grid at 97% of the floor). The Triton kernels issue ~295 instructions per
+64 x 128 step, ~100 of them wgmma fences, descriptors, warpgroup waits and a shared-memory round
+trip of the scale bytes that Triton's layout choice forces; these issue 183 (16-row blocks) or
+170 (8-row blocks; sm90 SASS, tests/ops/backends/test_triton_moe_mma2.py). Every layout is
+explicit:
+  - words and scale bytes go from shared memory straight into the registers of the threads
+    whose A fragment they decode to (the fragment a thread holds for mma.m16n8k16, which is
+    what `prepare`'s word order was built for: layout.py, _kernels._assemble); the words and
+    the activation tile by ldmatrix;
+  - the MMA is mma.sync: no fences, descriptors or warpgroup waits, and nothing in flight
+    across steps (no register race to drain, _kernels._wgmma_drain);
+  - words, scales and the activation tile come through one cp.async pipeline of 3 stages, each
+    its own buffers, the K loop unrolled by 3 (one barrier per step).
 Same inputs, outputs and semantics as _kernels._gemm1_kernel / _gemm2_kernel with SWAP (weight
-rows on the MMA's M side), BN = 64, 4 warps, unpaired tiles; a K tail (gpt-oss K = 2880) is a
-masked last step. GPU only: Gluon has no interpreter, so CPU CI runs the Triton kernels and
-compiles these for sm90 (tests/ops/backends/test_triton_moe_mma2.py); the H100 checks both.
+rows on the MMA's M side), BN = 64, 4 warps, unpaired tiles, bf16 activations; K steps that
+reach past K (gpt-oss K = 2880, split chunks) are masked. Gluon cannot call the Triton helpers,
+so _block_info and the activation are written again here, identically. GPU only: Gluon has no
+interpreter, so CPU CI runs the Triton kernels and compiles these for sm90 and sm80; the H100
+checks their results (benchmarks/gpu_check.py, tests/test_backend_cuda.py). Never run on Ampere.
 
 Shape legend (one program): BN weight rows (G = BN/16 groups of 16, one per warp), BM sorted
-rows (tokens), BK codes per step = NB 64-code blocks = NCH 32-code chunks.
+rows (tokens), BK codes per step = NB 64-code blocks (2 NB 32-code chunks).
 """
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
@@ -129,19 +134,20 @@ def _decode_tile(w_stage, s_stage, BN: gl.constexpr, BK: gl.constexpr):
     layout.py) and the chunk's scale byte."""
     G: gl.constexpr = BN // 16
     NB: gl.constexpr = BK // 64
-    # [G, NB, half, g, cb, c]: rows 16G + 8half + g, chunk 2NB + cb, word c of the chunk
+    # [G, nb, half, g, cb, c]: row 16G + 8half + g, 32-code chunk 2nb + cb, word c of it
     W6: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, 1], [1, 1, 1, 8, 1, 4], [G, 1, 1, 1, 1, 1],
                                         [5, 4, 3, 2, 1, 0])
     words = w_stage.reshape([G, NB, 2, 8, 2, 4]).load(W6)
     sc = s_stage.reshape([G, NB, 2, 8, 2]).load(gl.SliceLayout(5, W6))
     m = gl.expand_dims(sc.to(gl.int32) * 0x00800080, 5)  # bf16x2 multiplier (_kernels._dequant)
+    # (the PTX's third operand orders the Triton path's dequant after a drain: unused here)
     e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
         _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, m, words], dtype=(gl.bfloat16,) * 8,
         is_pure=True, pack=1)
     q0 = gl.join(gl.join(e0, e1), gl.join(e2, e3))  # [..., lo, h]  (s = 0)
     q1 = gl.join(gl.join(e4, e5), gl.join(e6, e7))  # (s = 1)
-    t = gl.join(q0, q1)  # [G, NB, half, g, cb, c, lo, h, s]
-    # rows (G, half, g); K = 64NB + 32cb + 16s + 8h + 2c + lo
+    t = gl.join(q0, q1)  # [G, nb, half, g, cb, c, lo, h, s]
+    # rows (G, half, g); K = 64nb + 32cb + 16s + 8h + 2c + lo
     t = gl.permute(t, (0, 2, 3, 1, 4, 8, 7, 5, 6))
     return gl.reshape(t, (BN, BK))
 

@@ -1,0 +1,93 @@
+"""The "triton" MoE kernel on a CUDA GPU (skipped without one): the decode GEMMs in Gluon
+(_mma2) and the Triton kernels they stand in for, against the float32 reference on the same
+MXFP4 bytes, at a K with a masked tail step (2880) and without (1024), 8- and 16-row blocks, split
+K; and the inputs _mma2 does not take (fp16 and misaligned bf16 activations) falling back to the
+Triton kernels. Run on the GPU machine: pytest -q tests/ops/backends/test_triton_moe_cuda.py"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mxfp4_compile.ops.backends import triton_moe as tm
+from mxfp4_compile.ops.backends.triton_moe_details import configs
+from mxfp4_compile.ops.reference import moe_reference
+from mxfp4_compile.ops.weights import quantize_experts
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _weights(E, H, I, act, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=g) * 0.05
+    w2 = torch.randn(E, H, I, generator=g) * 0.05
+    b13 = torch.randn(E, 2 * I, generator=g) * 0.1
+    b2 = torch.randn(E, H, generator=g) * 0.1
+    canon = quantize_experts(w13, w2, b13, b2, activation=act, h_multiple=tm.H_MULTIPLE,
+                             i_multiple=tm.I_MULTIPLE)
+    canon = [t.cuda() if t is not None else None for t in canon]
+    return canon, tm.prepare(*canon, act)
+
+
+class _Counted:
+    """A kernel whose launches (kernel[grid](...)) are counted."""
+
+    def __init__(self, kernel):
+        self.kernel, self.launches = kernel, 0
+
+    def __getitem__(self, grid):
+        self.launches += 1
+        return self.kernel[grid]
+
+
+def _run(canon, prepared, x, ids, tw, act, monkeypatch, mma2=True):
+    """-> (output, float32 reference, number of _mma2 GEMM launches)."""
+    from mxfp4_compile.ops.backends.triton_moe_details import _mma2
+
+    counted = [_Counted(_mma2._gemm1_kernel), _Counted(_mma2._gemm2_kernel)]
+    with monkeypatch.context() as m:
+        m.setattr(configs, "MMA2", mma2)
+        m.setattr(_mma2, "_gemm1_kernel", counted[0])
+        m.setattr(_mma2, "_gemm2_kernel", counted[1])
+        out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, None, True)
+        torch.cuda.synchronize()
+    ref = moe_reference(x.float(), ids, tw, *canon, act, 1.702, 7.0, None, True).float()
+    return out.float(), ref, [c.launches for c in counted]
+
+
+@pytest.mark.parametrize("T", [1, 8, 64])
+@pytest.mark.parametrize("E,H,I,k,act", [(32, 2880, 2880, 4, "swiglu_oai"),
+                                         (8, 1024, 2048, 2, "silu_glu")])
+def test_decode_against_reference_and_the_triton_kernels(T, E, H, I, k, act, monkeypatch):
+    canon, prepared = _weights(E, H, I, act)
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16).cuda()
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).cuda()
+    tw = torch.rand(T, k, generator=g).cuda()
+    # poison the memory the kernels allocate next: an unwritten element shows as NaN
+    torch.empty(1 << 28, dtype=torch.uint8, device="cuda").fill_(0xFF)
+    out, ref, launches = _run(canon, prepared, x, ids, tw, act, monkeypatch)
+    assert launches == [1, 1]  # both GEMMs on _mma2 (H100: sm90, bf16, aligned)
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert torch.isfinite(out).all() and err < 1e-2, err
+    out_triton, _, launches = _run(canon, prepared, x, ids, tw, act, monkeypatch, mma2=False)
+    assert launches == [0, 0]
+    assert ((out - out_triton).norm() / ref.norm()).item() < 1e-2
+
+
+@pytest.mark.parametrize("case", ["fp16", "misaligned"])
+def test_activations_mma2_cannot_copy_fall_back(case, monkeypatch):
+    E, H, I, k, T, act = 8, 1024, 2048, 2, 8, "silu_glu"
+    canon, prepared = _weights(E, H, I, act)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(T, H, generator=g).cuda()
+    if case == "fp16":
+        x = x.half()
+    else:  # bf16 two bytes off a 16-byte boundary
+        x = torch.empty(T * H + 1, dtype=torch.bfloat16, device="cuda")[1:].view(T, H).copy_(x)
+        assert x.data_ptr() % 16 != 0
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).cuda()
+    tw = torch.rand(T, k, generator=g).cuda()
+    out, ref, launches = _run(canon, prepared, x, ids, tw, act, monkeypatch)
+    assert launches[0] == 0  # GEMM1 on the Triton kernels; GEMM2 reads our own bf16 buffer
+    err = ((out - ref).norm() / ref.norm()).item()
+    assert torch.isfinite(out).all() and err < 1e-2, err
