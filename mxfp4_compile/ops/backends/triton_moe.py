@@ -304,7 +304,8 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     es, sorted_assign = route(ids, emap, E, pdl["route"])
     # _mma2 (Gluon) runs the decode tiles where it can. Its 16-byte cp.async copies need the
     # weights on 16-byte boundaries, and GEMM1 copies x as is: bf16 on a 16-byte boundary only
-    # (else the Triton kernels run GEMM1, and the 8-row decode tiles, which they lack, are off)
+    # (else the Triton kernels run GEMM1, and the 8-row decode tiles, which they lack, are off;
+    # configs.plan_gemm decides per GEMM)
     m2 = configs.mma2_possible(major) and all(
         t.data_ptr() % 16 == 0 for t in (w13, w13_scales, w2, w2_scales))
     m2_x = m2 and x.dtype == torch.bfloat16 and x.data_ptr() % 16 == 0
@@ -314,13 +315,13 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     sms = 0 if interpret else _sm_count(dev)  # 0: no automatic split/pairing (tests force them)
 
     a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted-row order
-    nb1 = min(M, M // c1.BM + E)  # row blocks, worst case (surplus programs exit at once)
-    p1 = configs.plan(c1, nb1, 2 * Ip, Hp, sms, "gemm1", m2_x)
+    # row blocks (worst case: surplus programs exit at once), launch plan, which kernel
+    p1, nb1, mma2_1 = configs.plan_gemm(c1, M, E, 2 * Ip, Hp, sms, "gemm1", m2_x, major)
     c1, split1 = p1.config, p1.split
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
-    if m2_x and configs.use_mma2(c1, major):
+    if mma2_1:
         from .triton_moe_details import _mma2
         _mma2._gemm1_kernel[(nb1 * p1.tiles, split1)](
             x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
@@ -350,13 +351,12 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             p, a, M, float(alpha), float(limit), Ip=Ip, ACT=_ACT[activation], SPLIT=split1,
             BR=BR, BC=BC, num_warps=4, **pdl["act"])
 
-    nb2 = min(M, M // c2.BM + E)
-    p2 = configs.plan(c2, nb2, H, Ip, sms, "gemm2", m2)
+    p2, nb2, mma2_2 = configs.plan_gemm(c2, M, E, H, Ip, sms, "gemm2", m2, major)
     c2, split2 = p2.config, p2.split
     y = torch.empty(split2, M, H, dtype=torch.float32, device=dev)  # per-(token, slot) outputs
     b2 = w2_bias if w2_bias is not None else es
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
-    if configs.use_mma2(c2, major):
+    if mma2_2:
         from .triton_moe_details import _mma2
         _mma2._gemm2_kernel[(nb2 * p2.tiles, split2)](
             a, sorted_assign, es, w2_words, w2_scales, b2, y, E, nb2, M,

@@ -38,8 +38,8 @@ def _launches():
         M = T * k
         for gemm, c, N, K in zip((1, 2), configs.pick(T, k, E, H, I, mma2=True), (2 * I, H),
                                  (H, I)):
-            p = configs.plan(c, min(M, M // c.BM + E), N, K, 132, f"gemm{gemm}", True)
-            if configs.use_mma2(p.config, 9):
+            p, _, mma2 = configs.plan_gemm(c, M, E, N, K, 132, f"gemm{gemm}", True, 9)
+            if mma2:
                 key = (gemm, p.config, p.split, p.chunk, p.tail > 0 or not p.even_k, H, I)
                 seen.setdefault(key, None)
     return list(seen)
@@ -157,3 +157,23 @@ def test_plan_for_mma2():
     assert configs.pick(1, 4, 32, 2880, 2880)[0].BM == 16
     assert configs.pick(64, 4, 32, 2880, 2880, mma2=True)[0].BM == 16  # m_e = 8
     assert configs.mma2_possible(9) and not configs.mma2_possible(7)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 5, 6, 7])
+def test_step_counts_it_runs_compile(ptxas_works, steps):
+    # K chunks of 3 or 4 steps crash Triton 3.6's compiler (configs.MMA2_BROKEN_STEPS); the
+    # others must compile, masked or not
+    for mask in (False, True):
+        assert "HMMA" in _compile(2, configs._DECODE8, 2, steps * 128, mask, 1024, 2048)
+
+
+def test_broken_step_counts_run_the_triton_kernels():
+    # a 4-step chunk (GEMM2 of a 1024-wide expert at T=1, split in 2): the Triton kernels, on
+    # 16-row blocks (they have no 8-row tiles), planned as they plan for themselves
+    p, blocks, mma2 = configs.plan_gemm(configs._DECODE8, 2, 8, 2048, 1024, 132, "gemm2",
+                                        True, 9)
+    assert not mma2 and p.config.BM == 16 and blocks == 2
+    assert p == configs.plan(configs._DECODE, 2, 2048, 1024, 132, "gemm2")
+    assert configs.mma2_steps(configs.plan(configs._DECODE8, 2, 2048, 1024, 132, "gemm2", True),
+                              1024) in configs.MMA2_BROKEN_STEPS
+

@@ -193,6 +193,33 @@ def use_mma2(c: TileConfig, major: int) -> bool:
             and c.BK in (64, 128))
 
 
+def mma2_steps(p: "Plan", K: int) -> int:
+    """K steps of one _mma2 program under plan `p` (its chunk, or the whole K with a tail)."""
+    return -(-(p.chunk if p.split > 1 else K) // p.config.BK)
+
+
+# Triton 3.6 fails to compile _mma2's K loop for 3 or 4 steps (an assertion in
+# ConvertTritonGPUToLLVM, for either GEMM, 8- or 16-row blocks, static or dynamic loop; 1, 2 and
+# 5+ compile): such launches run the Triton kernels (`plan_gemm`).
+MMA2_BROKEN_STEPS = (3, 4)
+
+
+def plan_gemm(c: TileConfig, M: int, E: int, N: int, K: int, sms: int, which: str,
+              mma2: bool, major: int):
+    """-> (Plan, row blocks, whether _mma2 runs it) for one GEMM of M sorted rows over E
+    experts with table config `c`; mma2: _mma2 can run here (mma2_possible, aligned inputs). A
+    launch _mma2 cannot take is planned again for the Triton kernels, on 16-row blocks at least
+    (their dot has no 8-row tiles)."""
+    blocks = min(M, M // c.BM + E)  # worst case (surplus programs exit at once)
+    p = plan(c, blocks, N, K, sms, which, mma2)
+    if mma2 and use_mma2(p.config, major) and mma2_steps(p, K) not in MMA2_BROKEN_STEPS:
+        return p, blocks, True
+    if c.BM < _DECODE.BM:
+        c = _DECODE
+        blocks = min(M, M // c.BM + E)
+    return plan(c, blocks, N, K, sms, which), blocks, False
+
+
 def mma2_possible(major: int) -> bool:
     """Whether _mma2 can run at all here (`plan` plans its decode grids for it then)."""
     return MMA2 and major >= 8 and _gluon_available()
