@@ -335,13 +335,14 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         tma1 = configs.use_tma(c1, major, w13_words)
         K._gemm1_kernel[(nb1 * p1.tiles, split1)](
             x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
-            E, k, nb1, float(alpha), float(limit), M, *_words_descs(w13_words, c1, tma1, p1.tail),
+            E, k, nb1, float(alpha), float(limit), M,
+            *_words_descs(w13_words, c1, tma1, p1.tail),
             # strides as constants: the compiler then knows every row is 16-byte aligned
             x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
             w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
             H=H, Hp=Hp, Ip=Ip,
-            ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK, EB=EB,
-            EVEN_K=p1.even_k, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
+            ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK,
+            EB=EB, EVEN_K=p1.even_k, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
             SYNC=sync, SPLIT=split1, K_CHUNK=p1.chunk, N_FIRST=c1.N_FIRST, PAIR=c1.PAIR,
             TAIL=p1.tail, HALF=c1.HALF, TMA=tma1,
             num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1), **pdl["gemm1"])

@@ -11,8 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import subprocess
-import tempfile
 
 import pytest
 
@@ -22,7 +20,8 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 gluon_rt = pytest.importorskip("triton.experimental.gluon._runtime")
 
 from mxfp4_compile.ops.backends.triton_moe_details import _mma2, configs  # noqa: E402
-from test_triton_moe_sass import _CUOBJDUMP, _k_loop, _compile as _compile_triton  # noqa: E402
+from test_triton_moe_sass import _CUOBJDUMP, _k_loop, _sass  # noqa: E402
+from test_triton_moe_sass import _compile as _compile_triton  # noqa: E402
 
 # (T, k, E, H, I) decode shapes: gpt-oss-20b, -120b (K = 2880: a masked tail step) and Mixtral
 SHAPES = [(1, 4, 32, 2880, 2880), (8, 4, 32, 2880, 2880), (64, 4, 32, 2880, 2880),
@@ -47,8 +46,6 @@ def _launches():
 
 def _compile(gemm, cfg, split, chunk, mask, H, I, arch=90):
     """SASS of one _mma2 kernel as triton_moe.moe launches it (sm90: with programmatic launch)."""
-    from triton.backends.compiler import GPUTarget
-
     common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, SPLIT=split,
                   K_CHUNK=chunk, MASK_K=mask, PDL=arch >= 90)
     ptr = {"x_ptr": "*bf16", "a_ptr": "*bf16", "sorted_ptr": "*i32", "es_ptr": "*i32",
@@ -65,18 +62,7 @@ def _compile(gemm, cfg, split, chunk, mask, H, I, arch=90):
         cx = dict(common, stride_we=I * H // 8, stride_wn=I // 8, stride_se=I * H // 32,
                   stride_sn=I // 32, stride_be=H, H=H, Ip=I)
         types = dict(ptr, E="i32", n_blocks="i32", M="i32")
-    sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
-    attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
-             if t.startswith("*")}
-    src = gluon_rt.GluonASTSource(fn=fn, signature=sig, constexprs=cx, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(ck.asm["cubin"])
-    try:
-        return subprocess.run([_CUOBJDUMP, "-sass", f.name], capture_output=True, text=True,
-                              check=True).stdout
-    finally:
-        os.unlink(f.name)
+    return _sass(fn, types, cx, dict(num_warps=4), arch, gluon_rt.GluonASTSource)
 
 
 @pytest.fixture(scope="module")

@@ -66,17 +66,18 @@ def _compile(gemm, cfg, H, I):
     return _sass(fn, dict(_PTR, w_desc=desc, w_desc_t=desc_t, **scalars), cx, opts)
 
 
-def _sass(fn, types, constexprs, opts):
-    """sm90 SASS of kernel `fn`: arguments typed by `types` (name -> Triton type), the rest
-    compile-time constants from `constexprs`."""
+def _sass(fn, types, constexprs, opts, arch=90, source=None):
+    """SASS (sm90 unless `arch`) of kernel `fn`: arguments typed by `types` (name -> Triton type),
+    the rest compile-time constants from `constexprs`; `source`: the ASTSource class (Gluon's
+    for a Gluon kernel)."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
     attrs = {(fn.arg_names.index(n),): [["tt.divisibility", 16]] for n, t in sig.items()
              if t.startswith("*")}
-    src = ASTSource(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
-    ck = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=opts)
+    src = (source or ASTSource)(fn=fn, signature=sig, constexprs=constexprs, attrs=attrs)
+    ck = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(ck.asm["cubin"])
     try:

@@ -69,6 +69,24 @@ def _block_info(es_ptr, pid_m, E, BM: gl.constexpr, EB: gl.constexpr):
     return e, row0, row1, total
 
 
+@gluon.jit
+def _program(es_ptr, w_ptr, s_ptr, E, N: gl.constexpr, stride_we: gl.constexpr,
+             stride_wn: gl.constexpr, stride_se: gl.constexpr, stride_sn: gl.constexpr,
+             BM: gl.constexpr, BN: gl.constexpr, EB: gl.constexpr):
+    """program_id(0) -> (whether it has rows, sorted rows [BM] and their mask, expert (int64),
+    first weight row, the tile's words and scales): weight tiles of one row block side by side
+    (N_FIRST), N weight rows in BN-row tiles."""
+    N_TILES: gl.constexpr = (N + BN - 1) // BN
+    pid = gl.program_id(0)
+    e, row0, row1, total = _block_info(es_ptr, pid // N_TILES, E, BM, EB)
+    rows = row0 + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
+    e64 = e.to(gl.int64)
+    n0 = (pid % N_TILES) * BN
+    w_base = w_ptr + e64 * stride_we + (n0 // 16) * (16 * stride_wn)
+    s_base = s_ptr + e64 * stride_se + (n0 // 16) * (16 * stride_sn)
+    return pid // N_TILES < total, rows, rows < row1, e64, n0, w_base, s_base
+
+
 @gluon.constexpr_function
 def _x_layout(BN, BK):
     """Copy layout of the [BM, BK] activation tile: 16-byte pieces, a row's BK/8 side by side."""
@@ -240,20 +258,10 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   MASK_K: gl.constexpr, PDL: gl.constexpr):
     """_kernels._gemm1_kernel for the decode tiles (see the module docstring)."""
     _pdl_enter(PDL)
-    N_TILES: gl.constexpr = (2 * Ip + BN - 1) // BN
-    pid = gl.program_id(0)
-    pid_m = pid // N_TILES
-    pid_n = pid % N_TILES
-    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
-    if pid_m < total:
-        RL: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        rows = row0 + gl.arange(0, BM, layout=RL)
-        rmask = rows < row1
+    valid, rows, rmask, e64, w0, w_base, s_base = _program(
+        es_ptr, w_ptr, s_ptr, E, 2 * Ip, stride_we, stride_wn, stride_se, stride_sn, BM, BN, EB)
+    if valid:
         tok = gl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top
-        e64 = e.to(gl.int64)
-        w0 = pid_n * BN
-        w_base = w_ptr + e64 * stride_we + (w0 // 16) * (16 * stride_wn)
-        s_base = s_ptr + e64 * stride_se + (w0 // 16) * (16 * stride_sn)
         # this program's K chunk (program_id(1)), steps past Hp are masked (MASK_K)
         STEPS: gl.constexpr = (K_CHUNK + BK - 1) // BK if SPLIT > 1 else (Hp + BK - 1) // BK
         acc = _k_loop(w_base, s_base, x_ptr + tok.to(gl.int64) * stride_xt, rmask, H, STEPS,
@@ -307,19 +315,9 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E, n_bl
                   K_CHUNK: gl.constexpr, MASK_K: gl.constexpr, PDL: gl.constexpr):
     """_kernels._gemm2_kernel for the decode tiles (see the module docstring)."""
     _pdl_enter(PDL)
-    N_TILES: gl.constexpr = (H + BN - 1) // BN
-    pid = gl.program_id(0)
-    pid_m = pid // N_TILES
-    pid_n = pid % N_TILES
-    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
-    if pid_m < total:
-        RL: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        rows = row0 + gl.arange(0, BM, layout=RL)
-        rmask = rows < row1
-        e64 = e.to(gl.int64)
-        n0 = pid_n * BN
-        w_base = w_ptr + e64 * stride_we + (n0 // 16) * (16 * stride_wn)
-        s_base = s_ptr + e64 * stride_se + (n0 // 16) * (16 * stride_sn)
+    valid, rows, rmask, e64, n0, w_base, s_base = _program(
+        es_ptr, w_ptr, s_ptr, E, H, stride_we, stride_wn, stride_se, stride_sn, BM, BN, EB)
+    if valid:
         STEPS: gl.constexpr = (K_CHUNK + BK - 1) // BK if SPLIT > 1 else (Ip + BK - 1) // BK
         acc = _k_loop(w_base, s_base, a_ptr + rows.to(gl.int64) * Ip, rmask, Ip, STEPS,
                       gl.program_id(1) * K_CHUNK, Ip, stride_wn, stride_sn, BN, BM, BK, MASK_K)
@@ -333,8 +331,9 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E, n_bl
                 bias = gl.where(gl.program_id(1) == 0, bias, 0.0)
             acc = acc + gl.expand_dims(bias, 1)
         r = gl.convert_layout(rows, gl.SliceLayout(0, OL))
-        assign = gl.load(sorted_ptr + r, mask=r < row1, other=0)
+        rm = gl.convert_layout(rmask, gl.SliceLayout(0, OL))
+        assign = gl.load(sorted_ptr + r, mask=rm, other=0)
         if SPLIT > 1:
             assign += gl.program_id(1) * M
         ptrs = y_ptr + gl.expand_dims(assign.to(gl.int64) * H, 0) + gl.expand_dims(cols, 1)
-        gl.store(ptrs, acc, mask=gl.expand_dims(r < row1, 0) & gl.expand_dims(cols < H, 1))
+        gl.store(ptrs, acc, mask=gl.expand_dims(rm, 0) & gl.expand_dims(cols < H, 1))

@@ -156,9 +156,10 @@ def use_tma(c: TileConfig, major: int, words) -> bool:
 
 
 # Decode tiles through _mma2 (Gluon, mma.sync, explicit register layouts) instead of the Triton
-# kernels' wgmma, where `use_mma2` allows: 216 instructions per 64 x 128 K step (sm90 SASS,
-# Mixtral GEMM1) against 295 (TMA) / 274 (cp.async). Session 7 on the H100 (gpu_check
-# --launch-ab, medians of 3 on one input draw, whole forward, us), Triton kernels -> _mma2:
+# kernels' wgmma, where `use_mma2` and `plan_gemm` allow: 183 instructions per 64 x 128 K step
+# (sm90 SASS, Mixtral GEMM1; 170 with 8-row blocks) against 295 (TMA) / 274 (cp.async). Session 7
+# on the H100 (gpu_check --launch-ab, medians of 3 on one input draw, whole forward, us), Triton
+# kernels -> _mma2 (its first version, 241 instructions per step; benchmarks/NOTES.md for later):
 # Mixtral T=1 113.6 -> 95.2, T=8 296.6 -> 271.7; 20b T=1 49.8 -> 49.2, T=8 142.8 -> 130.3,
 # T=64 213.3 -> 194.3; 120b T=1 51.1 -> 50.8, T=8 190.0 -> 183.3, T=64 634.5 -> 623.5.
 # Its cp.async pipeline has 3 stages (4: Mixtral T=8 269.9, 20b T=8 133.6, T=64 195.9).
