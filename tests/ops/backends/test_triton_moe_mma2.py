@@ -1,10 +1,10 @@
 """The Gluon decode GEMMs (triton_moe_details/_mma2.py) compiled for sm90 and sm80 here, without a
-GPU (Gluon has no interpreter: the H100 checks their results, benchmarks/gpu_check.py and
-tests/test_backend_cuda.py). For every launch `plan` sends to them at the decode shapes of the
-three benchmark models: the K loop must issue clearly fewer instructions than the Triton
-kernel's for the same tile (the reason this kernel exists), use mma.sync with the words and the
-activations loaded by ldmatrix, keep nothing in local memory, and wait for the previous kernel
-(programmatic dependent launch) before touching global memory.
+GPU (Gluon has no interpreter: the H100 checks their results, test_triton_moe_cuda.py and
+benchmarks/gpu_check.py). For every launch `configs.plan_gemm` sends to them at the decode
+shapes of the three benchmark models: the K loop must issue clearly fewer instructions than the
+Triton kernel's for the same tile (the reason this kernel exists), use mma.sync with the words
+and the activations loaded by ldmatrix, keep nothing in local memory, and wait for the previous
+kernel (programmatic dependent launch) before touching global memory.
 """
 from __future__ import annotations
 
