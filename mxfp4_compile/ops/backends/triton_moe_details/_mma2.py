@@ -17,10 +17,11 @@ explicit:
     its own buffers, the K loop unrolled by 3 (one barrier per step).
 Same inputs, outputs and semantics as _kernels._gemm1_kernel / _gemm2_kernel with SWAP (weight
 rows on the MMA's M side), BN = 64, 4 warps, unpaired tiles, bf16 activations; K steps that
-reach past K (gpt-oss K = 2880, split chunks) are masked. Gluon cannot call the Triton helpers,
-so _block_info and the activation are written again here, identically. GPU only: Gluon has no
-interpreter, so CPU CI runs the Triton kernels and compiles these for sm90 and sm80; the H100
-checks their results (benchmarks/gpu_check.py, tests/test_backend_cuda.py). Never run on Ampere.
+reach past K (gpt-oss K = 2880, split chunks) are masked. The activation and the programmatic
+launch come from _kernels; _block_info is written again here (Gluon's arange needs an explicit
+layout, which the Triton helper does not give). GPU only: Gluon has no interpreter, so CPU CI
+runs the Triton kernels and compiles these for sm90 and sm80; the H100 checks their results
+(tests/ops/backends/test_triton_moe_cuda.py, benchmarks/gpu_check.py). Never run on Ampere.
 
 Shape legend (one program): BN weight rows (G = BN/16 groups of 16, one per warp), BM sorted
 rows (tokens), BK codes per step = NB 64-code blocks (2 NB 32-code chunks).
@@ -31,19 +32,10 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from . import layout
+from ._kernels import _activation, _pdl_enter
 
 _DEQUANT_ASM = gl.constexpr(layout.DEQUANT_ASM)
 _ACC_SCALE = gl.constexpr(2.0 ** layout.ACC_SHIFT)
-
-
-@gluon.jit
-def _pdl_enter(PDL: gl.constexpr):
-    """_kernels._pdl_enter: wait for the previous kernel, then let the next one launch."""
-    if PDL:
-        gl.inline_asm_elementwise("griddepcontrol.wait; // $0", "=r", [], dtype=gl.int32,
-                                  is_pure=False, pack=1)
-        gl.inline_asm_elementwise("griddepcontrol.launch_dependents; // $0", "=r", [],
-                                  dtype=gl.int32, is_pure=False, pack=1)
 
 
 @gluon.jit
@@ -53,7 +45,8 @@ def _add(a, b):
 
 @gluon.jit
 def _block_info(es_ptr, pid_m, E, BM: gl.constexpr, EB: gl.constexpr):
-    """_kernels._block_info: block pid_m -> (expert, first sorted row, end row, blocks)."""
+    """_kernels._block_info with explicit layouts: block pid_m -> (expert, first sorted row,
+    end row, blocks)."""
     L: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     offs = gl.arange(0, EB, layout=L)
     lo = gl.load(es_ptr + offs, mask=offs < E, other=0)
@@ -297,12 +290,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
             gl.store(p, gate, mask=m3)
             gl.store(p + p_rows * Ip, up, mask=m3)
         else:
-            if ACT == 0:  # swiglu_oai
-                g_ = gl.minimum(gate, limit)
-                u_ = gl.minimum(gl.maximum(up, -limit), limit)
-                act = g_ * (1.0 / (1.0 + gl.exp(-alpha * g_))) * (u_ + 1.0)
-            else:
-                act = gate * (1.0 / (1.0 + gl.exp(-gate))) * up
+            act = _activation(gate, up, alpha, limit, ACT)
             gl.store(a_ptr + r3.to(gl.int64) * Ip + col, act.to(gl.bfloat16), mask=m3)
 
 
