@@ -41,9 +41,9 @@ from mxfp4_compile.ops.reference import moe_reference
 # floors, timing, random weights and checks live in the package (shared with python -m
 # mxfp4_compile.bench, which is the user-facing benchmark; this script keeps the kernel
 # engineer's sweeps and diagnosis)
-from mxfp4_compile.bench.floors import (MODELS, copy_bandwidth, expert_bytes, graph_time_us,
-                                        matmul_tflops, random_canonical, rel_l2, route,
-                                        stream_floor_us)
+from mxfp4_compile.bench.floors import (MODELS, copy_bandwidth, eager_route, expert_bytes,
+                                        graph_time_us, matmul_tflops, random_canonical, rel_l2,
+                                        route, stream_floor_us)
 from mxfp4_compile.bench.floors import poison_free_memory as _poison
 
 TOKENS = (1, 8, 64, 512, 4096)
@@ -492,6 +492,9 @@ LAUNCH_VARIANTS = {
     "pps3": dict(MMA2_PROGRAMS_PER_SM=3),  # _mma2 splits K below 3 programs per SM
     "tgt5": dict(SPLIT_TARGET_PER_SM=5),
     "half1": dict(HALF_LEVELS=1),  # part-filled prefill blocks on BM/2 rows only
+    "nodirect": dict(MMA2_DIRECT=False),  # T=1 through the route kernel
+    "pf0": dict(MMA2_PREFETCH=0),  # no L2 prefetch of GEMM2's weights by GEMM1
+    "pf1": dict(MMA2_PREFETCH=1),  # ... before GEMM1's K loop instead of after it
 }
 
 
@@ -511,10 +514,11 @@ def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
             inputs = draw_inputs(E, H, T, gen)
             lg = inputs[1]
 
-            def routers():
+            def routers(fn=route):
                 for ll in lg:
-                    route(ll, k, act)
-            rec = {"model": model, "T": T, "router_us": graph_time_us(routers, R_SETS)}
+                    fn(ll, k, act)
+            rec = {"model": model, "T": T, "router_us": graph_time_us(routers, R_SETS),
+                   "eager_router_us": graph_time_us(lambda: routers(eager_route), R_SETS)}
             for _ in range(rounds):
                 for v in variants:
                     for n, val in LAUNCH_VARIANTS[v].items():
@@ -542,7 +546,8 @@ def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
     with open(os.path.join(OUT, "launch_ab.json"), "w") as f:
         json.dump(out, f, indent=1)
     for r in out:
-        log(f"{r['model']:8s} T={r['T']:<5d} router {r['router_us']:6.1f} us  " + "  ".join(
+        log(f"{r['model']:8s} T={r['T']:<5d} router {r['router_us']:6.1f} (eager "
+            f"{r['eager_router_us']:.1f}) us  " + "  ".join(
             f"{v} {r[v]['median']:7.1f}" for v in variants if "median" in r.get(v, {})))
     return 0
 

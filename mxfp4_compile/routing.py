@@ -4,7 +4,10 @@ Shape legend: T tokens, E experts (global), k experts per token, G expert groups
   logits        [T, E]  any float dtype (math in float32)
   topk_weights  [T, k]  float32
   topk_ids      [T, k]  int64
-Plain vectorized torch: the routing stays in the compiled graph as ordinary ops.
+Plain vectorized torch: the routing stays in the compiled graph as ordinary ops. With
+``fused=True`` the gpt-oss, Qwen3 and Mixtral routers are one custom op instead
+(torch.ops.mxfp4.topk_softmax: one Triton launch on CUDA, where torch.topk alone takes several;
+the same numbers, ties taken lower index first).
 """
 from __future__ import annotations
 
@@ -23,24 +26,33 @@ def _renormalize(w: torch.Tensor) -> torch.Tensor:
     return w / w.sum(dim=-1, keepdim=True)
 
 
-def gpt_oss_routing(logits: torch.Tensor, top_k: int):
+def _fused(logits, top_k, softmax_first, renormalize):
+    return torch.ops.mxfp4.topk_softmax(logits, top_k, softmax_first, renormalize)
+
+
+def gpt_oss_routing(logits: torch.Tensor, top_k: int, fused: bool = False):
     """gpt-oss: top-k of the logits, softmax over those k."""
     _check(logits, top_k)
+    if fused:
+        return _fused(logits, top_k, False, True)
     vals, ids = torch.topk(logits.float(), top_k, dim=-1)  # [T, k]
     return torch.softmax(vals, dim=-1), ids
 
 
-def qwen3_routing(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True):
+def qwen3_routing(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True,
+                  fused: bool = False):
     """Qwen3-MoE: softmax over all E, top-k, renormalized over the k when ``norm_topk_prob``."""
     _check(logits, top_k)
+    if fused:
+        return _fused(logits, top_k, True, norm_topk_prob)
     probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
     w, ids = torch.topk(probs, top_k, dim=-1)
     return (_renormalize(w) if norm_topk_prob else w), ids
 
 
-def mixtral_routing(logits: torch.Tensor, top_k: int):
+def mixtral_routing(logits: torch.Tensor, top_k: int, fused: bool = False):
     """Mixtral / OLMoE: softmax over all E, top-k, renormalized over the k."""
-    return qwen3_routing(logits, top_k, norm_topk_prob=True)
+    return qwen3_routing(logits, top_k, norm_topk_prob=True, fused=fused)
 
 
 def deepseek_v3_routing(logits: torch.Tensor, top_k: int, e_score_correction_bias: torch.Tensor | None = None,

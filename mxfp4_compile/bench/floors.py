@@ -20,6 +20,8 @@ import time
 
 import torch
 
+from .. import routing
+
 MODELS = {  # name -> (E, H, I, k, activation, biases)
     "20b": (32, 2880, 2880, 4, "swiglu_oai", True),
     "120b": (128, 2880, 2880, 4, "swiglu_oai", True),
@@ -83,13 +85,24 @@ def flops_per_token(H, I, k):
 
 
 def route(logits, k, activation):
-    """Router logits [T, E] -> (ids int32 [T, k], weights fp32 [T, k]) as each model does it."""
+    """Router logits [T, E] -> (ids int64 [T, k], weights fp32 [T, k]) as each model does it, by
+    the package's fused router (routing.py, fused=True: one launch on CUDA). Every kernel and
+    peer gets the same routing."""
     if activation == "swiglu_oai":  # gpt-oss: top-k then softmax over the k
-        v, i = torch.topk(logits, k, dim=-1)
-        return i.to(torch.int32), torch.softmax(v.float(), dim=-1)
-    p = torch.softmax(logits.float(), dim=-1)  # Mixtral: softmax, top-k, renormalize
-    v, i = torch.topk(p, k, dim=-1)
-    return i.to(torch.int32), v / v.sum(-1, keepdim=True)
+        tw, ids = routing.gpt_oss_routing(logits, k, fused=True)
+    else:  # Mixtral: softmax, top-k, renormalize
+        tw, ids = routing.mixtral_routing(logits, k, fused=True)
+    return ids, tw
+
+
+def eager_route(logits, k, activation):
+    """The same routing from plain torch ops (torch.topk, softmax; several launches): what the
+    figures before session 8 included."""
+    if activation == "swiglu_oai":
+        tw, ids = routing.gpt_oss_routing(logits, k)
+    else:
+        tw, ids = routing.mixtral_routing(logits, k)
+    return ids, tw
 
 
 def distinct_experts(ids) -> int:

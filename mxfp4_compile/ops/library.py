@@ -9,6 +9,7 @@ import torch
 
 from .. import numerics
 from . import dispatch, weights
+from . import topk_softmax as _topk_softmax
 from .reference import ACTIVATIONS, local_ids
 
 # ---------------------------------------------------------------------------------------- quantize
@@ -59,6 +60,24 @@ def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype) -
 def _(packed, scales, dtype):
     _check_dequant(packed, scales, dtype)
     return packed.new_empty(*packed.shape[:-1], packed.shape[-1] * 2, dtype=dtype)
+
+
+# ------------------------------------------------------------------------------------ topk_softmax
+
+
+@torch.library.custom_op("mxfp4::topk_softmax", mutates_args=())
+def topk_softmax(logits: torch.Tensor, k: int, softmax_first: bool = False,
+                 renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] float32, ids [T, k] int64) in one launch on CUDA
+    (ops/topk_softmax.py: which router each flag combination is)."""
+    return _topk_softmax.topk_softmax(logits, k, softmax_first, renormalize)
+
+
+@topk_softmax.register_fake
+def _(logits, k, softmax_first=False, renormalize=True):
+    _topk_softmax.check(logits, k)
+    T = logits.shape[0]
+    return (logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------------------------- moe

@@ -301,7 +301,6 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     EB = _next_pow2(E + 1)
     major = 0 if interpret else torch.cuda.get_device_capability(dev)[0]
     pdl = _pdl(major)
-    es, sorted_assign = route(ids, emap, E, pdl["route"])
     # _mma2 (Gluon) runs the decode tiles where it can. Its 16-byte cp.async copies need the
     # weights on 16-byte boundaries, and GEMM1 copies x as is: bf16 on a 16-byte boundary only
     # (else the Triton kernels run GEMM1, and the 8-row decode tiles, which they lack, are off;
@@ -317,20 +316,38 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     a = torch.empty(M, Ip, dtype=torch.bfloat16, device=dev)  # activations, sorted-row order
     # row blocks (worst case: surplus programs exit at once), launch plan, which kernel
     p1, nb1, mma2_1 = configs.plan_gemm(c1, M, E, 2 * Ip, Hp, sms, "gemm1", m2_x, major)
+    p2, nb2, mma2_2 = configs.plan_gemm(c2, M, E, H, Ip, sms, "gemm2", m2, major)
+    # one token: its k assignments have k distinct experts, so the _mma2 kernels take one
+    # assignment per row block straight from the ids, and the route launch goes (DIRECT)
+    direct = T == 1 and mma2_1 and mma2_2 and configs.MMA2_DIRECT
+    if direct:
+        es = sorted_assign = ids  # not read
+        nb1 = nb2 = M
+    else:
+        es, sorted_assign = route(ids, emap, E, pdl["route"])
+    ids_or_es = ids if direct else es  # the ids where DIRECT reads them, else a dummy
+    emap_or_es = emap if emap is not None else ids_or_es
     c1, split1 = p1.config, p1.split
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
     if mma2_1:
         from .triton_moe_details import _mma2
+        # the GEMM2 weights of the touched experts into L2 during GEMM1, where they fit
+        w2_bytes, s2_bytes = w2[0].numel(), w2_scales[0].numel()
+        prefetch = (configs.MMA2_PREFETCH if major >= 9 and mma2_2 and M * (w2_bytes + s2_bytes)
+                    <= configs.MMA2_PREFETCH_BYTES else 0)
         _mma2._gemm1_kernel[(nb1 * p1.tiles, split1)](
-            x, sorted_assign, es, w13_words, w13_scales, b13, a, p,
-            E, k, nb1, float(alpha), float(limit), M,
+            x, sorted_assign, es, ids_or_es, emap_or_es, w13_words, w13_scales, b13, a, p,
+            w2.view(torch.uint8), w2_scales.view(torch.uint8), E, k, nb1, float(alpha),
+            float(limit), M,
             x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
             w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
             H=H, Hp=Hp, Ip=Ip, ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM,
             BN=c1.BN, BK=c1.BK, EB=EB, SPLIT=split1, K_CHUNK=p1.chunk,
-            MASK_K=p1.tail > 0 or not p1.even_k, num_warps=4, **pdl["gemm1"])
+            MASK_K=p1.tail > 0 or not p1.even_k, DIRECT=direct, HAS_MAP=emap is not None,
+            PREFETCH=prefetch, W2_BYTES=w2_bytes, S2_BYTES=s2_bytes, num_warps=4,
+            **pdl["gemm1"])
     else:
         tma1 = configs.use_tma(c1, major, w13_words)
         K._gemm1_kernel[(nb1 * p1.tiles, split1)](
@@ -352,7 +369,6 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             p, a, M, float(alpha), float(limit), Ip=Ip, ACT=_ACT[activation], SPLIT=split1,
             BR=BR, BC=BC, num_warps=4, **pdl["act"])
 
-    p2, nb2, mma2_2 = configs.plan_gemm(c2, M, E, H, Ip, sms, "gemm2", m2, major)
     c2, split2 = p2.config, p2.split
     y = torch.empty(split2, M, H, dtype=torch.float32, device=dev)  # per-(token, slot) outputs
     b2 = w2_bias if w2_bias is not None else es
@@ -360,12 +376,12 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     if mma2_2:
         from .triton_moe_details import _mma2
         _mma2._gemm2_kernel[(nb2 * p2.tiles, split2)](
-            a, sorted_assign, es, w2_words, w2_scales, b2, y, E, nb2, M,
+            a, sorted_assign, es, ids_or_es, emap_or_es, w2_words, w2_scales, b2, y, E, nb2, M,
             w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
             w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
             HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB, SPLIT=split2,
-            K_CHUNK=p2.chunk, MASK_K=p2.tail > 0 or not p2.even_k, num_warps=4,
-            **pdl["gemm2"])
+            K_CHUNK=p2.chunk, MASK_K=p2.tail > 0 or not p2.even_k, DIRECT=direct,
+            HAS_MAP=emap is not None, num_warps=4, **pdl["gemm2"])
     else:
         tma2 = configs.use_tma(c2, major, w2_words)
         K._gemm2_kernel[(nb2 * p2.tiles, split2)](

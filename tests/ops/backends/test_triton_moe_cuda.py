@@ -102,3 +102,42 @@ def test_activations_mma2_cannot_copy_fall_back(case, monkeypatch):
     assert launches[0] == 0  # GEMM1 on the Triton kernels; GEMM2 reads our own bf16 buffer
     err = ((out - ref).norm() / ref.norm()).item()
     assert torch.isfinite(out).all() and err < 1e-2, err
+
+
+@pytest.mark.parametrize("emap", [False, True])
+@pytest.mark.parametrize("combine", [True, False])
+def test_one_token_reads_the_ids_without_the_route_kernel(emap, combine, monkeypatch):
+    # T=1: the _mma2 GEMMs take each assignment's expert from the ids (DIRECT), no route launch;
+    # the same numbers, bit for bit, as through the route kernel. With an expert map (48 global
+    # experts, 16 not on this rank) the token picks two experts of another rank
+    from mxfp4_compile.ops.backends.triton_moe_details import _kernels as K
+
+    E, H, I, k, act = 32, 2880, 2880, 4, "swiglu_oai"
+    canon, prepared = _weights(E, H, I, act)
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(1, H, generator=g).to(torch.bfloat16).cuda()
+    tw = torch.rand(1, k, generator=g).cuda()
+    expert_map = None
+    ids = torch.randperm(E, generator=g)[:k].view(1, k)
+    if emap:
+        glob = torch.randperm(48, generator=g)
+        expert_map = torch.full((48,), -1, dtype=torch.int32)
+        expert_map[glob[:E]] = torch.arange(E, dtype=torch.int32)
+        ids = torch.cat([glob[:2], glob[E:E + 2]]).view(1, k)  # two here, two elsewhere
+        expert_map = expert_map.cuda()
+    ids = ids.cuda()
+    outs = []
+    for direct in (True, False):
+        routes = _Counted(K._route_kernel)
+        with monkeypatch.context() as m:
+            m.setattr(configs, "MMA2_DIRECT", direct)
+            m.setattr(K, "_route_kernel", routes)
+            torch.empty(1 << 28, dtype=torch.uint8, device="cuda").fill_(0xFF)  # poison
+            outs.append(tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine))
+            torch.cuda.synchronize()
+        assert routes.launches == (0 if direct else 1)
+    ref = moe_reference(x.float(), ids, tw, *canon, act, 1.702, 7.0, expert_map, combine).float()
+    out = outs[0].float()
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+    assert torch.equal(outs[0], outs[1])

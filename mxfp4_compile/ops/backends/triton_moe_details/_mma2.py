@@ -63,21 +63,55 @@ def _block_info(es_ptr, pid_m, E, BM: gl.constexpr, EB: gl.constexpr):
 
 
 @gluon.jit
-def _program(es_ptr, w_ptr, s_ptr, E, N: gl.constexpr, stride_we: gl.constexpr,
-             stride_wn: gl.constexpr, stride_se: gl.constexpr, stride_sn: gl.constexpr,
-             BM: gl.constexpr, BN: gl.constexpr, EB: gl.constexpr):
+def _direct_info(ids_ptr, emap_ptr, pid_m, E, M, HAS_MAP: gl.constexpr):
+    """DIRECT (one token, so k distinct experts): block pid_m is assignment pid_m alone, its
+    expert read from the top-k ids (the route kernel's launch is saved) -> (expert, first row,
+    end row, blocks); an expert not on this rank (or out of range) gives an empty block, as
+    _kernels._local_ids makes it for the route kernel."""
+    e = gl.load(ids_ptr + pid_m).to(gl.int32)
+    if HAS_MAP:
+        e = gl.load(emap_ptr + e).to(gl.int32)
+    live = (e >= 0) & (e < E)
+    return gl.where(live, e, 0), pid_m, gl.where(live, pid_m + 1, pid_m), M
+
+
+@gluon.jit
+def _program(es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, M, N: gl.constexpr,
+             stride_we: gl.constexpr, stride_wn: gl.constexpr, stride_se: gl.constexpr,
+             stride_sn: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, EB: gl.constexpr,
+             DIRECT: gl.constexpr, HAS_MAP: gl.constexpr):
     """program_id(0) -> (whether it has rows, sorted rows [BM] and their mask, expert (int64),
     first weight row, the tile's words and scales): weight tiles of one row block side by side
-    (N_FIRST), N weight rows in BN-row tiles."""
+    (N_FIRST), N weight rows in BN-row tiles. DIRECT: row r is assignment r (_direct_info)."""
     N_TILES: gl.constexpr = (N + BN - 1) // BN
     pid = gl.program_id(0)
-    e, row0, row1, total = _block_info(es_ptr, pid // N_TILES, E, BM, EB)
+    if DIRECT:
+        e, row0, row1, total = _direct_info(ids_ptr, emap_ptr, pid // N_TILES, E, M, HAS_MAP)
+    else:
+        e, row0, row1, total = _block_info(es_ptr, pid // N_TILES, E, BM, EB)
     rows = row0 + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
     e64 = e.to(gl.int64)
     n0 = (pid % N_TILES) * BN
     w_base = w_ptr + e64 * stride_we + (n0 // 16) * (16 * stride_wn)
     s_base = s_ptr + e64 * stride_se + (n0 // 16) * (16 * stride_sn)
-    return pid // N_TILES < total, rows, rows < row1, e64, n0, w_base, s_base
+    return (pid // N_TILES < total) & (row0 < row1), rows, rows < row1, e64, n0, w_base, s_base
+
+
+@gluon.jit
+def _prefetch_l2(ptr, nbytes, part, parts):
+    """Part `part` of `parts` of the nbytes at ptr (uint8, 16-byte aligned, nbytes a multiple of
+    16) into L2: one bulk prefetch (sm90 cp.async.bulk.prefetch, a hint with nothing to wait
+    for) of the program's contiguous share, issued by thread 0."""
+    L: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+    chunk = (nbytes + 16 * parts - 1) // (16 * parts) * 16
+    lo = part * chunk
+    size = gl.minimum(chunk, nbytes - lo)
+    lane = gl.zeros([32 * gl.num_warps()], gl.int32, L)  # the same values in every thread
+    gl.inline_asm_elementwise(
+        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
+        "@p setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
+        "mov.u32 $0, 0; }", "=r,l,r", [ptr + lo + lane, size + lane], dtype=gl.int32,
+        is_pure=False, pack=1)
 
 
 @gluon.constexpr_function
@@ -241,24 +275,42 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
 
 
 @gluon.jit
-def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
-                  E, k_top, n_blocks, alpha, limit, p_rows,
+def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
+                  p_ptr, w2_ptr, s2_ptr, E, k_top, n_blocks, alpha, limit, p_rows,
                   stride_xt: gl.constexpr, stride_we: gl.constexpr, stride_wn: gl.constexpr,
                   stride_se: gl.constexpr, stride_sn: gl.constexpr, stride_be: gl.constexpr,
                   H: gl.constexpr, Hp: gl.constexpr, Ip: gl.constexpr, ACT: gl.constexpr,
                   HAS_BIAS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                   EB: gl.constexpr, SPLIT: gl.constexpr, K_CHUNK: gl.constexpr,
-                  MASK_K: gl.constexpr, PDL: gl.constexpr):
-    """_kernels._gemm1_kernel for the decode tiles (see the module docstring)."""
+                  MASK_K: gl.constexpr, DIRECT: gl.constexpr, HAS_MAP: gl.constexpr,
+                  PREFETCH: gl.constexpr, W2_BYTES: gl.constexpr, S2_BYTES: gl.constexpr,
+                  PDL: gl.constexpr):
+    """_kernels._gemm1_kernel for the decode tiles (see the module docstring); DIRECT: rows are
+    assignments (_direct_info), no route kernel before it. PREFETCH (1: before the K loop, 2:
+    after it): the programs of a row block also pull their expert's GEMM2 weights (W2_BYTES of
+    words, S2_BYTES of scales at w2_ptr / s2_ptr, uint8) into L2, each its share, so that GEMM2
+    reads them from L2 (configs.MMA2_PREFETCH: only where they fit)."""
     _pdl_enter(PDL)
     valid, rows, rmask, e64, w0, w_base, s_base = _program(
-        es_ptr, w_ptr, s_ptr, E, 2 * Ip, stride_we, stride_wn, stride_se, stride_sn, BM, BN, EB)
+        es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, p_rows, 2 * Ip, stride_we, stride_wn,
+        stride_se, stride_sn, BM, BN, EB, DIRECT, HAS_MAP)
     if valid:
-        tok = gl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top
+        if DIRECT:
+            tok = rows // k_top
+        else:
+            tok = gl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top
+        N_TILES: gl.constexpr = (2 * Ip + BN - 1) // BN
+        part = (gl.program_id(0) % N_TILES) * SPLIT + gl.program_id(1)
+        if PREFETCH == 1:
+            _prefetch_l2(w2_ptr + e64 * W2_BYTES, W2_BYTES, part, N_TILES * SPLIT)
+            _prefetch_l2(s2_ptr + e64 * S2_BYTES, S2_BYTES, part, N_TILES * SPLIT)
         # this program's K chunk (program_id(1)), steps past Hp are masked (MASK_K)
         STEPS: gl.constexpr = (K_CHUNK + BK - 1) // BK if SPLIT > 1 else (Hp + BK - 1) // BK
         acc = _k_loop(w_base, s_base, x_ptr + tok.to(gl.int64) * stride_xt, rmask, H, STEPS,
                       gl.program_id(1) * K_CHUNK, Hp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+        if PREFETCH == 2:
+            _prefetch_l2(w2_ptr + e64 * W2_BYTES, W2_BYTES, part, N_TILES * SPLIT)
+            _prefetch_l2(s2_ptr + e64 * S2_BYTES, S2_BYTES, part, N_TILES * SPLIT)
         # epilogue in a plain layout: [G, half, i, BM], tile row 16G + 8half + i = gate (half 0)
         # or up (half 1) of intermediate column 8G + i (`prepare`'s paired row order)
         G: gl.constexpr = BN // 16
@@ -295,16 +347,20 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
 
 
 @gluon.jit
-def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E, n_blocks, M,
+def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E,
+                  n_blocks, M,
                   stride_we: gl.constexpr, stride_wn: gl.constexpr, stride_se: gl.constexpr,
                   stride_sn: gl.constexpr, stride_be: gl.constexpr, H: gl.constexpr,
                   Ip: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
                   BN: gl.constexpr, BK: gl.constexpr, EB: gl.constexpr, SPLIT: gl.constexpr,
-                  K_CHUNK: gl.constexpr, MASK_K: gl.constexpr, PDL: gl.constexpr):
-    """_kernels._gemm2_kernel for the decode tiles (see the module docstring)."""
+                  K_CHUNK: gl.constexpr, MASK_K: gl.constexpr, DIRECT: gl.constexpr,
+                  HAS_MAP: gl.constexpr, PDL: gl.constexpr):
+    """_kernels._gemm2_kernel for the decode tiles (see the module docstring); DIRECT as in
+    _gemm1_kernel."""
     _pdl_enter(PDL)
     valid, rows, rmask, e64, n0, w_base, s_base = _program(
-        es_ptr, w_ptr, s_ptr, E, H, stride_we, stride_wn, stride_se, stride_sn, BM, BN, EB)
+        es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, M, H, stride_we, stride_wn, stride_se,
+        stride_sn, BM, BN, EB, DIRECT, HAS_MAP)
     if valid:
         STEPS: gl.constexpr = (K_CHUNK + BK - 1) // BK if SPLIT > 1 else (Ip + BK - 1) // BK
         acc = _k_loop(w_base, s_base, a_ptr + rows.to(gl.int64) * Ip, rmask, Ip, STEPS,
@@ -320,7 +376,10 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E, n_bl
             acc = acc + gl.expand_dims(bias, 1)
         r = gl.convert_layout(rows, gl.SliceLayout(0, OL))
         rm = gl.convert_layout(rmask, gl.SliceLayout(0, OL))
-        assign = gl.load(sorted_ptr + r, mask=rm, other=0)
+        if DIRECT:
+            assign = r
+        else:
+            assign = gl.load(sorted_ptr + r, mask=rm, other=0)
         if SPLIT > 1:
             assign += gl.program_id(1) * M
         ptrs = y_ptr + gl.expand_dims(assign.to(gl.int64) * H, 0) + gl.expand_dims(cols, 1)

@@ -1,0 +1,77 @@
+"""Fused top-k routing: router logits -> (weights, ids) in one Triton launch.
+
+Shape legend: T tokens, E experts, k experts per token.
+  logits   [T, E]  any float dtype (math in float32)
+  weights  [T, k]  float32
+  ids      [T, k]  int64, the k largest logits of each row in descending order (ties: lower index)
+
+What gpt-oss, Mixtral and Qwen3 routers compute, in one kernel instead of torch.topk (several
+launches on CUDA) plus a softmax and a division (a launch each): at decode sizes each launch in a
+CUDA graph costs a few microseconds, more than the math. The weights:
+  softmax_first=False:                  softmax over the k selected logits (gpt-oss)
+  softmax_first=True, renormalize=True: softmax over E, top-k, renormalized over the k; the same
+                                        numbers as the line above (Mixtral, Qwen3 default)
+  softmax_first=True, renormalize=False: softmax over all E, the k selected (Qwen3 option)
+NaN logits sort above everything, as in torch.topk; the k weights of such a row are then NaN.
+"""
+from __future__ import annotations
+
+import torch
+
+MAX_EXPERTS = 4096  # one program holds whole rows in registers
+
+
+def reference(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool):
+    """The same routing in plain torch ops (CPU, and the oracle of the tests)."""
+    if softmax_first:
+        p = torch.softmax(logits.float(), dim=-1)
+        w, ids = torch.topk(p, k, dim=-1)
+        return (w / w.sum(-1, keepdim=True) if renormalize else w), ids
+    v, ids = torch.topk(logits.float(), k, dim=-1)
+    return torch.softmax(v, dim=-1), ids
+
+
+def check(logits: torch.Tensor, k: int) -> None:
+    if logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"topk_softmax: logits must be a float [T, E] tensor, got {logits.dtype} "
+                         f"{tuple(logits.shape)}")
+    E = logits.shape[1]
+    if not 1 <= k <= E:
+        raise ValueError(f"topk_softmax: k must lie in [1, E={E}], got {k}")
+
+
+def _launch(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool):
+    from . import _topk_softmax_kernel as K
+
+    T, E = logits.shape
+    if E > MAX_EXPERTS:
+        raise ValueError(f"topk_softmax: the fused kernel holds rows of up to {MAX_EXPERTS} "
+                         f"experts, got E={E}; route with torch.topk and torch.softmax instead")
+    x = logits if logits.stride(1) == 1 else logits.contiguous()
+    w = torch.empty(T, k, dtype=torch.float32, device=x.device)
+    ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
+    if T == 0:
+        return w, ids
+    EB = 1 << max(0, (E - 1).bit_length())
+    BT = max(1, min(64, 2048 // EB))  # rows per program: ~2048 logits in registers
+    K._topk_softmax_kernel[(-(-T // BT),)](
+        x, w, ids, T, E, x.stride(0), K=k, KB=1 << max(0, (k - 1).bit_length()), EB=EB, BT=BT,
+        SOFTMAX_FIRST=softmax_first, RENORM=renormalize, num_warps=4,
+        PDL=x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)
+    return w, ids
+
+
+def topk_softmax(logits: torch.Tensor, k: int, softmax_first: bool = False,
+                 renormalize: bool = True):
+    """-> (weights [T, k] float32, ids [T, k] int64). CUDA: the fused kernel; CPU: `reference`,
+    unless the Triton interpreter is on (TRITON_INTERPRET=1: the kernel, for tests)."""
+    check(logits, k)
+    import os
+    if logits.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        try:
+            import triton  # noqa: F401
+        except ImportError as e:
+            raise RuntimeError(f"topk_softmax on {logits.device} needs triton ({e}); install "
+                               f"triton or route with mxfp4_compile.routing's torch routers") from e
+        return _launch(logits, k, softmax_first, renormalize)
+    return reference(logits, k, softmax_first, renormalize)
