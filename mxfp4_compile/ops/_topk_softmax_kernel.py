@@ -3,8 +3,8 @@ import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents
 
-_INT_MIN = -2147483648
-_INT_MAX = 2147483647
+_INT_MIN = tl.constexpr(-2147483648)
+_INT_MAX = tl.constexpr(2147483647)
 
 
 @triton.jit

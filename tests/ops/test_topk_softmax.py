@@ -153,6 +153,26 @@ def test_cuda_kernel_matches_the_oracle(mode):
         _check(w.cpu(), ids.cpu(), x.cpu(), k, sf, rn)
 
 
+@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs the real compiler")
+@pytest.mark.parametrize("arch", [80, 90])
+def test_kernel_compiles_for_the_gpu(arch):
+    # the interpreter accepts what the compiler rejects (a plain global in the kernel, seen)
+    triton = pytest.importorskip("triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from mxfp4_compile.ops import _topk_softmax_kernel as K
+
+    fn = K._topk_softmax_kernel
+    types = {"x_ptr": "*bf16", "w_ptr": "*fp32", "ids_ptr": "*i64", "T": "i32", "E": "i32",
+             "stride_t": "i32"}
+    cx = dict(K=4, KB=4, EB=32, BT=64, SOFTMAX_FIRST=False, RENORM=True, PDL=arch >= 90)
+    sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
+    ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
+                        target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
+    assert ("griddepcontrol.launch_dependents" in ck.asm["ptx"]) == (arch >= 90)
+
+
 def test_bad_arguments_say_what_is_wrong():
     with pytest.raises(ValueError, match=r"k must lie in \[1, E=8\], got 9"):
         torch.ops.mxfp4.topk_softmax(torch.zeros(2, 8), 9)
