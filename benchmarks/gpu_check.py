@@ -493,8 +493,7 @@ LAUNCH_VARIANTS = {
     "tgt5": dict(SPLIT_TARGET_PER_SM=5),
     "half1": dict(HALF_LEVELS=1),  # part-filled prefill blocks on BM/2 rows only
     "nodirect": dict(MMA2_DIRECT=False),  # T=1 through the route kernel
-    "pf0": dict(MMA2_PREFETCH=0),  # no L2 prefetch of GEMM2's weights by GEMM1
-    "pf1": dict(MMA2_PREFETCH=1),  # ... before GEMM1's K loop instead of after it
+
 }
 
 

@@ -333,21 +333,15 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
     if mma2_1:
         from .triton_moe_details import _mma2
-        # the GEMM2 weights of the touched experts into L2 during GEMM1, where they fit
-        w2_bytes, s2_bytes = w2[0].numel(), w2_scales[0].numel()
-        prefetch = (configs.MMA2_PREFETCH if major >= 9 and mma2_2 and M * (w2_bytes + s2_bytes)
-                    <= configs.MMA2_PREFETCH_BYTES else 0)
         _mma2._gemm1_kernel[(nb1 * p1.tiles, split1)](
             x, sorted_assign, es, ids_or_es, emap_or_es, w13_words, w13_scales, b13, a, p,
-            w2.view(torch.uint8), w2_scales.view(torch.uint8), E, k, nb1, float(alpha),
-            float(limit), M,
+            E, k, nb1, float(alpha), float(limit), M,
             x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
             w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
             H=H, Hp=Hp, Ip=Ip, ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM,
             BN=c1.BN, BK=c1.BK, EB=EB, SPLIT=split1, K_CHUNK=p1.chunk,
             MASK_K=p1.tail > 0 or not p1.even_k, DIRECT=direct, HAS_MAP=emap is not None,
-            PREFETCH=prefetch, W2_BYTES=w2_bytes, S2_BYTES=s2_bytes, num_warps=4,
-            **pdl["gemm1"])
+            num_warps=4, **pdl["gemm1"])
     else:
         tma1 = configs.use_tma(c1, major, w13_words)
         K._gemm1_kernel[(nb1 * p1.tiles, split1)](

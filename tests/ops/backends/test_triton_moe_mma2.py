@@ -30,9 +30,8 @@ SHAPES = [(1, 4, 32, 2880, 2880), (8, 4, 32, 2880, 2880), (64, 4, 32, 2880, 2880
 
 
 def _launches():
-    """Distinct (gemm, planned config, split, chunk, mask, H, I, direct, prefetch) that an H100
-    launch of the SHAPES sends to _mma2 (as triton_moe.moe plans them; direct: one token,
-    DIRECT; prefetch: GEMM1's PREFETCH)."""
+    """Distinct (gemm, planned config, split, chunk, mask, H, I, direct) that an H100 launch of
+    the SHAPES sends to _mma2 (as triton_moe.moe plans them; direct: one token, DIRECT)."""
     seen = {}
     for T, k, E, H, I in SHAPES:
         M = T * k
@@ -40,28 +39,26 @@ def _launches():
                  for gemm, c, N, K in zip((1, 2), configs.pick(T, k, E, H, I, mma2=True),
                                           (2 * I, H), (H, I))]
         direct = T == 1 and all(mma2 for _, _, mma2 in plans) and configs.MMA2_DIRECT
-        fits = M * (H * I // 2 + H * I // 32) <= configs.MMA2_PREFETCH_BYTES
         for gemm, (p, _, mma2) in zip((1, 2), plans):
             if mma2:
-                prefetch = configs.MMA2_PREFETCH if gemm == 1 and plans[1][2] and fits else 0
                 key = (gemm, p.config, p.split, p.chunk, p.tail > 0 or not p.even_k, H, I,
-                       direct, prefetch)
+                       direct)
                 seen.setdefault(key, None)
     return list(seen)
 
 
-def _compile(gemm, cfg, split, chunk, mask, H, I, direct=False, prefetch=0, arch=90):
+def _compile(gemm, cfg, split, chunk, mask, H, I, direct=False, arch=90):
     """SASS of one _mma2 kernel as triton_moe.moe launches it (sm90: with programmatic launch)."""
     common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, SPLIT=split,
                   K_CHUNK=chunk, MASK_K=mask, DIRECT=direct, HAS_MAP=False, PDL=arch >= 90)
     ptr = {"x_ptr": "*bf16", "a_ptr": "*bf16", "sorted_ptr": "*i32", "es_ptr": "*i32",
-           "ids_ptr": "*i64", "emap_ptr": "*i32", "w2_ptr": "*u8", "s2_ptr": "*u8",
+           "ids_ptr": "*i64", "emap_ptr": "*i32",
            "w_ptr": "*i32", "s_ptr": "*u8", "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32"}
     if gemm == 1:
         fn = _mma2._gemm1_kernel
         cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
                   stride_se=2 * I * H // 32, stride_sn=H // 32, stride_be=2 * I, H=H, Hp=H, Ip=I,
-                  ACT=0, PREFETCH=prefetch, W2_BYTES=H * I // 2, S2_BYTES=H * I // 32)
+                  ACT=0)
         types = dict(ptr, E="i32", k_top="i32", n_blocks="i32", alpha="fp32", limit="fp32",
                      p_rows="i32")
     else:
@@ -84,18 +81,16 @@ def test_the_decode_shapes_reach_mma2():
     assert {(g, s > 1) for g, _, s, *_ in launches} == {(1, False), (2, False), (2, True)}
     assert {v[4] for v in launches} == {True, False}  # masked K steps and not
     assert {v[7] for v in launches} == {True, False}  # T=1 reads the ids (DIRECT)
-    # gpt-oss T=1's GEMM1 pulls GEMM2's weights into L2 (17.6 MB); Mixtral's do not fit
-    assert {(v[0], v[5]) for v in launches if v[8]} == {(1, 2880)}
     assert all(not c.PAIR and c.BK == 128 for _, c, *_ in launches)
     assert {c.BM for _, c, *_ in launches} == {8, 16}  # 8-row blocks where m_e <= 2
 
 
 @pytest.mark.parametrize("launch", _launches(),
                          ids=lambda v: f"gemm{v[0]}_split{v[2]}_mask{int(v[4])}_K{v[5 + v[0] % 2]}"
-                                       f"{'_direct' if v[7] else ''}{f'_pf{v[8]}' if v[8] else ''}")
+                                       f"{'_direct' if v[7] else ''}")
 def test_k_loop(ptxas_works, launch):
-    gemm, cfg, split, chunk, mask, H, I, direct, prefetch = launch
-    sass = _compile(gemm, cfg, split, chunk, mask, H, I, direct, prefetch)
+    gemm, cfg, split, chunk, mask, H, I, direct = launch
+    sass = _compile(gemm, cfg, split, chunk, mask, H, I, direct)
     loop = _k_loop(sass)
     # the loop runs 3 K steps per iteration (one per pipeline stage, _mma2._k_loop)
     hmma = (cfg.BK // 16) * (cfg.BM // 8)  # one mma.sync m16n8k16 per 16 codes and 8 rows
@@ -131,7 +126,7 @@ def test_waits_for_the_previous_kernel_before_touching_memory(ptxas_works, gemm,
 def test_compiles_for_sm80_without_griddepcontrol(ptxas_works):
     # Ampere runs the same kernels (mma.sync and cp.async are sm80 features), without PDL
     launch = next(v for v in _launches() if v[0] == 1 and v[4])
-    sass = _compile(*launch[:8], prefetch=0, arch=80)  # no bulk prefetch before sm90 (the host)
+    sass = _compile(*launch, arch=80)
     assert "HMMA.16816.F32.BF16" in sass and "ACQBULK" not in sass
 
 

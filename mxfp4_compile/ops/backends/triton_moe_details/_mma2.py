@@ -97,23 +97,6 @@ def _program(es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, M, N: gl.constexpr,
     return (pid // N_TILES < total) & (row0 < row1), rows, rows < row1, e64, n0, w_base, s_base
 
 
-@gluon.jit
-def _prefetch_l2(ptr, nbytes, part, parts):
-    """Part `part` of `parts` of the nbytes at ptr (uint8, 16-byte aligned, nbytes a multiple of
-    16) into L2: one bulk prefetch (sm90 cp.async.bulk.prefetch, a hint with nothing to wait
-    for) of the program's contiguous share, issued by thread 0."""
-    L: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-    chunk = (nbytes + 16 * parts - 1) // (16 * parts) * 16
-    lo = part * chunk
-    size = gl.minimum(chunk, nbytes - lo)
-    lane = gl.zeros([32 * gl.num_warps()], gl.int32, L)  # the same values in every thread
-    gl.inline_asm_elementwise(
-        "{ .reg .pred p; .reg .u32 t; mov.u32 t, %tid.x; setp.eq.u32 p, t, 0; "
-        "@p setp.gt.s32 p, $2, 0; @p cp.async.bulk.prefetch.L2.global [$1], $2; "
-        "mov.u32 $0, 0; }", "=r,l,r", [ptr + lo + lane, size + lane], dtype=gl.int32,
-        is_pure=False, pack=1)
-
-
 @gluon.constexpr_function
 def _x_layout(BN, BK):
     """Copy layout of the [BM, BK] activation tile: 16-byte pieces, a row's BK/8 side by side."""
@@ -276,20 +259,16 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
 
 @gluon.jit
 def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
-                  p_ptr, w2_ptr, s2_ptr, E, k_top, n_blocks, alpha, limit, p_rows,
+                  p_ptr, E, k_top, n_blocks, alpha, limit, p_rows,
                   stride_xt: gl.constexpr, stride_we: gl.constexpr, stride_wn: gl.constexpr,
                   stride_se: gl.constexpr, stride_sn: gl.constexpr, stride_be: gl.constexpr,
                   H: gl.constexpr, Hp: gl.constexpr, Ip: gl.constexpr, ACT: gl.constexpr,
                   HAS_BIAS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                   EB: gl.constexpr, SPLIT: gl.constexpr, K_CHUNK: gl.constexpr,
                   MASK_K: gl.constexpr, DIRECT: gl.constexpr, HAS_MAP: gl.constexpr,
-                  PREFETCH: gl.constexpr, W2_BYTES: gl.constexpr, S2_BYTES: gl.constexpr,
                   PDL: gl.constexpr):
     """_kernels._gemm1_kernel for the decode tiles (see the module docstring); DIRECT: rows are
-    assignments (_direct_info), no route kernel before it. PREFETCH (1: before the K loop, 2:
-    after it): the programs of a row block also pull their expert's GEMM2 weights (W2_BYTES of
-    words, S2_BYTES of scales at w2_ptr / s2_ptr, uint8) into L2, each its share, so that GEMM2
-    reads them from L2 (configs.MMA2_PREFETCH: only where they fit)."""
+    assignments (_direct_info), no route kernel before it."""
     _pdl_enter(PDL)
     valid, rows, rmask, e64, w0, w_base, s_base = _program(
         es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, p_rows, 2 * Ip, stride_we, stride_wn,
@@ -299,18 +278,10 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
             tok = rows // k_top
         else:
             tok = gl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top
-        N_TILES: gl.constexpr = (2 * Ip + BN - 1) // BN
-        part = (gl.program_id(0) % N_TILES) * SPLIT + gl.program_id(1)
-        if PREFETCH == 1:
-            _prefetch_l2(w2_ptr + e64 * W2_BYTES, W2_BYTES, part, N_TILES * SPLIT)
-            _prefetch_l2(s2_ptr + e64 * S2_BYTES, S2_BYTES, part, N_TILES * SPLIT)
         # this program's K chunk (program_id(1)), steps past Hp are masked (MASK_K)
         STEPS: gl.constexpr = (K_CHUNK + BK - 1) // BK if SPLIT > 1 else (Hp + BK - 1) // BK
         acc = _k_loop(w_base, s_base, x_ptr + tok.to(gl.int64) * stride_xt, rmask, H, STEPS,
                       gl.program_id(1) * K_CHUNK, Hp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
-        if PREFETCH == 2:
-            _prefetch_l2(w2_ptr + e64 * W2_BYTES, W2_BYTES, part, N_TILES * SPLIT)
-            _prefetch_l2(s2_ptr + e64 * S2_BYTES, S2_BYTES, part, N_TILES * SPLIT)
         # epilogue in a plain layout: [G, half, i, BM], tile row 16G + 8half + i = gate (half 0)
         # or up (half 1) of intermediate column 8G + i (`prepare`'s paired row order)
         G: gl.constexpr = BN // 16
