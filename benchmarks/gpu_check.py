@@ -493,6 +493,7 @@ LAUNCH_VARIANTS = {
     "tgt5": dict(SPLIT_TARGET_PER_SM=5),
     "half1": dict(HALF_LEVELS=1),  # part-filled prefill blocks on BM/2 rows only
     "nodirect": dict(MMA2_DIRECT=False),  # T=1 through the route kernel
+    "tgt2": dict(SPLIT_TARGET_PER_SM=2),
 
 }
 
