@@ -331,6 +331,11 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
+    # GEMM2 as a programmatic dependent launch behind an _mma2 GEMM1 that triggers only after
+    # its K loops (its programs then do not take SM slots GEMM1's last wave still needs)
+    late = mma2_1 and major >= 9 and configs.MMA2_LATE_TRIGGER
+    if late:
+        pdl["gemm2"] = dict(pdl["gemm2"], launch_pdl=True)
     if mma2_1:
         from .triton_moe_details import _mma2
         _mma2._gemm1_kernel[(nb1 * p1.tiles, split1)](
@@ -341,7 +346,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             H=H, Hp=Hp, Ip=Ip, ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM,
             BN=c1.BN, BK=c1.BK, EB=EB, SPLIT=split1, K_CHUNK=p1.chunk,
             MASK_K=p1.tail > 0 or not p1.even_k, DIRECT=direct, HAS_MAP=emap is not None,
-            num_warps=4, **pdl["gemm1"])
+            LATE_TRIGGER=late, num_warps=4, **pdl["gemm1"])
     else:
         tma1 = configs.use_tma(c1, major, w13_words)
         K._gemm1_kernel[(nb1 * p1.tiles, split1)](

@@ -58,7 +58,7 @@ def _compile(gemm, cfg, split, chunk, mask, H, I, direct=False, arch=90):
         fn = _mma2._gemm1_kernel
         cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
                   stride_se=2 * I * H // 32, stride_sn=H // 32, stride_be=2 * I, H=H, Hp=H, Ip=I,
-                  ACT=0)
+                  ACT=0, LATE_TRIGGER=configs.MMA2_LATE_TRIGGER)
         types = dict(ptr, E="i32", k_top="i32", n_blocks="i32", alpha="fp32", limit="fp32",
                      p_rows="i32")
     else:

@@ -33,8 +33,19 @@ def _pdl_enter(PDL: tl.constexpr):
     (its writes then visible) before any read or write, then lets the next kernel launch.
     Every program waits before it triggers, so a kernel's dependents launch only after
     everything before it in the stream has completed. Without launch_pdl both are no-ops."""
+    _pdl_wait(PDL)
+    _pdl_trigger(PDL)
+
+
+@triton.jit
+def _pdl_wait(PDL: tl.constexpr):
     if PDL:
         gdc_wait()
+
+
+@triton.jit
+def _pdl_trigger(PDL: tl.constexpr):
+    if PDL:
         gdc_launch_dependents()
 
 

@@ -32,7 +32,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from . import layout
-from ._kernels import _activation, _pdl_enter
+from ._kernels import _activation, _pdl_enter, _pdl_trigger, _pdl_wait
 
 _DEQUANT_ASM = gl.constexpr(layout.DEQUANT_ASM)
 _ACC_SCALE = gl.constexpr(2.0 ** layout.ACC_SHIFT)
@@ -266,10 +266,13 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
                   HAS_BIAS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                   EB: gl.constexpr, SPLIT: gl.constexpr, K_CHUNK: gl.constexpr,
                   MASK_K: gl.constexpr, DIRECT: gl.constexpr, HAS_MAP: gl.constexpr,
-                  PDL: gl.constexpr):
+                  LATE_TRIGGER: gl.constexpr, PDL: gl.constexpr):
     """_kernels._gemm1_kernel for the decode tiles (see the module docstring); DIRECT: rows are
-    assignments (_direct_info), no route kernel before it."""
-    _pdl_enter(PDL)
+    assignments (_direct_info), no route kernel before it. LATE_TRIGGER: GEMM2 may launch once
+    every program is past its K loop, not at once (configs.MMA2_LATE_TRIGGER)."""
+    _pdl_wait(PDL)
+    if not LATE_TRIGGER:
+        _pdl_trigger(PDL)
     valid, rows, rmask, e64, w0, w_base, s_base = _program(
         es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, p_rows, 2 * Ip, stride_we, stride_wn,
         stride_se, stride_sn, BM, BN, EB, DIRECT, HAS_MAP)
@@ -282,6 +285,8 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
         STEPS: gl.constexpr = (K_CHUNK + BK - 1) // BK if SPLIT > 1 else (Hp + BK - 1) // BK
         acc = _k_loop(w_base, s_base, x_ptr + tok.to(gl.int64) * stride_xt, rmask, H, STEPS,
                       gl.program_id(1) * K_CHUNK, Hp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+        if LATE_TRIGGER:
+            _pdl_trigger(PDL)
         # epilogue in a plain layout: [G, half, i, BM], tile row 16G + 8half + i = gate (half 0)
         # or up (half 1) of intermediate column 8G + i (`prepare`'s paired row order)
         G: gl.constexpr = BN // 16

@@ -188,6 +188,9 @@ MMA2_PROGRAMS_PER_SM = 2
 # the top-k ids (k distinct experts), so no route launch (_mma2._direct_info). H100 (launch-ab,
 # session 8, fused router): 20b 36.5 -> 33.9 us, 120b 36.7 -> 33.6, Mixtral 77.2 -> 75.2.
 MMA2_DIRECT = True
+# sm90, GEMM1 on _mma2: it lets GEMM2 launch (programmatic) once all its programs are past their
+# K loops, and GEMM2 launches that way.
+MMA2_LATE_TRIGGER = True
 
 
 def use_mma2(c: TileConfig, major: int) -> bool:
