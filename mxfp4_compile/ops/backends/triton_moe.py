@@ -386,8 +386,8 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
             HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB, SPLIT=split2,
             K_CHUNK=p2.chunk, MASK_K=p2.tail > 0 or not p2.even_k, DIRECT=direct,
-            HAS_MAP=emap is not None, COMBINE_LAST=fused, COMBINE=bool(combine), num_warps=4,
-            **pdl["gemm2"])
+            HAS_MAP=emap is not None, COMBINE_LAST=fused, COMBINE=bool(combine),
+            KB=_next_pow2(k), num_warps=4, **pdl["gemm2"])
     else:
         tma2 = configs.use_tma(c2, major, w2_words)
         K._gemm2_kernel[(nb2 * p2.tiles, split2)](

@@ -68,7 +68,7 @@ def _compile(gemm, cfg, split, chunk, mask, H, I, direct=False, arch=90):
     else:
         fn = _mma2._gemm2_kernel
         cx = dict(common, stride_we=I * H // 8, stride_wn=I // 8, stride_se=I * H // 32,
-                  stride_sn=I // 32, stride_be=H, H=H, Ip=I, COMBINE_LAST=fused, COMBINE=True)
+                  stride_sn=I // 32, stride_be=H, H=H, Ip=I, COMBINE_LAST=fused, COMBINE=True, KB=4)
         types = dict(ptr, E="i32", n_blocks="i32", M="i32", k_top="i32")
     return _sass(fn, types, cx, dict(num_warps=4), arch, gluon_rt.GluonASTSource)
 

@@ -343,7 +343,7 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
                   BN: gl.constexpr, BK: gl.constexpr, EB: gl.constexpr, SPLIT: gl.constexpr,
                   K_CHUNK: gl.constexpr, MASK_K: gl.constexpr, DIRECT: gl.constexpr,
                   HAS_MAP: gl.constexpr, COMBINE_LAST: gl.constexpr, COMBINE: gl.constexpr,
-                  PDL: gl.constexpr):
+                  KB: gl.constexpr, PDL: gl.constexpr):
     """_kernels._gemm2_kernel for the decode tiles (see the module docstring); DIRECT as in
     _gemm1_kernel. COMBINE_LAST (DIRECT only): the last program of each N tile also does
     _kernels._finalize_kernel's work for it (_combine_last), so no finalize launch."""
@@ -377,12 +377,12 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
     if COMBINE_LAST:
         N_TILES: gl.constexpr = (H + BN - 1) // BN
         _combine_last(y_ptr, cnt_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, gl.program_id(0) % N_TILES,
-                      E, M, k_top, H, BN, SPLIT, HAS_MAP, COMBINE)
+                      E, M, k_top, H, BN, SPLIT, KB, HAS_MAP, COMBINE)
 
 
 @gluon.jit
 def _combine_last(y_ptr, cnt_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, tile, E, M, k_top,
-                  H: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr,
+                  H: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr, KB: gl.constexpr,
                   HAS_MAP: gl.constexpr, COMBINE: gl.constexpr):
     """One token (DIRECT): every GEMM2 program of N tile `tile`, with rows or without, arrives
     at the tile's counter (zeroed by GEMM1, ZERO_N); the one that arrives last (k x SPLIT
@@ -393,22 +393,29 @@ def _combine_last(y_ptr, cnt_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, tile, E, M
     gl.thread_barrier()  # every thread's y stores come before the arrival
     done = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
     if done == k_top * SPLIT - 1:
-        L: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-        offs = tile * BN + gl.arange(0, BN, layout=L)
-        hmask = offs < H
-        acc = gl.zeros([BN], gl.float32, L)
-        for a in range(0, k_top):  # the token's slots
-            loc = gl.load(ids_ptr + a).to(gl.int32)
-            if HAS_MAP:
-                loc = gl.load(emap_ptr + loc).to(gl.int32)
-            valid = (loc >= 0) & (loc < E)
-            y = gl.zeros([BN], gl.float32, L)
-            for c in gl.static_range(SPLIT):
-                y += gl.load(y_ptr + (c * M + a).to(gl.int64) * H + offs, mask=hmask & valid,
-                             other=0.0, cache_modifier=".cg")
-            if COMBINE:
-                acc += gl.where(valid, gl.load(tw_ptr + a).to(gl.float32), 0.0) * y
-            else:
-                gl.store(out_ptr + a.to(gl.int64) * H + offs, y.to(gl.bfloat16), mask=hmask)
+        # every load at once ([KB slots, BN columns]), then the slots added in order
+        L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, gl.num_warps()], [1, 0])
+        slot = gl.arange(0, KB, layout=gl.SliceLayout(1, L))
+        offs = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, L))
+        live = slot < k_top
+        loc = gl.load(ids_ptr + slot, mask=live, other=-1).to(gl.int32)
+        if HAS_MAP:
+            loc = gl.load(emap_ptr + loc, mask=live, other=-1).to(gl.int32)
+        valid = live & (loc >= 0) & (loc < E)
+        w = gl.load(tw_ptr + slot, mask=valid, other=0.0).to(gl.float32)
+        m2 = gl.expand_dims(valid, 1) & gl.expand_dims(offs < H, 0)
+        rows = gl.expand_dims(slot.to(gl.int64) * H, 1) + gl.expand_dims(offs, 0)
+        y = gl.zeros([KB, BN], gl.float32, L)
+        for c in gl.static_range(SPLIT):  # GEMM2's K chunks, in order
+            y += gl.load(y_ptr + c * M * H + rows, mask=m2, other=0.0, cache_modifier=".cg")
         if COMBINE:
-            gl.store(out_ptr + offs, acc.to(gl.bfloat16), mask=hmask)
+            acc = gl.zeros([BN], gl.float32, gl.SliceLayout(0, L))
+            for j in gl.static_range(KB):
+                if j < k_top:
+                    pick = gl.expand_dims(slot == j, 1)
+                    acc += gl.sum(gl.where(pick, gl.expand_dims(w, 1), 0.0), axis=0) * \
+                        gl.sum(gl.where(pick, y, 0.0), axis=0)
+            gl.store(out_ptr + offs, acc.to(gl.bfloat16), mask=offs < H)
+        else:
+            gl.store(out_ptr + rows, y.to(gl.bfloat16),
+                     mask=gl.expand_dims(live, 1) & gl.expand_dims(offs < H, 0))
