@@ -495,7 +495,6 @@ LAUNCH_VARIANTS = {
     "nodirect": dict(MMA2_DIRECT=False),  # T=1 through the route kernel
     "tgt2": dict(SPLIT_TARGET_PER_SM=2),
     "nolate": dict(MMA2_LATE_TRIGGER=False),  # GEMM2 a plain launch after an _mma2 GEMM1
-    "nolast": dict(MMA2_COMBINE_LAST=False),  # T=1 through the finalize kernel
 
 }
 

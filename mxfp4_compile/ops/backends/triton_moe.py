@@ -327,10 +327,6 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         es, sorted_assign = route(ids, emap, E, pdl["route"])
     ids_or_es = ids if direct else es  # the ids where DIRECT reads them, else a dummy
     emap_or_es = emap if emap is not None else ids_or_es
-    # one token: GEMM2's last program per N tile adds up the tile (_mma2._combine_last), on
-    # tile counters GEMM1 zeroes, so no finalize launch
-    fused = direct and configs.MMA2_COMBINE_LAST
-    cnt = torch.empty(p2.tiles, dtype=torch.int32, device=dev) if fused else es
     c1, split1 = p1.config, p1.split
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es
@@ -343,14 +339,14 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     if mma2_1:
         from .triton_moe_details import _mma2
         _mma2._gemm1_kernel[(nb1 * p1.tiles, split1)](
-            x, sorted_assign, es, ids_or_es, emap_or_es, w13_words, w13_scales, b13, a, p, cnt,
+            x, sorted_assign, es, ids_or_es, emap_or_es, w13_words, w13_scales, b13, a, p,
             E, k, nb1, float(alpha), float(limit), M,
             x.stride(0), w13_words.stride(0), w13_words.stride(1), w13_scales.stride(0),
             w13_scales.stride(1), w13_bias.stride(0) if w13_bias is not None else 0,
             H=H, Hp=Hp, Ip=Ip, ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM,
             BN=c1.BN, BK=c1.BK, EB=EB, SPLIT=split1, K_CHUNK=p1.chunk,
             MASK_K=p1.tail > 0 or not p1.even_k, DIRECT=direct, HAS_MAP=emap is not None,
-            LATE_TRIGGER=late, ZERO_N=p2.tiles if fused else 0, num_warps=4, **pdl["gemm1"])
+            LATE_TRIGGER=late, num_warps=4, **pdl["gemm1"])
     else:
         tma1 = configs.use_tma(c1, major, w13_words)
         K._gemm1_kernel[(nb1 * p1.tiles, split1)](
@@ -374,20 +370,17 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
 
     c2, split2 = p2.config, p2.split
     y = torch.empty(split2, M, H, dtype=torch.float32, device=dev)  # per-(token, slot) outputs
-    out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
     b2 = w2_bias if w2_bias is not None else es
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
     if mma2_2:
         from .triton_moe_details import _mma2
         _mma2._gemm2_kernel[(nb2 * p2.tiles, split2)](
-            a, sorted_assign, es, ids_or_es, emap_or_es, w2_words, w2_scales, b2, y, cnt, tw, out,
-            E, nb2, M, k,
+            a, sorted_assign, es, ids_or_es, emap_or_es, w2_words, w2_scales, b2, y, E, nb2, M,
             w2_words.stride(0), w2_words.stride(1), w2_scales.stride(0), w2_scales.stride(1),
             w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
             HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB, SPLIT=split2,
             K_CHUNK=p2.chunk, MASK_K=p2.tail > 0 or not p2.even_k, DIRECT=direct,
-            HAS_MAP=emap is not None, COMBINE_LAST=fused, COMBINE=bool(combine),
-            KB=_next_pow2(k), num_warps=4, **pdl["gemm2"])
+            HAS_MAP=emap is not None, num_warps=4, **pdl["gemm2"])
     else:
         tma2 = configs.use_tma(c2, major, w2_words)
         K._gemm2_kernel[(nb2 * p2.tiles, split2)](
@@ -401,8 +394,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             HALF=c2.HALF, TMA=tma2,
             num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2), **pdl["gemm2"])
 
-    if fused:
-        return out
+    out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
     # decode: T programs of 1024 columns would leave most SMs idle; 128 columns each then
     BH = min(1024 if T >= 64 else 128, _next_pow2(H))
     K._finalize_kernel[(T, _cdiv(H, BH))](

@@ -48,28 +48,24 @@ def _launches():
 
 
 def _compile(gemm, cfg, split, chunk, mask, H, I, direct=False, arch=90):
-    """SASS of one _mma2 kernel as triton_moe.moe launches it (sm90: with programmatic launch;
-    one token: GEMM2 adds up its tiles, GEMM1 zeroes their counters)."""
-    fused = direct and configs.MMA2_COMBINE_LAST
+    """SASS of one _mma2 kernel as triton_moe.moe launches it (sm90: with programmatic launch)."""
     common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, SPLIT=split,
                   K_CHUNK=chunk, MASK_K=mask, DIRECT=direct, HAS_MAP=False, PDL=arch >= 90)
     ptr = {"x_ptr": "*bf16", "a_ptr": "*bf16", "sorted_ptr": "*i32", "es_ptr": "*i32",
-           "ids_ptr": "*i64", "emap_ptr": "*i32", "cnt_ptr": "*i32", "tw_ptr": "*fp32",
-           "out_ptr": "*bf16",
+           "ids_ptr": "*i64", "emap_ptr": "*i32",
            "w_ptr": "*i32", "s_ptr": "*u8", "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32"}
     if gemm == 1:
         fn = _mma2._gemm1_kernel
         cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
                   stride_se=2 * I * H // 32, stride_sn=H // 32, stride_be=2 * I, H=H, Hp=H, Ip=I,
-                  ACT=0, LATE_TRIGGER=configs.MMA2_LATE_TRIGGER,
-                  ZERO_N=-(-H // 64) if fused else 0)
+                  ACT=0, LATE_TRIGGER=configs.MMA2_LATE_TRIGGER)
         types = dict(ptr, E="i32", k_top="i32", n_blocks="i32", alpha="fp32", limit="fp32",
                      p_rows="i32")
     else:
         fn = _mma2._gemm2_kernel
         cx = dict(common, stride_we=I * H // 8, stride_wn=I // 8, stride_se=I * H // 32,
-                  stride_sn=I // 32, stride_be=H, H=H, Ip=I, COMBINE_LAST=fused, COMBINE=True, KB=4)
-        types = dict(ptr, E="i32", n_blocks="i32", M="i32", k_top="i32")
+                  stride_sn=I // 32, stride_be=H, H=H, Ip=I)
+        types = dict(ptr, E="i32", n_blocks="i32", M="i32")
     return _sass(fn, types, cx, dict(num_warps=4), arch, gluon_rt.GluonASTSource)
 
 

@@ -26,7 +26,6 @@ runs the Triton kernels and compiles these for sm90 and sm80; the H100 checks th
 Shape legend (one program): BN weight rows (G = BN/16 groups of 16, one per warp), BM sorted
 rows (tokens), BK codes per step = NB 64-code blocks (2 NB 32-code chunks).
 """
-import triton
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
@@ -96,11 +95,6 @@ def _program(es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, M, N: gl.constexpr,
     w_base = w_ptr + e64 * stride_we + (n0 // 16) * (16 * stride_wn)
     s_base = s_ptr + e64 * stride_se + (n0 // 16) * (16 * stride_sn)
     return (pid // N_TILES < total) & (row0 < row1), rows, rows < row1, e64, n0, w_base, s_base
-
-
-@gluon.constexpr_function
-def _pow2(n):
-    return triton.next_power_of_2(n)
 
 
 @gluon.constexpr_function
@@ -265,26 +259,20 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
 
 @gluon.jit
 def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
-                  p_ptr, cnt_ptr, E, k_top, n_blocks, alpha, limit, p_rows,
+                  p_ptr, E, k_top, n_blocks, alpha, limit, p_rows,
                   stride_xt: gl.constexpr, stride_we: gl.constexpr, stride_wn: gl.constexpr,
                   stride_se: gl.constexpr, stride_sn: gl.constexpr, stride_be: gl.constexpr,
                   H: gl.constexpr, Hp: gl.constexpr, Ip: gl.constexpr, ACT: gl.constexpr,
                   HAS_BIAS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                   EB: gl.constexpr, SPLIT: gl.constexpr, K_CHUNK: gl.constexpr,
                   MASK_K: gl.constexpr, DIRECT: gl.constexpr, HAS_MAP: gl.constexpr,
-                  LATE_TRIGGER: gl.constexpr, ZERO_N: gl.constexpr, PDL: gl.constexpr):
+                  LATE_TRIGGER: gl.constexpr, PDL: gl.constexpr):
     """_kernels._gemm1_kernel for the decode tiles (see the module docstring); DIRECT: rows are
     assignments (_direct_info), no route kernel before it. LATE_TRIGGER: GEMM2 may launch once
-    every program is past its K loop, not at once (configs.MMA2_LATE_TRIGGER). ZERO_N: the
-    first program zeroes GEMM2's ZERO_N tile counters (_combine_last)."""
+    every program is past its K loop, not at once (configs.MMA2_LATE_TRIGGER)."""
     _pdl_wait(PDL)
     if not LATE_TRIGGER:
         _pdl_trigger(PDL)
-    if ZERO_N > 0:
-        if (gl.program_id(0) == 0) & (gl.program_id(1) == 0):
-            ZL: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
-            zo = gl.arange(0, _pow2(ZERO_N), layout=ZL)
-            gl.store(cnt_ptr + zo, gl.zeros_like(zo), mask=zo < ZERO_N)
     valid, rows, rmask, e64, w0, w_base, s_base = _program(
         es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, p_rows, 2 * Ip, stride_we, stride_wn,
         stride_se, stride_sn, BM, BN, EB, DIRECT, HAS_MAP)
@@ -335,18 +323,16 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
 
 
 @gluon.jit
-def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
-                  cnt_ptr, tw_ptr, out_ptr, E, n_blocks, M, k_top,
+def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E,
+                  n_blocks, M,
                   stride_we: gl.constexpr, stride_wn: gl.constexpr, stride_se: gl.constexpr,
                   stride_sn: gl.constexpr, stride_be: gl.constexpr, H: gl.constexpr,
                   Ip: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
                   BN: gl.constexpr, BK: gl.constexpr, EB: gl.constexpr, SPLIT: gl.constexpr,
                   K_CHUNK: gl.constexpr, MASK_K: gl.constexpr, DIRECT: gl.constexpr,
-                  HAS_MAP: gl.constexpr, COMBINE_LAST: gl.constexpr, COMBINE: gl.constexpr,
-                  KB: gl.constexpr, PDL: gl.constexpr):
+                  HAS_MAP: gl.constexpr, PDL: gl.constexpr):
     """_kernels._gemm2_kernel for the decode tiles (see the module docstring); DIRECT as in
-    _gemm1_kernel. COMBINE_LAST (DIRECT only): the last program of each N tile also does
-    _kernels._finalize_kernel's work for it (_combine_last), so no finalize launch."""
+    _gemm1_kernel."""
     _pdl_enter(PDL)
     valid, rows, rmask, e64, n0, w_base, s_base = _program(
         es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, M, H, stride_we, stride_wn, stride_se,
@@ -374,48 +360,4 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
             assign += gl.program_id(1) * M
         ptrs = y_ptr + gl.expand_dims(assign.to(gl.int64) * H, 0) + gl.expand_dims(cols, 1)
         gl.store(ptrs, acc, mask=gl.expand_dims(rm, 0) & gl.expand_dims(cols < H, 1))
-    if COMBINE_LAST:
-        N_TILES: gl.constexpr = (H + BN - 1) // BN
-        _combine_last(y_ptr, cnt_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, gl.program_id(0) % N_TILES,
-                      E, M, k_top, H, BN, SPLIT, KB, HAS_MAP, COMBINE)
 
-
-@gluon.jit
-def _combine_last(y_ptr, cnt_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, tile, E, M, k_top,
-                  H: gl.constexpr, BN: gl.constexpr, SPLIT: gl.constexpr, KB: gl.constexpr,
-                  HAS_MAP: gl.constexpr, COMBINE: gl.constexpr):
-    """One token (DIRECT): every GEMM2 program of N tile `tile`, with rows or without, arrives
-    at the tile's counter (zeroed by GEMM1, ZERO_N); the one that arrives last (k x SPLIT
-    arrivals) sums the tile's partial rows of y as _kernels._finalize_kernel does: slots in
-    order, K chunks in order, so the result does not depend on which program is last. The
-    arrival is a release after the CTA barrier, the last program's reads follow its acquire and
-    skip L1 (the pattern of a split-K semaphore)."""
-    gl.thread_barrier()  # every thread's y stores come before the arrival
-    done = gl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel", scope="gpu")
-    if done == k_top * SPLIT - 1:
-        # every load at once ([KB slots, BN columns]), then the slots added in order
-        L: gl.constexpr = gl.BlockedLayout([1, 1], [1, 32], [1, gl.num_warps()], [1, 0])
-        slot = gl.arange(0, KB, layout=gl.SliceLayout(1, L))
-        offs = tile * BN + gl.arange(0, BN, layout=gl.SliceLayout(0, L))
-        live = slot < k_top
-        loc = gl.load(ids_ptr + slot, mask=live, other=-1).to(gl.int32)
-        if HAS_MAP:
-            loc = gl.load(emap_ptr + loc, mask=live, other=-1).to(gl.int32)
-        valid = live & (loc >= 0) & (loc < E)
-        w = gl.load(tw_ptr + slot, mask=valid, other=0.0).to(gl.float32)
-        m2 = gl.expand_dims(valid, 1) & gl.expand_dims(offs < H, 0)
-        rows = gl.expand_dims(slot.to(gl.int64) * H, 1) + gl.expand_dims(offs, 0)
-        y = gl.zeros([KB, BN], gl.float32, L)
-        for c in gl.static_range(SPLIT):  # GEMM2's K chunks, in order
-            y += gl.load(y_ptr + c * M * H + rows, mask=m2, other=0.0, cache_modifier=".cg")
-        if COMBINE:
-            acc = gl.zeros([BN], gl.float32, gl.SliceLayout(0, L))
-            for j in gl.static_range(KB):
-                if j < k_top:
-                    pick = gl.expand_dims(slot == j, 1)
-                    acc += gl.sum(gl.where(pick, gl.expand_dims(w, 1), 0.0), axis=0) * \
-                        gl.sum(gl.where(pick, y, 0.0), axis=0)
-            gl.store(out_ptr + offs, acc.to(gl.bfloat16), mask=offs < H)
-        else:
-            gl.store(out_ptr + rows, y.to(gl.bfloat16),
-                     mask=gl.expand_dims(live, 1) & gl.expand_dims(offs < H, 0))

@@ -191,9 +191,6 @@ MMA2_DIRECT = True
 # sm90, GEMM1 on _mma2: it lets GEMM2 launch (programmatic) once all its programs are past their
 # K loops, and GEMM2 launches that way.
 MMA2_LATE_TRIGGER = True
-# One token (DIRECT): GEMM2's last program of each N tile sums the tile's k x split partial
-# rows (tile counters), so the finalize kernel is not launched.
-MMA2_COMBINE_LAST = True
 
 
 def use_mma2(c: TileConfig, major: int) -> bool:
