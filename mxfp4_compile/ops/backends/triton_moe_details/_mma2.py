@@ -360,4 +360,3 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
             assign += gl.program_id(1) * M
         ptrs = y_ptr + gl.expand_dims(assign.to(gl.int64) * H, 0) + gl.expand_dims(cols, 1)
         gl.store(ptrs, acc, mask=gl.expand_dims(rm, 0) & gl.expand_dims(cols < H, 1))
-
