@@ -33,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from mxfp4_compile.ops import topk_softmax
 from mxfp4_compile.ops.backends import triton_moe
 from mxfp4_compile.ops.backends.triton_moe_details import configs as tile_configs
 from mxfp4_compile.ops.backends.triton_moe_details.configs import TileConfig as C
@@ -494,15 +495,24 @@ LAUNCH_VARIANTS = {
     "half1": dict(HALF_LEVELS=1),  # part-filled prefill blocks on BM/2 rows only
     "nodirect": dict(MMA2_DIRECT=False),  # T=1 through the route kernel
     "tgt2": dict(SPLIT_TARGET_PER_SM=2),
+    "norpdl": {"router.PDL_LAUNCH": False},  # the router kernel a plain launch
     "nolate": dict(MMA2_LATE_TRIGGER=False),  # GEMM2 a plain launch after an _mma2 GEMM1
 
 }
 
 
+def _knob(name):
+    """A LAUNCH_VARIANTS key -> (module, attribute): "router.X" is ops/topk_softmax.py's X, the
+    rest configs.py's."""
+    if name.startswith("router."):
+        return topk_softmax, name.split(".", 1)[1]
+    return tile_configs, name
+
+
 def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
     """Each variant's correctness (poisoned, vs the float32 reference) and whole-forward time,
     interleaved `rounds` times; the router ops alone (top-k, softmax) timed the same way."""
-    saved = {n: getattr(tile_configs, n) for v in LAUNCH_VARIANTS.values() for n in v}
+    saved = {n: getattr(*_knob(n)) for v in LAUNCH_VARIANTS.values() for n in v}
     out = []
     for model in models:
         if shapes is not None and not any(m == model for m, _ in shapes):
@@ -523,7 +533,7 @@ def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
             for _ in range(rounds):
                 for v in variants:
                     for n, val in LAUNCH_VARIANTS[v].items():
-                        setattr(tile_configs, n, val)
+                        setattr(*_knob(n), val)
                     try:
                         if v not in rec:
                             rec[v] = {"err": check_correctness("triton", triton_moe, canon[0],
@@ -536,7 +546,7 @@ def launch_ab(models, tokens, gen, variants, rounds=3, shapes=None):
                         traceback.print_exc()
                     finally:
                         for n, val in saved.items():
-                            setattr(tile_configs, n, val)
+                            setattr(*_knob(n), val)
             for v in variants:
                 if "us" in rec.get(v, {}):
                     rec[v]["median"] = sorted(rec[v]["us"])[len(rec[v]["us"]) // 2]

@@ -1,7 +1,7 @@
 """The Triton kernel of ops/topk_softmax.py (imported only where triton is)."""
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _INT_MIN = tl.constexpr(-2147483648)
 _INT_MAX = tl.constexpr(2147483647)
@@ -15,9 +15,11 @@ def _topk_softmax_kernel(x_ptr, w_ptr, ids_ptr, T, E, stride_t, K: tl.constexpr,
     Selection runs on int32 keys ordered like the floats (negative floats' magnitude bits
     flipped): a NaN becomes the largest key, and a taken or padded column the smallest
     (INT_MIN, below -inf's key), so no column is taken twice even in a row of -inf.
-    PDL (sm90+): the next kernel may launch at once (the MoE's first kernel is a programmatic
-    dependent launch: its programs become resident now and wait for this grid to finish)."""
+    PDL (sm90+): it waits for the kernel before it (a no-op unless launched with launch_pdl,
+    topk_softmax.PDL_LAUNCH), then lets the next kernel launch at once (the MoE's first kernel
+    is a programmatic dependent launch: its programs become resident and wait for this grid)."""
     if PDL:
+        gdc_wait()
         gdc_launch_dependents()
     rows = tl.program_id(0) * BT + tl.arange(0, BT)
     cols = tl.arange(0, EB)

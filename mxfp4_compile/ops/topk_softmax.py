@@ -19,6 +19,9 @@ from __future__ import annotations
 import torch
 
 MAX_EXPERTS = 4096  # one program holds whole rows in registers
+# sm90+: launch as a programmatic dependent launch (its programs become resident while the
+# kernel before it, e.g. the router GEMM, still runs, and wait for it before reading)
+PDL_LAUNCH = True
 
 
 def reference(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool):
@@ -53,13 +56,14 @@ def _launch(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool
     if T == 0:
         return w, ids
     EB = 1 << max(0, (E - 1).bit_length())
+    pdl = x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9
     # rows per program: ~2048 logits in registers, no more rows than T (decode: one program
     # of one warp per few rows, which is all the latency a CUDA graph sees)
     BT = max(1, min(64, 2048 // EB, 1 << max(0, (T - 1).bit_length())))
     K._topk_softmax_kernel[(-(-T // BT),)](
         x, w, ids, T, E, x.stride(0), K=k, KB=1 << max(0, (k - 1).bit_length()), EB=EB, BT=BT,
         SOFTMAX_FIRST=softmax_first, RENORM=renormalize, num_warps=1 if BT * EB <= 512 else 4,
-        PDL=x.is_cuda and torch.cuda.get_device_capability(x.device)[0] >= 9)
+        PDL=pdl, launch_pdl=pdl and PDL_LAUNCH)
     return w, ids
 
 
