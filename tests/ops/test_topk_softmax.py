@@ -170,7 +170,9 @@ def test_kernel_compiles_for_the_gpu(arch):
     sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
     ck = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=cx),
                         target=GPUTarget("cuda", arch, 32), options=dict(num_warps=4))
-    assert ("griddepcontrol.launch_dependents" in ck.asm["ptx"]) == (arch >= 90)
+    ptx = ck.asm["ptx"]
+    for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents"):
+        assert (op in ptx) == (arch >= 90), op
 
 
 def test_bad_arguments_say_what_is_wrong():
