@@ -495,6 +495,7 @@ LAUNCH_VARIANTS = {
     "half1": dict(HALF_LEVELS=1),  # part-filled prefill blocks on BM/2 rows only
     "nodirect": dict(MMA2_DIRECT=False),  # T=1 through the route kernel
     "tgt2": dict(SPLIT_TARGET_PER_SM=2),
+    "minsteps4": dict(MMA2_MIN_STEPS_PER_CHUNK=4),  # _mma2 chunks as short as the others
     "norpdl": {"router.PDL_LAUNCH": False},  # the router kernel a plain launch
     "nolate": dict(MMA2_LATE_TRIGGER=False),  # GEMM2 a plain launch after an _mma2 GEMM1
 

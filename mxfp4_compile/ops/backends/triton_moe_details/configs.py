@@ -184,6 +184,11 @@ _DECODE8 = TileConfig(8, 64, 128, 4, 3, True)
 # Triton kernels): 2 leaves gpt-oss T=1's GEMM1 (360 programs) unsplit, activation fused, no
 # act kernel: 20b T=1 45.3 -> 43.5 us, 120b 46.9 -> 44.7 (Mixtral, unchanged grids, 90.3 / 90.7).
 MMA2_PROGRAMS_PER_SM = 2
+# Under _mma2 a split chunk has at least this many K steps: gpt-oss T=1's GEMM2 (23 steps of 128)
+# then runs 2 chunks, not 3 (SPLIT_TARGET_PER_SM; H100, launch-ab, fused router: 20b 29.3 ->
+# 28.8 us, 120b 29.3 -> 29.0). A lower split target for all GEMMs did the same there but cost
+# Mixtral T=1 (73.2 -> 74.3, 112-step GEMM2 in 3 chunks, not 4), which this leaves alone.
+MMA2_MIN_STEPS_PER_CHUNK = 10
 # One token (T=1) with both GEMMs on _mma2: each row block is one assignment, its expert read from
 # the top-k ids (k distinct experts), so no route launch (_mma2._direct_info). H100 (launch-ab,
 # session 8, fused router): 20b 36.5 -> 33.9 us, 120b 36.7 -> 33.6, Mixtral 77.2 -> 75.2.
@@ -288,16 +293,18 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str,
             c = dataclasses.replace(c, BK=64, maxnreg=None)
     tiles = -(-N // (c.BN * (2 if c.PAIR else 1)))
     split, chunk = split_k(blocks * tiles, K, c.BK, sms, which, force_split,
-                           MMA2_PROGRAMS_PER_SM if mma2 else PROGRAMS_PER_SM)
+                           MMA2_PROGRAMS_PER_SM if mma2 else PROGRAMS_PER_SM,
+                           MMA2_MIN_STEPS_PER_CHUNK if mma2 else MIN_STEPS_PER_CHUNK)
     t = tail(K, c.BK) if split == 1 else 0  # split chunks mask their steps instead
     return Plan(c, tiles, split, chunk, t, split * chunk == K or t > 0)
 
 
 def split_k(programs: int, K: int, BK: int, sms: int, which: str = "gemm1",
-            want: int | None = None, per_sm: int = PROGRAMS_PER_SM):
+            want: int | None = None, per_sm: int = PROGRAMS_PER_SM,
+            min_steps: int = MIN_STEPS_PER_CHUNK):
     """-> (number of K chunks, chunk length in elements, a multiple of BK); `want`: this many
     chunks (plan's choice) unless SPLIT_OVERRIDE says otherwise; none for grids of at least
-    `per_sm` programs per SM."""
+    `per_sm` programs per SM; else chunks of at least `min_steps` steps."""
     steps = -(-K // BK)
     if SPLIT_OVERRIDE is not None:
         want = SPLIT_OVERRIDE[_SPLIT_INDEX[which]]
@@ -305,7 +312,7 @@ def split_k(programs: int, K: int, BK: int, sms: int, which: str = "gemm1",
         if programs >= per_sm * sms:
             return 1, steps * BK
         want = -(-SPLIT_TARGET_PER_SM * sms // max(1, programs))
-        want = min(want, steps // MIN_STEPS_PER_CHUNK)
+        want = min(want, steps // min_steps)
     want = max(1, min(want, steps))
     per = -(-steps // want)
     return -(-steps // per), per * BK
