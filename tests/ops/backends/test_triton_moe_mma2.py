@@ -162,12 +162,19 @@ def test_step_counts_it_runs_compile(ptxas_works, steps):
 
 
 def test_broken_step_counts_run_the_triton_kernels():
-    # a 4-step chunk (GEMM2 of a 1024-wide expert at T=1, split in 2): the Triton kernels, on
-    # 16-row blocks (they have no 8-row tiles), planned as they plan for themselves
-    p, blocks, mma2 = configs.plan_gemm(configs._DECODE8, 2, 8, 2048, 1024, 132, "gemm2",
+    # a 4-step K (GEMM2 of a 512-wide expert at T=1, too short to split): the Triton kernels,
+    # on 16-row blocks (they have no 8-row tiles), planned as they plan for themselves
+    p, blocks, mma2 = configs.plan_gemm(configs._DECODE8, 2, 8, 2048, 512, 132, "gemm2",
                                         True, 9)
     assert not mma2 and p.config.BM == 16 and blocks == 2
-    assert p == configs.plan(configs._DECODE, 2, 2048, 1024, 132, "gemm2")
-    assert configs.mma2_steps(configs.plan(configs._DECODE8, 2, 2048, 1024, 132, "gemm2", True),
-                              1024) in configs.MMA2_BROKEN_STEPS
+    assert p == configs.plan(configs._DECODE, 2, 2048, 512, 132, "gemm2")
+    assert configs.mma2_steps(configs.plan(configs._DECODE8, 2, 2048, 512, 132, "gemm2", True),
+                              512) in configs.MMA2_BROKEN_STEPS
 
+
+def test_mma2_chunks_are_not_short():
+    # gpt-oss T=1 GEMM2 (4 x 45 programs, 23 steps of 128): 2 chunks (MMA2_MIN_STEPS_PER_CHUNK),
+    # where the Triton kernels' rule would make 3 of 8 steps; Mixtral's 112 steps still split 4
+    assert configs.plan(configs._DECODE8, 4, 2880, 2880, 132, "gemm2", True).split == 2
+    assert configs.split_k(180, 2880, 128, 132)[0] == 3
+    assert configs.plan(configs._DECODE8, 2, 4096, 14336, 132, "gemm2", True).split == 4
