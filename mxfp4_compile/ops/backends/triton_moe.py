@@ -21,9 +21,11 @@ runs of 16 x BK/2 bytes; the scales, biased (`_bias_scales`), are tiled the same
 Steps (triton_moe_details/_kernels.py): route (expert-sorted rows, on the GPU), GEMM1 (token
 gather, dequant, bias, activation), GEMM2 (bias, scatter to (token, slot) rows), finalize
 (weighted sum over slots in fixed order); at decode sizes the GEMMs split K (configs.plan) and
-the chunks are added in order (_act_kernel, finalize). No host sync, no data-dependent shapes:
-CUDA-graph safe and deterministic. On sm90+ most launches are programmatic dependent launches
-(`_pdl`). Tiles: triton_moe_details/configs.py.
+the chunks are added in order (_act_kernel, finalize); decode tiles run Gluon kernels on
+mma.sync (triton_moe_details/_mma2.py), which at T=1 read each assignment's expert from the ids
+(no route launch). No host sync, no data-dependent shapes: CUDA-graph safe and deterministic.
+On sm90+ most launches are programmatic dependent launches (`_pdl`). Tiles:
+triton_moe_details/configs.py.
 """
 from __future__ import annotations
 
