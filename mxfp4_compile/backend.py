@@ -34,6 +34,7 @@ OPTIONS = {
     "max_autotune": False,         # Inductor max-autotune for the rest of the model
     "release_bf16_weights": False,  # free the bf16 expert weights once compiled (see README)
     "fallback_on_grad": True,      # grad enabled: compile without rewriting (False: raise)
+    "fuse_router": True,           # the top-k routing of a rewritten MoE -> mxfp4.topk_softmax
 }
 
 _warned = set()
@@ -188,7 +189,8 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     keep, lifted, names = lift_parameters(gm, example_inputs)
     kernel, why = dispatch.choose_kernel(_device(example_inputs, lifted), opts["kernel"])
     # parameter order of AOTAutograd = named_parameters() order of gm = lift order
-    moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names)
+    moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names,
+                              fuse_router=bool(opts["fuse_router"]))
     patches = dict(_inductor_patches(opts), freezing=True, joint_custom_post_pass=moe_pass)
     take_reports()
     inner = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=patches)

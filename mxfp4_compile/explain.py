@@ -49,7 +49,8 @@ class ExplainReport:
             shape = (f" E={d['experts']} H={d['hidden']} I={d['intermediate']} k={d['top_k']} "
                      f"{d['activation']}" if "experts" in d else "")
             names = f" weights={d['weights']}" if d.get("weights") else ""
-            lines.append(f"  graph {r.graph} [{r.form}] {r.where}:{shape}{names} -> {what}")
+            route = f"; router: {d['router']}" if d.get("router") else ""
+            lines.append(f"  graph {r.graph} [{r.form}] {r.where}:{shape}{names} -> {what}{route}")
         for b in self.graph_breaks:
             lines.append(f"  graph break: {b}")
         for n in self.notes:

@@ -13,7 +13,7 @@ import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from ..ops.dispatch import padded_sizes
-from . import dense, gather_bmm, grouped_mm, tp_allreduce
+from . import dense, gather_bmm, grouped_mm, router, tp_allreduce
 from .match_utils import Candidate, NoMatch, constant_nodes, param_name
 from .region import Context
 from .rewrite import rewrite
@@ -38,15 +38,20 @@ def _sources() -> tuple[str, ...]:
     return tuple(sorted(files))
 
 
+def _moe_nodes(graph) -> set:
+    return {n for n in graph.nodes if n.op == "call_function" and n.target is torch.ops.mxfp4.moe.default}
+
+
 class MoERewritePass(CustomGraphPass):
     """Find the MoE expert blocks of one graph and replace each with torch.ops.mxfp4.moe."""
 
     def __init__(self, kernel: str, rounding: str = "floor", param_names: list | None = None,
-                 rewrite_enabled: bool = True):
+                 rewrite_enabled: bool = True, fuse_router: bool = True):
         self.kernel = kernel
         self.rounding = rounding
         self.param_names = param_names        # reports only; not part of the cache key
         self.rewrite_enabled = rewrite_enabled  # False: only report (explain)
+        self.fuse_router = fuse_router        # each rewritten MoE's routing -> topk_softmax
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         tc = torch._guards.TracingContext.try_get()
@@ -77,18 +82,34 @@ class MoERewritePass(CustomGraphPass):
                 if not self.rewrite_enabled:
                     report.append(Candidate(form.FORM, where, False, "report only", details))
                     continue
+                before = _moe_nodes(graph)
                 try:
                     getattr(form, "rewrite", rewrite)(graph, r, kernel=self.kernel, rounding=self.rounding)
                 except Exception as e:
                     log.warning("mxfp4: rewriting %s failed (%r); left as is", where, e)
                     report.append(Candidate(form.FORM, where, False, f"rewrite error: {e!r}", details))
                     continue
+                if self.fuse_router:
+                    for moe in _moe_nodes(graph) - before:
+                        details["router"] = self._fuse_router(graph, moe, where)
                 report.append(Candidate(form.FORM, where, True, "", details))
             graph.eliminate_dead_code()
         graph.lint()
         _reports.append(report)
 
+    @staticmethod
+    def _fuse_router(graph, moe, where) -> str:
+        try:
+            line = router.rewrite(graph, moe)
+        except NoMatch as e:
+            line = f"left as torch ops: {e}"
+        except Exception as e:  # a matcher bug must never break the user's compile
+            log.warning("mxfp4: fusing the router of %s failed (%r); left as is", where, e)
+            line = f"left as torch ops: error {e!r}"
+        log.info("mxfp4: router of %s: %s", where, line)
+        return line
+
     def uuid(self):
         h = hashlib.sha256(get_hash_for_files(_sources()))
-        h.update(repr((self.kernel, self.rounding, self.rewrite_enabled)).encode())
+        h.update(repr((self.kernel, self.rounding, self.rewrite_enabled, self.fuse_router)).encode())
         return h.hexdigest()
