@@ -21,10 +21,11 @@ def _fake_mode(graph):
     return None
 
 
-def call(graph: fx.Graph, target, args, kwargs=None) -> fx.Node:
-    """Insert a call and give it a fake ``meta["val"]`` (Inductor lowers from it)."""
+def call(graph: fx.Graph, target, args, kwargs=None, name=None) -> fx.Node:
+    """Insert a call and give it a fake ``meta["val"]`` (Inductor lowers from it); `name`: the
+    node's name (made unique), else one from the target."""
     kwargs = kwargs or {}
-    node = graph.call_function(target, tuple(args), kwargs)
+    node = graph.call_function(target, tuple(args), kwargs, name=name)
     mode = _fake_mode(graph)
     fa, fk = pytree.tree_map(lambda x: val(x) if isinstance(x, fx.Node) else x, (args, kwargs))
     if mode is not None:

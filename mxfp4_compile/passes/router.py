@@ -139,15 +139,17 @@ def rewrite(graph: fx.Graph, moe: fx.Node) -> str:
     """Fuse the router of one moe call -> a line for the region's details."""
     logits, k, first, renorm, w, ids = match(moe)
     with graph.inserting_after(ids.args[0]):  # right after the top-k: before all its users
-        fused = call(graph, torch.ops.mxfp4.topk_softmax.default, (logits, k, first, renorm))
+        fused = call(graph, torch.ops.mxfp4.topk_softmax.default, (logits, k, first, renorm),
+                     name="router")
     with graph.inserting_after(fused):
-        new_ids = call(graph, operator.getitem, (fused, 1))
+        new_ids = call(graph, operator.getitem, (fused, 1), name="router_ids")
     with graph.inserting_after(new_ids):
-        new_w = call(graph, operator.getitem, (fused, 0))
+        new_w = call(graph, operator.getitem, (fused, 0), name="router_weights")
     out = new_w
     if val(w).dtype != torch.float32:
         with graph.inserting_after(new_w):
-            out = call(graph, torch.ops.prims.convert_element_type.default, (new_w, val(w).dtype))
+            out = call(graph, torch.ops.prims.convert_element_type.default, (new_w, val(w).dtype),
+                       name="router_weights_cast")
     w.replace_all_uses_with(out)
     ids.replace_all_uses_with(new_ids)
     return f"topk_softmax(k={k}, softmax_first={first}, renormalize={renorm})"
