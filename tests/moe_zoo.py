@@ -32,7 +32,7 @@ class GatherMoE(nn.Module):
     """Per-token gather + einsum (gpt-oss reference style); ``transposed`` stores [E, K, N]."""
 
     def __init__(self, activation="swiglu_oai", bias=True, transposed=False, limit=7.0, hidden=H,
-                 inter=I, k=K):
+                 inter=I, k=K, router=None):
         super().__init__()
         self.gate = nn.Linear(hidden, E, bias=False)
         s13 = (E, hidden, 2 * inter) if transposed else (E, 2 * inter, hidden)
@@ -42,9 +42,10 @@ class GatherMoE(nn.Module):
         self.b2 = nn.Parameter(torch.randn(E, hidden) * .05) if bias else None
         self.activation, self.transposed, self.limit = activation, transposed, limit
         self.inter, self.k = inter, k
+        self.router = router or _router  # (x, gate, k) -> (weights [T, k], ids [T, k])
 
     def forward(self, x):  # x [T, H]
-        w, ids = _router(x, self.gate, self.k)
+        w, ids = self.router(x, self.gate, self.k)
         t, I = self.transposed, self.inter
         h = torch.einsum("tkho,th->tko" if t else "tkoh,th->tko", self.w13[ids], x)
         if self.b13 is not None:

@@ -1,0 +1,98 @@
+"""Router form (passes/router.py): the top-k routing of a rewritten MoE becomes one
+torch.ops.mxfp4.topk_softmax call, for the gpt-oss, Mixtral and Qwen3 router spellings; what it
+must leave alone stays torch ops, with the reason in explain."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mxfp4_compile
+import moe_zoo as z
+
+BF16 = torch.bfloat16
+
+
+def gpt_oss(x, gate, k):  # transformers' GptOssTopKRouter
+    v, ids = torch.topk(gate(x), k, dim=-1)
+    return F.softmax(v, dim=1, dtype=v.dtype), ids
+
+
+def qwen3_unnormalized(x, gate, k):  # norm_topk_prob=False
+    w, ids = torch.topk(F.softmax(gate(x), dim=1, dtype=torch.float), k, dim=-1)
+    return w.to(x.dtype), ids
+
+
+def rounded_between(x, gate, k):  # softmax rounded to bf16 before the top-k
+    w, ids = torch.topk(F.softmax(gate(x).float(), dim=-1).to(x.dtype), k, dim=-1)
+    return w / w.sum(-1, keepdim=True), ids
+
+
+def smallest(x, gate, k):  # not a router the op computes
+    w, ids = torch.topk(F.softmax(gate(x).float(), dim=-1), k, dim=-1, largest=False)
+    return (w / w.sum(-1, keepdim=True)).to(x.dtype), ids
+
+
+def x(T=5):
+    return torch.randn(T, z.H, generator=torch.Generator().manual_seed(T)).to(BF16)
+
+
+def _model(router):
+    torch.manual_seed(0)
+    return z.GatherMoE(router=router).to(BF16)
+
+
+@pytest.mark.parametrize("router,flags", [(gpt_oss, "False, True"), (None, "True, True"),
+                                          (qwen3_unnormalized, "True, False")])
+def test_routers_fused(router, flags):
+    m = _model(router)
+    z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+    _, code = z.compile_run(m, x())
+    assert f"mxfp4.topk_softmax.default(" in code and "aten.topk" not in code
+    assert f", 2, {flags})" in code  # k, softmax_first, renormalize
+    r = mxfp4_compile.explain(m, x())
+    assert r.regions[0].details["router"] == (
+        f"topk_softmax(k=2, softmax_first={flags.split(', ')[0]}, "
+        f"renormalize={flags.split(', ')[1]})"), r.regions[0].details
+    assert "router: topk_softmax" in str(r)
+
+
+@pytest.mark.parametrize("router,reason", [(rounded_between, "rounds to torch.bfloat16"),
+                                           (smallest, "k largest")])
+def test_routers_left_alone_say_why(router, reason):
+    m = _model(router)
+    z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+    _, code = z.compile_run(m, x())
+    assert "topk_softmax" not in code
+    d = mxfp4_compile.explain(m, x()).regions[0].details
+    assert d["router"].startswith("left as torch ops") and reason in d["router"], d
+
+
+def test_option_off_keeps_the_torch_router():
+    m = _model(gpt_oss)
+    _, code = z.compile_run(m, x(), options={"fuse_router": False})
+    assert z.moe_calls(code) == 1 and "topk_softmax" not in code
+
+
+def test_symbolic_tokens():
+    # the second token count recompiles with T symbolic, and the router is fused there too; a
+    # third count reuses that graph
+    from torch._dynamo.utils import counters
+    from torch._inductor.utils import run_and_get_code
+    m = _model(gpt_oss)
+    qm = z.quantize_experts_(copy.deepcopy(m), {"w13": -1, "w2": -1})  # same MXFP4 weights, eager
+    with torch.no_grad():
+        torch._dynamo.reset()
+        counters.clear()
+        cm = torch.compile(m, backend="mxfp4")
+        graphs = []
+        for T in (3, 7, 11):
+            assert z.rel_err(cm(x(T)), qm(x(T))) < 2e-2
+            graphs.append(counters["stats"]["unique_graphs"])
+        assert graphs == [1, 2, 2]
+        torch._dynamo.reset()
+        cm = torch.compile(m, backend="mxfp4")
+        cm(x(3))
+        _, code = run_and_get_code(lambda: cm(x(7)))
+    code = "\n".join(code)
+    assert "topk_softmax" in code and "aten.topk" not in code
