@@ -96,3 +96,15 @@ def test_symbolic_tokens():
         _, code = run_and_get_code(lambda: cm(x(7)))
     code = "\n".join(code)
     assert "topk_softmax" in code and "aten.topk" not in code
+
+
+@pytest.mark.parametrize("family,flags", [("gpt_oss", (False, True)), ("mixtral", (True, True)),
+                                          ("qwen3_moe", (True, False))])
+def test_transformers_routers_fused(family, flags):
+    # the routers as transformers writes them (every layer of a 2-layer model)
+    pytest.importorskip("transformers")
+    m = z.hf_model(family, "grouped_mm")
+    with torch.no_grad():
+        r = mxfp4_compile.explain(m, z.token_ids())
+    want = f"topk_softmax(k=2, softmax_first={flags[0]}, renormalize={flags[1]})"
+    assert [(g.rewritten, g.details.get("router")) for g in r.regions] == [(True, want)] * 2
