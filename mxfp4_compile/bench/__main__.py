@@ -72,7 +72,8 @@ def _parser():
     e2e.add_argument("--prefill", type=int, default=2048 if gpu else 16,
                      help="prefill length (batch 1); 0 skips prefill")
     e2e.add_argument("--backends", default="mxfp4,inductor",
-                     help="comma list: mxfp4 (backend='mxfp4'), inductor (default bf16 Inductor)")
+                     help="comma list: mxfp4 (backend='mxfp4'), mxfp4_torch_router (the same "
+                          "with fuse_router off), inductor (default bf16 Inductor)")
     e2e.add_argument("--kernel", default="auto",
                      help="MoE kernel for backend='mxfp4' (options={'kernel': ...})")
     e2e.add_argument("--iters", type=int, default=30 if gpu else 3, help="timed calls per shape (median)")

@@ -36,6 +36,8 @@ CSV_FIELDS = ["backend", "shape", "batch", "seq", "status", "first_call_s", "med
               "rel_l2_vs_inductor", "expert_weight_bytes", "alloc_growth_bytes", "rewritten_moe",
               "kernel", "layers", "experts", "hidden", "device", "torch", "triton", "transformers",
               "note"]
+# --backends names that compile with backend="mxfp4", and their extra options
+MXFP4_BACKENDS = {"mxfp4": {}, "mxfp4_torch_router": {"fuse_router": False}}
 WIDTHS = {
     "20b": dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
                 num_key_value_heads=8, head_dim=64, num_experts_per_tok=4, sliding_window=128),
@@ -156,8 +158,8 @@ def run(args) -> int:
             torch.cuda.empty_cache()
         model = build_model(args, device)
         ebytes = expert_param_bytes(model)
-        if be == "mxfp4":
-            opts = {"kernel": args.kernel, "cudagraphs": gpu}
+        if be in MXFP4_BACKENDS:
+            opts = {"kernel": args.kernel, "cudagraphs": gpu, **MXFP4_BACKENDS[be]}
             cm = torch.compile(model, backend="mxfp4", options=opts, dynamic=False)
         elif be == "inductor":
             cm = torch.compile(model, mode="reduce-overhead" if gpu else None, dynamic=False)
@@ -195,7 +197,7 @@ def run(args) -> int:
                 except Exception as e:  # noqa: BLE001 - one backend's failure is a row
                     traceback.print_exc()
                     row.update(status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
-            if be == "mxfp4":
+            if be in MXFP4_BACKENDS:
                 infos = mx_backend.last_compile_info[n_info:]  # this shape's compile(s)
                 row["rewritten_moe"] = sum(i.get("rewritten", 0) for i in infos)
                 row["kernel"] = next((i["kernel"] for i in infos if i.get("kernel")), None)
@@ -248,22 +250,22 @@ def format_table(rows, info, args) -> str:
     lines = [f"{info['device']}, torch {info['torch']}, triton {info['triton']}, transformers "
              f"{info.get('transformers')}; GptOssModel {args.width} widths, {args.layers} layers, "
              f"{args.experts} experts, grouped_mm experts, CUDA graphs on GPU",
-             f"{'shape':14s} {'backend':9s} {'median us':>10s} {'first call s':>12s} "
+             f"{'shape':14s} {'backend':18s} {'median us':>10s} {'first call s':>12s} "
              f"{'rel-L2 vs bf16':>14s} {'speedup':>8s} {'expert MB':>10s} {'alloc growth MB':>15s}"]
     for r in rows:
         ind = by.get(("inductor", r["shape"]), {})
         sp = (ind.get("median_us") / r["median_us"]) if r["backend"] != "inductor" and r.get("median_us") \
             and ind.get("median_us") else None
         if r["status"] != "ok":
-            lines.append(f"{r['shape']:14s} {r['backend']:9s} {r['status'].upper()}: {str(r.get('note'))[:100]}")
+            lines.append(f"{r['shape']:14s} {r['backend']:18s} {r['status'].upper()}: {str(r.get('note'))[:100]}")
             continue
-        lines.append(f"{r['shape']:14s} {r['backend']:9s} {f(r.get('median_us')):>10s} "
+        lines.append(f"{r['shape']:14s} {r['backend']:18s} {f(r.get('median_us')):>10s} "
                      f"{f(r.get('first_call_s'), '{:.1f}'):>12s} {f(r.get('rel_l2_vs_inductor'), '{:.2e}'):>14s} "
                      f"{f(sp, '{:.2f}x'):>8s} {f(r.get('expert_weight_bytes', 0) / 1e6, '{:.1f}'):>10s} "
                      f"{f(r['alloc_growth_bytes'] / 1e6 if r.get('alloc_growth_bytes') is not None else None, '{:.1f}'):>15s}")
     for r in rows:
-        if r["backend"] == "mxfp4":
-            lines.append(f"mxfp4 {r['shape']}: kernel {r.get('kernel')}, {r.get('rewritten_moe')} of "
+        if r["backend"] in MXFP4_BACKENDS:
+            lines.append(f"{r['backend']} {r['shape']}: kernel {r.get('kernel')}, {r.get('rewritten_moe')} of "
                          f"{args.layers} MoE layers rewritten;{str(r.get('note') or '')[:300]}")
     lines.append("speedup = Inductor bf16 median / mxfp4 median; expert MB = bf16 expert parameters "
                  "(inductor) or MXFP4 prepared tensors of the rewritten layers (mxfp4)")
