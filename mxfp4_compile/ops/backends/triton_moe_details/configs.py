@@ -191,10 +191,12 @@ MMA2_PROGRAMS_PER_SM = 2
 MMA2_MIN_STEPS_PER_CHUNK = 10
 # One token (T=1) with both GEMMs on _mma2: each row block is one assignment, its expert read from
 # the top-k ids (k distinct experts), so no route launch (_mma2._direct_info). H100 (launch-ab,
-# session 8, fused router): 20b 36.5 -> 33.9 us, 120b 36.7 -> 33.6, Mixtral 77.2 -> 75.2.
+# session 8, fused router): 20b 33.9 -> 31.2 us, 120b 33.9 -> 30.9, Mixtral 76.4 -> 74.8.
 MMA2_DIRECT = True
 # sm90, GEMM1 on _mma2: it lets GEMM2 launch (programmatic) once all its programs are past their
-# K loops, and GEMM2 launches that way.
+# K loops, and GEMM2 launches that way (20b T=1 30.5 -> 29.8 us, T=8 116.5 -> 115.2, 120b T=64
+# 556.6 -> 543.3, Mixtral T=1 74.5 -> 73.7; a GEMM2 launched so behind a GEMM1 that triggers at
+# its start took SM slots GEMM1 still needed: 20b T=1 36.2 us, Mixtral 86.1).
 MMA2_LATE_TRIGGER = True
 
 
