@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from .ops import topk_softmax
+
 
 def _check(logits: torch.Tensor, top_k: int) -> None:
     if logits.dim() != 2 or not logits.is_floating_point():
@@ -22,32 +24,23 @@ def _check(logits: torch.Tensor, top_k: int) -> None:
         raise ValueError(f"top_k must lie in [1, E={logits.shape[1]}], got {top_k}")
 
 
-def _renormalize(w: torch.Tensor) -> torch.Tensor:
-    return w / w.sum(dim=-1, keepdim=True)
-
-
-def _fused(logits, top_k, softmax_first, renormalize):
-    return torch.ops.mxfp4.topk_softmax(logits, top_k, softmax_first, renormalize)
+def _topk_softmax(logits, top_k, softmax_first, renormalize, fused):
+    if fused:
+        return torch.ops.mxfp4.topk_softmax(logits, top_k, softmax_first, renormalize)
+    return topk_softmax.reference(logits, top_k, softmax_first, renormalize)
 
 
 def gpt_oss_routing(logits: torch.Tensor, top_k: int, fused: bool = False):
     """gpt-oss: top-k of the logits, softmax over those k."""
     _check(logits, top_k)
-    if fused:
-        return _fused(logits, top_k, False, True)
-    vals, ids = torch.topk(logits.float(), top_k, dim=-1)  # [T, k]
-    return torch.softmax(vals, dim=-1), ids
+    return _topk_softmax(logits, top_k, False, True, fused)
 
 
 def qwen3_routing(logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True,
                   fused: bool = False):
     """Qwen3-MoE: softmax over all E, top-k, renormalized over the k when ``norm_topk_prob``."""
     _check(logits, top_k)
-    if fused:
-        return _fused(logits, top_k, True, norm_topk_prob)
-    probs = torch.softmax(logits.float(), dim=-1)  # [T, E]
-    w, ids = torch.topk(probs, top_k, dim=-1)
-    return (_renormalize(w) if norm_topk_prob else w), ids
+    return _topk_softmax(logits, top_k, True, norm_topk_prob, fused)
 
 
 def mixtral_routing(logits: torch.Tensor, top_k: int, fused: bool = False):

@@ -16,6 +16,8 @@ NaN logits sort above everything, as in torch.topk; the k weights of such a row 
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 MAX_EXPERTS = 4096  # one program holds whole rows in registers
@@ -72,7 +74,6 @@ def topk_softmax(logits: torch.Tensor, k: int, softmax_first: bool = False,
     """-> (weights [T, k] float32, ids [T, k] int64). CUDA: the fused kernel; CPU: `reference`,
     unless the Triton interpreter is on (TRITON_INTERPRET=1: the kernel, for tests)."""
     check(logits, k)
-    import os
     if logits.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         try:
             import triton  # noqa: F401
