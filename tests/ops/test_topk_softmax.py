@@ -9,18 +9,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 import mxfp4_compile  # noqa: F401  (registers torch.ops.mxfp4.*)
+from interpreter_child import run_child
 from mxfp4_compile import routing
 from mxfp4_compile.ops import topk_softmax as ts
 
-REPO = Path(__file__).resolve().parents[2]
 MODES = {"gpt_oss": (False, True), "softmax_renorm": (True, True), "softmax_only": (True, False)}
 # (T, E, k, dtype): T not a multiple of the rows per program, E not a power of two
 CASES = [(1, 32, 4, "float32"), (13, 128, 4, "bfloat16"), (70, 8, 2, "float16"),
@@ -85,12 +82,7 @@ def _child():
 @pytest.fixture(scope="module")
 def interpreted():
     pytest.importorskip("triton")
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__)
 
 
 @pytest.mark.parametrize("case", [f"T{T}_E{E}_k{k}_{d}_{m}" for T, E, k, d in CASES for m in MODES])

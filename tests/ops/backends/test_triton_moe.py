@@ -10,14 +10,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[3]
+from interpreter_child import run_child
+
 TOL = 1e-2
 
 # name -> case arguments (see _run_case)
@@ -121,12 +119,7 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
 
 @pytest.fixture(scope="module")
 def results():
-    env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True,
-                          timeout=600, cwd=REPO)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_child(__file__)
 
 
 @pytest.mark.parametrize("name", list(CASES))
