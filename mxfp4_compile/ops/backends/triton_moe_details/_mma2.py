@@ -66,13 +66,13 @@ def _block_info(es_ptr, pid_m, E, BM: gl.constexpr, EB: gl.constexpr):
 def _direct_info(ids_ptr, emap_ptr, pid_m, E, M, HAS_MAP: gl.constexpr):
     """DIRECT (one token, so k distinct experts): block pid_m is assignment pid_m alone, its
     expert read from the top-k ids (the route kernel's launch is saved) -> (expert, first row,
-    end row, blocks); an expert not on this rank (or out of range) gives an empty block, as
-    _kernels._local_ids makes it for the route kernel."""
+    end row, blocks); an expert not on this rank (or out of range) counts no blocks, so the
+    program has no rows, as _kernels._local_ids makes it for the route kernel."""
     e = gl.load(ids_ptr + pid_m).to(gl.int32)
     if HAS_MAP:
         e = gl.load(emap_ptr + e).to(gl.int32)
     live = (e >= 0) & (e < E)
-    return gl.where(live, e, 0), pid_m, gl.where(live, pid_m + 1, pid_m), M
+    return gl.where(live, e, 0), pid_m, pid_m + 1, gl.where(live, M, 0)
 
 
 @gluon.jit
@@ -94,7 +94,7 @@ def _program(es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, M, N: gl.constexpr,
     n0 = (pid % N_TILES) * BN
     w_base = w_ptr + e64 * stride_we + (n0 // 16) * (16 * stride_wn)
     s_base = s_ptr + e64 * stride_se + (n0 // 16) * (16 * stride_sn)
-    return (pid // N_TILES < total) & (row0 < row1), rows, rows < row1, e64, n0, w_base, s_base
+    return pid // N_TILES < total, rows, rows < row1, e64, n0, w_base, s_base
 
 
 @gluon.constexpr_function
