@@ -43,6 +43,12 @@ def _last_dim(n, dims) -> bool:
     return len(dims) == 1 and dims[0] in (-1, nd - 1)
 
 
+def _reduces_last(n, target, of) -> bool:
+    """n = target(of, [last dim], keepdim=True) (aten.sum.dim_IntList or aten.amax)."""
+    return (isinstance(n, fx.Node) and n.target is target and n.args[0] is of
+            and _last_dim(of, n.args[1]) and len(n.args) > 2 and bool(n.args[2]))
+
+
 def _softmax_of(n):
     """n = softmax(a) over the last dim -> a, else None."""
     if n.op != "call_function":
@@ -52,15 +58,11 @@ def _softmax_of(n):
     if n.target is not aten.div.Tensor or not all(isinstance(a, fx.Node) for a in n.args):
         return None
     ex, total = n.args
-    if total.target is not aten.sum.dim_IntList or total.args[0] is not ex:
-        return None
     if ex.target is not aten.exp.default or ex.args[0].target is not aten.sub.Tensor:
         return None
     a, m = ex.args[0].args
-    if not (isinstance(m, fx.Node) and m.target is aten.amax.default and m.args[0] is a):
-        return None
-    keep = lambda x: len(x.args) > 2 and x.args[2]  # noqa: E731  (keepdim)
-    if not (_last_dim(a, total.args[1]) and _last_dim(a, m.args[1]) and keep(total) and keep(m)):
+    if not (_reduces_last(total, aten.sum.dim_IntList, ex)
+            and _reduces_last(m, aten.amax.default, a)):
         return None
     return a
 
@@ -87,11 +89,9 @@ def _softmax_user(n):
 def _renormalized(v):
     """v / v.sum(-1, keepdim=True) among v's users -> that division, or None."""
     for u in v.users:
-        if u.target is aten.div.Tensor and u.args[0] is v and isinstance(u.args[1], fx.Node):
-            s = u.args[1]
-            if (s.target is aten.sum.dim_IntList and s.args[0] is v and _last_dim(v, s.args[1])
-                    and len(s.args) > 2 and s.args[2]):
-                return u
+        if (u.target is aten.div.Tensor and u.args[0] is v
+                and _reduces_last(u.args[1], aten.sum.dim_IntList, v)):
+            return u
     return None
 
 
