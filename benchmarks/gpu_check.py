@@ -498,6 +498,9 @@ LAUNCH_VARIANTS = {
     "minsteps4": dict(MMA2_MIN_STEPS_PER_CHUNK=4),  # _mma2 chunks as short as the others
     "norpdl": {"router.PDL_LAUNCH": False},  # the router kernel a plain launch
     "nolate": dict(MMA2_LATE_TRIGGER=False),  # GEMM2 a plain launch after an _mma2 GEMM1
+    "nomerge": dict(MERGE_DIV=0),  # prefill: an expert's short last block runs alone
+    "yf32": dict(Y_HIDDEN_DTYPE=False),  # GEMM2's per-assignment outputs in float32
+    "merge2": dict(MERGE_DIV=2),  # merged blocks as three MMAs of BM/2 rows, not five of BM/4
 
 }
 

@@ -362,7 +362,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM, BN=c1.BN, BK=c1.BK,
             EB=EB, EVEN_K=p1.even_k, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
             SYNC=sync, SPLIT=split1, K_CHUNK=p1.chunk, N_FIRST=c1.N_FIRST, PAIR=c1.PAIR,
-            TAIL=p1.tail, HALF=c1.HALF, TMA=tma1,
+            TAIL=p1.tail, HALF=c1.HALF, TMA=tma1, EXTRA=c1.EXTRA,
             num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1), **pdl["gemm1"])
     if split1 > 1:
         BR, BC = 16, 128
@@ -371,7 +371,11 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             BR=BR, BC=BC, num_warps=4, **pdl["act"])
 
     c2, split2 = p2.config, p2.split
-    y = torch.empty(split2, M, H, dtype=torch.float32, device=dev)  # per-(token, slot) outputs
+    # per-(token, slot) outputs: float32 partial sums of split K, else (Triton GEMM2) rounded
+    # to the hidden dtype, as the combine's inputs (configs.Y_HIDDEN_DTYPE)
+    y_dtype = (hidden.dtype if split2 == 1 and not mma2_2 and configs.Y_HIDDEN_DTYPE
+               else torch.float32)
+    y = torch.empty(split2, M, H, dtype=y_dtype, device=dev)
     b2 = w2_bias if w2_bias is not None else es
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
     if mma2_2:
@@ -393,7 +397,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
             EVEN_K=p2.even_k, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP, SYNC=sync,
             SPLIT=split2, K_CHUNK=p2.chunk, N_FIRST=c2.N_FIRST, PAIR=c2.PAIR, TAIL=p2.tail,
-            HALF=c2.HALF, TMA=tma2,
+            HALF=c2.HALF, TMA=tma2, EXTRA=c2.EXTRA,
             num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2), **pdl["gemm2"])
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)

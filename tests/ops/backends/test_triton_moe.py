@@ -47,6 +47,14 @@ CASES = {
     "half_blocks": dict(T=40, H=160, half=True, twice=True),
     "half_blocks_silu_uncombined": dict(T=23, act="silu_glu", half=True, combine=False),
     "quarter_blocks": dict(T=40, H=160, half=2),  # and blocks of <= BM/4 rows on a BM/4 copy
+    # an expert's last block of <= EXTRA = BM/4 rows merged into the block before it (expert
+    # rows 36 / 20 / 16 / 5 / 3 at BM 16, EXTRA 4: 16 + 20 merged, 20 merged, one full, two
+    # short)
+    "merged_tail_blocks": dict(T=40, H=160, extra=4, counts=(36, 20, 16, 5, 3), twice=True),
+    # ... at BM 32, EXTRA 8, with the half copies (36 merged, 16 on the half copy), split K,
+    # no combine
+    "merged_tail_half_split": dict(T=40, extra=8, half=True, counts=(36, 20, 16, 5, 3),
+                                   split=(2, 2), combine=False, act="silu_glu"),
     # one w2 block with the NaN scale byte 255: NaN exactly where the reference has NaN
     "nan_scale_block": dict(T=7, nan_block=True),
 }
@@ -54,7 +62,8 @@ CASES = {
 
 def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False, combine=True,
               ids64=False, dtype="bfloat16", route_budget=None, route_sort_max=None, seed=0,
-              twice=False, split=None, pair=False, bk=None, nan_block=False, half=False):
+              twice=False, split=None, pair=False, bk=None, nan_block=False, half=False,
+              extra=0, counts=None):
     from mxfp4_compile.ops.backends import triton_moe as tm
     from mxfp4_compile.ops.backends.triton_moe_details import configs
     from mxfp4_compile.ops.reference import moe_reference
@@ -76,6 +85,10 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
     e_global = E + 3 if emap else E
     ids = torch.stack([torch.randperm(e_global, generator=g)[:k] for _ in range(T)]) if T else \
         torch.zeros(0, k, dtype=torch.long)
+    if counts is not None:  # expert e on counts[e] tokens: slot s of token t is seq[t + s T]
+        assert sum(counts) == T * k and max(counts) <= T  # (then the k experts are distinct)
+        seq = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
+        ids = seq.reshape(k, T).t().contiguous()
     ids = ids if ids64 else ids.to(torch.int32)
     tw = torch.rand(T, k, generator=g)
     expert_map = None
@@ -89,8 +102,8 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
         tm._ROUTE_SORT_MAX = route_sort_max
     configs.SPLIT_OVERRIDE = split
     configs.OVERRIDE = tuple(dataclasses.replace(c, PAIR=pair, BK=bk or c.BK, HALF=half,
-                                                 BM=32 if half else c.BM)
-                             for c in configs._INTERPRET) if pair or bk or half else None
+                                                 BM=32 if half else c.BM, EXTRA=extra)
+                             for c in configs._INTERPRET) if pair or bk or half or extra else None
     ref = moe_reference(x, ids, tw, *canonical, act, 1.702, 7.0, expert_map, combine).float()
     out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine)
     # determinism (bitwise equal reruns) on two cases only: each interpreter call costs seconds
@@ -267,9 +280,12 @@ def test_prefill_block_rows_follow_rows_per_expert():
 
     # 120b T=4096: about 128 rows per expert -> 128-row blocks, with the half and quarter copies
     assert [(c.BM, c.HALF) for c in configs.pick(4096, 4, 128, 2880, 2880)] == [(128, 2)] * 2
-    # 20b T=4096 (512 rows per expert) and 120b T=16384 keep 256-row blocks
+    # ... and an expert's last <= 32 rows merged into its block before (129-160 rows: one block)
+    assert [c.EXTRA for c in configs.pick(4096, 4, 128, 2880, 2880)] == [32, 32]
+    # 20b T=4096 (512 rows per expert) and 120b T=16384 keep 256-row blocks, unmerged
     assert configs.pick(4096, 4, 32, 2880, 2880)[0].BM == 256
     assert configs.pick(16384, 4, 128, 2880, 2880)[0].BM == 256
+    assert not any(c.EXTRA for c in configs.pick(4096, 4, 32, 2880, 2880))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")
@@ -280,11 +296,67 @@ def test_cpu_without_interpreter_is_unavailable():
     assert reason is not None and "TRITON_INTERPRET=1" in reason
 
 
+def test_merged_blocks_cover_each_expert_once(results):
+    r = results["block_map"]
+    assert "error" not in r, r.get("error")
+    assert r["got"] == r["want"]
+
+
+def _block_map(counts, BM, EXTRA):
+    """Each expert's rows as blocks (expert, first row, rows): chunks of BM, the last one
+    appended to the one before it when it holds at most EXTRA rows."""
+    out, start = [], 0
+    for e, n in enumerate(counts):
+        sizes = [min(BM, n - i) for i in range(0, n, BM)]
+        if len(sizes) >= 2 and sizes[-1] <= EXTRA:
+            sizes[-2:] = [sizes[-2] + sizes[-1]]
+        for size in sizes:
+            out.append([e, start, size])
+            start += size
+    return out
+
+
+def _run_block_map():
+    """(child) _kernels._block_info's blocks, read back by _block_map_kernel, against
+    _block_map's."""
+    got, want = [], []
+    for counts, BM, EXTRA in (((36, 20, 16, 5, 3, 0, 40), 16, 8), ((36, 20, 16, 5, 3), 16, 4),
+                              ((129, 160, 161, 290, 0, 300, 128, 1), 128, 32)):
+        es = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+        n = sum(-(-c // BM) for c in counts)
+        out = torch.full((n, 4), -1, dtype=torch.int32)
+        _block_map_kernel[(n,)](es, out, len(counts), BM=BM, EB=16, EXTRA=EXTRA)
+        total = int(out[0, 3])
+        got.append(out[:total, :3].tolist())
+        want.append(_block_map(counts, BM, EXTRA))
+    return dict(got=got, want=want)
+
+
 if __name__ == "__main__":  # the child process: TRITON_INTERPRET=1 is already set
     assert os.environ.get("TRITON_INTERPRET") == "1"
+    import triton
+    import triton.language as tl
+
     from mxfp4_compile.ops.backends import triton_moe as _tm
+    from mxfp4_compile.ops.backends.triton_moe_details import _kernels as _K
+
+    @triton.jit
+    def _block_map_kernel(es_ptr, out_ptr, E, BM: tl.constexpr, EB: tl.constexpr,
+                          EXTRA: tl.constexpr):
+        """Block pid -> (expert, first row, rows, blocks in use) at out[pid]."""
+        pid = tl.program_id(0)
+        e, row0, row1, total = _K._block_info(es_ptr, pid, E, BM, EB, EXTRA)
+        size = tl.where(_K._merged(row0, row1, BM, EXTRA), row1 - row0,
+                        tl.minimum(row1 - row0, BM))
+        j = tl.arange(0, 4)
+        tl.store(out_ptr + pid * 4 + j,
+                 tl.where(j == 0, e, tl.where(j == 1, row0, tl.where(j == 2, size, total))))
 
     out = {}
+    try:
+        out["block_map"] = _run_block_map()
+    except Exception as e:  # reported by the parent
+        out["block_map"] = {"error": f"{type(e).__name__}: {e}"}
     budget, sort_max = _tm._ROUTE_BUDGET, _tm._ROUTE_SORT_MAX
     for name, kw in CASES.items():
         _tm._ROUTE_BUDGET, _tm._ROUTE_SORT_MAX = budget, sort_max

@@ -105,12 +105,16 @@ def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chu
 
 
 @triton.jit
-def _block_info(es_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr):
-    """Block pid_m -> (expert, first sorted row, end row, number of blocks in use)."""
+def _block_info(es_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr, EXTRA: tl.constexpr = 0):
+    """Block pid_m -> (expert, first sorted row, end row, number of blocks in use). EXTRA > 0:
+    an expert's last block of at most EXTRA rows merges into the block before it, which then
+    holds BM < rows <= BM + EXTRA (`_merged`)."""
     offs = tl.arange(0, EB)
     lo = tl.load(es_ptr + offs, mask=offs < E, other=0)
     hi = tl.load(es_ptr + offs + 1, mask=offs < E, other=0)
     nb = (hi - lo + BM - 1) // BM
+    if EXTRA > 0:
+        nb -= ((nb >= 2) & (hi - lo - (nb - 1) * BM <= EXTRA)).to(tl.int32)
     cb = tl.cumsum(nb, axis=0)  # inclusive block count
     total = tl.sum(nb, axis=0)
     e = tl.sum((cb <= pid_m).to(tl.int32), axis=0)
@@ -119,6 +123,13 @@ def _block_info(es_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr):
     row0 = tl.sum(tl.where(sel, lo, 0), axis=0) + (pid_m - blk0) * BM
     row1 = tl.sum(tl.where(sel, hi, 0), axis=0)
     return e, row0, row1, total
+
+
+@triton.jit
+def _merged(row0, row1, BM: tl.constexpr, EXTRA: tl.constexpr):
+    """Whether a block from _block_info holds an expert's merged last rows (BM + <= EXTRA rows;
+    an earlier block of that expert sees more than BM + EXTRA rows up to row1)."""
+    return (EXTRA > 0) & (row1 - row0 > BM) & (row1 - row0 <= BM + EXTRA)
 
 
 # e2m1 -> bf16 on the GPU, 8 elements per 32-bit word: `prepare` places each code's bits as
@@ -357,6 +368,56 @@ def _k_loop(acc, acc2, act_ptrs, rmask, K_ACT: tl.constexpr, w_ptrs, s_ptrs, wma
 
 
 @triton.jit
+def _gather_rows(x_ptr, sorted_ptr, rows, row1, k_top, stride_xt: tl.constexpr):
+    """GEMM1's activation row pointers for sorted rows `rows` (those below row1): x[token]."""
+    tok = tl.load(sorted_ptr + rows, mask=rows < row1, other=0) // k_top
+    return x_ptr + tok.to(tl.int64) * stride_xt
+
+
+@triton.jit
+def _k_loop_merged(p0, p1, p2, p3, p4, r, row1, K_ACT: tl.constexpr, w_ptrs, s_ptrs, wmask,
+                   Kp: tl.constexpr, K_CHUNK: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+                   EXTRA: tl.constexpr, NG: tl.constexpr, EVEN_K: tl.constexpr,
+                   UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr):
+    """_k_loop for a merged block (_block_info, EXTRA > 0): its BM + EXTRA rows as NG = BM /
+    EXTRA + 1 groups (3 or 5) of EXTRA rows (group g: sorted rows r + g EXTRA below row1,
+    activation rows at p_g), each dequantized weight tile multiplied with every group. MMAs of
+    one shape: an MMA of BM rows beside one of EXTRA rows gets two MMA layouts, and Triton 3.6
+    then dequantizes the tile twice, once through shared memory (sm90 SASS). Whole steps only
+    (the prefill configs: no TAIL, PAIR or TMA). -> five accumulators, [BN, EXTRA] each
+    ([EXTRA, BN] unless SWAP); past NG they stay zero."""
+    tl.static_assert(NG == 3 or NG == 5)
+    if SWAP:
+        a0 = tl.zeros([BN, EXTRA], dtype=tl.float32)
+    else:
+        a0 = tl.zeros([EXTRA, BN], dtype=tl.float32)
+    a1 = a0
+    a2 = a0
+    a3 = a0
+    a4 = a0
+    k_lo = tl.program_id(1) * K_CHUNK
+    sc = _load_scales(s_ptrs, k_lo, wmask, Kp, BK)
+    for i in range(0, K_CHUNK // BK):
+        k0 = k_lo + i * BK
+        sc_next = _load_scales(s_ptrs, k0 + BK, wmask, Kp, BK)
+        x0 = _load_act(p0, r < row1, k0, K_ACT, Kp, BK, EVEN_K)
+        x1 = _load_act(p1, r + EXTRA < row1, k0, K_ACT, Kp, BK, EVEN_K)
+        x2 = _load_act(p2, r + 2 * EXTRA < row1, k0, K_ACT, Kp, BK, EVEN_K)
+        if NG == 5:
+            x3 = _load_act(p3, r + 3 * EXTRA < row1, k0, K_ACT, Kp, BK, EVEN_K)
+            x4 = _load_act(p4, r + 4 * EXTRA < row1, k0, K_ACT, Kp, BK, EVEN_K)
+        w = _dequant(_load_words(w_ptrs, k0, wmask, Kp, BK, EVEN_K), sc, BN, BK, UPCAST, SYNC)
+        a0 = _mma(a0, x0, w, UPCAST, SWAP)
+        a1 = _mma(a1, x1, w, UPCAST, SWAP)
+        a2 = _mma(a2, x2, w, UPCAST, SWAP)
+        if NG == 5:
+            a3 = _mma(a3, x3, w, UPCAST, SWAP)
+            a4 = _mma(a4, x4, w, UPCAST, SWAP)
+        sc = sc_next
+    return a0, a1, a2, a3, a4
+
+
+@triton.jit
 def _mma(acc, x, w, UPCAST: tl.constexpr, SWAP: tl.constexpr):
     """acc += x [BM, BK] @ w [BN, BK].T  ([BM, BN]), or with SWAP acc [BN, BM] += w @ x.T (the
     weight rows fill the MMA's M side: small BM wastes less). fp32 operands under the
@@ -383,7 +444,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
                   K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr, PAIR: tl.constexpr,
                   TAIL: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
-                  TMA: tl.constexpr = False):
+                  TMA: tl.constexpr = False, EXTRA: tl.constexpr = 0):
     """w_ptr: int32 words [E, 2Ip, Hp/8] (with TMA, w_desc / w_desc_t: their descriptors for a
     whole / the TAIL step, _load_words_tma); s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
     paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
@@ -395,30 +456,39 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     p_ptr [SPLIT, 2, p_rows, Ip] fp32; _act_kernel adds the chunks in order and activates.
     HALF: a block holding at most BM/2 rows (an expert's last, part-filled block) runs a copy of
     the body compiled for BM/2 rows: half the MMA work for the same weight tiles; HALF = 2 also
-    a copy for BM/4 rows, for blocks of at most BM/4."""
+    a copy for BM/4 rows, for blocks of at most BM/4.
+    EXTRA > 0: an expert's last block of at most EXTRA rows merges into the block before it
+    (_block_info), whose copy of the body multiplies each dequantized weight tile with all its
+    rows (_k_loop_merged): the tile is dequantized once for them, not twice."""
     _pdl_enter(PDL)
     pid_m, pid_n = _grid_position(2 * Ip, n_blocks, BN, PAIR, N_FIRST)
-    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
+    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB, EXTRA)
     if pid_m >= total:
         return
-    if HALF >= 2 and row1 - row0 <= BM // 4:
+    if _merged(row0, row1, BM, EXTRA):
+        _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
+                     k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
+                     stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM, BN, BK, EVEN_K,
+                     EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, w_desc_t,
+                     TMA, EXTRA)
+    elif HALF >= 2 and row1 - row0 <= BM // 4:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM // 4, BN, BK, EVEN_K,
                      EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, w_desc_t,
-                     TMA)
+                     TMA, 0)
     elif HALF and row1 - row0 <= BM // 2:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM // 2, BN, BK, EVEN_K,
                      EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, w_desc_t,
-                     TMA)
+                     TMA, 0)
     else:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM, BN, BK, EVEN_K,
                      EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, w_desc_t,
-                     TMA)
+                     TMA, 0)
 
 
 @triton.jit
@@ -431,11 +501,9 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                  SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
                  K_CHUNK: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr, w_desc,
-                 w_desc_t, TMA: tl.constexpr):
-    """GEMM1 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
-    rows = row0 + tl.arange(0, BM)
-    rmask = rows < row1
-    tok = tl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top  # [BM]
+                 w_desc_t, TMA: tl.constexpr, EXTRA: tl.constexpr):
+    """GEMM1 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e, and
+    with EXTRA the next EXTRA rows (those below row1) too."""
     offs_w = pid_n * (2 if PAIR else 1) * BN + tl.arange(0, BN)  # weight rows (gate and up)
     if EVEN_N:
         wmask = offs_w < 2 * Ip + BN  # all true: lets the compiler drop the mask
@@ -444,22 +512,52 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
     e64 = e.to(tl.int64)
     w_ptrs = w_ptr + e64 * stride_we + _tiled_rows(offs_w, stride_wn, 8)[:, None]
     s_ptrs = s_ptr + e64 * stride_se + _tiled_rows(offs_w, stride_sn, 2)[:, None]
-    if SWAP:
-        acc = tl.zeros([BN, BM], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-    wmask2 = (offs_w + BN) < (2 * Ip + BN if EVEN_N else 2 * Ip)  # PAIR: the next BN rows
-    acc, acc2 = _k_loop(acc, acc, x_ptr + tok.to(tl.int64) * stride_xt, rmask, H, w_ptrs, s_ptrs,
-                        wmask, wmask2, stride_wn, stride_sn, Hp, K_CHUNK, BN, BK, EVEN_K, UPCAST,
-                        SWAP, SYNC, PAIR, TAIL, SPLIT, w_desc, w_desc_t,
-                        (e * (stride_we // stride_wn) + pid_n * (2 if PAIR else 1) * BN) // 16,
-                        TMA)
     w0 = pid_n * (2 if PAIR else 1) * BN  # first weight row of the (first) tile
-    _gemm1_store(acc, w0, wmask, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
-                 alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
-    if PAIR:
-        _gemm1_store(acc2, w0 + BN, wmask2, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr,
-                     p_rows, alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
+    if EXTRA > 0:  # a merged block: BM / EXTRA + 1 groups of EXTRA rows (_k_loop_merged)
+        tl.static_assert(not PAIR and TAIL == 0 and not TMA)
+        r = row0 + tl.arange(0, EXTRA)
+        x0 = _gather_rows(x_ptr, sorted_ptr, r, row1, k_top, stride_xt)
+        x1 = _gather_rows(x_ptr, sorted_ptr, r + EXTRA, row1, k_top, stride_xt)
+        x2 = _gather_rows(x_ptr, sorted_ptr, r + 2 * EXTRA, row1, k_top, stride_xt)
+        x3 = _gather_rows(x_ptr, sorted_ptr, r + 3 * EXTRA, row1, k_top, stride_xt)
+        x4 = _gather_rows(x_ptr, sorted_ptr, r + 4 * EXTRA, row1, k_top, stride_xt)
+        a0, a1, a2, a3, a4 = _k_loop_merged(x0, x1, x2, x3, x4, r, row1, H, w_ptrs, s_ptrs,
+                                            wmask, Hp, K_CHUNK, BN, BK, EXTRA, BM // EXTRA + 1,
+                                            EVEN_K, UPCAST, SWAP, SYNC)
+        _gemm1_store(a0, w0, wmask, r, r < row1, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
+                     alpha, limit, Ip, EXTRA, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
+        r += EXTRA
+        _gemm1_store(a1, w0, wmask, r, r < row1, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
+                     alpha, limit, Ip, EXTRA, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
+        r += EXTRA
+        _gemm1_store(a2, w0, wmask, r, r < row1, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
+                     alpha, limit, Ip, EXTRA, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
+        if BM == 4 * EXTRA:
+            r += EXTRA
+            _gemm1_store(a3, w0, wmask, r, r < row1, e64, b_ptr, stride_be, a_ptr, p_ptr,
+                         p_rows, alpha, limit, Ip, EXTRA, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
+            r += EXTRA
+            _gemm1_store(a4, w0, wmask, r, r < row1, e64, b_ptr, stride_be, a_ptr, p_ptr,
+                         p_rows, alpha, limit, Ip, EXTRA, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
+    else:
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row1
+        if SWAP:
+            acc = tl.zeros([BN, BM], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+        wmask2 = (offs_w + BN) < (2 * Ip + BN if EVEN_N else 2 * Ip)  # PAIR: the next BN rows
+        acc, acc2 = _k_loop(acc, acc, _gather_rows(x_ptr, sorted_ptr, rows, row1, k_top,
+                                                   stride_xt), rmask, H, w_ptrs,
+                            s_ptrs, wmask, wmask2, stride_wn, stride_sn, Hp, K_CHUNK, BN, BK,
+                            EVEN_K, UPCAST, SWAP, SYNC, PAIR, TAIL, SPLIT, w_desc, w_desc_t,
+                            (e * (stride_we // stride_wn) + pid_n * (2 if PAIR else 1) * BN)
+                            // 16, TMA)
+        _gemm1_store(acc, w0, wmask, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
+                     alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
+        if PAIR:
+            _gemm1_store(acc2, w0 + BN, wmask2, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr,
+                         p_rows, alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
 
 
 @triton.jit
@@ -535,32 +633,39 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
                   EVEN_N: tl.constexpr, UPCAST: tl.constexpr, SWAP: tl.constexpr,
                   SYNC: tl.constexpr, SPLIT: tl.constexpr, K_CHUNK: tl.constexpr,
                   N_FIRST: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr,
-                  HALF: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False):
+                  HALF: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False,
+                  EXTRA: tl.constexpr = 0):
     """w_ptr: int32 words [E, Hp, Ip/8] (with TMA, w_desc / w_desc_t: their descriptors for a
     whole / the TAIL step); s_ptr: uint8 [E, Hp, Ip/32]. SPLIT > 1: program_id(1) takes K_CHUNK
     of the K range and writes its partial sum (bias in chunk 0 only) to y_ptr [SPLIT, M, H];
     _finalize_kernel adds the chunks in order. PAIR: two BN-row weight
-    tiles per program, HALF: part-filled blocks on BM/2 rows, as in _gemm1_kernel."""
+    tiles per program, HALF: part-filled blocks on BM/2 rows, EXTRA: merged last rows, as in
+    _gemm1_kernel."""
     _pdl_enter(PDL)
     pid_m, pid_n = _grid_position(H, n_blocks, BN, PAIR, N_FIRST)
-    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB)
+    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB, EXTRA)
     if pid_m >= total:
         return
-    if HALF >= 2 and row1 - row0 <= BM // 4:
+    if _merged(row0, row1, BM, EXTRA):
+        _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
+                     stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
+                     BM, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL,
+                     w_desc, w_desc_t, TMA, EXTRA)
+    elif HALF >= 2 and row1 - row0 <= BM // 4:
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
                      BM // 4, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR,
-                     TAIL, w_desc, w_desc_t, TMA)
+                     TAIL, w_desc, w_desc_t, TMA, 0)
     elif HALF and row1 - row0 <= BM // 2:
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
                      BM // 2, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR,
-                     TAIL, w_desc, w_desc_t, TMA)
+                     TAIL, w_desc, w_desc_t, TMA, 0)
     else:
         _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, pid_n, M,
                      stride_we, stride_wn, stride_se, stride_sn, stride_be, H, Ip, HAS_BIAS,
                      BM, BN, BK, EVEN_K, EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL,
-                     w_desc, w_desc_t, TMA)
+                     w_desc, w_desc_t, TMA, 0)
 
 
 @triton.jit
@@ -571,13 +676,10 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
                  BK: tl.constexpr, EVEN_K: tl.constexpr, EVEN_N: tl.constexpr,
                  UPCAST: tl.constexpr, SWAP: tl.constexpr, SYNC: tl.constexpr,
                  SPLIT: tl.constexpr, K_CHUNK: tl.constexpr, PAIR: tl.constexpr,
-                 TAIL: tl.constexpr, w_desc, w_desc_t, TMA: tl.constexpr):
-    """GEMM2 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e."""
-    rows = row0 + tl.arange(0, BM)
-    rmask = rows < row1
-    assign = tl.load(sorted_ptr + rows, mask=rmask, other=0)
-    if SPLIT > 1:
-        assign += tl.program_id(1) * M
+                 TAIL: tl.constexpr, w_desc, w_desc_t, TMA: tl.constexpr,
+                 EXTRA: tl.constexpr):
+    """GEMM2 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e, and
+    with EXTRA the next EXTRA rows (those below row1) too."""
     n0 = pid_n * (2 if PAIR else 1) * BN  # first hidden column of the (first) tile
     offs_n = n0 + tl.arange(0, BN)
     if EVEN_N:
@@ -587,20 +689,56 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
     e64 = e.to(tl.int64)
     w_ptrs = w_ptr + e64 * stride_we + _tiled_rows(offs_n, stride_wn, 8)[:, None]
     s_ptrs = s_ptr + e64 * stride_se + _tiled_rows(offs_n, stride_sn, 2)[:, None]
-    if SWAP:
-        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    if EXTRA > 0:  # a merged block: BM / EXTRA + 1 groups of EXTRA rows (_k_loop_merged)
+        tl.static_assert(not PAIR and TAIL == 0 and not TMA)
+        r = row0 + tl.arange(0, EXTRA)
+        a_rows = a_ptr + r.to(tl.int64) * Ip
+        a0, a1, a2, a3, a4 = _k_loop_merged(a_rows, a_rows + EXTRA * Ip, a_rows + 2 * EXTRA * Ip,
+                                            a_rows + 3 * EXTRA * Ip, a_rows + 4 * EXTRA * Ip, r,
+                                            row1, Ip, w_ptrs, s_ptrs, nmask, Ip, K_CHUNK, BN, BK,
+                                            EXTRA, BM // EXTRA + 1, EVEN_K, UPCAST, SWAP, SYNC)
+        _gemm2_rows_store(a0, n0, nmask, sorted_ptr, r, row1, M, e64, b_ptr, stride_be, y_ptr,
+                          H, BN, HAS_BIAS, UPCAST, SWAP, SPLIT)
+        _gemm2_rows_store(a1, n0, nmask, sorted_ptr, r + EXTRA, row1, M, e64, b_ptr, stride_be,
+                          y_ptr, H, BN, HAS_BIAS, UPCAST, SWAP, SPLIT)
+        _gemm2_rows_store(a2, n0, nmask, sorted_ptr, r + 2 * EXTRA, row1, M, e64, b_ptr,
+                          stride_be, y_ptr, H, BN, HAS_BIAS, UPCAST, SWAP, SPLIT)
+        if BM == 4 * EXTRA:
+            _gemm2_rows_store(a3, n0, nmask, sorted_ptr, r + 3 * EXTRA, row1, M, e64, b_ptr,
+                              stride_be, y_ptr, H, BN, HAS_BIAS, UPCAST, SWAP, SPLIT)
+            _gemm2_rows_store(a4, n0, nmask, sorted_ptr, r + 4 * EXTRA, row1, M, e64, b_ptr,
+                              stride_be, y_ptr, H, BN, HAS_BIAS, UPCAST, SWAP, SPLIT)
     else:
-        acc = tl.zeros([BM, BN], dtype=tl.float32)
-    nmask2 = (offs_n + BN) < (H + BN if EVEN_N else H)  # PAIR: the next BN hidden columns
-    acc, acc2 = _k_loop(acc, acc, a_ptr + rows.to(tl.int64) * Ip, rmask, Ip, w_ptrs, s_ptrs,
-                        nmask, nmask2, stride_wn, stride_sn, Ip, K_CHUNK, BN, BK, EVEN_K, UPCAST,
-                        SWAP, SYNC, PAIR, TAIL, SPLIT, w_desc, w_desc_t,
-                        (e * (stride_we // stride_wn) + n0) // 16, TMA)
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row1
+        if SWAP:
+            acc = tl.zeros([BN, BM], dtype=tl.float32)
+        else:
+            acc = tl.zeros([BM, BN], dtype=tl.float32)
+        nmask2 = (offs_n + BN) < (H + BN if EVEN_N else H)  # PAIR: the next BN hidden columns
+        acc, acc2 = _k_loop(acc, acc, a_ptr + rows.to(tl.int64) * Ip, rmask, Ip, w_ptrs, s_ptrs,
+                            nmask, nmask2, stride_wn, stride_sn, Ip, K_CHUNK, BN, BK, EVEN_K,
+                            UPCAST, SWAP, SYNC, PAIR, TAIL, SPLIT, w_desc, w_desc_t,
+                            (e * (stride_we // stride_wn) + n0) // 16, TMA)
+        _gemm2_rows_store(acc, n0, nmask, sorted_ptr, rows, row1, M, e64, b_ptr, stride_be,
+                          y_ptr, H, BN, HAS_BIAS, UPCAST, SWAP, SPLIT)
+        if PAIR:
+            _gemm2_rows_store(acc2, n0 + BN, nmask2, sorted_ptr, rows, row1, M, e64, b_ptr,
+                              stride_be, y_ptr, H, BN, HAS_BIAS, UPCAST, SWAP, SPLIT)
+
+
+@triton.jit
+def _gemm2_rows_store(acc, n0, nmask, sorted_ptr, rows, row1, M, e64, b_ptr, stride_be, y_ptr,
+                      H: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      UPCAST: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr):
+    """_gemm2_store for sorted rows `rows` (those below row1): their y rows are the rows'
+    assignments (in K chunk program_id(1)'s slab of y when K is split)."""
+    rmask = rows < row1
+    assign = tl.load(sorted_ptr + rows, mask=rmask, other=0)
+    if SPLIT > 1:
+        assign += tl.program_id(1) * M
     _gemm2_store(acc, n0, nmask, assign, rmask, e64, b_ptr, stride_be, y_ptr, H, BN, HAS_BIAS,
                  UPCAST, SWAP, SPLIT)
-    if PAIR:
-        _gemm2_store(acc2, n0 + BN, nmask2, assign, rmask, e64, b_ptr, stride_be, y_ptr, H, BN,
-                     HAS_BIAS, UPCAST, SWAP, SPLIT)
 
 
 @triton.jit
@@ -618,8 +756,19 @@ def _gemm2_store(acc, n0, nmask, assign, rmask, e64, b_ptr, stride_be, y_ptr, H:
         if SPLIT > 1:
             b = tl.where(tl.program_id(1) == 0, b, 0.0)
         acc += b[None, :]
+    if UPCAST and y_ptr.dtype.element_ty == tl.bfloat16:
+        acc = _round_bf16(acc)  # the interpreter's own rounding to bf16 is not the GPU's
     y_ptrs = y_ptr + assign[:, None].to(tl.int64) * H + offs_n[None, :]
-    tl.store(y_ptrs, acc, mask=rmask[:, None] & (offs_n < H)[None, :])
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=rmask[:, None] & (offs_n < H)[None, :])
+
+
+@triton.jit
+def _round_bf16(v):
+    """float32 v rounded to the nearest bf16 value (ties to even), as float32: bit arithmetic
+    for the interpreter, whose float32 -> bf16 conversion differs from the GPU's and torch's."""
+    b = v.to(tl.int32, bitcast=True)
+    b = (b + 0x7FFF + ((b >> 16) & 1)) & -65536
+    return b.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -641,7 +790,8 @@ def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, M, H: tl.cons
         valid = (loc >= 0) & (loc < E)
         y = tl.zeros([BH], dtype=tl.float32)
         for c in tl.static_range(SPLIT):  # GEMM2's K chunks, in order
-            y += tl.load(y_ptr + (c * M + a).to(tl.int64) * H + offs, mask=hmask & valid, other=0.0)
+            y += tl.load(y_ptr + (c * M + a).to(tl.int64) * H + offs, mask=hmask & valid,
+                         other=0.0).to(tl.float32)
         if COMBINE:
             acc += tl.where(valid, tl.load(tw_ptr + a).to(tl.float32), 0.0) * y
         else:

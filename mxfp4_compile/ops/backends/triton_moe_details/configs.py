@@ -57,6 +57,7 @@ class TileConfig:
     maxnreg: int | None = None  # register cap per thread (more resident programs), None: ptxas
     HALF: int = 0  # blocks with <= BM/2 rows (an expert's last) run a BM/2-row copy; 2: and
     #                 blocks with <= BM/4 rows a BM/4-row copy
+    EXTRA: int = 0  # an expert's last block of <= EXTRA rows merges into the one before it
 
 
 # 64 registers (ptxas takes 91, no spills at 64): 7 resident programs per SM instead of 5 (ncu:
@@ -94,6 +95,21 @@ _PREFILL_128_MAX_ROWS = 128
 HALF_SHARE = 0.25
 # copies of the block body for part-filled blocks: 1 (BM/2 rows), 2 (and BM/4)
 HALF_LEVELS = 2
+# GEMM2 of an unsplit K (the Triton kernels) writes each assignment's output rounded to the
+# hidden dtype (bf16: half the bytes of float32 written, and read again by the combine). H100,
+# session 9 (gpu_check --launch-ab, medians of 3, one input draw, us), float32 -> bf16: 120b
+# T=4096 2126.2 -> 2051.7, T=16384 6616.9 -> 6492.1, 20b T=4096 1654.5 -> 1574.3, Mixtral
+# T=4096 5051.3 -> 5057.0 (its y is small next to its FLOPs). Split K keeps float32 partials.
+Y_HIDDEN_DTYPE = True
+# Prefill at 128-row blocks: an expert's last block of at most BM / MERGE_DIV rows merges into
+# the block before it (TileConfig.EXTRA; _kernels._block_info), whose weight tiles are then
+# dequantized once for all its rows, not once per block. 120b T=4096 has about 128 rows per
+# expert, and about half the experts 129-160: their second block (1-32 rows) dequantized the
+# whole expert again. H100, session 9 (launch-ab as above): 120b T=4096 2126.3 -> 2048.7 (float32
+# y), 2135.0 -> 2051.7 (bf16 y); BM/2 groups (three MMAs of 64 rows, 168 bytes of spills at the
+# 128-register cap) 2729.3. At 256-row blocks (EXTRA 64, no cap) it lost: 20b T=4096 1602.3 ->
+# 1624.9, Mixtral T=4096 5096.5 -> 5225.1. 0: off; 2 or 4.
+MERGE_DIV = 4
 
 # Under the Triton interpreter (CPU tests) small tiles keep numpy fast.
 _INTERPRET = (TileConfig(16, 32, 64, 4, 1), TileConfig(16, 32, 64, 4, 1, True))
@@ -205,7 +221,7 @@ def use_mma2(c: TileConfig, major: int) -> bool:
     `major` (0: the interpreter, which cannot run Gluon)."""
     return (mma2_possible(major) and c.SWAP and (c.BM in (8, 16) or (c.BM == 32 and MMA2_BM32))
             and c.BN == 64 and c.num_warps == 4 and not c.PAIR and not c.HALF
-            and c.BK in (64, 128))
+            and not c.EXTRA and c.BK in (64, 128))
 
 
 def mma2_steps(p: "Plan", K: int) -> int:
@@ -353,6 +369,8 @@ def pick(T: int, k: int, E: int, Hp: int, Ip: int, interpret: bool = False,
         c = _PREFILL if m_e > _PREFILL_128_MAX_ROWS else _MID128
         if E / (T * k / c.BM + E) >= HALF_SHARE:
             c = dataclasses.replace(c, HALF=HALF_LEVELS)
+        if MERGE_DIV and c.BM == 128:
+            c = dataclasses.replace(c, EXTRA=c.BM // MERGE_DIV)
         return c, c
     for bound, c in _TABLE:
         if bound is None or m_e <= bound:
