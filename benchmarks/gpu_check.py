@@ -499,6 +499,8 @@ LAUNCH_VARIANTS = {
     "norpdl": {"router.PDL_LAUNCH": False},  # the router kernel a plain launch
     "nolate": dict(MMA2_LATE_TRIGGER=False),  # GEMM2 a plain launch after an _mma2 GEMM1
     "nomerge": dict(MERGE_DIV=0),  # prefill: an expert's short last block runs alone
+    "ns3": dict(MMA2_DEEP_PER_SM=0),  # _mma2 at 3 stages on every grid (T=1 too)
+    "deep5": dict(MMA2_DEEP_PER_SM=5),  # ... 4 stages below 5 programs per SM
     "yf32": dict(Y_HIDDEN_DTYPE=False),  # GEMM2's per-assignment outputs in float32
     "merge2": dict(MERGE_DIV=2),  # merged blocks as three MMAs of BM/2 rows, not five of BM/4
 

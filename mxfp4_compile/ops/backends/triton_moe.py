@@ -348,7 +348,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             H=H, Hp=Hp, Ip=Ip, ACT=_ACT[activation], HAS_BIAS=w13_bias is not None, BM=c1.BM,
             BN=c1.BN, BK=c1.BK, EB=EB, SPLIT=split1, K_CHUNK=p1.chunk,
             MASK_K=p1.tail > 0 or not p1.even_k, DIRECT=direct, HAS_MAP=emap is not None,
-            LATE_TRIGGER=late, num_warps=4, **pdl["gemm1"])
+            LATE_TRIGGER=late, NS=c1.num_stages, num_warps=4, **pdl["gemm1"])
     else:
         tma1 = configs.use_tma(c1, major, w13_words)
         K._gemm1_kernel[(nb1 * p1.tiles, split1)](
@@ -386,7 +386,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             w2_bias.stride(0) if w2_bias is not None else 0, H=H, Ip=Ip,
             HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB, SPLIT=split2,
             K_CHUNK=p2.chunk, MASK_K=p2.tail > 0 or not p2.even_k, DIRECT=direct,
-            HAS_MAP=emap is not None, num_warps=4, **pdl["gemm2"])
+            HAS_MAP=emap is not None, NS=c2.num_stages, num_warps=4, **pdl["gemm2"])
     else:
         tma2 = configs.use_tma(c2, major, w2_words)
         K._gemm2_kernel[(nb2 * p2.tiles, split2)](

@@ -32,7 +32,12 @@ SHAPES = [(1, 4, 32, 2880, 2880), (8, 4, 32, 2880, 2880), (64, 4, 32, 2880, 2880
 def _launches():
     """Distinct (gemm, planned config, split, chunk, mask, H, I, direct) that an H100 launch of
     the SHAPES sends to _mma2 (as triton_moe.moe plans them; direct: one token, DIRECT)."""
-    seen = {}
+    return list(dict.fromkeys(launch for launch, _ in _launches_with_shapes()))
+
+
+def _launches_with_shapes():
+    """_launches' entries, each with its shape from SHAPES (repeated where shapes share one)."""
+    out = []
     for T, k, E, H, I in SHAPES:
         M = T * k
         plans = [configs.plan_gemm(c, M, E, N, K, 132, f"gemm{gemm}", True, 9)
@@ -43,14 +48,15 @@ def _launches():
             if mma2:
                 key = (gemm, p.config, p.split, p.chunk, p.tail > 0 or not p.even_k, H, I,
                        direct)
-                seen.setdefault(key, None)
-    return list(seen)
+                out.append((key, (T, k, E, H, I)))
+    return out
 
 
 def _compile(gemm, cfg, split, chunk, mask, H, I, direct=False, arch=90):
     """SASS of one _mma2 kernel as triton_moe.moe launches it (sm90: with programmatic launch)."""
     common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, SPLIT=split,
-                  K_CHUNK=chunk, MASK_K=mask, DIRECT=direct, HAS_MAP=False, PDL=arch >= 90)
+                  K_CHUNK=chunk, MASK_K=mask, DIRECT=direct, HAS_MAP=False, PDL=arch >= 90,
+                  NS=cfg.num_stages)
     ptr = {"x_ptr": "*bf16", "a_ptr": "*bf16", "sorted_ptr": "*i32", "es_ptr": "*i32",
            "ids_ptr": "*i64", "emap_ptr": "*i32",
            "w_ptr": "*i32", "s_ptr": "*u8", "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32"}
@@ -83,6 +89,11 @@ def test_the_decode_shapes_reach_mma2():
     assert {v[7] for v in launches} == {True, False}  # T=1 reads the ids (DIRECT)
     assert all(not c.PAIR and c.BK == 128 for _, c, *_ in launches)
     assert {c.BM for _, c, *_ in launches} == {8, 16}  # 8-row blocks where m_e <= 2
+    # 4 pipeline stages for the grids of fewer than MMA2_DEEP_PER_SM programs per SM: T=1's
+    # but Mixtral's GEMM1 (896 programs on 132 SMs); 3 at T > 1
+    stages = {(T, k, gemm): c.num_stages for (gemm, c, *_), (T, k, *_) in _launches_with_shapes()}
+    assert {key: n for key, n in stages.items() if n == 4} == {
+        (1, 4, 1): 4, (1, 4, 2): 4, (1, 2, 2): 4}, stages
 
 
 @pytest.mark.parametrize("launch", _launches(),
@@ -92,10 +103,10 @@ def test_k_loop(ptxas_works, launch):
     gemm, cfg, split, chunk, mask, H, I, direct = launch
     sass = _compile(gemm, cfg, split, chunk, mask, H, I, direct)
     loop = _k_loop(sass)
-    # the loop runs 3 K steps per iteration (one per pipeline stage, _mma2._k_loop)
+    # the loop runs one K step per pipeline stage per iteration (_mma2._k_loop)
     hmma = (cfg.BK // 16) * (cfg.BM // 8)  # one mma.sync m16n8k16 per 16 codes and 8 rows
     steps = loop.count("HMMA.16816.F32.BF16") // hmma
-    assert steps == 3 and loop.count("HMMA.16816.F32.BF16") == steps * hmma
+    assert steps == cfg.num_stages and loop.count("HMMA.16816.F32.BF16") == steps * hmma
     assert not [op for op in loop if op.startswith(("HGMMA", "WARPGROUP"))]
     # one barrier per step; the only shared-memory stores are the cp.async copies; words and
     # activations arrive by ldmatrix (2 + BM/2 per 128-code step), the scale bytes by 16-bit loads

@@ -184,14 +184,14 @@ def _decode_tile(w_stage, s_stage, BN: gl.constexpr, BK: gl.constexpr):
 def _step(acc, i, n_steps, k_lo, r_w, r_s, r_x, w_w, w_s, w_x, w_base, s_base, x_rows, xmask,
           K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
           stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
-          MASK_K: gl.constexpr):
-    """K step i: its copies (buffers r_*) are waited for, step i+2's are issued into w_*, then
-    acc += the decoded weight tile @ the activation tile.T."""
+          MASK_K: gl.constexpr, AHEAD: gl.constexpr):
+    """K step i: its copies (buffers r_*) are waited for, step i+AHEAD's are issued into w_*
+    (AHEAD = stages - 1), then acc += the decoded weight tile @ the activation tile.T."""
     MMA: gl.constexpr = _mma_layout(BN)
-    cp.wait_group(1)
+    cp.wait_group(AHEAD - 1)
     gl.thread_barrier()  # every thread's copies of step i landed; step i-1's reads are done
-    if i + 2 < n_steps:
-        _issue(k_lo + (i + 2) * BK, w_w, w_s, w_x, w_base, s_base, x_rows, xmask, K_ACT, Kp,
+    if i + AHEAD < n_steps:
+        _issue(k_lo + (i + AHEAD) * BK, w_w, w_s, w_x, w_base, s_base, x_rows, xmask, K_ACT, Kp,
                stride_wn, stride_sn, BN, BM, BK, MASK_K)
     else:
         cp.commit_group()  # an empty group keeps wait_group's count in step
@@ -209,12 +209,14 @@ def _mma_layout(BN):
 @gluon.jit
 def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.constexpr, k_lo,
             Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
-            BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr):
+            BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr,
+            NS: gl.constexpr):
     """acc [BN, BM] fp32 (mma layout) = W[rows] @ act[x_rows].T over n_steps steps from k_lo.
-    Three pipeline stages, each its own shared-memory buffers, the loop unrolled by three so
+    NS (3 or 4) pipeline stages, each its own shared-memory buffers, the loop unrolled by NS so
     that every stage is a static choice: with one multi-stage buffer indexed per step the
     compiler cannot tell a stage being filled from the one being read and puts a second
     barrier between them (sm90 SASS: 2 BAR per step, now 1)."""
+    gl.static_assert(NS == 3 or NS == 4)
     G: gl.constexpr = BN // 16
     NB: gl.constexpr = BK // 64
     w_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
@@ -232,6 +234,7 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     # the activation rows in the copy layout once (a layout change goes through shared memory)
     x_rows = gl.convert_layout(x_rows, gl.SliceLayout(1, _x_layout(BN, BK)))
     xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(BN, BK)))
+    # the first NS - 1 steps' copies (empty groups past n_steps keep wait_group's count)
     _issue(k_lo, w0, s0, x0, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn,
            BN, BM, BK, MASK_K)
     if n_steps > 1:
@@ -240,20 +243,50 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     else:
         cp.commit_group()
     acc = gl.zeros([BN, BM], gl.float32, _mma_layout(BN))
-    for j in range(n_steps // 3):
-        i = 3 * j
-        acc = _step(acc, i, n_steps, k_lo, w0, s0, x0, w2, s2, x2, w_base, s_base, x_rows,
-                    xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
-        acc = _step(acc, i + 1, n_steps, k_lo, w1, s1, x1, w0, s0, x0, w_base, s_base, x_rows,
-                    xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
-        acc = _step(acc, i + 2, n_steps, k_lo, w2, s2, x2, w1, s1, x1, w_base, s_base, x_rows,
-                    xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
-    if n_steps % 3 > 0:
-        acc = _step(acc, n_steps - n_steps % 3, n_steps, k_lo, w0, s0, x0, w2, s2, x2, w_base,
-                    s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
-    if n_steps % 3 > 1:
-        acc = _step(acc, n_steps - 1, n_steps, k_lo, w1, s1, x1, w0, s0, x0, w_base, s_base,
-                    x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+    if NS == 3:
+        for j in range(n_steps // 3):
+            i = 3 * j
+            acc = _step(acc, i, n_steps, k_lo, w0, s0, x0, w2, s2, x2, w_base, s_base, x_rows,
+                        xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 2)
+            acc = _step(acc, i + 1, n_steps, k_lo, w1, s1, x1, w0, s0, x0, w_base, s_base,
+                        x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 2)
+            acc = _step(acc, i + 2, n_steps, k_lo, w2, s2, x2, w1, s1, x1, w_base, s_base,
+                        x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 2)
+        if n_steps % 3 > 0:
+            acc = _step(acc, n_steps - n_steps % 3, n_steps, k_lo, w0, s0, x0, w2, s2, x2,
+                        w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM,
+                        BK, MASK_K, 2)
+        if n_steps % 3 > 1:
+            acc = _step(acc, n_steps - 1, n_steps, k_lo, w1, s1, x1, w0, s0, x0, w_base, s_base,
+                        x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 2)
+    else:
+        w3 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
+        s3 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
+        x3 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
+        if n_steps > 2:
+            _issue(k_lo + 2 * BK, w2, s2, x2, w_base, s_base, x_rows, xmask, K_ACT, Kp,
+                   stride_wn, stride_sn, BN, BM, BK, MASK_K)
+        else:
+            cp.commit_group()
+        for j in range(n_steps // 4):
+            i = 4 * j
+            acc = _step(acc, i, n_steps, k_lo, w0, s0, x0, w3, s3, x3, w_base, s_base, x_rows,
+                        xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
+            acc = _step(acc, i + 1, n_steps, k_lo, w1, s1, x1, w0, s0, x0, w_base, s_base,
+                        x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
+            acc = _step(acc, i + 2, n_steps, k_lo, w2, s2, x2, w1, s1, x1, w_base, s_base,
+                        x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
+            acc = _step(acc, i + 3, n_steps, k_lo, w3, s3, x3, w2, s2, x2, w_base, s_base,
+                        x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
+        if n_steps % 4 > 0:
+            acc = _step(acc, n_steps - n_steps % 4, n_steps, k_lo, w0, s0, x0, w3, s3, x3, w_base, s_base, x_rows,
+                        xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
+        if n_steps % 4 > 1:
+            acc = _step(acc, n_steps - n_steps % 4 + 1, n_steps, k_lo, w1, s1, x1, w0, s0, x0, w_base, s_base,
+                        x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
+        if n_steps % 4 > 2:
+            acc = _step(acc, n_steps - 1, n_steps, k_lo, w2, s2, x2, w1, s1, x1, w_base, s_base,
+                        x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
     return acc * _ACC_SCALE
 
 
@@ -266,7 +299,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
                   HAS_BIAS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, BK: gl.constexpr,
                   EB: gl.constexpr, SPLIT: gl.constexpr, K_CHUNK: gl.constexpr,
                   MASK_K: gl.constexpr, DIRECT: gl.constexpr, HAS_MAP: gl.constexpr,
-                  LATE_TRIGGER: gl.constexpr, PDL: gl.constexpr):
+                  LATE_TRIGGER: gl.constexpr, PDL: gl.constexpr, NS: gl.constexpr = 3):
     """_kernels._gemm1_kernel for the decode tiles (see the module docstring); DIRECT: rows are
     assignments (_direct_info), no route kernel before it. LATE_TRIGGER: GEMM2 may launch once
     every program is past its K loop, not at once (configs.MMA2_LATE_TRIGGER)."""
@@ -284,7 +317,8 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
         # this program's K chunk (program_id(1)), steps past Hp are masked (MASK_K)
         STEPS: gl.constexpr = (K_CHUNK + BK - 1) // BK if SPLIT > 1 else (Hp + BK - 1) // BK
         acc = _k_loop(w_base, s_base, x_ptr + tok.to(gl.int64) * stride_xt, rmask, H, STEPS,
-                      gl.program_id(1) * K_CHUNK, Hp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+                      gl.program_id(1) * K_CHUNK, Hp, stride_wn, stride_sn, BN, BM, BK, MASK_K,
+                      NS)
         if LATE_TRIGGER:
             _pdl_trigger(PDL)
         # epilogue in a plain layout: [G, half, i, BM], tile row 16G + 8half + i = gate (half 0)
@@ -330,7 +364,7 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
                   Ip: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
                   BN: gl.constexpr, BK: gl.constexpr, EB: gl.constexpr, SPLIT: gl.constexpr,
                   K_CHUNK: gl.constexpr, MASK_K: gl.constexpr, DIRECT: gl.constexpr,
-                  HAS_MAP: gl.constexpr, PDL: gl.constexpr):
+                  HAS_MAP: gl.constexpr, PDL: gl.constexpr, NS: gl.constexpr = 3):
     """_kernels._gemm2_kernel for the decode tiles (see the module docstring); DIRECT as in
     _gemm1_kernel."""
     _pdl_enter(PDL)
@@ -340,7 +374,8 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
     if valid:
         STEPS: gl.constexpr = (K_CHUNK + BK - 1) // BK if SPLIT > 1 else (Ip + BK - 1) // BK
         acc = _k_loop(w_base, s_base, a_ptr + rows.to(gl.int64) * Ip, rmask, Ip, STEPS,
-                      gl.program_id(1) * K_CHUNK, Ip, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+                      gl.program_id(1) * K_CHUNK, Ip, stride_wn, stride_sn, BN, BM, BK, MASK_K,
+                      NS)
         G: gl.constexpr = BN // 16
         OL: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [G, 1], [0, 1])
         acc = gl.convert_layout(acc, OL)

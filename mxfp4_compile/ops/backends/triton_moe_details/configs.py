@@ -205,6 +205,12 @@ MMA2_PROGRAMS_PER_SM = 2
 # 28.8 us, 120b 29.3 -> 29.0). A lower split target for all GEMMs did the same there but cost
 # Mixtral T=1 (73.2 -> 74.3, 112-step GEMM2 in 3 chunks, not 4), which this leaves alone.
 MMA2_MIN_STEPS_PER_CHUNK = 10
+# _mma2 grids of fewer than this many programs per SM run 4 pipeline stages instead of 3: more
+# bytes in flight where few programs share an SM (gpt-oss T=1: 360 programs per GEMM, Mixtral
+# T=1's GEMM2 512, on 132 SMs). H100, session 9 (launch-ab, medians of 5, every round alike),
+# 3 stages / 4 below 3 per SM / 4 below 5 per SM: 20b T=1 28.9 / 28.2 / 28.1 us, 120b 29.1 /
+# 28.2 / 28.3, Mixtral 73.5 / 73.4 / 73.2.
+MMA2_DEEP_PER_SM = 5
 # One token (T=1) with both GEMMs on _mma2: each row block is one assignment, its expert read from
 # the top-k ids (k distinct experts), so no route launch (_mma2._direct_info). H100 (launch-ab,
 # session 8, fused router): 20b 33.9 -> 31.2 us, 120b 33.9 -> 30.9, Mixtral 76.4 -> 74.8.
@@ -313,6 +319,8 @@ def plan(c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str,
     split, chunk = split_k(blocks * tiles, K, c.BK, sms, which, force_split,
                            MMA2_PROGRAMS_PER_SM if mma2 else PROGRAMS_PER_SM,
                            MMA2_MIN_STEPS_PER_CHUNK if mma2 else MIN_STEPS_PER_CHUNK)
+    if mma2 and blocks * tiles * split < MMA2_DEEP_PER_SM * sms:
+        c = dataclasses.replace(c, num_stages=4)
     t = tail(K, c.BK) if split == 1 else 0  # split chunks mask their steps instead
     return Plan(c, tiles, split, chunk, t, split * chunk == K or t > 0)
 
