@@ -71,7 +71,7 @@ def test_decode_against_reference_and_the_triton_kernels(T, E, H, I, k, act, mon
     err = ((out - ref).norm() / ref.norm()).item()
     assert torch.isfinite(out).all() and err < 1e-2, err
     # the GEMMs the plan gives _mma2 (sm80+, bf16, aligned): all of them but the 3-4 step K
-    # loops (configs.MMA2_BROKEN_STEPS) of the I = 512 shape's GEMM2
+    # loops (configs.mma2_broken) of the I = 512 shape's GEMM2
     major = torch.cuda.get_device_capability()[0]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     Hp, Ip = prepared[0].shape[2] * 2, prepared[3].shape[2] * 2

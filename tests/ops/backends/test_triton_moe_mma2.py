@@ -164,12 +164,20 @@ def test_plan_for_mma2():
     assert configs.mma2_possible(9) and not configs.mma2_possible(7)
 
 
-@pytest.mark.parametrize("steps", [1, 2, 5, 6, 7])
-def test_step_counts_it_runs_compile(ptxas_works, steps):
-    # K chunks of 3 or 4 steps crash Triton 3.6's compiler (configs.MMA2_BROKEN_STEPS); the
-    # others must compile, masked or not
+@pytest.mark.parametrize("stages,steps", [(3, 1), (3, 2), (3, 5), (3, 6), (3, 7), (4, 1),
+                                          (4, 2), (4, 3), (4, 7), (4, 8)])
+def test_step_counts_it_runs_compile(ptxas_works, stages, steps):
+    # K chunks of 3-4 steps at 3 stages and 4-6 at 4 crash Triton 3.6's compiler
+    # (configs.mma2_broken); the others must compile, masked or not
+    assert not configs.mma2_broken(steps, stages)
+    cfg = dataclasses.replace(configs._DECODE8, num_stages=stages)
     for mask in (False, True):
-        assert "HMMA" in _compile(2, configs._DECODE8, 2, steps * 128, mask, 1024, 2048)
+        assert "HMMA" in _compile(2, cfg, 2, steps * 128, mask, 1024, 2048)
+
+
+def test_broken_step_counts():
+    assert [s for s in range(1, 20) if configs.mma2_broken(s, 3)] == [3, 4]
+    assert [s for s in range(1, 20) if configs.mma2_broken(s, 4)] == [4, 5, 6]
 
 
 def test_broken_step_counts_run_the_triton_kernels():
@@ -179,8 +187,8 @@ def test_broken_step_counts_run_the_triton_kernels():
                                         True, 9)
     assert not mma2 and p.config.BM == 16 and blocks == 2
     assert p == configs.plan(configs._DECODE, 2, 2048, 512, 132, "gemm2")
-    assert configs.mma2_steps(configs.plan(configs._DECODE8, 2, 2048, 512, 132, "gemm2", True),
-                              512) in configs.MMA2_BROKEN_STEPS
+    p = configs.plan(configs._DECODE8, 2, 2048, 512, 132, "gemm2", True)
+    assert configs.mma2_broken(configs.mma2_steps(p, 512), p.config.num_stages)
 
 
 def test_mma2_chunks_are_not_short():

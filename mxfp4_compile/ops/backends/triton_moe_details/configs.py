@@ -235,10 +235,13 @@ def mma2_steps(p: "Plan", K: int) -> int:
     return -(-(p.chunk if p.split > 1 else K) // p.config.BK)
 
 
-# Triton 3.6 fails to compile _mma2's K loop for 3 or 4 steps (an assertion in
-# ConvertTritonGPUToLLVM, for either GEMM, 8- or 16-row blocks, static or dynamic loop; 1, 2 and
-# 5+ compile): such launches run the Triton kernels (`plan_gemm`).
-MMA2_BROKEN_STEPS = (3, 4)
+def mma2_broken(steps: int, stages: int) -> bool:
+    """Whether Triton 3.6 fails to compile _mma2's K loop of `steps` steps at `stages` pipeline
+    stages (an assertion in ConvertTritonGPUToLLVM, for either GEMM, 8- or 16-row blocks, masked
+    or not): when the loop, unrolled by `stages`, runs once and leaves fewer than stages - 1
+    steps after it (3 stages: 3 or 4 steps; 4 stages: 4 to 6; compiled here for sm90). Such
+    launches run the Triton kernels (`plan_gemm`)."""
+    return steps // stages == 1 and steps % stages < stages - 1
 
 
 def plan_gemm(c: TileConfig, M: int, E: int, N: int, K: int, sms: int, which: str,
@@ -249,7 +252,8 @@ def plan_gemm(c: TileConfig, M: int, E: int, N: int, K: int, sms: int, which: st
     (their dot has no 8-row tiles)."""
     blocks = min(M, M // c.BM + E)  # worst case (surplus programs exit at once)
     p = plan(c, blocks, N, K, sms, which, mma2)
-    if mma2 and use_mma2(p.config, major) and mma2_steps(p, K) not in MMA2_BROKEN_STEPS:
+    if (mma2 and use_mma2(p.config, major)
+            and not mma2_broken(mma2_steps(p, K), p.config.num_stages)):
         return p, blocks, True
     if c.BM < _DECODE.BM:
         c = _DECODE
