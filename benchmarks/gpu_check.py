@@ -498,6 +498,7 @@ LAUNCH_VARIANTS = {
     "minsteps4": dict(MMA2_MIN_STEPS_PER_CHUNK=4),  # _mma2 chunks as short as the others
     "norpdl": {"router.PDL_LAUNCH": False},  # the router kernel a plain launch
     "nolate": dict(MMA2_LATE_TRIGGER=False),  # GEMM2 a plain launch after an _mma2 GEMM1
+    "inorder": dict(MERGED_FIRST=False),  # merged experts' blocks in expert order
     "nomerge": dict(MERGE_DIV=0),  # prefill: an expert's short last block runs alone
     "ns3": dict(MMA2_DEEP_PER_SM=0),  # _mma2 at 3 stages on every grid (T=1 too)
     "deep5": dict(MMA2_DEEP_PER_SM=5),  # ... 4 stages below 5 programs per SM

@@ -50,6 +50,12 @@ _ROUTE_BUDGET = 32768  # elements of the [CHUNK, EB] one-hot tile of one routing
 # vs 19.8 for the two chunked launches; sizes in between not measured, so they keep the scan:
 # in one program while M <= _ROUTE_BUDGET / EB, else in chunks)
 _ROUTE_SORT_MAX = 256
+# Chunked routing with at least this many chunks scans the chunk counts in a launch of its own
+# (_kernels._route_scan_kernel) instead of each scatter program summing the rows before it.
+# H100, session 9 (benchmarks/route_time.py, us, before / after): 120b T=4096 (128 chunks)
+# 24.3 / 20.1, T=16384 (512) 159.7 / 64.7; 20b T=4096 (32) 17.3 / 17.3; with fewer chunks the
+# extra launch costs: 20b T=512 (4) 15.4 / 17.0, Mixtral T=16384 (16) 19.6 / 21.3.
+_ROUTE_SCAN_CHUNKS = 64
 
 
 def _interpreting() -> bool:
@@ -227,13 +233,18 @@ def route(topk_ids, expert_map, E: int, pdl: dict | None = None):
                               HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=2, SORT=sort,
                               num_warps=nw, **pdl)
     else:
-        counts = torch.empty(n_chunks, EB, dtype=torch.int32, device=dev)
+        counts = torch.empty(n_chunks + 1, EB, dtype=torch.int32, device=dev)
         K._route_kernel[(n_chunks,)](topk_ids, emap, counts, es, sorted_assign, M, E, n_chunks,
                                      HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=0, SORT=False,
                                      num_warps=nw, **pdl)
+        scanned = n_chunks >= _ROUTE_SCAN_CHUNKS
+        if scanned:
+            BE = min(EB, 32)
+            K._route_scan_kernel[(EB // BE,)](counts, n_chunks, EB=EB, BE=BE, RS=64,
+                                              num_warps=4, **pdl)
         K._route_kernel[(n_chunks,)](topk_ids, emap, counts, es, sorted_assign, M, E, n_chunks,
                                      HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=1, SORT=False,
-                                     num_warps=nw, **pdl)
+                                     SCANNED=scanned, num_warps=nw, **pdl)
     return es, sorted_assign
 
 
@@ -363,6 +374,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             EB=EB, EVEN_K=p1.even_k, EVEN_N=(2 * Ip) % c1.BN == 0, UPCAST=interpret, SWAP=c1.SWAP,
             SYNC=sync, SPLIT=split1, K_CHUNK=p1.chunk, N_FIRST=c1.N_FIRST, PAIR=c1.PAIR,
             TAIL=p1.tail, HALF=c1.HALF, TMA=tma1, EXTRA=c1.EXTRA,
+            MERGED_FIRST=configs.MERGED_FIRST,
             num_warps=c1.num_warps, num_stages=c1.num_stages, **_regs(c1), **pdl["gemm1"])
     if split1 > 1:
         BR, BC = 16, 128
@@ -397,7 +409,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
             HAS_BIAS=w2_bias is not None, BM=c2.BM, BN=c2.BN, BK=c2.BK, EB=EB,
             EVEN_K=p2.even_k, EVEN_N=H % c2.BN == 0, UPCAST=interpret, SWAP=c2.SWAP, SYNC=sync,
             SPLIT=split2, K_CHUNK=p2.chunk, N_FIRST=c2.N_FIRST, PAIR=c2.PAIR, TAIL=p2.tail,
-            HALF=c2.HALF, TMA=tma2, EXTRA=c2.EXTRA,
+            HALF=c2.HALF, TMA=tma2, EXTRA=c2.EXTRA, MERGED_FIRST=configs.MERGED_FIRST,
             num_warps=c2.num_warps, num_stages=c2.num_stages, **_regs(c2), **pdl["gemm2"])
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)

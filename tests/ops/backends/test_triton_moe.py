@@ -302,18 +302,43 @@ def test_merged_blocks_cover_each_expert_once(results):
     assert r["got"] == r["want"]
 
 
-def _block_map(counts, BM, EXTRA):
+def test_chunked_routing_past_one_scan_step(results):
+    # 8400 assignments over 128 experts: 66 chunks of 128, more than the scan's 64 per step
+    r = results["route_many_chunks"]
+    assert "error" not in r, r.get("error")
+    assert r["chunks"] > 64 and r["sorted_ok"] and r["starts_ok"]
+
+
+def _run_route_many_chunks():
+    """(child) triton_moe.route of M = 8400 assignments (E = 128) against a stable sort."""
+    from mxfp4_compile.ops.backends import triton_moe as tm
+
+    E, k, T = 128, 4, 2100
+    g = torch.Generator().manual_seed(3)
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    es, sorted_assign = tm.route(ids, None, E)
+    order = torch.sort(ids.flatten(), stable=True).indices
+    starts = torch.cat([torch.zeros(1, dtype=torch.long),
+                        torch.bincount(ids.flatten(), minlength=E).cumsum(0)])
+    return dict(chunks=-(-T * k // (tm._ROUTE_BUDGET // 256)),
+                sorted_ok=bool(torch.equal(sorted_assign.long(), order)),
+                starts_ok=bool(torch.equal(es[:E + 1].long(), starts)))
+
+
+def _block_map(counts, BM, EXTRA, merged_first):
     """Each expert's rows as blocks (expert, first row, rows): chunks of BM, the last one
-    appended to the one before it when it holds at most EXTRA rows."""
-    out, start = [], 0
+    appended to the one before it when it holds at most EXTRA rows; with merged_first the
+    blocks of experts that have such a merged block come first."""
+    first, rest, start = [], [], 0
     for e, n in enumerate(counts):
         sizes = [min(BM, n - i) for i in range(0, n, BM)]
-        if len(sizes) >= 2 and sizes[-1] <= EXTRA:
+        merged = len(sizes) >= 2 and sizes[-1] <= EXTRA
+        if merged:
             sizes[-2:] = [sizes[-2] + sizes[-1]]
         for size in sizes:
-            out.append([e, start, size])
+            (first if merged and merged_first else rest).append([e, start, size])
             start += size
-    return out
+    return first + rest
 
 
 def _run_block_map():
@@ -322,13 +347,15 @@ def _run_block_map():
     got, want = [], []
     for counts, BM, EXTRA in (((36, 20, 16, 5, 3, 0, 40), 16, 8), ((36, 20, 16, 5, 3), 16, 4),
                               ((129, 160, 161, 290, 0, 300, 128, 1), 128, 32)):
-        es = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-        n = sum(-(-c // BM) for c in counts)
-        out = torch.full((n, 4), -1, dtype=torch.int32)
-        _block_map_kernel[(n,)](es, out, len(counts), BM=BM, EB=16, EXTRA=EXTRA)
-        total = int(out[0, 3])
-        got.append(out[:total, :3].tolist())
-        want.append(_block_map(counts, BM, EXTRA))
+        for merged_first in (False, True):
+            es = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+            n = sum(-(-c // BM) for c in counts)
+            out = torch.full((n, 4), -1, dtype=torch.int32)
+            _block_map_kernel[(n,)](es, out, len(counts), BM=BM, EB=16, EXTRA=EXTRA,
+                                    MERGED_FIRST=merged_first)
+            total = int(out[0, 3])
+            got.append(out[:total, :3].tolist())
+            want.append(_block_map(counts, BM, EXTRA, merged_first))
     return dict(got=got, want=want)
 
 
@@ -342,10 +369,10 @@ if __name__ == "__main__":  # the child process: TRITON_INTERPRET=1 is already s
 
     @triton.jit
     def _block_map_kernel(es_ptr, out_ptr, E, BM: tl.constexpr, EB: tl.constexpr,
-                          EXTRA: tl.constexpr):
+                          EXTRA: tl.constexpr, MERGED_FIRST: tl.constexpr):
         """Block pid -> (expert, first row, rows, blocks in use) at out[pid]."""
         pid = tl.program_id(0)
-        e, row0, row1, total = _K._block_info(es_ptr, pid, E, BM, EB, EXTRA)
+        e, row0, row1, total = _K._block_info(es_ptr, pid, E, BM, EB, EXTRA, MERGED_FIRST)
         size = tl.where(_K._merged(row0, row1, BM, EXTRA), row1 - row0,
                         tl.minimum(row1 - row0, BM))
         j = tl.arange(0, 4)
@@ -353,10 +380,11 @@ if __name__ == "__main__":  # the child process: TRITON_INTERPRET=1 is already s
                  tl.where(j == 0, e, tl.where(j == 1, row0, tl.where(j == 2, size, total))))
 
     out = {}
-    try:
-        out["block_map"] = _run_block_map()
-    except Exception as e:  # reported by the parent
-        out["block_map"] = {"error": f"{type(e).__name__}: {e}"}
+    for name, fn in (("block_map", _run_block_map), ("route_many_chunks", _run_route_many_chunks)):
+        try:
+            out[name] = fn()
+        except Exception as e:  # reported by the parent
+            out[name] = {"error": f"{type(e).__name__}: {e}"}
     budget, sort_max = _tm._ROUTE_BUDGET, _tm._ROUTE_SORT_MAX
     for name, kw in CASES.items():
         _tm._ROUTE_BUDGET, _tm._ROUTE_SORT_MAX = budget, sort_max

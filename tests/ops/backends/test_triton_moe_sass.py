@@ -168,8 +168,11 @@ _ROUTE_ARGS = {"ids_ptr": "*i64", "emap_ptr": "*i32", "counts_ptr": "*i32", "es_
                "sorted_ptr": "*i32", "M": "i32", "E": "i32", "n_chunks": "i32"}
 _SMALL_KERNELS = {  # kernel -> (argument types, compile-time constants): the launches' own
     "route": (_ROUTE_ARGS, dict(HAS_MAP=True, CHUNK=256, EB=64, PHASE=2, SORT=True, PDL=True)),
-    "route_scan": (_ROUTE_ARGS,
-                   dict(HAS_MAP=False, CHUNK=256, EB=64, PHASE=1, SORT=False, PDL=True)),
+    "route_scatter": (_ROUTE_ARGS,
+                      dict(HAS_MAP=False, CHUNK=256, EB=64, PHASE=1, SORT=False, PDL=True)),
+    "route_scatter_scanned": (_ROUTE_ARGS, dict(HAS_MAP=False, CHUNK=256, EB=64, PHASE=1,
+                                                SORT=False, PDL=True, SCANNED=True)),
+    "route_scan": ({"counts_ptr": "*i32", "n_chunks": "i32"}, dict(EB=64, BE=32, RS=64, PDL=True)),
     "act": ({"p_ptr": "*fp32", "a_ptr": "*bf16", "n_rows": "i32", "alpha": "fp32",
              "limit": "fp32"}, dict(Ip=2880, ACT=0, SPLIT=3, BR=16, BC=128, PDL=True)),
     "finalize": ({"y_ptr": "*fp32", "ids_ptr": "*i64", "emap_ptr": "*i32", "tw_ptr": "*fp32",
@@ -191,7 +194,9 @@ def test_each_kernel_waits_for_the_previous_one_before_touching_memory(ptxas_wor
     if name.startswith("gemm"):
         assert "UTMALDG" in sass  # the weight tiles come by TMA: the wait must precede it too
     else:
-        fn = {"route": K._route_kernel, "route_scan": K._route_kernel, "act": K._act_kernel,
+        fn = {"route": K._route_kernel, "route_scatter": K._route_kernel,
+              "route_scatter_scanned": K._route_kernel,
+              "route_scan": K._route_scan_kernel, "act": K._act_kernel,
               "finalize": K._finalize_kernel}[name]
         types, cx = _SMALL_KERNELS[name]
         sass = _sass(fn, types, cx, dict(num_warps=4))

@@ -62,9 +62,12 @@ def _local_ids(ids_ptr, emap_ptr, offs, mask, E, HAS_MAP: tl.constexpr):
 @triton.jit
 def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chunks,
                   HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr,
-                  PHASE: tl.constexpr, SORT: tl.constexpr, PDL: tl.constexpr):
-    """PHASE 0: per-chunk expert counts -> counts [n_chunks, EB].
-    PHASE 1: scatter each assignment to its sorted position (chunk bases from counts).
+                  PHASE: tl.constexpr, SORT: tl.constexpr, PDL: tl.constexpr,
+                  SCANNED: tl.constexpr = False):
+    """PHASE 0: per-chunk expert counts -> counts [n_chunks (+ 1), EB] (its first n_chunks rows).
+    PHASE 1: scatter each assignment to its sorted position; its chunk's base per bucket is the
+    sum of the earlier chunks' rows of counts, or with SCANNED (_route_scan_kernel ran between
+    the phases) counts row c itself, and the totals its row n_chunks.
     PHASE 2: one program does both (n_chunks == 1, one launch). With SORT (small M: up to
     triton_moe._ROUTE_SORT_MAX) a histogram and a sort of (bucket, index) keys, which is the
     stable order itself (assignments past M sort last: bucket E, the largest indices)."""
@@ -87,6 +90,9 @@ def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chu
             if PHASE == 2:
                 total = tl.sum(onehot, axis=0)
                 base = tl.zeros([EB], dtype=tl.int32)
+            elif SCANNED:
+                total = tl.load(counts_ptr + n_chunks * EB + buckets)
+                base = tl.load(counts_ptr + c * EB + buckets)
             else:
                 total = tl.zeros([EB], dtype=tl.int32)
                 base = tl.zeros([EB], dtype=tl.int32)
@@ -105,20 +111,54 @@ def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chu
 
 
 @triton.jit
-def _block_info(es_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr, EXTRA: tl.constexpr = 0):
+def _route_scan_kernel(counts_ptr, n_chunks, EB: tl.constexpr, BE: tl.constexpr,
+                       RS: tl.constexpr, PDL: tl.constexpr):
+    """Chunked routing, between the route kernel's phases 0 and 1: counts [n_chunks + 1, EB]
+    (rows: per-chunk bucket counts) -> in place, row c = the counts of the chunks before c (an
+    exclusive scan down each bucket's column) and row n_chunks = the totals. Program j scans
+    buckets j BE .. (j+1) BE, RS chunks at a time (phase 1 once summed every earlier chunk's row
+    in each of its programs; triton_moe._ROUTE_SCAN_CHUNKS says when this launch pays)."""
+    _pdl_enter(PDL)
+    cols = tl.program_id(0) * BE + tl.arange(0, BE)
+    carry = tl.zeros([BE], dtype=tl.int32)
+    r0 = 0
+    while r0 < n_chunks:  # n_chunks varies with T (a while loop: the interpreter runs it too)
+        rr = r0 + tl.arange(0, RS)
+        ptrs = counts_ptr + rr[:, None] * EB + cols[None, :]
+        m = (rr < n_chunks)[:, None]
+        rows = tl.load(ptrs, mask=m, other=0)
+        tl.store(ptrs, tl.cumsum(rows, axis=0) - rows + carry[None, :], mask=m)
+        carry += tl.sum(rows, axis=0)
+        r0 += RS
+    tl.store(counts_ptr + n_chunks * EB + cols, carry)
+
+
+@triton.jit
+def _block_info(es_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr, EXTRA: tl.constexpr = 0,
+                MERGED_FIRST: tl.constexpr = False):
     """Block pid_m -> (expert, first sorted row, end row, number of blocks in use). EXTRA > 0:
     an expert's last block of at most EXTRA rows merges into the block before it, which then
-    holds BM < rows <= BM + EXTRA (`_merged`)."""
+    holds BM < rows <= BM + EXTRA (`_merged`); MERGED_FIRST: the experts with such a (longer)
+    block get the first block numbers (configs.MERGED_FIRST)."""
     offs = tl.arange(0, EB)
     lo = tl.load(es_ptr + offs, mask=offs < E, other=0)
     hi = tl.load(es_ptr + offs + 1, mask=offs < E, other=0)
     nb = (hi - lo + BM - 1) // BM
     if EXTRA > 0:
-        nb -= ((nb >= 2) & (hi - lo - (nb - 1) * BM <= EXTRA)).to(tl.int32)
-    cb = tl.cumsum(nb, axis=0)  # inclusive block count
-    total = tl.sum(nb, axis=0)
-    e = tl.sum((cb <= pid_m).to(tl.int32), axis=0)
-    sel = offs == e
+        merged = (nb >= 2) & (hi - lo - (nb - 1) * BM <= EXTRA)
+        nb -= merged.to(tl.int32)
+    if MERGED_FIRST and EXTRA > 0:
+        nb_m = tl.where(merged, nb, 0)
+        cb = tl.where(merged, tl.cumsum(nb_m, axis=0),
+                      tl.sum(nb_m, axis=0) + tl.cumsum(nb - nb_m, axis=0))
+        sel = (cb - nb <= pid_m) & (pid_m < cb)
+        e = tl.sum(tl.where(sel, offs, 0), axis=0)
+        total = tl.sum(nb, axis=0)
+    else:
+        cb = tl.cumsum(nb, axis=0)  # inclusive block count
+        total = tl.sum(nb, axis=0)
+        e = tl.sum((cb <= pid_m).to(tl.int32), axis=0)
+        sel = offs == e
     blk0 = tl.sum(tl.where(sel, cb - nb, 0), axis=0)
     row0 = tl.sum(tl.where(sel, lo, 0), axis=0) + (pid_m - blk0) * BM
     row1 = tl.sum(tl.where(sel, hi, 0), axis=0)
@@ -444,7 +484,8 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
                   K_CHUNK: tl.constexpr, N_FIRST: tl.constexpr, PAIR: tl.constexpr,
                   TAIL: tl.constexpr, HALF: tl.constexpr, PDL: tl.constexpr,
-                  TMA: tl.constexpr = False, EXTRA: tl.constexpr = 0):
+                  TMA: tl.constexpr = False, EXTRA: tl.constexpr = 0,
+                  MERGED_FIRST: tl.constexpr = False):
     """w_ptr: int32 words [E, 2Ip, Hp/8] (with TMA, w_desc / w_desc_t: their descriptors for a
     whole / the TAIL step, _load_words_tma); s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
     paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
@@ -462,7 +503,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     rows (_k_loop_merged): the tile is dequantized once for them, not twice."""
     _pdl_enter(PDL)
     pid_m, pid_n = _grid_position(2 * Ip, n_blocks, BN, PAIR, N_FIRST)
-    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB, EXTRA)
+    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB, EXTRA, MERGED_FIRST)
     if pid_m >= total:
         return
     if _merged(row0, row1, BM, EXTRA):
@@ -634,7 +675,7 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
                   SYNC: tl.constexpr, SPLIT: tl.constexpr, K_CHUNK: tl.constexpr,
                   N_FIRST: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr,
                   HALF: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False,
-                  EXTRA: tl.constexpr = 0):
+                  EXTRA: tl.constexpr = 0, MERGED_FIRST: tl.constexpr = False):
     """w_ptr: int32 words [E, Hp, Ip/8] (with TMA, w_desc / w_desc_t: their descriptors for a
     whole / the TAIL step); s_ptr: uint8 [E, Hp, Ip/32]. SPLIT > 1: program_id(1) takes K_CHUNK
     of the K range and writes its partial sum (bias in chunk 0 only) to y_ptr [SPLIT, M, H];
@@ -643,7 +684,7 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, y_ptr,
     _gemm1_kernel."""
     _pdl_enter(PDL)
     pid_m, pid_n = _grid_position(H, n_blocks, BN, PAIR, N_FIRST)
-    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB, EXTRA)
+    e, row0, row1, total = _block_info(es_ptr, pid_m, E, BM, EB, EXTRA, MERGED_FIRST)
     if pid_m >= total:
         return
     if _merged(row0, row1, BM, EXTRA):

@@ -110,6 +110,10 @@ Y_HIDDEN_DTYPE = True
 # 128-register cap) 2729.3. At 256-row blocks (EXTRA 64, no cap) it lost: 20b T=4096 1602.3 ->
 # 1624.9, Mixtral T=4096 5096.5 -> 5225.1. 0: off; 2 or 4.
 MERGE_DIV = 4
+# ... and the experts with a merged (longer) block run first, so that the grid's last programs
+# are short ones and the GPU drains more evenly (_kernels._block_info). H100, session 9
+# (launch-ab, 5 rounds, one draw): 120b T=4096 2027.7 us in expert order, 1980.3 merged first.
+MERGED_FIRST = True
 
 # Under the Triton interpreter (CPU tests) small tiles keep numpy fast.
 _INTERPRET = (TileConfig(16, 32, 64, 4, 1), TileConfig(16, 32, 64, 4, 1, True))
