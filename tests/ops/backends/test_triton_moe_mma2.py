@@ -178,6 +178,9 @@ def test_step_counts_it_runs_compile(ptxas_works, stages, steps):
 def test_broken_step_counts():
     assert [s for s in range(1, 20) if configs.mma2_broken(s, 3)] == [3, 4]
     assert [s for s in range(1, 20) if configs.mma2_broken(s, 4)] == [4, 5, 6]
+    # a small grid (4 stages) with a 6-step K runs _mma2 at 3 stages instead
+    p, _, mma2 = configs.plan_gemm(configs._DECODE8, 2, 8, 2048, 768, 132, "gemm2", True, 9)
+    assert mma2 and p.config.num_stages == 3 and configs.mma2_steps(p, 768) == 6
 
 
 def test_broken_step_counts_run_the_triton_kernels():

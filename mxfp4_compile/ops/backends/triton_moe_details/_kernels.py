@@ -427,10 +427,7 @@ def _k_loop_merged(p0, p1, p2, p3, p4, r, row1, K_ACT: tl.constexpr, w_ptrs, s_p
     (the prefill configs: no TAIL, PAIR or TMA). -> five accumulators, [BN, EXTRA] each
     ([EXTRA, BN] unless SWAP); past NG they stay zero."""
     tl.static_assert(NG == 3 or NG == 5)
-    if SWAP:
-        a0 = tl.zeros([BN, EXTRA], dtype=tl.float32)
-    else:
-        a0 = tl.zeros([EXTRA, BN], dtype=tl.float32)
+    a0 = _acc_zeros(BN, EXTRA, SWAP)
     a1 = a0
     a2 = a0
     a3 = a0
@@ -455,6 +452,16 @@ def _k_loop_merged(p0, p1, p2, p3, p4, r, row1, K_ACT: tl.constexpr, w_ptrs, s_p
             a4 = _mma(a4, x4, w, UPCAST, SWAP)
         sc = sc_next
     return a0, a1, a2, a3, a4
+
+
+@triton.jit
+def _acc_zeros(BN: tl.constexpr, BM: tl.constexpr, SWAP: tl.constexpr):
+    """A zero accumulator for BN weight rows x BM sorted rows, as _mma keeps it."""
+    if SWAP:
+        acc = tl.zeros([BN, BM], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+    return acc
 
 
 @triton.jit
@@ -583,10 +590,7 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
     else:
         rows = row0 + tl.arange(0, BM)
         rmask = rows < row1
-        if SWAP:
-            acc = tl.zeros([BN, BM], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc = _acc_zeros(BN, BM, SWAP)
         wmask2 = (offs_w + BN) < (2 * Ip + BN if EVEN_N else 2 * Ip)  # PAIR: the next BN rows
         acc, acc2 = _k_loop(acc, acc, _gather_rows(x_ptr, sorted_ptr, rows, row1, k_top,
                                                    stride_xt), rmask, H, w_ptrs,
@@ -752,10 +756,7 @@ def _gemm2_block(a_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, y_ptr, e, row0, row1, p
     else:
         rows = row0 + tl.arange(0, BM)
         rmask = rows < row1
-        if SWAP:
-            acc = tl.zeros([BN, BM], dtype=tl.float32)
-        else:
-            acc = tl.zeros([BM, BN], dtype=tl.float32)
+        acc = _acc_zeros(BN, BM, SWAP)
         nmask2 = (offs_n + BN) < (H + BN if EVEN_N else H)  # PAIR: the next BN hidden columns
         acc, acc2 = _k_loop(acc, acc, a_ptr + rows.to(tl.int64) * Ip, rmask, Ip, w_ptrs, s_ptrs,
                             nmask, nmask2, stride_wn, stride_sn, Ip, K_CHUNK, BN, BK, EVEN_K,

@@ -257,8 +257,10 @@ def plan_gemm(c: TileConfig, M: int, E: int, N: int, K: int, sms: int, which: st
     (their dot has no 8-row tiles)."""
     blocks = min(M, M // c.BM + E)  # worst case (surplus programs exit at once)
     p = plan(c, blocks, N, K, sms, which, mma2)
-    if (mma2 and use_mma2(p.config, major)
-            and not mma2_broken(mma2_steps(p, K), p.config.num_stages)):
+    steps = mma2_steps(p, K)
+    if mma2 and mma2_broken(steps, p.config.num_stages) and not mma2_broken(steps, 3):
+        p = p._replace(config=dataclasses.replace(p.config, num_stages=3))  # (a 4-stage loop)
+    if mma2 and use_mma2(p.config, major) and not mma2_broken(steps, p.config.num_stages):
         return p, blocks, True
     if c.BM < _DECODE.BM:
         c = _DECODE
