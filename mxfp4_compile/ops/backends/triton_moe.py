@@ -233,11 +233,12 @@ def route(topk_ids, expert_map, E: int, pdl: dict | None = None):
                               HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=2, SORT=sort,
                               num_warps=nw, **pdl)
     else:
-        counts = torch.empty(n_chunks + 1, EB, dtype=torch.int32, device=dev)
+        scanned = n_chunks >= _ROUTE_SCAN_CHUNKS
+        # per-chunk counts; the scan adds a row of totals
+        counts = torch.empty(n_chunks + int(scanned), EB, dtype=torch.int32, device=dev)
         K._route_kernel[(n_chunks,)](topk_ids, emap, counts, es, sorted_assign, M, E, n_chunks,
                                      HAS_MAP=has_map, CHUNK=chunk, EB=EB, PHASE=0, SORT=False,
                                      num_warps=nw, **pdl)
-        scanned = n_chunks >= _ROUTE_SCAN_CHUNKS
         if scanned:
             BE = min(EB, 32)
             K._route_scan_kernel[(EB // BE,)](counts, n_chunks, EB=EB, BE=BE, RS=64,

@@ -147,16 +147,15 @@ def _block_info(es_ptr, pid_m, E, BM: tl.constexpr, EB: tl.constexpr, EXTRA: tl.
     if EXTRA > 0:
         merged = (nb >= 2) & (hi - lo - (nb - 1) * BM <= EXTRA)
         nb -= merged.to(tl.int32)
+    total = tl.sum(nb, axis=0)
     if MERGED_FIRST and EXTRA > 0:
         nb_m = tl.where(merged, nb, 0)
         cb = tl.where(merged, tl.cumsum(nb_m, axis=0),
                       tl.sum(nb_m, axis=0) + tl.cumsum(nb - nb_m, axis=0))
         sel = (cb - nb <= pid_m) & (pid_m < cb)
         e = tl.sum(tl.where(sel, offs, 0), axis=0)
-        total = tl.sum(nb, axis=0)
     else:
         cb = tl.cumsum(nb, axis=0)  # inclusive block count
-        total = tl.sum(nb, axis=0)
         e = tl.sum((cb <= pid_m).to(tl.int32), axis=0)
         sel = offs == e
     blk0 = tl.sum(tl.where(sel, cb - nb, 0), axis=0)
