@@ -4,7 +4,7 @@
 
 ``.tk/`` holds triton_kernels unpacked from vLLM 0.33's wheel (see the backend's docstring).
 For each shape: random float experts -> canonical MXFP4 (numerics.quantize, per expert) ->
-backend.prepare -> backend.moe, compared with ops.reference.moe_reference on the same quantized
+backend.prepare -> backend.moe, compared with ops.moe_torch.moe_torch on the same quantized
 weights (rel-L2 < 1e-2), after poisoning the caching allocator's free memory with NaN so that an
 unwritten output element shows up. Also: combine=False, an expert map, a k that is not a power of
 two, and a CUDA-graph capture + replay on new inputs (fails on any host sync). Ends with rough
@@ -20,8 +20,8 @@ import time
 import torch
 
 from mxfp4_compile import numerics
-from mxfp4_compile.ops.backends import triton_kernels_moe as tkm
-from mxfp4_compile.ops.reference import moe_reference
+from mxfp4_compile.ops.kernels import triton_kernels_moe as tkm
+from mxfp4_compile.ops.moe_torch import moe_torch
 
 TOL = 1e-2
 
@@ -76,7 +76,7 @@ def run_case(name, canon, prepared, T, k, E, H, act, style, seed, *, combine=Tru
     poison()
     out = tkm.moe(x, ids, w, *prepared, act, 1.702, 7.0, expert_map, combine)
     torch.cuda.synchronize()
-    ref = moe_reference(x, ids, w, *canon, act, 1.702, 7.0, expert_map, combine, sync_free=False)
+    ref = moe_torch(x, ids, w, *canon, act, 1.702, 7.0, expert_map, combine, sync_free=False)
     finite = bool(torch.isfinite(out).all())
     err = rel_l2(out, ref)
     ok = finite and err < TOL and out.shape == ref.shape and out.dtype == x.dtype

@@ -34,11 +34,11 @@ import triton
 import triton.language as tl
 
 from mxfp4_compile.ops import topk_softmax
-from mxfp4_compile.ops.backends import triton_moe
-from mxfp4_compile.ops.backends.triton_moe_details import configs as tile_configs
-from mxfp4_compile.ops.backends.triton_moe_details.configs import TileConfig as C
-from mxfp4_compile.ops.backends.triton_moe_details._kernels import _tiled_cols, _tiled_rows
-from mxfp4_compile.ops.reference import moe_reference
+from mxfp4_compile.ops.kernels import triton_moe
+from mxfp4_compile.ops.kernels.triton_moe_details import configs as tile_configs
+from mxfp4_compile.ops.kernels.triton_moe_details.configs import TileConfig as C
+from mxfp4_compile.ops.kernels.triton_moe_details._kernels import _tiled_cols, _tiled_rows
+from mxfp4_compile.ops.moe_torch import moe_torch
 # floors, timing, random weights and checks live in the package (shared with python -m
 # mxfp4_compile.bench, which is the user-facing benchmark; this script keeps the kernel
 # engineer's sweeps and diagnosis)
@@ -76,7 +76,7 @@ def load_peers():
     """Other kernels to time next to ours: {name: backend module} (those that can run here)."""
     peers = {}
     try:
-        mod = importlib.import_module("mxfp4_compile.ops.backends.triton_kernels_moe")
+        mod = importlib.import_module("mxfp4_compile.ops.kernels.triton_kernels_moe")
         needed = ("NAME", "H_MULTIPLE", "I_MULTIPLE", "unavailable_reason", "prepare", "moe")
         missing = [n for n in needed if not hasattr(mod, n)]
         reason = f"missing {missing}" if missing else mod.unavailable_reason(DEV)
@@ -98,7 +98,7 @@ def check_correctness(name, backend, canon, weights, E, H, k, activation, T, gen
     x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
     logits = torch.randn(T, E, device=DEV, generator=gen)
     ids, tw = route(logits, k, activation)
-    ref = moe_reference(x, ids, tw, *canon, activation, 1.702, 7.0, None, True, sync_free=False)
+    ref = moe_torch(x, ids, tw, *canon, activation, 1.702, 7.0, None, True, sync_free=False)
     poison_free_memory()
     if name == "triton":  # ours must not sync the host (CUDA-graph safety)
         torch.cuda.set_sync_debug_mode("error")
@@ -108,14 +108,14 @@ def check_correctness(name, backend, canon, weights, E, H, k, activation, T, gen
         torch.cuda.set_sync_debug_mode("default")
     res = {"err": rel_l2(out, ref), "shape_ok": tuple(out.shape) == (T, H)}
     if name == "triton" and T in (8, 64):  # combine=False and expert_map, on the same inputs
-        ref_u = moe_reference(x, ids, tw, *canon, activation, 1.702, 7.0, None, False, sync_free=False)
+        ref_u = moe_torch(x, ids, tw, *canon, activation, 1.702, 7.0, None, False, sync_free=False)
         poison_free_memory()
         res["err_uncombined"] = rel_l2(call(backend, x, ids, tw, weights, activation, None, False), ref_u)
         emap = torch.full((E + 5,), -1, dtype=torch.int32, device=DEV)
         keep = torch.randperm(E + 5, device=DEV, generator=gen)[:E]
         emap[keep] = torch.arange(E, dtype=torch.int32, device=DEV)
         gids = torch.stack([torch.randperm(E + 5, device=DEV, generator=gen)[:k] for _ in range(T)]).int()
-        ref_m = moe_reference(x, gids, tw, *canon, activation, 1.702, 7.0, emap, True, sync_free=False)
+        ref_m = moe_torch(x, gids, tw, *canon, activation, 1.702, 7.0, emap, True, sync_free=False)
         poison_free_memory()
         res["err_expert_map"] = rel_l2(call(backend, x, gids, tw, weights, activation, emap, True), ref_m)
     return res
@@ -398,7 +398,7 @@ def sweep(models, tokens, gen, which="default", shapes=None):
                 continue
             x = torch.randn(T, H, device=DEV, generator=gen).to(torch.bfloat16)
             ids, tw = route(torch.randn(T, E, device=DEV, generator=gen), k, act)
-            ref = moe_reference(x, ids, tw, *canon[0], act, 1.702, 7.0, None, True, sync_free=False)
+            ref = moe_torch(x, ids, tw, *canon[0], act, 1.702, 7.0, None, True, sync_free=False)
             m_e = tile_configs.rows_per_expert(T, k, E)
             inputs = draw_inputs(E, H, T, gen)
             if which == "v15":  # the table's plan (paired BK 64 at T=1), split-K targets
@@ -599,7 +599,7 @@ def pad_compare(models, tokens, gen, rounds=3):
             for name, (pad, cfg) in variants.items():
                 tile_configs.OVERRIDE = cfg
                 try:
-                    ref = moe_reference(x, ids, tw, *sets[pad][0], act, 1.702, 7.0, None, True,
+                    ref = moe_torch(x, ids, tw, *sets[pad][0], act, 1.702, 7.0, None, True,
                                         sync_free=False)
                     rec[name + "_err"] = rel_l2(call(triton_moe, x, ids, tw, sets[pad][1][0], act), ref)
                     rec[name + "_cfg"] = [list(dataclasses.astuple(c))[:5] for c in cfg]
@@ -734,7 +734,7 @@ class _Skip:
 
 def diag(gen, one=False, shape="20b:1"):
     """Where does decode time go? 20b, T=1 (with `one`: three eager calls at `shape`)."""
-    from mxfp4_compile.ops.backends.triton_moe_details import _kernels as K
+    from mxfp4_compile.ops.kernels.triton_moe_details import _kernels as K
     model, T = shape.split(":")
     T = int(T)
     E, H, I, k, act, biases = MODELS[model]

@@ -16,7 +16,7 @@ import collections
 import torch
 
 from mxfp4_compile.bench.floors import MODELS, random_canonical, route
-from mxfp4_compile.ops.backends import triton_moe
+from mxfp4_compile.ops.kernels import triton_moe
 
 DEV = torch.device("cuda")
 

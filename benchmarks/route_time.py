@@ -6,7 +6,7 @@ import sys
 import torch
 
 from mxfp4_compile.bench.floors import MODELS
-from mxfp4_compile.ops.backends import triton_moe
+from mxfp4_compile.ops.kernels import triton_moe
 
 CALLS = 20  # per graph replay
 

@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 from .ops.dispatch import choose_kernel
-from .ops.reference import ACTIVATIONS
+from .ops.moe_torch import ACTIVATIONS
 from .ops.weights import PreparedMoE, check_expert_shapes, prepare_moe_weights
 
 __all__ = ["ShardedMoE", "check_expert_map", "expert_map_for_rank", "expert_range",

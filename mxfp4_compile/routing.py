@@ -27,7 +27,7 @@ def _check(logits: torch.Tensor, top_k: int) -> None:
 def _topk_softmax(logits, top_k, softmax_first, renormalize, fused):
     if fused:
         return torch.ops.mxfp4.topk_softmax(logits, top_k, softmax_first, renormalize)
-    return topk_softmax.reference(logits, top_k, softmax_first, renormalize)
+    return topk_softmax.topk_softmax_torch(logits, top_k, softmax_first, renormalize)
 
 
 def gpt_oss_routing(logits: torch.Tensor, top_k: int, fused: bool = False):

@@ -83,7 +83,7 @@ def prepared_bytes(kernel, args, n_layers) -> int:
     from ..ops import dispatch
     w = WIDTHS[args.width]
     hp, ip = dispatch.padded_sizes(kernel, w["hidden_size"], w["intermediate_size"])
-    shp = dispatch.get_backend(kernel).prepared_shapes(args.experts, hp, ip, "swiglu_oai", True, True)
+    shp = dispatch.get_kernel(kernel).prepared_shapes(args.experts, hp, ip, "swiglu_oai", True, True)
     per_layer = sum(torch.Size(s).numel() * torch.empty((), dtype=dt).element_size()
                     for s, dt in (x for x in shp if x is not None))
     return per_layer * n_layers

@@ -26,7 +26,7 @@ import traceback
 import torch
 
 from ..ops import dispatch
-from ..ops.reference import activate, moe_reference
+from ..ops.moe_torch import activate, moe_torch
 from ..ops.weights import pad_packed
 from .. import numerics
 from . import floors as F
@@ -105,7 +105,7 @@ def make_runners(device, kernels, activation, H, I):
         if reason is not None:
             skipped[name] = reason
             continue
-        backend = dispatch.get_backend(name)
+        backend = dispatch.get_kernel(name)
         hm, im = backend.H_MULTIPLE, backend.I_MULTIPLE
         hp, ip = -(-H // hm) * hm, -(-I // im) * im
 
@@ -214,7 +214,7 @@ def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog):
     E, H, k, act, T = base["E"], base["H"], base["k"], base["activation"], base["T"]
     x = torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16)
     ids, tw = F.route(torch.randn(T, E, device=device, generator=gen), k, act)
-    ref = moe_reference(x, ids, tw, *canon[0], act, F.ALPHA, F.LIMIT, None, True, sync_free=False)
+    ref = moe_torch(x, ids, tw, *canon[0], act, F.ALPHA, F.LIMIT, None, True, sync_free=False)
     d = F.distinct_experts(ids)
     nbytes = d * eb
     flops = F.flops_per_token(H, base["I"], k) * T

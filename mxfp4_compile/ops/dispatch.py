@@ -21,7 +21,7 @@ import torch
 
 log = logging.getLogger("mxfp4_compile")
 
-# kernel name -> module under mxfp4_compile.ops.backends
+# kernel name -> module under mxfp4_compile.ops.kernels
 KERNEL_MODULES = {
     "reference": "reference_moe",
     "triton": "triton_moe",
@@ -31,15 +31,15 @@ KERNEL_MODULES = {
 KERNELS = tuple(KERNEL_MODULES)
 
 
-def get_backend(name: str) -> ModuleType:
+def get_kernel(name: str) -> ModuleType:
     if name not in KERNEL_MODULES:
         raise ValueError(f"unknown MXFP4 MoE kernel {name!r}; choose one of {list(KERNELS)} or 'auto'")
-    return importlib.import_module(f"mxfp4_compile.ops.backends.{KERNEL_MODULES[name]}")
+    return importlib.import_module(f"mxfp4_compile.ops.kernels.{KERNEL_MODULES[name]}")
 
 
 def padding(name: str) -> tuple[int, int]:
     """(H multiple, I multiple) the kernel's weight layout needs."""
-    b = get_backend(name)
+    b = get_kernel(name)
     return b.H_MULTIPLE, b.I_MULTIPLE
 
 
@@ -50,10 +50,10 @@ def padded_sizes(name: str, hidden_size: int, intermediate_size: int) -> tuple[i
 
 def unavailable_reason(name: str, device: torch.device) -> str | None:
     try:
-        backend = get_backend(name)
-    except ImportError as e:  # a backend module whose own imports fail
+        module = get_kernel(name)
+    except ImportError as e:  # a kernel module whose own imports fail
         return f"its module failed to import: {e}"
-    return backend.unavailable_reason(torch.device(device))
+    return module.unavailable_reason(torch.device(device))
 
 
 def _has_module(name: str) -> bool:
@@ -90,7 +90,7 @@ def choose_kernel(device, requested: str | None = "auto") -> tuple[str, str]:
                              f"{list(KERNELS)} or 'auto'")
         name, why = requested, f"{source} ({requested})"
         if name == "triton_kernels" and unavailable_reason(name, device) is None:
-            from .backends import triton_kernels_moe
+            from .kernels import triton_kernels_moe
             why += f": {triton_kernels_moe.api_description()}"
     reason = unavailable_reason(name, device)
     if reason is not None:

@@ -1,7 +1,7 @@
 """Every torch.library op of the package (namespace ``mxfp4``), with its fake kernel.
 
 All ops are functional (``mutates_args=()``): no auto_functionalized wrappers for the compiler to
-match around, and safe under CUDA-graph capture. Shape legend as in ops/reference.py.
+match around, and safe under CUDA-graph capture. Shape legend as in ops/moe_torch.py.
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from .. import numerics
 from . import dispatch, weights
 from . import topk_softmax as _topk_softmax
-from .reference import ACTIVATIONS, local_ids
+from .moe_torch import ACTIVATIONS, local_ids
 
 # ---------------------------------------------------------------------------------------- quantize
 
@@ -175,7 +175,7 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         w2: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor | None,
         kernel: str, activation: str = "swiglu_oai", alpha: float = 1.702, limit: float = 7.0,
         expert_map: torch.Tensor | None = None, combine: bool = True) -> torch.Tensor:
-    """Fused MoE experts on MXFP4 weights prepared for ``kernel`` (see ops/reference.py for the
+    """Fused MoE experts on MXFP4 weights prepared for ``kernel`` (see ops/moe_torch.py for the
     math). Returns [T, H] combined, or [T, k, H] unweighted per-slot outputs when not ``combine``."""
     _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
                _weight_pairs(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
@@ -185,7 +185,7 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     reason = dispatch.unavailable_reason(kernel, hidden.device)
     if reason is not None:
         raise RuntimeError(f"moe: kernel {kernel!r} cannot run on {hidden.device}: {reason}")
-    return dispatch.get_backend(kernel).moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias,
+    return dispatch.get_kernel(kernel).moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias,
                                             w2, w2_scales, w2_bias, activation, alpha, limit,
                                             expert_map, combine)
 
@@ -229,7 +229,7 @@ def _(w13, w13_bias, w2, w2_bias, kernel, activation, rounding="floor", gate_up_
       transposed=False, index=0):
     E, H, I = weights.check_expert_shapes(w13.shape, w2.shape, transposed)
     hp, ip = dispatch.padded_sizes(kernel, H, I)
-    shapes = dispatch.get_backend(kernel).prepared_shapes(E, hp, ip, activation, w13_bias is not None,
+    shapes = dispatch.get_kernel(kernel).prepared_shapes(E, hp, ip, activation, w13_bias is not None,
                                                           w2_bias is not None)
     if shapes[index] is None:
         raise ValueError(f"prepare_moe_weights: index {index} asks for a bias the model does not have")

@@ -26,7 +26,7 @@ MAX_EXPERTS = 4096  # one program holds whole rows in registers
 PDL_LAUNCH = True
 
 
-def reference(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool):
+def topk_softmax_torch(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool):
     """The same routing in plain torch ops (CPU, and the oracle of the tests)."""
     if softmax_first:
         p = torch.softmax(logits.float(), dim=-1)
@@ -71,7 +71,7 @@ def _launch(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool
 
 def topk_softmax(logits: torch.Tensor, k: int, softmax_first: bool = False,
                  renormalize: bool = True):
-    """-> (weights [T, k] float32, ids [T, k] int64). CUDA: the fused kernel; CPU: `reference`,
+    """-> (weights [T, k] float32, ids [T, k] int64). CUDA: the fused kernel; CPU: `topk_softmax_torch`,
     unless the Triton interpreter is on (TRITON_INTERPRET=1: the kernel, for tests)."""
     check(logits, k)
     if logits.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
@@ -81,4 +81,4 @@ def topk_softmax(logits: torch.Tensor, k: int, softmax_first: bool = False,
             raise RuntimeError(f"topk_softmax on {logits.device} needs triton ({e}); install "
                                f"triton or route with mxfp4_compile.routing's torch routers") from e
         return _launch(logits, k, softmax_first, renormalize)
-    return reference(logits, k, softmax_first, renormalize)
+    return topk_softmax_torch(logits, k, softmax_first, renormalize)

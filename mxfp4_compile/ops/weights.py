@@ -3,7 +3,7 @@
 Shape legend: E experts, H hidden, I intermediate, Hp/Ip padded per kernel (ops/dispatch.py).
 Inputs (float):  w13 [E, 2I, H] (or [E, H, 2I] when ``transposed``), w2 [E, H, I] (or [E, I, H]),
                  w13_bias [E, 2I], w2_bias [E, H].
-Canonical MXFP4: see ops/reference.py (gate/up rows ordered per activation, zero padding).
+Canonical MXFP4: see ops/moe_torch.py (gate/up rows ordered per activation, zero padding).
 
 Prepared weights are cached by the identity and ``_version`` of the input tensors plus every
 option, so the compiler's six transform calls per MoE layer and every recompile (new T, 0/1
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from .. import numerics
 from . import dispatch
-from .reference import ACTIVATIONS, check_activation
+from .moe_torch import ACTIVATIONS, check_activation
 
 ROLES = ("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")
 
@@ -158,8 +158,8 @@ def pad_packed(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, *, activation,
 
 
 def to_kernel_layout(canonical, *, kernel, activation, hidden_size, intermediate_size) -> PreparedMoE:
-    backend = dispatch.get_backend(kernel)
-    out = backend.prepare(*canonical, activation)
+    module = dispatch.get_kernel(kernel)
+    out = module.prepare(*canonical, activation)
     return PreparedMoE(kernel, activation, hidden_size, intermediate_size, *out)
 
 

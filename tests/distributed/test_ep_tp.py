@@ -27,7 +27,7 @@ import torch.multiprocessing as mp
 import mxfp4_compile  # noqa: F401  (registers torch.ops.mxfp4)
 from mxfp4_compile import distributed as D
 from mxfp4_compile import numerics
-from mxfp4_compile.ops.reference import activate
+from mxfp4_compile.ops.moe_torch import activate
 from mxfp4_compile.ops.weights import prepare_moe_weights
 
 WORLDS = (2, 4)
@@ -322,7 +322,7 @@ def _worker(rank, world, init_file, out_dir):
                 report[name] = traceback.format_exc()
             times[name] = round(time.perf_counter() - t0, 1)
             dist.barrier()
-        report["_backend"] = dist.get_backend()
+        report["_backend"] = dist.get_kernel()
         report["_seconds"] = times
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:

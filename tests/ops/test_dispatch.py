@@ -55,7 +55,7 @@ def test_unknown_kernel():
     with pytest.raises(ValueError, match=r"requested kernel 'cutlass' is unknown.*'reference'"):
         dispatch.choose_kernel("cpu", "cutlass")
     with pytest.raises(ValueError, match="unknown MXFP4 MoE kernel 'cutlass'"):
-        dispatch.get_backend("cutlass")
+        dispatch.get_kernel("cutlass")
     with pytest.raises(ValueError, match="unknown"):
         dispatch.padded_sizes("cutlass", 64, 64)
 
@@ -80,7 +80,7 @@ def test_gpu_only_kernels_refuse_cpu(kernel):
 
 @pytest.mark.parametrize("kernel", dispatch.KERNELS)
 def test_padding_table(kernel):
-    backend = dispatch.get_backend(kernel)
+    backend = dispatch.get_kernel(kernel)
     assert backend.NAME == kernel
     for attr in ("unavailable_reason", "prepare", "moe", "prepared_shapes"):
         assert callable(getattr(backend, attr))
@@ -117,7 +117,7 @@ def test_choose_kernel_on_fake_gpu(fake_gpu, major, minor, flashinfer, want):
 
 def test_choose_flashinfer_on_sm100(fake_gpu, monkeypatch):
     fake_gpu(10, 0, flashinfer=True)
-    fi = importlib.import_module("mxfp4_compile.ops.backends.flashinfer_moe")
+    fi = importlib.import_module("mxfp4_compile.ops.kernels.flashinfer_moe")
     if fi._load_cached()[0] is None:  # found by spec (faked) but not importable: a clear error
         with pytest.raises(ValueError, match="'flashinfer'.*cannot run on cuda"):
             dispatch.choose_kernel(CUDA)

@@ -3,7 +3,7 @@ the CPU path, both against a per-row Python oracle in float64 (ties: lower index
 three router modes; the fake kernel under torch.compile with dynamic shapes; the errors.
 
 The kernel cases run in ONE child process with TRITON_INTERPRET=1 (it must be set before triton
-is imported), as tests/ops/backends/test_triton_moe.py does."""
+is imported), as tests/ops/kernels/test_triton_moe.py does."""
 from __future__ import annotations
 
 import json

@@ -6,7 +6,7 @@ import torch
 import mxfp4_compile  # noqa: F401
 from mxfp4_compile import numerics
 from mxfp4_compile.ops import dispatch, weights
-from mxfp4_compile.ops.reference import moe_reference
+from mxfp4_compile.ops.moe_torch import moe_torch
 
 OPS = torch.ops.mxfp4
 
@@ -132,7 +132,7 @@ def test_padding_2880_every_kernel():
     x = torch.randn(T, H, generator=g)
     base = weights.quantize_experts(w13, w2, b13, b2, activation="swiglu_oai")  # multiples of 32
     assert base[0].shape == (E, 2 * I, H // 2)
-    want = moe_reference(x, ids, w, *base)
+    want = moe_torch(x, ids, w, *base)
     sizes = {}
     for kernel in dispatch.KERNELS:
         hm, im = dispatch.padding(kernel)
@@ -184,7 +184,7 @@ def test_prepared_shapes_match_fake(kernel):
     except RuntimeError as e:  # flashinfer / triton_kernels not installed: their prepare needs them
         pytest.skip(f"{kernel} preparation cannot run here: {e}")
     hp, ip = dispatch.padded_sizes(kernel, H, I)
-    shapes = dispatch.get_backend(kernel).prepared_shapes(E, hp, ip, "swiglu_oai", True, True)
+    shapes = dispatch.get_kernel(kernel).prepared_shapes(E, hp, ip, "swiglu_oai", True, True)
     for t, (shape, dtype) in zip(p.tensors(), shapes):
         assert tuple(t.shape) == shape and t.dtype == dtype
     assert (p.hidden_size, p.intermediate_size) == (H, I)

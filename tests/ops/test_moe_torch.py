@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import mxfp4_compile  # noqa: F401
-from mxfp4_compile.ops.reference import moe_reference
+from mxfp4_compile.ops.moe_torch import moe_torch
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
 
@@ -112,7 +112,7 @@ def test_reference_vs_loop(case, bias, activation, sync_free):
     wts = random_weights(E, Hp, Ip, bias, seed=len(case) + 10 * bias)
     ids, w = routing(T, k, E, seed=3, ids_dtype=torch.int32 if bias else torch.int64)
     hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(5))
-    got = moe_reference(hidden, ids, w, *wts, activation=activation, sync_free=sync_free)
+    got = moe_torch(hidden, ids, w, *wts, activation=activation, sync_free=sync_free)
     assert got.dtype == torch.float32
     assert_rel(got, moe_loop64(hidden, ids, w, *wts, activation))
     if not sync_free:  # the op on CPU (default path) gives the same
@@ -131,7 +131,7 @@ def test_clamp_exercised(activation, sync_free):
     stats = {"gate_clamped": 0, "up_clamped": 0, "unclamped": 0}
     for alpha, limit in ((1.702, 7.0), (1.0, 3.0)):
         want = moe_loop64(hidden, ids, w, *wts, activation, alpha, limit, stats=stats)
-        got = moe_reference(hidden, ids, w, *wts, activation=activation, alpha=alpha, limit=limit,
+        got = moe_torch(hidden, ids, w, *wts, activation=activation, alpha=alpha, limit=limit,
                             sync_free=sync_free)
         assert_rel(got, want)
     assert stats["gate_clamped"] > 50 and stats["up_clamped"] > 50 and stats["unclamped"] > 50
@@ -149,7 +149,7 @@ def test_expert_map_and_combine(combine, sync_free):
     wts = random_weights(3, H, I, bias=True, seed=12)
     ids, w = routing(T, k, 8, seed=13)
     hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(14))
-    got = moe_reference(hidden, ids, w, *wts, activation="swiglu_oai", expert_map=expert_map,
+    got = moe_torch(hidden, ids, w, *wts, activation="swiglu_oai", expert_map=expert_map,
                         combine=combine, sync_free=sync_free)
     want = moe_loop64(hidden, ids, w, *wts, "swiglu_oai", expert_map=expert_map, combine=combine)
     assert_rel(got, want)
@@ -166,7 +166,7 @@ def test_T0(combine, sync_free):
     wts = random_weights(4, 64, 64, bias=True, seed=1)
     hidden = torch.empty(0, 64)
     ids, w = torch.empty(0, 2, dtype=torch.int64), torch.empty(0, 2)
-    got = moe_reference(hidden, ids, w, *wts, combine=combine, sync_free=sync_free)
+    got = moe_torch(hidden, ids, w, *wts, combine=combine, sync_free=sync_free)
     assert got.shape == ((0, 64) if combine else (0, 2, 64))
 
 
@@ -177,9 +177,9 @@ def test_low_precision_hidden(dtype):
     wts = random_weights(E, H, I, bias=True, seed=2)
     ids, w = routing(T, k, E, seed=2)
     hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(2)).to(dtype)
-    got = moe_reference(hidden, ids, w.to(dtype), *wts)
+    got = moe_torch(hidden, ids, w.to(dtype), *wts)
     assert got.dtype == dtype
-    want = moe_reference(hidden.float(), ids, w.to(dtype).float(), *wts)
+    want = moe_torch(hidden.float(), ids, w.to(dtype).float(), *wts)
     assert torch.equal(got, want.to(dtype))
 
 
@@ -193,5 +193,5 @@ def test_repeated_ids(sync_free):
     w = torch.rand(T, k, generator=torch.Generator().manual_seed(17))
     hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(18))
     for combine in (True, False):
-        got = moe_reference(hidden, ids, w, *wts, combine=combine, sync_free=sync_free)
+        got = moe_torch(hidden, ids, w, *wts, combine=combine, sync_free=sync_free)
         assert_rel(got, moe_loop64(hidden, ids, w, *wts, "swiglu_oai", combine=combine))

@@ -64,9 +64,9 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
               ids64=False, dtype="bfloat16", route_budget=None, route_sort_max=None, seed=0,
               twice=False, split=None, pair=False, bk=None, nan_block=False, half=False,
               extra=0, counts=None):
-    from mxfp4_compile.ops.backends import triton_moe as tm
-    from mxfp4_compile.ops.backends.triton_moe_details import configs
-    from mxfp4_compile.ops.reference import moe_reference
+    from mxfp4_compile.ops.kernels import triton_moe as tm
+    from mxfp4_compile.ops.kernels.triton_moe_details import configs
+    from mxfp4_compile.ops.moe_torch import moe_torch
     from mxfp4_compile.ops.weights import quantize_experts
 
     g = torch.Generator().manual_seed(seed)
@@ -104,7 +104,7 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
     configs.OVERRIDE = tuple(dataclasses.replace(c, PAIR=pair, BK=bk or c.BK, HALF=half,
                                                  BM=32 if half else c.BM, EXTRA=extra)
                              for c in configs._INTERPRET) if pair or bk or half or extra else None
-    ref = moe_reference(x, ids, tw, *canonical, act, 1.702, 7.0, expert_map, combine).float()
+    ref = moe_torch(x, ids, tw, *canonical, act, 1.702, 7.0, expert_map, combine).float()
     out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine)
     # determinism (bitwise equal reruns) on two cases only: each interpreter call costs seconds
     again = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine) if twice else out
@@ -150,7 +150,7 @@ def test_matches_reference_under_interpreter(results, name):
 
 
 def test_prepared_shapes_match_prepare():
-    from mxfp4_compile.ops.backends import triton_moe as tm
+    from mxfp4_compile.ops.kernels import triton_moe as tm
     from mxfp4_compile.ops.weights import quantize_experts
 
     E, H, I = 3, 96, 64
@@ -170,7 +170,7 @@ def test_prepared_shapes_match_prepare():
 
 
 def test_prepare_biases_scales_and_keeps_nan_blocks_nan():
-    from mxfp4_compile.ops.backends import triton_moe as tm
+    from mxfp4_compile.ops.kernels import triton_moe as tm
 
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 256, (2, 3, 64), dtype=torch.uint8, generator=g)  # K = 128
@@ -190,7 +190,7 @@ def test_prepare_biases_scales_and_keeps_nan_blocks_nan():
 
 
 def test_tile_table_covers_every_T():
-    from mxfp4_compile.ops.backends.triton_moe_details import configs
+    from mxfp4_compile.ops.kernels.triton_moe_details import configs
 
     for E, Hp, Ip, k in ((32, 2880, 2880, 4), (128, 2880, 2880, 4), (8, 4096, 14336, 2), (5, 96, 64, 2)):
         for T in (1, 2, 7, 8, 64, 100, 512, 4096, 16384):
@@ -208,7 +208,7 @@ def test_tile_table_covers_every_T():
 
 
 def test_split_k_chunks_cover_k_once():
-    from mxfp4_compile.ops.backends.triton_moe_details import configs
+    from mxfp4_compile.ops.kernels.triton_moe_details import configs
 
     for programs in (1, 4, 90, 180, 1000, 5000):
         for K, BK in ((2880, 64), (14336, 256), (192, 64), (64, 64)):
@@ -224,7 +224,7 @@ def test_split_k_chunks_cover_k_once():
 
 
 def test_plan_pairs_tiles_only_where_it_splits():
-    from mxfp4_compile.ops.backends.triton_moe_details import configs
+    from mxfp4_compile.ops.kernels.triton_moe_details import configs
 
     c1, c2 = configs.pick(1, 4, 32, 2880, 2880)  # gpt-oss T=1: 4 row blocks
     c, _, n, *_ = configs.plan(c1, 4, 5760, 2880, 132, "gemm1")
@@ -255,7 +255,7 @@ def test_plan_pairs_tiles_only_where_it_splits():
 
 
 def test_tma_loads_the_unpaired_128_code_decode_steps(monkeypatch):
-    from mxfp4_compile.ops.backends.triton_moe_details import configs
+    from mxfp4_compile.ops.kernels.triton_moe_details import configs
 
     words = torch.zeros(64, dtype=torch.int32)  # storage from the allocator: aligned
     c1, c2 = configs.pick(8, 2, 8, 4096, 14336)  # Mixtral T=8
@@ -276,7 +276,7 @@ def test_tma_loads_the_unpaired_128_code_decode_steps(monkeypatch):
 
 
 def test_prefill_block_rows_follow_rows_per_expert():
-    from mxfp4_compile.ops.backends.triton_moe_details import configs
+    from mxfp4_compile.ops.kernels.triton_moe_details import configs
 
     # 120b T=4096: about 128 rows per expert -> 128-row blocks, with the half and quarter copies
     assert [(c.BM, c.HALF) for c in configs.pick(4096, 4, 128, 2880, 2880)] == [(128, 2)] * 2
@@ -290,7 +290,7 @@ def test_prefill_block_rows_follow_rows_per_expert():
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")
 def test_cpu_without_interpreter_is_unavailable():
-    from mxfp4_compile.ops.backends import triton_moe as tm
+    from mxfp4_compile.ops.kernels import triton_moe as tm
 
     reason = tm.unavailable_reason(torch.device("cpu"))
     assert reason is not None and "TRITON_INTERPRET=1" in reason
@@ -311,7 +311,7 @@ def test_chunked_routing_past_one_scan_step(results):
 
 def _run_route_many_chunks():
     """(child) triton_moe.route of M = 8400 assignments (E = 128) against a stable sort."""
-    from mxfp4_compile.ops.backends import triton_moe as tm
+    from mxfp4_compile.ops.kernels import triton_moe as tm
 
     E, k, T = 128, 4, 2100
     g = torch.Generator().manual_seed(3)
@@ -364,8 +364,8 @@ if __name__ == "__main__":  # the child process: TRITON_INTERPRET=1 is already s
     import triton
     import triton.language as tl
 
-    from mxfp4_compile.ops.backends import triton_moe as _tm
-    from mxfp4_compile.ops.backends.triton_moe_details import _kernels as _K
+    from mxfp4_compile.ops.kernels import triton_moe as _tm
+    from mxfp4_compile.ops.kernels.triton_moe_details import _kernels as _K
 
     @triton.jit
     def _block_map_kernel(es_ptr, out_ptr, E, BM: tl.constexpr, EB: tl.constexpr,

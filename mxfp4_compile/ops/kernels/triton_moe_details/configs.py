@@ -1,4 +1,4 @@
-"""Tile configs of the "triton" MoE backend, picked by shape on the host (no call-time autotuning).
+"""Tile configs of the "triton" MoE kernel, picked by shape on the host (no call-time autotuning).
 
 The GEMMs group the expert-sorted rows of one expert into blocks of BM rows, so the expected
 rows per touched expert, m_e = T*k / min(E, T*k), decides how full a block is. Decode (small m_e)
@@ -10,7 +10,7 @@ feeds 256 rows).
 Every config keeps BN = 16 x num_warps (one 16-row MMA slab per warp): then the dequantized tile
 lands directly in the wgmma A-operand registers. Other shapes (e.g. BN 128 at 4 warps) made
 Triton 3.6 route the tile through shared memory again (sm90 SASS: STS.U16 + LDSM every K step;
-tests/ops/backends/test_triton_moe_sass.py checks the table).
+tests/ops/kernels/test_triton_moe_sass.py checks the table).
 
 Measured on an H100 (benchmarks/gpu_check.py --tuned --candidates v5/v6/v7, 2026-11-24;
 benchmarks/NOTES.md "v5"-"v7"; decode BK from v10/v11, session 3), whole forward incl. routing,

@@ -58,7 +58,7 @@ def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.
     return expert_map.long()[ids]
 
 
-def moe_reference(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
+def moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
                   activation="swiglu_oai", alpha=1.702, limit=7.0, expert_map=None, combine=True,
                   sync_free=None):
     """Fused MoE forward. ``sync_free`` (default: on for non-CPU devices) computes every expert

@@ -1,4 +1,4 @@
-"""Triton kernels of the "triton" MXFP4 MoE backend.
+"""Triton kernels of the "triton" MXFP4 MoE kernel.
 
 Shape legend: T tokens, k top-k, M = T*k (token, slot) assignments, E local experts,
 H hidden (Hp padded), I intermediate (Ip padded), EB = next_pow2(E + 1) (bucket E collects

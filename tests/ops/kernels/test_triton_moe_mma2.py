@@ -19,7 +19,7 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs the real Triton compiler, not the interpreter", allow_module_level=True)
 gluon_rt = pytest.importorskip("triton.experimental.gluon._runtime")
 
-from mxfp4_compile.ops.backends.triton_moe_details import _mma2, configs  # noqa: E402
+from mxfp4_compile.ops.kernels.triton_moe_details import _mma2, configs  # noqa: E402
 from test_triton_moe_sass import _CUOBJDUMP, _k_loop, _sass  # noqa: E402
 from test_triton_moe_sass import _compile as _compile_triton  # noqa: E402
 

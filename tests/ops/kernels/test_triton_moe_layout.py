@@ -8,8 +8,8 @@ import re
 import torch
 
 from mxfp4_compile.numerics import decode_e2m1, unpack_codes
-from mxfp4_compile.ops.backends import triton_moe as tm
-from mxfp4_compile.ops.backends.triton_moe_details import layout
+from mxfp4_compile.ops.kernels import triton_moe as tm
+from mxfp4_compile.ops.kernels.triton_moe_details import layout
 
 
 def _bf16_halves(pattern: int) -> list[float]:

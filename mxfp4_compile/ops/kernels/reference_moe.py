@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..reference import moe_reference
+from ..moe_torch import moe_torch
 
 NAME = "reference"
 H_MULTIPLE = 32
@@ -28,5 +28,5 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
 
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
         activation, alpha, limit, expert_map, combine):
-    return moe_reference(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales,
+    return moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales,
                          w2_bias, activation, alpha, limit, expert_map, combine)

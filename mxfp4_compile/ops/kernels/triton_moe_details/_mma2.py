@@ -1,11 +1,11 @@
-"""Decode GEMMs of the "triton" MoE backend written in Gluon, on mma.sync (sm80+).
+"""Decode GEMMs of the "triton" MoE kernel written in Gluon, on mma.sync (sm80+).
 
 Why a second implementation of the decode tiles: at T <= 64 the GEMMs stream the weights once
 and are limited by the instructions each K step issues (benchmarks/NOTES.md, session 6: a plain
 reader streams the same grid at 97% of the floor). The Triton kernels issue ~295 instructions per
 64 x 128 step, ~100 of them wgmma fences, descriptors, warpgroup waits and a shared-memory round
 trip of the scale bytes that Triton's layout choice forces; these issue 183 (16-row blocks) or
-170 (8-row blocks; sm90 SASS, tests/ops/backends/test_triton_moe_mma2.py). Every layout is
+170 (8-row blocks; sm90 SASS, tests/ops/kernels/test_triton_moe_mma2.py). Every layout is
 explicit:
   - words and scale bytes go from shared memory straight into the registers of the threads
     whose A fragment they decode to (the fragment a thread holds for mma.m16n8k16, which is
@@ -21,7 +21,7 @@ reach past K (gpt-oss K = 2880, split chunks) are masked. The activation and the
 launch come from _kernels; _block_info is written again here (Gluon's arange needs an explicit
 layout, which the Triton helper does not give). GPU only: Gluon has no interpreter, so CPU CI
 runs the Triton kernels and compiles these for sm90 and sm80; the H100 checks their results
-(tests/ops/backends/test_triton_moe_cuda.py, benchmarks/gpu_check.py). Never run on Ampere.
+(tests/ops/kernels/test_triton_moe_cuda.py, benchmarks/gpu_check.py). Never run on Ampere.
 
 Shape legend (one program): BN weight rows (G = BN/16 groups of 16, one per warp), BM sorted
 rows (tokens), BK codes per step = NB 64-code blocks (2 NB 32-code chunks).

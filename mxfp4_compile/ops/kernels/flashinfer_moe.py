@@ -60,7 +60,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from ..reference import check_activation
+from ..moe_torch import check_activation
 
 log = logging.getLogger("mxfp4_compile")
 
@@ -88,7 +88,7 @@ _NAMES = ("trtllm_fp4_block_scale_routed_moe", "shuffle_matrix_a", "shuffle_matr
 
 
 class FlashInferUnavailable(RuntimeError):
-    """flashinfer is missing or its API is not the one this backend was written against."""
+    """flashinfer is missing or its API is not the one this kernel module was written against."""
 
 
 # ---- API detection -------------------------------------------------------------------------------
@@ -102,13 +102,13 @@ def check_signature(fn) -> str | None:
         return None
     missing = [n for n in CALL_PARAMS if n not in params]
     if missing:
-        return (f"trtllm_fp4_block_scale_routed_moe has no parameter(s) {missing}; this backend "
+        return (f"trtllm_fp4_block_scale_routed_moe has no parameter(s) {missing}; this kernel module "
                 f"was written against {SUPPORTED_API}")
     required_unknown = [n for n, p in params.items()
                         if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
                         and n not in CALL_PARAMS]
     if required_unknown:
-        return (f"trtllm_fp4_block_scale_routed_moe requires {required_unknown}, which this backend "
+        return (f"trtllm_fp4_block_scale_routed_moe requires {required_unknown}, which this kernel module "
                 f"does not pass (an API other than {SUPPORTED_API}, e.g. one with tile_tokens_dim)")
     return None
 
@@ -125,7 +125,7 @@ def _load_cached():
     ns = types.SimpleNamespace(version=version)
     for n in _NAMES:
         if not hasattr(fi, n):
-            return None, f"flashinfer {version} has no {n!r}; this backend needs {SUPPORTED_API}"
+            return None, f"flashinfer {version} has no {n!r}; this kernel module needs {SUPPORTED_API}"
         setattr(ns, n, getattr(fi, n))
     err = check_signature(ns.trtllm_fp4_block_scale_routed_moe)
     if err:
@@ -152,7 +152,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         return "CUDA is not available in this process"
     major, minor = torch.cuda.get_device_capability(device)
     if major != 10:
-        return (f"the flashinfer backend is sm100 (Blackwell) only: trtllm-gen MXFP4 MoE; this GPU "
+        return (f"the flashinfer kernel is sm100 (Blackwell) only: trtllm-gen MXFP4 MoE; this GPU "
                 f"is sm{major}{minor} (no SM90 path here: use 'triton' or 'triton_kernels')")
     return _load_cached()[1]
 
@@ -250,7 +250,7 @@ def _shuffle_for_trtllm(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias):
         theirs = fi.row_indices(w13[0], EPILOGUE_TILE_M).cpu()
         if not torch.equal(theirs, shuffle_a_row_indices(w13.shape[1])):
             raise FlashInferUnavailable(f"flashinfer {fi.version}: shuffle_matrix_a's row order "
-                                        f"differs from the one this backend was written for")
+                                        f"differs from the one this kernel module was written for")
     tm = EPILOGUE_TILE_M
 
     def rows(t):
@@ -319,7 +319,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     fi = _fi()
     check_activation(activation)
     if not _warned:
-        log.warning("mxfp4: the flashinfer backend's kernel call has not been verified on hardware")
+        log.warning("mxfp4: the flashinfer kernel's kernel call has not been verified on hardware")
         _warned = True
     T, H = hidden.shape
     k = topk_ids.shape[1]

@@ -11,7 +11,7 @@ E local experts, H hidden (Hp padded), I intermediate (Ip padded).
   w2_bias       [E, Hp]           float32 or None
   expert_map    [E_global]        int32, -1 = not on this rank
 
-Prepared layout = the canonical one (ops/reference.py: padding, scales, biases) with three
+Prepared layout = the canonical one (ops/moe_torch.py: padding, scales, biases) with three
 permutations: w13 rows are paired per 16 (8 gate rows, then the 8 up rows of the same columns:
 `_paired_rows`), and inside every 32-code chunk along K the codes' bits are regrouped
 (`_pack_words`) so that each 32-bit word decodes to 4 bf16 pairs with a rotate and one or two
@@ -35,7 +35,7 @@ import os
 import torch
 
 from . import reference_moe
-from ..reference import ACTIVATIONS, check_activation
+from ..moe_torch import ACTIVATIONS, check_activation
 from .triton_moe_details import layout  # pure Python: importable without triton
 
 NAME = "triton"

@@ -74,7 +74,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from ..reference import check_activation
+from ..moe_torch import check_activation
 
 NAME = "triton_kernels"
 H_MULTIPLE = 64
@@ -98,11 +98,11 @@ SUPPORTED_API = "matmul_ogs + routing (triton_kernels as in Triton 3.5.x / vLLM 
 HOW_TO_GET = (
     "get triton_kernels from vLLM 0.33's wheel: `pip download --no-deps vllm==0.33.0`, unzip only "
     "vllm/third_party/triton_kernels/ into a folder and put that folder on PYTHONPATH (see the "
-    "docstring of mxfp4_compile.ops.backends.triton_kernels_moe)")
+    "docstring of mxfp4_compile.ops.kernels.triton_kernels_moe)")
 
 
 class TritonKernelsUnavailable(RuntimeError):
-    """triton_kernels is missing, or its API is not the one this backend supports."""
+    """triton_kernels is missing, or its API is not the one this kernel module supports."""
 
 
 # ---- API detection -------------------------------------------------------------------------------
@@ -135,7 +135,7 @@ def _load_api_cached():
     where = _where(tk)
     if importlib.util.find_spec("triton_kernels.routing") is None:
         return None, (f"triton_kernels at {where} has no `routing` module: this is the post-3.5 "
-                      f"API (routing was removed after Triton 3.5), which this backend does not "
+                      f"API (routing was removed after Triton 3.5), which this kernel module does not "
                       f"support; it supports {SUPPORTED_API}. {HOW_TO_GET}")
     ns = types.SimpleNamespace(where=where)
     for modname, names in _REQUIRED.items():
@@ -143,11 +143,11 @@ def _load_api_cached():
             mod = importlib.import_module(modname)
         except Exception as e:  # noqa: BLE001
             return None, (f"triton_kernels at {where}: importing {modname} failed "
-                          f"({type(e).__name__}: {e}); this backend supports {SUPPORTED_API}")
+                          f"({type(e).__name__}: {e}); this kernel module supports {SUPPORTED_API}")
         for n in names:
             if not hasattr(mod, n):
                 return None, (f"triton_kernels at {where}: {modname} has no {n!r}; this is not the "
-                              f"API this backend supports ({SUPPORTED_API})")
+                              f"API this kernel module supports ({SUPPORTED_API})")
             setattr(ns, n, getattr(mod, n))
     return ns, None
 
@@ -198,7 +198,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         return "CUDA is not available in this process"
     major, minor = torch.cuda.get_device_capability(device)
     if major != 9:
-        return (f"this backend needs an sm90 (Hopper) GPU: it prepares weights in triton_kernels' "
+        return (f"this kernel module needs an sm90 (Hopper) GPU: it prepares weights in triton_kernels' "
                 f"Hopper MXFP4 layout (HopperMXValueLayout/HopperMXScaleLayout); this GPU is "
                 f"sm{major}{minor}")
     return api_error()
@@ -295,7 +295,7 @@ def unswizzle_scales(p: torch.Tensor, N: int, K: int) -> torch.Tensor:
 
 
 def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
-    """Canonical padded MXFP4 (ops/reference.py) -> this kernel's six tensors (module docstring)."""
+    """Canonical padded MXFP4 (ops/moe_torch.py) -> this kernel's six tensors (module docstring)."""
     check_activation(activation)
     E, two_ip, hp_half = w13.shape
     Hp, Ip = hp_half * 2, two_ip // 2
@@ -324,7 +324,7 @@ def _wrap_weight(api, values: torch.Tensor, scales: torch.Tensor):
     if tuple(scales.shape) != _scale_shape(E, N, K):
         raise ValueError(f"triton_kernels: scales {tuple(scales.shape)} do not match weights "
                          f"{tuple(values.shape)} (expected {_scale_shape(E, N, K)}); pass what "
-                         f"this backend's prepare returned")
+                         f"this kernel module's prepare returned")
     vlayout = api.HopperMXValueLayout((E, K // 2, N), mx_axis=1)
     w = api.Tensor(api.Storage(values.mT, vlayout), dtype=api.FP4, shape=[E, K, N])
     slayout = api.HopperMXScaleLayout((E, K // 32, N), mx_axis=1, num_warps=num_warps_for(N))
@@ -436,7 +436,7 @@ if importlib.util.find_spec("triton") is not None:
         words = tl.sum(tl.where(hit, bit[:, :, None], tl.zeros_like(bit)[:, :, None]), axis=1)
         tl.store(Words + t[:, None] * W + wi[None, :], words.to(tl.int32, bitcast=True),
                  mask=(t[:, None] < T) & (wi[None, :] < W))
-else:  # pragma: no cover - no Triton: the backend reports itself unavailable
+else:  # pragma: no cover - no Triton: the kernel reports itself unavailable
     _mxfp4c_silu_glu = None
     _routing_inputs_kernel = None
 

@@ -22,9 +22,9 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs the real Triton compiler, not the interpreter", allow_module_level=True)
 
-from mxfp4_compile.ops.backends import triton_moe  # noqa: E402
-from mxfp4_compile.ops.backends.triton_moe_details import _kernels as K  # noqa: E402
-from mxfp4_compile.ops.backends.triton_moe_details import configs  # noqa: E402
+from mxfp4_compile.ops.kernels import triton_moe  # noqa: E402
+from mxfp4_compile.ops.kernels.triton_moe_details import _kernels as K  # noqa: E402
+from mxfp4_compile.ops.kernels.triton_moe_details import configs  # noqa: E402
 
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                           "cuobjdump")

@@ -2,15 +2,15 @@
 (_mma2) and the Triton kernels they stand in for, against the float32 reference on the same
 MXFP4 bytes, at a K with a masked tail step (2880) and without (1024), 8- and 16-row blocks, split
 K; and the inputs _mma2 does not take (fp16 and misaligned bf16 activations) falling back to the
-Triton kernels. Run on the GPU machine: pytest -q tests/ops/backends/test_triton_moe_cuda.py"""
+Triton kernels. Run on the GPU machine: pytest -q tests/ops/kernels/test_triton_moe_cuda.py"""
 from __future__ import annotations
 
 import pytest
 import torch
 
-from mxfp4_compile.ops.backends import triton_moe as tm
-from mxfp4_compile.ops.backends.triton_moe_details import configs
-from mxfp4_compile.ops.reference import moe_reference
+from mxfp4_compile.ops.kernels import triton_moe as tm
+from mxfp4_compile.ops.kernels.triton_moe_details import configs
+from mxfp4_compile.ops.moe_torch import moe_torch
 from mxfp4_compile.ops.weights import quantize_experts
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -41,7 +41,7 @@ class _Counted:
 
 def _run(canon, prepared, x, ids, tw, act, monkeypatch, mma2=True):
     """-> (output, float32 reference, number of _mma2 GEMM launches)."""
-    from mxfp4_compile.ops.backends.triton_moe_details import _mma2
+    from mxfp4_compile.ops.kernels.triton_moe_details import _mma2
 
     counted = [_Counted(_mma2._gemm1_kernel), _Counted(_mma2._gemm2_kernel)]
     with monkeypatch.context() as m:
@@ -50,7 +50,7 @@ def _run(canon, prepared, x, ids, tw, act, monkeypatch, mma2=True):
         m.setattr(_mma2, "_gemm2_kernel", counted[1])
         out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, None, True)
         torch.cuda.synchronize()
-    ref = moe_reference(x.float(), ids, tw, *canon, act, 1.702, 7.0, None, True).float()
+    ref = moe_torch(x.float(), ids, tw, *canon, act, 1.702, 7.0, None, True).float()
     return out.float(), ref, [c.launches for c in counted]
 
 
@@ -110,7 +110,7 @@ def test_one_token_reads_the_ids_without_the_route_kernel(emap, combine, monkeyp
     # T=1: the _mma2 GEMMs take each assignment's expert from the ids (DIRECT), no route launch;
     # the same numbers, bit for bit, as through the route kernel. With an expert map (48 global
     # experts, 16 not on this rank) the token picks two experts of another rank
-    from mxfp4_compile.ops.backends.triton_moe_details import _kernels as K
+    from mxfp4_compile.ops.kernels.triton_moe_details import _kernels as K
 
     E, H, I, k, act = 32, 2880, 2880, 4, "swiglu_oai"
     canon, prepared = _weights(E, H, I, act)
@@ -136,7 +136,7 @@ def test_one_token_reads_the_ids_without_the_route_kernel(emap, combine, monkeyp
             outs.append(tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine))
             torch.cuda.synchronize()
         assert routes.launches == (0 if direct else 1)
-    ref = moe_reference(x.float(), ids, tw, *canon, act, 1.702, 7.0, expert_map, combine).float()
+    ref = moe_torch(x.float(), ids, tw, *canon, act, 1.702, 7.0, expert_map, combine).float()
     out = outs[0].float()
     assert torch.isfinite(out).all()
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2

@@ -13,7 +13,7 @@ import types
 import pytest
 import torch
 
-from mxfp4_compile.ops.backends import flashinfer_moe as fim
+from mxfp4_compile.ops.kernels import flashinfer_moe as fim
 
 
 @pytest.fixture(autouse=True)
@@ -215,7 +215,7 @@ def _fake_flashinfer(calls):
     """A stand-in with the real names: identity shuffles, and a 'kernel' that undoes our layout
     (up/gate pairs, packed top-k, phantom expert) and runs the reference MoE, so the test checks
     that the arguments say what we mean."""
-    from mxfp4_compile.ops.reference import moe_reference
+    from mxfp4_compile.ops.moe_torch import moe_torch
 
     def kernel(topk_ids, routing_bias, hidden_states, hidden_states_scale, gemm1_weights,
                gemm1_weights_scale, gemm1_bias, gemm1_alpha, gemm1_beta, gemm1_clamp_limit,
@@ -239,7 +239,7 @@ def _fake_flashinfer(calls):
         emap = torch.arange(num_experts, dtype=torch.int32)
         emap[E:] = -1
         u8 = torch.uint8
-        out = moe_reference(
+        out = moe_torch(
             hidden_states.float(), ids, w.float(),
             fim.from_trtllm_gate_up(gemm1_weights, 1, act),
             fim.from_trtllm_gate_up(gemm1_weights_scale.view(u8), 1, act),
@@ -285,7 +285,7 @@ def _canonical(E, H, I, activation, seed=0):
 @pytest.mark.parametrize("combine", [True, False])
 @pytest.mark.parametrize("use_map", [False, True])
 def test_call_arguments_mean_what_we_mean(fake_fi, activation, combine, use_map):
-    from mxfp4_compile.ops.reference import moe_reference
+    from mxfp4_compile.ops.moe_torch import moe_torch
     E, H, I, k, T = 4, 256, 256, 2, 5
     canon = _canonical(E, H, I, activation)
     assert fim._load_cached()[1] is None
@@ -299,7 +299,7 @@ def test_call_arguments_mean_what_we_mean(fake_fi, activation, combine, use_map)
     if use_map:
         emap = torch.tensor([0, -1, 1, 2, -1, 3], dtype=torch.int32)
     out = fim.moe(x, ids, w, *prepared, activation, 1.702, 7.0, emap, combine)
-    ref = moe_reference(x, ids, w.to(torch.bfloat16).float(), *canon, activation, 1.702, 7.0,
+    ref = moe_torch(x, ids, w.to(torch.bfloat16).float(), *canon, activation, 1.702, 7.0,
                         emap, combine)
     assert out.shape == ref.shape and out.dtype == x.dtype
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()

@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 
-from mxfp4_compile.ops.backends import triton_kernels_moe as tkm
+from mxfp4_compile.ops.kernels import triton_kernels_moe as tkm
 
 _TK_DIR = pathlib.Path(__file__).resolve().parents[3] / ".tk"
 if importlib.util.find_spec("triton_kernels") is None and (_TK_DIR / "triton_kernels").is_dir():
@@ -287,7 +287,7 @@ def do_compile(self, key, signature, device, constexprs, options, attrs, warmup)
 jit.JITFunction._do_compile = do_compile
 
 from triton_kernels.routing import routing_torch
-from mxfp4_compile.ops.backends import triton_kernels_moe as tkm
+from mxfp4_compile.ops.kernels import triton_kernels_moe as tkm
 
 def torch_routing(api, ids, weights, n_experts, expert_map=None):
     logits = torch.full((ids.shape[0], n_experts), -1e9)
@@ -351,7 +351,7 @@ def test_matmul_ogs_compiles_for_sm90_on_cpu():
 @pytest.mark.parametrize("combine", [True, False])
 def test_moe_matches_reference_on_gpu(activation, combine):
     from mxfp4_compile import numerics
-    from mxfp4_compile.ops.reference import moe_reference
+    from mxfp4_compile.ops.moe_torch import moe_torch
     E, H, I, k, T = 8, 256, 128, 2, 33
     g = torch.Generator(device="cuda").manual_seed(0)
     q = [numerics.quantize(torch.randn(E, n, kk, device="cuda", generator=g) / kk ** 0.5)
@@ -363,7 +363,7 @@ def test_moe_matches_reference_on_gpu(activation, combine):
     vals, ids = torch.randn(T, E, device="cuda").topk(k, dim=-1)
     w = vals.softmax(-1)
     out = tkm.moe(x, ids, w, *prepared, activation, 1.702, 7.0, None, combine)
-    ref = moe_reference(x, ids, w, *canon, activation, 1.702, 7.0, None, combine)
+    ref = moe_torch(x, ids, w, *canon, activation, 1.702, 7.0, None, combine)
     assert out.shape == ref.shape and out.dtype == x.dtype
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
@@ -371,7 +371,7 @@ def test_moe_matches_reference_on_gpu(activation, combine):
 # ---- the routing-input kernel, through the Triton interpreter on CPU ------------------------------
 _INTERPRET_SCRIPT = r"""
 import torch
-from mxfp4_compile.ops.backends import triton_kernels_moe as tkm
+from mxfp4_compile.ops.kernels import triton_kernels_moe as tkm
 g = torch.Generator().manual_seed(0)
 for E, k, T, use_map in [(32, 4, 37, False), (128, 4, 5, True), (40, 3, 9, False), (8, 2, 1, True),
                          (33, 1, 3, False)]:
