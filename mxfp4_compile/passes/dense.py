@@ -6,8 +6,9 @@ experts a token did not pick. The op gets ids = all experts and the dense weight
 matrix is ``zeros.scatter(1, topk_ids, topk_weights)``, the top-k ids and weights themselves)."""
 from __future__ import annotations
 
-from .match_utils import Labels, NoMatch, aten, same, shape, strip, val
-from .region import Context, ExpertGemm, find_hidden, match_pair, pair_gemms
+from .fx_utils import NoMatch, aten, shape, strip, val
+from .labels import Labels
+from .region import Context, ExpertGemm, find_hidden, match_pair, match_pairs, routing_weights_in
 
 FORM = "dense"
 
@@ -39,37 +40,25 @@ def _scatter_topk(n, T, E):
 
 
 def match(ctx: Context):
-    results = []
-    for firsts, g2 in pair_gemms(find_gemms(ctx)):
-        where = f"{firsts[0].node.name}..{g2.node.name}"
-        try:
-            hidden = find_hidden(firsts[0].x, None)
-            if hidden is None:
-                raise NoMatch("the first GEMM does not read a [T, H] hidden tensor")
-            T, H = shape(hidden)
-            E = shape(g2.weight)[0]
-            labels = Labels(roots={}, sizes={"T": T, "H": H, "E": E})
-            labels.set_root(hidden, (("T",), ("H",)))
+    """-> list of (MoERegion | NoMatch, where)."""
+    return match_pairs(ctx, find_gemms(ctx), _match_one)
 
-            def weights_ok(chain, lab):
-                for n in chain:  # nearest the use first
-                    s = shape(n)
-                    if s is not None and len(s) == 2 and same(s[0], T) and same(s[1], E) \
-                            and val(n).is_floating_point():
-                        lab.set_root(n, (("T",), ("E",)))
-                        return n
-                return None
 
-            region = match_pair(FORM, firsts, g2, labels, ctx, T=T, k=E, slot="E",
-                                ids_roots=set(), hidden=hidden, weights_root_ok=weights_ok,
-                                row_atoms=("E", "T"))
-            found = _scatter_topk(region.topk_weights, T, E)
-            if found is not None:
-                region.topk_ids, region.topk_weights = found
-                region.top_k = shape(found[0])[1]
-            else:
-                region.dense_experts = True
-            results.append((region, where))
-        except NoMatch as e:
-            results.append((e, where))
-    return results
+def _match_one(ctx, firsts, g2):
+    hidden = find_hidden(firsts[0].x, None)
+    if hidden is None:
+        raise NoMatch("the first GEMM does not read a [T, H] hidden tensor")
+    T, H = shape(hidden)
+    E = shape(g2.weight)[0]
+    labels = Labels(roots={}, sizes={"T": T, "H": H, "E": E})
+    labels.set_root(hidden, (("T",), ("H",)))
+    region = match_pair(FORM, firsts, g2, labels, ctx, T=T, k=E, slot="E", ids_roots=set(),
+                        hidden=hidden, row_atoms=("E", "T"),
+                        weights_root_ok=lambda c, lab: routing_weights_in(c, lab, T, E, "E"))
+    found = _scatter_topk(region.topk_weights, T, E)
+    if found is not None:
+        region.topk_ids, region.topk_weights = found
+        region.top_k = shape(found[0])[1]
+    else:
+        region.dense_experts = True
+    return region

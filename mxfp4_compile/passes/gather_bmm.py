@@ -5,8 +5,10 @@ weights), transformers' ``batched_mm`` experts (``W[ids.view(-1)]`` + bmm); afte
 ``index(W, [ids]) -> view/permute -> bmm`` whatever the einsum spelling."""
 from __future__ import annotations
 
-from .match_utils import Labels, NoMatch, aten, same, shape, strip, strip_ids, val
-from .region import Context, ExpertGemm, find_hidden, match_pair, pair_gemms
+from .fx_utils import NoMatch, aten, shape, strip, val
+from .labels import Labels
+from .region import Context, ExpertGemm, find_hidden, match_pair, match_pairs, routing_weights_in
+from .sentinels import strip_ids
 
 FORM = "gather_bmm"
 
@@ -28,44 +30,29 @@ def find_gemms(ctx: Context) -> list[ExpertGemm]:
     return out
 
 
-def routing_weights_root(T, k):
-    def ok(chain, labels: Labels):
-        for n in chain:  # nearest the use first: the weights as the model applies them
-            s = shape(n)
-            if s is not None and len(s) == 2 and same(s[0], T) and same(s[1], k) \
-                    and val(n).is_floating_point():
-                labels.set_root(n, (("T",), ("S",)))
-                return n
-        return None
-    return ok
-
-
 def match(ctx: Context):
     """-> list of (MoERegion | NoMatch, where)."""
-    results = []
-    for firsts, g2 in pair_gemms(find_gemms(ctx)):
-        where = f"{firsts[0].node.name}..{g2.node.name}"
-        try:
-            ids = firsts[0].ids
-            if any(g.ids is not ids for g in firsts + [g2]):
-                raise NoMatch("the two expert GEMMs gather weights with different indices")
-            s = shape(ids)
-            if s is None or len(s) != 2:
-                raise NoMatch(f"expert ids {ids.name} are not [T, k]")
-            T, k = s
-            hidden = find_hidden(firsts[0].x, T)
-            if hidden is None or any(find_hidden(g.x, T) is not hidden for g in firsts):
-                raise NoMatch("the first GEMM does not read one [T, H] hidden tensor")
-            labels = Labels(roots={}, sizes={"T": T, "S": k, "H": shape(hidden)[1]})
-            labels.set_root(hidden, (("T",), ("H",)))
-            labels.set_root(ids, (("T",), ("S",)))
-            clamps = {c for g in firsts + [g2] for c in g.id_clamps}
-            labels.identity.update({c: c.args[0] for c in clamps})
-            region = match_pair(FORM, firsts, g2, labels, ctx, T=T, k=k, slot="S",
-                                ids_roots={ids} | clamps,
-                                hidden=hidden, weights_root_ok=routing_weights_root(T, k))
-            region.topk_ids = ids
-            results.append((region, where))
-        except NoMatch as e:
-            results.append((e, where))
-    return results
+    return match_pairs(ctx, find_gemms(ctx), _match_one)
+
+
+def _match_one(ctx, firsts, g2):
+    ids = firsts[0].ids
+    if any(g.ids is not ids for g in firsts + [g2]):
+        raise NoMatch("the two expert GEMMs gather weights with different indices")
+    s = shape(ids)
+    if s is None or len(s) != 2:
+        raise NoMatch(f"expert ids {ids.name} are not [T, k]")
+    T, k = s
+    hidden = find_hidden(firsts[0].x, T)
+    if hidden is None or any(find_hidden(g.x, T) is not hidden for g in firsts):
+        raise NoMatch("the first GEMM does not read one [T, H] hidden tensor")
+    labels = Labels(roots={}, sizes={"T": T, "S": k, "H": shape(hidden)[1]})
+    labels.set_root(hidden, (("T",), ("H",)))
+    labels.set_root(ids, (("T",), ("S",)))
+    clamps = {c for g in firsts + [g2] for c in g.id_clamps}
+    labels.identity.update({c: c.args[0] for c in clamps})
+    region = match_pair(FORM, firsts, g2, labels, ctx, T=T, k=k, slot="S", ids_roots={ids} | clamps,
+                        hidden=hidden,
+                        weights_root_ok=lambda c, lab: routing_weights_in(c, lab, T, k, "S"))
+    region.topk_ids = ids
+    return region

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import operator
 
-from .match_utils import (Labels, NoMatch, aten, grouped_mm_ops, id_clamp_source, is_view, prims,
-                          same, sentinel_fill_source, shape, strip, val)
-from .region import Context, ExpertGemm, match_pair, pair_gemms
+from .fx_utils import NoMatch, aten, grouped_mm_ops, is_view, prims, same, shape, strip, val
+from .labels import Labels
+from .region import Context, ExpertGemm, match_pair, match_pairs, routing_weights_in
+from .sentinels import id_clamp_source, sentinel_fill_source
 
 FORM = "grouped_mm"
 
@@ -113,14 +114,8 @@ def _sentinel_identities(sorted_ids, E):
 
 
 def match(ctx: Context):
-    results = []
-    for firsts, g2 in pair_gemms(find_gemms(ctx)):
-        where = f"{firsts[0].node.name}..{g2.node.name}"
-        try:
-            results.append((_match_one(ctx, firsts, g2), where))
-        except NoMatch as e:
-            results.append((e, where))
-    return results
+    """-> list of (MoERegion | NoMatch, where)."""
+    return match_pairs(ctx, find_gemms(ctx), _match_one)
 
 
 def _rows_index(xg):
@@ -230,13 +225,8 @@ def _match_one(ctx, firsts, g2):
 
     def weights_ok(chain, lab):
         root = chain[-1]
-        if root.target is aten.index.Tensor and root.args[1][0] is perm:
-            for n in strip(root.args[0]):
-                s = shape(n)
-                if s is not None and len(s) == 2 and same(s[0], T) and same(s[1], k) \
-                        and val(n).is_floating_point():
-                    lab.set_root(n, (("T",), ("S",)))
-                    return n
+        if root.target is aten.index.Tensor and root.args[1][0] is perm:  # weights[perm]
+            return routing_weights_in(strip(root.args[0]), lab, T, k, "S")
         return None
 
     ids_roots = {ids} | ({sorted_ids} if sorted_ids is not None else set()) | \

@@ -4,6 +4,7 @@ Runs in Inductor's fw_compiler_freezing before freeze(), on the inference graph 
 placeholders are the (lifted, frozen) parameters, so the inserted weight transforms get folded."""
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import logging
@@ -14,13 +15,25 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from ..ops.dispatch import padded_sizes
 from . import dense, gather_bmm, grouped_mm, router, tp_allreduce
-from .match_utils import Candidate, NoMatch, constant_nodes, param_name
+from .fx_utils import NoMatch
+from .params import constant_nodes, param_name
 from .region import Context
 from .rewrite import rewrite
 
 log = logging.getLogger("mxfp4_compile")
 
 FORMS = (tp_allreduce, gather_bmm, grouped_mm, dense)
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One place that looked like an MoE expert block, rewritten or not (for logs and explain)."""
+    form: str
+    where: str                    # node / parameter names that locate it
+    rewritten: bool
+    reason: str = ""
+    details: dict = dataclasses.field(default_factory=dict)
+
 
 # Reports of the graphs compiled since the last take_reports(); the backend and explain read them.
 _reports: list[list[Candidate]] = []
@@ -33,8 +46,12 @@ def take_reports() -> list[list[Candidate]]:
 
 
 def _sources() -> tuple[str, ...]:
+    """The files whose code decides what the pass writes (its cache key): every module of passes/
+    (whatever their names), ops/ and the format constants."""
     pkg = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    files = glob.glob(os.path.join(pkg, "passes", "*.py")) + glob.glob(os.path.join(pkg, "ops", "**", "*.py"), recursive=True)
+    files = glob.glob(os.path.join(pkg, "passes", "*.py")) + \
+        glob.glob(os.path.join(pkg, "ops", "**", "*.py"), recursive=True) + \
+        [os.path.join(pkg, "formats.py")]
     return tuple(sorted(files))
 
 

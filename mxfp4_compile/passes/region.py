@@ -1,6 +1,7 @@
-"""The part of matching every form shares: pair the expert GEMMs, check the activation between them,
-follow the result to the weighted combine. A form (gather_bmm.py, grouped_mm.py, dense.py) only says
-which nodes are its expert GEMMs and what their operands' dimensions mean (Labels roots/rules)."""
+"""An MoE region (MoERegion: what every form's matcher produces) and the part of matching every form
+shares: pair the expert GEMMs, check the activation between them, follow the result to the weighted
+combine. A form (gather_bmm.py, grouped_mm.py, dense.py) only says which nodes are its expert GEMMs
+and what their operands' dimensions mean (Labels roots/rules)."""
 from __future__ import annotations
 
 import dataclasses
@@ -8,8 +9,32 @@ import heapq
 
 import torch.fx as fx
 
-from .match_utils import (DTYPE_OPS, Labels, MoERegion, NoMatch, aten, identify_activation,
-                          is_view, same, shape, strip)
+from .activation import MatchedActivation, identify_activation
+from .fx_utils import DTYPE_OPS, NoMatch, aten, is_view, same, shape, strip, val
+from .labels import Labels
+
+
+@dataclasses.dataclass
+class MoERegion:
+    """What a form's matcher found: the nodes torch.ops.mxfp4.moe reads and the one it replaces."""
+    form: str                     # which matcher found it
+    hidden: fx.Node               # [T, H]
+    topk_ids: fx.Node | None      # [T, k] int (None: dense form without top-k; built at rewrite)
+    topk_weights: fx.Node         # [T, k] (or [T, E] dense)
+    w13: list                     # [W13] or [W_gate, W_up] (weight-constant nodes, 3-D)
+    w13_bias: fx.Node | None
+    w2: fx.Node
+    w2_bias: fx.Node | None
+    w13_transposed: bool          # [E, H, 2I] instead of [E, 2I, H]
+    w2_transposed: bool           # [E, I, H] instead of [E, H, I]
+    activation: MatchedActivation
+    output: fx.Node               # [T, H] node the op's result replaces
+    dense_experts: bool = False   # weights are [T, E] over every expert
+    residual: fx.Node | None = None  # a tensor the combine adds the expert sum to (scatter_add base)
+    num_experts: int = 0
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    top_k: int = 0
 
 
 @dataclasses.dataclass
@@ -18,7 +43,7 @@ class ExpertGemm:
     weight: fx.Node               # 3-D expert weight it reads ([E, ., .], before any gather)
     x: fx.Node                    # its activation operand
     ids: fx.Node | None = None    # gather index root ([T, k] ids) for the gather form
-    id_clamps: tuple = ()         # identity clamps between ids and the gather (match_utils.strip_ids)
+    id_clamps: tuple = ()         # identity clamps between ids and the gather (sentinels.strip_ids)
 
 
 @dataclasses.dataclass
@@ -26,6 +51,31 @@ class Context:
     graph: fx.Graph
     const: set                    # nodes Inductor's freeze folds (parameter-only)
     names: list | None = None     # parameter source names by placeholder index (reports)
+
+
+def match_pairs(ctx: Context, gemms: list[ExpertGemm], match_one) -> list:
+    """Pair ``gemms`` and run ``match_one(ctx, firsts, g2)`` on each pair -> [(MoERegion | NoMatch,
+    where)], where names the pair's GEMM nodes."""
+    results = []
+    for firsts, g2 in pair_gemms(gemms):
+        where = f"{firsts[0].node.name}..{g2.node.name}"
+        try:
+            results.append((match_one(ctx, firsts, g2), where))
+        except NoMatch as e:
+            results.append((e, where))
+    return results
+
+
+def routing_weights_in(chain, labels: Labels, T, k, slot):
+    """The first [T, k] float tensor of ``chain`` (nearest the use first: the weights as the model
+    applies them), labelled (T, ``slot``) -> it, else None."""
+    for n in chain:
+        s = shape(n)
+        if s is not None and len(s) == 2 and same(s[0], T) and same(s[1], k) \
+                and val(n).is_floating_point():
+            labels.set_root(n, (("T",), (slot,)))
+            return n
+    return None
 
 
 def pair_gemms(gemms: list[ExpertGemm], limit=300):
@@ -95,7 +145,7 @@ def follow_gemm_output(g, labels: Labels, ctx, ids_roots, out_label):
         if is_view(u) and u.target not in DTYPE_OPS and labels.of(u) is not None:
             cur = u
             continue
-        if labels.identity.get(u) is cur:  # a sentinel mask (identity: see match_utils)
+        if labels.identity.get(u) is cur:  # a sentinel mask (identity: see sentinels.py)
             cur = u
             continue
         if u.target is aten.add.Tensor and bias is None and len(u.args) == 2:

@@ -10,7 +10,8 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
-from .match_utils import MoERegion, aten, prims, shape, val
+from .fx_utils import aten, prims, shape, val
+from .region import MoERegion
 
 
 def _fake_mode(graph):

@@ -19,7 +19,7 @@ import torch
 import torch.fx as fx
 
 from ..ops.topk_softmax import MAX_EXPERTS
-from .match_utils import DTYPE_OPS, NoMatch, aten, shape, strip, val
+from .fx_utils import DTYPE_OPS, NoMatch, aten, shape, strip, val
 from .rewrite import call
 
 FORM = "router"

@@ -24,8 +24,8 @@ import torch
 import torch.fx as fx
 
 from . import gather_bmm
-from .match_utils import MoERegion, NoMatch, aten, prims, val
-from .region import Context
+from .fx_utils import NoMatch, aten, prims, val
+from .region import Context, MoERegion
 from .rewrite import call, rewrite as moe_rewrite
 
 FORM = "tp_allreduce"

@@ -8,7 +8,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import moe_zoo as z
 from mxfp4_compile.passes import grouped_mm
-from mxfp4_compile.passes.match_utils import NoMatch, aten
+from mxfp4_compile.passes.fx_utils import NoMatch, aten
 from mxfp4_compile.passes.region import Context
 from mxfp4_compile.passes.rewrite import rewrite
 
