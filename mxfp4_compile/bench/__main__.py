@@ -21,12 +21,12 @@ def _parser():
                     "command runs at tiny CPU shapes (harness check only).")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
-    op = sub.add_parser("op", help="fused MoE op: correctness check, then CUDA-graph timing vs floors",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        description="Times the whole MoE forward (router top-k + the op) of every "
-                        "kernel and installed peer after a correctness check, next to the byte, "
-                        "streaming and FLOP floors measured in the same run. Writes op.csv, op.txt, "
-                        "op.json under --out.")
+    op = _command(sub, "op", "fused MoE op: correctness check, then CUDA-graph timing vs floors",
+                  "Times the whole MoE forward (router top-k + the op) of every kernel and installed "
+                  "peer after a correctness check, next to the byte, streaming and FLOP floors "
+                  "measured in the same run (byte floor bandwidth: max of large copies and a large "
+                  "read stream; a time under a floor is flagged for a re-check). Writes op.csv, "
+                  "op.txt, op.json under --out.")
     op.add_argument("--models", default="20b,120b,mixtral" if gpu else "tiny,tiny_glu",
                     help="comma list of shapes: 20b (E32 H2880 I2880 top4 swiglu_oai+bias), 120b "
                     "(E128, same), mixtral (E8 H4096 I14336 top2 silu_glu), tiny, tiny_glu (CPU test shapes)")
@@ -54,13 +54,12 @@ def _parser():
     op.add_argument("--strict", action="store_true", help="exit 1 when any check failed or errored")
     _common(op, out_default)
 
-    e2e = sub.add_parser("e2e", help="GptOss model: backend='mxfp4' vs Inductor bf16, CUDA graphs",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                         description="transformers GptOssModel (no LM head) at gpt-oss-20b widths "
-                         "(or tiny on CPU), random weights, grouped_mm experts, compiled twice: "
-                         "backend='mxfp4' and default Inductor (bf16), both with CUDA graphs on GPU. "
-                         "Reports decode-step latency per batch size, prefill latency, compile time "
-                         "and expert-weight memory. Writes e2e.csv, e2e.txt under --out.")
+    e2e = _command(sub, "e2e", "GptOss model: backend='mxfp4' vs Inductor bf16, CUDA graphs",
+                   "transformers GptOssModel (no LM head) at gpt-oss-20b widths (or tiny on CPU), "
+                   "random weights, grouped_mm experts, compiled twice: backend='mxfp4' and default "
+                   "Inductor (bf16), both with CUDA graphs on GPU. Reports decode-step latency per "
+                   "batch size, prefill latency, compile time and expert-weight memory. Writes "
+                   "e2e.csv, e2e.txt under --out.")
     e2e.add_argument("--layers", type=int, default=2 if gpu else 1, help="decoder layers")
     e2e.add_argument("--experts", type=int, default=32 if gpu else 4,
                      help="experts per layer (32 = gpt-oss-20b, 128 = 120b)")
@@ -83,17 +82,22 @@ def _parser():
                      help="vocabulary (embedding only; no LM head is run)")
     _common(e2e, out_default)
 
-    pl = sub.add_parser("plot", help="roofline PNG from op.csv",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        description="One panel per model: achieved TFLOP/s against arithmetic "
-                        "intensity (FLOPs per MXFP4 weight byte) under the copy-bandwidth and "
-                        "matmul-rate roofs of the run, one line per kernel/peer through its T "
-                        "points; below, percent of floor against T.")
+    pl = _command(sub, "plot", "roofline PNG from op.csv",
+                  "One panel per model: achieved TFLOP/s against arithmetic intensity (FLOPs per "
+                  "MXFP4 weight byte) under the floor-bandwidth and matmul-rate roofs of the run, "
+                  "one line per kernel/peer through its T points; below, percent of floor against "
+                  "T (points faster than a floor ringed in red).")
     pl.add_argument("--csv", default=None, help="op CSV to read (default: <out>/op.csv)")
     pl.add_argument("--png", default=None, help="PNG to write (default: <out>/roofline.png)")
     pl.add_argument("--out", default=out_default, help="folder of op.csv and the PNG")
     pl.add_argument("--dpi", type=int, default=110, help="PNG resolution")
     return ap
+
+
+def _command(sub, name, summary, description):
+    """One subcommand's parser; --help shows every flag's default."""
+    return sub.add_parser(name, help=summary, description=description,
+                          formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
 
 def _common(p, out_default):

@@ -8,11 +8,14 @@ Per model shape (floors.MODELS) and token count T:
      that fails is not timed;
   3. timing: the whole forward (routing from logits + the MoE) for R weight sets in one CUDA
      graph (R sets exceed L2, so weights come from HBM), median of replays / R;
-  4. floors from the same run (floors.py): byte floor, streaming floor (T <= 64), FLOP floor.
+  4. floors from the same run (floors.py): byte floor (bytes / max of large copies and a large
+     read stream; the winner is reported), streaming floor (T <= 64), FLOP floor. A time faster
+     than any of its floors is flagged in ``floor_check`` (the floor or the timing is wrong).
 Kernels: ours (dispatch.KERNELS that can run here; "reference" only on CPU, where it is the only
 one) and peers: bf16 ``torch._grouped_mm`` MoE on the dequantized weights (what the model ran
 before the rewrite), triton_kernels and FlashInfer when installed and runnable.
-Outputs: op.csv (one row per model, T, kernel), op.txt (the table), op.json (floors, versions).
+Outputs: op.csv (one row per model, T, kernel), op.txt (the table), op.json (floors, every
+bandwidth candidate, versions).
 """
 from __future__ import annotations
 
@@ -37,8 +40,11 @@ CSV_FIELDS = ["model", "T", "kernel", "role", "E", "H", "I", "k", "activation", 
               "check_passed", "poisoned", "us", "us_again", "distinct_experts", "mxfp4_bytes",
               "flops", "byte_floor_us", "stream_floor_us", "flop_floor_us", "floor_us",
               "pct_of_floor", "x_stream_floor", "achieved_GBps", "achieved_TFLOPs",
-              "vs_bf16_grouped_mm", "vs_triton_kernels", "vs_flashinfer", "copy_GBps",
-              "matmul_TFLOPs", "device", "torch", "triton", "note"]
+              "vs_bf16_grouped_mm", "vs_triton_kernels", "vs_flashinfer", "floor_check",
+              "floor_GBps", "floor_bw_source", "bw_candidates", "copy_GBps", "matmul_TFLOPs",
+              "device", "torch", "triton", "note"]
+# floor_GBps: the byte floor's bandwidth (GB/s), floor_bw_source: which measurement gave it,
+# bw_candidates: every candidate's GB/s, copy_GBps: the best large copy alone (read + written)
 
 
 # ---------------------------------------------------------------- bf16 grouped_mm peer --------
@@ -134,12 +140,17 @@ def run(args) -> int:
     kernels = args.kernels.split(",") if args.kernels != "auto" else default_kernels(device)
     models = args.models.split(",")
     tokens = [int(t) for t in args.tokens.split(",")]
-    bw = F.copy_bandwidth(device)
+    band = F.measure_bandwidth(device)
+    bw = band.GBps
     tf = F.matmul_tflops(device)
-    print(f"[op] {info['device']}, torch {info['torch']}, triton {info['triton']}: copy {bw:.0f} GB/s "
-          f"(read+write), matmul {tf:.1f} TFLOP/s", flush=True)
-    meta = dict(info, copy_GBps=bw, matmul_TFLOPs=tf, models=models, tokens=tokens, kernels=kernels,
-                r_sets=args.r_sets, tol=args.tol, skipped={}, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+    print(f"[op] {info['device']}, torch {info['torch']}, triton {info['triton']}: floor bandwidth "
+          f"{band.describe()}; matmul {tf:.1f} TFLOP/s", flush=True)
+    meta = dict(info, floor_GBps=bw, floor_bw_source=band.label, floor_bandwidth=band.describe(),
+                bw_candidates=band.candidates, bw_meaningful=band.meaningful,
+                copy_GBps=band.best_copy_GBps, matmul_TFLOPs=tf, cuda=device.type == "cuda",
+                models=models, tokens=tokens, kernels=kernels,
+                r_sets=args.r_sets, tol=args.tol, skipped={},
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
     csv_path = os.path.join(args.out, "op.csv")
     fh = open(csv_path, "w", newline="")
     writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
@@ -148,8 +159,10 @@ def run(args) -> int:
     prog = F.Progress(len(models) * len(tokens) * len(kernels), "op", enabled=not args.no_progress)
 
     def emit(row):
-        row.update(copy_GBps=round(bw, 1), matmul_TFLOPs=round(tf, 2), device=info["device"],
-                   torch=info["torch"], triton=info["triton"])
+        row.update(floor_GBps=round(bw, 1), floor_bw_source=band.label,
+                   bw_candidates=band.candidates_str(), copy_GBps=_round(band.best_copy_GBps, 1),
+                   matmul_TFLOPs=round(tf, 2), device=info["device"], torch=info["torch"],
+                   triton=info["triton"])
         rows.append(row)
         writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
         fh.flush()
@@ -157,9 +170,12 @@ def run(args) -> int:
     for model in models:
         E, H, I, k, act, biases = F.MODELS[model]
         runners, skipped = make_runners(device, kernels, act, H, I)
-        for n, why in skipped.items():
-            meta["skipped"][n] = why
-            prog.write(f"[op] {n} not run: {why}")
+        for n, why in skipped.items():  # printed once, in the table's "not run" line
+            prev = meta["skipped"].get(n)
+            if prev is None:
+                meta["skipped"][n] = why
+            elif why not in prev:
+                meta["skipped"][n] = f"{prev}; {model}: {why}"
         over = args.budget_s and time.time() - t_start > args.budget_s
         canon, wsets = [], {}
         if not over:
@@ -260,6 +276,9 @@ def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog):
             prog.write(f"[op] {base['model']} T={T} {r.name}: {row['note']}")
         us = row.get("us")
         if us:
+            row["floor_check"] = F.floor_check(us, {
+                "byte floor": floors["byte_floor_us"], "stream floor": floors.get("stream_floor_us"),
+                "FLOP floor": floors["flop_floor_us"]})
             row["pct_of_floor"] = 100 * floors["floor_us"] / us
             row["achieved_GBps"] = nbytes / (us * 1e-6) / 1e9
             row["achieved_TFLOPs"] = flops / (us * 1e-6) / 1e12
@@ -275,6 +294,10 @@ def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog):
     return out_rows
 
 
+def _round(v, nd):
+    return None if v is None else round(v, nd)
+
+
 def _fmt(v):
     if isinstance(v, float):
         return "" if math.isnan(v) else f"{v:.6g}"
@@ -285,11 +308,15 @@ def format_table(rows, meta) -> str:
     def f(v, fmt="{:.1f}"):
         return "-" if v is None or v == "" or (isinstance(v, float) and math.isnan(v)) else fmt.format(v)
 
+    how = (f"CUDA graph, median, L2 cold ({meta['r_sets']} weight sets)" if meta["cuda"]
+           else "CPU: wall-clock medians, no CUDA graphs, numbers meaningless")
     lines = [f"{meta['device']}, torch {meta['torch']}, triton {meta['triton']}, {meta['date']}",
-             f"copy {meta['copy_GBps']:.0f} GB/s, matmul {meta['matmul_TFLOPs']:.1f} TFLOP/s; "
-             f"whole forward (routing + MoE), CUDA graph, median, L2 cold ({meta['r_sets']} weight sets)",
+             f"floor bandwidth {meta['floor_bandwidth']}; copies count bytes read + written, the "
+             f"read stream bytes read; matmul {meta['matmul_TFLOPs']:.1f} TFLOP/s",
+             f"whole forward (routing + MoE), {how}",
              "floor = max(MXFP4 byte floor, FLOP floor); %fl = floor / time; x_str = time / streaming "
-             "floor; vs_P = time / time of peer P (<1: faster than P)",
+             "floor; vs_P = time / time of peer P (<1: faster than P); '!!' marks a time under a "
+             "floor: the floor or the timing is wrong, not a win",
              f"{'model':8s} {'T':>5s} {'kernel':16s} {'rel-L2':>8s} {'us':>9s} {'again':>9s} "
              f"{'floor':>8s} {'%fl':>5s} {'x_str':>6s} {'vs_bf16':>7s} {'vs_tk':>6s} {'vs_fi':>6s}"]
     for r in rows:
@@ -301,7 +328,8 @@ def format_table(rows, meta) -> str:
                      f"{f(r.get('us_again')):>9s} {f(r.get('floor_us')):>8s} "
                      f"{f(r.get('pct_of_floor'), '{:.0f}'):>5s} {f(r.get('x_stream_floor'), '{:.2f}'):>6s} "
                      f"{f(r.get('vs_bf16_grouped_mm'), '{:.2f}'):>7s} {f(r.get('vs_triton_kernels'), '{:.2f}'):>6s} "
-                     f"{f(r.get('vs_flashinfer'), '{:.2f}'):>6s}")
+                     f"{f(r.get('vs_flashinfer'), '{:.2f}'):>6s}"
+                     + (f"  !! {r['floor_check']}" if r.get("floor_check") else ""))
     if meta.get("skipped"):
         lines.append("not run: " + "; ".join(f"{n}: {w}" for n, w in meta["skipped"].items()))
     return "\n".join(lines) + "\n"

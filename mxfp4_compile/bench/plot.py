@@ -2,9 +2,12 @@
 
 Top row, one panel per model: achieved TFLOP/s (whole forward) against arithmetic intensity
 (FLOPs per MXFP4 weight byte touched; it grows with T), log-log, under the roofs of the same run:
-min(copy bandwidth x intensity, bf16 matmul rate). One line per kernel / peer through its T
-points, each point labelled with T. Bottom row: percent of the floor (max of byte and FLOP
-floor) against T, same colours; 100% = at the roof.
+min(floor bandwidth x intensity, bf16 matmul rate), the floor bandwidth being the byte floor's
+(max of large copies and a large read stream; ``copy_GBps`` in CSVs written before it was
+recorded). One line per kernel / peer through its T points, each point labelled with T. Bottom
+row: percent of the floor (max of byte and FLOP floor) against T, same colours; 100% = at the
+roof. Points whose time beat a floor (``floor_check`` set) are ringed in red: they are
+measurements to re-check, not results.
 """
 from __future__ import annotations
 
@@ -29,8 +32,11 @@ def read_rows(path):
             continue
         for k in ("T", "flops", "mxfp4_bytes"):
             r[k] = int(float(r[k]))
-        for k in ("us", "pct_of_floor", "copy_GBps", "matmul_TFLOPs"):
+        for k in ("us", "pct_of_floor", "matmul_TFLOPs"):
             r[k] = float(r[k])
+        r["floor_GBps"] = float(r.get("floor_GBps") or r["copy_GBps"])
+        r["floor_bw_source"] = r.get("floor_bw_source") or "copy"
+        r["floor_check"] = r.get("floor_check") or ""
         out.append(r)
     return out
 
@@ -47,7 +53,7 @@ def run(args) -> int:
     import matplotlib.pyplot as plt
 
     models = list(dict.fromkeys(r["model"] for r in rows))
-    bw = rows[0]["copy_GBps"]
+    bw, bw_src = rows[0]["floor_GBps"], rows[0]["floor_bw_source"]
     tf = rows[0]["matmul_TFLOPs"]
     fig, axes = plt.subplots(2, len(models), figsize=(5.2 * len(models), 8.6), squeeze=False)
     for j, model in enumerate(models):
@@ -57,7 +63,7 @@ def run(args) -> int:
         lo, hi = min(ai) / 2, max(ai) * 2
         xs = [lo * (hi / lo) ** (i / 200) for i in range(201)]
         ax.plot(xs, [min(bw * 1e9 * x, tf * 1e12) / 1e12 for x in xs], color="black", lw=2,
-                label=f"roof: {bw:.0f} GB/s copy, {tf:.0f} TFLOP/s bf16 mm")
+                label=f"roof: {bw:.0f} GB/s ({bw_src}), {tf:.0f} TFLOP/s bf16 mm")
         for kern in dict.fromkeys(r["kernel"] for r in mr):
             kr = sorted((r for r in mr if r["kernel"] == kern), key=lambda r: r["T"])
             c, m, lab = STYLE.get(kern, ("tab:orange", "v", kern))
@@ -68,6 +74,11 @@ def run(args) -> int:
                 ax.annotate(f"T={r['T']}", (xx, yy), textcoords="offset points", xytext=(4, -10),
                             fontsize=7, color=c)
             ax2.plot([r["T"] for r in kr], [r["pct_of_floor"] for r in kr], color=c, marker=m, label=lab)
+        bad = [r for r in mr if r["floor_check"]]
+        if bad:
+            ax2.scatter([r["T"] for r in bad], [r["pct_of_floor"] for r in bad], s=160,
+                        facecolors="none", edgecolors="red", linewidths=1.5,
+                        label="faster than a floor: re-check", zorder=3)
         ys = [r["flops"] / (r["us"] * 1e-6) / 1e12 for r in mr]
         roof_top = min(bw * 1e9 * hi, tf * 1e12) / 1e12
         ax.set_ylim(min(ys) / 2, max(max(ys), roof_top) * 2)

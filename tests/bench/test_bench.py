@@ -1,12 +1,17 @@
 """The benchmark harness on CPU at tiny shapes: numbers are not asserted, only that the correctness
-checks ran before timing and that the outputs (CSV rows, table, PNG) are well-formed."""
+checks ran before timing and that the outputs (CSV rows, table, PNG) are well-formed; and the
+floor rules as pure functions (which bandwidth measurement wins, which times get flagged)."""
+import contextlib
 import csv
+import io
+import math
 import os
 
 import pytest
 import torch
 
 from mxfp4_compile.bench import __main__ as bench
+from mxfp4_compile.bench import floors as bench_floors
 from mxfp4_compile.bench import op as bench_op
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU harness test (tiny shapes)")
@@ -23,7 +28,10 @@ def _rows(path):
 @pytest.fixture(scope="module")
 def op_out(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    assert bench.main(["op", "--out", str(out), "--models", "tiny,tiny_glu", *OP_FAST]) == 0
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert bench.main(["op", "--out", str(out), "--models", "tiny,tiny_glu", *OP_FAST]) == 0
+    (out / "stdout.txt").write_text(buf.getvalue())
     return out
 
 
@@ -45,6 +53,57 @@ def test_op_checks_then_times(op_out, capsys):
     assert (op_out / "op.json").stat().st_size > 0
 
 
+def test_op_says_what_the_numbers_are(op_out):
+    rows = _rows(op_out / "op.csv")
+    for r in rows:  # the CPU figure is a nominal memcpy, marked as such in every row
+        assert r["floor_bw_source"] == "memcpy, CPU wall clock: meaningless"
+        assert float(r["floor_GBps"]) > 0 and r["bw_candidates"].startswith("memcpy ")
+        assert float(r["copy_GBps"]) == float(r["floor_GBps"])
+    table = (op_out / "op.txt").read_text()
+    assert "CPU: wall-clock medians, no CUDA graphs, numbers meaningless" in table
+    assert "CUDA graph, median" not in table and "L2 cold" not in table
+    assert "floor bandwidth" in table and "= memcpy, CPU wall clock: meaningless" in table
+    stdout = (op_out / "stdout.txt").read_text()
+    assert stdout.count("flashinfer:") == 1 and stdout.count("not run:") == 1
+
+
+def test_pick_bandwidth_takes_the_largest_figure():
+    cands = {"memcpy": 2433.0, "copy uint8": 2950.0, "copy int32": 3021.0, "copy int64": None,
+             "read stream": 3010.0}
+    bw = bench_floors.pick_bandwidth(cands)
+    assert (bw.GBps, bw.source, bw.label, bw.meaningful) == (3021.0, "copy int32", "copy int32", True)
+    assert bw.candidates == cands and bw.best_copy_GBps == 3021.0
+    assert bw.candidates_str() == ("memcpy 2433; copy uint8 2950; copy int32 3021; copy int64 n/a; "
+                                   "read stream 3010")
+    assert bw.describe().startswith("3021 GB/s = copy int32 (max of memcpy 2433;")
+    # the read stream wins when it is the fastest; the best copy is still reported apart
+    bw = bench_floors.pick_bandwidth({"memcpy": 2433.0, "read stream": 3100.0})
+    assert (bw.GBps, bw.source, bw.best_copy_GBps) == (3100.0, "read stream", 2433.0)
+    # a tie goes to the first measured; unusable figures never win
+    assert bench_floors.pick_bandwidth({"a": 5.0, "b": 5.0}).source == "a"
+    bw = bench_floors.pick_bandwidth({"nan": math.nan, "inf": math.inf, "neg": -1.0, "zero": 0.0,
+                                      "ok": 1.0}, meaningful=False)
+    assert (bw.source, bw.label) == ("ok", "ok, CPU wall clock: meaningless")
+    assert bench_floors.pick_bandwidth({"read stream": 9.0}).best_copy_GBps is None
+    with pytest.raises(ValueError):
+        bench_floors.pick_bandwidth({"memcpy": None, "read stream": math.nan})
+
+
+def test_measure_bandwidth_on_cpu_is_nominal():
+    bw = bench_floors.measure_bandwidth("cpu", nbytes=1 << 20)
+    assert bw.source == "memcpy" and not bw.meaningful and list(bw.candidates) == ["memcpy"]
+    assert bw.GBps > 0 and bench_floors.copy_bandwidth("cpu", nbytes=1 << 20) > 0
+
+
+def test_floor_check_flags_times_under_a_floor():
+    fc = bench_floors.floor_check
+    floors = {"byte floor": 10.0, "stream floor": None, "FLOP floor": 2.0}
+    assert fc(10.0, floors) == "" and fc(25.0, floors) == "" and fc(None, floors) == ""
+    assert fc(9.0, floors) == "faster than floor: re-check (byte floor 0.900x)"
+    assert fc(1.0, dict(floors, **{"stream floor": 4.0})) == (
+        "faster than floor: re-check (byte floor 0.100x, stream floor 0.250x, FLOP floor 0.500x)")
+
+
 def test_op_failed_check_is_not_timed(tmp_path, monkeypatch):
     monkeypatch.setattr(bench_op, "bf16_grouped_moe", lambda x, *a, **k: torch.zeros_like(x))
     assert bench.main(["op", "--out", str(tmp_path), "--models", "tiny", "--tokens", "8",
@@ -53,11 +112,34 @@ def test_op_failed_check_is_not_timed(tmp_path, monkeypatch):
     assert r["status"] == "check_failed" and r["check_passed"] == "False" and r["us"] == ""
 
 
+def test_op_flags_a_time_faster_than_its_floor(tmp_path, monkeypatch):
+    # a bandwidth far too low makes the byte floor longer than any measured time
+    slow = bench_floors.pick_bandwidth({"memcpy": 1e-9}, meaningful=False)
+    monkeypatch.setattr(bench_op.F, "measure_bandwidth", lambda device: slow)
+    assert bench.main(["op", "--out", str(tmp_path), "--models", "tiny", "--tokens", "8",
+                       "--kernels", "bf16_grouped_mm", *OP_FAST[2:]]) == 0
+    (r,) = _rows(tmp_path / "op.csv")
+    assert r["status"] == "ok" and float(r["pct_of_floor"]) > 100
+    assert r["floor_check"].startswith(bench_floors.RECHECK + " (byte floor ")
+    assert "  !! faster than floor: re-check (byte floor " in (tmp_path / "op.txt").read_text()
+
+
 def test_plot_png(op_out):
     assert bench.main(["plot", "--out", str(op_out)]) == 0
     png = op_out / "roofline.png"
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def test_plot_reads_a_csv_without_the_floor_columns(op_out, tmp_path):
+    rows = _rows(op_out / "op.csv")
+    old = [f for f in rows[0] if f not in ("floor_GBps", "floor_bw_source", "bw_candidates", "floor_check")]
+    with open(tmp_path / "old.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=old, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(rows)
+    assert bench.main(["plot", "--csv", str(tmp_path / "old.csv"), "--png", str(tmp_path / "old.png")]) == 0
+    assert (tmp_path / "old.png").stat().st_size > 10_000
 
 
 def test_e2e_tiny(tmp_path, capsys):
