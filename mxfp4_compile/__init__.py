@@ -7,7 +7,9 @@
 from . import ops  # noqa: F401  (registers torch.ops.mxfp4.*; must come before the backend)
 from . import backend  # noqa: F401  (registers backend="mxfp4")
 from .explain import explain
+from .formats import Activation, Kernel, Rounding
 from .ops import PreparedMoE, from_mxfp4_blocks, prepare_moe_weights
 from .ops.dispatch import choose_kernel
 
-__all__ = ["PreparedMoE", "choose_kernel", "explain", "from_mxfp4_blocks", "prepare_moe_weights"]
+__all__ = ["Activation", "Kernel", "PreparedMoE", "Rounding", "choose_kernel", "explain",
+           "from_mxfp4_blocks", "prepare_moe_weights"]

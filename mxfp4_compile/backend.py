@@ -2,7 +2,8 @@
 
 What it does with the graph Dynamo hands it:
 1. turns the parameter placeholders into frozen module attributes (Dynamo only does that itself when
-   freezing was on while it traced; patching freezing here is too late, DESIGN.md says why);
+   freezing was on while it traced; setting freezing in a backend is too late: the weights would
+   stay graph inputs and the weight transform would run on every call, docs/architecture.md §4);
 2. picks the MoE kernel for the device (ops/dispatch.py; ``options={"kernel": ...}`` or
    ``MXFP4_KERNEL`` override "auto");
 3. calls Inductor's compile_fx with freezing on, our joint_custom_post_pass (passes/manager.py) and
@@ -20,6 +21,7 @@ import warnings
 import torch
 import torch.fx as fx
 
+from .formats import check_kernel, check_rounding
 from .passes import MoERewritePass, take_reports
 
 log = logging.getLogger("mxfp4_compile")
@@ -28,8 +30,8 @@ NAME = "mxfp4"
 
 # options={...} keys; anything else is an error that lists these
 OPTIONS = {
-    "kernel": "auto",              # "auto" | "reference" | "triton" | "triton_kernels" | "flashinfer"
-    "rounding": "floor",           # MXFP4 scale rule for quantizing bf16 weights: "floor" | "round_up"
+    "kernel": "auto",              # formats.Kernel: "auto" | "reference" | "triton" | ...
+    "rounding": "floor",           # formats.Rounding, the MXFP4 scale rule for bf16 weights
     "cudagraphs": False,           # CUDA graphs (what mode="reduce-overhead" turns on)
     "max_autotune": False,         # Inductor max-autotune for the rest of the model
     "release_bf16_weights": False,  # free the bf16 expert weights once compiled (see README)
@@ -67,9 +69,8 @@ def resolve_options(mode=None, options=None) -> dict:
     else:
         raise ValueError(f"mxfp4 backend: unknown mode {mode!r}; use 'default', 'reduce-overhead', "
                          f"'max-autotune' or 'max-autotune-no-cudagraphs' (or options={{...}})")
-    if opts["rounding"] not in ("floor", "round_up"):
-        raise ValueError(f"mxfp4 backend: rounding must be 'floor' or 'round_up', got "
-                         f"{opts['rounding']!r}")
+    check_kernel(opts["kernel"], "mxfp4 backend: options['kernel']")
+    check_rounding(opts["rounding"], "mxfp4 backend: options['rounding']")
     return opts
 
 

@@ -14,11 +14,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .formats import KERNEL_CHOICES, SWIGLU_ALPHA, SWIGLU_LIMIT
+
 
 class GptOssStyleMoE(nn.Module):
     """One MoE MLP block in the gpt-oss reference style. x [T, H] -> [T, H]."""
 
-    def __init__(self, hidden, inter, experts, top_k, alpha=1.702, limit=7.0):
+    def __init__(self, hidden, inter, experts, top_k, alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT):
         super().__init__()
         self.top_k, self.alpha, self.limit = top_k, alpha, limit
         self.norm = nn.RMSNorm(hidden)
@@ -63,7 +65,7 @@ def main(argv=None):
     p.add_argument("--experts", type=int, default=8, help="E (gpt-oss-20b: 32)")
     p.add_argument("--top-k", type=int, default=4)
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--kernel", default="auto", help="auto, reference, triton, triton_kernels, flashinfer")
+    p.add_argument("--kernel", default="auto", choices=KERNEL_CHOICES)
     args = p.parse_args(argv)
 
     import mxfp4_compile

@@ -22,8 +22,9 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from . import formats
+from .formats import SWIGLU_ALPHA, SWIGLU_LIMIT, Activation, Kernel, Rounding, check_activation
 from .ops.dispatch import choose_kernel
-from .ops.moe_torch import ACTIVATIONS
 from .ops.weights import PreparedMoE, check_expert_shapes, prepare_moe_weights
 
 __all__ = ["ShardedMoE", "check_expert_map", "expert_map_for_rank", "expert_range",
@@ -163,7 +164,8 @@ class ShardedMoE(torch.nn.Module):
     on every rank. Routing stays with the caller (any router), identical on every rank."""
 
     def __init__(self, prepared: PreparedMoE, *, expert_map: torch.Tensor | None = None,
-                 group=None, alpha: float = 1.702, limit: float = 7.0, mode: str = "ep"):
+                 group=None, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT,
+                 mode: str = "ep"):
         super().__init__()
         if expert_map is not None:
             check_expert_map(expert_map, expert_map.shape[0], prepared.w13.shape[0])  # dim 0 = E
@@ -185,12 +187,12 @@ class ShardedMoE(torch.nn.Module):
         return rank, world, device, name
 
     @classmethod
-    def expert_parallel(cls, w13, w2, w13_bias=None, w2_bias=None, *, activation: str,
-                        device="cpu", kernel: str = "auto", rounding: str = "floor",
+    def expert_parallel(cls, w13, w2, w13_bias=None, w2_bias=None, *, activation: Activation,
+                        device="cpu", kernel: Kernel = "auto", rounding: Rounding = "floor",
                         gate_up_interleaved: bool | None = None, transposed: bool = False,
                         expert_map: torch.Tensor | None = None, group=None,
                         rank: int | None = None, world: int | None = None,
-                        alpha: float = 1.702, limit: float = 7.0) -> ShardedMoE:
+                        alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> ShardedMoE:
         """Full weights [E, 2I, H] / [E, H, I] (or transposed) -> this rank's experts, quantized.
         ``expert_map`` defaults to contiguous blocks (``expert_map_for_rank``)."""
         rank, world, device, kernel = cls._setup(device, kernel, group, rank, world)
@@ -210,18 +212,17 @@ class ShardedMoE(torch.nn.Module):
                    limit=limit, mode="ep")
 
     @classmethod
-    def tensor_parallel(cls, w13, w2, w13_bias=None, w2_bias=None, *, activation: str,
-                        device="cpu", kernel: str = "auto", rounding: str = "floor",
+    def tensor_parallel(cls, w13, w2, w13_bias=None, w2_bias=None, *, activation: Activation,
+                        device="cpu", kernel: Kernel = "auto", rounding: Rounding = "floor",
                         gate_up_interleaved: bool | None = None, transposed: bool = False,
                         group=None, rank: int | None = None, world: int | None = None,
-                        alpha: float = 1.702, limit: float = 7.0) -> ShardedMoE:
+                        alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> ShardedMoE:
         """Full weights -> this rank's slice of I for every expert, quantized (blocks follow the
         shard, I/world padded to the kernel's multiple); w2 bias kept on rank 0 only."""
         rank, world, device, kernel = cls._setup(device, kernel, group, rank, world)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        check_activation(activation)
         if gate_up_interleaved is None:
-            gate_up_interleaved = ACTIVATIONS[activation] == "interleaved"
+            gate_up_interleaved = formats.gate_up_interleaved(activation)
         parts = shard_intermediate(w13, w2, w13_bias, w2_bias, rank=rank, world=world,
                                    gate_up_interleaved=gate_up_interleaved, transposed=transposed)
         parts = [None if t is None else t.to(device) for t in parts]

@@ -65,9 +65,10 @@ def check_kernel(value, argument: str = "kernel", *, allow_auto: bool = True) ->
     """``value`` if it names a kernel (or "auto" when ``allow_auto``), else a ValueError."""
     if allow_auto:
         return _check(value, KERNEL_CHOICES, argument, "a known MXFP4 MoE kernel")
-    hint = ("; 'auto' is resolved to one of these by mxfp4_compile.choose_kernel(device)"
-            if value == "auto" else "")
-    return _check(value, KERNELS, argument, "a known MXFP4 MoE kernel", hint)
+    if value == "auto":
+        return _check(value, KERNELS, argument, "a concrete MXFP4 MoE kernel",
+                      " (mxfp4_compile.choose_kernel(device) resolves 'auto' to one of these)")
+    return _check(value, KERNELS, argument, "a known MXFP4 MoE kernel")
 
 
 def check_rounding(value, argument: str = "rounding") -> str:

@@ -1,9 +1,11 @@
 """MXFP4 numerics in plain, vectorized torch (OCP Microscaling Formats v1.0).
 
-An MXFP4 tensor stores blocks of 32 consecutive elements along the last dim K:
+An MXFP4 tensor stores blocks of BLOCK = 32 consecutive elements along the last dim K:
   - each element as an e2m1 code (4 bits: sign, 2 exponent bits, 1 mantissa bit),
     magnitudes {0, 0.5, 1, 1.5, 2, 3, 4, 6}, two codes per byte (low nibble = even element);
-  - one shared e8m0 scale per block: byte b means 2**(b - 127); 0xFF is NaN.
+  - one shared e8m0 scale per block: byte b means 2**(b - E8M0_BIAS), E8M0_BIAS = 127;
+    E8M0_NAN = 0xFF is NaN.
+The constants live in formats.py; this module holds the math.
 
 Shapes: x [..., K] -> packed uint8 [..., K/2], scales uint8 [..., K/32].
 
@@ -13,22 +15,19 @@ Scale rules (``rounding``):
   "round_up"  the smallest power of two with amax/scale <= 6 (triton_kernels / gpt-oss): never
               clips, at the cost of a coarser grid for some blocks.
 Elements round to nearest, ties to even code. A NaN or Inf anywhere in a block poisons exactly
-that block (scale 0xFF, which dequantizes to NaN): e2m1 has no Inf, and a finite stand-in would
+that block (scale E8M0_NAN, which dequantizes to NaN): e2m1 has no Inf, and a finite stand-in would
 hide the problem.
 """
 from __future__ import annotations
 
 import torch
 
-BLOCK = 32
-SCALE_BIAS = 127
-SCALE_NAN = 0xFF
-ROUNDINGS = ("floor", "round_up")
+from .formats import BLOCK, E2M1_MAX, E8M0_BIAS, E8M0_NAN, check_rounding
+from .formats import E2M1_VALUES as _E2M1_TABLE
 
-# Value of each 4-bit code, by code (bit 3 is the sign).
-E2M1_VALUES = torch.tensor(
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
-)
+# Value of each 4-bit code, by code (bit 3 is the sign): formats.E2M1_VALUES as a float32 tensor.
+E2M1_VALUES = torch.tensor(_E2M1_TABLE)
+_F32_EXP_BIAS = 127  # float32's exponent bias (not e8m0's, which happens to be the same number)
 # Midpoints between neighbouring magnitudes. A value exactly on one goes to the even code: the
 # 1st, 3rd, 5th and 7th midpoints sit above an even code (ties stay down: strict >), the others
 # below one (ties go up: >=).
@@ -65,22 +64,21 @@ def pow2(n: torch.Tensor) -> torch.Tensor:
     """2.0**n as float32, exactly, for integer n (0 below 2**-149), built from the bits: much
     faster than ldexp, which torch computes through pow."""
     n = n.to(torch.int32)
-    normal = ((n.clamp(-126, 127) + 127) << 23).view(torch.float32)
+    normal = ((n.clamp(1 - _F32_EXP_BIAS, _F32_EXP_BIAS) + _F32_EXP_BIAS) << 23).view(torch.float32)
     sub = (torch.ones_like(n) << (n + 149).clamp(0, 22)).view(torch.float32)
     return torch.where(n >= -126, normal, torch.where(n >= -149, sub, torch.zeros_like(normal)))
 
 
 def block_exponents(amax: torch.Tensor, rounding: str) -> torch.Tensor:
     """Unbiased scale exponent per block (int32) for finite, non-negative block maxima."""
-    if rounding not in ROUNDINGS:
-        raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
+    check_rounding(rounding)
     _, ex = torch.frexp(amax)  # amax = m * 2**ex, m in [0.5, 1)  ->  floor(log2 amax) = ex - 1
     e = ex.to(torch.int32) - 3
     if rounding == "round_up":
         # floor's e puts amax/2**e in [4, 8); one step up when that exceeds 6. ldexp is exact.
-        e = e + (amax > 6.0 * pow2(e).to(amax.dtype)).to(torch.int32)
-    e = torch.where(amax == 0, torch.full_like(e, -SCALE_BIAS), e)
-    return e.clamp(-SCALE_BIAS, SCALE_BIAS)
+        e = e + (amax > E2M1_MAX * pow2(e).to(amax.dtype)).to(torch.int32)
+    e = torch.where(amax == 0, torch.full_like(e, -E8M0_BIAS), e)
+    return e.clamp(-E8M0_BIAS, E8M0_BIAS)
 
 
 def quantize(x: torch.Tensor, rounding: str = "floor"):
@@ -101,8 +99,8 @@ def quantize(x: torch.Tensor, rounding: str = "floor"):
     code |= torch.signbit(scaled).to(torch.uint8) << 3
     code = code.reshape(*x.shape[:-1], x.shape[-1])
     packed = code[..., 0::2] | (code[..., 1::2] << 4)
-    scales = torch.where(finite, (e + SCALE_BIAS).to(torch.uint8),
-                         torch.full_like(e, SCALE_NAN, dtype=torch.uint8))
+    scales = torch.where(finite, (e + E8M0_BIAS).to(torch.uint8),
+                         torch.full_like(e, E8M0_NAN, dtype=torch.uint8))
     return packed.contiguous(), scales.to(torch.uint8).contiguous()
 
 
@@ -125,10 +123,10 @@ def unpack_codes(packed: torch.Tensor) -> torch.Tensor:
 
 
 def scale_values(scales: torch.Tensor) -> torch.Tensor:
-    """e8m0 bytes -> float32 powers of two (NaN for 0xFF)."""
+    """e8m0 bytes -> float32 powers of two (NaN for E8M0_NAN)."""
     s = _as_uint8(scales, "scales").to(torch.int32)
-    val = pow2(s - SCALE_BIAS)
-    return torch.where(s == SCALE_NAN, torch.full_like(val, float("nan")), val)
+    val = pow2(s - E8M0_BIAS)
+    return torch.where(s == E8M0_NAN, torch.full_like(val, float("nan")), val)
 
 
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):

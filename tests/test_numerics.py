@@ -7,13 +7,16 @@ the e8m0 scale of each block is computed here in float64 numpy from its rule:
 both clamped to the e8m0 range [2**-127, 2**127]; an all-zero block gets byte 0; a block holding a
 NaN or an Inf gets byte 0xFF.
 """
+import math
+import typing
+
 import ml_dtypes
 import numpy as np
 import pytest
 import torch
 
 import mxfp4_compile  # noqa: F401  (registers torch.ops.mxfp4.*)
-from mxfp4_compile import numerics
+from mxfp4_compile import formats, numerics
 
 F4 = ml_dtypes.float4_e2m1fn
 ROUNDINGS = ("floor", "round_up")
@@ -307,8 +310,10 @@ def test_k_not_multiple_of_32(k):
 def test_bad_inputs():
     with pytest.raises(TypeError, match="x must be a floating"):
         torch.ops.mxfp4.quantize(torch.ones(32, dtype=torch.int32))
-    with pytest.raises(ValueError, match="rounding"):
+    with pytest.raises(ValueError, match=r"rounding='nearest' is not .*'floor' or 'round_up'"):
         torch.ops.mxfp4.quantize(torch.randn(32), "nearest")
+    with pytest.raises(ValueError, match=r"rounding='nearest' is not .*'floor' or 'round_up'"):
+        numerics.quantize(torch.randn(32), "nearest")
     with pytest.raises(TypeError, match="uint8"):
         torch.ops.mxfp4.dequantize(torch.zeros(16, dtype=torch.int8), torch.zeros(1, dtype=torch.uint8),
                                    torch.float32)
@@ -318,3 +323,19 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="dtype"):
         torch.ops.mxfp4.dequantize(torch.zeros(16, dtype=torch.uint8), torch.zeros(1, dtype=torch.uint8),
                                    torch.int32)
+
+
+def test_format_constants_match_an_independent_decoder():
+    """formats.py's tables against ml_dtypes' own e2m1 and e8m0 types."""
+    table = np.arange(16, dtype=np.uint8).view(F4).astype(np.float64)
+    assert list(formats.E2M1_VALUES) == table.tolist()
+    assert np.signbit(table).tolist() == [math.copysign(1, v) < 0 for v in formats.E2M1_VALUES]
+    assert formats.E2M1_MAX == table.max()
+    e8m0 = np.array([formats.E8M0_BIAS, formats.E8M0_NAN, formats.E8M0_BIAS + 3], dtype=np.uint8)
+    one, nan, eight = e8m0.view(ml_dtypes.float8_e8m0fnu).astype(np.float64)
+    assert one == 1.0 and np.isnan(nan) and eight == 8.0
+    assert numerics.scale_values(torch.from_numpy(e8m0)).tolist()[::2] == [1.0, 8.0]
+    assert formats.BLOCK == 32  # OCP MX v1.0
+    assert formats.ROUNDINGS == typing.get_args(formats.Rounding)
+    assert tuple(formats.ACTIVATIONS) == typing.get_args(formats.Activation)
+    assert set(formats.ACTIVATIONS.values()) == set(typing.get_args(formats.GateUp))

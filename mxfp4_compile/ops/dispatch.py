@@ -1,13 +1,15 @@
 """Which fused-MoE kernel runs where, and the padding each one needs.
 
+"auto" picks by device:
   sm100 (Blackwell)  flashinfer (trtllm-gen) when flashinfer is installed, else triton
-  sm90 (Hopper)      triton (ours); triton_kernels on request (faster under CUDA graphs so far, but
-                     several times slower without them: Python-side wrapping on every call)
-  sm80-sm89 (Ampere) triton (ours)
+  sm80-sm90          triton (ours)
   anything else      reference (plain torch; CPU included)
+triton_kernels (sm90 only) runs only when named.
 
-``requested`` (the backend's ``options={"kernel": ...}``) or the env ``MXFP4_KERNEL`` replaces
-"auto". A kernel that cannot run on the device is an error that says why, never a quiet fallback.
+A kernel named in ``requested`` (the backend's ``options={"kernel": ...}``) is used as is; with
+"auto", the environment variable ``MXFP4_KERNEL``, when set, names the kernel instead. A kernel
+that cannot run on the device is an error that says why, never a quiet fallback. Each kernel is a
+module of ``ops/kernels`` satisfying ``ops.kernels.MoEKernel``.
 """
 from __future__ import annotations
 
@@ -19,6 +21,8 @@ from types import ModuleType
 
 import torch
 
+from ..formats import KERNELS, check_kernel  # noqa: F401  (KERNELS: dispatch.KERNELS for callers)
+
 log = logging.getLogger("mxfp4_compile")
 
 # kernel name -> module under mxfp4_compile.ops.kernels
@@ -28,12 +32,11 @@ KERNEL_MODULES = {
     "triton_kernels": "triton_kernels_moe",
     "flashinfer": "flashinfer_moe",
 }
-KERNELS = tuple(KERNEL_MODULES)
 
 
 def get_kernel(name: str) -> ModuleType:
-    if name not in KERNEL_MODULES:
-        raise ValueError(f"unknown MXFP4 MoE kernel {name!r}; choose one of {list(KERNELS)} or 'auto'")
+    """The kernel's module (an ``ops.kernels.MoEKernel``); ``name`` must be a concrete kernel."""
+    check_kernel(name, allow_auto=False)
     return importlib.import_module(f"mxfp4_compile.ops.kernels.{KERNEL_MODULES[name]}")
 
 
@@ -78,16 +81,14 @@ def _auto(device: torch.device) -> tuple[str, str]:
 def choose_kernel(device, requested: str | None = "auto") -> tuple[str, str]:
     """-> (kernel name, why). Raises ValueError when the requested kernel cannot run here."""
     device = torch.device(device)
-    requested = requested or "auto"
+    requested = check_kernel(requested or "auto")
     source = "requested"
     if requested == "auto" and os.environ.get("MXFP4_KERNEL"):
-        requested, source = os.environ["MXFP4_KERNEL"], "MXFP4_KERNEL"
+        requested = check_kernel(os.environ["MXFP4_KERNEL"], "MXFP4_KERNEL")
+        source = "MXFP4_KERNEL"
     if requested == "auto":
         name, why = _auto(device)
     else:
-        if requested not in KERNEL_MODULES:
-            raise ValueError(f"{source} kernel {requested!r} is unknown; choose one of "
-                             f"{list(KERNELS)} or 'auto'")
         name, why = requested, f"{source} ({requested})"
         if name == "triton_kernels" and unavailable_reason(name, device) is None:
             from .kernels import triton_kernels_moe

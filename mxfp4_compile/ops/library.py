@@ -8,9 +8,10 @@ from __future__ import annotations
 import torch
 
 from .. import numerics
+from ..formats import BLOCK, SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation, check_kernel, check_rounding
 from . import dispatch, weights
 from . import topk_softmax as _topk_softmax
-from .moe_torch import ACTIVATIONS, local_ids
+from .moe_torch import local_ids
 
 # ---------------------------------------------------------------------------------------- quantize
 
@@ -24,11 +25,10 @@ def quantize(x: torch.Tensor, rounding: str = "floor") -> tuple[torch.Tensor, to
 @quantize.register_fake
 def _(x, rounding="floor"):
     numerics.check_block_dim(x.shape[-1])
-    if rounding not in numerics.ROUNDINGS:
-        raise ValueError(f"rounding must be one of {numerics.ROUNDINGS}, got {rounding!r}")
+    check_rounding(rounding)
     k = x.shape[-1]
     return (x.new_empty(*x.shape[:-1], k // 2, dtype=torch.uint8),
-            x.new_empty(*x.shape[:-1], k // 32, dtype=torch.uint8))
+            x.new_empty(*x.shape[:-1], k // BLOCK, dtype=torch.uint8))
 
 
 # -------------------------------------------------------------------------------------- dequantize
@@ -43,9 +43,9 @@ def _check_dequant(packed, scales, dtype):
     if scales.device != packed.device:  # else dispatch may pick the fake kernel (e.g. meta scales)
         raise ValueError(f"dequantize: scales are on {scales.device} but packed is on {packed.device}; "
                          f"keep both on one device")
-    if scales.shape[:-1] != packed.shape[:-1] or scales.shape[-1] * 16 != packed.shape[-1]:
+    if scales.shape[:-1] != packed.shape[:-1] or scales.shape[-1] * (BLOCK // 2) != packed.shape[-1]:
         raise ValueError(f"dequantize: packed {tuple(packed.shape)} needs scales "
-                         f"{tuple(packed.shape[:-1]) + (packed.shape[-1] // 16,)}, got "
+                         f"{tuple(packed.shape[:-1]) + (packed.shape[-1] // (BLOCK // 2),)}, got "
                          f"{tuple(scales.shape)}")
 
 
@@ -85,7 +85,7 @@ def _(logits, k, softmax_first=False, renormalize=True):
 
 def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, weight_pairs=()):
     """Layout-independent checks (``weight_pairs``: (name, tensor or None), device only); each
-    backend checks its own weight layout."""
+    kernel checks its own weight layout."""
     if hidden.dim() != 2 or not hidden.is_floating_point():
         raise ValueError(f"moe: hidden must be a float [T, H] tensor, got {hidden.dtype} "
                          f"{tuple(hidden.shape)}")
@@ -97,10 +97,8 @@ def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, w
                          f"{tuple(topk_ids.shape)}, got {topk_weights.dtype} {tuple(topk_weights.shape)}")
     torch._check(topk_ids.shape[0] == hidden.shape[0],
                  lambda: f"moe: topk_ids has {topk_ids.shape[0]} rows but hidden has {hidden.shape[0]} tokens")
-    if kernel not in dispatch.KERNELS:
-        raise ValueError(f"moe: unknown kernel {kernel!r}; one of {list(dispatch.KERNELS)}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"moe: activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    check_kernel(kernel, "moe: kernel", allow_auto=False)
+    check_activation(activation, "moe: activation")
     if expert_map is not None and (expert_map.dim() != 1 or expert_map.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"moe: expert_map must be a 1-D int32 tensor [E_global] (global id -> local "
                          f"id or -1), got {expert_map.dtype} {tuple(expert_map.shape)}")
@@ -122,11 +120,12 @@ def _check_canonical_weights(hidden, w13, w13_scales, w13_bias, w2, w2_scales, w
             raise ValueError(f"moe: {name} is on {t.device} but hidden is on {hidden.device}")
     E, two_ip, hp_half = w13.shape
     hp, ip = hp_half * 2, two_ip // 2
-    if hp % 32 or ip % 32:
+    if hp % BLOCK or ip % BLOCK:
         raise ValueError(f"moe: w13 {tuple(w13.shape)} implies Hp={hp}, Ip={ip}; both must be "
-                         f"multiples of the MXFP4 block size 32 (pad the weights: "
+                         f"multiples of the MXFP4 block size {BLOCK} (pad the weights: "
                          f"mxfp4_compile.prepare_moe_weights does)")
-    expect = {"w13_scales": (E, two_ip, hp // 32), "w2": (E, hp, ip // 2), "w2_scales": (E, hp, ip // 32)}
+    expect = {"w13_scales": (E, two_ip, hp // BLOCK), "w2": (E, hp, ip // 2),
+              "w2_scales": (E, hp, ip // BLOCK)}
     for name, t in (("w13_scales", w13_scales), ("w2", w2), ("w2_scales", w2_scales)):
         if tuple(t.shape) != expect[name]:
             raise ValueError(f"moe: {name} is {tuple(t.shape)} but w13 {tuple(w13.shape)} implies "
@@ -173,8 +172,9 @@ def _weight_pairs(*tensors):
 def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         w13: torch.Tensor, w13_scales: torch.Tensor, w13_bias: torch.Tensor | None,
         w2: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor | None,
-        kernel: str, activation: str = "swiglu_oai", alpha: float = 1.702, limit: float = 7.0,
-        expert_map: torch.Tensor | None = None, combine: bool = True) -> torch.Tensor:
+        kernel: str, activation: str = "swiglu_oai", alpha: float = SWIGLU_ALPHA,
+        limit: float = SWIGLU_LIMIT, expert_map: torch.Tensor | None = None,
+        combine: bool = True) -> torch.Tensor:
     """Fused MoE experts on MXFP4 weights prepared for ``kernel`` (see ops/moe_torch.py for the
     math). Returns [T, H] combined, or [T, k, H] unweighted per-slot outputs when not ``combine``."""
     _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
@@ -192,7 +192,7 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 
 @moe.register_fake
 def _(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, kernel,
-      activation="swiglu_oai", alpha=1.702, limit=7.0, expert_map=None, combine=True):
+      activation="swiglu_oai", alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT, expert_map=None, combine=True):
     _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
                _weight_pairs(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
     if combine:
@@ -227,6 +227,9 @@ def prepare_moe_weights(w13: torch.Tensor, w13_bias: torch.Tensor | None, w2: to
 @prepare_moe_weights.register_fake
 def _(w13, w13_bias, w2, w2_bias, kernel, activation, rounding="floor", gate_up_interleaved=True,
       transposed=False, index=0):
+    check_kernel(kernel, "prepare_moe_weights: kernel", allow_auto=False)
+    check_activation(activation, "prepare_moe_weights: activation")
+    check_rounding(rounding, "prepare_moe_weights: rounding")
     E, H, I = weights.check_expert_shapes(w13.shape, w2.shape, transposed)
     hp, ip = dispatch.padded_sizes(kernel, H, I)
     shapes = dispatch.get_kernel(kernel).prepared_shapes(E, hp, ip, activation, w13_bias is not None,

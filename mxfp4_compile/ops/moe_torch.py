@@ -6,7 +6,7 @@ I intermediate (Ip padded).
   hidden        [T, H]            bf16 / fp16 / fp32
   topk_ids      [T, k]            int32 / int64, global expert ids
   topk_weights  [T, k]            float
-  w13, w13_s    [E, 2Ip, Hp/2], [E, 2Ip, Hp/32]   uint8 (gate/up rows: see ACTIVATIONS)
+  w13, w13_s    [E, 2Ip, Hp/2], [E, 2Ip, Hp/32]   uint8 (gate/up rows: formats.ACTIVATIONS)
   w13_bias      [E, 2Ip]          float32 or None
   w2, w2_s      [E, Hp, Ip/2], [E, Hp, Ip/32]     uint8
   w2_bias       [E, Hp]           float32 or None
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import numerics
-
-# activation name -> how gate/up rows are stored in w13
-ACTIVATIONS = {"swiglu_oai": "interleaved", "silu_glu": "concatenated"}
+# ACTIVATIONS and check_activation are formats.py's, imported here for the kernel modules that
+# take them from this module
+from ..formats import ACTIVATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation  # noqa: F401
 
 
 def swiglu_oai(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -37,17 +37,10 @@ def silu_glu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def check_activation(activation: str) -> None:
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-
-
 def activate(h: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
-    if activation == "swiglu_oai":
+    if check_activation(activation) == "swiglu_oai":
         return swiglu_oai(h, alpha, limit)
-    if activation == "silu_glu":
-        return silu_glu(h)
-    raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    return silu_glu(h)
 
 
 def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
@@ -59,8 +52,8 @@ def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.
 
 
 def moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
-                  activation="swiglu_oai", alpha=1.702, limit=7.0, expert_map=None, combine=True,
-                  sync_free=None):
+              activation="swiglu_oai", alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT, expert_map=None,
+              combine=True, sync_free=None):
     """Fused MoE forward. ``sync_free`` (default: on for non-CPU devices) computes every expert
     on every token and masks, so no data-dependent shapes or host syncs occur (CUDA-graph safe);
     otherwise each expert runs on its own tokens only."""

@@ -17,9 +17,9 @@ import weakref
 import torch
 import torch.nn.functional as F
 
-from .. import numerics
+from .. import formats, numerics
+from ..formats import BLOCK, Activation, Kernel, check_activation, check_kernel, check_rounding
 from . import dispatch
-from .moe_torch import ACTIVATIONS, check_activation
 
 ROLES = ("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")
 
@@ -27,8 +27,8 @@ ROLES = ("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")
 @dataclasses.dataclass
 class PreparedMoE:
     """MXFP4 expert weights in one kernel's layout; ``moe_kwargs()`` feeds torch.ops.mxfp4.moe."""
-    kernel: str               # layout these tensors are in
-    activation: str           # "swiglu_oai" | "silu_glu"
+    kernel: Kernel            # layout these tensors are in (never "auto")
+    activation: Activation    # "swiglu_oai" | "silu_glu"
     hidden_size: int          # H before padding
     intermediate_size: int    # I before padding
     w13: torch.Tensor         # canonical: [E, 2Ip, Hp/2] uint8
@@ -47,8 +47,7 @@ class PreparedMoE:
 
 def _reorder_gate_up(t: torch.Tensor, dim: int, interleaved_in: bool, activation: str):
     """Rows of gate/up along ``dim`` from the input's order to the activation's canonical order."""
-    interleaved_out = ACTIVATIONS[activation] == "interleaved"
-    if interleaved_in == interleaved_out:
+    if interleaved_in == formats.gate_up_interleaved(activation):
         return t
     if interleaved_in:  # [g0, u0, g1, u1, ...] -> [g..., u...]
         pairs = t.unflatten(dim, (-1, 2))
@@ -63,7 +62,7 @@ def _pad_gate_up(t: torch.Tensor, dim: int, ip: int, activation: str):
     if two_i == 2 * ip:
         return t
     pad_rows = list(t.shape)
-    if ACTIVATIONS[activation] == "interleaved":
+    if formats.gate_up_interleaved(activation):
         pad_rows[dim] = 2 * ip - two_i
         return torch.cat((t, t.new_zeros(pad_rows)), dim=dim)
     pad_rows[dim] = ip - two_i // 2
@@ -90,7 +89,7 @@ def _quantize_by_expert(w: torch.Tensor, rounding: str):
     if not parts:
         n, k = w.shape[1], w.shape[2]
         z = torch.empty(0, n, k // 2, dtype=torch.uint8, device=w.device)
-        return z, torch.empty(0, n, k // 32, dtype=torch.uint8, device=w.device)
+        return z, torch.empty(0, n, k // BLOCK, dtype=torch.uint8, device=w.device)
     return torch.stack([p for p, _ in parts]), torch.stack([s for _, s in parts])
 
 
@@ -112,16 +111,17 @@ def check_expert_shapes(w13_shape, w2_shape, transposed: bool) -> tuple[int, int
 
 
 def quantize_experts(w13, w2, w13_bias=None, w2_bias=None, *, activation, rounding="floor",
-                     gate_up_interleaved=None, transposed=False, h_multiple=32, i_multiple=32):
+                     gate_up_interleaved=None, transposed=False, h_multiple=BLOCK, i_multiple=BLOCK):
     """Float expert weights -> the six canonical MXFP4 tensors (padded)."""
     check_activation(activation)
+    check_rounding(rounding)
     E, H, I = check_expert_shapes(w13.shape, w2.shape, transposed)
     for name, t in (("w13", w13), ("w2", w2)):
         if not t.is_floating_point():
             raise TypeError(f"{name} must be a float tensor to quantize, got {t.dtype}; "
                             f"already-MXFP4 weights go through from_mxfp4_blocks()")
     if gate_up_interleaved is None:
-        gate_up_interleaved = ACTIVATIONS[activation] == "interleaved"
+        gate_up_interleaved = formats.gate_up_interleaved(activation)
     hp, ip = -(-H // h_multiple) * h_multiple, -(-I // i_multiple) * i_multiple
     if transposed:
         w13, w2 = w13.transpose(1, 2), w2.transpose(1, 2)
@@ -146,11 +146,11 @@ def quantize_experts(w13, w2, w13_bias=None, w2_bias=None, *, activation, roundi
 def pad_packed(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, *, activation, hp, ip):
     """Canonical MXFP4 tensors (unpadded or less padded) -> padded to (hp, ip), bytes untouched."""
     w13 = _pad_last(_pad_gate_up(w13, 1, ip, activation), hp // 2)
-    w13_scales = _pad_last(_pad_gate_up(w13_scales, 1, ip, activation), hp // 32)
+    w13_scales = _pad_last(_pad_gate_up(w13_scales, 1, ip, activation), hp // BLOCK)
     if w13_bias is not None:
         w13_bias = _pad_gate_up(w13_bias.float(), 1, ip, activation).contiguous()
     w2 = _pad_last(_pad_dim1(w2, hp), ip // 2)
-    w2_scales = _pad_last(_pad_dim1(w2_scales, hp), ip // 32)
+    w2_scales = _pad_last(_pad_dim1(w2_scales, hp), ip // BLOCK)
     if w2_bias is not None:
         w2_bias = _pad_last(w2_bias.float(), hp).contiguous()
     return (w13.contiguous(), w13_scales.contiguous(), w13_bias,
@@ -190,8 +190,10 @@ def prepare_moe_weights(w13, w2, w13_bias=None, w2_bias=None, *, activation, ker
     own order); ``transposed`` means the inputs are [E, K, N] (x @ w) instead of [E, N, K]."""
     global _quantized
     check_activation(activation)
+    check_kernel(kernel, allow_auto=False)
+    check_rounding(rounding)
     if gate_up_interleaved is None:  # resolve before keying: None and its meaning share one entry
-        gate_up_interleaved = ACTIVATIONS[activation] == "interleaved"
+        gate_up_interleaved = formats.gate_up_interleaved(activation)
     inputs = (w13, w2, w13_bias, w2_bias)
     key = (tuple(_tensor_key(t) for t in inputs), activation, kernel, rounding,
            gate_up_interleaved, transposed)
@@ -221,14 +223,16 @@ def from_mxfp4_blocks(w13_blocks, w13_scales, w13_bias, w2_blocks, w2_scales, w2
     ``*_blocks`` [E, N, K/32, 16] uint8 (or already [E, N, K/2]), ``*_scales`` [E, N, K/32] uint8,
     biases [E, N]. w13 rows in the activation's canonical order (gpt-oss: interleaved)."""
     check_activation(activation)
+    check_kernel(kernel, allow_auto=False)
     flat = []
     for name, b, s in (("w13", w13_blocks, w13_scales), ("w2", w2_blocks, w2_scales)):
         b, s = numerics._as_uint8(b, f"{name}_blocks"), numerics._as_uint8(s, f"{name}_scales")
         if b.dim() == 4:
-            if b.shape[-1] != 16:
-                raise ValueError(f"{name}_blocks [E, N, K/32, 16] expected, got {tuple(b.shape)}")
+            if b.shape[-1] != BLOCK // 2:
+                raise ValueError(f"{name}_blocks [E, N, K/{BLOCK}, {BLOCK // 2}] expected, got "
+                                 f"{tuple(b.shape)}")
             b = b.flatten(-2)
-        if b.dim() != 3 or s.dim() != 3 or s.shape[:2] != b.shape[:2] or s.shape[2] * 16 != b.shape[2]:
+        if b.dim() != 3 or s.dim() != 3 or s.shape[:2] != b.shape[:2] or s.shape[2] * (BLOCK // 2) != b.shape[2]:
             raise ValueError(f"{name}: blocks {tuple(b.shape)} and scales {tuple(s.shape)} do not "
                              f"describe one [E, N, K] MXFP4 tensor ([E, N, K/2] and [E, N, K/32])")
         flat += [b, s]

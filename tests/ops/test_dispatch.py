@@ -1,12 +1,14 @@
 """Kernel choice (capability table, env override, clear errors) and padding rules, on CPU: a CUDA
 device is faked by monkeypatching torch.cuda's capability queries."""
 import importlib
+import typing
 
 import pytest
 import torch
 
 import mxfp4_compile  # noqa: F401
-from mxfp4_compile.ops import dispatch, weights
+from mxfp4_compile import formats
+from mxfp4_compile.ops import dispatch, kernels, weights
 
 CUDA = torch.device("cuda", 0)
 
@@ -47,17 +49,68 @@ def test_env_override(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.choose_kernel("cpu") == ("triton", "MXFP4_KERNEL (triton)")
     monkeypatch.setenv("MXFP4_KERNEL", "cutlass")
-    with pytest.raises(ValueError, match="MXFP4_KERNEL kernel 'cutlass' is unknown"):
+    with pytest.raises(ValueError, match=r"MXFP4_KERNEL='cutlass' is not a known .*kernel.*'reference'"):
         dispatch.choose_kernel("cpu")
+    monkeypatch.setenv("MXFP4_KERNEL", "auto")  # the env may say "auto" too
+    assert dispatch.choose_kernel("cpu")[0] == "reference"
 
 
 def test_unknown_kernel():
-    with pytest.raises(ValueError, match=r"requested kernel 'cutlass' is unknown.*'reference'"):
+    every = r"'auto', 'reference', 'triton', 'triton_kernels' or 'flashinfer'"
+    with pytest.raises(ValueError, match=r"kernel='cutlass' is not a known MXFP4 MoE kernel; choose "
+                                         + every):
         dispatch.choose_kernel("cpu", "cutlass")
-    with pytest.raises(ValueError, match="unknown MXFP4 MoE kernel 'cutlass'"):
+    concrete = r"choose 'reference', 'triton', 'triton_kernels' or 'flashinfer'"
+    with pytest.raises(ValueError, match=r"kernel='cutlass' is not a known.*" + concrete):
         dispatch.get_kernel("cutlass")
-    with pytest.raises(ValueError, match="unknown"):
+    with pytest.raises(ValueError, match=r"kernel='auto' is not a concrete.*choose_kernel"):
+        dispatch.get_kernel("auto")
+    with pytest.raises(ValueError, match="'cutlass' is not a known"):
         dispatch.padded_sizes("cutlass", 64, 64)
+
+
+def test_kernel_names_have_one_home():
+    assert dispatch.KERNELS is formats.KERNELS
+    assert tuple(dispatch.KERNEL_MODULES) == formats.KERNELS
+    assert formats.KERNEL_CHOICES == ("auto",) + formats.KERNELS == typing.get_args(formats.Kernel)
+
+
+@pytest.mark.parametrize("check,argument,good,choices", [
+    (formats.check_kernel, "kernel", "triton", "'auto', 'reference', 'triton', 'triton_kernels' or "
+                                               "'flashinfer'"),
+    (formats.check_rounding, "rounding", "round_up", "'floor' or 'round_up'"),
+    (formats.check_activation, "activation", "silu_glu", "'swiglu_oai' or 'silu_glu'"),
+])
+def test_validators_name_argument_value_and_choices(check, argument, good, choices):
+    assert check(good) == good
+    for bad in ("nope", None, 3):
+        with pytest.raises(ValueError) as e:
+            check(bad)
+        assert str(e.value).startswith(f"{argument}={bad!r} is not ") and str(e.value).endswith(choices)
+    with pytest.raises(ValueError, match=r"^options\['x'\]='nope'"):
+        check("nope", "options['x']")
+
+
+@pytest.mark.parametrize("module", [f"mxfp4_compile.ops.kernels.{m}"
+                                    for m in dispatch.KERNEL_MODULES.values()])
+def test_every_kernel_module_satisfies_the_protocol(module):
+    mod = importlib.import_module(module)  # triton_moe: import only, nothing runs
+    assert kernels.protocol_mismatches(mod) == []
+    assert dispatch.get_kernel(mod.NAME) is mod
+
+
+def test_protocol_check_finds_what_is_wrong():
+    import types
+    bad = types.ModuleType("bad")
+    bad.NAME, bad.H_MULTIPLE = "bad", "64"
+    bad.unavailable_reason = lambda device: None
+    bad.prepared_shapes = lambda E, Hp, Ip: []
+    problems = kernels.protocol_mismatches(bad)
+    assert any("H_MULTIPLE" in p for p in problems) and any("I_MULTIPLE" in p for p in problems)
+    assert any(p.startswith("prepared_shapes") and "has_w13_bias" in p for p in problems)
+    assert any(p.startswith("prepare must") for p in problems)
+    assert any(p.startswith("moe must") for p in problems)
+    assert not any(p.startswith("unavailable_reason") for p in problems)
 
 
 def test_triton_on_cpu_needs_interpreter():
@@ -80,12 +133,12 @@ def test_gpu_only_kernels_refuse_cpu(kernel):
 
 @pytest.mark.parametrize("kernel", dispatch.KERNELS)
 def test_padding_table(kernel):
-    backend = dispatch.get_kernel(kernel)
-    assert backend.NAME == kernel
+    module = dispatch.get_kernel(kernel)
+    assert module.NAME == kernel
     for attr in ("unavailable_reason", "prepare", "moe", "prepared_shapes"):
-        assert callable(getattr(backend, attr))
+        assert callable(getattr(module, attr))
     hm, im = dispatch.padding(kernel)
-    assert (hm, im) == (backend.H_MULTIPLE, backend.I_MULTIPLE)
+    assert (hm, im) == (module.H_MULTIPLE, module.I_MULTIPLE)
     assert hm % 32 == 0 and im % 32 == 0  # whole MXFP4 blocks
     for h, i in ((2880, 2880), (1, 1), (hm, im), (hm + 1, 3 * im - 1), (4096, 1536)):
         hp, ip = dispatch.padded_sizes(kernel, h, i)
@@ -118,7 +171,7 @@ def test_choose_kernel_on_fake_gpu(fake_gpu, major, minor, flashinfer, want):
 def test_choose_flashinfer_on_sm100(fake_gpu, monkeypatch):
     fake_gpu(10, 0, flashinfer=True)
     fi = importlib.import_module("mxfp4_compile.ops.kernels.flashinfer_moe")
-    if fi._load_cached()[0] is None:  # found by spec (faked) but not importable: a clear error
+    if fi.API.load()[0] is None:  # found by spec (faked) but not importable: a clear error
         with pytest.raises(ValueError, match="'flashinfer'.*cannot run on cuda"):
             dispatch.choose_kernel(CUDA)
     monkeypatch.setattr(fi, "unavailable_reason", lambda device: None)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import mxfp4_compile  # noqa: F401
+from mxfp4_compile.formats import E8M0_BIAS
 from mxfp4_compile.ops import weights
 
 OPS = torch.ops.mxfp4
@@ -243,7 +244,7 @@ def test_moe_wrong_device(setup):
 
 def test_dequantize_wrong_device():
     packed = torch.randint(0, 256, (4, 16), dtype=torch.uint8)
-    scales = torch.full((4, 1), 127, dtype=torch.uint8)
+    scales = torch.full((4, 1), E8M0_BIAS, dtype=torch.uint8)
     with pytest.raises(ValueError, match="scales are on meta"):
         OPS.dequantize(packed, scales.to("meta"), torch.float32)
     assert OPS.dequantize(packed.to("meta"), scales.to("meta"), torch.float32).device.type == "meta"

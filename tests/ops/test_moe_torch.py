@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import mxfp4_compile  # noqa: F401
+from mxfp4_compile.formats import SWIGLU_ALPHA, SWIGLU_LIMIT
 from mxfp4_compile.ops.moe_torch import moe_torch
 
 E2M1 = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
@@ -34,8 +35,8 @@ def act64(h, activation, alpha, limit):
     return gate / (1 + torch.exp(-gate)) * up
 
 
-def moe_loop64(hidden, ids, weights, w13, s13, b13, w2, s2, b2, activation, alpha=1.702, limit=7.0,
-               expert_map=None, combine=True, stats=None):
+def moe_loop64(hidden, ids, weights, w13, s13, b13, w2, s2, b2, activation, alpha=SWIGLU_ALPHA,
+               limit=SWIGLU_LIMIT, expert_map=None, combine=True, stats=None):
     T, H = hidden.shape
     k = ids.shape[1]
     Hp = w13.shape[2] * 2
@@ -129,14 +130,14 @@ def test_clamp_exercised(activation, sync_free):
     ids, w = routing(T, k, E, seed=4)
     hidden = torch.randn(T, H, generator=torch.Generator().manual_seed(6)) * 4
     stats = {"gate_clamped": 0, "up_clamped": 0, "unclamped": 0}
-    for alpha, limit in ((1.702, 7.0), (1.0, 3.0)):
+    for alpha, limit in ((SWIGLU_ALPHA, SWIGLU_LIMIT), (1.0, 3.0)):
         want = moe_loop64(hidden, ids, w, *wts, activation, alpha, limit, stats=stats)
         got = moe_torch(hidden, ids, w, *wts, activation=activation, alpha=alpha, limit=limit,
                             sync_free=sync_free)
         assert_rel(got, want)
     assert stats["gate_clamped"] > 50 and stats["up_clamped"] > 50 and stats["unclamped"] > 50
     if activation == "swiglu_oai":  # the limit matters: an unclamped swiglu is far off
-        no_clamp = moe_loop64(hidden, ids, w, *wts, activation, 1.702, math.inf)
+        no_clamp = moe_loop64(hidden, ids, w, *wts, activation, SWIGLU_ALPHA, math.inf)
         assert (no_clamp - moe_loop64(hidden, ids, w, *wts, activation)).abs().max() > 1.0
 
 

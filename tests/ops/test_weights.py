@@ -5,6 +5,7 @@ import torch
 
 import mxfp4_compile  # noqa: F401
 from mxfp4_compile import numerics
+from mxfp4_compile.formats import SWIGLU_ALPHA, SWIGLU_LIMIT
 from mxfp4_compile.ops import dispatch, weights
 from mxfp4_compile.ops.moe_torch import moe_torch
 
@@ -36,7 +37,8 @@ def deq(t, rounding="floor"):
     return numerics.dequantize(*numerics.quantize(t, rounding), torch.float64)
 
 
-def oracle(x, ids, w, G, U, W2, bg, bu, b2, activation, rounding, alpha=1.702, limit=7.0):
+def oracle(x, ids, w, G, U, W2, bg, bu, b2, activation, rounding, alpha=SWIGLU_ALPHA,
+           limit=SWIGLU_LIMIT):
     """float64 MoE from explicit gate / up / down matrices, each quantized on its own (rows of
     w13 quantize independently, so where the rows sit cannot change their MXFP4 values)."""
     Gq, Uq, W2q = deq(G, rounding), deq(U, rounding), deq(W2, rounding)

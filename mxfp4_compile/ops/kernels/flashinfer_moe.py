@@ -12,10 +12,9 @@ handling, and the call's keyword arguments against a stand-in module. There is n
 
 What it does:
   prepare (once):
-    1. gate/up rows: trtllm-gen's gated activation wants each pair as (up, gate) -- the seed's
-       "swap w1 and w3": canonical swiglu_oai pairs (gate, up) are swapped; silu_glu's
-       concatenated [gate; up] becomes (up, gate) pairs. Scales and the w13 bias move with their
-       rows.
+    1. gate/up rows: trtllm-gen's gated activation wants each pair as (up, gate), i.e. w1 and w3
+       swapped: canonical swiglu_oai pairs (gate, up) are swapped; silu_glu's concatenated
+       [gate; up] becomes (up, gate) pairs. Scales and the w13 bias move with their rows.
     2. ``_shuffle_for_trtllm`` -- the one CUDA-only step: per expert, FlashInfer's
        ``shuffle_matrix_a`` (row permutation in blocks of 32 for epilogue_tile_m=128; mirrored in
        pure torch by ``shuffle_a_row_indices`` for tests) on the e2m1 bytes and the biases, and
@@ -28,15 +27,16 @@ What it does:
     * activations bf16 (default) or MXFP8 (``MXFP4_FLASHINFER_ACTIVATIONS=mxfp8``:
       ``mxfp8_quantize`` with linear scale layout; about 2% rel-L2 from the fp8 activations);
     * swiglu_oai: gemm1_alpha = alpha, gemm1_beta = 1 (the "+1" on up), gemm1_clamp_limit =
-      limit, per local expert, as the seed; silu_glu: all three None (plain silu(gate) * up);
+      limit, one value per local expert; silu_glu: all three None (plain silu(gate) * up);
     * hidden padded to Hp, output sliced back to H; combine=False runs the kernel with each
       (token, slot) as its own token and top_k=1, weight 1 (no finalize-free layout to undo);
     * expert_map: ids mapped to local experts, ids of other ranks to a phantom expert E that is
       outside the local range [0, E) (num_experts = max(len(expert_map), E + 1)), which
       trtllm-gen's expert parallelism skips.
 
-Padding: Hp and Ip multiples of 256 (the seed's choice; the scale interleave needs rows % 128 and
-K/32 % 4, the shuffle rows % 32).
+Padding: Hp and Ip multiples of 256, the padding vLLM uses with this kernel. The constraints known
+here need only 128 (the scale interleave needs rows % 128 and K/32 % 4, the shuffle rows % 32);
+256 stays until the kernel call has been verified on hardware.
 
 Prepared tensors (plain torch; the op passes them around):
   w13 uint8 [E, 2Ip, Hp/2], w13_scales uint8 [E, 2Ip, Hp/32] (bytes of the 128x4-interleaved
@@ -49,25 +49,24 @@ for sm100 on first use).
 """
 from __future__ import annotations
 
-import functools
-import importlib
-import importlib.util
-import inspect
 import logging
 import os
-import types
 
 import torch
 import torch.nn.functional as F
 
 from ..moe_torch import check_activation
+from . import check_canonical_shapes, check_padded, gpu_unavailable, reference_moe
+from .optional import KernelUnavailable, OptionalAPI, keyword_mismatch
 
 log = logging.getLogger("mxfp4_compile")
 
 NAME = "flashinfer"
 H_MULTIPLE = 256
 I_MULTIPLE = 256
-EPILOGUE_TILE_M = 128  # the seed's value ("depends on the kernel internals")
+# shuffle_matrix_a's epilogue tile (the value vLLM passes): with a multiple of 128 it permutes rows
+# in blocks of 32, else 16 (shuffle_a_row_indices)
+EPILOGUE_TILE_M = 128
 ACT_ENV = "MXFP4_FLASHINFER_ACTIVATIONS"  # "bf16" (default) or "mxfp8"
 SUPPORTED_API = "flashinfer-python 0.7.x: trtllm_fp4_block_scale_routed_moe (pre-routed, no tile_tokens_dim)"
 HOW_TO_GET = "pip install flashinfer-python==0.7.2.post1"
@@ -83,96 +82,45 @@ CALL_PARAMS = (
     "routed_scaling_factor", "routing_method_type", "do_finalize", "activation_type",
     "hidden_states_scale_layout",
 )
-_NAMES = ("trtllm_fp4_block_scale_routed_moe", "shuffle_matrix_a", "shuffle_matrix_sf_a",
-          "mxfp8_quantize", "RoutingMethodType", "ActivationType", "SfLayout")
+_ROUTED_MOE = "trtllm_fp4_block_scale_routed_moe"
 
 
-class FlashInferUnavailable(RuntimeError):
+class FlashInferUnavailable(KernelUnavailable):
     """flashinfer is missing or its API is not the one this kernel module was written against."""
 
 
 # ---- API detection -------------------------------------------------------------------------------
+API = OptionalAPI(
+    "flashinfer", kernel=NAME, install=HOW_TO_GET, supported=SUPPORTED_API,
+    modules={"": (_ROUTED_MOE, "shuffle_matrix_a", "shuffle_matrix_sf_a", "mxfp8_quantize",
+                  "RoutingMethodType", "ActivationType", "SfLayout")},
+    keywords={_ROUTED_MOE: CALL_PARAMS},
+    optional={"row_indices": ("utils", "get_shuffle_matrix_a_row_indices")},
+    error=FlashInferUnavailable)
+
+
 def check_signature(fn) -> str | None:
-    """None when ``fn`` takes every keyword this module passes, else what is wrong."""
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return None  # cannot introspect: let the call itself say
-    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
-        return None
-    missing = [n for n in CALL_PARAMS if n not in params]
-    if missing:
-        return (f"trtllm_fp4_block_scale_routed_moe has no parameter(s) {missing}; this kernel module "
-                f"was written against {SUPPORTED_API}")
-    required_unknown = [n for n, p in params.items()
-                        if p.default is p.empty and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
-                        and n not in CALL_PARAMS]
-    if required_unknown:
-        return (f"trtllm_fp4_block_scale_routed_moe requires {required_unknown}, which this kernel module "
-                f"does not pass (an API other than {SUPPORTED_API}, e.g. one with tile_tokens_dim)")
-    return None
-
-
-@functools.cache
-def _load_cached():
-    try:
-        if importlib.util.find_spec("flashinfer") is None:
-            return None, f"flashinfer-python is not installed ({HOW_TO_GET})"
-        fi = importlib.import_module("flashinfer")
-    except Exception as e:  # noqa: BLE001
-        return None, f"importing flashinfer failed ({type(e).__name__}: {e})"
-    version = getattr(fi, "__version__", "?")
-    ns = types.SimpleNamespace(version=version)
-    for n in _NAMES:
-        if not hasattr(fi, n):
-            return None, f"flashinfer {version} has no {n!r}; this kernel module needs {SUPPORTED_API}"
-        setattr(ns, n, getattr(fi, n))
-    err = check_signature(ns.trtllm_fp4_block_scale_routed_moe)
-    if err:
-        return None, f"flashinfer {version}: {err}"
-    try:
-        ns.row_indices = importlib.import_module("flashinfer.utils").get_shuffle_matrix_a_row_indices
-    except (ImportError, AttributeError):
-        ns.row_indices = None
-    return ns, None
-
-
-def _fi():
-    ns, err = _load_cached()
-    if ns is None:
-        raise FlashInferUnavailable(f"MXFP4 kernel 'flashinfer' cannot run: {err}")
-    return ns
+    """None when ``fn`` takes every keyword this module passes to trtllm_fp4_block_scale_routed_moe
+    (and requires no other, such as the older API's tile_tokens_dim), else what is wrong."""
+    return keyword_mismatch(fn, CALL_PARAMS, _ROUTED_MOE, SUPPORTED_API)
 
 
 def unavailable_reason(device: torch.device) -> str | None:
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"flashinfer's trtllm-gen MoE runs on CUDA GPUs only (device is {device.type})"
-    if not torch.cuda.is_available():
-        return "CUDA is not available in this process"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major != 10:
-        return (f"the flashinfer kernel is sm100 (Blackwell) only: trtllm-gen MXFP4 MoE; this GPU "
-                f"is sm{major}{minor} (no SM90 path here: use 'triton' or 'triton_kernels')")
-    return _load_cached()[1]
+    return gpu_unavailable(torch.device(device), NAME, 10, "sm100 (Blackwell)",
+                           "trtllm-gen MXFP4 MoE; no sm90 path here: use 'triton' or "
+                           "'triton_kernels'") or API.reason()
 
 
 # ---- pure-torch preparation (tested on CPU) -------------------------------------------------------------
 def _check_padded(Hp: int, Ip: int) -> None:
-    if Hp % H_MULTIPLE or Ip % I_MULTIPLE:
-        raise ValueError(f"flashinfer needs Hp % {H_MULTIPLE} == 0 and Ip % {I_MULTIPLE} == 0; got "
-                         f"Hp={Hp}, Ip={Ip}: pad with mxfp4_compile.ops.dispatch.padded_sizes"
-                         f"('flashinfer', H, I)")
+    check_padded(NAME, Hp, Ip, H_MULTIPLE, I_MULTIPLE)
 
 
 def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
+    """The canonical shapes: the shuffles permute rows and bytes in place."""
     check_activation(activation)
     _check_padded(Hp, Ip)
-    u8, f32 = torch.uint8, torch.float32
-    return [((E, 2 * Ip, Hp // 2), u8), ((E, 2 * Ip, Hp // 32), u8),
-            ((E, 2 * Ip), f32) if has_w13_bias else None,
-            ((E, Hp, Ip // 2), u8), ((E, Hp, Ip // 32), u8),
-            ((E, Hp), f32) if has_w2_bias else None]
+    return reference_moe.prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias)
 
 
 def swap_row_pairs(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -223,15 +171,9 @@ def shuffle_a_row_indices(M: int, epilogue_tile_m: int = EPILOGUE_TILE_M) -> tor
 def prepare_unshuffled(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     """Steps before the CUDA shuffles: shape checks, (up, gate) row pairs, fp32 contiguous biases."""
     check_activation(activation)
-    E, two_ip, hp_half = w13.shape
-    Hp, Ip = hp_half * 2, two_ip // 2
-    _check_padded(Hp, Ip)
-    expect = {"w13_scales": (w13_scales, (E, 2 * Ip, Hp // 32)), "w2": (w2, (E, Hp, Ip // 2)),
-              "w2_scales": (w2_scales, (E, Hp, Ip // 32))}
-    for name, (t, shape) in expect.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must be {shape} to match w13 {tuple(w13.shape)}; "
-                             f"got {tuple(t.shape)}")
+    _, two_ip, hp_half = w13.shape
+    _check_padded(hp_half * 2, two_ip // 2)
+    check_canonical_shapes(w13, w13_scales, w2, w2_scales)
     w13 = to_trtllm_gate_up(w13, 1, activation).contiguous()
     w13_scales = to_trtllm_gate_up(w13_scales, 1, activation).contiguous()
     b13 = None if w13_bias is None else to_trtllm_gate_up(w13_bias.float(), 1, activation).contiguous()
@@ -242,14 +184,14 @@ def prepare_unshuffled(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activa
 def _shuffle_for_trtllm(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias):
     """The CUDA-only step (UNVERIFIED on hardware): FlashInfer's shuffle_matrix_a on bytes and
     biases, shuffle_matrix_sf_a (row shuffle + 128x4 interleave) on scales, expert by expert."""
-    fi = _fi()
+    fi = API.require()
     if not w13.is_cuda:
         raise FlashInferUnavailable("flashinfer weight preparation needs the weights on a CUDA "
                                     "device (shuffle_matrix_sf_a is a CUDA kernel)")
     if fi.row_indices is not None:  # our documented mirror must be what FlashInfer does
         theirs = fi.row_indices(w13[0], EPILOGUE_TILE_M).cpu()
         if not torch.equal(theirs, shuffle_a_row_indices(w13.shape[1])):
-            raise FlashInferUnavailable(f"flashinfer {fi.version}: shuffle_matrix_a's row order "
+            raise FlashInferUnavailable(f"{fi.label}: shuffle_matrix_a's row order "
                                         f"differs from the one this kernel module was written for")
     tm = EPILOGUE_TILE_M
 
@@ -316,7 +258,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         activation, alpha, limit, expert_map, combine):
     """UNVERIFIED on hardware: see the module docstring."""
     global _warned
-    fi = _fi()
+    fi = API.require()
     check_activation(activation)
     if not _warned:
         log.warning("mxfp4: the flashinfer kernel's kernel call has not been verified on hardware")

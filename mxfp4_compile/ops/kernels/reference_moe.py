@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from ...formats import BLOCK
 from ..moe_torch import moe_torch
 
 NAME = "reference"
-H_MULTIPLE = 32
-I_MULTIPLE = 32
+H_MULTIPLE = BLOCK  # whole MXFP4 blocks, nothing more
+I_MULTIPLE = BLOCK
 
 
 def unavailable_reason(device: torch.device) -> str | None:
@@ -15,10 +16,11 @@ def unavailable_reason(device: torch.device) -> str | None:
 
 
 def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
+    """The canonical shapes (ops/moe_torch.py), which kernels that keep them share."""
     u8, f32 = torch.uint8, torch.float32
-    return [((E, 2 * Ip, Hp // 2), u8), ((E, 2 * Ip, Hp // 32), u8),
+    return [((E, 2 * Ip, Hp // 2), u8), ((E, 2 * Ip, Hp // BLOCK), u8),
             ((E, 2 * Ip), f32) if has_w13_bias else None,
-            ((E, Hp, Ip // 2), u8), ((E, Hp, Ip // 32), u8),
+            ((E, Hp, Ip // 2), u8), ((E, Hp, Ip // BLOCK), u8),
             ((E, Hp), f32) if has_w2_bias else None]
 
 
@@ -29,4 +31,4 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
         activation, alpha, limit, expert_map, combine):
     return moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales,
-                         w2_bias, activation, alpha, limit, expert_map, combine)
+                     w2_bias, activation, alpha, limit, expert_map, combine)

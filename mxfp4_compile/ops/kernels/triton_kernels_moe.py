@@ -66,15 +66,16 @@ Getting triton_kernels (it is not on PyPI under that name; never vendor it into 
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib
 import importlib.util
-import types
 
 import torch
 import torch.nn.functional as F
 
+from ...formats import BLOCK
 from ..moe_torch import check_activation
+from . import check_canonical_shapes, check_padded, gpu_unavailable
+from .optional import KernelUnavailable, OptionalAPI
 
 NAME = "triton_kernels"
 H_MULTIPLE = 64
@@ -101,55 +102,24 @@ HOW_TO_GET = (
     "docstring of mxfp4_compile.ops.kernels.triton_kernels_moe)")
 
 
-class TritonKernelsUnavailable(RuntimeError):
+class TritonKernelsUnavailable(KernelUnavailable):
     """triton_kernels is missing, or its API is not the one this kernel module supports."""
 
 
 # ---- API detection -------------------------------------------------------------------------------
-_REQUIRED = {
-    "triton_kernels.matmul_ogs": ("matmul_ogs", "PrecisionConfig", "FlexCtx", "FnSpecs",
-                                  "FusedActivation"),
-    "triton_kernels.routing": ("routing_from_bitmatrix", "RoutingData", "GatherIndx", "ScatterIndx"),
-    "triton_kernels.tensor": ("Tensor", "Storage", "Bitmatrix", "FP4"),
-    "triton_kernels.tensor_details.layout": ("HopperMXValueLayout", "HopperMXScaleLayout"),
-    "triton_kernels.swiglu": ("swiglu_fn",),
-    "triton_kernels.numerics": ("InFlexData",),
-}
-
-
-def _where(mod) -> str:
-    return getattr(mod, "__file__", None) or str(getattr(mod, "__path__", "?"))
-
-
-@functools.cache
-def _load_api_cached():
-    """-> (namespace of the names we use, None) or (None, reason)."""
-    try:
-        if importlib.util.find_spec("triton") is None:
-            return None, "Triton is not installed (pip install triton)"
-        if importlib.util.find_spec("triton_kernels") is None:
-            return None, f"the triton_kernels package is not importable; {HOW_TO_GET}"
-        tk = importlib.import_module("triton_kernels")
-    except Exception as e:  # noqa: BLE001 - any import failure is a reason, not a crash
-        return None, f"importing triton_kernels failed ({type(e).__name__}: {e}); {HOW_TO_GET}"
-    where = _where(tk)
-    if importlib.util.find_spec("triton_kernels.routing") is None:
-        return None, (f"triton_kernels at {where} has no `routing` module: this is the post-3.5 "
-                      f"API (routing was removed after Triton 3.5), which this kernel module does not "
-                      f"support; it supports {SUPPORTED_API}. {HOW_TO_GET}")
-    ns = types.SimpleNamespace(where=where)
-    for modname, names in _REQUIRED.items():
-        try:
-            mod = importlib.import_module(modname)
-        except Exception as e:  # noqa: BLE001
-            return None, (f"triton_kernels at {where}: importing {modname} failed "
-                          f"({type(e).__name__}: {e}); this kernel module supports {SUPPORTED_API}")
-        for n in names:
-            if not hasattr(mod, n):
-                return None, (f"triton_kernels at {where}: {modname} has no {n!r}; this is not the "
-                              f"API this kernel module supports ({SUPPORTED_API})")
-            setattr(ns, n, getattr(mod, n))
-    return ns, None
+API = OptionalAPI(
+    "triton_kernels", kernel=NAME, install=HOW_TO_GET, supported=SUPPORTED_API,
+    requires={"triton": "pip install triton"},
+    markers={"routing": " (routing was removed after Triton 3.5: this is the post-3.5 API)"},
+    modules={
+        "matmul_ogs": ("matmul_ogs", "PrecisionConfig", "FlexCtx", "FnSpecs", "FusedActivation"),
+        "routing": ("routing_from_bitmatrix", "RoutingData", "GatherIndx", "ScatterIndx"),
+        "tensor": ("Tensor", "Storage", "Bitmatrix", "FP4"),
+        "tensor_details.layout": ("HopperMXValueLayout", "HopperMXScaleLayout"),
+        "swiglu": ("swiglu_fn",),
+        "numerics": ("InFlexData",),
+    },
+    error=TritonKernelsUnavailable)
 
 
 @contextlib.contextmanager
@@ -174,34 +144,19 @@ def _split_k_constraint(split_k):
 
 def api_error() -> str | None:
     """None when a supported triton_kernels is importable, else why not."""
-    return _load_api_cached()[1]
+    return API.reason()
 
 
 def api_description() -> str | None:
     """Which triton_kernels API was found, and where (None when none supported)."""
-    ns, _ = _load_api_cached()
+    ns, _ = API.load()
     return None if ns is None else f"{SUPPORTED_API} at {ns.where}"
 
 
-def _api():
-    ns, err = _load_api_cached()
-    if ns is None:
-        raise TritonKernelsUnavailable(f"MXFP4 kernel 'triton_kernels' cannot run: {err}")
-    return ns
-
-
 def unavailable_reason(device: torch.device) -> str | None:
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"triton_kernels runs on CUDA GPUs only (device is {device.type})"
-    if not torch.cuda.is_available():
-        return "CUDA is not available in this process"
-    major, minor = torch.cuda.get_device_capability(device)
-    if major != 9:
-        return (f"this kernel module needs an sm90 (Hopper) GPU: it prepares weights in triton_kernels' "
-                f"Hopper MXFP4 layout (HopperMXValueLayout/HopperMXScaleLayout); this GPU is "
-                f"sm{major}{minor}")
-    return api_error()
+    return gpu_unavailable(torch.device(device), NAME, 9, "sm90 (Hopper)",
+                           "it prepares weights in triton_kernels' Hopper MXFP4 layout, "
+                           "HopperMXValueLayout/HopperMXScaleLayout") or api_error()
 
 
 # ---- layout -----------------------------------------------------------------------------------------
@@ -215,16 +170,14 @@ def num_warps_for(n: int) -> int:
 
 
 def _scale_shape(E: int, N: int, K: int) -> tuple[int, int, int]:
-    """Prepared (swizzled) scale shape of a weight with N outputs and K inputs."""
-    rows = _pad_to(N, 2 * 2 * 8 * num_warps_for(N)) // 32  # HopperMXScaleLayout pads N
-    return (E, rows, _pad_to(K // 32, BLOCK_K // 32) * 32)
+    """Prepared (swizzled) scale shape of a weight with N outputs and K inputs: N padded by
+    HopperMXScaleLayout (then 32 rows per scale row), K/BLOCK scales padded to whole BLOCK_Ks."""
+    rows = _pad_to(N, 2 * 2 * 8 * num_warps_for(N)) // 32
+    return (E, rows, _pad_to(K // BLOCK, BLOCK_K // BLOCK) * 32)
 
 
 def _check_padded(Hp: int, Ip: int) -> None:
-    if Hp % H_MULTIPLE or Ip % I_MULTIPLE:
-        raise ValueError(f"triton_kernels needs Hp % {H_MULTIPLE} == 0 and Ip % {I_MULTIPLE} == 0 "
-                         f"(Hopper MXFP4 swizzle); got Hp={Hp}, Ip={Ip}: pad the canonical weights "
-                         f"with mxfp4_compile.ops.dispatch.padded_sizes('triton_kernels', H, I)")
+    check_padded(NAME, Hp, Ip, H_MULTIPLE, I_MULTIPLE, "Hopper MXFP4 swizzle")
 
 
 def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
@@ -257,7 +210,7 @@ _CHUNK = 8  # experts swizzled at a time: bounds the int32 temporaries of the va
 
 def swizzle_values(w: torch.Tensor) -> torch.Tensor:
     """Canonical e2m1 bytes [E, N, K/2] -> contiguous Hopper-swizzled bytes [E, N/4, 2K]."""
-    api = _api()
+    api = API.require()
     E, N, Kh = w.shape
     out = torch.empty(E, N // 4, Kh * 4, dtype=torch.uint8, device=w.device)
     for e0 in range(0, E, _CHUNK):
@@ -269,7 +222,7 @@ def swizzle_values(w: torch.Tensor) -> torch.Tensor:
 
 def unswizzle_values(v: torch.Tensor) -> torch.Tensor:
     """Inverse of ``swizzle_values`` (for tests): [E, N/4, 2K] -> [E, N, K/2]."""
-    api = _api()
+    api = API.require()
     E, n4, k2 = v.shape
     layout = api.HopperMXValueLayout((E, k2 // 4, n4 * 4), mx_axis=1)
     return layout.unswizzle_data(v.mT).transpose(1, 2).contiguous()
@@ -278,9 +231,9 @@ def unswizzle_values(v: torch.Tensor) -> torch.Tensor:
 def swizzle_scales(s: torch.Tensor) -> torch.Tensor:
     """Canonical e8m0 bytes [E, N, K/32] -> contiguous Hopper-swizzled ``_scale_shape(E, N, K)``:
     N padded for the layout's warps (``num_warps_for(N)``), K/32 zero-padded to whole BLOCK_Ks."""
-    api = _api()
+    api = API.require()
     E, N, k32 = s.shape
-    s = F.pad(s, (0, _pad_to(k32, BLOCK_K // 32) - k32))  # byte 0: finite, never read as data
+    s = F.pad(s, (0, _pad_to(k32, BLOCK_K // BLOCK) - k32))  # byte 0: finite, never read as data
     t = s.contiguous().transpose(1, 2)  # [E, K/32, N]
     layout = api.HopperMXScaleLayout(t.shape, mx_axis=1, num_warps=num_warps_for(N))
     return layout.swizzle_data(t).mT.contiguous()
@@ -288,24 +241,18 @@ def swizzle_scales(s: torch.Tensor) -> torch.Tensor:
 
 def unswizzle_scales(p: torch.Tensor, N: int, K: int) -> torch.Tensor:
     """Inverse of ``swizzle_scales`` (for tests) -> [E, N, K/32]."""
-    api = _api()
+    api = API.require()
     layout = api.HopperMXScaleLayout((p.shape[0], p.shape[2] // 32, N), mx_axis=1,
                                      num_warps=num_warps_for(N))
-    return layout.unswizzle_data(p.mT).transpose(1, 2)[:, :N, :K // 32].contiguous()
+    return layout.unswizzle_data(p.mT).transpose(1, 2)[:, :N, :K // BLOCK].contiguous()
 
 
 def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     """Canonical padded MXFP4 (ops/moe_torch.py) -> this kernel's six tensors (module docstring)."""
     check_activation(activation)
-    E, two_ip, hp_half = w13.shape
-    Hp, Ip = hp_half * 2, two_ip // 2
-    _check_padded(Hp, Ip)
-    expect = {"w13_scales": (w13_scales, (E, 2 * Ip, Hp // 32)), "w2": (w2, (E, Hp, Ip // 2)),
-              "w2_scales": (w2_scales, (E, Hp, Ip // 32))}
-    for name, (t, shape) in expect.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must be {shape} to match w13 {tuple(w13.shape)}; "
-                             f"got {tuple(t.shape)}")
+    _, two_ip, hp_half = w13.shape
+    _check_padded(hp_half * 2, two_ip // 2)
+    check_canonical_shapes(w13, w13_scales, w2, w2_scales)
     if activation == "silu_glu":  # [gate; up] -> gate/up pairs, what the activation hook reads
         w13, w13_scales = concat_to_pairs(w13, 1), concat_to_pairs(w13_scales, 1)
         if w13_bias is not None:
@@ -327,8 +274,8 @@ def _wrap_weight(api, values: torch.Tensor, scales: torch.Tensor):
                          f"this kernel module's prepare returned")
     vlayout = api.HopperMXValueLayout((E, K // 2, N), mx_axis=1)
     w = api.Tensor(api.Storage(values.mT, vlayout), dtype=api.FP4, shape=[E, K, N])
-    slayout = api.HopperMXScaleLayout((E, K // 32, N), mx_axis=1, num_warps=num_warps_for(N))
-    ws = api.Tensor(api.Storage(scales.mT, slayout), dtype=torch.uint8, shape=[E, K // 32, N])
+    slayout = api.HopperMXScaleLayout((E, K // BLOCK, N), mx_axis=1, num_warps=num_warps_for(N))
+    ws = api.Tensor(api.Storage(scales.mT, slayout), dtype=torch.uint8, shape=[E, K // BLOCK, N])
     pc = api.PrecisionConfig(weight_scale=ws, flex_ctx=api.FlexCtx(rhs_data=api.InFlexData()))
     return w, pc, N, K
 
@@ -450,7 +397,7 @@ def _activation(api, activation: str, alpha: float, limit: float):
 
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
         activation, alpha, limit, expert_map, combine):
-    api = _api()
+    api = API.require()
     check_activation(activation)
     T, H = hidden.shape
     k = topk_ids.shape[1]

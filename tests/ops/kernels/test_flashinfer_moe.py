@@ -1,4 +1,4 @@
-"""The "flashinfer" backend, on CPU: the pure-torch preparation (row-pair swap, the documented
+"""The "flashinfer" kernel, on CPU: the pure-torch preparation (row-pair swap, the documented
 shuffle permutation), the packed top-k format, the expert-map handling, API detection, and the
 kernel call's arguments against a stand-in flashinfer module. The real kernel is unverified on
 hardware (no sm100 GPU here); nothing in this file runs it.
@@ -13,14 +13,15 @@ import types
 import pytest
 import torch
 
+from mxfp4_compile.formats import SWIGLU_ALPHA, SWIGLU_LIMIT
 from mxfp4_compile.ops.kernels import flashinfer_moe as fim
 
 
 @pytest.fixture(autouse=True)
 def _fresh_cache():
-    fim._load_cached.cache_clear()
+    fim.API.cache_clear()
     yield
-    fim._load_cached.cache_clear()
+    fim.API.cache_clear()
 
 
 # ---- row-pair swap and gate/up order --------------------------------------------------------------------
@@ -154,11 +155,11 @@ def test_missing_flashinfer_reason(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda n, *a, **k: None if n == "flashinfer" else real(n, *a, **k))
-    err = fim._load_cached()[1]
+    err = fim.API.reason()
     assert "not installed" in err and "flashinfer-python" in err
     with pytest.raises(fim.FlashInferUnavailable, match="cannot run"):
         fim.moe(torch.zeros(1, 8), torch.zeros(1, 1, dtype=torch.long), torch.ones(1, 1),
-                *([None] * 6), "swiglu_oai", 1.702, 7.0, None, True)
+                *([None] * 6), "swiglu_oai", SWIGLU_ALPHA, SWIGLU_LIMIT, None, True)
 
 
 def test_signature_check():
@@ -245,8 +246,8 @@ def _fake_flashinfer(calls):
             fim.from_trtllm_gate_up(gemm1_weights_scale.view(u8), 1, act),
             None if gemm1_bias is None else fim.from_trtllm_gate_up(gemm1_bias, 1, act),
             gemm2_weights, gemm2_weights_scale.view(u8), gemm2_bias, act,
-            1.702 if gemm1_alpha is None else gemm1_alpha[0].item(),
-            7.0 if gemm1_clamp_limit is None else gemm1_clamp_limit[0].item(), emap, True)
+            SWIGLU_ALPHA if gemm1_alpha is None else gemm1_alpha[0].item(),
+            SWIGLU_LIMIT if gemm1_clamp_limit is None else gemm1_clamp_limit[0].item(), emap, True)
         return [out.to(torch.bfloat16)]
 
     m = types.ModuleType("flashinfer")
@@ -288,7 +289,7 @@ def test_call_arguments_mean_what_we_mean(fake_fi, activation, combine, use_map)
     from mxfp4_compile.ops.moe_torch import moe_torch
     E, H, I, k, T = 4, 256, 256, 2, 5
     canon = _canonical(E, H, I, activation)
-    assert fim._load_cached()[1] is None
+    assert fim.API.reason() is None
     prepared = fim.prepare_unshuffled(*canon, activation)  # the stand-in's shuffles are identity
     g = torch.Generator().manual_seed(1)
     x = torch.randn(T, H, generator=g).to(torch.bfloat16)
@@ -298,8 +299,8 @@ def test_call_arguments_mean_what_we_mean(fake_fi, activation, combine, use_map)
     emap = None
     if use_map:
         emap = torch.tensor([0, -1, 1, 2, -1, 3], dtype=torch.int32)
-    out = fim.moe(x, ids, w, *prepared, activation, 1.702, 7.0, emap, combine)
-    ref = moe_torch(x, ids, w.to(torch.bfloat16).float(), *canon, activation, 1.702, 7.0,
+    out = fim.moe(x, ids, w, *prepared, activation, SWIGLU_ALPHA, SWIGLU_LIMIT, emap, combine)
+    ref = moe_torch(x, ids, w.to(torch.bfloat16).float(), *canon, activation, SWIGLU_ALPHA, SWIGLU_LIMIT,
                         emap, combine)
     assert out.shape == ref.shape and out.dtype == x.dtype
     err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
@@ -310,9 +311,9 @@ def test_call_arguments_mean_what_we_mean(fake_fi, activation, combine, use_map)
     assert call["num_experts"] == E_glob and call["local_num_experts"] == E
     assert call["hidden_states_scale"] is None and call["hidden_states_scale_layout"] is None
     if activation == "swiglu_oai":
-        assert call["gemm1_alpha"].tolist() == pytest.approx([1.702] * E)
+        assert call["gemm1_alpha"].tolist() == pytest.approx([SWIGLU_ALPHA] * E)
         assert call["gemm1_beta"].tolist() == [1.0] * E
-        assert call["gemm1_clamp_limit"].tolist() == [7.0] * E
+        assert call["gemm1_clamp_limit"].tolist() == [SWIGLU_LIMIT] * E
     else:
         assert call["gemm1_alpha"] is None and call["gemm1_beta"] is None
 
@@ -327,5 +328,5 @@ def test_empty_batch(fake_fi):
     prepared = fim.prepare_unshuffled(*_canonical(2, 256, 256, "swiglu_oai"), "swiglu_oai")
     x = torch.zeros(0, 200, dtype=torch.bfloat16)
     out = fim.moe(x, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), *prepared,
-                  "swiglu_oai", 1.702, 7.0, None, False)
+                  "swiglu_oai", SWIGLU_ALPHA, SWIGLU_LIMIT, None, False)
     assert out.shape == (0, 2, 200) and not fake_fi

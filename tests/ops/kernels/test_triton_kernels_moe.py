@@ -1,4 +1,4 @@
-"""The "triton_kernels" backend: API detection, clear errors, and the pure-torch preparation.
+"""The "triton_kernels" kernel: API detection, clear errors, and the pure-torch preparation.
 
 triton_kernels is not a dependency (it comes from vLLM's wheel, see the backend's docstring): the
 tests that need it skip when it is not importable. For local runs a checkout may keep it in
@@ -13,6 +13,7 @@ import sys
 import pytest
 import torch
 
+from mxfp4_compile.formats import SWIGLU_ALPHA, SWIGLU_LIMIT
 from mxfp4_compile.ops.kernels import triton_kernels_moe as tkm
 
 _TK_DIR = pathlib.Path(__file__).resolve().parents[3] / ".tk"
@@ -22,13 +23,13 @@ if importlib.util.find_spec("triton_kernels") is None and (_TK_DIR / "triton_ker
 
 @pytest.fixture(autouse=True)
 def _fresh_api_cache():
-    tkm._load_api_cached.cache_clear()
+    tkm.API.cache_clear()
     yield
-    tkm._load_api_cached.cache_clear()
+    tkm.API.cache_clear()
 
 
 def _has_tk() -> bool:
-    tkm._load_api_cached.cache_clear()
+    tkm.API.cache_clear()
     return tkm.api_error() is None
 
 
@@ -362,8 +363,8 @@ def test_moe_matches_reference_on_gpu(activation, combine):
     x = torch.randn(T, H, device="cuda").bfloat16()
     vals, ids = torch.randn(T, E, device="cuda").topk(k, dim=-1)
     w = vals.softmax(-1)
-    out = tkm.moe(x, ids, w, *prepared, activation, 1.702, 7.0, None, combine)
-    ref = moe_torch(x, ids, w, *canon, activation, 1.702, 7.0, None, combine)
+    out = tkm.moe(x, ids, w, *prepared, activation, SWIGLU_ALPHA, SWIGLU_LIMIT, None, combine)
+    ref = moe_torch(x, ids, w, *canon, activation, SWIGLU_ALPHA, SWIGLU_LIMIT, None, combine)
     assert out.shape == ref.shape and out.dtype == x.dtype
     assert ((out.float() - ref.float()).norm() / ref.float().norm()).item() < 1e-2
 
