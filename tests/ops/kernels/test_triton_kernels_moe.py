@@ -185,13 +185,13 @@ def test_prepare_rejects_mismatched_shapes():
         tkm.prepare(w13, s13, b13, w2[:, :32], s2, b2, "swiglu_oai")
     out = tkm.prepare(w13, s13, b13, w2, s2, b2, "swiglu_oai")
     with pytest.raises(ValueError, match="scales .* do not match"):
-        tkm._wrap_weight(tkm._api(), out[0], out[1][:, :, :64])  # e.g. an older, unpadded layout
+        tkm._wrap_weight(tkm.API.require(), out[0], out[1][:, :, :64])  # e.g. an older, unpadded layout
 
 
 @needs_tk
 def test_wrap_recovers_logical_shapes():
     out = tkm.prepare(*_canonical(2, 128, 192), "swiglu_oai")
-    api = tkm._api()
+    api = tkm.API.require()
     w, pc, N, K = tkm._wrap_weight(api, out[0], out[1])
     assert (N, K) == (2 * 192, 128) and list(w.shape) == [2, 128, 384]
     assert w.storage.data.stride(-2) == 1  # the transposed view matmul_ogs expects
@@ -221,7 +221,7 @@ def test_opt_flags_satisfy_the_hopper_mxfp4_asserts(E, Hp, Ip):
     import triton
     from triton_kernels.matmul_ogs_details.opt_flags_details import opt_flags_nvidia as of
     shapes = tkm.prepared_shapes(E, Hp, Ip, "swiglu_oai", False, False)
-    api = tkm._api()
+    api = tkm.API.require()
     for vi, si, n_want, k_want in ((0, 1, 2 * Ip, Hp), (3, 4, Hp, Ip)):
         values = torch.zeros(shapes[vi][0], dtype=torch.uint8)
         scales = torch.zeros(shapes[si][0], dtype=torch.uint8)
