@@ -38,7 +38,7 @@ CASES = {
     # two weight tiles per program; H 160 -> Hp 192: GEMM2's second tile is partly past H
     "pair_tiles": dict(T=7, H=160, I=96, pair=True, twice=True),
     "pair_tiles_split_silu": dict(T=2, H=160, I=96, act="silu_glu", pair=True, split=(2, 2)),
-    # 128-code steps on Hp = Ip = 192: one whole step, then a 64-code tail step (configs.tail);
+    # 128-code steps on Hp = Ip = 192: one whole step, then a 64-code tail step (planner.tail);
     # split K masks the steps instead (no tail)
     "tail_step": dict(T=7, H=160, I=192, bk=128, twice=True),
     "tail_step_pair": dict(T=2, H=160, I=192, bk=128, pair=True, act="silu_glu"),
@@ -65,7 +65,7 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
               twice=False, split=None, pair=False, bk=None, nan_block=False, half=False,
               extra=0, counts=None):
     from mxfp4_compile.ops.kernels import triton_moe as tm
-    from mxfp4_compile.ops.kernels.triton_moe_details import configs
+    from mxfp4_compile.ops.kernels.triton_moe_details.policy import UNTUNED, override
     from mxfp4_compile.ops.moe_torch import moe_torch
     from mxfp4_compile.ops.weights import quantize_experts
 
@@ -95,15 +95,23 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
     if emap:  # E of the E+3 global experts live here, in a shuffled order
         expert_map = torch.full((e_global,), -1, dtype=torch.int32)
         expert_map[torch.randperm(e_global, generator=g)[:E]] = torch.arange(E, dtype=torch.int32)
+    changes = dict(split=split)
     if route_budget is not None:  # the chunked (two-launch) routing instead of one sort
-        tm._ROUTE_BUDGET = route_budget
-        tm._ROUTE_SORT_MAX = 0
+        changes.update(route_budget=route_budget, route_sort_max=0)
     if route_sort_max is not None:
-        tm._ROUTE_SORT_MAX = route_sort_max
-    configs.SPLIT_OVERRIDE = split
-    configs.OVERRIDE = tuple(dataclasses.replace(c, PAIR=pair, BK=bk or c.BK, HALF=half,
-                                                 BM=32 if half else c.BM, EXTRA=extra)
-                             for c in configs._INTERPRET) if pair or bk or half or extra else None
+        changes["route_sort_max"] = route_sort_max
+    if pair or bk or half or extra:
+        changes["tiles"] = tuple(dataclasses.replace(c, PAIR=pair, BK=bk or c.BK, HALF=half,
+                                                     BM=32 if half else c.BM, EXTRA=extra)
+                                 for c in UNTUNED.interpret)
+    with override(**changes):
+        return _compare(tm, moe_torch, x, ids, tw, canonical, prepared, act, expert_map, combine,
+                        twice, nan_block, E)
+
+
+def _compare(tm, moe_torch, x, ids, tw, canonical, prepared, act, expert_map, combine, twice,
+             nan_block, E):
+    """(child) the kernel against moe_torch on one case, and its routing against a stable sort."""
     ref = moe_torch(x, ids, tw, *canonical, act, 1.702, 7.0, expert_map, combine).float()
     out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine)
     # determinism (bitwise equal reruns) on two cases only: each interpreter call costs seconds
@@ -116,7 +124,7 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
         out, ref = out.float().masked_fill(nan, 0), ref.masked_fill(nan, 0)
     res["finite"] = bool(torch.isfinite(out.float()).all())
     res["err"] = ((out.float() - ref).norm() / ref.norm()).item() if ref.numel() else 0.0
-    if T:  # routing metadata: a stable grouping of the valid assignments by expert
+    if x.shape[0]:  # routing metadata: a stable grouping of the valid assignments by expert
         ids_local = ids.long() if expert_map is None else expert_map.long()[ids.long()]
         es, sorted_assign = tm.route(ids.contiguous(), expert_map, E)
         valid = (ids_local >= 0).flatten()
@@ -179,7 +187,7 @@ def test_prepare_biases_scales_and_keeps_nan_blocks_nan():
     scales[0, 0, 3] = 192
     out_codes, out_scales = tm._bias_scales(codes, scales)
     nan = scales == 255
-    assert torch.equal(out_scales[~nan], scales[~nan] + tm._SCALE_BIAS)
+    assert torch.equal(out_scales[~nan], scales[~nan] + tm.layout.STORED_SCALE_OFFSET)
     assert int(out_scales[1, 2, 1]) == 255
     blocks = out_codes.reshape(2, 3, 4, 16)
     assert not blocks[1, 2, 1].any()  # the NaN block's codes: all zero (0 * inf = NaN)
@@ -187,105 +195,6 @@ def test_prepare_biases_scales_and_keeps_nan_blocks_nan():
     scales[0, 1, 0] = 193  # 2**66: past what the bf16 multiplier holds exactly
     with pytest.raises(ValueError, match="up to 192.*kernel='reference'"):
         tm._bias_scales(codes, scales)
-
-
-def test_tile_table_covers_every_T():
-    from mxfp4_compile.ops.kernels.triton_moe_details import configs
-
-    for E, Hp, Ip, k in ((32, 2880, 2880, 4), (128, 2880, 2880, 4), (8, 4096, 14336, 2), (5, 96, 64, 2)):
-        for T in (1, 2, 7, 8, 64, 100, 512, 4096, 16384):
-            for c, K in zip(configs.pick(T, k, E, Hp, Ip), (Hp, Ip)):
-                assert c.BK % 32 == 0 and c.BM >= 16 and c.BN >= 16
-            assert configs.pick(T, k, E, Hp, Ip)[0].BN % 16 == 0  # GEMM1: whole gate/up row groups
-    # decode steps K by 128; gpt-oss K = 2880 ends with one 64-code tail step, Mixtral's none
-    assert [c.BK for c in configs.pick(8, 4, 32, 2880, 2880)] == [128, 128]
-    assert configs.tail(2880, 128) == 64 and configs.tail(4096, 128) == 0
-    assert configs.tail(14336, 256) == 0 and configs.tail(2880, 256) == 64
-    assert configs.tail(2880 + 128, 256) == 0  # a 192-code remainder: masked steps instead
-    # prefill: part-filled last blocks on half the rows where they are many (120b: 128 experts)
-    assert all(c.HALF for c in configs.pick(4096, 4, 128, 2880, 2880))
-    assert not any(c.HALF for c in configs.pick(16384, 2, 8, 4096, 14336))  # Mixtral: few
-
-
-def test_split_k_chunks_cover_k_once():
-    from mxfp4_compile.ops.kernels.triton_moe_details import configs
-
-    for programs in (1, 4, 90, 180, 1000, 5000):
-        for K, BK in ((2880, 64), (14336, 256), (192, 64), (64, 64)):
-            n, chunk = configs.split_k(programs, K, BK, 132)
-            steps = -(-K // BK)
-            assert chunk % BK == 0 and 1 <= n <= steps
-            assert (n - 1) * chunk < K <= n * chunk  # every chunk non-empty, K covered once
-            if n > 1:
-                assert chunk // BK >= configs.MIN_STEPS_PER_CHUNK
-    # gpt-oss decode (4 experts x 90 tiles on 132 SMs) splits; a full prefill grid does not
-    assert configs.split_k(4 * 90, 2880, 64, 132)[0] > 1
-    assert configs.split_k(256 * 45, 2880, 64, 132)[0] == 1
-
-
-def test_plan_pairs_tiles_only_where_it_splits():
-    from mxfp4_compile.ops.kernels.triton_moe_details import configs
-
-    c1, c2 = configs.pick(1, 4, 32, 2880, 2880)  # gpt-oss T=1: 4 row blocks
-    c, _, n, *_ = configs.plan(c1, 4, 5760, 2880, 132, "gemm1")
-    assert c.PAIR and c.BK == 64 and n > 1  # small grid: split K, 64-code steps, paired tiles
-    assert c.maxnreg is None  # the 64-register cap was measured on the 128-code config only
-    c1, c2 = configs.pick(8, 4, 32, 2880, 2880)  # T=8: 32 blocks x 90 tiles fill the GPU
-    c, _, n, *_ = configs.plan(c1, 32, 5760, 2880, 132, "gemm1")
-    assert not c.PAIR and c.BK == 128 and n == 1 and c.maxnreg == 64
-    c1 = configs.pick(4096, 4, 32, 2880, 2880)[0]
-    c, _, n, *_ = configs.plan(c1, 96, 5760, 2880, 132, "gemm1")
-    assert not c.PAIR and n == 1  # prefill tiles are never paired
-    c1, c2 = configs.pick(1, 2, 8, 4096, 14336)  # Mixtral T=1 GEMM2: 2 blocks x 64 tiles
-    c, _, n, *_ = configs.plan(c2, 2, 4096, 14336, 132, "gemm2")
-    assert c.PAIR and c.BK == 64 and n > 1
-    c, _, n, *_ = configs.plan(c1, 2, 2 * 14336, 4096, 132, "gemm1")  # 896 programs: one BK 64 wave
-    assert not c.PAIR and c.BK == 64 and n == 1 and c.maxnreg is None
-    c1, c2 = configs.pick(64, 2, 8, 4096, 14336)  # Mixtral T=64 GEMM2: 16 x 64 in the grid
-    assert configs.plan(c2, 16, 4096, 14336, 132, "gemm2").config.BK == 128
-    # Mixtral T=8 GEMM2 (9 blocks x 64 tiles: 3-5 programs per SM) splits K in 8 at 3 stages,
-    # into no fewer than MIN_STEPS_PER_CHUNK steps a chunk; GEMM1 of a grid that size does not
-    c2 = configs.pick(8, 2, 8, 4096, 14336)[1]
-    p = configs.plan(c2, 9, 4096, 14336, 132, "gemm2")
-    assert (p.config.BK, p.config.num_stages, p.split, p.even_k) == (128, 3, 8, True)
-    assert p.chunk == 14 * 128
-    assert configs.plan(c2, 9, 4096, 1024, 132, "gemm2").split == 8 // configs.MIN_STEPS_PER_CHUNK
-    p = configs.plan(configs.pick(8, 2, 8, 4096, 14336)[0], 9, 4096, 4096, 132, "gemm1")
-    assert p.split == 1
-
-
-def test_tma_loads_the_unpaired_128_code_decode_steps(monkeypatch):
-    from mxfp4_compile.ops.kernels.triton_moe_details import configs
-
-    words = torch.zeros(64, dtype=torch.int32)  # storage from the allocator: aligned
-    c1, c2 = configs.pick(8, 2, 8, 4096, 14336)  # Mixtral T=8
-    p1 = configs.plan(c1, 9, 2 * 14336, 4096, 132, "gemm1")
-    p2 = configs.plan(c2, 9, 4096, 14336, 132, "gemm2")
-    assert configs.use_tma(p1.config, 9, words) and configs.use_tma(p2.config, 9, words)
-    for major in (0, 8, 10):  # interpreter, Ampere; Blackwell is not measured
-        assert not configs.use_tma(p2.config, major, words)
-    assert not configs.use_tma(p2.config, 9, words[1:])  # base not 16-byte aligned
-    g = configs.plan(configs.pick(8, 4, 32, 2880, 2880)[0], 34, 5760, 2880, 132, "gemm1")
-    assert g.tail == 64 and configs.use_tma(g.config, 9, words)  # gpt-oss: a tail descriptor
-    t1 = configs.plan(configs.pick(1, 2, 8, 4096, 14336)[1], 2, 4096, 14336, 132, "gemm2")
-    assert t1.config.PAIR and not configs.use_tma(t1.config, 9, words)  # T=1: paired, BK 64
-    big = configs.pick(4096, 2, 8, 4096, 14336)[0]  # prefill: 64-code steps
-    assert not configs.use_tma(big, 9, words)
-    monkeypatch.setattr(configs, "TMA", False)
-    assert not configs.use_tma(p2.config, 9, words)
-
-
-def test_prefill_block_rows_follow_rows_per_expert():
-    from mxfp4_compile.ops.kernels.triton_moe_details import configs
-
-    # 120b T=4096: about 128 rows per expert -> 128-row blocks, with the half and quarter copies
-    assert [(c.BM, c.HALF) for c in configs.pick(4096, 4, 128, 2880, 2880)] == [(128, 2)] * 2
-    # ... and an expert's last <= 32 rows merged into its block before (129-160 rows: one block)
-    assert [c.EXTRA for c in configs.pick(4096, 4, 128, 2880, 2880)] == [32, 32]
-    # 20b T=4096 (512 rows per expert) and 120b T=16384 keep 256-row blocks, unmerged
-    assert configs.pick(4096, 4, 32, 2880, 2880)[0].BM == 256
-    assert configs.pick(16384, 4, 128, 2880, 2880)[0].BM == 256
-    assert not any(c.EXTRA for c in configs.pick(4096, 4, 32, 2880, 2880))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="interpreter is on")
@@ -320,7 +229,8 @@ def _run_route_many_chunks():
     order = torch.sort(ids.flatten(), stable=True).indices
     starts = torch.cat([torch.zeros(1, dtype=torch.long),
                         torch.bincount(ids.flatten(), minlength=E).cumsum(0)])
-    return dict(chunks=-(-T * k // (tm._ROUTE_BUDGET // 256)),
+    from mxfp4_compile.ops.kernels.triton_moe_details.policy import UNTUNED
+    return dict(chunks=-(-T * k // (UNTUNED.route_budget // 256)),
                 sorted_ok=bool(torch.equal(sorted_assign.long(), order)),
                 starts_ok=bool(torch.equal(es[:E + 1].long(), starts)))
 
@@ -342,20 +252,19 @@ def _block_map(counts, BM, EXTRA, merged_first):
 
 
 def _run_block_map():
-    """(child) _kernels._block_info's blocks, read back by _block_map_kernel, against
-    _block_map's."""
+    """(child) _blocks._block_info's blocks, read back by _block_map_kernel, against
+    _block_map's (merged blocks first wherever blocks merge)."""
     got, want = [], []
     for counts, BM, EXTRA in (((36, 20, 16, 5, 3, 0, 40), 16, 8), ((36, 20, 16, 5, 3), 16, 4),
-                              ((129, 160, 161, 290, 0, 300, 128, 1), 128, 32)):
-        for merged_first in (False, True):
-            es = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
-            n = sum(-(-c // BM) for c in counts)
-            out = torch.full((n, 4), -1, dtype=torch.int32)
-            _block_map_kernel[(n,)](es, out, len(counts), BM=BM, EB=16, EXTRA=EXTRA,
-                                    MERGED_FIRST=merged_first)
-            total = int(out[0, 3])
-            got.append(out[:total, :3].tolist())
-            want.append(_block_map(counts, BM, EXTRA, merged_first))
+                              ((129, 160, 161, 290, 0, 300, 128, 1), 128, 32),
+                              ((36, 20, 16, 5, 3), 16, 0)):
+        es = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()], dtype=torch.int32)
+        n = sum(-(-c // BM) for c in counts)
+        out = torch.full((n, 4), -1, dtype=torch.int32)
+        _block_map_kernel[(n,)](es, out, len(counts), BM=BM, EB=16, EXTRA=EXTRA)
+        total = int(out[0, 3])
+        got.append(out[:total, :3].tolist())
+        want.append(_block_map(counts, BM, EXTRA, EXTRA > 0))
     return dict(got=got, want=want)
 
 
@@ -364,16 +273,15 @@ if __name__ == "__main__":  # the child process: TRITON_INTERPRET=1 is already s
     import triton
     import triton.language as tl
 
-    from mxfp4_compile.ops.kernels import triton_moe as _tm
-    from mxfp4_compile.ops.kernels.triton_moe_details import _kernels as _K
+    from mxfp4_compile.ops.kernels.triton_moe_details import _blocks
 
     @triton.jit
     def _block_map_kernel(es_ptr, out_ptr, E, BM: tl.constexpr, EB: tl.constexpr,
-                          EXTRA: tl.constexpr, MERGED_FIRST: tl.constexpr):
+                          EXTRA: tl.constexpr):
         """Block pid -> (expert, first row, rows, blocks in use) at out[pid]."""
         pid = tl.program_id(0)
-        e, row0, row1, total = _K._block_info(es_ptr, pid, E, BM, EB, EXTRA, MERGED_FIRST)
-        size = tl.where(_K._merged(row0, row1, BM, EXTRA), row1 - row0,
+        e, row0, row1, total = _blocks._block_info(es_ptr, pid, E, BM, EB, EXTRA)
+        size = tl.where(_blocks._merged(row0, row1, BM, EXTRA), row1 - row0,
                         tl.minimum(row1 - row0, BM))
         j = tl.arange(0, 4)
         tl.store(out_ptr + pid * 4 + j,
@@ -385,9 +293,7 @@ if __name__ == "__main__":  # the child process: TRITON_INTERPRET=1 is already s
             out[name] = fn()
         except Exception as e:  # reported by the parent
             out[name] = {"error": f"{type(e).__name__}: {e}"}
-    budget, sort_max = _tm._ROUTE_BUDGET, _tm._ROUTE_SORT_MAX
     for name, kw in CASES.items():
-        _tm._ROUTE_BUDGET, _tm._ROUTE_SORT_MAX = budget, sort_max
         try:
             out[name] = _run_case(**kw)
         except Exception as e:  # reported per case by the parent

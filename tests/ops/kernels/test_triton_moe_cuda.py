@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mxfp4_compile.ops.kernels import triton_moe as tm
-from mxfp4_compile.ops.kernels.triton_moe_details import configs
+from mxfp4_compile.ops.kernels.triton_moe_details import planner, policy
 from mxfp4_compile.ops.moe_torch import moe_torch
 from mxfp4_compile.ops.weights import quantize_experts
 
@@ -44,8 +44,7 @@ def _run(canon, prepared, x, ids, tw, act, monkeypatch, mma2=True):
     from mxfp4_compile.ops.kernels.triton_moe_details import _mma2
 
     counted = [_Counted(_mma2._gemm1_kernel), _Counted(_mma2._gemm2_kernel)]
-    with monkeypatch.context() as m:
-        m.setattr(configs, "MMA2", mma2)
+    with monkeypatch.context() as m, policy.override(mma2=mma2):
         m.setattr(_mma2, "_gemm1_kernel", counted[0])
         m.setattr(_mma2, "_gemm2_kernel", counted[1])
         out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, None, True)
@@ -71,12 +70,13 @@ def test_decode_against_reference_and_the_triton_kernels(T, E, H, I, k, act, mon
     err = ((out - ref).norm() / ref.norm()).item()
     assert torch.isfinite(out).all() and err < 1e-2, err
     # the GEMMs the plan gives _mma2 (sm80+, bf16, aligned): all of them but the 3-4 step K
-    # loops (configs.mma2_broken) of the I = 512 shape's GEMM2
+    # loops (planner.mma2_broken) of the I = 512 shape's GEMM2
     major = torch.cuda.get_device_capability()[0]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
     Hp, Ip = prepared[0].shape[2] * 2, prepared[3].shape[2] * 2
-    c1, c2 = configs.pick(T, k, E, Hp, Ip, mma2=True)
-    want = [int(configs.plan_gemm(c, T * k, E, N, K, sms, w, True, major)[2])
+    pol = policy.current(major)
+    c1, c2 = planner.pick(pol, T, k, E, Hp, Ip, mma2=True)
+    want = [int(planner.plan_gemm(pol, c, T * k, E, N, K, sms, w, True, major)[2])
             for c, N, K, w in ((c1, 2 * Ip, Hp, "gemm1"), (c2, H, Ip, "gemm2"))]
     assert launches == want
     assert want == ([1, 0] if I == 512 else [1, 1])
@@ -110,7 +110,7 @@ def test_one_token_reads_the_ids_without_the_route_kernel(emap, combine, monkeyp
     # T=1: the _mma2 GEMMs take each assignment's expert from the ids (DIRECT), no route launch;
     # the same numbers, bit for bit, as through the route kernel. With an expert map (48 global
     # experts, 16 not on this rank) the token picks two experts of another rank
-    from mxfp4_compile.ops.kernels.triton_moe_details import _kernels as K
+    from mxfp4_compile.ops.kernels.triton_moe_details import _route
 
     E, H, I, k, act = 32, 2880, 2880, 4, "swiglu_oai"
     canon, prepared = _weights(E, H, I, act)
@@ -128,10 +128,9 @@ def test_one_token_reads_the_ids_without_the_route_kernel(emap, combine, monkeyp
     ids = ids.cuda()
     outs = []
     for direct in (True, False):
-        routes = _Counted(K._route_kernel)
-        with monkeypatch.context() as m:
-            m.setattr(configs, "MMA2_DIRECT", direct)
-            m.setattr(K, "_route_kernel", routes)
+        routes = _Counted(_route._route_kernel)
+        with monkeypatch.context() as m, policy.override(mma2_direct=direct):
+            m.setattr(_route, "_route_kernel", routes)
             torch.empty(1 << 28, dtype=torch.uint8, device="cuda").fill_(0xFF)  # poison
             outs.append(tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, combine))
             torch.cuda.synchronize()

@@ -1,6 +1,6 @@
 """The Gluon decode GEMMs (triton_moe_details/_mma2.py) compiled for sm90 and sm80 here, without a
 GPU (Gluon has no interpreter: the H100 checks their results, test_triton_moe_cuda.py and
-benchmarks/gpu_check.py). For every launch `configs.plan_gemm` sends to them at the decode
+benchmarks/gpu_check.py). For every launch `planner.plan_gemm` sends to them at the decode
 shapes of the three benchmark models: the K loop must issue clearly fewer instructions than the
 Triton kernel's for the same tile (the reason this kernel exists), use mma.sync with the words
 and the activations loaded by ldmatrix, keep nothing in local memory, and wait for the previous
@@ -19,8 +19,9 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs the real Triton compiler, not the interpreter", allow_module_level=True)
 gluon_rt = pytest.importorskip("triton.experimental.gluon._runtime")
 
-from mxfp4_compile.ops.kernels.triton_moe_details import _mma2, configs  # noqa: E402
-from test_triton_moe_sass import _CUOBJDUMP, _k_loop, _sass  # noqa: E402
+from mxfp4_compile.ops.kernels.triton_moe_details import planner  # noqa: E402
+from mxfp4_compile.ops.kernels.triton_moe_details.policy import SM90 as P  # noqa: E402
+from test_triton_moe_sass import _CUOBJDUMP, _gemm_launch, _k_loop, _sass_of  # noqa: E402
 from test_triton_moe_sass import _compile as _compile_triton  # noqa: E402
 
 # (T, k, E, H, I) decode shapes: gpt-oss-20b, -120b (K = 2880: a masked tail step) and Mixtral
@@ -31,7 +32,7 @@ SHAPES = [(1, 4, 32, 2880, 2880), (8, 4, 32, 2880, 2880), (64, 4, 32, 2880, 2880
 
 def _launches():
     """Distinct (gemm, planned config, split, chunk, mask, H, I, direct) that an H100 launch of
-    the SHAPES sends to _mma2 (as triton_moe.moe plans them; direct: one token, DIRECT)."""
+    the SHAPES sends to _mma2 (as launches.moe_launches plans them; direct: one token, DIRECT)."""
     return list(dict.fromkeys(launch for launch, _ in _launches_with_shapes()))
 
 
@@ -40,10 +41,10 @@ def _launches_with_shapes():
     out = []
     for T, k, E, H, I in SHAPES:
         M = T * k
-        plans = [configs.plan_gemm(c, M, E, N, K, 132, f"gemm{gemm}", True, 9)
-                 for gemm, c, N, K in zip((1, 2), configs.pick(T, k, E, H, I, mma2=True),
+        plans = [planner.plan_gemm(P, c, M, E, N, K, 132, f"gemm{gemm}", True, 9)
+                 for gemm, c, N, K in zip((1, 2), planner.pick(P, T, k, E, H, I, mma2=True),
                                           (2 * I, H), (H, I))]
-        direct = T == 1 and all(mma2 for _, _, mma2 in plans) and configs.MMA2_DIRECT
+        direct = T == 1 and all(mma2 for _, _, mma2 in plans) and P.mma2_direct
         for gemm, (p, _, mma2) in zip((1, 2), plans):
             if mma2:
                 key = (gemm, p.config, p.split, p.chunk, p.tail > 0 or not p.even_k, H, I,
@@ -53,26 +54,21 @@ def _launches_with_shapes():
 
 
 def _compile(gemm, cfg, split, chunk, mask, H, I, direct=False, arch=90):
-    """SASS of one _mma2 kernel as triton_moe.moe launches it (sm90: with programmatic launch)."""
-    common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, SPLIT=split,
-                  K_CHUNK=chunk, MASK_K=mask, DIRECT=direct, HAS_MAP=False, PDL=arch >= 90,
-                  NS=cfg.num_stages)
+    """SASS of one _mma2 kernel as triton_moe.moe launches it (sm90: with programmatic launch and
+    GEMM1's late trigger). `mask`: K steps past K, as a plan with a tail or an uneven split."""
+    tail = 64 if mask and split == 1 else 0
+    pl = planner.Plan(cfg, -(-(2 * I if gemm == 1 else H) // cfg.BN), split, chunk, tail,
+                      not mask)
+    launch = _gemm_launch(gemm, pl, H, I, mma2=True, direct=direct, late=arch >= 90, arch=arch)
+    assert launch.constexprs["MASK_K"] == mask
     ptr = {"x_ptr": "*bf16", "a_ptr": "*bf16", "sorted_ptr": "*i32", "es_ptr": "*i32",
            "ids_ptr": "*i64", "emap_ptr": "*i32",
            "w_ptr": "*i32", "s_ptr": "*u8", "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32"}
     if gemm == 1:
-        fn = _mma2._gemm1_kernel
-        cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
-                  stride_se=2 * I * H // 32, stride_sn=H // 32, stride_be=2 * I, H=H, Hp=H, Ip=I,
-                  ACT=0, LATE_TRIGGER=configs.MMA2_LATE_TRIGGER)
-        types = dict(ptr, E="i32", k_top="i32", n_blocks="i32", alpha="fp32", limit="fp32",
-                     p_rows="i32")
+        types = dict(ptr, E="i32", k_top="i32", alpha="fp32", limit="fp32", p_rows="i32")
     else:
-        fn = _mma2._gemm2_kernel
-        cx = dict(common, stride_we=I * H // 8, stride_wn=I // 8, stride_se=I * H // 32,
-                  stride_sn=I // 32, stride_be=H, H=H, Ip=I)
-        types = dict(ptr, E="i32", n_blocks="i32", M="i32")
-    return _sass(fn, types, cx, dict(num_warps=4), arch, gluon_rt.GluonASTSource)
+        types = dict(ptr, E="i32", M="i32")
+    return _sass_of(launch, types, arch, gluon_rt.GluonASTSource)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +85,7 @@ def test_the_decode_shapes_reach_mma2():
     assert {v[7] for v in launches} == {True, False}  # T=1 reads the ids (DIRECT)
     assert all(not c.PAIR and c.BK == 128 for _, c, *_ in launches)
     assert {c.BM for _, c, *_ in launches} == {8, 16}  # 8-row blocks where m_e <= 2
-    # 4 pipeline stages for the grids of fewer than MMA2_DEEP_PER_SM programs per SM: T=1's
+    # 4 pipeline stages for the grids of fewer than mma2_deep_per_sm programs per SM: T=1's
     # but Mixtral's GEMM1 (896 programs on 132 SMs); 3 at T > 1
     stages = {(T, k, gemm): c.num_stages for (gemm, c, *_), (T, k, *_) in _launches_with_shapes()}
     assert {key: n for key, n in stages.items() if n == 4} == {
@@ -142,61 +138,62 @@ def test_compiles_for_sm80_without_griddepcontrol(ptxas_works):
 
 
 def test_plan_for_mma2():
-    dec = configs._DECODE
+    dec = P.decode
     # T=1, gpt-oss-20b: GEMM1 (4 experts x 90 tiles, 2.7 programs per SM) runs unsplit with its
     # activation fused; GEMM2 (4 x 45) splits K; both unpaired 128-code steps on _mma2, where
     # the Triton kernels pair 64-code tiles
-    p1 = configs.plan(dec, 4, 5760, 2880, 132, "gemm1", True)
-    p2 = configs.plan(dec, 4, 2880, 2880, 132, "gemm2", True)
+    p1 = planner.plan(P, dec, 4, 5760, 2880, 132, "gemm1", True)
+    p2 = planner.plan(P, dec, 4, 2880, 2880, 132, "gemm2", True)
     assert (p1.config.BK, p1.config.PAIR, p1.split) == (128, False, 1)
     assert (p2.config.BK, p2.config.PAIR, p2.split > 1, p2.even_k) == (128, False, True, False)
-    assert configs.use_mma2(p2.config, 9) and configs.use_mma2(p2.config, 8)
-    q = configs.plan(dec, 4, 5760, 2880, 132, "gemm1", False)
-    assert q.config.PAIR and q.split > 1 and not configs.use_mma2(q.config, 9)
+    assert planner.use_mma2(p2.config, 9) and planner.use_mma2(p2.config, 8)
+    q = planner.plan(P, dec, 4, 5760, 2880, 132, "gemm1", False)
+    assert q.config.PAIR and q.split > 1 and not planner.use_mma2(q.config, 9)
     # never under the interpreter, nor for tiles it does not implement
-    assert not configs.use_mma2(dec, 0)
-    assert not configs.use_mma2(configs._DECODE32, 9)  # MMA2_BM32 off: measured slower
-    assert not configs.use_mma2(configs._MID128, 9)
+    assert not planner.use_mma2(dec, 0)
+    assert not planner.use_mma2(P.decode32, 9)  # 32-row blocks: measured slower on _mma2
+    assert not planner.use_mma2(P.mid128, 9)
     # 8-row blocks only for _mma2 (Triton's dot needs 16) and where experts hold <= 2 rows
-    assert configs.pick(1, 4, 32, 2880, 2880, mma2=True)[0].BM == 8
-    assert configs.pick(1, 4, 32, 2880, 2880)[0].BM == 16
-    assert configs.pick(64, 4, 32, 2880, 2880, mma2=True)[0].BM == 16  # m_e = 8
-    assert configs.mma2_possible(9) and not configs.mma2_possible(7)
+    assert planner.pick(P, 1, 4, 32, 2880, 2880, mma2=True)[0].BM == 8
+    assert planner.pick(P, 1, 4, 32, 2880, 2880)[0].BM == 16
+    assert planner.pick(P, 64, 4, 32, 2880, 2880, mma2=True)[0].BM == 16  # m_e = 8
+    assert planner.mma2_possible(P, 9) and not planner.mma2_possible(P, 7)
+    assert not planner.mma2_possible(dataclasses.replace(P, mma2=False), 9)
 
 
 @pytest.mark.parametrize("stages,steps", [(3, 1), (3, 2), (3, 5), (3, 6), (3, 7), (4, 1),
                                           (4, 2), (4, 3), (4, 7), (4, 8)])
 def test_step_counts_it_runs_compile(ptxas_works, stages, steps):
     # K chunks of 3-4 steps at 3 stages and 4-6 at 4 crash Triton 3.6's compiler
-    # (configs.mma2_broken); the others must compile, masked or not
-    assert not configs.mma2_broken(steps, stages)
-    cfg = dataclasses.replace(configs._DECODE8, num_stages=stages)
+    # (planner.mma2_broken); the others must compile, masked or not
+    assert not planner.mma2_broken(steps, stages)
+    cfg = dataclasses.replace(P.decode8, num_stages=stages)
     for mask in (False, True):
         assert "HMMA" in _compile(2, cfg, 2, steps * 128, mask, 1024, 2048)
 
 
 def test_broken_step_counts():
-    assert [s for s in range(1, 20) if configs.mma2_broken(s, 3)] == [3, 4]
-    assert [s for s in range(1, 20) if configs.mma2_broken(s, 4)] == [4, 5, 6]
+    assert [s for s in range(1, 20) if planner.mma2_broken(s, 3)] == [3, 4]
+    assert [s for s in range(1, 20) if planner.mma2_broken(s, 4)] == [4, 5, 6]
     # a small grid (4 stages) with a 6-step K runs _mma2 at 3 stages instead
-    p, _, mma2 = configs.plan_gemm(configs._DECODE8, 2, 8, 2048, 768, 132, "gemm2", True, 9)
-    assert mma2 and p.config.num_stages == 3 and configs.mma2_steps(p, 768) == 6
+    p, _, mma2 = planner.plan_gemm(P, P.decode8, 2, 8, 2048, 768, 132, "gemm2", True, 9)
+    assert mma2 and p.config.num_stages == 3 and planner.mma2_steps(p, 768) == 6
 
 
 def test_broken_step_counts_run_the_triton_kernels():
     # a 4-step K (GEMM2 of a 512-wide expert at T=1, too short to split): the Triton kernels,
     # on 16-row blocks (they have no 8-row tiles), planned as they plan for themselves
-    p, blocks, mma2 = configs.plan_gemm(configs._DECODE8, 2, 8, 2048, 512, 132, "gemm2",
+    p, blocks, mma2 = planner.plan_gemm(P, P.decode8, 2, 8, 2048, 512, 132, "gemm2",
                                         True, 9)
     assert not mma2 and p.config.BM == 16 and blocks == 2
-    assert p == configs.plan(configs._DECODE, 2, 2048, 512, 132, "gemm2")
-    p = configs.plan(configs._DECODE8, 2, 2048, 512, 132, "gemm2", True)
-    assert configs.mma2_broken(configs.mma2_steps(p, 512), p.config.num_stages)
+    assert p == planner.plan(P, P.decode, 2, 2048, 512, 132, "gemm2")
+    p = planner.plan(P, P.decode8, 2, 2048, 512, 132, "gemm2", True)
+    assert planner.mma2_broken(planner.mma2_steps(p, 512), p.config.num_stages)
 
 
 def test_mma2_chunks_are_not_short():
-    # gpt-oss T=1 GEMM2 (4 x 45 programs, 23 steps of 128): 2 chunks (MMA2_MIN_STEPS_PER_CHUNK),
+    # gpt-oss T=1 GEMM2 (4 x 45 programs, 23 steps of 128): 2 chunks (mma2_min_steps_per_chunk),
     # where the Triton kernels' rule would make 3 of 8 steps; Mixtral's 112 steps still split 4
-    assert configs.plan(configs._DECODE8, 4, 2880, 2880, 132, "gemm2", True).split == 2
-    assert configs.split_k(180, 2880, 128, 132)[0] == 3
-    assert configs.plan(configs._DECODE8, 2, 4096, 14336, 132, "gemm2", True).split == 4
+    assert planner.plan(P, P.decode8, 4, 2880, 2880, 132, "gemm2", True).split == 2
+    assert planner.split_k(P, 180, 2880, 128, 132)[0] == 3
+    assert planner.plan(P, P.decode8, 2, 4096, 14336, 132, "gemm2", True).split == 4

@@ -3,10 +3,11 @@ triton): for every tile config the table picks, the dequantized weight tile must
 A operand in registers (no 16-bit or vector shared-memory stores in the K loop: Triton 3.6 falls
 back to a registers -> shared -> registers round trip for some tile shapes, which costs decode
 speed), nothing may spill in the K loop (nor anywhere without a register cap), and wgmma must
-be drained before each dequant (without it the H100 gave wrong rows: see _kernels._wgmma_drain).
+be drained before each dequant (without it the H100 gave wrong rows: see _dequant._wgmma_drain).
 Every kernel must wait for the one before it (programmatic dependent launch) before it touches
-global memory. Configs whose weight tiles come by TMA on sm90 (configs.use_tma: the decode rows)
-are compiled that way.
+global memory. Configs whose weight tiles come by TMA on sm90 (planner.use_tma: the decode rows)
+are compiled that way. Every kernel is compiled from the launch specs triton_moe.moe launches
+(triton_moe_details/launches.py).
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ triton = pytest.importorskip("triton")
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs the real Triton compiler, not the interpreter", allow_module_level=True)
 
-from mxfp4_compile.ops.kernels import triton_moe  # noqa: E402
-from mxfp4_compile.ops.kernels.triton_moe_details import _kernels as K  # noqa: E402
-from mxfp4_compile.ops.kernels.triton_moe_details import configs  # noqa: E402
+from mxfp4_compile.ops.kernels.triton_moe_details import launches, planner  # noqa: E402
+from mxfp4_compile.ops.kernels.triton_moe_details.policy import SM90 as P  # noqa: E402
 
 _CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                           "cuobjdump")
@@ -37,33 +37,36 @@ SHAPES = [(1, 4, 32, 2880, 2880), (64, 2, 8, 4096, 14336), (512, 4, 128, 2880, 2
           (4096, 4, 128, 2880, 2880), (8, 2, 8, 4096, 14336)]
 
 
+def _gemm_launch(gemm, pl, H, I, mma2=False, direct=False, tma=False, late=False, arch=90):
+    """The launch spec triton_moe.moe makes for GEMM `gemm` under plan `pl` (gpt-oss-style:
+    swiglu, biases; E = 32 experts, so EB = 64), on sm`arch`."""
+    return launches.gemm_launch(gemm, pl, 1, mma2=mma2, H=H, Hp=H, Ip=I, E=32,
+                                activation="swiglu_oai", has_bias=True, has_map=False,
+                                direct=direct, major=arch // 10, interpret=False, tma=tma,
+                                late_trigger=late, pdl={"PDL": arch >= 90})
+
+
 def _compile(gemm, cfg, H, I):
     # the launch's plan without split K (0 SMs: no automatic split, the config as given)
-    pl = configs.plan(cfg, 1, 2 * I if gemm == 1 else H, H if gemm == 1 else I, 0, "gemm1")
-    # weight tiles by TMA where an sm90 launch uses it (an empty tensor: an aligned address)
-    tma = configs.use_tma(cfg, 9, torch.empty(0))
-    common = dict(HAS_BIAS=True, BM=cfg.BM, BN=cfg.BN, BK=cfg.BK, EB=64, UPCAST=False,
-                  SWAP=cfg.SWAP, SYNC=True, SPLIT=pl.split, K_CHUNK=pl.chunk,
-                  N_FIRST=cfg.N_FIRST, PAIR=cfg.PAIR, TAIL=pl.tail, HALF=cfg.HALF,
-                  EXTRA=cfg.EXTRA, EVEN_K=pl.even_k, PDL=True, TMA=tma)  # as launched on sm90
+    pl = planner.plan(P, cfg, 1, 2 * I if gemm == 1 else H, H if gemm == 1 else I, 0, "gemm1")
+    # weight tiles by TMA where an sm90 launch uses it (aligned weights)
+    tma = planner.use_tma(cfg, 9, True)
+    launch = _gemm_launch(gemm, pl, H, I, tma=tma)
     box = "tensordesc<i32[{}, {}, 16, 8]>"  # the launch's descriptors: a whole and the tail step
     desc = box.format(cfg.BN // 16, cfg.BK // 64) if tma else "*i32"
     desc_t = box.format(cfg.BN // 16, (pl.tail or cfg.BK) // 64) if tma else "*i32"
     if gemm == 1:
-        fn = K._gemm1_kernel
-        cx = dict(common, stride_xt=H, stride_we=2 * I * H // 8, stride_wn=H // 8,
-                  stride_se=2 * I * H // 32, stride_sn=H // 32, stride_be=2 * I, H=H, Hp=H, Ip=I,
-                  ACT=0, EVEN_N=(2 * I) % cfg.BN == 0)
-        scalars = dict(E="i32", k_top="i32", n_blocks="i32", alpha="fp32", limit="fp32",
-                       p_rows="i32")
+        scalars = dict(E="i32", k_top="i32", alpha="fp32", limit="fp32", p_rows="i32")
     else:
-        fn = K._gemm2_kernel
-        cx = dict(common, stride_we=I * H // 8, stride_wn=I // 8, stride_se=I * H // 32,
-                  stride_sn=I // 32, stride_be=H, H=H, Ip=I, EVEN_N=H % cfg.BN == 0)
-        scalars = dict(E="i32", n_blocks="i32", M="i32")
+        scalars = dict(E="i32", M="i32")
     # the launch's options, register cap included (a cap must not make ptxas spill)
-    opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, **triton_moe._regs(cfg))
-    return _sass(fn, dict(_PTR, w_desc=desc, w_desc_t=desc_t, **scalars), cx, opts)
+    return _sass_of(launch, dict(_PTR, w_desc=desc, w_desc_t=desc_t, **scalars))
+
+
+def _sass_of(launch, types, arch=90, source=None):
+    """SASS of a launch spec's kernel, compiled with its constants and options."""
+    opts = {k: v for k, v in launch.options.items() if k != "launch_pdl"}
+    return _sass(launch.kernel, types, launch.constexprs, opts, arch, source)
 
 
 def _sass(fn, types, constexprs, opts, arch=90, source=None):
@@ -111,11 +114,12 @@ def _configs():
     seen = {}
     for T, k, E, H, I in SHAPES:
         blocks = min(T * k, T * k // 16 + E)
-        for gemm, cfg, N, k_dim in zip((1, 2), configs.pick(T, k, E, H, I), (2 * I, H), (H, I)):
+        for gemm, cfg, N, k_dim in zip((1, 2), planner.pick(P, T, k, E, H, I), (2 * I, H),
+                                       (H, I)):
             seen.setdefault((gemm, cfg, H, I), None)
-            # what the launch uses on an H100 (132 SMs): decode grids pair tiles (configs.plan)
-            seen.setdefault((gemm, configs.plan(cfg, blocks, N, k_dim, 132, f"gemm{gemm}").config,
-                             H, I), None)
+            # what the launch uses on an H100 (132 SMs): decode grids pair tiles (planner.plan)
+            seen.setdefault((gemm, planner.plan(P, cfg, blocks, N, k_dim, 132,
+                                                f"gemm{gemm}").config, H, I), None)
     return list(seen)
 
 
@@ -129,10 +133,10 @@ def ptxas_works():
                          ids=lambda v: str(v) if not hasattr(v, "BM") else
                          f"{v.BM}x{v.BN}x{v.BK}w{v.num_warps}s{v.num_stages}")
 def test_dequantized_tile_stays_in_registers(ptxas_works, gemm, cfg, H, I):
-    assert cfg.BN == 16 * cfg.num_warps  # the rule the table follows (configs docstring)
+    assert cfg.BN == 16 * cfg.num_warps  # the rule the table follows (policy docstring)
     sass = _compile(gemm, cfg, H, I)
-    # decode rows load weight tiles by TMA (configs.use_tma), the others by cp.async
-    assert ("UTMALDG" in sass) == configs.use_tma(cfg, 9, torch.empty(0))
+    # decode rows load weight tiles by TMA (planner.use_tma), the others by cp.async
+    assert ("UTMALDG" in sass) == planner.use_tma(cfg, 9, True)
     loop = _k_loop(sass)
     assert any(op.startswith("HGMMA") for op in loop)
     # per K step: the scale bytes (4 small stores per 64 codes; Triton regroups them through
@@ -166,40 +170,55 @@ def test_dequantized_tile_stays_in_registers(ptxas_works, gemm, cfg, H, I):
 
 _ROUTE_ARGS = {"ids_ptr": "*i64", "emap_ptr": "*i32", "counts_ptr": "*i32", "es_ptr": "*i32",
                "sorted_ptr": "*i32", "M": "i32", "E": "i32", "n_chunks": "i32"}
-_SMALL_KERNELS = {  # kernel -> (argument types, compile-time constants): the launches' own
-    "route": (_ROUTE_ARGS, dict(HAS_MAP=True, CHUNK=256, EB=64, PHASE=2, SORT=True, PDL=True)),
-    "route_scatter": (_ROUTE_ARGS,
-                      dict(HAS_MAP=False, CHUNK=256, EB=64, PHASE=1, SORT=False, PDL=True)),
-    "route_scatter_scanned": (_ROUTE_ARGS, dict(HAS_MAP=False, CHUNK=256, EB=64, PHASE=1,
-                                                SORT=False, PDL=True, SCANNED=True)),
-    "route_scan": ({"counts_ptr": "*i32", "n_chunks": "i32"}, dict(EB=64, BE=32, RS=64, PDL=True)),
-    "act": ({"p_ptr": "*fp32", "a_ptr": "*bf16", "n_rows": "i32", "alpha": "fp32",
-             "limit": "fp32"}, dict(Ip=2880, ACT=0, SPLIT=3, BR=16, BC=128, PDL=True)),
-    "finalize": ({"y_ptr": "*fp32", "ids_ptr": "*i64", "emap_ptr": "*i32", "tw_ptr": "*fp32",
-                  "out_ptr": "*bf16", "E": "i32", "M": "i32"},
-                 dict(H=2880, k_top=4, HAS_MAP=True, COMBINE=True, BH=128, SPLIT=2, PDL=True)),
-}
+_PDL = launches.pdl_options(P, 9)
 
 
-@pytest.mark.parametrize("name", [*_SMALL_KERNELS, "gemm1", "gemm2", "gemm2_no_tail"])
+def _small_launch(name):
+    """-> (launch spec, argument types) of a routing, activation or combine launch as an sm90
+    call makes it: the sort (M = 256), the count/scatter pair (M = 4096) and the scanned
+    routing (M = 65536) of 32 experts, and gpt-oss T=1 on the Triton kernels (split GEMM1, so
+    an act launch)."""
+    if name.startswith("route"):
+        M, has_map, which = {"route": (256, True, 0), "route_scatter": (4096, False, -1),
+                             "route_scatter_scanned": (65536, False, -1),
+                             "route_scan": (65536, False, 1)}[name]
+        launch = launches.route_launches(P, M, 32, has_map, _PDL["route"]).launches[which]
+        if name == "route_scan":
+            return launch, {"counts_ptr": "*i32", "n_chunks": "i32"}
+        return launch, _ROUTE_ARGS
+    L = launches.moe_launches(P, T=1, k=4, E=32, H=2880, Hp=2880, Ip=2880,
+                              activation="swiglu_oai", has_b13=True, has_b2=True, has_map=True,
+                              combine=True, major=9, sms=132, interpret=False,
+                              weights_aligned=False, x_bf16_aligned=False)
+    if name == "act":
+        return L.act, {"p_ptr": "*fp32", "a_ptr": "*bf16", "n_rows": "i32", "alpha": "fp32",
+                       "limit": "fp32"}
+    return L.finalize, {"y_ptr": "*fp32", "ids_ptr": "*i64", "emap_ptr": "*i32",
+                        "tw_ptr": "*fp32", "out_ptr": "*bf16", "E": "i32", "M": "i32"}
+
+
+def test_small_launches_cover_each_routing_form():
+    assert _small_launch("route")[0].constexprs["SORT"]
+    assert not _small_launch("route_scatter")[0].constexprs["SCANNED"]
+    assert _small_launch("route_scatter_scanned")[0].constexprs["SCANNED"]
+    assert _small_launch("act")[0].constexprs["SPLIT"] > 1
+
+
+@pytest.mark.parametrize("name", ["route", "route_scatter", "route_scatter_scanned", "route_scan",
+                                  "act", "finalize", "gemm1", "gemm2", "gemm2_no_tail"])
 def test_each_kernel_waits_for_the_previous_one_before_touching_memory(ptxas_works, name):
-    # programmatic dependent launch (triton_moe._pdl): a kernel's programs may start while the
-    # kernel before it still runs, so griddepcontrol.wait (ACQBULK) must come before every
+    # programmatic dependent launch (launches.pdl_options): a kernel's programs may start while
+    # the kernel before it still runs, so griddepcontrol.wait (ACQBULK) must come before every
     # global load or store, and the trigger for the next kernel (PREEXIT) after the wait
     if name == "gemm2_no_tail":  # Mixtral T=8: K = 14336, whole 128-code steps
-        sass = _compile(2, configs.pick(8, 2, 8, 4096, 14336)[1], 4096, 14336)
+        sass = _compile(2, planner.pick(P, 8, 2, 8, 4096, 14336)[1], 4096, 14336)
     elif name.startswith("gemm"):  # gpt-oss T=8: K = 2880, 22 whole steps and a 64-code tail
-        c = configs.pick(8, 4, 32, 2880, 2880)[0]
+        c = planner.pick(P, 8, 4, 32, 2880, 2880)[0]
         sass = _compile(int(name[-1]), c, 2880, 2880)
     if name.startswith("gemm"):
         assert "UTMALDG" in sass  # the weight tiles come by TMA: the wait must precede it too
     else:
-        fn = {"route": K._route_kernel, "route_scatter": K._route_kernel,
-              "route_scatter_scanned": K._route_kernel,
-              "route_scan": K._route_scan_kernel, "act": K._act_kernel,
-              "finalize": K._finalize_kernel}[name]
-        types, cx = _SMALL_KERNELS[name]
-        sass = _sass(fn, types, cx, dict(num_warps=4))
+        sass = _sass_of(*_small_launch(name))
     ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
                                            sass)]
     assert ops.count("ACQBULK") == 1 and ops.count("PREEXIT") == 1, "no griddepcontrol pair"

@@ -9,16 +9,16 @@ trip of the scale bytes that Triton's layout choice forces; these issue 183 (16-
 explicit:
   - words and scale bytes go from shared memory straight into the registers of the threads
     whose A fragment they decode to (the fragment a thread holds for mma.m16n8k16, which is
-    what `prepare`'s word order was built for: layout.py, _kernels._assemble); the words and
+    what `prepare`'s word order was built for: layout.py, _dequant._assemble); the words and
     the activation tile by ldmatrix;
   - the MMA is mma.sync: no fences, descriptors or warpgroup waits, and nothing in flight
-    across steps (no register race to drain, _kernels._wgmma_drain);
+    across steps (no register race to drain, _dequant._wgmma_drain);
   - words, scales and the activation tile come through one cp.async pipeline of 3 stages, each
     its own buffers, the K loop unrolled by 3 (one barrier per step).
-Same inputs, outputs and semantics as _kernels._gemm1_kernel / _gemm2_kernel with SWAP (weight
+Same inputs, outputs and semantics as _gemm1._gemm1_kernel / _gemm2._gemm2_kernel with SWAP (weight
 rows on the MMA's M side), BN = 64, 4 warps, unpaired tiles, bf16 activations; K steps that
 reach past K (gpt-oss K = 2880, split chunks) are masked. The activation and the programmatic
-launch come from _kernels; _block_info is written again here (Gluon's arange needs an explicit
+launch come from _gemm1 and _pdl; _block_info is written again here (Gluon's arange needs an explicit
 layout, which the Triton helper does not give). GPU only: Gluon has no interpreter, so CPU CI
 runs the Triton kernels and compiles these for sm90 and sm80; the H100 checks their results
 (tests/ops/kernels/test_triton_moe_cuda.py, benchmarks/gpu_check.py). Never run on Ampere.
@@ -32,7 +32,8 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
 from . import layout
-from ._kernels import _activation, _pdl_enter, _pdl_trigger, _pdl_wait
+from ._gemm1 import _activation
+from ._pdl import _pdl_enter, _pdl_trigger, _pdl_wait
 
 _DEQUANT_ASM = gl.constexpr(layout.DEQUANT_ASM)
 _ACC_SCALE = gl.constexpr(2.0 ** layout.ACC_SHIFT)
@@ -45,7 +46,7 @@ def _add(a, b):
 
 @gluon.jit
 def _block_info(es_ptr, pid_m, E, BM: gl.constexpr, EB: gl.constexpr):
-    """_kernels._block_info with explicit layouts: block pid_m -> (expert, first sorted row,
+    """_blocks._block_info with explicit layouts: block pid_m -> (expert, first sorted row,
     end row, blocks)."""
     L: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
     offs = gl.arange(0, EB, layout=L)
@@ -67,7 +68,7 @@ def _direct_info(ids_ptr, emap_ptr, pid_m, E, M, HAS_MAP: gl.constexpr):
     """DIRECT (one token, so k distinct experts): block pid_m is assignment pid_m alone, its
     expert read from the top-k ids (the route kernel's launch is saved) -> (expert, first row,
     end row, blocks); an expert not on this rank (or out of range) counts no blocks, so the
-    program has no rows, as _kernels._local_ids makes it for the route kernel."""
+    program has no rows, as _route._local_ids makes it for the route kernel."""
     e = gl.load(ids_ptr + pid_m).to(gl.int32)
     if HAS_MAP:
         e = gl.load(emap_ptr + e).to(gl.int32)
@@ -82,7 +83,7 @@ def _program(es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, M, N: gl.constexpr,
              DIRECT: gl.constexpr, HAS_MAP: gl.constexpr):
     """program_id(0) -> (whether it has rows, sorted rows [BM] and their mask, expert (int64),
     first weight row, the tile's words and scales): weight tiles of one row block side by side
-    (N_FIRST), N weight rows in BN-row tiles. DIRECT: row r is assignment r (_direct_info)."""
+    (as the Triton kernels' _blocks._grid_position), N weight rows in BN-row tiles. DIRECT: row r is assignment r (_direct_info)."""
     N_TILES: gl.constexpr = (N + BN - 1) // BN
     pid = gl.program_id(0)
     if DIRECT:
@@ -167,7 +168,7 @@ def _decode_tile(w_stage, s_stage, BN: gl.constexpr, BK: gl.constexpr):
                                         [5, 4, 3, 2, 1, 0])
     words = w_stage.reshape([G, NB, 2, 8, 2, 4]).load(W6)
     sc = s_stage.reshape([G, NB, 2, 8, 2]).load(gl.SliceLayout(5, W6))
-    m = gl.expand_dims(sc.to(gl.int32) * 0x00800080, 5)  # bf16x2 multiplier (_kernels._dequant)
+    m = gl.expand_dims(sc.to(gl.int32) * 0x00800080, 5)  # bf16x2 multiplier (_dequant._dequant)
     # (the PTX's third operand orders the Triton path's dequant after a drain: unused here)
     e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(
         _DEQUANT_ASM, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [words, m, words], dtype=(gl.bfloat16,) * 8,
@@ -292,7 +293,7 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
 
 @gluon.jit
 def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
-                  p_ptr, E, k_top, n_blocks, alpha, limit, p_rows,
+                  p_ptr, E, k_top, alpha, limit, p_rows,
                   stride_xt: gl.constexpr, stride_we: gl.constexpr, stride_wn: gl.constexpr,
                   stride_se: gl.constexpr, stride_sn: gl.constexpr, stride_be: gl.constexpr,
                   H: gl.constexpr, Hp: gl.constexpr, Ip: gl.constexpr, ACT: gl.constexpr,
@@ -300,9 +301,9 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
                   EB: gl.constexpr, SPLIT: gl.constexpr, K_CHUNK: gl.constexpr,
                   MASK_K: gl.constexpr, DIRECT: gl.constexpr, HAS_MAP: gl.constexpr,
                   LATE_TRIGGER: gl.constexpr, PDL: gl.constexpr, NS: gl.constexpr = 3):
-    """_kernels._gemm1_kernel for the decode tiles (see the module docstring); DIRECT: rows are
+    """_gemm1._gemm1_kernel for the decode tiles (see the module docstring); DIRECT: rows are
     assignments (_direct_info), no route kernel before it. LATE_TRIGGER: GEMM2 may launch once
-    every program is past its K loop, not at once (configs.MMA2_LATE_TRIGGER)."""
+    every program is past its K loop, not at once (launches.moe_launches)."""
     _pdl_wait(PDL)
     if not LATE_TRIGGER:
         _pdl_trigger(PDL)
@@ -357,15 +358,14 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
 
 
 @gluon.jit
-def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E,
-                  n_blocks, M,
+def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E, M,
                   stride_we: gl.constexpr, stride_wn: gl.constexpr, stride_se: gl.constexpr,
                   stride_sn: gl.constexpr, stride_be: gl.constexpr, H: gl.constexpr,
                   Ip: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
                   BN: gl.constexpr, BK: gl.constexpr, EB: gl.constexpr, SPLIT: gl.constexpr,
                   K_CHUNK: gl.constexpr, MASK_K: gl.constexpr, DIRECT: gl.constexpr,
                   HAS_MAP: gl.constexpr, PDL: gl.constexpr, NS: gl.constexpr = 3):
-    """_kernels._gemm2_kernel for the decode tiles (see the module docstring); DIRECT as in
+    """_gemm2._gemm2_kernel for the decode tiles (see the module docstring); DIRECT as in
     _gemm1_kernel."""
     _pdl_enter(PDL)
     valid, rows, rmask, e64, n0, w_base, s_base = _program(

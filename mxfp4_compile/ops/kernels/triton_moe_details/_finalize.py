@@ -1,0 +1,36 @@
+"""The combine: out[t] = sum_s w[t, s] * sum_c y[c, t*k + s] in slot and K-chunk order
+(deterministic), or the uncombined [T, k, H] rows with zeros for experts not on this rank.
+"""
+import triton
+import triton.language as tl
+
+from ._pdl import _pdl_enter
+
+
+@triton.jit
+def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, M, H: tl.constexpr,
+                     k_top: tl.constexpr, HAS_MAP: tl.constexpr, COMBINE: tl.constexpr,
+                     BH: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
+    """out[t] = sum_s w[t, s] * y[t*k + s] in slot order; or out[t, s] = y[t*k + s] (zero for
+    experts not on this rank). Rows of y for such experts were never written: mask, not scale."""
+    _pdl_enter(PDL)
+    t = tl.program_id(0)
+    offs = tl.program_id(1) * BH + tl.arange(0, BH)
+    hmask = offs < H
+    acc = tl.zeros([BH], dtype=tl.float32)
+    for s in range(0, k_top):
+        a = t * k_top + s
+        loc = tl.load(ids_ptr + a).to(tl.int32)
+        if HAS_MAP:
+            loc = tl.load(emap_ptr + loc).to(tl.int32)
+        valid = (loc >= 0) & (loc < E)
+        y = tl.zeros([BH], dtype=tl.float32)
+        for c in tl.static_range(SPLIT):  # GEMM2's K chunks, in order
+            y += tl.load(y_ptr + (c * M + a).to(tl.int64) * H + offs, mask=hmask & valid,
+                         other=0.0).to(tl.float32)
+        if COMBINE:
+            acc += tl.where(valid, tl.load(tw_ptr + a).to(tl.float32), 0.0) * y
+        else:
+            tl.store(out_ptr + a.to(tl.int64) * H + offs, y.to(out_ptr.dtype.element_ty), mask=hmask)
+    if COMBINE:
+        tl.store(out_ptr + t.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hmask)
