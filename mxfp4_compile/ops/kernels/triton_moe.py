@@ -35,7 +35,7 @@ import os
 import torch
 
 from . import reference_moe
-from ..moe_torch import ACTIVATIONS, check_activation
+from ...formats import ACTIVATIONS, E8M0_BIAS, E8M0_NAN, check_activation
 from .triton_moe_details import layout  # pure Python: importable without triton
 
 NAME = "triton"
@@ -138,13 +138,13 @@ def _bias_scales(codes: torch.Tensor, scales: torch.Tensor):
     scale (255) stays 255 (an infinite multiplier) and its block's codes become 0, so the whole
     block decodes to 0 * inf = NaN, as the format says."""
     s = scales.to(torch.int16)
-    too_big = (s > _MAX_SCALE) & (s != 255)
+    too_big = (s > _MAX_SCALE) & (s != E8M0_NAN)
     if bool(too_big.any()):
         raise ValueError(
-            f"kernel 'triton' handles e8m0 block scales up to {_MAX_SCALE} (2**{_MAX_SCALE - 127});"
+            f"kernel 'triton' handles e8m0 block scales up to {_MAX_SCALE} (2**{_MAX_SCALE - E8M0_BIAS});"
             f" these weights have {int(too_big.sum())} block(s) with a larger finite scale (max "
             f"byte {int(s[too_big].max())}). Use kernel='reference' for such weights.")
-    nan = s == 255
+    nan = s == E8M0_NAN
     if bool(nan.any()):
         shape = codes.shape
         codes = codes.reshape(*nan.shape, 16).masked_fill(nan[..., None], 0).reshape(shape)

@@ -18,6 +18,8 @@ exhaustively), so two registers need a second rotate.
 """
 from __future__ import annotations
 
+from ....formats import E8M0_BIAS
+
 ROTATIONS = ((0, 4), (3, 3), (6, 6), (9, 5))  # per bf16x2 register j: (MAG_ROT, SIGN_ROT)
 
 # The scale multiplier is 2**(s - 1 - ACC_SHIFT) for e8m0 byte s (the decoded pair is
@@ -25,7 +27,7 @@ ROTATIONS = ((0, 4), (3, 3), (6, 6), (9, 5))  # per bf16x2 register j: (MAG_ROT,
 # exponent field is s + STORED_SCALE_OFFSET: `prepare` stores that offset byte. The field must stay a
 # finite exponent (<= 254): scales up to MAX_SCALE are exact, 255 (NaN) is kept as an infinity.
 ACC_SHIFT = 64
-STORED_SCALE_OFFSET = 127 - 1 - ACC_SHIFT
+STORED_SCALE_OFFSET = E8M0_BIAS - 1 - ACC_SHIFT
 MAX_SCALE = 254 - STORED_SCALE_OFFSET
 _MAG_MASK = 0x01C001C0
 _SIGN_MASK = 0x80008000
