@@ -19,9 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import numerics
-# ACTIVATIONS and check_activation are formats.py's, imported here for the kernel modules that
-# take them from this module
-from ..formats import ACTIVATIONS, SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation  # noqa: F401
+from ..formats import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation
 
 
 def swiglu_oai(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:

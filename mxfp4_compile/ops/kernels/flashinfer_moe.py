@@ -55,7 +55,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ..moe_torch import check_activation
+from ...formats import check_activation
 from . import check_canonical_shapes, check_padded, gpu_unavailable, reference_moe
 from .optional import KernelUnavailable, OptionalAPI, keyword_mismatch
 

@@ -73,7 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from ...formats import BLOCK
-from ..moe_torch import check_activation
+from ...formats import check_activation
 from . import check_canonical_shapes, check_padded, gpu_unavailable
 from .optional import KernelUnavailable, OptionalAPI
 

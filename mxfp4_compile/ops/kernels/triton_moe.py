@@ -35,7 +35,7 @@ import os
 import torch
 
 from . import reference_moe
-from ...formats import ACTIVATIONS, E8M0_BIAS, E8M0_NAN, check_activation
+from ...formats import E8M0_BIAS, E8M0_NAN, check_activation, gate_up_interleaved
 from .triton_moe_details import layout  # pure Python: importable without triton
 
 NAME = "triton"
@@ -123,13 +123,13 @@ def _paired_rows(Ip: int, activation: str, device) -> torch.Tensor:
     r = torch.arange(2 * Ip, device=device)
     col = (r // 16) * 8 + r % 8
     up = (r // 8) % 2
-    if ACTIVATIONS[activation] == "interleaved":
+    if gate_up_interleaved(activation):
         return 2 * col + up
     return col + up * Ip
 
 
 # Scale bytes are stored as s + layout.STORED_SCALE_OFFSET: the bf16 exponent of the multiplier
-# the kernel applies (layout.py); exact for s <= _MAX_SCALE, 255 (NaN) kept.
+# the kernel applies (layout.py); exact for s <= _MAX_SCALE, E8M0_NAN kept.
 _MAX_SCALE = layout.MAX_SCALE
 
 

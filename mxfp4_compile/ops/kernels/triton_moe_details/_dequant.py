@@ -4,6 +4,7 @@ TMA), and decoding them to bf16 in registers, in the layout wgmma reads its A op
 import triton
 import triton.language as tl
 
+from ....formats import E8M0_NAN
 from . import layout
 
 # e2m1 -> bf16 on the GPU, 8 elements per 32-bit word: `prepare` places each code's bits as
@@ -20,6 +21,7 @@ ACC_SHIFT = tl.constexpr(layout.ACC_SHIFT)
 ACC_SCALE = tl.constexpr(2.0 ** layout.ACC_SHIFT)
 _STORED_SCALE_OFFSET = tl.constexpr(layout.STORED_SCALE_OFFSET)
 _DEQUANT_ASM = tl.constexpr(layout.DEQUANT_ASM)
+_E8M0_NAN = tl.constexpr(E8M0_NAN)
 _MAG_AT = tl.constexpr(layout.MAG_AT)
 _SIGN_AT = tl.constexpr(layout.SIGN_AT)
 
@@ -45,7 +47,7 @@ def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
     (inline PTX); under the interpreter (UPCAST) exact fp32 values, by plain bit arithmetic."""
     if UPCAST:
         b = scales.to(tl.int32)
-        sv = tl.where(b == 255, float("nan"),
+        sv = tl.where(b == _E8M0_NAN, float("nan"),
                       ((b - _STORED_SCALE_OFFSET) << 23).to(tl.float32, bitcast=True))
         c0 = _e2m1_f32(words, _MAG_AT[0], _SIGN_AT[0])
         c1 = _e2m1_f32(words, _MAG_AT[1], _SIGN_AT[1])

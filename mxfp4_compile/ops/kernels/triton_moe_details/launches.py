@@ -17,7 +17,7 @@ from . import planner
 from .planner import Plan
 from .policy import LaunchPolicy
 
-ACT_CODES = {"swiglu_oai": 0, "silu_glu": 1}  # the kernels' ACT constexpr
+ACT_CODES = {"swiglu_oai": 0, "silu_glu": 1}  # formats.ACTIVATIONS -> the kernels' ACT constexpr
 STEPS = ("route", "gemm1", "act", "gemm2", "finalize")
 
 
