@@ -106,7 +106,7 @@ def route(logits, k, activation):
 
 def eager_route(logits, k, activation):
     """The same routing from plain torch ops (torch.topk, softmax; several launches): what the
-    figures before session 8 included."""
+    benchmark's figures included before the fused topk_softmax op existed."""
     if activation == "swiglu_oai":
         tw, ids = routing.gpt_oss_routing(logits, k)
     else:

@@ -80,7 +80,7 @@ prepared_shapes = reference_moe.prepared_shapes
 
 
 # Element t = 4s + 2h + lo of word c of a 32-code chunk (4 little-endian words) holds column
-# 16s + 8h + 2c + lo: what one thread needs for the wgmma A fragment (_kernels._assemble); its
+# 16s + 8h + 2c + lo: what one thread needs for the wgmma A fragment (_dequant._assemble); its
 # bits sit where the e2m1 -> bf16x2 decode reads them (triton_moe_details/layout.py).
 _WORD_COLUMNS = tuple(tuple(16 * (t >> 2) + 8 * ((t >> 1) & 1) + 2 * c + (t & 1)
                             for t in range(8)) for c in range(4))
@@ -109,9 +109,9 @@ def _tile_rows(t: torch.Tensor, block_bytes: int) -> torch.Tensor:
     """Packed words [E, N, K/2] (block_bytes 32) or scale bytes [E, N, K/32] (block_bytes 2),
     N % 16 == 0, K % 64 == 0 -> the same bytes reordered so that each 16-row group stores its
     64-code blocks one after another, a block holding the 16 rows' bytes side by side:
-    [E, N/16, K/64, 16, block_bytes] in memory (_kernels._tiled_rows / _tiled_cols). One K step
-    of a BN-row tile then reads BN/16 runs of 16 x BK/2 bytes instead of BN runs of BK/2 bytes:
-    on the H100 the decode GEMMs ran 4-12% faster (benchmarks/NOTES.md, session 4)."""
+    [E, N/16, K/64, 16, block_bytes] in memory (_dequant._tiled_rows / _tiled_cols). One K step
+    of a BN-row tile then reads BN/16 runs of 16 x BK/2 bytes instead of BN runs of BK/2 bytes,
+    fewer and longer DRAM bursts for the decode GEMMs (benchmarks/notes/op.md, session 4)."""
     E, N, nb = t.shape
     t = t.reshape(E, N // 16, 16, nb // block_bytes, block_bytes)
     return t.transpose(2, 3).reshape(E, N, nb)

@@ -148,7 +148,7 @@ def _wgmma_drain():
     then reuse those registers for the next step's dequantized tile before the MMA has read
     them: on the H100 that gave rel-L2 3.7e-3 with bad rows changing from run to run (BM 128,
     8 warps) and 0.156 on every row (BM 256). Draining first fixed every case and cost < 1%
-    (benchmarks/NOTES.md, v5). One wait per K step: the token is a scalar."""
+    (benchmarks/notes/op.md, v5). One wait per K step: the token is a scalar."""
     return tl.inline_asm_elementwise("wgmma.wait_group.sync.aligned 0;\n mov.b32 $0, 0;", "=r,r",
                                      [tl.full([], 0, tl.int32)], dtype=tl.int32, is_pure=False,
                                      pack=1)

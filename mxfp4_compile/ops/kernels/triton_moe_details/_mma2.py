@@ -1,8 +1,8 @@
 """Decode GEMMs of the "triton" MoE kernel written in Gluon, on mma.sync (sm80+).
 
 Why a second implementation of the decode tiles: at T <= 64 the GEMMs stream the weights once
-and are limited by the instructions each K step issues (benchmarks/NOTES.md, session 6: a plain
-reader streams the same grid at 97% of the floor). The Triton kernels issue ~295 instructions per
+and are limited by the instructions each K step issues, not by the grid or the layout (a plain
+reader streams the same grid near the floor: benchmarks/notes/op.md, session 6). The Triton kernels issue ~295 instructions per
 64 x 128 step, ~100 of them wgmma fences, descriptors, warpgroup waits and a shared-memory round
 trip of the scale bytes that Triton's layout choice forces; these issue 183 (16-row blocks) or
 170 (8-row blocks; sm90 SASS, tests/ops/kernels/test_triton_moe_mma2.py). Every layout is
