@@ -142,7 +142,7 @@ def time_graph(fn, iters=50):
 def time_moe(prepared, E, H, k, act, T):
     ids, w = routing(T, E, k, 7, "gpt-oss")
     x = torch.randn(T, H, device="cuda").to(torch.bfloat16)
-    api = tkm._api()
+    api = tkm.API.require()
     row = {}
     for split_k in (1, None):
         tkm.SPLIT_K = split_k

@@ -1,7 +1,8 @@
-"""Per-kernel GPU time of the "triton" MoE op (route, GEMM1, split reduction, GEMM2, finalize)
-for given model shapes, from torch.profiler: which launch a forward's time goes to.
+"""Per-kernel GPU time of the "triton" MoE op (route, GEMM1, the activation after a split
+GEMM1, GEMM2, finalize) for given model shapes, from torch.profiler: which launch a forward's
+time goes to.
 
-    python benchmarks/kernel_times.py --shapes 20b:64,mixtral:8 [--iters 20]
+    python benchmarks/kernel_times.py --shapes 20b:64,mixtral:8 [--iters 20] [--route-sort-max N]
 
 Each shape: random MXFP4 weights (bench.floors.random_canonical), 4 weight sets rotated (L2
 cold-ish, as the benchmarks), `iters` eager forwards after a warm-up; prints the mean time per
@@ -15,8 +16,9 @@ import collections
 
 import torch
 
-from mxfp4_compile.bench.floors import MODELS, random_canonical, route
+from mxfp4_compile.bench.floors import ALPHA, LIMIT, MODELS, random_canonical, route
 from mxfp4_compile.ops.kernels import triton_moe
+from mxfp4_compile.ops.kernels.triton_moe_details import policy
 
 DEV = torch.device("cuda")
 
@@ -30,7 +32,7 @@ def profile(model: str, T: int, iters: int, gen) -> list[tuple[str, float]]:
     ids, tw = route(torch.randn(T, E, device=DEV, generator=gen), k, act)
 
     def fwd(i):
-        triton_moe.moe(x, ids, tw, *sets[i % 4], act, 1.702, 7.0, None, True)
+        triton_moe.moe(x, ids, tw, *sets[i % 4], act, ALPHA, LIMIT, None, True)
 
     for i in range(8):
         fwd(i)
@@ -52,15 +54,15 @@ def main():
     ap.add_argument("--shapes", default="20b:8,20b:64,mixtral:8,mixtral:64")
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--route-sort-max", type=int, default=None,
-                    help="assignments up to which one routing program sorts them all "
-                         "(triton_moe._ROUTE_SORT_MAX; default: the module's)")
+                    help="assignments up to which one routing program sorts them all (the "
+                         "launch policy's route_sort_max; default: the table's)")
     args = ap.parse_args()
-    if args.route_sort_max is not None:
-        triton_moe._ROUTE_SORT_MAX = args.route_sort_max
+    changes = {} if args.route_sort_max is None else {"route_sort_max": args.route_sort_max}
     gen = torch.Generator(device=DEV).manual_seed(0)
     for spec in args.shapes.split(","):
         model, T = spec.split(":")
-        rows = profile(model, int(T), args.iters, gen)
+        with policy.override(**changes):
+            rows = profile(model, int(T), args.iters, gen)
         print(f"{model} T={T}: {sum(us for _, us in rows):.1f} us of kernels per forward")
         for name, us in rows:
             print(f"  {us:9.1f} us  {name}")
