@@ -27,7 +27,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import mxfp4_compile  # noqa: F401  (registers torch.ops.mxfp4)
-from mxfp4_compile.bench.floors import MODELS, route
+from mxfp4_compile.bench.workloads import MODELS, route
 from mxfp4_compile.distributed import ShardedMoE
 from mxfp4_compile.ops.weights import prepare_moe_weights
 

@@ -41,7 +41,9 @@ import triton
 import triton.language as tl
 
 from mxfp4_compile.bench import floors as F
-from mxfp4_compile.bench.floors import ALPHA, LIMIT, MODELS
+from mxfp4_compile.bench import harness as Hn
+from mxfp4_compile.bench import workloads as W
+from mxfp4_compile.bench.workloads import ALPHA, LIMIT, MODELS
 from mxfp4_compile.ops.kernels import triton_moe
 from mxfp4_compile.ops.kernels.triton_moe_details import policy
 from mxfp4_compile.ops.kernels.triton_moe_details._dequant import _tiled_cols, _tiled_rows
@@ -124,7 +126,7 @@ def parse_shapes(models: str, tokens: str, shapes: str | None = None) -> list:
 def weight_sets(model, gen):
     """-> (R_SETS random canonical weight sets of `model`, our kernel's layout of each)."""
     E, H, I, k, act, biases = MODELS[model]
-    canon = [F.random_canonical(E, H, I, act, biases, triton_moe.H_MULTIPLE,
+    canon = [W.random_canonical(E, H, I, act, biases, triton_moe.H_MULTIPLE,
                                 triton_moe.I_MULTIPLE, gen) for _ in range(R_SETS)]
     return canon, [triton_moe.prepare(*c, act) for c in canon]
 
@@ -155,7 +157,7 @@ def load_peers():
 
 # ---------------------------------------------------------------- checks ----------------------
 def _checked_call(sync_check, *args):
-    F.poison_free_memory(DEV)
+    W.poison_free_memory(DEV)
     if sync_check:
         torch.cuda.set_sync_debug_mode("error")
     try:
@@ -168,21 +170,21 @@ def check_correctness(kernel, canon, weights, k, act, x, logits, gen):
     """(a): rel-L2 of one call on (x, logits) against the float32 reference, memory poisoned;
     ours: under the host-sync check, and at T = 8 and 64 combine=False and an expert map."""
     (T, H), E, ours = x.shape, logits.shape[1], kernel is triton_moe
-    ids, tw = F.route(logits, k, act)
+    ids, tw = W.route(logits, k, act)
 
     def ref(ids_, emap=None, combine=True):
         return moe_torch(x, ids_, tw, *canon, act, ALPHA, LIMIT, emap, combine, sync_free=False)
     out = _checked_call(ours, kernel, x, ids, tw, weights, act)
-    res = {"err": F.rel_l2(out, ref(ids)), "shape_ok": tuple(out.shape) == (T, H)}
+    res = {"err": W.rel_l2(out, ref(ids)), "shape_ok": tuple(out.shape) == (T, H)}
     if ours and T in (8, 64):
-        res["err_uncombined"] = F.rel_l2(_checked_call(True, kernel, x, ids, tw, weights, act,
+        res["err_uncombined"] = W.rel_l2(_checked_call(True, kernel, x, ids, tw, weights, act,
                                                        None, False), ref(ids, None, False))
         emap = torch.full((E + 5,), -1, dtype=torch.int32, device=DEV)
         emap[torch.randperm(E + 5, device=DEV, generator=gen)[:E]] = torch.arange(
             E, dtype=torch.int32, device=DEV)
         gids = torch.stack([torch.randperm(E + 5, device=DEV, generator=gen)[:k]
                             for _ in range(T)]).int()
-        res["err_expert_map"] = F.rel_l2(
+        res["err_expert_map"] = W.rel_l2(
             _checked_call(True, kernel, x, gids, tw, weights, act, emap), ref(gids, emap))
     return res
 
@@ -193,7 +195,7 @@ def check_graph(weights, E, H, k, act, T, gen, replays=1000):
     slog = torch.randn(T, E, device=DEV, generator=gen)
 
     def fwd():
-        return call(triton_moe, sx, *F.route(slog, k, act), weights, act)
+        return call(triton_moe, sx, *W.route(slog, k, act), weights, act)
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -221,8 +223,8 @@ def time_forward(kernel, wsets, k, act, inputs):
     """(c): microseconds per forward (routing + op), one weight set and input draw per call."""
     def fn():
         for x, logits, w in zip(*inputs, wsets):
-            call(kernel, x, *F.route(logits, k, act), w, act)
-    return F.graph_time_us(fn, len(wsets), device=DEV)
+            call(kernel, x, *W.route(logits, k, act), w, act)
+    return Hn.graph_time_us(fn, len(wsets), device=DEV)
 
 
 def floors_us(model, inputs, bw, tf):
@@ -230,17 +232,17 @@ def floors_us(model, inputs, bw, tf):
     and the router alone, fused and as plain torch ops, timed like the forward."""
     E, H, I, k, act, biases = MODELS[model]
     T = inputs[0][0].shape[0]
-    d = statistics.mean(F.distinct_experts(F.route(lg, k, act)[0]) for lg in inputs[1])
-    nbytes = d * F.expert_bytes(H, I, biases)
+    d = statistics.mean(W.distinct_experts(W.route(lg, k, act)[0]) for lg in inputs[1])
+    nbytes = d * W.expert_bytes(H, I, biases)
 
     def routers(fn):
         return lambda: [fn(lg, k, act) for lg in inputs[1]]
     return {"distinct_experts": d, "bytes": nbytes,
             "byte_floor_us": nbytes / (bw.GBps * 1e9) * 1e6,
             "stream_floor_us": F.stream_floor_us(nbytes, device=DEV) if T <= 64 else None,
-            "flop_floor_us": F.flops_per_token(H, I, k) * T / (tf * 1e12) * 1e6,
-            "router_us": F.graph_time_us(routers(F.route), R_SETS, device=DEV),
-            "eager_router_us": F.graph_time_us(routers(F.eager_route), R_SETS, device=DEV)}
+            "flop_floor_us": W.flops_per_token(H, I, k) * T / (tf * 1e12) * 1e6,
+            "router_us": Hn.graph_time_us(routers(W.route), R_SETS, device=DEV),
+            "eager_router_us": Hn.graph_time_us(routers(W.eager_route), R_SETS, device=DEV)}
 
 
 def run_model(args, model, tokens, kernel_changes, peers, gen, bw, tf):
@@ -406,7 +408,7 @@ def diag(gen, shape, one=False):
     inputs = draw_inputs(E, H, int(T), gen)
     if one:
         for _ in range(3):
-            call(triton_moe, inputs[0][0], *F.route(inputs[1][0], k, act), ours[0], act)
+            call(triton_moe, inputs[0][0], *W.route(inputs[1][0], k, act), ours[0], act)
         torch.cuda.synchronize()
         return 0
     res = {}
@@ -415,7 +417,7 @@ def diag(gen, shape, one=False):
                          ("nothing", tuple(_STEP_KERNELS))):
         with skipping(steps):
             res[label] = time_forward(triton_moe, ours, k, act, inputs)
-    touched = F.distinct_experts(F.route(inputs[1][0], k, act)[0])
+    touched = W.distinct_experts(W.route(inputs[1][0], k, act)[0])
     res["stream_touched_w13"] = F.stream_floor_us(touched * ours[0][0][0].numel(), device=DEV)
     for key, v in res.items():
         log(f"DIAG {shape} {key}: {v:.1f} us")
@@ -489,7 +491,7 @@ def diag_reader(shape, which="1"):
                                                       UNROLL=unroll, SPLIT=split, **opts)
         key = (f"BN{BN}_BKW{BKW}_reg{nreg}_{'contig' if contig else 'tiled'}"
                f"{'_unrolled' if unroll else ''}{f'_split{split}' if split > 1 else ''}")
-        res[key] = F.graph_time_us(fn, len(bufs), device=DEV)
+        res[key] = Hn.graph_time_us(fn, len(bufs), device=DEV)
     res["stream_floor"] = F.stream_floor_us(nbytes, bufs, device=DEV)
     for key, us in list(res.items())[1:]:
         log(f"READER {key}: {us:.1f} us, {nbytes / us / 1e6:.3f} TB/s")

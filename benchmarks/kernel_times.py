@@ -16,7 +16,7 @@ import collections
 
 import torch
 
-from mxfp4_compile.bench.floors import ALPHA, LIMIT, MODELS, random_canonical, route
+from mxfp4_compile.bench.workloads import ALPHA, LIMIT, MODELS, random_canonical, route
 from mxfp4_compile.ops.kernels import triton_moe
 from mxfp4_compile.ops.kernels.triton_moe_details import policy
 

@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from mxfp4_compile.bench.floors import MODELS
+from mxfp4_compile.bench.workloads import MODELS
 from mxfp4_compile.ops.kernels import triton_moe
 from mxfp4_compile.ops.kernels.triton_moe_details import launches, policy
 

@@ -111,7 +111,7 @@ def _common(p, out_default):
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
     if args.cmd in ("op", "e2e") and torch.device(args.device).type != "cuda":
-        from .floors import no_gpu_message
+        from .harness import no_gpu_message
         print(no_gpu_message(args.cmd), flush=True)
     if args.cmd == "op":
         from . import op

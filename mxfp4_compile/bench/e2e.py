@@ -30,7 +30,8 @@ import traceback
 
 import torch
 
-from . import floors as F
+from . import harness as Hn
+from . import workloads as W
 
 CSV_FIELDS = ["backend", "shape", "batch", "seq", "status", "first_call_s", "median_us", "min_us",
               "rel_l2_vs_inductor", "expert_weight_bytes", "alloc_growth_bytes", "rewritten_moe",
@@ -122,7 +123,7 @@ def time_calls(cm, ids, iters, device):
 def run(args) -> int:
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
-    info = F.device_summary(device)
+    info = Hn.device_summary(device)
     try:
         import transformers
         info["transformers"] = transformers.__version__
@@ -146,7 +147,7 @@ def run(args) -> int:
     fh = open(csv_path, "w", newline="")
     writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
     writer.writeheader()
-    prog = F.Progress(len(backends) * len(sh), "e2e", enabled=not args.no_progress)
+    prog = Hn.Progress(len(backends) * len(sh), "e2e", enabled=not args.no_progress)
     common = dict(layers=args.layers, experts=args.experts, hidden=WIDTHS[args.width]["hidden_size"],
                   device=info["device"], torch=info["torch"], triton=info["triton"],
                   transformers=info["transformers"])
@@ -186,7 +187,7 @@ def run(args) -> int:
                         if be == "inductor":
                             ref_out[name] = out
                         elif name in ref_out:
-                            row["rel_l2_vs_inductor"] = F.rel_l2(out, ref_out[name])
+                            row["rel_l2_vs_inductor"] = W.rel_l2(out, ref_out[name])
                         for _ in range(2):  # warm-up (CUDA graph trees record on a later call)
                             if gpu:
                                 torch.compiler.cudagraph_mark_step_begin()

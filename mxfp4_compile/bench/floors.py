@@ -1,7 +1,8 @@
-"""Shared measuring tools: the floors, timing, random MXFP4 weights, routing, checks.
+"""The floors every benchmark ratio divides by, measured in the run that divides by them.
 
-Used by ``python -m mxfp4_compile.bench`` and by ``benchmarks/gpu_check.py``.
-Shape legend: T tokens, k top-k, E experts, H hidden, I intermediate (Hp/Ip padded).
+Used by ``python -m mxfp4_compile.bench`` and by ``benchmarks/gpu_check.py`` (workloads.py builds
+what they time, harness.py times it). Shape legend: T tokens, k top-k, E experts, H hidden,
+I intermediate.
 
 Floors, each measured in the run that divides by it:
   byte floor   = MXFP4 bytes of the distinct experts the routing touches / floor bandwidth, where
@@ -23,166 +24,12 @@ says so (``meaningful`` False).
 from __future__ import annotations
 
 import math
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import torch
 
-from .. import routing
-
-MODELS = {  # name -> (E, H, I, k, activation, biases)
-    "20b": (32, 2880, 2880, 4, "swiglu_oai", True),
-    "120b": (128, 2880, 2880, 4, "swiglu_oai", True),
-    "mixtral": (8, 4096, 14336, 2, "silu_glu", False),
-    # tiny shapes for the CPU harness test (and a quick look on any device)
-    "tiny": (4, 64, 64, 2, "swiglu_oai", True),
-    "tiny_glu": (4, 64, 96, 2, "silu_glu", False),
-}
-ALPHA, LIMIT = 1.702, 7.0
-
-
-def _dev(device=None) -> torch.device:
-    return torch.device(device if device is not None else "cuda")
-
-
-# ---------------------------------------------------------------- weights and inputs ----------
-def random_canonical(E, H, I, activation, biases, hm, im, gen, device=None):
-    """Random MXFP4 bytes in the canonical layout, padded to (hm, im) multiples (zero padding).
-    Uniform e2m1 codes, scale bytes 118..121 (weights of a few 1e-2, like real checkpoints),
-    biases N(0, 0.1). ``device`` defaults to the generator's."""
-    dev = _dev(device if device is not None else gen.device)
-    Hp, Ip = -(-H // hm) * hm, -(-I // im) * im
-
-    def codes(n, kk):
-        return torch.randint(0, 256, (E, n, kk // 2), dtype=torch.uint8, device=dev, generator=gen)
-
-    def scales(n, kk):
-        return torch.randint(118, 122, (E, n, kk // 32), dtype=torch.uint8, device=dev, generator=gen)
-
-    w13 = torch.zeros(E, 2 * Ip, Hp // 2, dtype=torch.uint8, device=dev)
-    s13 = torch.zeros(E, 2 * Ip, Hp // 32, dtype=torch.uint8, device=dev)
-    w2 = torch.zeros(E, Hp, Ip // 2, dtype=torch.uint8, device=dev)
-    s2 = torch.zeros(E, Hp, Ip // 32, dtype=torch.uint8, device=dev)
-    b13 = torch.zeros(E, 2 * Ip, dtype=torch.float32, device=dev) if biases else None
-    b2 = torch.zeros(E, Hp, dtype=torch.float32, device=dev) if biases else None
-    if activation == "swiglu_oai":  # interleaved gate/up: rows [0, 2I) real
-        rows13 = [slice(0, 2 * I)]
-    else:  # concatenated: gate [0, I), up [Ip, Ip + I)
-        rows13 = [slice(0, I), slice(Ip, Ip + I)]
-    for r in rows13:
-        n = r.stop - r.start
-        w13[:, r, : H // 2] = codes(n, H)
-        s13[:, r, : H // 32] = scales(n, H)
-        if biases:
-            b13[:, r] = torch.randn(E, n, device=dev, generator=gen) * 0.1
-    w2[:, :H, : I // 2] = codes(H, I)
-    s2[:, :H, : I // 32] = scales(H, I)
-    if biases:
-        b2[:, :H] = torch.randn(E, H, device=dev, generator=gen) * 0.1
-    return (w13, s13, b13, w2, s2, b2)
-
-
-def expert_bytes(H, I, biases):
-    """MXFP4 bytes of one expert (codes + e8m0 scales, + fp32 biases)."""
-    b = 3 * H * I * (0.5 + 1 / 32)
-    return b + (4 * (2 * I + H) if biases else 0)
-
-
-def flops_per_token(H, I, k):
-    return 2 * 3 * H * I * k
-
-
-def route(logits, k, activation):
-    """Router logits [T, E] -> (ids int64 [T, k], weights fp32 [T, k]) as each model does it, by
-    the package's fused router (routing.py, fused=True: one launch on CUDA). Every kernel and
-    peer gets the same routing."""
-    if activation == "swiglu_oai":  # gpt-oss: top-k then softmax over the k
-        tw, ids = routing.gpt_oss_routing(logits, k, fused=True)
-    else:  # Mixtral: softmax, top-k, renormalize
-        tw, ids = routing.mixtral_routing(logits, k, fused=True)
-    return ids, tw
-
-
-def eager_route(logits, k, activation):
-    """The same routing from plain torch ops (torch.topk, softmax; several launches): what the
-    benchmark's figures included before the fused topk_softmax op existed."""
-    if activation == "swiglu_oai":
-        tw, ids = routing.gpt_oss_routing(logits, k)
-    else:
-        tw, ids = routing.mixtral_routing(logits, k)
-    return ids, tw
-
-
-def distinct_experts(ids) -> int:
-    return int(torch.unique(ids).numel())
-
-
-def poison_free_memory(device, nbytes=1 << 30):
-    """Fill freed allocator memory with NaN so that outputs a kernel forgets to write show up
-    (CUDA caching allocator; on CPU outputs are poisoned by the caller instead)."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return
-    free = torch.cuda.mem_get_info(device)[0]
-    nbytes = int(min(nbytes, free * 0.5))
-    t = torch.empty(nbytes // 4, dtype=torch.float32, device=device)
-    t.fill_(float("nan"))
-    del t
-
-
-def rel_l2(out, ref) -> float:
-    """||out - ref|| / ||ref||; NaN when out has a non-finite element (unwritten/poisoned)."""
-    out, ref = out.float(), ref.float()
-    if not torch.isfinite(out).all():
-        return float("nan")
-    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
-
-
-# ---------------------------------------------------------------- timing ----------------------
-def graph_time_us(fn, n_inner, min_replays=20, max_replays=200, budget_s=0.4, device=None):
-    """Median time of one ``fn()`` call in us / n_inner.
-
-    CUDA: fn is captured once into a CUDA graph (after two warm-up calls on a side stream),
-    replayed; each replay is timed with events; replay count fits ``budget_s``. CPU: fn called
-    directly, wall clock, same count rules."""
-    dev = _dev(device)
-    if dev.type != "cuda":
-        fn()
-        times = []
-        t_end = time.perf_counter() + budget_s
-        while len(times) < min_replays or (len(times) < max_replays and time.perf_counter() < t_end):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e6 / n_inner)
-        return statistics.median(times)
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    for _ in range(3):
-        g.replay()
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    g.replay()
-    torch.cuda.synchronize()
-    est = time.perf_counter() - t0
-    n = int(max(min_replays, min(max_replays, budget_s / max(est, 1e-6))))
-    ev = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(n)]
-    for a, b in ev:
-        a.record()
-        g.replay()
-        b.record()
-    torch.cuda.synchronize()
-    times = [a.elapsed_time(b) * 1e3 / n_inner for a, b in ev]
-    del g
-    return statistics.median(times)
+from .harness import default_device as _dev
+from .harness import graph_time_us
 
 
 def matmul_tflops(device=None, n=None) -> float:
@@ -374,12 +221,6 @@ def measure_bandwidth(device=None, nbytes=None) -> Bandwidth:
     return pick_bandwidth(cands, meaningful=cuda)
 
 
-def copy_bandwidth(device=None, nbytes=None) -> float:
-    """The byte floor's bandwidth in GB/s, ``measure_bandwidth(device, nbytes).GBps`` (the name
-    benchmarks/gpu_check.py imports)."""
-    return measure_bandwidth(device, nbytes).GBps
-
-
 def floor_check(us, floors) -> str:
     """A measured time against its floors: us (microseconds), floors {name: floor in us or None}.
 
@@ -393,61 +234,3 @@ def floor_check(us, floors) -> str:
         return ""
     return f"{RECHECK} (" + ", ".join(f"{n} {r:.3f}x" for n, r in below) + ")"
 
-
-# ---------------------------------------------------------------- progress --------------------
-class Progress:
-    """tqdm when installed and stderr is a terminal, else one plain line per step (logs)."""
-
-    def __init__(self, total, desc, enabled=True):
-        self.total, self.desc, self.n = total, desc, 0
-        self.bar = None
-        self.enabled = enabled
-        import sys
-        if enabled and sys.stderr.isatty():
-            try:
-                from tqdm import tqdm
-                self.bar = tqdm(total=total, desc=desc, dynamic_ncols=True, mininterval=1.0)
-            except ImportError:
-                pass
-
-    def step(self, label=""):
-        self.n += 1
-        if self.bar is not None:
-            self.bar.set_postfix_str(label, refresh=False)
-            self.bar.update(1)
-        elif self.enabled:
-            print(f"[{self.desc} {self.n}/{self.total}] {label}", flush=True)
-
-    def write(self, msg):
-        if self.bar is not None:
-            self.bar.write(msg)
-        else:
-            print(msg, flush=True)
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-
-
-def device_summary(device) -> dict:
-    import platform
-    info = {"torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-        info["triton"] = triton.__version__
-    except ImportError:
-        info["triton"] = None
-    device = torch.device(device)
-    if device.type == "cuda":
-        p = torch.cuda.get_device_properties(device)
-        info["device"] = f"{p.name} ({p.multi_processor_count} SMs)"
-    else:
-        info["device"] = f"cpu ({platform.processor() or platform.machine()})"
-    return info
-
-
-def no_gpu_message(what: str) -> str:
-    return (f"mxfp4_compile.bench {what}: no CUDA GPU here (torch.cuda.is_available() is False). "
-            f"Running on the CPU at tiny shapes only, to exercise the harness: the numbers are "
-            f"wall-clock CPU times and say nothing about the kernels. Run on a GPU machine for "
-            f"real figures.")

@@ -33,6 +33,8 @@ from ..ops.moe_torch import activate, moe_torch
 from ..ops.weights import pad_packed
 from .. import numerics
 from . import floors as F
+from . import harness as Hn
+from . import workloads as W
 
 OURS = ("triton", "reference")          # kernels this project wrote
 PEERS = ("bf16_grouped_mm", "triton_kernels", "flashinfer")
@@ -62,7 +64,7 @@ def bf16_grouped_moe(x, ids, tw, w13, b13, w2, b2, activation):
     h = torch._grouped_mm(xs, w13.transpose(1, 2), offs=offs)
     if b13 is not None:
         h = h.float() + b13[e_sorted]
-    a = activate(h.float(), activation, F.ALPHA, F.LIMIT).to(x.dtype)
+    a = activate(h.float(), activation, W.ALPHA, W.LIMIT).to(x.dtype)
     y = torch._grouped_mm(a, w2.transpose(1, 2), offs=offs)
     if b2 is not None:
         y = y.float() + b2[e_sorted]
@@ -119,7 +121,7 @@ def make_runners(device, kernels, activation, H, I):
             return backend.prepare(*pad_packed(*c, activation=activation, hp=hp, ip=ip), activation)
 
         def call(x, ids, tw, w, backend=backend):
-            return backend.moe(x, ids, tw, *w, activation, F.ALPHA, F.LIMIT, None, True)
+            return backend.moe(x, ids, tw, *w, activation, W.ALPHA, W.LIMIT, None, True)
         runners.append(Runner(name, "ours" if name in OURS else "peer", prep, call))
     return runners, skipped
 
@@ -134,7 +136,7 @@ def default_kernels(device) -> list[str]:
 def run(args) -> int:
     device = torch.device(args.device)
     os.makedirs(args.out, exist_ok=True)
-    info = F.device_summary(device)
+    info = Hn.device_summary(device)
     t_start = time.time()
     gen = torch.Generator(device=device).manual_seed(args.seed)
     kernels = args.kernels.split(",") if args.kernels != "auto" else default_kernels(device)
@@ -156,7 +158,7 @@ def run(args) -> int:
     writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
     writer.writeheader()
     rows = []
-    prog = F.Progress(len(models) * len(tokens) * len(kernels), "op", enabled=not args.no_progress)
+    prog = Hn.Progress(len(models) * len(tokens) * len(kernels), "op", enabled=not args.no_progress)
 
     def emit(row):
         row.update(floor_GBps=round(bw, 1), floor_bw_source=band.label,
@@ -168,7 +170,7 @@ def run(args) -> int:
         fh.flush()
 
     for model in models:
-        E, H, I, k, act, biases = F.MODELS[model]
+        E, H, I, k, act, biases = W.MODELS[model]
         runners, skipped = make_runners(device, kernels, act, H, I)
         for n, why in skipped.items():  # printed once, in the table's "not run" line
             prev = meta["skipped"].get(n)
@@ -179,7 +181,7 @@ def run(args) -> int:
         over = args.budget_s and time.time() - t_start > args.budget_s
         canon, wsets = [], {}
         if not over:
-            canon = [F.random_canonical(E, H, I, act, biases, 32, 32, gen) for _ in range(args.r_sets)]
+            canon = [W.random_canonical(E, H, I, act, biases, 32, 32, gen) for _ in range(args.r_sets)]
             for r in runners:
                 # the bf16 peer reads 4x the bytes: two sets already exceed L2 at every T
                 n_sets = min(args.r_sets, 2) if r.name == "bf16_grouped_mm" and device.type == "cuda" else args.r_sets
@@ -187,7 +189,7 @@ def run(args) -> int:
                     wsets[r.name] = [r.prepare(c) for c in canon[:n_sets]]
                 except Exception as e:  # noqa: BLE001
                     wsets[r.name] = f"prepare failed: {type(e).__name__}: {str(e)[:300]}"
-        eb = F.expert_bytes(H, I, biases)
+        eb = W.expert_bytes(H, I, biases)
         for T in tokens:
             base = dict(model=model, T=T, E=E, H=H, I=I, k=k, activation=act)
             if args.budget_s and time.time() - t_start > args.budget_s:
@@ -229,11 +231,11 @@ def run(args) -> int:
 def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog):
     E, H, k, act, T = base["E"], base["H"], base["k"], base["activation"], base["T"]
     x = torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16)
-    ids, tw = F.route(torch.randn(T, E, device=device, generator=gen), k, act)
-    ref = moe_torch(x, ids, tw, *canon[0], act, F.ALPHA, F.LIMIT, None, True, sync_free=False)
-    d = F.distinct_experts(ids)
+    ids, tw = W.route(torch.randn(T, E, device=device, generator=gen), k, act)
+    ref = moe_torch(x, ids, tw, *canon[0], act, W.ALPHA, W.LIMIT, None, True, sync_free=False)
+    d = W.distinct_experts(ids)
     nbytes = d * eb
-    flops = F.flops_per_token(H, base["I"], k) * T
+    flops = W.flops_per_token(H, base["I"], k) * T
     floors = dict(distinct_experts=d, mxfp4_bytes=int(nbytes), flops=flops,
                   byte_floor_us=nbytes / (bw * 1e9) * 1e6, flop_floor_us=flops / (tf * 1e12) * 1e6)
     if T <= args.stream_max_t:
@@ -251,9 +253,9 @@ def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog):
             prog.step(f"{base['model']} T={T} {r.name} prepare failed")
             continue
         try:
-            F.poison_free_memory(device)
+            W.poison_free_memory(device)
             out = r.call(x, ids, tw, ws[0])
-            err = F.rel_l2(out, ref) if tuple(out.shape) == (T, H) else float("nan")
+            err = W.rel_l2(out, ref) if tuple(out.shape) == (T, H) else float("nan")
             ok = not math.isnan(err) and err < args.tol
             row.update(rel_l2=err, check_passed=ok, poisoned=device.type == "cuda")
             del out
@@ -263,13 +265,13 @@ def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog):
             else:
                 def fn(ws=ws):
                     for xx, ll, w in zip(xs, lg, ws):
-                        i, t = F.route(ll, k, act)
+                        i, t = W.route(ll, k, act)
                         r.call(xx, i, t, w)
                 kw = dict(n_inner=len(ws), min_replays=args.min_replays, budget_s=args.replay_s,
                           device=device)
-                row["us"] = F.graph_time_us(fn, **kw)
+                row["us"] = Hn.graph_time_us(fn, **kw)
                 if r.role == "ours" and args.again:
-                    row["us_again"] = F.graph_time_us(fn, **kw)
+                    row["us_again"] = Hn.graph_time_us(fn, **kw)
                 row["status"] = "ok"
         except Exception as e:  # noqa: BLE001 - a kernel's failure is a row, not the end of the run
             row.update(status="error", note=f"{type(e).__name__}: {str(e)[:300]}")

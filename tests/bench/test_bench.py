@@ -92,7 +92,7 @@ def test_pick_bandwidth_takes_the_largest_figure():
 def test_measure_bandwidth_on_cpu_is_nominal():
     bw = bench_floors.measure_bandwidth("cpu", nbytes=1 << 20)
     assert bw.source == "memcpy" and not bw.meaningful and list(bw.candidates) == ["memcpy"]
-    assert bw.GBps > 0 and bench_floors.copy_bandwidth("cpu", nbytes=1 << 20) > 0
+    assert bw.GBps > 0
 
 
 def test_floor_check_flags_times_under_a_floor():
