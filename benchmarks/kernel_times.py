@@ -4,7 +4,7 @@ time goes to.
 
     python benchmarks/kernel_times.py --shapes 20b:64,mixtral:8 [--iters 20] [--route-sort-max N]
 
-Each shape: random MXFP4 weights (bench.floors.random_canonical), 4 weight sets rotated (L2
+Each shape: random MXFP4 weights (bench.workloads.random_canonical), 4 weight sets rotated (L2
 cold-ish, as the benchmarks), `iters` eager forwards after a warm-up; prints the mean time per
 forward of every kernel name and their sum. Eager launches: the sum excludes launch gaps, which
 a CUDA graph (the benchmarks' method) mostly removes.
