@@ -31,6 +31,7 @@ def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, M, H: tl.cons
         if COMBINE:
             acc += tl.where(valid, tl.load(tw_ptr + a).to(tl.float32), 0.0) * y
         else:
-            tl.store(out_ptr + a.to(tl.int64) * H + offs, y.to(out_ptr.dtype.element_ty), mask=hmask)
+            tl.store(out_ptr + a.to(tl.int64) * H + offs, y.to(out_ptr.dtype.element_ty),
+                     mask=hmask)
     if COMBINE:
         tl.store(out_ptr + t.to(tl.int64) * H + offs, acc.to(out_ptr.dtype.element_ty), mask=hmask)

@@ -2,11 +2,11 @@
 
 Why a second implementation of the decode tiles: at T <= 64 the GEMMs stream the weights once
 and are limited by the instructions each K step issues, not by the grid or the layout (a plain
-reader streams the same grid near the floor: benchmarks/notes/op.md, session 6). The Triton kernels issue ~295 instructions per
-64 x 128 step, ~100 of them wgmma fences, descriptors, warpgroup waits and a shared-memory round
-trip of the scale bytes that Triton's layout choice forces; these issue 183 (16-row blocks) or
-170 (8-row blocks; sm90 SASS, tests/ops/kernels/test_triton_moe_mma2.py). Every layout is
-explicit:
+reader streams the same grid near the floor: benchmarks/notes/op.md, session 6). The Triton
+kernels issue ~295 instructions per 64 x 128 step, ~100 of them wgmma fences, descriptors,
+warpgroup waits and a shared-memory round trip of the scale bytes that Triton's layout choice
+forces; these issue 183 (16-row blocks) or 170 (8-row blocks; sm90 SASS,
+tests/ops/kernels/test_triton_moe_mma2.py). Every layout is explicit:
   - words and scale bytes go from shared memory straight into the registers of the threads
     whose A fragment they decode to (the fragment a thread holds for mma.m16n8k16, which is
     what `prepare`'s word order was built for: layout.py, _dequant._assemble); the words and
@@ -15,13 +15,16 @@ explicit:
     across steps (no register race to drain, _dequant._wgmma_drain);
   - words, scales and the activation tile come through one cp.async pipeline of 3 stages, each
     its own buffers, the K loop unrolled by 3 (one barrier per step).
-Same inputs, outputs and semantics as _gemm1._gemm1_kernel / _gemm2._gemm2_kernel with SWAP (weight
-rows on the MMA's M side), BN = 64, 4 warps, unpaired tiles, bf16 activations; K steps that
-reach past K (gpt-oss K = 2880, split chunks) are masked. The activation and the programmatic
-launch come from _gemm1 and _pdl; _block_info is written again here (Gluon's arange needs an explicit
-layout, which the Triton helper does not give). GPU only: Gluon has no interpreter, so CPU CI
-runs the Triton kernels and compiles these for sm90 and sm80; the H100 checks their results
-(tests/ops/kernels/test_triton_moe_cuda.py, benchmarks/gpu_check.py). Never run on Ampere.
+Same inputs, outputs and semantics as _gemm1._gemm1_kernel / _gemm2._gemm2_kernel with SWAP
+(weight rows on the MMA's M side), BN = 64, 4 warps, unpaired tiles, bf16 activations; K steps
+that reach past K (gpt-oss K = 2880, split chunks) are masked. The activation and the
+programmatic launch come from _gemm1 and _pdl. Twins of Triton code kept on purpose: _block_info
+is written again here (Gluon's arange needs an explicit layout, which the Triton helper does not
+give), the kernels' argument lists match the Triton kernels' (one launch spec shape), and _k_loop
+spells the 3- and 4-stage loops out (every stage's buffers a static choice). GPU only: Gluon has
+no interpreter, so CPU CI runs the Triton kernels and compiles these for sm90 and sm80; the H100
+checks their results (tests/ops/kernels/test_triton_moe_cuda.py, benchmarks/gpu_check.py).
+Never run on Ampere.
 
 Shape legend (one program): BN weight rows (G = BN/16 groups of 16, one per warp), BM sorted
 rows (tokens), BK codes per step = NB 64-code blocks (2 NB 32-code chunks).
@@ -83,7 +86,8 @@ def _program(es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, M, N: gl.constexpr,
              DIRECT: gl.constexpr, HAS_MAP: gl.constexpr):
     """program_id(0) -> (whether it has rows, sorted rows [BM] and their mask, expert (int64),
     first weight row, the tile's words and scales): weight tiles of one row block side by side
-    (as the Triton kernels' _blocks._grid_position), N weight rows in BN-row tiles. DIRECT: row r is assignment r (_direct_info)."""
+    (as the Triton kernels' _blocks._grid_position), N weight rows in BN-row tiles. DIRECT: row r
+    is assignment r (_direct_info)."""
     N_TILES: gl.constexpr = (N + BN - 1) // BN
     pid = gl.program_id(0)
     if DIRECT:
@@ -280,11 +284,13 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
             acc = _step(acc, i + 3, n_steps, k_lo, w3, s3, x3, w2, s2, x2, w_base, s_base,
                         x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
         if n_steps % 4 > 0:
-            acc = _step(acc, n_steps - n_steps % 4, n_steps, k_lo, w0, s0, x0, w3, s3, x3, w_base, s_base, x_rows,
-                        xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
+            acc = _step(acc, n_steps - n_steps % 4, n_steps, k_lo, w0, s0, x0, w3, s3, x3,
+                        w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM,
+                        BK, MASK_K, 3)
         if n_steps % 4 > 1:
-            acc = _step(acc, n_steps - n_steps % 4 + 1, n_steps, k_lo, w1, s1, x1, w0, s0, x0, w_base, s_base,
-                        x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
+            acc = _step(acc, n_steps - n_steps % 4 + 1, n_steps, k_lo, w1, s1, x1, w0, s0, x0,
+                        w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM,
+                        BK, MASK_K, 3)
         if n_steps % 4 > 2:
             acc = _step(acc, n_steps - 1, n_steps, k_lo, w2, s2, x2, w1, s1, x1, w_base, s_base,
                         x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)

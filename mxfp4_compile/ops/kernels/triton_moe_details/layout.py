@@ -4,7 +4,8 @@ word to 4 bf16 pairs. Pure Python (no triton): triton_moe.prepare packs with it,
 A bf16 whose bits 8..6 (the exponent's two low bits and the mantissa's top bit) hold a code's
 (e1, e0, m) and whose bit 15 holds its sign equals the code's value * 2**-126 (e == 0 gives the
 subnormal 0.5 * 2**-126); one bf16x2 multiply by a power of two built from the block's biased
-scale byte (the 2**126 and the accumulator's shift are folded into it: STORED_SCALE_OFFSET) finishes it.
+scale byte (the 2**126 and the accumulator's shift are folded into it: STORED_SCALE_OFFSET)
+finishes it.
 Element t = 2j + lane of a word goes to half `lane` of bf16x2 register j, built as
 
     reg_j = (rotl(word, MAG_ROT) & 0x01C001C0) | (rotl(word, SIGN_ROT) & 0x80008000)
@@ -24,8 +25,9 @@ ROTATIONS = ((0, 4), (3, 3), (6, 6), (9, 5))  # per bf16x2 register j: (MAG_ROT,
 
 # The scale multiplier is 2**(s - 1 - ACC_SHIFT) for e8m0 byte s (the decoded pair is
 # value * 2**-126; the accumulator is multiplied by 2**ACC_SHIFT at the end), so its bf16
-# exponent field is s + STORED_SCALE_OFFSET: `prepare` stores that offset byte. The field must stay a
-# finite exponent (<= 254): scales up to MAX_SCALE are exact, 255 (NaN) is kept as an infinity.
+# exponent field is s + STORED_SCALE_OFFSET: `prepare` stores that offset byte. The field must
+# stay a finite exponent (<= 254): scales up to MAX_SCALE are exact, 255 (NaN) is kept as an
+# infinity.
 ACC_SHIFT = 64
 STORED_SCALE_OFFSET = E8M0_BIAS - 1 - ACC_SHIFT
 MAX_SCALE = 254 - STORED_SCALE_OFFSET
