@@ -5,6 +5,7 @@ Shape legend: T tokens, E experts, k experts per token, H hidden, I intermediate
 from __future__ import annotations
 
 import importlib
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -12,6 +13,7 @@ import torch.nn.functional as F
 
 import mxfp4_compile  # noqa: F401  (registers the ops and the "mxfp4" backend)
 from mxfp4_compile import numerics
+from recording_backend import RecordingBackend, mxfp4
 
 E, K, H, I = 4, 2, 64, 32
 
@@ -233,6 +235,23 @@ def moe_calls(code: str) -> int:
     return code.count("torch.ops.mxfp4.moe.default(")
 
 
+class Compiled(NamedTuple):
+    out: torch.Tensor        # the compiled model's output (logits for transformers models)
+    code: str                # Inductor's generated code
+    rec: RecordingBackend    # each compiled graph before and after the MoE pass
+
+
+def compile_record(model, *inputs, **compile_kwargs) -> Compiled:
+    """A fresh torch.compile with the mxfp4 backend (recorded) run once under no_grad."""
+    from torch._inductor.utils import run_and_get_code
+    rec = RecordingBackend()
+    torch._dynamo.reset()
+    with torch.no_grad():
+        cm = torch.compile(model, backend=rec, **compile_kwargs)
+        out, code = run_and_get_code(lambda: cm(*inputs))
+    return Compiled(logits(out), "\n".join(code), rec)
+
+
 def compile_run(model, *inputs, **compile_kwargs):
     """-> (output, generated code) of a fresh torch.compile(backend="mxfp4") under no_grad."""
     from torch._inductor.utils import run_and_get_code
@@ -256,75 +275,29 @@ def snapshot_torch_ok() -> bool:
     return torch.__version__.split("+")[0] == SNAPSHOT_TORCH
 
 
-def graph_text(graph) -> str:
-    """Compact, stable listing of an FX graph: one node per line, names and constants only."""
-    import torch.fx as fx
-
-    def fmt(a):
-        if isinstance(a, fx.Node):
-            return a.name
-        if isinstance(a, (list, tuple)):
-            return "[" + ", ".join(fmt(x) for x in a) + "]"
-        if isinstance(a, torch.dtype):
-            return str(a).replace("torch.", "")
-        if isinstance(a, torch.device):
-            return a.type
-        if isinstance(a, float):
-            return f"{a:.6g}"
-        return repr(a) if isinstance(a, str) else str(a)
-
-    lines = []
-    for n in graph.nodes:
-        if n.op == "placeholder":
-            lines.append(f"{n.name} = input")
-        elif n.op == "output":
-            lines.append(f"return {fmt(n.args[0])}")
-        elif n.op == "get_attr":  # e.g. transformers GptOss's lifted constant tensor
-            lines.append(f"{n.name} = get_attr({n.target})")
-        else:
-            t = getattr(n.target, "__name__", str(n.target)) if n.target.__module__ == "_operator" \
-                else str(n.target)
-            args = [fmt(a) for a in n.args] + [f"{k}={fmt(v)}" for k, v in n.kwargs.items()
-                                               if k not in ("layout", "pin_memory")]
-            lines.append(f"{n.name} = {t}({', '.join(args)})")
-    return "\n".join(lines)
-
-
 def record_pass_graphs(model, *inputs, **compile_kwargs):
     """Compile and return [(graph before the MoE pass, after)] as text, one pair per graph."""
-    from mxfp4_compile.passes import manager
-    seen = []
-    orig = manager.MoERewritePass.__call__
-
-    def wrapped(self, graph):
-        before = graph_text(graph)
-        orig(self, graph)
-        seen.append((before, graph_text(graph)))
-    manager.MoERewritePass.__call__ = wrapped
-    try:
-        torch._dynamo.reset()
-        with torch.no_grad(), torch._inductor.config.patch(fx_graph_cache=False):
-            torch.compile(model, backend="mxfp4", **compile_kwargs)(*inputs)
-    finally:
-        manager.MoERewritePass.__call__ = orig
-    return seen
+    return compile_record(model, *inputs, **compile_kwargs).rec.texts()
 
 
 def check_rewrite_numerics(model, inputs, k_dims, n_moe, tight=2e-2, **compile_kwargs):
     """Compiled model: ``n_moe`` op calls, no weight transform in the output code, output equal to
-    eager-with-the-same-quantized-weights (tight) and within MXFP4's own error of the bf16 model."""
+    eager-with-the-same-quantized-weights (tight) and within MXFP4's own error of the bf16 model.
+    -> the Compiled (output, code, and the graphs before and after the MoE pass)."""
     import copy
     with torch.no_grad():
         ref = logits(model(*inputs))
         qmodel = quantize_experts_(copy.deepcopy(model), k_dims)
         ref_q = logits(qmodel(*inputs))
-    out, code = compile_run(model, *inputs, **compile_kwargs)
+    c = compile_record(model, *inputs, **compile_kwargs)
+    out, code, rec = c
     assert moe_calls(code) == n_moe, f"{moe_calls(code)} torch.ops.mxfp4.moe calls, want {n_moe}"
+    assert rec.count(mxfp4.moe) == n_moe, rec.texts()
     assert "prepare_moe_weights" not in code, "the weight transform runs at every call"
     err_q = rel_err(ref_q, ref)  # MXFP4's own error on these weights
     assert rel_err(out, ref_q) < tight, (rel_err(out, ref_q), err_q)
     assert rel_err(out, ref) < 1.25 * err_q + tight, (rel_err(out, ref), err_q)
-    return out, code
+    return c
 
 
 # ---- sort-by-expert + grouped GEMM ----------------------------------------------------------------

@@ -9,7 +9,7 @@ import torch
 import moe_zoo as z
 from mxfp4_compile import backend
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+pytestmark = pytest.mark.gpu  # skipped without CUDA (tests/conftest.py)
 BF16 = torch.bfloat16
 
 

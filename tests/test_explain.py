@@ -58,6 +58,7 @@ def test_weight_not_frozen():
     assert "not a frozen parameter" in r.regions[0].reason
 
 
+@pytest.mark.slow
 def test_transformers_eager_experts_loop():
     pytest.importorskip("transformers")
     m = z.hf_model("mixtral", "eager", layers=1)

@@ -322,7 +322,7 @@ def _worker(rank, world, init_file, out_dir):
                 report[name] = traceback.format_exc()
             times[name] = round(time.perf_counter() - t0, 1)
             dist.barrier()
-        report["_backend"] = dist.get_kernel()
+        report["_backend"] = dist.get_backend()
         report["_seconds"] = times
     finally:
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
@@ -343,6 +343,8 @@ def reports(tmp_path_factory):
     return get
 
 
+@pytest.mark.slow        # one spawn of 2 and one of 4 processes runs every scenario (tens of s)
+@pytest.mark.subprocess
 @pytest.mark.parametrize("scenario", list(SCENARIOS))
 @pytest.mark.parametrize("world", WORLDS)
 def test_sharded(reports, world, scenario):

@@ -6,6 +6,7 @@ import torch
 import moe_zoo as z
 
 model_mod = pytest.importorskip("gpt_oss.torch.model")
+pytestmark = pytest.mark.slow  # compiles whole reference models
 
 K_DIMS = {"mlp1_weight": -1, "mlp2_weight": -1}
 

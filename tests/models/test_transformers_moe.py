@@ -6,6 +6,7 @@ import pytest
 import moe_zoo as z
 
 pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # a tiny transformers model per test: 5-20 s of compiling each
 
 # K dim of each expert weight by parameter name, per family (gpt-oss stores [E, K, N])
 K_DIMS = {"gpt_oss": {"gate_up_proj": 1, "down_proj": 1}}

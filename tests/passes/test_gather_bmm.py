@@ -6,31 +6,45 @@ import torch
 from expecttest import TestCase
 
 import moe_zoo as z
+from recording_backend import aten, mxfp4
 
 BF16 = torch.bfloat16
+slow = pytest.mark.slow  # the rest of a matrix: the fast set keeps one case per feature
+# after the pass: no weight gather (aten.index) and no bmm left, one op call, the router fused
+REWRITTEN = {aten.bmm: 0, aten.index: 0, aten.topk: 0, mxfp4.moe: 1, mxfp4.topk_softmax: 1}
 
 
 def x(T=5, dtype=BF16):
     return torch.randn(T, z.H, generator=torch.Generator().manual_seed(T)).to(dtype)
 
 
-@pytest.mark.parametrize("activation", ["swiglu_oai", "silu_glu"])
-@pytest.mark.parametrize("bias", [True, False])
-@pytest.mark.parametrize("transposed", [False, True])
+FAST_GATHER = [("swiglu_oai", True, False), ("silu_glu", False, True)]  # gpt-oss; [E, K, N] no bias
+
+
+@pytest.mark.parametrize("activation,bias,transposed", [
+    *FAST_GATHER,
+    *[pytest.param(a, b, t, marks=slow) for a in ("swiglu_oai", "silu_glu") for b in (True, False)
+      for t in (False, True) if (a, b, t) not in FAST_GATHER]])
 def test_gather_forms(activation, bias, transposed):
     torch.manual_seed(0)
     m = z.GatherMoE(activation, bias=bias, transposed=transposed).to(BF16)
     kd = 1 if transposed else -1
-    z.check_rewrite_numerics(m, (x(),), {"w13": kd, "w2": kd}, n_moe=1)
+    c = z.check_rewrite_numerics(m, (x(),), {"w13": kd, "w2": kd}, n_moe=1)
+    # two expert einsums and the combine einsum are bmm's; w13, w2 (and the biases) gathered per token
+    c.rec.assert_counts(before={aten.bmm: 3, aten.index: 4 if bias else 2, aten.topk: 1},
+                        after=REWRITTEN)
 
 
+@pytest.mark.slow
 def test_gather_fp32():
     torch.manual_seed(0)
     m = z.GatherMoE("swiglu_oai")
-    z.check_rewrite_numerics(m, (x(dtype=torch.float32),), {"w13": -1, "w2": -1}, n_moe=1,
-                             tight=1e-3)
+    c = z.check_rewrite_numerics(m, (x(dtype=torch.float32),), {"w13": -1, "w2": -1}, n_moe=1,
+                                 tight=1e-3)
+    c.rec.assert_counts(before={aten.bmm: 3}, after=REWRITTEN)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("limit", [3.0, float("inf")])
 def test_swiglu_limit_read_from_graph(limit):
     """alpha/limit are the graph's constants, not the defaults (inf: a swiglu without clamps)."""
@@ -38,13 +52,17 @@ def test_swiglu_limit_read_from_graph(limit):
     m = z.GatherMoE("swiglu_oai", limit=limit).to(BF16)
     with torch.no_grad():
         m.w13.mul_(20)  # make the clamp matter
-    z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+    z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1).rec.assert_counts(
+        after=REWRITTEN)
 
 
 def test_gpt_fast_separate_gate_up():
     torch.manual_seed(0)
     m = z.GptFastMoE().to(BF16)
-    z.check_rewrite_numerics(m, (x(),), {"w1": -1, "w2": -1, "w3": -1}, n_moe=1)
+    c = z.check_rewrite_numerics(m, (x(),), {"w1": -1, "w2": -1, "w3": -1}, n_moe=1)
+    # w1, w3, w2 gathered and multiplied separately; after: w1|w3 concatenated into one w13
+    c.rec.assert_counts(before={aten.bmm: 4, aten.index: 3, aten.cat: 0},
+                        after={**REWRITTEN, aten.cat: 1})
 
 
 def test_unsupported_activation_left_alone_and_correct():
@@ -52,8 +70,10 @@ def test_unsupported_activation_left_alone_and_correct():
     m = z.GatherMoE("gelu").to(BF16)
     with torch.no_grad():
         ref = m(x())
-    out, code = z.compile_run(m, x())
+    out, code, rec = z.compile_record(m, x())
     assert z.moe_calls(code) == 0
+    rec.assert_counts(before={aten.bmm: 3, aten.index: 4},
+                      after={aten.bmm: 3, aten.index: 4, mxfp4.moe: 0, mxfp4.topk_softmax: 0})
     assert z.rel_err(out, ref) < 1e-2
 
 
@@ -149,16 +169,20 @@ moe_default = mxfp4.moe.default(arg5_1, router_ids, convert_element_type_3, prep
 return [moe_default]""")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 4])
 def test_top1_and_all_experts(k):
     """k=1 (Switch/Llama-4 style) makes the slot dim size 1; k=E routes every token everywhere."""
     torch.manual_seed(0)
     m = z.GatherMoE("silu_glu", k=k).to(BF16)
-    z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+    c = z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+    # k=1: the combine over one slot is a multiply, not a bmm
+    c.rec.assert_counts(before={aten.bmm: 2 if k == 1 else 3}, after=REWRITTEN)
 
 
 def test_sizes_not_multiple_of_32_are_zero_padded():
     torch.manual_seed(0)
     m = z.GatherMoE("swiglu_oai", hidden=48, inter=40).to(BF16)
     xx = torch.randn(5, 48, generator=torch.Generator().manual_seed(0)).to(BF16)
-    z.check_rewrite_numerics(m, (xx,), {"w13": -1, "w2": -1}, n_moe=1)
+    c = z.check_rewrite_numerics(m, (xx,), {"w13": -1, "w2": -1}, n_moe=1)
+    c.rec.assert_counts(before={aten.bmm: 3}, after=REWRITTEN)

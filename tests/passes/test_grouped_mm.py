@@ -1,4 +1,5 @@
 """Sort-by-expert + grouped GEMM with offsets (transformers grouped_mm, aten._grouped_mm)."""
+import operator
 import unittest
 
 import pytest
@@ -8,11 +9,14 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import moe_zoo as z
 from mxfp4_compile.passes import grouped_mm
-from mxfp4_compile.passes.fx_utils import NoMatch, aten
+from mxfp4_compile.passes.fx_utils import NoMatch
 from mxfp4_compile.passes.region import Context
 from mxfp4_compile.passes.rewrite import rewrite
+from recording_backend import aten, mxfp4
 
 BF16 = torch.bfloat16
+# the sort, the counts and the grouped GEMMs all go; one op call
+GONE = {aten._grouped_mm: 0, aten.sort: 0, aten.histc: 0, mxfp4.moe: 1}
 
 
 def x(T=5, dtype=BF16):
@@ -21,14 +25,20 @@ def x(T=5, dtype=BF16):
 
 def test_grouped_aten_bf16():
     torch.manual_seed(0)
-    z.check_rewrite_numerics(z.GroupedMoE().to(BF16), (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+    c = z.check_rewrite_numerics(z.GroupedMoE().to(BF16), (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+    c.rec.assert_counts(before={aten._grouped_mm: 2, aten.sort: 1, aten.histc: 1, aten.topk: 1},
+                        after={**GONE, aten.index: 0, aten.topk: 0, mxfp4.topk_softmax: 1})
 
 
+@pytest.mark.slow
 def test_grouped_transformers_fallback_fp32():
     pytest.importorskip("transformers.integrations.moe")
     torch.manual_seed(0)
-    z.check_rewrite_numerics(z.GroupedMoE(fallback=True), (x(dtype=torch.float32),),
-                             {"w13": -1, "w2": -1}, n_moe=1, tight=1e-3)
+    c = z.check_rewrite_numerics(z.GroupedMoE(fallback=True), (x(dtype=torch.float32),),
+                                 {"w13": -1, "w2": -1}, n_moe=1, tight=1e-3)
+    fallback = torch.ops.transformers.grouped_mm_fallback
+    c.rec.assert_counts(before={fallback: 2, aten._grouped_mm: 0},
+                        after={fallback: 0, aten.sort: 0, mxfp4.moe: 1, mxfp4.topk_softmax: 1})
 
 
 def cuda_style_graph():
@@ -146,11 +156,37 @@ moe_default = mxfp4.moe.default(arg3_1, router_ids, convert_element_type_3, prep
 return [moe_default]""")
 
 
-@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("shared", [True, pytest.param(False, marks=pytest.mark.slow)])
 def test_torchtitan_style(shared):
+    """Three grouped GEMMs (w1, w3, w2) and a scatter_add onto the shared expert's output (or zeros)
+    become one op call on the top-k's own ids and scores (the sigmoid router stays torch ops: the
+    op's router is a softmax), with w1|w3 concatenated into one w13; the shared expert is added."""
     torch.manual_seed(0)
     m = z.TitanStyleMoE(shared=shared).to(BF16)
-    z.check_rewrite_numerics(m, (x(),), {"w1": -1, "w2": -1, "w3": -1}, n_moe=1)
+    c = z.check_rewrite_numerics(m, (x(),), {"w1": -1, "w2": -1, "w3": -1}, n_moe=1)
+    n_mm = 2 if shared else 1  # the router's gate (and the shared expert)
+    c.rec.assert_counts(
+        before={aten._grouped_mm: 3, aten.sort: 1, aten.histc: 1, aten.scatter_add: 1, aten.gather: 1,
+                aten.topk: 1, aten.mm: n_mm},
+        after={**GONE, aten.scatter_add: 0, aten.gather: 0, aten.topk: 1, mxfp4.topk_softmax: 0,
+               aten.cat: 1, aten.mm: n_mm})
+    (run,) = c.rec.runs
+    nodes = list(run.after.nodes)
+    (moe,) = [n for n in nodes if n.target is mxfp4.moe.default]
+    (topk,) = [n for n in nodes if n.target is aten.topk.default]
+    ids, weights = moe.args[1:3]
+    assert (ids.target, ids.args, weights.target, weights.args) == \
+        (operator.getitem, (topk, 1), operator.getitem, (topk, 0))  # unnormalized sigmoid scores
+    (cat,) = [n for n in nodes if n.target is aten.cat.default]
+    assert [a.op for a in cat.args[0]] == ["placeholder"] * 2 and cat.args[1] == 1  # [w1; w3] rows
+    preps = [n for n in nodes if n.target is mxfp4.prepare_moe_weights.default]
+    assert preps and all(p.args[0] is cat for p in preps)
+    (out,) = [n for n in nodes if n.op == "output"][0].args[0]
+    if shared:
+        assert out.target is aten.add.Tensor and moe in out.args, run.text()
+        assert {a.target for a in out.args if a is not moe} == {aten.mm.default}, run.text()
+    else:
+        assert out is moe, run.text()
 
 
 def test_torchtitan_score_before_experts_is_refused_and_correct():
@@ -158,97 +194,24 @@ def test_torchtitan_score_before_experts_is_refused_and_correct():
     m = z.TitanStyleMoE(score_before_experts=True).to(BF16)
     with torch.no_grad():
         ref = m(x())
-    out, code = z.compile_run(m, x())
+    out, code, rec = z.compile_record(m, x())
     assert z.moe_calls(code) == 0
+    rec.assert_counts(before={aten._grouped_mm: 3}, after={aten._grouped_mm: 3, mxfp4.moe: 0})
     assert z.rel_err(out, ref) < 1e-2
     from mxfp4_compile import backend
     reasons = [c.reason for c in backend.last_compile_info[-1]["candidates"]]
     assert any("score before experts" in r for r in reasons), reasons
 
 
-@unittest.skipUnless(z.snapshot_torch_ok(), f"snapshots recorded with torch {z.SNAPSHOT_TORCH}")
-class TestTitanSnapshot(TestCase):
-    def test_torchtitan_style_before_after(self):
-        torch.manual_seed(0)
-        (before, after), = z.record_pass_graphs(z.TitanStyleMoE().to(BF16), x())
-        self.assertExpectedInline(before, """\
-arg0_1 = input
-arg1_1 = input
-arg2_1 = input
-arg3_1 = input
-arg4_1 = input
-arg5_1 = input
-permute = aten.permute.default(arg0_1, [1, 0])
-mm = aten.mm.default(arg5_1, permute)
-convert_element_type_2 = prims.convert_element_type.default(mm, float32)
-sigmoid = aten.sigmoid.default(convert_element_type_2)
-topk = aten.topk.default(sigmoid, 2, 1)
-getitem = getitem(topk, 0)
-getitem_1 = getitem(topk, 1)
-view = aten.view.default(getitem_1, [-1])
-convert_element_type_3 = prims.convert_element_type.default(view, float32)
-histc = aten.histc.default(convert_element_type_3, 4, 0, 4)
-view_1 = aten.view.default(getitem_1, [-1])
-sort = aten.sort.stable(view_1, stable=True)
-getitem_3 = getitem(sort, 1)
-view_2 = aten.view.default(getitem, [-1])
-index = aten.index.Tensor(view_2, [getitem_3])
-div = aten.div.Tensor_mode(getitem_3, 2, rounding_mode='floor')
-view_3 = aten.view.default(div, [-1, 1])
-expand = aten.expand.default(view_3, [-1, 64])
-gather = aten.gather.default(arg5_1, 0, expand)
-cumsum = aten.cumsum.default(histc, 0, dtype=int32)
-permute_1 = aten.permute.default(arg1_1, [0, 2, 1])
-_grouped_mm = aten._grouped_mm.default(gather, permute_1, cumsum)
-convert_element_type_4 = prims.convert_element_type.default(_grouped_mm, float32)
-neg = aten.neg.default(convert_element_type_4)
-exp = aten.exp.default(neg)
-add = aten.add.Tensor(exp, 1)
-div_1 = aten.div.Tensor(convert_element_type_4, add)
-convert_element_type_5 = prims.convert_element_type.default(div_1, bfloat16)
-permute_2 = aten.permute.default(arg2_1, [0, 2, 1])
-_grouped_mm_1 = aten._grouped_mm.default(gather, permute_2, cumsum)
-mul = aten.mul.Tensor(convert_element_type_5, _grouped_mm_1)
-permute_3 = aten.permute.default(arg3_1, [0, 2, 1])
-_grouped_mm_2 = aten._grouped_mm.default(mul, permute_3, cumsum)
-permute_4 = aten.permute.default(arg4_1, [1, 0])
-mm_1 = aten.mm.default(arg5_1, permute_4)
-convert_element_type_8 = prims.convert_element_type.default(_grouped_mm_2, float32)
-view_4 = aten.view.default(index, [-1, 1])
-mul_1 = aten.mul.Tensor(convert_element_type_8, view_4)
-convert_element_type_9 = prims.convert_element_type.default(mul_1, bfloat16)
-scatter_add = aten.scatter_add.default(mm_1, 0, expand, convert_element_type_9)
-return [scatter_add]""")
-        self.assertExpectedInline(after, """\
-arg0_1 = input
-arg1_1 = input
-arg2_1 = input
-arg3_1 = input
-arg4_1 = input
-arg5_1 = input
-permute = aten.permute.default(arg0_1, [1, 0])
-mm = aten.mm.default(arg5_1, permute)
-convert_element_type_2 = prims.convert_element_type.default(mm, float32)
-sigmoid = aten.sigmoid.default(convert_element_type_2)
-topk = aten.topk.default(sigmoid, 2, 1)
-getitem = getitem(topk, 0)
-getitem_1 = getitem(topk, 1)
-permute_4 = aten.permute.default(arg4_1, [1, 0])
-mm_1 = aten.mm.default(arg5_1, permute_4)
-cat_default = aten.cat.default([arg1_1, arg2_1], 1)
-prepare_moe_weights_default = mxfp4.prepare_moe_weights.default(cat_default, None, arg3_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=0)
-prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default(cat_default, None, arg3_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=1)
-prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default(cat_default, None, arg3_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=3)
-prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default(cat_default, None, arg3_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=4)
-moe_default = mxfp4.moe.default(arg5_1, getitem_1, getitem, prepare_moe_weights_default, prepare_moe_weights_default_1, None, prepare_moe_weights_default_2, prepare_moe_weights_default_3, None, 'reference', activation='silu_glu', alpha=1.702, limit=7)
-add_tensor = aten.add.Tensor(mm_1, moe_default)
-return [add_tensor]""")
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("cls", ["GroupedMoE", "TitanStyleMoE"])
 def test_top1_single_token(cls, monkeypatch):
     """T=1 and k=1: every row dim has size 1 (sorted rows R included)."""
     monkeypatch.setattr(z, "K", 1)
     torch.manual_seed(0)
     m = getattr(z, cls)().to(BF16)
-    z.check_rewrite_numerics(m, (x(1),), {"w13": -1, "w2": -1, "w1": -1, "w3": -1}, n_moe=1)
+    c = z.check_rewrite_numerics(m, (x(1),), {"w13": -1, "w2": -1, "w1": -1, "w3": -1}, n_moe=1)
+    # the grouped GEMMs and the counts go; at R = T*k = 1 the pass leaves the (size-1, identity)
+    # sort and its inverse permutation in place, so no count of aten.sort here
+    c.rec.assert_counts(before={aten._grouped_mm: 2 if cls == "GroupedMoE" else 3, aten.sort: 1},
+                        after={aten._grouped_mm: 0, aten.histc: 0, mxfp4.moe: 1})

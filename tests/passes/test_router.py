@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import mxfp4_compile
 import moe_zoo as z
+from recording_backend import aten, mxfp4
 
 BF16 = torch.bfloat16
 
@@ -42,14 +43,20 @@ def _model(router):
     return z.GatherMoE(router=router).to(BF16)
 
 
-@pytest.mark.parametrize("router,flags", [(gpt_oss, "False, True"), (None, "True, True"),
-                                          (qwen3_unnormalized, "True, False")])
+@pytest.mark.parametrize("router,flags", [
+    (gpt_oss, "False, True"),
+    pytest.param(None, "True, True", marks=pytest.mark.slow),
+    pytest.param(qwen3_unnormalized, "True, False", marks=pytest.mark.slow)])
 def test_routers_fused(router, flags):
     m = _model(router)
-    z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
-    _, code = z.compile_run(m, x())
+    c = z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+    c.rec.assert_counts(before={aten.topk: 1, mxfp4.topk_softmax: 0},
+                        after={aten.topk: 0, mxfp4.topk_softmax: 1, mxfp4.moe: 1})
+    (tks,) = [n for n in c.rec.runs[0].after.nodes if n.target is mxfp4.topk_softmax.default]
+    assert ", ".join(map(str, tks.args[1:])) == f"2, {flags}"  # k, softmax_first, renormalize
+    code = c.code
     assert f"mxfp4.topk_softmax.default(" in code and "aten.topk" not in code
-    assert f", 2, {flags})" in code  # k, softmax_first, renormalize
+    assert f", 2, {flags})" in code
     r = mxfp4_compile.explain(m, x())
     assert r.regions[0].details["router"] == (
         f"topk_softmax(k=2, softmax_first={flags.split(', ')[0]}, "
@@ -57,23 +64,27 @@ def test_routers_fused(router, flags):
     assert "router: topk_softmax" in str(r)
 
 
-@pytest.mark.parametrize("router,reason", [(rounded_between, "rounds to torch.bfloat16"),
-                                           (smallest, "k largest")])
+@pytest.mark.parametrize("router,reason", [
+    (rounded_between, "rounds to torch.bfloat16"),
+    pytest.param(smallest, "k largest", marks=pytest.mark.slow)])
 def test_routers_left_alone_say_why(router, reason):
     m = _model(router)
-    z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
-    _, code = z.compile_run(m, x())
-    assert "topk_softmax" not in code
+    c = z.check_rewrite_numerics(m, (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+    c.rec.assert_counts(before={aten.topk: 1}, after={aten.topk: 1, mxfp4.topk_softmax: 0, mxfp4.moe: 1})
+    assert "topk_softmax" not in c.code
     d = mxfp4_compile.explain(m, x()).regions[0].details
     assert d["router"].startswith("left as torch ops") and reason in d["router"], d
 
 
+@pytest.mark.slow
 def test_option_off_keeps_the_torch_router():
     m = _model(gpt_oss)
-    _, code = z.compile_run(m, x(), options={"fuse_router": False})
+    _, code, rec = z.compile_record(m, x(), options={"fuse_router": False})
     assert z.moe_calls(code) == 1 and "topk_softmax" not in code
+    rec.assert_counts(after={aten.topk: 1, mxfp4.topk_softmax: 0, mxfp4.moe: 1})
 
 
+@pytest.mark.slow
 def test_symbolic_tokens():
     # the second token count recompiles with T symbolic, and the router is fused there too; a
     # third count reuses that graph
@@ -98,6 +109,7 @@ def test_symbolic_tokens():
     assert "topk_softmax" in code and "aten.topk" not in code
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,flags", [("gpt_oss", (False, True)), ("mixtral", (True, True)),
                                           ("qwen3_moe", (True, False))])
 def test_transformers_routers_fused(family, flags):

@@ -15,10 +15,14 @@ from expecttest import TestCase
 
 import moe_zoo as z
 from mxfp4_compile import explain
+from recording_backend import aten, mxfp4
 
 BF16 = torch.bfloat16
 E, K, H, I = z.E, z.K, z.H, z.I
 KD = {"w13": -1, "w2": -1}
+# after the pass: no GEMM of either form, no gather, sort or count; one op call, router fused
+REWRITTEN = {aten.bmm: 0, aten._grouped_mm: 0, aten.index: 0, aten.sort: 0, aten.histc: 0,
+             aten.topk: 0, mxfp4.moe: 1, mxfp4.topk_softmax: 1}
 
 
 def _swiglu(h):  # transformers GptOss-style gate: interleaved rows, alpha 1.702, limit 7
@@ -86,13 +90,23 @@ def _x(T=7):
     return torch.randn(T, H, generator=torch.Generator().manual_seed(3)).to(BF16)
 
 
-@pytest.mark.parametrize("T", [1, 7])
+@pytest.mark.parametrize("T", [pytest.param(1, marks=pytest.mark.slow), 7])
 @pytest.mark.parametrize("cls", [Batched517, Grouped517])
 def test_transformers_517_sentinel_guards_rewritten(cls, T):
     torch.manual_seed(0)
-    z.check_rewrite_numerics(cls().to(BF16).eval(), (_x(T),), KD, n_moe=1, tight=3e-2)
+    c = z.check_rewrite_numerics(cls().to(BF16).eval(), (_x(T),), KD, n_moe=1, tight=3e-2)
+    gemm = aten.bmm if cls is Batched517 else aten._grouped_mm
+    c.rec.assert_counts(before={gemm: 2}, after=REWRITTEN)
+    # the op runs on the fused router's ids and (renormalized) weights
+    (run,) = c.rec.runs
+    (tks,) = [n for n in run.after.nodes if n.target is mxfp4.topk_softmax.default]
+    (moe,) = [n for n in run.after.nodes if n.target is mxfp4.moe.default]
+    assert tks.args[1:] == (2, True, True), run.text()  # k, softmax_first, renormalize
+    assert moe.args[1].args == (tks, 1), run.text()
+    assert moe.args[2].args[0].args == (tks, 0), run.text()  # the weights, cast to bf16
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("m,why", [
     (lambda: Batched517(clamp_hi=E - 2), "not [T, k]"),    # clamps a valid id: not the identity
     (lambda: Batched517(clamp_lo=1), "not [T, k]"),
@@ -104,8 +118,10 @@ def test_clamp_or_mask_of_valid_ids_not_rewritten(m, why):
     with torch.no_grad():
         ref = model(_x())
         rep = explain(model, _x())
-        out, code = z.compile_run(model, _x())
+        out, code, rec = z.compile_record(model, _x())
     assert z.moe_calls(code) == 0
+    gemm = aten.bmm if isinstance(model, Batched517) else aten._grouped_mm
+    rec.assert_counts(before={gemm: 2}, after={gemm: 2, mxfp4.moe: 0})
     assert why in str(rep), str(rep)
     assert z.rel_err(out, ref) < 1e-2
 
@@ -113,17 +129,20 @@ def test_clamp_or_mask_of_valid_ids_not_rewritten(m, why):
 # ---- one-token decode (T=1) for the hand-written forms ------------------------------------------
 @pytest.mark.parametrize("make,kd", [
     (lambda: z.GatherMoE(), KD),
-    (lambda: z.GatherMoE("silu_glu", bias=False, transposed=True), {"w13": 1, "w2": 1}),
-    (lambda: z.GptFastMoE(), {"w1": -1, "w2": -1, "w3": -1}),
-    (lambda: z.DenseMoE(), KD),
-    (lambda: z.GroupedMoE(), KD),
-    (lambda: z.TitanStyleMoE(), {"w1": -1, "w2": -1, "w3": -1}),
+    pytest.param(lambda: z.GatherMoE("silu_glu", bias=False, transposed=True), {"w13": 1, "w2": 1},
+                 marks=pytest.mark.slow),
+    pytest.param(lambda: z.GptFastMoE(), {"w1": -1, "w2": -1, "w3": -1}, marks=pytest.mark.slow),
+    pytest.param(lambda: z.DenseMoE(), KD, marks=pytest.mark.slow),
+    pytest.param(lambda: z.GroupedMoE(), KD, marks=pytest.mark.slow),
+    pytest.param(lambda: z.TitanStyleMoE(), {"w1": -1, "w2": -1, "w3": -1}, marks=pytest.mark.slow),
 ])
 def test_hand_written_forms_one_token(make, kd):
     torch.manual_seed(0)
-    z.check_rewrite_numerics(make().to(BF16).eval(), (_x(1),), kd, n_moe=1, tight=3e-2)
+    c = z.check_rewrite_numerics(make().to(BF16).eval(), (_x(1),), kd, n_moe=1, tight=3e-2)
+    c.rec.assert_counts(after={aten.bmm: 0, aten._grouped_mm: 0, mxfp4.moe: 1})
 
 
+@pytest.mark.slow
 def test_dynamic_true_float_input_explained_and_correct():
     """torch.compile(dynamic=True) turns swiglu's Python floats into graph inputs: the op needs them
     as constants, so the region stays bf16, and explain says why and what to do."""
@@ -133,40 +152,20 @@ def test_dynamic_true_float_input_explained_and_correct():
         ref = model(_x(5))
         rep = explain(model, _x(5), dynamic=True)
     assert "runtime scalar input" in str(rep) and "specialize_float" in str(rep), str(rep)
-    out, code = z.compile_run(model, _x(5), dynamic=True)
+    out, code, rec = z.compile_record(model, _x(5), dynamic=True)
     assert z.moe_calls(code) == 0 and z.rel_err(out, ref) < 1e-2
+    rec.assert_counts(before={aten.bmm: 3}, after={aten.bmm: 3, mxfp4.moe: 0})
 
 
-@unittest.skipUnless(z.snapshot_torch_ok(), f"snapshots recorded with torch {z.SNAPSHOT_TORCH}")
-class TestSentinelSnapshots(TestCase):
-    def test_517_after(self):
+@unittest.skipUnless(z.snapshot_torch_ok(), f"graph text recorded with torch {z.SNAPSHOT_TORCH}")
+@pytest.mark.slow
+class TestSentinelGraphs(TestCase):
+    def test_517_forms_rewrite_to_the_same_graph(self):
         """Both 5.17 forms (batched_mm and grouped_mm, sentinel guards included) rewrite to the
-        same graph: one op call on the routed ids and renormalized weights."""
+        same graph: one op call on the routed ids and renormalized weights (the gather form's
+        graph after the pass, see test_gather_bmm.py's snapshot)."""
         torch.manual_seed(0)
         (_, after), = z.record_pass_graphs(Batched517().to(BF16).eval(), _x())
         torch.manual_seed(0)
         (_, grouped_after), = z.record_pass_graphs(Grouped517().to(BF16).eval(), _x())
         self.assertEqual(grouped_after, after)
-        self.assertExpectedInline(after, """\
-arg0_1 = input
-arg1_1 = input
-arg2_1 = input
-arg3_1 = input
-arg4_1 = input
-arg5_1 = input
-permute = aten.permute.default(arg0_1, [1, 0])
-mm = aten.mm.default(arg5_1, permute)
-convert_element_type_2 = prims.convert_element_type.default(mm, float32)
-router = mxfp4.topk_softmax.default(convert_element_type_2, 2, True, True)
-router_ids = getitem(router, 1)
-router_weights = getitem(router, 0)
-convert_element_type_3 = prims.convert_element_type.default(router_weights, bfloat16)
-prepare_moe_weights_default = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=0)
-prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=1)
-prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=2)
-prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=3)
-prepare_moe_weights_default_4 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=4)
-prepare_moe_weights_default_5 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=5)
-moe_default = mxfp4.moe.default(arg5_1, router_ids, convert_element_type_3, prepare_moe_weights_default, prepare_moe_weights_default_1, prepare_moe_weights_default_2, prepare_moe_weights_default_3, prepare_moe_weights_default_4, prepare_moe_weights_default_5, 'reference', activation='swiglu_oai', alpha=1.702, limit=7)
-return [moe_default]""")
-
