@@ -35,6 +35,7 @@ def op_out(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_op_checks_then_times(op_out, capsys):
     rows = _rows(op_out / "op.csv")
     assert set(rows[0]) == set(bench_op.CSV_FIELDS)
@@ -53,6 +54,7 @@ def test_op_checks_then_times(op_out, capsys):
     assert (op_out / "op.json").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_op_says_what_the_numbers_are(op_out):
     rows = _rows(op_out / "op.csv")
     for r in rows:  # the CPU figure is a nominal memcpy, marked as such in every row
@@ -124,6 +126,7 @@ def test_op_flags_a_time_faster_than_its_floor(tmp_path, monkeypatch):
     assert "  !! faster than floor: re-check (byte floor " in (tmp_path / "op.txt").read_text()
 
 
+@pytest.mark.slow
 def test_plot_png(op_out):
     assert bench.main(["plot", "--out", str(op_out)]) == 0
     png = op_out / "roofline.png"
@@ -131,6 +134,7 @@ def test_plot_png(op_out):
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
 
 
+@pytest.mark.slow
 def test_plot_reads_a_csv_without_the_floor_columns(op_out, tmp_path):
     rows = _rows(op_out / "op.csv")
     old = [f for f in rows[0] if f not in ("floor_GBps", "floor_bw_source", "bw_candidates", "floor_check")]
@@ -142,6 +146,7 @@ def test_plot_reads_a_csv_without_the_floor_columns(op_out, tmp_path):
     assert (tmp_path / "old.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_e2e_tiny(tmp_path, capsys):
     pytest.importorskip("transformers")
     assert bench.main(["e2e", "--out", str(tmp_path), "--batches", "2", "--prefill", "0",

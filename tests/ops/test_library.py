@@ -82,6 +82,7 @@ def moe_args(prepared, hidden, ids, w):
     (1, "swiglu_oai", False, True), (1, "silu_glu", True, False), (1, "swiglu_oai", True, False),
     (5, "swiglu_oai", True, True), (5, "silu_glu", False, True), (5, "swiglu_oai", False, False),
     (5, "silu_glu", True, False)])
+@pytest.mark.slow
 def test_opcheck_moe(T, activation, bias, combine):
     p = make_weights(E=4, H=64, I=96, bias=bias, activation=activation)
     ids, w = make_routing(T, 2, 4, seed=T, dtype=torch.int32 if bias else torch.int64)
@@ -118,6 +119,7 @@ def test_opcheck_moe_sliced_hidden():
 
 @pytest.mark.parametrize("activation,bias,transposed", [
     ("swiglu_oai", True, False), ("silu_glu", True, True), ("swiglu_oai", False, True)])
+@pytest.mark.slow
 def test_opcheck_prepare_moe_weights(activation, bias, transposed):
     g = _g(12)
     E, H, I = 3, 64, 96

@@ -85,11 +85,17 @@ def interpreted():
     return run_child(__file__)
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.subprocess
 @pytest.mark.parametrize("case", [f"T{T}_E{E}_k{k}_{d}_{m}" for T, E, k, d in CASES for m in MODES])
 def test_kernel_matches_the_oracle(interpreted, case):
     assert interpreted[case] == "ok", interpreted[case]
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.subprocess
 def test_kernel_ties_nan_and_minus_inf(interpreted):
     assert interpreted["special_ids"] == [[1, 2, 4], [1, 2, 3], [0, 1, 2]]
     assert interpreted["special_w0"] == pytest.approx([1 / 3] * 3, rel=1e-6)
@@ -121,6 +127,7 @@ def test_opcheck():
     torch.library.opcheck(torch.ops.mxfp4.topk_softmax.default, (x, 3, True, True))
 
 
+@pytest.mark.slow
 def test_compiles_with_symbolic_tokens():
     def f(logits):
         w, ids = routing.gpt_oss_routing(logits, 4, fused=True)

@@ -122,6 +122,7 @@ def _check_zero_padding(c, H, I, hp, ip, activation):
     assert (s13[:, ~pad_rows, : H // 32] != 0).all()  # real rows are not zero
 
 
+@pytest.mark.slow
 def test_padding_2880_every_kernel():
     """gpt-oss sizes: each kernel's multiples (dispatch.padded_sizes); zero padding; the output is
     [T, 2880] and equals the unpadded weights' output."""
@@ -155,6 +156,7 @@ def test_padding_2880_every_kernel():
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["swiglu_oai", "silu_glu"])
 def test_padding_small_both_activations(activation):
     E, H, I, T, k = 3, 96, 160, 6, 2

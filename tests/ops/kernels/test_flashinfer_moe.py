@@ -282,6 +282,7 @@ def _canonical(E, H, I, activation, seed=0):
             q2[0], q2[1], torch.randn(E, H, generator=g) * 0.1)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("activation", ["swiglu_oai", "silu_glu"])
 @pytest.mark.parametrize("combine", [True, False])
 @pytest.mark.parametrize("use_map", [False, True])
@@ -318,12 +319,14 @@ def test_call_arguments_mean_what_we_mean(fake_fi, activation, combine, use_map)
         assert call["gemm1_alpha"] is None and call["gemm1_beta"] is None
 
 
+@pytest.mark.slow
 def test_prepare_needs_cuda_weights(fake_fi):
     canon = _canonical(1, 256, 256, "swiglu_oai")
     with pytest.raises(fim.FlashInferUnavailable, match="CUDA"):
         fim.prepare(*canon, "swiglu_oai")
 
 
+@pytest.mark.slow
 def test_empty_batch(fake_fi):
     prepared = fim.prepare_unshuffled(*_canonical(2, 256, 256, "swiglu_oai"), "swiglu_oai")
     x = torch.zeros(0, 200, dtype=torch.bfloat16)

@@ -152,7 +152,8 @@ def test_padding_is_checked():
 
 @needs_tk
 @pytest.mark.parametrize("activation", ["swiglu_oai", "silu_glu"])
-@pytest.mark.parametrize("E,Hp,Ip,bias", [(3, 128, 192, True), (2, 2880, 2880, False),
+@pytest.mark.parametrize("E,Hp,Ip,bias", [(3, 128, 192, True),
+                                          pytest.param(2, 2880, 2880, False, marks=pytest.mark.slow),
                                           (1, 64, 64, True)])
 def test_prepare_shapes_and_inverse(E, Hp, Ip, bias, activation):
     if Hp == 2880 and activation == "silu_glu":
@@ -317,6 +318,8 @@ print("SM90-COMPILE " + json.dumps(out))
 """
 
 
+@pytest.mark.slow
+@pytest.mark.subprocess
 @needs_tk
 def test_matmul_ogs_compiles_for_sm90_on_cpu():
     """Our two matmul_ogs calls, traced through triton_kernels on CPU with a stand-in driver and
@@ -395,6 +398,9 @@ print("interpreter-ok")
 """
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.subprocess
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs triton")
 def test_routing_input_kernel_matches_torch_under_interpreter():
     import os

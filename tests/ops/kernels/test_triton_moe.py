@@ -143,6 +143,9 @@ def results():
     return run_child(__file__)
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.subprocess
 @pytest.mark.parametrize("name", list(CASES))
 def test_matches_reference_under_interpreter(results, name):
     r = results[name]
@@ -205,12 +208,18 @@ def test_cpu_without_interpreter_is_unavailable():
     assert reason is not None and "TRITON_INTERPRET=1" in reason
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.subprocess
 def test_merged_blocks_cover_each_expert_once(results):
     r = results["block_map"]
     assert "error" not in r, r.get("error")
     assert r["got"] == r["want"]
 
 
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.subprocess
 def test_chunked_routing_past_one_scan_step(results):
     # 8400 assignments over 128 experts: 66 chunks of 128, more than the scan's 64 per step
     r = results["route_many_chunks"]

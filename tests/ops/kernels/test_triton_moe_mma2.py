@@ -95,6 +95,7 @@ def test_the_decode_shapes_reach_mma2():
 @pytest.mark.parametrize("launch", _launches(),
                          ids=lambda v: f"gemm{v[0]}_split{v[2]}_mask{int(v[4])}_K{v[5 + v[0] % 2]}"
                                        f"{'_direct' if v[7] else ''}")
+@pytest.mark.slow
 def test_k_loop(ptxas_works, launch):
     gemm, cfg, split, chunk, mask, H, I, direct = launch
     sass = _compile(gemm, cfg, split, chunk, mask, H, I, direct)
@@ -116,6 +117,7 @@ def test_k_loop(ptxas_works, launch):
     assert len(loop) / steps < 0.85 * len(triton_loop), (len(loop) / steps, len(triton_loop))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("gemm", [1, 2])
 @pytest.mark.parametrize("direct", [False, True])
 def test_waits_for_the_previous_kernel_before_touching_memory(ptxas_works, gemm, direct):
@@ -130,6 +132,7 @@ def test_waits_for_the_previous_kernel_before_touching_memory(ptxas_works, gemm,
     assert ops.index("PREEXIT") > wait
 
 
+@pytest.mark.slow
 def test_compiles_for_sm80_without_griddepcontrol(ptxas_works):
     # Ampere runs the same kernels (mma.sync and cp.async are sm80 features), without PDL
     launch = next(v for v in _launches() if v[0] == 1 and v[4])
@@ -163,6 +166,7 @@ def test_plan_for_mma2():
 
 @pytest.mark.parametrize("stages,steps", [(3, 1), (3, 2), (3, 5), (3, 6), (3, 7), (4, 1),
                                           (4, 2), (4, 3), (4, 7), (4, 8)])
+@pytest.mark.slow
 def test_step_counts_it_runs_compile(ptxas_works, stages, steps):
     # K chunks of 3-4 steps at 3 stages and 4-6 at 4 crash Triton 3.6's compiler
     # (planner.mma2_broken); the others must compile, masked or not

@@ -132,6 +132,7 @@ def ptxas_works():
 @pytest.mark.parametrize("gemm,cfg,H,I", _configs(),
                          ids=lambda v: str(v) if not hasattr(v, "BM") else
                          f"{v.BM}x{v.BN}x{v.BK}w{v.num_warps}s{v.num_stages}")
+@pytest.mark.slow
 def test_dequantized_tile_stays_in_registers(ptxas_works, gemm, cfg, H, I):
     assert cfg.BN == 16 * cfg.num_warps  # the rule the table follows (policy docstring)
     sass = _compile(gemm, cfg, H, I)
@@ -206,6 +207,7 @@ def test_small_launches_cover_each_routing_form():
 
 @pytest.mark.parametrize("name", ["route", "route_scatter", "route_scatter_scanned", "route_scan",
                                   "act", "finalize", "gemm1", "gemm2", "gemm2_no_tail"])
+@pytest.mark.slow
 def test_each_kernel_waits_for_the_previous_one_before_touching_memory(ptxas_works, name):
     # programmatic dependent launch (launches.pdl_options): a kernel's programs may start while
     # the kernel before it still runs, so griddepcontrol.wait (ACQBULK) must come before every
