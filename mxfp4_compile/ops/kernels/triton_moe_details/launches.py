@@ -11,6 +11,8 @@ Ip padded intermediate, EB = next_pow2(E + 1) routing buckets.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 from typing import Any
 
 from . import planner
@@ -23,21 +25,30 @@ STEPS = ("route", "gemm1", "act", "gemm2", "finalize")
 
 @dataclasses.dataclass(frozen=True)
 class Launch:
-    """One kernel launch: `kernel[grid](*runtime_args, **constexprs, **options)`."""
-    kernel: Any                  # a @triton.jit or @gluon.jit function
+    """One kernel launch: `kernel[grid](*runtime_args, **constexprs, **options)`. Specs are
+    cached per shape (moe_launches), so the kernel is named, not held: `module` (a module of this
+    package, e.g. "_gemm1") and `name`, looked up at each launch (tests may swap a kernel)."""
+    module: str
+    name: str
     grid: tuple[int, ...]
     constexprs: dict[str, Any]   # compile-time arguments (PDL: the kernel waits and triggers)
     options: dict[str, Any]      # num_warps, num_stages, maxnreg, launch_pdl
+
+    @property
+    def kernel(self):
+        """The @triton.jit or @gluon.jit function."""
+        return getattr(importlib.import_module(f"{__package__}.{self.module}"), self.name)
 
     def __call__(self, *runtime_args):
         return self.kernel[self.grid](*runtime_args, **self.constexprs, **self.options)
 
 
-def _launch(kernel, grid, constexprs: dict, options: dict, pdl: dict) -> Launch:
-    """A Launch with the step's programmatic-launch settings (pdl_options) split into the
-    kernel's PDL constant and the launch_pdl option."""
+def _launch(kernel: str, grid, constexprs: dict, options: dict, pdl: dict) -> Launch:
+    """A Launch of `kernel` ("module.name") with the step's programmatic-launch settings
+    (pdl_options) split into the kernel's PDL constant and the launch_pdl option."""
+    module, name = kernel.split(".")
     extra = {"launch_pdl": pdl["launch_pdl"]} if "launch_pdl" in pdl else {}
-    return Launch(kernel, grid, dict(constexprs, PDL=pdl["PDL"]), dict(options, **extra))
+    return Launch(module, name, grid, dict(constexprs, PDL=pdl["PDL"]), dict(options, **extra))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +93,8 @@ def pdl_options(pol: LaunchPolicy, major: int) -> dict[str, dict]:
 
 def route_launches(pol: LaunchPolicy, M: int, E: int, has_map: bool, pdl: dict) -> RouteLaunches:
     """The routing launches for M assignments over E local experts: one program that sorts
-    (M <= route_sort_max), one program of one-hot counts, or chunks (count, [scan,] scatter)."""
-    from ._route import _route_kernel, _route_scan_kernel
-
+    (M <= route_sort_max), one program of one-hot counts, or chunks (count, [scan,] scatter).
+    pdl: the route step's pdl_options entry."""
     EB = _next_pow2(E + 1)
     sort = M <= pol.route_sort_max
     chunk = max(4, _next_pow2(M) if sort else min(_next_pow2(M), pol.route_budget // EB))
@@ -93,16 +103,17 @@ def route_launches(pol: LaunchPolicy, M: int, E: int, has_map: bool, pdl: dict) 
     cx = dict(HAS_MAP=has_map, CHUNK=chunk, EB=EB)
     opts = dict(num_warps=nw)
     if n_chunks == 1:
-        phase2 = _launch(_route_kernel, (1,), dict(cx, PHASE=2, SORT=sort), opts, pdl)
+        phase2 = _launch("_route._route_kernel", (1,), dict(cx, PHASE=2, SORT=sort), opts, pdl)
         return RouteLaunches(chunk, 1, False, (phase2,))
     scanned = n_chunks >= pol.route_scan_chunks
-    count = _launch(_route_kernel, (n_chunks,), dict(cx, PHASE=0, SORT=False), opts, pdl)
-    scatter = _launch(_route_kernel, (n_chunks,), dict(cx, PHASE=1, SORT=False, SCANNED=scanned),
-                      opts, pdl)
+    count = _launch("_route._route_kernel", (n_chunks,), dict(cx, PHASE=0, SORT=False), opts,
+                    pdl)
+    scatter = _launch("_route._route_kernel", (n_chunks,),
+                      dict(cx, PHASE=1, SORT=False, SCANNED=scanned), opts, pdl)
     if not scanned:
         return RouteLaunches(chunk, n_chunks, False, (count, scatter))
     BE = min(EB, 32)
-    scan = _launch(_route_scan_kernel, (EB // BE,), dict(EB=EB, BE=BE, RS=64),
+    scan = _launch("_route._route_scan_kernel", (EB // BE,), dict(EB=EB, BE=BE, RS=64),
                    dict(num_warps=4), pdl)
     return RouteLaunches(chunk, n_chunks, True, (count, scan, scatter))
 
@@ -130,30 +141,30 @@ def gemm_launch(gemm: int, p: Plan, blocks: int, *, mma2: bool, H: int, Hp: int,
               SPLIT=p.split, K_CHUNK=p.chunk)
     grid = (blocks * p.tiles, p.split)
     if mma2:
-        from . import _mma2
         cx.update(MASK_K=p.tail > 0 or not p.even_k, DIRECT=direct, HAS_MAP=has_map,
                   NS=c.num_stages)
         if gemm == 1:
             cx["LATE_TRIGGER"] = late_trigger
-        kernel = _mma2._gemm1_kernel if gemm == 1 else _mma2._gemm2_kernel
+        kernel = "_mma2._gemm1_kernel" if gemm == 1 else "_mma2._gemm2_kernel"
         return _launch(kernel, grid, cx, dict(num_warps=4), pdl)
-    from ._gemm1 import _gemm1_kernel
-    from ._gemm2 import _gemm2_kernel
     cx.update(EVEN_K=p.even_k, EVEN_N=N % c.BN == 0, UPCAST=interpret, SWAP=c.SWAP,
               # wgmma keeps MMAs in flight across K steps: drain before each dequant (sm90)
               SYNC=major == 9, PAIR=c.PAIR, TAIL=p.tail, HALF=c.HALF, TMA=tma, EXTRA=c.EXTRA)
-    kernel = _gemm1_kernel if gemm == 1 else _gemm2_kernel
+    kernel = "_gemm1._gemm1_kernel" if gemm == 1 else "_gemm2._gemm2_kernel"
     return _launch(kernel, grid, cx,
                    dict(num_warps=c.num_warps, num_stages=c.num_stages, **_regs(c)), pdl)
 
 
+@functools.lru_cache(maxsize=1024)
 def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, Ip: int,
                  activation: str, has_b13: bool, has_b2: bool, has_map: bool, combine: bool,
                  major: int, sms: int, interpret: bool, weights_aligned: bool,
                  x_bf16_aligned: bool) -> MoELaunches:
     """Every launch of one call. `weights_aligned`: the prepared words and scales start on
     16-byte boundaries (_mma2's cp.async and TMA need it); `x_bf16_aligned`: the hidden states
-    are bf16 on a 16-byte boundary too (_mma2's GEMM1 copies them as they are)."""
+    are bf16 on a 16-byte boundary too (_mma2's GEMM1 copies them as they are). Cached per
+    argument set (a policy is frozen, so an override() is another key): the host work of a call
+    is then one lookup. The returned specs are shared: never mutate them."""
     M = T * k
     pdl = pdl_options(pol, major)
     m2 = planner.mma2_possible(pol, major) and weights_aligned
@@ -180,14 +191,12 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
     act = None
     if p1.split > 1:
         BR, BC = 16, 128
-        from ._gemm1 import _act_kernel
-        act = _launch(_act_kernel, (-(-M // BR), -(-Ip // BC)),
+        act = _launch("_gemm1._act_kernel", (-(-M // BR), -(-Ip // BC)),
                       dict(Ip=Ip, ACT=ACT_CODES[activation], SPLIT=p1.split, BR=BR, BC=BC),
                       dict(num_warps=4), pdl["act"])
-    from ._finalize import _finalize_kernel
     # decode: T programs of 1024 columns would leave most SMs idle; 128 columns each then
     BH = min(1024 if T >= 64 else 128, _next_pow2(H))
-    fin = _launch(_finalize_kernel, (T, -(-H // BH)),
+    fin = _launch("_finalize._finalize_kernel", (T, -(-H // BH)),
                   dict(H=H, k_top=k, HAS_MAP=has_map, COMBINE=bool(combine), BH=BH,
                        SPLIT=p2.split), dict(num_warps=4), pdl["finalize"])
     route = None if direct else route_launches(pol, M, E, has_map, pdl["route"])

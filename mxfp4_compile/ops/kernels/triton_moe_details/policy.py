@@ -87,6 +87,14 @@ class LaunchPolicy:
     tiles: tuple[TileConfig, TileConfig] | None = None  # (GEMM1, GEMM2) for every call
     split: tuple[int, int] | None = None                # (GEMM1, GEMM2) K chunks
 
+    def __hash__(self):
+        # computed once: a policy keys the per-shape launch cache at every call
+        h = self.__dict__.get("_hash")
+        if h is None:
+            h = hash(dataclasses.astuple(self))
+            object.__setattr__(self, "_hash", h)
+        return h
+
 
 # Each value's evidence (command, date, commit, before -> after) is the ledger row of the same
 # name in benchmarks/NOTES.md; the comments say why.
