@@ -14,6 +14,7 @@ with plain Inductor (still correct).
 """
 from __future__ import annotations
 
+import collections
 import logging
 import operator
 import warnings
@@ -40,7 +41,83 @@ OPTIONS = {
 }
 
 _warned = set()
-last_compile_info: list[dict] = []   # one entry per compiled graph (explain and tests read it)
+
+COMPILE_LOG_SIZE = 64  # per-compile records kept (a long-running server must not grow memory)
+
+
+class CompileLog:
+    """Per-compile records (dicts), bounded: only the last ``maxlen`` are kept.
+
+    Indexes are absolute: ``len(log)`` counts every compile recorded since the last ``clear()``
+    (kept or not), so the idiom ``n = len(log); <compile>; log[n:]`` gives the compiles in between,
+    and ``log[-1]`` is the latest. Asking for a record that was dropped (more than ``maxlen``
+    compiles ago) raises IndexError instead of silently returning fewer records. Iteration and
+    ``kept`` cover the retained records only."""
+
+    def __init__(self, maxlen: int = COMPILE_LOG_SIZE):
+        if maxlen < 1:
+            raise ValueError(f"CompileLog: maxlen must be >= 1, got {maxlen}")
+        self.maxlen = maxlen
+        self._items: collections.deque = collections.deque(maxlen=maxlen)
+        self._total = 0
+
+    def append(self, info: dict) -> None:
+        self._items.append(info)
+        self._total += 1
+
+    def clear(self) -> None:
+        self._items.clear()
+        self._total = 0
+
+    @property
+    def kept(self) -> int:
+        """How many records are held now (at most ``maxlen``)."""
+        return len(self._items)
+
+    @property
+    def first(self) -> int:
+        """Absolute index of the oldest record still held."""
+        return self._total - len(self._items)
+
+    def __len__(self) -> int:
+        return self._total
+
+    def __iter__(self):
+        return iter(list(self._items))
+
+    def _dropped(self, i: int) -> IndexError:
+        return IndexError(f"compile record {i} was dropped: only the last {self.maxlen} of "
+                          f"{self._total} compiles are kept (backend.COMPILE_LOG_SIZE); read "
+                          f"last_compile_info sooner, or clear() it before the compiles you watch")
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            start, stop, step = i.indices(self._total)
+            if step != 1:
+                raise ValueError("CompileLog slices take no step")
+            if i.start is None:
+                start = max(start, self.first)
+            if stop <= start:
+                return []
+            if start < self.first:
+                raise self._dropped(start)
+            items = list(self._items)
+            return items[start - self.first:stop - self.first]
+        if not isinstance(i, int):
+            raise TypeError(f"CompileLog indices must be int or slice, not {type(i).__name__}")
+        j = i + self._total if i < 0 else i
+        if not 0 <= j < self._total:
+            raise IndexError(f"compile record {i} out of range ({self._total} recorded)")
+        if j < self.first:
+            raise self._dropped(j)
+        return self._items[j - self.first]
+
+    def __repr__(self) -> str:
+        return f"CompileLog({self.kept} kept of {self._total}, maxlen={self.maxlen})"
+
+
+# One record per compiled graph (explain, the demo, bench/e2e.py and tests read it); bounded.
+last_compile_info = CompileLog()
 
 
 def _once(key, msg):

@@ -27,7 +27,8 @@ from .formats import SWIGLU_ALPHA, SWIGLU_LIMIT, Activation, Kernel, Rounding, c
 from .ops.dispatch import choose_kernel
 from .ops.weights import PreparedMoE, check_expert_shapes, prepare_moe_weights
 
-__all__ = ["ShardedMoE", "check_expert_map", "expert_map_for_rank", "expert_range",
+__all__ = ["ShardedMoE", "check_expert_map", "check_expert_maps", "check_expert_parallel",
+           "expert_map_for_rank", "expert_range",
            "intermediate_range", "shard_experts", "shard_intermediate"]
 
 
@@ -92,6 +93,114 @@ def check_expert_map(expert_map: torch.Tensor, num_experts: int, num_local: int 
         missing = sorted(set(range(num_local)) - set(uniq.tolist()))
         raise ValueError(f"expert_map never uses local experts {missing} of the {num_local} this "
                          f"rank holds (weights and map disagree)")
+
+
+def _ids(xs, most: int = 16) -> str:
+    xs = list(xs)
+    return str(xs) if len(xs) <= most else f"{xs[:most]}... ({len(xs)} in all)"
+
+
+def check_expert_maps(maps, num_experts: int) -> None:
+    """Raise ValueError unless the ranks' maps (``maps[r]`` = rank r's int [E] map, -1 = not
+    here) give every global expert to exactly one rank: an expert on two ranks would be added
+    twice by the all-reduce, an expert on none would give its tokens zero output."""
+    owners: dict[int, list[int]] = {e: [] for e in range(num_experts)}
+    for r, m in enumerate(maps):
+        if len(m) != num_experts:
+            raise ValueError(f"rank {r}'s expert_map has {len(m)} entries but the model has "
+                             f"{num_experts} global experts")
+        for e in (torch.as_tensor(m).detach().cpu().long() >= 0).nonzero().flatten().tolist():
+            owners[e].append(r)
+    world = len(maps)
+    dup = {e: rs for e, rs in owners.items() if len(rs) > 1}
+    if dup:
+        shown = list(dup.items())[:16]
+        raise ValueError(
+            "expert-parallel maps overlap: " + ", ".join(f"expert {e} is held by ranks {rs}"
+                                                         for e, rs in shown)
+            + (f" ... ({len(dup)} experts in all)" if len(dup) > len(shown) else "")
+            + f"; each of the {num_experts} global experts must live on exactly one of the "
+            f"{world} ranks, or the all-reduce adds its output once per holder. Give the ranks "
+            f"disjoint maps (the default, expert_map_for_rank(E, rank, world), is).")
+    missing = [e for e, rs in owners.items() if not rs]
+    if missing:
+        raise ValueError(
+            f"expert-parallel maps leave experts {_ids(missing)} on no rank (of {world}): "
+            f"tokens routed to them would silently get zero output. Every one of the "
+            f"{num_experts} global experts must be held by exactly one rank (the default maps, "
+            f"expert_map_for_rank(E, rank, world), cover all).")
+
+
+def _local_map_error(expert_map, num_experts: int, rank: int) -> str | None:
+    try:
+        check_expert_map(expert_map, num_experts)
+    except ValueError as e:
+        return str(e)
+    if not bool((expert_map >= 0).any()):
+        return f"rank {rank}: expert_map gives this rank no experts"
+    return None
+
+
+def check_expert_parallel(expert_map: torch.Tensor, num_experts: int, *, group=None,
+                          rank: int | None = None, world: int | None = None,
+                          _local_error: str | None = None) -> None:
+    """Set-up check of expert parallelism: this rank's map, and, when torch.distributed is
+    initialised, every rank's map at once (ONE all_gather_object over ``group``, the default
+    group if None; every rank of the group must call it): refuses an expert on several ranks or
+    on none, a ``world``/``rank`` that disagrees with the group, ranks that disagree on E, and a
+    bad map on any rank (every rank raises, none is left waiting). Without a process group only
+    the local map is checked."""
+    if not (dist.is_available() and dist.is_initialized()):
+        err = _local_map_error(expert_map, num_experts, 0 if rank is None else rank)
+        if err:
+            raise ValueError(err)
+        return
+    g_rank, g_world = dist.get_rank(group), dist.get_world_size(group)
+    rank = g_rank if rank is None else rank
+    world = g_world if world is None else world
+    err = _local_error or _local_map_error(expert_map, num_experts, rank)
+    mine = dict(rank=rank, world=world, E=num_experts, err=err,
+                map=None if err else expert_map.detach().cpu().long().tolist())
+    every: list = [None] * g_world
+    dist.all_gather_object(every, mine, group=group)  # position = the rank in the group
+    worlds = {r: m["world"] for r, m in enumerate(every) if m["world"] != g_world}
+    if worlds:
+        ws = sorted(set(worlds.values()))
+        raise ValueError(
+            f"world={ws[0] if len(ws) == 1 else ws} was passed (on group rank(s) "
+            f"{sorted(worlds)}) but the process group has {g_world} ranks: maps built for another "
+            f"world size drop or double experts. Leave world out (it is taken from the group) or "
+            f"pass dist.get_world_size(group).")
+    ranks = {r: m["rank"] for r, m in enumerate(every) if m["rank"] != r}
+    if ranks:
+        raise ValueError(
+            "rank argument disagrees with the process group: "
+            + ", ".join(f"group rank {r} passed rank={v}" for r, v in ranks.items())
+            + ". Leave rank out (it is taken from the group) or pass dist.get_rank(group).")
+    if err:
+        raise ValueError(err)
+    bad = {r: m["err"] for r, m in enumerate(every) if m["err"]}
+    if bad:
+        raise ValueError("expert parallelism refused on other rank(s): "
+                         + "; ".join(f"rank {r}: {e}" for r, e in bad.items()))
+    es = {r: m["E"] for r, m in enumerate(every)}
+    if len(set(es.values())) > 1:
+        raise ValueError(f"ranks disagree on the number of global experts (rank: E) {es}: every "
+                         f"rank must be given the same full expert weights")
+    check_expert_maps([torch.tensor(m["map"]) for m in every], num_experts)
+
+
+def _check_group_rank_world(group, rank: int, world: int) -> None:
+    """Local check (no collective): an explicit rank/world must match an initialised group."""
+    if dist.is_available() and dist.is_initialized():
+        g_rank, g_world = dist.get_rank(group), dist.get_world_size(group)
+        if world != g_world:
+            raise ValueError(f"world={world} was passed but the process group has {g_world} ranks: "
+                             f"shards built for another world size drop or double part of the "
+                             f"layer. Leave world out or pass dist.get_world_size(group).")
+        if rank != g_rank:
+            raise ValueError(f"rank={rank} was passed on group rank {g_rank}: leave rank out or "
+                             f"pass dist.get_rank(group).")
 
 
 # ------------------------------------------------------------------------------------- slicing
@@ -165,9 +274,11 @@ class ShardedMoE(torch.nn.Module):
 
     def __init__(self, prepared: PreparedMoE, *, expert_map: torch.Tensor | None = None,
                  group=None, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT,
-                 mode: str = "ep"):
+                 mode: str = "ep", check_ranks: bool = True):
         super().__init__()
         if expert_map is not None:
+            if check_ranks:  # every rank of the group must build its module together
+                check_expert_parallel(expert_map, expert_map.shape[0], group=group)
             check_expert_map(expert_map, expert_map.shape[0], prepared.w13.shape[0])  # dim 0 = E
         self.prepared = prepared
         self.group = group
@@ -194,22 +305,29 @@ class ShardedMoE(torch.nn.Module):
                         rank: int | None = None, world: int | None = None,
                         alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT) -> ShardedMoE:
         """Full weights [E, 2I, H] / [E, H, I] (or transposed) -> this rank's experts, quantized.
-        ``expert_map`` defaults to contiguous blocks (``expert_map_for_rank``)."""
+        ``expert_map`` defaults to contiguous blocks (``expert_map_for_rank``). With a process
+        group, every rank's map is checked at once (``check_expert_parallel``: one collective, so
+        every rank of ``group`` must call this together)."""
         rank, world, device, kernel = cls._setup(device, kernel, group, rank, world)
-        E = w13.shape[0]
+        E, local_error = w13.shape[0], None
         if expert_map is None:
-            expert_map = expert_map_for_rank(E, rank, world)
-        check_expert_map(expert_map, E)
+            try:
+                expert_map = expert_map_for_rank(E, rank, world)
+            except ValueError as e:
+                if not (dist.is_available() and dist.is_initialized()):
+                    raise
+                # still join the collective (the other ranks wait in it), which raises on all
+                expert_map, local_error = torch.full((E,), -1, dtype=torch.int32), str(e)
+        check_expert_parallel(expert_map, E, group=group, rank=rank, world=world,
+                              _local_error=local_error)
         parts = shard_experts(w13, w2, w13_bias, w2_bias, expert_map=expert_map)
-        if parts[0].shape[0] == 0:
-            raise ValueError(f"rank {rank}: expert_map gives this rank no experts")
         parts = [None if t is None else t.to(device) for t in parts]
         prepared = prepare_moe_weights(parts[0], parts[1], parts[2], parts[3], activation=activation,
                                        kernel=kernel, rounding=rounding,
                                        gate_up_interleaved=gate_up_interleaved,
                                        transposed=transposed, cache=False)
         return cls(prepared, expert_map=expert_map.to(device), group=group, alpha=alpha,
-                   limit=limit, mode="ep")
+                   limit=limit, mode="ep", check_ranks=False)
 
     @classmethod
     def tensor_parallel(cls, w13, w2, w13_bias=None, w2_bias=None, *, activation: Activation,
@@ -220,6 +338,7 @@ class ShardedMoE(torch.nn.Module):
         """Full weights -> this rank's slice of I for every expert, quantized (blocks follow the
         shard, I/world padded to the kernel's multiple); w2 bias kept on rank 0 only."""
         rank, world, device, kernel = cls._setup(device, kernel, group, rank, world)
+        _check_group_rank_world(group, rank, world)
         check_activation(activation)
         if gate_up_interleaved is None:
             gate_up_interleaved = formats.gate_up_interleaved(activation)

@@ -79,10 +79,16 @@ def explain(model, *inputs, options=None, **kwargs) -> ExplainReport:
             compiled(*inputs)
     finally:
         torch._dynamo.reset()
-    infos = _backend.last_compile_info[start:]
+    log = _backend.last_compile_info
+    regions, notes = [], []
+    try:
+        infos = log[start:]
+    except IndexError:  # more graphs than the bounded log keeps (backend.COMPILE_LOG_SIZE)
+        infos = log[log.first:]
+        notes.append(f"{len(log) - start} graphs were compiled; only the last {len(infos)} are "
+                     f"kept (backend.COMPILE_LOG_SIZE) and listed, numbered from 0")
     breaks = [f"{k.strip().splitlines()[0]} (x{v - breaks_before.get(k, 0)})"
               for k, v in counters["graph_break"].items() if v > breaks_before.get(k, 0)]
-    regions, notes = [], []
     for gi, info in enumerate(infos):
         for c in info.get("candidates", []):
             rewritten, reason = c.rewritten, c.reason

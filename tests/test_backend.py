@@ -238,3 +238,37 @@ def test_entry_point_works_without_import():
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                        cwd=os.path.dirname(os.path.abspath(__file__)) + "/..")
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_compile_log_is_bounded_and_keeps_absolute_indexes():
+    log = backend.CompileLog(maxlen=4)
+    for i in range(10):
+        log.append({"i": i})
+    assert log.kept == 4 and len(log) == 10 and log.first == 6
+    assert [r["i"] for r in log] == [6, 7, 8, 9] and log[-1]["i"] == 9 and log[7]["i"] == 7
+    assert [r["i"] for r in log[8:]] == [8, 9] and log[10:] == [] and len(log[:]) == 4
+    with pytest.raises(IndexError, match="only the last 4 of 10 compiles are kept"):
+        log[3:]  # a record that was dropped: refused, not silently left out
+    with pytest.raises(IndexError, match="was dropped"):
+        log[5]
+    log.clear()
+    assert len(log) == 0 and log.kept == 0 and log[0:] == []
+
+
+def test_last_compile_info_stays_bounded_over_many_compiles():
+    info = backend.last_compile_info
+    assert isinstance(info, backend.CompileLog) and info.maxlen == backend.COMPILE_LOG_SIZE == 64
+    n = len(info)
+    for i in range(3 * info.maxlen):  # a long-running server: many more graphs than the bound
+        info.append({"simulated": i})
+    assert info.kept == info.maxlen and len(info) == n + 3 * info.maxlen
+    start = len(info)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(lambda t: t * 2 + 1, backend="mxfp4")(torch.randn(4))  # a real compile
+    torch._dynamo.reset()
+    new = info[start:]
+    assert len(new) == 1 and new[0]["rewritten"] == 0 and info[-1] is new[0]
+    assert info.kept == info.maxlen
+    info.clear()  # bench/e2e.py's API
+    assert len(info) == 0 and list(info) == []

@@ -171,6 +171,64 @@ def sc_ep_rank_without_tokens(ctx):
     assert out.shape == (0, 64), f"T=0: got {tuple(out.shape)}"
 
 
+def _raises(match, build):
+    """``build()`` must raise ValueError matching ``match`` (on every rank: a rank left waiting in
+    the set-up collective would time the spawn out instead)."""
+    import re
+    try:
+        build()
+    except ValueError as e:
+        assert re.search(match, str(e)), f"wrong error: {e!r} (want /{match}/)"
+        return
+    raise AssertionError(f"no ValueError /{match}/")
+
+
+def sc_ep_cross_rank_checks(ctx):
+    """The maps are checked across ranks at set-up (one collective): overlap, gap, wrong world or
+    rank, a bad map on one rank only; every rank refuses, and a good build works afterwards."""
+    E, rank, world = 8, ctx["rank"], ctx["world"]
+    w13, w2, b13, b2 = _weights(E, 64, 32, seed=7)
+    build = lambda **kw: D.ShardedMoE.expert_parallel(w13, w2, b13, b2, activation="swiglu_oai",
+                                                      device=ctx["device"], **kw)
+    lo, hi = D.expert_range(E, rank, world)
+    # (a) expert 0 on rank 0 (its block) and on rank 1 too
+    emap = D.expert_map_for_rank(E, rank, world)
+    if rank == 1:
+        emap[0] = hi - lo
+    _raises(r"expert 0 is held by ranks \[0, 1\]", lambda: build(expert_map=emap))
+    # (b) rank 0 drops the last expert of its block
+    emap = D.expert_map_for_rank(E, rank, world)
+    if rank == 0:
+        emap[hi - 1] = -1
+    _raises(rf"experts \[{hi - 1 if rank == 0 else D.expert_range(E, 0, world)[1] - 1}\] on no "
+            rf"rank \(of {world}\)", lambda: build(expert_map=emap))
+    # (c) world disagreeing with the group: world + 1 (3 on a 2-process group), and 1
+    _raises(rf"world={world + 1} was passed .* the process group has {world} ranks",
+            lambda: build(rank=rank, world=world + 1))
+    _raises(rf"world=1 was passed .* the process group has {world} ranks",
+            lambda: build(rank=0, world=1))
+    _raises(r"group rank 1 passed rank=0", lambda: build(rank=0, world=world))
+    # a bad map on rank 1 only: rank 1 says why, the others name rank 1
+    bad = torch.zeros(E, dtype=torch.int32) if rank == 1 else D.expert_map_for_rank(E, rank, world)
+    _raises(r"several global experts to one local expert" if rank == 1
+            else r"refused on other rank\(s\): rank 1: expert_map sends several",
+            lambda: build(expert_map=bad))
+    # direct construction from a PreparedMoE checks the maps as well
+    emap = D.expert_map_for_rank(E, 0, world)  # every rank claims rank 0's experts
+    p = prepare_moe_weights(*D.shard_experts(w13, w2, b13, b2, expert_map=emap),
+                            activation="swiglu_oai", kernel="reference", cache=False)
+    _raises(r"expert 0 is held by ranks \[0, 1", lambda: D.ShardedMoE(p, expert_map=emap))
+    # TP: a world that disagrees with the group is refused too (local check)
+    _raises(rf"world={world + 1} was passed but the process group has {world} ranks",
+            lambda: D.ShardedMoE.tensor_parallel(w13, w2, activation="swiglu_oai", rank=rank,
+                                                 world=world + 1))
+    # the collectives stayed in step: a good build still runs and is right
+    x, ids, w = _tokens(5, 64, E, 2, seed=8, dtype=ctx["dtype"], device=ctx["device"])
+    m = build()
+    want = _single(w13, w2, b13, b2, "swiglu_oai", m.prepared.kernel, ctx["device"], x, ids, w)
+    _close(m(x, ids, w), want, ctx["dtype"], "EP after refused builds")
+
+
 def _tp_cases(world):
     # (E, H, I, activation, input gate/up interleaved, bias): I/world = 24 -> 32 or 48 -> 64
     # (padding), and gpt-oss's I=2880 over 4 ranks = 720 per rank (not a multiple of 32).
@@ -294,7 +352,8 @@ def sc_tp_compiled_padded_shard(ctx):
 
 
 SCENARIOS = {f.__name__[3:]: f for f in (sc_ep_contiguous, sc_ep_round_robin_map,
-                                         sc_ep_rank_without_tokens, sc_tp_per_shard_reference,
+                                         sc_ep_rank_without_tokens, sc_ep_cross_rank_checks,
+                                         sc_tp_per_shard_reference,
                                          sc_tp_exact_equals_unsharded, sc_tp_compiled_gpt_oss_block,
                                          sc_tp_compiled_padded_shard)}
 
@@ -403,6 +462,17 @@ def test_bad_map_errors_at_build_and_in_op():
                             expert_map=torch.tensor([0, 1, 2, 3], dtype=torch.int32))
     with pytest.raises(ValueError, match="give both rank and world"):
         D.ShardedMoE.tensor_parallel(w13, w2, activation="swiglu_oai", rank=0)
+
+
+@pytest.mark.parametrize("maps, match", [
+    ([[0, 1, -1, -1], [-1, 0, 0, 1]], r"expert 1 is held by ranks \[0, 1\]"),
+    ([[0, 1, -1, -1], [-1, -1, 0, -1]], r"experts \[3\] on no rank \(of 2\)"),
+    ([[0, 1, -1, -1], [-1, -1, 0]], "rank 1's expert_map has 3 entries"),
+])
+def test_check_expert_maps_across_ranks(maps, match):
+    with pytest.raises(ValueError, match=match):
+        D.check_expert_maps([torch.tensor(m, dtype=torch.int32) for m in maps], 4)
+    D.check_expert_maps([D.expert_map_for_rank(6, r, 4) for r in range(4)], 6)  # the default covers
 
 
 @pytest.mark.parametrize("interleaved", [True, False])
