@@ -54,6 +54,18 @@ def as_torch_mx_dtypes(packed: torch.Tensor, scales: torch.Tensor):
     return packed.view(torch.float4_e2m1fn_x2), scales.view(torch.float8_e8m0fnu)
 
 
+# The largest magnitude MXFP4 holds: e2m1's 6 times the largest finite e8m0 scale 2**127 (byte 254).
+MAX_BLOCK_AMAX = E2M1_MAX * 2.0 ** (254 - E8M0_BIAS)
+
+
+def check_quantize_shape(shape, what: str = "quantize: x") -> None:
+    """ValueError for a 0-dim tensor (no last dim K) or K not a multiple of the block size."""
+    if len(shape) == 0:
+        raise ValueError(f"{what} is 0-dim (a scalar); quantize needs [..., K] with K a multiple "
+                         f"of {BLOCK} along the last dim (e.g. x.reshape(1, -1) after padding)")
+    check_block_dim(shape[-1], what)
+
+
 def check_block_dim(k: int, what: str = "x") -> None:
     if k % BLOCK != 0:
         raise ValueError(f"{what}: the last dim K={k} is not a multiple of the MXFP4 block size "
@@ -85,11 +97,21 @@ def quantize(x: torch.Tensor, rounding: str = "floor"):
     """x [..., K] float -> (packed uint8 [..., K/2], scales uint8 [..., K/32])."""
     if not x.is_floating_point():
         raise TypeError(f"quantize: x must be a floating tensor, got {x.dtype}")
-    check_block_dim(x.shape[-1])
+    check_quantize_shape(x.shape)
+    check_rounding(rounding)
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     blocks = x.to(work).reshape(*x.shape[:-1], x.shape[-1] // BLOCK, BLOCK)
     finite = torch.isfinite(blocks).all(dim=-1)  # [..., K/32]
     amax = torch.where(torch.isfinite(blocks), blocks.abs(), 0).amax(dim=-1)
+    if rounding == "round_up" and work == torch.float64:
+        # float32 tops out below 6 * 2**127; float64 does not: "round_up never clips" cannot hold
+        too_big = finite & (amax > MAX_BLOCK_AMAX)
+        if bool(too_big.any()):
+            raise ValueError(f"quantize: rounding='round_up' never clips, but {int(too_big.sum())} "
+                             f"block(s) have a max magnitude above {MAX_BLOCK_AMAX:.6g} (6 * 2**127, "
+                             f"the largest e8m0 scale times e2m1's largest value), largest "
+                             f"{float(amax[too_big].max()):.6g}; scale the tensor down first, or use "
+                             f"rounding='floor' (saturates to +-{MAX_BLOCK_AMAX:.6g})")
     e = block_exponents(amax, rounding)
     scaled = blocks * pow2(-e).to(work).unsqueeze(-1)  # exact: a power of two
     mag = torch.nan_to_num(scaled.abs(), nan=0.0, posinf=0.0)
@@ -129,15 +151,36 @@ def scale_values(scales: torch.Tensor) -> torch.Tensor:
     return torch.where(s == E8M0_NAN, torch.full_like(val, float("nan")), val)
 
 
+def check_dequantize_shapes(packed_shape, scales_shape, what: str = "dequantize") -> None:
+    """ValueError unless packed [..., K/2] and scales [..., K/32] describe one tensor."""
+    packed_shape, scales_shape = tuple(packed_shape), tuple(scales_shape)
+    if len(packed_shape) == 0 or len(scales_shape) == 0:
+        raise ValueError(f"{what}: packed {packed_shape} and scales {scales_shape} must have a last "
+                         f"dim (packed [..., K/2], scales [..., K/32])")
+    half = packed_shape[-1]
+    if half % (BLOCK // 2):
+        raise ValueError(f"{what}: packed {packed_shape} has a last dim of {half} bytes = K/2, not a "
+                         f"multiple of {BLOCK // 2}: K={2 * half} is not a whole number of MXFP4 "
+                         f"blocks of {BLOCK}")
+    want = packed_shape[:-1] + (half // (BLOCK // 2),)
+    if scales_shape != want:
+        raise ValueError(f"{what}: packed {packed_shape} holds K={2 * half} elements per row, which "
+                         f"needs scales of shape {want} (one per {BLOCK} elements); got {scales_shape}")
+
+
 def dequantize(packed: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = torch.float32):
-    """(packed [..., K/2], scales [..., K/32]) -> [..., K] in ``dtype``."""
+    """(packed [..., K/2], scales [..., K/32]) -> [..., K] in ``dtype``.
+
+    Exact: each element is code * 2**(byte - 127) rounded once to ``dtype`` (the products have 2
+    significant bits, so every one inside the dtype's range is exact, subnormals included). The
+    largest finite scales (bytes 253, 254) give values up to 6 * 2**127: those above the dtype's
+    largest finite value are +-inf (float32/bf16: 253 with |code| >= 4, 254 with |code| >= 2;
+    float16 from much smaller bytes), all others are finite; float64 holds every value. NaN only
+    for E8M0_NAN (255): 0 * 2**127 is 0, never NaN."""
     packed = _as_uint8(packed, "packed")
     scales = _as_uint8(scales, "scales")
+    check_dequantize_shapes(packed.shape, scales.shape)
     k = packed.shape[-1] * 2
-    if scales.shape[:-1] != packed.shape[:-1] or scales.shape[-1] * BLOCK != k:
-        raise ValueError(f"dequantize: packed {tuple(packed.shape)} holds K={k} elements per row, "
-                         f"which needs scales of shape {tuple(packed.shape[:-1]) + (k // BLOCK,)}; "
-                         f"got {tuple(scales.shape)}")
     vals = decode_e2m1(unpack_codes(packed)).reshape(*packed.shape[:-1], k // BLOCK, BLOCK)
     work = torch.float64 if dtype == torch.float64 else torch.float32  # 6 * 2**127 needs fp64
     out = vals.to(work) * scale_values(scales).to(work).unsqueeze(-1)

@@ -54,6 +54,11 @@ def deepseek_v3_routing(logits: torch.Tensor, top_k: int, e_score_correction_bia
     """DeepSeek-V3: sigmoid scores; bias-corrected scores choose groups (sum of each group's top 2) and experts; weights are the unbiased scores, optionally normalized, times routed_scaling_factor."""
     _check(logits, top_k)
     T, E = logits.shape
+    if not isinstance(n_group, int) or isinstance(n_group, bool) or not 1 <= n_group <= E:
+        raise ValueError(f"n_group must be an int in [1, E={E}] (the number of expert groups; 1 = no "
+                         f"grouping), got {n_group!r}")
+    if not isinstance(topk_group, int) or isinstance(topk_group, bool):
+        raise ValueError(f"topk_group must be an int in [1, n_group={n_group}], got {topk_group!r}")
     if E % n_group:
         raise ValueError(f"n_group={n_group} must divide the number of experts E={E}")
     if not 1 <= topk_group <= n_group:

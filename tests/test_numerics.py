@@ -159,6 +159,11 @@ def poison(x, seed):
 @pytest.mark.parametrize("kind", list(KINDS))
 def test_quantize_bit_exact(kind, dtype, rounding):
     x = KINDS[kind]((6, 4, 128), dtype, seed=hash((kind, str(dtype))) % 1000)
+    if rounding == "round_up" and x.abs().max().item() > numerics.MAX_BLOCK_AMAX:
+        # float64 beyond e8m0's range: round_up cannot keep "never clips", so it says so
+        with pytest.raises(ValueError, match="never clips"):
+            torch.ops.mxfp4.quantize(x, rounding)
+        x = x.clamp(-numerics.MAX_BLOCK_AMAX, numerics.MAX_BLOCK_AMAX)
     packed, scales = torch.ops.mxfp4.quantize(x, rounding)
     assert packed.dtype == torch.uint8 and packed.shape == (6, 4, 64)
     assert scales.dtype == torch.uint8 and scales.shape == (6, 4, 4)
@@ -339,3 +344,64 @@ def test_format_constants_match_an_independent_decoder():
     assert formats.ROUNDINGS == typing.get_args(formats.Rounding)
     assert tuple(formats.ACTIVATIONS) == typing.get_args(formats.Activation)
     assert set(formats.ACTIVATIONS.values()) == set(typing.get_args(formats.GateUp))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_dequantize_largest_scales_exact_or_inf(dtype):
+    """Scale bytes 253 and 254 (2**126, 2**127): each value code * scale comes out exactly where
+    it fits ``dtype`` and as +-inf only where the true value exceeds the dtype's largest finite
+    value; never NaN (0 * 2**127 is 0). float32/bf16: 253 overflows from |code| 4, 254 from 2."""
+    codes = torch.arange(16, dtype=torch.uint8)
+    packed = (codes[0::2] | (codes[1::2] << 4)).repeat(2).view(1, 16)  # codes 0..15 twice
+    for byte in (252, 253, 254):
+        out = numerics.dequantize(packed, torch.full((1, 1), byte, dtype=torch.uint8), dtype)[0, :16]
+        assert not out.isnan().any()
+        for c in range(16):
+            exact = formats.E2M1_VALUES[c] * 2.0 ** (byte - 127)  # a Python float: float64
+            got = out[c].item()
+            if abs(exact) > torch.finfo(dtype).max:
+                assert got == math.copysign(math.inf, exact), (byte, c, got)
+            else:
+                assert got == exact, (byte, c, got, exact)
+    if dtype in (torch.float32, torch.bfloat16):
+        big = numerics.dequantize(packed, torch.full((1, 1), 253, dtype=torch.uint8), dtype)[0, :8]
+        assert big.isinf().tolist() == [False] * 6 + [True] * 2  # |code| 4 and 6
+        big = numerics.dequantize(packed, torch.full((1, 1), 254, dtype=torch.uint8), dtype)[0, :8]
+        assert big.isinf().tolist() == [False] * 4 + [True] * 4  # |code| 2, 3, 4, 6
+
+
+def test_round_up_float64_beyond_e8m0_raises():
+    """round_up promises never to clip; float64 can exceed 6 * 2**127: a ValueError naming the
+    largest block max, not a silent saturation. floor saturates as documented."""
+    assert numerics.MAX_BLOCK_AMAX == 6 * 2.0 ** 127
+    x = torch.zeros(2, 64, dtype=torch.float64)
+    x[1, 40] = 2e39
+    with pytest.raises(ValueError, match=r"above 1.02085e\+39 \(6 \* 2\*\*127.*largest 2e\+39"):
+        numerics.quantize(x, "round_up")
+    with pytest.raises(ValueError, match="never clips"):
+        torch.ops.mxfp4.quantize(x, "round_up")
+    p, s = numerics.quantize(x, "floor")  # saturates to 6 * 2**127
+    assert numerics.dequantize(p, s, torch.float64)[1, 40].item() == numerics.MAX_BLOCK_AMAX
+    x[1, 40] = numerics.MAX_BLOCK_AMAX  # exactly the largest: fine
+    p, s = numerics.quantize(x, "round_up")
+    assert numerics.dequantize(p, s, torch.float64)[1, 40].item() == numerics.MAX_BLOCK_AMAX
+    x[1, 40] = math.inf  # not finite: poisons its block, as documented, no error
+    assert numerics.quantize(x, "round_up")[1][1, 1].item() == formats.E8M0_NAN
+
+
+def test_quantize_0dim_and_dequantize_shape_messages():
+    for q in (numerics.quantize, torch.ops.mxfp4.quantize):
+        with pytest.raises(ValueError, match=r"0-dim \(a scalar\).*\[\.\.\., K\]"):
+            q(torch.tensor(1.0))
+    # the last packed dim is not a whole number of blocks: said so, not "needs (1,), got (1,)"
+    with pytest.raises(ValueError, match=r"last dim of 20 bytes = K/2, not a multiple of 16"):
+        torch.ops.mxfp4.dequantize(torch.zeros(20, dtype=torch.uint8), torch.zeros(1, dtype=torch.uint8),
+                                   torch.float32)
+    with pytest.raises(ValueError, match=r"last dim of 20 bytes"):
+        numerics.dequantize(torch.zeros(20, dtype=torch.uint8), torch.zeros(1, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"K=64 elements per row, which needs scales of shape \(2, 2\).*got \(2, 1\)"):
+        torch.ops.mxfp4.dequantize(torch.zeros(2, 32, dtype=torch.uint8), torch.zeros(2, 1, dtype=torch.uint8),
+                                   torch.float32)
+    with pytest.raises(ValueError, match="must have a last dim"):
+        numerics.dequantize(torch.zeros((), dtype=torch.uint8), torch.zeros(1, dtype=torch.uint8))
+

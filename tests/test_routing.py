@@ -128,3 +128,18 @@ def test_deepseek_bad_groups():
         routing.deepseek_v3_routing(torch.randn(2, 16), 2, n_group=4, topk_group=5)
     with pytest.raises(ValueError, match="top_k"):
         routing.deepseek_v3_routing(torch.randn(2, 16), 6, n_group=4, topk_group=1)
+
+
+@pytest.mark.parametrize("n_group", [0, -2, 17, 2.0, None])
+def test_deepseek_n_group_out_of_range(n_group):
+    """n_group=0 was a ZeroDivisionError; every n_group outside [1, E] is a ValueError."""
+    with pytest.raises(ValueError, match=r"n_group must be an int in \[1, E=16\]"):
+        routing.deepseek_v3_routing(torch.randn(2, 16), 2, n_group=n_group, topk_group=1)
+    with pytest.raises(ValueError, match="topk_group"):
+        routing.deepseek_v3_routing(torch.randn(2, 16), 2, n_group=4, topk_group=0)
+
+
+def test_routers_break_ties_towards_the_lower_index():
+    x = torch.tensor([[1.0, 2.0, 2.0, 2.0, 2.0, 0.0]])
+    for fn in (routing.gpt_oss_routing, routing.mixtral_routing, routing.qwen3_routing):
+        assert fn(x, 2)[1].tolist() == [[1, 2]]

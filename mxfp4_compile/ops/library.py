@@ -5,12 +5,15 @@ match around, and safe under CUDA-graph capture. Shape legend as in ops/moe_torc
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .. import numerics
 from ..formats import BLOCK, SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation, check_kernel, check_rounding
 from . import dispatch, weights
 from . import topk_softmax as _topk_softmax
+from .kernels import check_prepared
 from .moe_torch import local_ids
 
 # ---------------------------------------------------------------------------------------- quantize
@@ -24,7 +27,9 @@ def quantize(x: torch.Tensor, rounding: str = "floor") -> tuple[torch.Tensor, to
 
 @quantize.register_fake
 def _(x, rounding="floor"):
-    numerics.check_block_dim(x.shape[-1])
+    if not x.is_floating_point():
+        raise TypeError(f"quantize: x must be a floating tensor, got {x.dtype}")
+    numerics.check_quantize_shape(x.shape)
     check_rounding(rounding)
     k = x.shape[-1]
     return (x.new_empty(*x.shape[:-1], k // 2, dtype=torch.uint8),
@@ -43,10 +48,7 @@ def _check_dequant(packed, scales, dtype):
     if scales.device != packed.device:  # else dispatch may pick the fake kernel (e.g. meta scales)
         raise ValueError(f"dequantize: scales are on {scales.device} but packed is on {packed.device}; "
                          f"keep both on one device")
-    if scales.shape[:-1] != packed.shape[:-1] or scales.shape[-1] * (BLOCK // 2) != packed.shape[-1]:
-        raise ValueError(f"dequantize: packed {tuple(packed.shape)} needs scales "
-                         f"{tuple(packed.shape[:-1]) + (packed.shape[-1] // (BLOCK // 2),)}, got "
-                         f"{tuple(scales.shape)}")
+    numerics.check_dequantize_shapes(packed.shape, scales.shape)
 
 
 @torch.library.custom_op("mxfp4::dequantize", mutates_args=())
@@ -83,89 +85,139 @@ def _(logits, k, softmax_first=False, renormalize=True):
 # --------------------------------------------------------------------------------------------- moe
 
 
-def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, weight_pairs=()):
-    """Layout-independent checks (``weight_pairs``: (name, tensor or None), device only); each
-    kernel checks its own weight layout."""
+def _static(n) -> bool:
+    """A plain int (not a symbolic size of a traced graph: comparing one would add a guard)."""
+    return isinstance(n, int)
+
+
+_prepared_ok: dict[tuple, tuple[int, int, int]] = {}  # shapes/dtypes/options already checked
+
+
+def _check_weights(hidden, kernel, activation, tensors) -> tuple[int, int, int]:
+    """-> (E, Hp, Ip): the six prepared tensors checked against ``kernel``'s ``prepared_shapes``
+    (ops/kernels/__init__.py ``check_prepared``), once per distinct set of shapes."""
+    H = hidden.shape[1]
+    specs = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in tensors)
+    key = (kernel, activation, specs, H)
+    static = _static(H) and all(s is None or all(_static(d) for d in s[0]) for s in specs)
+    if static and key in _prepared_ok:
+        return _prepared_ok[key]
+    out = check_prepared(dispatch.get_kernel(kernel), H if _static(H) else None, tensors, activation)
+    if not _static(H):
+        torch._check(H <= out[1], lambda: f"moe: hidden has H={H} features but the weights hold "
+                                          f"only Hp={out[1]}; the weights were prepared for another model")
+    if static:
+        if len(_prepared_ok) > 4096:
+            _prepared_ok.clear()
+        _prepared_ok[key] = out
+    return out
+
+
+def check_ids_enabled() -> bool:
+    """``MXFP4_CHECK_IDS=1``: the moe op asserts that every id is in range (a debug check)."""
+    return os.environ.get("MXFP4_CHECK_IDS", "0") not in ("", "0")
+
+
+def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, weight_tensors):
+    """Every check that reads no data, for every kernel, once per call (the op and its fake
+    kernel): argument kinds, dtypes, shapes, devices, and the prepared weights against the
+    kernel's ``prepared_shapes``. -> (E, Hp, Ip)."""
     if hidden.dim() != 2 or not hidden.is_floating_point():
         raise ValueError(f"moe: hidden must be a float [T, H] tensor, got {hidden.dtype} "
                          f"{tuple(hidden.shape)}")
     if topk_ids.dim() != 2 or topk_ids.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"moe: topk_ids must be int32/int64 [T, k], got {topk_ids.dtype} "
                          f"{tuple(topk_ids.shape)}")
-    if topk_weights.shape != topk_ids.shape or not topk_weights.is_floating_point():
-        raise ValueError(f"moe: topk_weights must be a float tensor shaped like topk_ids "
+    if topk_weights.dim() != 2 or not topk_weights.is_floating_point():
+        raise ValueError(f"moe: topk_weights must be a float [T, k] tensor shaped like topk_ids "
                          f"{tuple(topk_ids.shape)}, got {topk_weights.dtype} {tuple(topk_weights.shape)}")
-    torch._check(topk_ids.shape[0] == hidden.shape[0],
-                 lambda: f"moe: topk_ids has {topk_ids.shape[0]} rows but hidden has {hidden.shape[0]} tokens")
+    for d, what in ((0, "T (tokens)"), (1, "k (experts per token)")):
+        a, b = topk_weights.shape[d], topk_ids.shape[d]
+        if _static(a) and _static(b):
+            if a != b:
+                raise ValueError(f"moe: topk_weights {tuple(topk_weights.shape)} and topk_ids "
+                                 f"{tuple(topk_ids.shape)} disagree on {what}: both must be [T, k]")
+        else:
+            torch._check(a == b, lambda: f"moe: topk_weights and topk_ids disagree on {what}")
+    T, Ti = hidden.shape[0], topk_ids.shape[0]
+    if _static(T) and _static(Ti):
+        if T != Ti:
+            raise ValueError(f"moe: topk_ids has {Ti} rows but hidden has {T} tokens; both must "
+                             f"have T rows")
+    else:
+        torch._check(Ti == T, lambda: f"moe: topk_ids has {Ti} rows but hidden has {T} tokens")
     check_kernel(kernel, "moe: kernel", allow_auto=False)
     check_activation(activation, "moe: activation")
     if expert_map is not None and (expert_map.dim() != 1 or expert_map.dtype not in (torch.int32, torch.int64)):
-        raise ValueError(f"moe: expert_map must be a 1-D int32 tensor [E_global] (global id -> local "
-                         f"id or -1), got {expert_map.dtype} {tuple(expert_map.shape)}")
+        raise ValueError(f"moe: expert_map must be a 1-D int32/int64 tensor [E_global] (global id -> "
+                         f"local id or -1), got {expert_map.dtype} {tuple(expert_map.shape)}")
     for name, t in (("topk_ids", topk_ids), ("topk_weights", topk_weights), ("expert_map", expert_map),
-                    *weight_pairs):
+                    *zip(weights.ROLES, weight_tensors)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"moe: {name} is on {t.device} but hidden is on {hidden.device}; "
                              f"keep every input on one device")
-
-
-def _check_canonical_weights(hidden, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, topk_ids,
-                             expert_map):
-    """Checks for kernels that keep the canonical layout (reference)."""
-    for name, t in (("w13", w13), ("w13_scales", w13_scales), ("w2", w2), ("w2_scales", w2_scales)):
-        if t.dtype != torch.uint8 or t.dim() != 3:
-            raise ValueError(f"moe: {name} must be a uint8 [E, N, K] MXFP4 tensor, got {t.dtype} "
-                             f"{tuple(t.shape)}; build weights with mxfp4_compile.prepare_moe_weights")
-        if t.device != hidden.device:
-            raise ValueError(f"moe: {name} is on {t.device} but hidden is on {hidden.device}")
-    E, two_ip, hp_half = w13.shape
-    hp, ip = hp_half * 2, two_ip // 2
-    if hp % BLOCK or ip % BLOCK:
-        raise ValueError(f"moe: w13 {tuple(w13.shape)} implies Hp={hp}, Ip={ip}; both must be "
-                         f"multiples of the MXFP4 block size {BLOCK} (pad the weights: "
-                         f"mxfp4_compile.prepare_moe_weights does)")
-    expect = {"w13_scales": (E, two_ip, hp // BLOCK), "w2": (E, hp, ip // 2),
-              "w2_scales": (E, hp, ip // BLOCK)}
-    for name, t in (("w13_scales", w13_scales), ("w2", w2), ("w2_scales", w2_scales)):
-        if tuple(t.shape) != expect[name]:
-            raise ValueError(f"moe: {name} is {tuple(t.shape)} but w13 {tuple(w13.shape)} implies "
-                             f"{expect[name]} (E={E}, Hp={hp}, Ip={ip})")
-    for name, t, shape in (("w13_bias", w13_bias, (E, two_ip)), ("w2_bias", w2_bias, (E, hp))):
-        if t is not None and tuple(t.shape) != shape:
-            raise ValueError(f"moe: {name} must be {shape}, got {tuple(t.shape)}")
-    if hidden.shape[1] > hp:
-        raise ValueError(f"moe: hidden has H={hidden.shape[1]} features but the weights hold only "
-                         f"Hp={hp}; the weights were prepared for another model")
+    E, Hp, Ip = _check_weights(hidden, kernel, activation, weight_tensors)
     n_global = E if expert_map is None else expert_map.shape[0]
-    if topk_ids.shape[1] > n_global:
-        raise ValueError(f"moe: topk_ids has k={topk_ids.shape[1]} columns but there are only "
-                         f"{n_global} experts; a token cannot pick more distinct experts than exist")
-    if isinstance(topk_ids, torch._subclasses.FakeTensor) or not topk_ids.numel():
+    k = topk_ids.shape[1]
+    if _static(k) and _static(n_global) and k > n_global:
+        raise ValueError(f"moe: topk_ids has k={k} columns but there are only {n_global} "
+                         f"{'global experts (expert_map)' if expert_map is not None else 'experts'}; "
+                         f"a token cannot pick more distinct experts than exist")
+    return E, Hp, Ip
+
+
+def _check_map_entries(expert_map, E):
+    """A CPU map (a host read without a sync): every entry -1 or a local id in [0, E). Off the
+    CPU such entries mean "not on this rank" unless MXFP4_CHECK_IDS=1."""
+    if isinstance(expert_map, torch._subclasses.FakeTensor) or not expert_map.numel():
         return
-    if topk_ids.device.type != "cpu":
-        # No host sync off the CPU (CUDA graphs, streams): a device-side assert instead.
-        torch._assert_async(((topk_ids >= 0) & (topk_ids < n_global)).all(),
-                            f"moe: topk_ids must lie in [0, {n_global})")
+    bad = (expert_map < -1) | (expert_map >= E)
+    if bool(bad.any()):
+        where = bad.nonzero().flatten()[:8].tolist()
+        raise ValueError(f"moe: expert_map sends global experts {where} to local ids "
+                         f"{expert_map[where].tolist()}; entries must be -1 (not on this rank) or a "
+                         f"local id in [0, {E}): this rank holds {E} experts (w13 dim 0). Build maps "
+                         f"with mxfp4_compile.distributed.expert_map_for_rank / check_expert_map")
+
+
+def _assert_ids(topk_ids, expert_map, E):
+    """The ``MXFP4_CHECK_IDS=1`` debug check: every id in [0, n_global) and, with a map, every
+    mapped id in [-1, E). On CPU a ValueError with the values; elsewhere ``torch._assert_async``
+    (no host sync), skipped while a CUDA graph is captured."""
+    if not topk_ids.numel() or isinstance(topk_ids, torch._subclasses.FakeTensor):
         return
-    # On the CPU a host check can say exactly what is wrong.
-    lo, hi = int(topk_ids.min()), int(topk_ids.max())
-    if lo < 0 or hi >= n_global:
-        raise ValueError(f"moe: topk_ids must lie in [0, {n_global}) (number of "
-                         f"{'global experts in expert_map' if expert_map is not None else 'experts'}), "
-                         f"got values in [{lo}, {hi}]")
+    n_global = E if expert_map is None else expert_map.shape[0]
+    what = "global experts in expert_map" if expert_map is not None else "experts"
+    if topk_ids.device.type == "cpu":
+        lo, hi = int(topk_ids.min()), int(topk_ids.max())
+        if lo < 0 or hi >= n_global:
+            raise ValueError(f"moe (MXFP4_CHECK_IDS=1): topk_ids must lie in [0, {n_global}) (number "
+                             f"of {what}), got values in [{lo}, {hi}]; without the check such ids "
+                             f"contribute zero")
+        if expert_map is not None:
+            mapped = local_ids(topk_ids, expert_map)
+            lo, hi = int(mapped.min()), int(mapped.max())
+            if lo < -1 or hi >= E:
+                raise ValueError(f"moe (MXFP4_CHECK_IDS=1): expert_map sends the chosen experts to "
+                                 f"local ids in [{lo}, {hi}]; entries must be -1 (not on this rank) "
+                                 f"or in [0, {E})")
+        return
+    _assert_ids_async(topk_ids, expert_map, E,
+                      capturing=topk_ids.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
+def _assert_ids_async(topk_ids, expert_map, E, capturing=False):
+    """The device-side form of the ids check (any device; on CPU torch._assert_async raises at
+    once). Nothing while a CUDA graph is captured: the assert would be baked into every replay."""
+    if capturing:
+        return
+    n_global = E if expert_map is None else expert_map.shape[0]
+    ok = ((topk_ids >= 0) & (topk_ids < n_global)).all()
     if expert_map is not None:
         mapped = local_ids(topk_ids, expert_map)
-        if int(mapped.min()) < -1:
-            raise ValueError(f"moe: expert_map sends an expert to local id {int(mapped.min())}; "
-                             f"entries must be -1 (not on this rank) or in [0, {E})")
-        if int(mapped.max()) >= E:
-            raise ValueError(f"moe: expert_map sends an expert to local id {int(mapped.max())} "
-                             f"but this rank holds {E} experts")
-
-
-def _weight_pairs(*tensors):
-    # a weight on another device (e.g. meta) must not route the call to the fake kernel silently
-    return tuple(zip(weights.ROLES, tensors))
+        ok = ok & ((mapped >= -1) & (mapped < E)).all()
+    torch._assert_async(ok, f"moe (MXFP4_CHECK_IDS=1): topk_ids must lie in [0, {n_global}) and "
+                            f"map to local ids in [-1, {E})")
 
 
 @torch.library.custom_op("mxfp4::moe", mutates_args=())
@@ -176,12 +228,31 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         limit: float = SWIGLU_LIMIT, expert_map: torch.Tensor | None = None,
         combine: bool = True) -> torch.Tensor:
     """Fused MoE experts on MXFP4 weights prepared for ``kernel`` (see ops/moe_torch.py for the
-    math). Returns [T, H] combined, or [T, k, H] unweighted per-slot outputs when not ``combine``."""
-    _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
-               _weight_pairs(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
-    if kernel == "reference":
-        _check_canonical_weights(hidden, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, topk_ids,
-                                 expert_map)
+    math). Returns [T, H] combined, or [T, k, H] unweighted per-slot outputs when not ``combine``.
+
+    Checked on every call, for every kernel, from shapes and dtypes only (no data read, no sync;
+    the fake kernel runs the same checks): hidden float [T, H]; topk_ids int [T, k] and
+    topk_weights float [T, k]; expert_map 1-D int [E_global] of any length; every tensor on
+    hidden's device; the six weights exactly the shapes and dtypes ``kernel``'s
+    ``prepared_shapes(E, Hp, Ip, activation, ...)`` gives for one E (every tensor's dim 0) and
+    the (Hp, Ip) that w13 and w2 imply, with H <= Hp. A mismatch is a ValueError naming the tensor.
+    Not detectable from shapes: weights of another layout or activation whose shapes coincide
+    (reference, triton and flashinfer share the canonical shapes; swiglu_oai and silu_glu weights
+    of one kernel too), and H smaller than the model's own H within the same padding.
+
+    Ids: an id outside [0, E) (without a map) or outside [0, len(expert_map)) (with one) means
+    "not on this rank": that slot contributes zero (and is zero in the combine=False output), on
+    every kernel. A map entry outside [-1, E) is a ValueError when the map is on the CPU (a host
+    read costs no sync there); on a GPU such an entry too means "not on this rank".
+    ``MXFP4_CHECK_IDS=1`` turns all of these into an error instead (CPU: a ValueError; GPU:
+    ``torch._assert_async``, skipped under CUDA-graph capture). The Triton kernel with an expert_map reads map[id] without a bounds check, so ids
+    outside [0, len(expert_map)) must not reach it on a GPU (see MXFP4_CHECK_IDS)."""
+    E, _, _ = _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
+                         (w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
+    if expert_map is not None and expert_map.device.type == "cpu":
+        _check_map_entries(expert_map, E)
+    if check_ids_enabled():
+        _assert_ids(topk_ids, expert_map, E)
     reason = dispatch.unavailable_reason(kernel, hidden.device)
     if reason is not None:
         raise RuntimeError(f"moe: kernel {kernel!r} cannot run on {hidden.device}: {reason}")
@@ -194,7 +265,7 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
 def _(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, kernel,
       activation="swiglu_oai", alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT, expert_map=None, combine=True):
     _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
-               _weight_pairs(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
+               (w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
     if combine:
         return hidden.new_empty(hidden.shape)
     return hidden.new_empty(hidden.shape[0], topk_ids.shape[1], hidden.shape[1])

@@ -42,11 +42,18 @@ def activate(h: torch.Tensor, activation: str, alpha: float, limit: float) -> to
 
 
 def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
-    """Global top-k ids -> local expert ids (-1 where the expert lives on another rank)."""
+    """Global top-k ids -> local expert ids (-1 where the expert lives on another rank). Ids
+    outside [0, len(expert_map)) map to -1 ("not on this rank", as every kernel treats them) instead
+    of indexing out of range, or wrapping around for negative ids. Without a map the ids stay as
+    they are: an id outside [0, E) matches no expert, so it contributes zero."""
     ids = topk_ids.long()
     if expert_map is None:
         return ids
-    return expert_map.long()[ids]
+    n = expert_map.shape[0]
+    if n == 0:
+        return torch.full_like(ids, -1)
+    inside = (ids >= 0) & (ids < n)
+    return torch.where(inside, expert_map.long()[ids.clamp(0, n - 1)], -1)
 
 
 def moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,

@@ -27,13 +27,21 @@ PDL_LAUNCH = True
 
 
 def topk_softmax_torch(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool):
-    """The same routing in plain torch ops (CPU, and the oracle of the tests)."""
+    """The same routing in plain torch ops (CPU, and the oracle of the tests). Ties pick the
+    lower index, as the fused kernel does (torch.topk promises no order among equal values, and
+    differs between CPU and CUDA): a stable descending sort orders by (-value, index), NaN first."""
     if softmax_first:
         p = torch.softmax(logits.float(), dim=-1)
-        w, ids = torch.topk(p, k, dim=-1)
+        w, ids = _topk_lower_index(p, k)
         return (w / w.sum(-1, keepdim=True) if renormalize else w), ids
-    v, ids = torch.topk(logits.float(), k, dim=-1)
+    v, ids = _topk_lower_index(logits.float(), k)
     return torch.softmax(v, dim=-1), ids
+
+
+def _topk_lower_index(x: torch.Tensor, k: int):
+    """torch.topk(x, k) with ties broken towards the lower index (-0.0 and 0.0 are equal)."""
+    v, ids = torch.sort(x, dim=-1, descending=True, stable=True)
+    return v[..., :k].contiguous(), ids[..., :k].contiguous()
 
 
 def check(logits: torch.Tensor, k: int) -> None:

@@ -71,6 +71,12 @@ def _pad_gate_up(t: torch.Tensor, dim: int, ip: int, activation: str):
     return torch.cat((gate, z, up, z), dim=dim)
 
 
+def _own_f32(t: torch.Tensor) -> torch.Tensor:
+    """A float32 copy that never aliases the caller's tensor (an in-place change of the model's
+    bias must not change prepared weights behind the cache's back, nor the reverse)."""
+    return t.detach().to(torch.float32, copy=True)
+
+
 def _pad_last(t: torch.Tensor, n: int) -> torch.Tensor:
     return F.pad(t, (0, n - t.shape[-1])) if t.shape[-1] != n else t
 
@@ -134,12 +140,12 @@ def quantize_experts(w13, w2, w13_bias=None, w2_bias=None, *, activation, roundi
     if w13_bias is not None:
         if tuple(w13_bias.shape) != (E, 2 * I):
             raise ValueError(f"w13_bias must be [E={E}, 2I={2 * I}], got {tuple(w13_bias.shape)}")
-        b13 = _pad_gate_up(_reorder_gate_up(w13_bias.float(), 1, gate_up_interleaved, activation),
+        b13 = _pad_gate_up(_reorder_gate_up(_own_f32(w13_bias), 1, gate_up_interleaved, activation),
                            1, ip, activation).contiguous()
     if w2_bias is not None:
         if tuple(w2_bias.shape) != (E, H):
             raise ValueError(f"w2_bias must be [E={E}, H={H}], got {tuple(w2_bias.shape)}")
-        b2 = _pad_last(w2_bias.float(), hp).contiguous()
+        b2 = _pad_last(_own_f32(w2_bias), hp).contiguous()
     return q13, s13, b13, q2, s2, b2
 
 
@@ -148,11 +154,11 @@ def pad_packed(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, *, activation,
     w13 = _pad_last(_pad_gate_up(w13, 1, ip, activation), hp // 2)
     w13_scales = _pad_last(_pad_gate_up(w13_scales, 1, ip, activation), hp // BLOCK)
     if w13_bias is not None:
-        w13_bias = _pad_gate_up(w13_bias.float(), 1, ip, activation).contiguous()
+        w13_bias = _pad_gate_up(_own_f32(w13_bias), 1, ip, activation).contiguous()
     w2 = _pad_last(_pad_dim1(w2, hp), ip // 2)
     w2_scales = _pad_last(_pad_dim1(w2_scales, hp), ip // BLOCK)
     if w2_bias is not None:
-        w2_bias = _pad_last(w2_bias.float(), hp).contiguous()
+        w2_bias = _pad_last(_own_f32(w2_bias), hp).contiguous()
     return (w13.contiguous(), w13_scales.contiguous(), w13_bias,
             w2.contiguous(), w2_scales.contiguous(), w2_bias)
 
@@ -235,12 +241,31 @@ def from_mxfp4_blocks(w13_blocks, w13_scales, w13_bias, w2_blocks, w2_scales, w2
         if b.dim() != 3 or s.dim() != 3 or s.shape[:2] != b.shape[:2] or s.shape[2] * (BLOCK // 2) != b.shape[2]:
             raise ValueError(f"{name}: blocks {tuple(b.shape)} and scales {tuple(s.shape)} do not "
                              f"describe one [E, N, K] MXFP4 tensor ([E, N, K/2] and [E, N, K/32])")
+        if 0 in b.shape[1:]:
+            raise ValueError(f"{name}: blocks {tuple(b.shape)} have an empty N or K dim; an expert "
+                             f"weight needs N >= 1 rows of K >= {BLOCK} elements")
         flat += [b, s]
     E, two_i, h_half = flat[0].shape
+    if two_i % 2:
+        raise ValueError(f"w13 blocks {tuple(flat[0].shape)} have {two_i} rows; w13 holds 2*I "
+                         f"gate/up rows, an even number")
     H, I = h_half * 2, two_i // 2
+    if I % BLOCK:
+        raise ValueError(f"w13 blocks {tuple(flat[0].shape)} imply I={I}, but w2 [E, H, I/2] packs I "
+                         f"in MXFP4 blocks of {BLOCK}: I must be a multiple of {BLOCK}")
     if tuple(flat[2].shape) != (E, H, I // 2):
-        raise ValueError(f"w2 blocks must be [E={E}, H={H}, I/2={I // 2}] to match w13, got "
-                         f"{tuple(flat[2].shape)}")
+        raise ValueError(f"w2 blocks must be [E={E}, H={H}, I/2={I // 2}] to match w13 "
+                         f"{tuple(flat[0].shape)} ([E, 2I, H/2]), got {tuple(flat[2].shape)}")
+    for name, bias, shape in (("w13_bias", w13_bias, (E, 2 * I)), ("w2_bias", w2_bias, (E, H))):
+        if bias is None:
+            continue
+        if not isinstance(bias, torch.Tensor) or not bias.is_floating_point():
+            raise TypeError(f"{name} must be a float tensor {shape}, got "
+                            f"{getattr(bias, 'dtype', type(bias).__name__)}")
+        if tuple(bias.shape) != shape:
+            raise ValueError(f"{name} must be [E={E}, {'2I' if name == 'w13_bias' else 'H'}="
+                             f"{shape[1]}] to match the blocks, got {tuple(bias.shape)}; it would "
+                             f"otherwise be cropped or zero-padded silently")
     hp, ip = dispatch.padded_sizes(kernel, H, I)
     canonical = pad_packed(flat[0], flat[1], w13_bias, flat[2], flat[3], w2_bias,
                            activation=activation, hp=hp, ip=ip)

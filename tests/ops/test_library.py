@@ -6,6 +6,7 @@ import torch
 import mxfp4_compile  # noqa: F401
 from mxfp4_compile.formats import E8M0_BIAS
 from mxfp4_compile.ops import weights
+from mxfp4_compile.ops.moe_torch import moe_torch
 
 OPS = torch.ops.mxfp4
 
@@ -175,12 +176,12 @@ def test_moe_bad_args(setup, field, value, match):
 
 def test_moe_bad_weights(setup):
     p, hidden, ids, w = setup
-    with pytest.raises(ValueError, match="w13 must be a uint8"):
+    with pytest.raises(ValueError, match=r"w13 is torch.float32 .* expects torch.uint8"):
         _call(p, hidden, ids, w, w13=p.w13.float())
     with pytest.raises(ValueError, match="w13_scales"):
         _call(p, hidden, ids, w, w13_scales=p.w13_scales[:, :, :1])
     # mismatched expert counts between w13 and w2
-    with pytest.raises(ValueError, match="w2 is"):
+    with pytest.raises(ValueError, match="w2 .* holds 5 experts"):
         _call(p, hidden, ids, w, w2=torch.cat((p.w2, p.w2[:1])))
     with pytest.raises(ValueError, match="w2_scales"):
         _call(p, hidden, ids, w, w2_scales=p.w2_scales[:3])
@@ -205,34 +206,91 @@ def test_moe_k_not_multiple_of_32(setup):
               w13_bias=None, w2_bias=None)
 
 
-def test_moe_ids_out_of_range(setup):
+def _slot_outputs(p, hidden, ids, w, **kw):
+    return _call(p, hidden, ids, w, combine=False, **kw)
+
+
+def test_moe_ids_out_of_range(setup, monkeypatch):
+    """Ids outside [0, E) are "not on this rank" on every kernel: their slot contributes zero;
+    MXFP4_CHECK_IDS=1 makes them an error."""
     p, hidden, ids, w = setup
-    for bad in (4, -1):
+    monkeypatch.delenv("MXFP4_CHECK_IDS", raising=False)
+    ref = _slot_outputs(p, hidden, ids, w)
+    for bad in (4, -1, 1 << 40):
         ids2 = ids.clone()
         ids2[1, 0] = bad
-        with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 4\)"):
+        out = _slot_outputs(p, hidden, ids2, w)
+        assert torch.all(out[1, 0] == 0)
+        keep = torch.ones(ids.shape, dtype=torch.bool)
+        keep[1, 0] = False
+        torch.testing.assert_close(out[keep], ref[keep])  # other batch sizes: BLAS rounding
+        combined = _call(p, hidden, ids2, w)
+        w2 = w.clone()
+        w2[1, 0] = 0
+        torch.testing.assert_close(combined, _call(p, hidden, ids, w2))
+        monkeypatch.setenv("MXFP4_CHECK_IDS", "1")
+        with pytest.raises(ValueError, match=r"MXFP4_CHECK_IDS=1.*topk_ids must lie in \[0, 4\)"):
             _call(p, hidden, ids2, w)
-    # top-k larger than E: some id must fall outside [0, E)
+        monkeypatch.delenv("MXFP4_CHECK_IDS")
+    # top-k larger than E: some id must fall outside [0, E): a shape error on every kernel
     ids5, w5 = torch.arange(5).expand(3, 5), torch.rand(3, 5)
-    with pytest.raises(ValueError, match="topk_ids"):
-        _call(p, hidden, ids5, w5)
+    with pytest.raises(ValueError, match="k=5 columns but there are only 4 experts"):
+        _call(p, hidden[:3], ids5, w5)
 
 
-def test_moe_bad_expert_map(setup):
+def test_moe_check_ids_assert_async(setup):
+    """Off the CPU the MXFP4_CHECK_IDS check is torch._assert_async (no host sync), which on CPU
+    tensors raises at once; nothing while a CUDA graph is being captured."""
+    from mxfp4_compile.ops import library
     p, hidden, ids, w = setup
-    # global ids beyond the map
-    emap = torch.tensor([0, 1, -1], dtype=torch.int32)
-    with pytest.raises(ValueError, match=r"topk_ids must lie in \[0, 3\).*expert_map"):
-        _call(p, hidden, ids, w, expert_map=emap)
-    # map pointing past the local experts
-    emap = torch.tensor([0, 1, 2, 7], dtype=torch.int32)
+    library._assert_ids_async(ids, None, 4)  # in range: no error
+    bad = ids.clone()
+    bad[0, 0] = 9
+    with pytest.raises(RuntimeError, match=r"MXFP4_CHECK_IDS=1.*\[0, 4\)"):
+        library._assert_ids_async(bad, None, 4)
+    emap = torch.tensor([0, 1, 2, 7], dtype=torch.int32)  # entry past the local experts
+    with pytest.raises(RuntimeError, match="MXFP4_CHECK_IDS"):
+        library._assert_ids_async(torch.tensor([[3, 0]]), emap, 4)
+    library._assert_ids_async(bad, None, 4, capturing=True)  # skipped under capture
+
+
+def test_moe_bad_expert_map(setup, monkeypatch):
+    """Ids beyond the map, and map entries outside [-1, E), are "not on this rank" (zero);
+    MXFP4_CHECK_IDS=1 makes each an error."""
+    p, hidden, ids, w = setup
+    monkeypatch.delenv("MXFP4_CHECK_IDS", raising=False)
     ids2 = torch.tensor([[3, 0], [1, 2], [0, 1]])
-    with pytest.raises(ValueError, match="expert_map sends an expert to local id 7"):
-        _call(p, hidden, ids2, w, expert_map=emap)
-    # entries below -1 are not "elsewhere": an error, not a silent zero
-    emap = torch.tensor([0, 1, 2, -2], dtype=torch.int32)
-    with pytest.raises(ValueError, match="expert_map sends an expert to local id -2"):
-        _call(p, hidden, ids2, w, expert_map=emap)
+    full = torch.tensor([0, 1, 2, 3], dtype=torch.int32)
+    ref = _slot_outputs(p, hidden, ids2, w, expert_map=full)
+    # a CPU map's entries outside [-1, E) are an error (a host read costs nothing there)
+    for bad, match in ((7, r"global experts \[3\] to local ids \[7\].*holds 4 experts"),
+                       (-2, r"global experts \[3\] to local ids \[-2\]")):
+        with pytest.raises(ValueError, match=match):
+            _call(p, hidden, ids2, w, expert_map=torch.tensor([0, 1, 2, bad], dtype=torch.int32))
+        # the reference math itself (what a GPU map gets): "not on this rank", zero
+        out = moe_torch(hidden, ids2, w, p.w13, p.w13_scales, p.w13_bias, p.w2, p.w2_scales, p.w2_bias,
+                        expert_map=torch.tensor([0, 1, 2, bad]), combine=False)
+        assert torch.all(out[0, 0] == 0)
+    cases = [  # (map, what the CHECK_IDS error says)
+        (torch.tensor([0, 1, 2], dtype=torch.int32), r"topk_ids must lie in \[0, 3\).*expert_map"),
+    ]
+    for emap, match in cases:
+        out = _slot_outputs(p, hidden, ids2, w, expert_map=emap)
+        assert torch.all(out[0, 0] == 0)  # global expert 3: not on this rank
+        torch.testing.assert_close(out[1:], ref[1:])
+        torch.testing.assert_close(out[0, 1], ref[0, 1])
+        monkeypatch.setenv("MXFP4_CHECK_IDS", "1")
+        with pytest.raises(ValueError, match=match):
+            _call(p, hidden, ids2, w, expert_map=emap)
+        monkeypatch.delenv("MXFP4_CHECK_IDS")
+    # negative ids with a map do not wrap around to the map's last entry
+    neg = ids2.clone()
+    neg[0, 0] = -1
+    out = _slot_outputs(p, hidden, neg, w, expert_map=full)
+    assert torch.all(out[0, 0] == 0)
+    # an empty map: every expert elsewhere
+    out = _slot_outputs(p, hidden, ids2[:, :0], w[:, :0], expert_map=full[:0])
+    assert out.shape == (3, 0, 64)
 
 
 def test_moe_wrong_device(setup):

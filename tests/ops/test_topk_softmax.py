@@ -104,6 +104,28 @@ def test_kernel_ties_nan_and_minus_inf(interpreted):
 
 
 # ----------------------------------------------------------------- the op on CPU ---------------
+def test_cpu_ties_pick_the_lower_index_like_the_kernel():
+    """The CPU path breaks ties exactly as the fused kernel documents (lower index first; NaN
+    above everything): the kernel's own answers under the interpreter are the same lists
+    (test_kernel_ties_nan_and_minus_inf). torch.topk on CPU returns [3, 1, 4] for the first row."""
+    x = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0], [0.0, float("nan"), 2.0, 1.0, 0.0],
+                      [-math.inf] * 5])
+    w, ids = ts.topk_softmax_torch(x, 3, False, True)
+    assert ids.tolist() == [[1, 2, 4], [1, 2, 3], [0, 1, 2]]
+    assert w[0].tolist() == pytest.approx([1 / 3] * 3, rel=1e-6)
+    for renormalize in (False, True):  # softmax first: equal logits give equal probabilities
+        w, ids = ts.topk_softmax_torch(x[0::2], 3, True, renormalize)
+        assert ids.tolist() == [[1, 2, 4], [0, 1, 2]]
+    w, ids = torch.ops.mxfp4.topk_softmax(torch.tensor([[0.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0, 2.0]] * 2), 4)
+    assert ids.tolist() == [[1, 2, 3, 4]] * 2
+    # many rows of many ties (where CPU torch.topk's order is its own): always the lowest indices
+    x = torch.randint(0, 3, (64, 40), generator=torch.Generator().manual_seed(0)).float()
+    w, ids = ts.topk_softmax_torch(x, 8, False, True)
+    for row, got in zip(x, ids):
+        want = sorted(range(40), key=lambda i: (-row[i].item(), i))[:8]
+        assert got.tolist() == want
+
+
 @pytest.mark.parametrize("mode", list(MODES))
 def test_cpu_op_matches_the_oracle(mode):
     sf, rn = MODES[mode]

@@ -278,6 +278,52 @@ def test_checkpoint_import_bad_shapes():
         weights.from_mxfp4_blocks(**ck, activation="gelu")
 
 
+@pytest.mark.parametrize("name,width", [("w2_bias", 32), ("w2_bias", 96), ("w13_bias", 64),
+                                        ("w13_bias", 256)])
+def test_checkpoint_import_bias_of_wrong_width(name, width):
+    """A bias narrower or wider than its weight was cropped or zero-padded (or hit a negative
+    dimension): now an error naming the tensor and the shape it must have."""
+    ck = gpt_oss_checkpoint(2, 64, 64, seed=17)
+    want = "2I=128" if name == "w13_bias" else "H=64"
+    with pytest.raises(ValueError, match=rf"{name} must be \[E=2, {want}\].*got \(2, {width}\)"):
+        weights.from_mxfp4_blocks(**dict(ck, **{name: torch.zeros(2, width)}))
+    with pytest.raises(ValueError, match=name):  # wrong expert count
+        weights.from_mxfp4_blocks(**dict(ck, **{name: ck[name][:1]}))
+    with pytest.raises(TypeError, match=name):
+        weights.from_mxfp4_blocks(**dict(ck, **{name: ck[name].long()}))
+
+
+def test_checkpoint_import_degenerate_shapes():
+    """Shapes that used to end in negative-dimension RuntimeErrors or IndexErrors: clear errors."""
+    ck = gpt_oss_checkpoint(2, 64, 64, seed=18)
+    b13, s13 = ck["w13_blocks"].flatten(-2), ck["w13_scales"]
+    with pytest.raises(ValueError, match="even number"):  # odd gate/up row count
+        weights.from_mxfp4_blocks(**dict(ck, w13_blocks=b13[:, :127], w13_scales=s13[:, :127]))
+    with pytest.raises(ValueError, match="I must be a multiple of 32"):
+        weights.from_mxfp4_blocks(**dict(ck, w13_blocks=b13[:, :96], w13_scales=s13[:, :96]))
+    with pytest.raises(ValueError, match="empty"):
+        weights.from_mxfp4_blocks(**dict(ck, w13_blocks=b13[:, :, :0], w13_scales=s13[:, :, :0]))
+
+
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+def test_prepared_bias_does_not_alias(kernel):
+    """A prepared bias is a copy: changing the caller's float32 bias in place afterwards does not
+    change the prepared weights (from_mxfp4_blocks and prepare_moe_weights alike)."""
+    ck = gpt_oss_checkpoint(2, 64, 64, seed=19)
+    ck["w13_bias"], ck["w2_bias"] = ck["w13_bias"].float(), ck["w2_bias"].float()
+    p = weights.from_mxfp4_blocks(**ck, kernel=kernel, activation="swiglu_oai")
+    g = _g(20)
+    w13, w2 = torch.randn(2, 128, 64, generator=g), torch.randn(2, 64, 64, generator=g)
+    b13, b2 = torch.randn(2, 128, generator=g), torch.randn(2, 64, generator=g)
+    q = weights.prepare_moe_weights(w13, w2, b13, b2, activation="swiglu_oai", kernel=kernel, cache=False)
+    for prepared, (c13, c2) in ((p, (ck["w13_bias"], ck["w2_bias"])), (q, (b13, b2))):
+        before = [t.clone() for t in (prepared.w13_bias, prepared.w2_bias)]
+        for caller, mine in ((c13, prepared.w13_bias), (c2, prepared.w2_bias)):
+            assert caller.data_ptr() != mine.data_ptr()
+            caller.add_(1.0)
+        assert torch.equal(prepared.w13_bias, before[0]) and torch.equal(prepared.w2_bias, before[1])
+
+
 # ------------------------------------------------------------------------------------------ cache
 
 

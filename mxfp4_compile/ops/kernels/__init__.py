@@ -111,3 +111,100 @@ def gpu_unavailable(device: torch.device, kernel: str, major: int, arch: str, wh
     if got != major:
         return f"kernel {kernel!r} needs an {arch} GPU ({why}); this GPU is sm{got}{minor}"
     return None
+
+
+# ---- the op wrapper's checks of prepared weights (every kernel, shapes and dtypes only) ---------------
+PREPARED_ROLES = ("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")
+
+
+def _affine_probe(module: ModuleType, E: int, activation: str, has_b13: bool, has_b2: bool):
+    """Each dim of the prepared w13 and w2 as a + b*Hp + c*Ip: the coefficients, read off
+    ``prepared_shapes`` at three padded sizes (the value tensors' shapes are linear in Hp, Ip for
+    every layout; the scales' need not be, so they are only compared, never solved for)."""
+    h0, i0 = module.H_MULTIPLE, module.I_MULTIPLE
+    pts = [module.prepared_shapes(E, h, i, activation, has_b13, has_b2)
+           for h, i in ((h0, i0), (2 * h0, i0), (h0, 2 * i0))]
+    coeffs = []
+    for role in (0, 3):
+        base, dh, di = (p[role][0] for p in pts)
+        for d in range(len(base)):
+            bh, bi = (dh[d] - base[d]) // h0, (di[d] - base[d]) // i0
+            coeffs.append((role, d, base[d] - bh * h0 - bi * i0, bh, bi))
+    return coeffs
+
+
+def _solve_sizes(module: ModuleType, E: int, tensors, activation: str) -> tuple[int, int] | None:
+    """(Hp, Ip) that the prepared w13 and w2 shapes imply for ``module``'s layout, None when no
+    (Hp, Ip) fits (e.g. weights of another kernel's layout)."""
+    has_b13, has_b2 = tensors[2] is not None, tensors[5] is not None
+    hp = ip = None
+    for role, d, a, bh, bi in _affine_probe(module, E, activation, has_b13, has_b2):
+        shape = tensors[role].shape
+        if d >= len(shape):
+            return None
+        if bh and not bi:
+            hp = (shape[d] - a) // bh if (shape[d] - a) % bh == 0 else -1
+        elif bi and not bh:
+            ip = (shape[d] - a) // bi if (shape[d] - a) % bi == 0 else -1
+    if hp is None or ip is None or hp <= 0 or ip <= 0:
+        return None
+    return hp, ip
+
+
+def _fmt(spec: PreparedShape) -> str:
+    return "None" if spec is None else f"{spec[1]} {tuple(spec[0])}"
+
+
+def check_prepared(module: ModuleType, hidden_size, tensors, activation: str,
+                   where: str = "moe") -> tuple[int, int, int]:
+    """-> (E, Hp, Ip) of the six prepared tensors ``tensors`` (w13, w13_scales, w13_bias, w2,
+    w2_scales, w2_bias; biases may be None) after checking, from their shapes and dtypes alone (no
+    data read, so the fake kernels run it too), that they are exactly what ``module.prepare``
+    makes for ``activation``: one expert count E on every tensor, padded sizes (Hp, Ip) that
+    w13 and w2 agree on, the kernel's padding, and ``hidden_size`` <= Hp. ValueError naming the
+    tensor, its shape and dtype, the expected ones and the fix.
+
+    Undetectable here: layouts whose shapes and dtypes coincide (reference, triton and flashinfer
+    share the canonical shapes; swiglu_oai and silu_glu weights of one layout too): such weights
+    pass and compute garbage."""
+    kernel = module.NAME
+    fix = (f"prepare the weights with mxfp4_compile.prepare_moe_weights(..., kernel={kernel!r}, "
+           f"activation={activation!r}) (or from_mxfp4_blocks) and pass the same kernel and activation")
+    for role, t in zip(PREPARED_ROLES, tensors):
+        if t is None:
+            if role in ("w13_bias", "w2_bias"):
+                continue
+            raise ValueError(f"{where}: {role} is None; only the biases may be absent")
+        if t.dim() < 2:
+            raise ValueError(f"{where}: {role} must have a leading expert dim [E, ...], got "
+                             f"{t.dtype} {tuple(t.shape)}; {fix}")
+    E = tensors[0].shape[0]
+    for role, t in zip(PREPARED_ROLES, tensors):
+        if t is not None and t.shape[0] != E:
+            raise ValueError(f"{where}: {role} {tuple(t.shape)} holds {t.shape[0]} experts (dim 0) but "
+                             f"w13 {tuple(tensors[0].shape)} holds {E}: every weight, scale and bias "
+                             f"must hold the same experts (a short one would be read past its end)")
+    sizes = _solve_sizes(module, E, tensors, activation)
+    if sizes is None:
+        want = module.prepared_shapes(E, module.H_MULTIPLE, module.I_MULTIPLE, activation,
+                                      tensors[2] is not None, tensors[5] is not None)
+        raise ValueError(f"{where}: w13 {tuple(tensors[0].shape)} and w2 {tuple(tensors[3].shape)} fit no "
+                         f"padded sizes (Hp, Ip) of kernel {kernel!r}'s layout (e.g. at Hp={module.H_MULTIPLE}, "
+                         f"Ip={module.I_MULTIPLE}: w13 {_fmt(want[0])}, w2 {_fmt(want[3])}); weights "
+                         f"prepared for another kernel? {fix}")
+    Hp, Ip = sizes
+    check_padded(kernel, Hp, Ip, module.H_MULTIPLE, module.I_MULTIPLE,
+                 f"w13 {tuple(tensors[0].shape)}, w2 {tuple(tensors[3].shape)}")
+    want = module.prepared_shapes(E, Hp, Ip, activation, tensors[2] is not None, tensors[5] is not None)
+    for role, t, spec in zip(PREPARED_ROLES, tensors, want):
+        if t is None:
+            continue
+        if tuple(t.shape) != tuple(spec[0]) or t.dtype != spec[1]:
+            raise ValueError(f"{where}: {role} is {t.dtype} {tuple(t.shape)} but kernel {kernel!r} with "
+                             f"E={E}, Hp={Hp}, Ip={Ip} (from w13 and w2), activation={activation!r} "
+                             f"expects {_fmt(spec)}; {fix}")
+    if isinstance(hidden_size, int) and hidden_size > Hp:
+        raise ValueError(f"{where}: hidden has H={hidden_size} features but the weights hold only "
+                         f"Hp={Hp} (w13 {tuple(tensors[0].shape)}); the weights were prepared for "
+                         f"another model")
+    return E, Hp, Ip
