@@ -213,16 +213,17 @@ def _route(plan, topk_ids, expert_map, E: int):
     es = torch.empty(EB, dtype=torch.int32, device=dev)
     sorted_assign = torch.empty(M, dtype=torch.int32, device=dev)
     emap = expert_map if expert_map is not None else es  # dummy pointer when absent
+    n_map = expert_map.numel() if expert_map is not None else 0
     if plan.n_chunks == 1:
-        plan.launches[0](topk_ids, emap, es, es, sorted_assign, M, E, 1)
+        plan.launches[0](topk_ids, emap, es, es, sorted_assign, M, E, n_map, 1)
         return es, sorted_assign
     # per-chunk counts; the scan adds a row of totals
     counts = torch.empty(plan.n_chunks + int(plan.scanned), EB, dtype=torch.int32, device=dev)
     count, *scan, scatter = plan.launches
-    count(topk_ids, emap, counts, es, sorted_assign, M, E, plan.n_chunks)
+    count(topk_ids, emap, counts, es, sorted_assign, M, E, n_map, plan.n_chunks)
     if scan:
         scan[0](counts, plan.n_chunks)
-    scatter(topk_ids, emap, counts, es, sorted_assign, M, E, plan.n_chunks)
+    scatter(topk_ids, emap, counts, es, sorted_assign, M, E, n_map, plan.n_chunks)
     return es, sorted_assign
 
 
@@ -275,6 +276,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     ids = topk_ids.contiguous()
     tw = topk_weights.contiguous()
     emap = expert_map.to(torch.int32).contiguous() if expert_map is not None else None
+    n_map = emap.numel() if emap is not None else 0  # ids past the map are not on this rank
     M = T * k
     major, sms = 0, 0  # the interpreter: no automatic split or pairing (tests force them)
     if not interpret:
@@ -301,7 +303,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
     if L.mma2[0]:
         L.gemm1(x, sorted_assign, es, ids_or_es, emap_or_es, w13_words, w13_scales, b13, a, p,
-                E, k, float(alpha), float(limit), M)
+                E, n_map, k, float(alpha), float(limit), M)
     else:
         L.gemm1(x, sorted_assign, es, w13_words, w13_scales, b13, a, p, E, k, float(alpha),
                 float(limit), M, *_words_descs(w13_words, L.gemm1, L.p1.tail))
@@ -315,11 +317,12 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     b2 = w2_bias if w2_bias is not None else es
     w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
     if L.mma2[1]:
-        L.gemm2(a, sorted_assign, es, ids_or_es, emap_or_es, w2_words, w2_scales, b2, y, E, M)
+        L.gemm2(a, sorted_assign, es, ids_or_es, emap_or_es, w2_words, w2_scales, b2, y, E, n_map,
+                M)
     else:
         L.gemm2(a, sorted_assign, es, w2_words, w2_scales, b2, y, E, M,
                 *_words_descs(w2_words, L.gemm2, L.p2.tail))
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
-    L.finalize(y, ids, emap if emap is not None else es, tw, out, E, M)
+    L.finalize(y, ids, emap if emap is not None else es, tw, out, E, n_map, M)
     return out

@@ -57,13 +57,20 @@ CASES = {
                                    split=(2, 2), combine=False, act="silu_glu"),
     # one w2 block with the NaN scale byte 255: NaN exactly where the reference has NaN
     "nan_scale_block": dict(T=7, nan_block=True),
+    # ids outside [0, E) / past the expert map (negative, just past, 2**40 in int64): not on
+    # this rank, as moe_torch treats them; no read past the map
+    "ids_out_of_range": dict(T=7, ids64=True, bad_ids=True),
+    "ids_out_of_range_map_uncombined": dict(T=7, ids64=True, bad_ids=True, emap=True,
+                                            combine=False),
+    "ids_out_of_range_map_chunked": dict(T=7, ids64=True, bad_ids=True, emap=True,
+                                         route_budget=32),
 }
 
 
 def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False, combine=True,
               ids64=False, dtype="bfloat16", route_budget=None, route_sort_max=None, seed=0,
               twice=False, split=None, pair=False, bk=None, nan_block=False, half=False,
-              extra=0, counts=None):
+              extra=0, counts=None, bad_ids=False):
     from mxfp4_compile.ops.kernels import triton_moe as tm
     from mxfp4_compile.ops.kernels.triton_moe_details.policy import UNTUNED, override
     from mxfp4_compile.ops.moe_torch import moe_torch
@@ -89,6 +96,8 @@ def _run_case(E=5, H=96, I=64, k=2, T=7, act="swiglu_oai", bias=True, emap=False
         assert sum(counts) == T * k and max(counts) <= T  # (then the k experts are distinct)
         seq = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts))
         ids = seq.reshape(k, T).t().contiguous()
+    if bad_ids:  # int64: -3, just past the map (or E), 2**40 (past int32)
+        ids[0, 0], ids[1, 1], ids[2, 0] = -3, e_global, 2 ** 40
     ids = ids if ids64 else ids.to(torch.int32)
     tw = torch.rand(T, k, generator=g)
     expert_map = None
@@ -125,9 +134,11 @@ def _compare(tm, moe_torch, x, ids, tw, canonical, prepared, act, expert_map, co
     res["finite"] = bool(torch.isfinite(out.float()).all())
     res["err"] = ((out.float() - ref).norm() / ref.norm()).item() if ref.numel() else 0.0
     if x.shape[0]:  # routing metadata: a stable grouping of the valid assignments by expert
-        ids_local = ids.long() if expert_map is None else expert_map.long()[ids.long()]
+        from mxfp4_compile.ops.moe_torch import local_ids
+
+        ids_local = local_ids(ids, expert_map)  # -1 / out of [0, E): not on this rank
         es, sorted_assign = tm.route(ids.contiguous(), expert_map, E)
-        valid = (ids_local >= 0).flatten()
+        valid = ((ids_local >= 0) & (ids_local < E)).flatten()
         order = torch.sort(torch.where(valid, ids_local.flatten(), E), stable=True).indices
         n_valid = int(valid.sum())
         counts = torch.bincount(ids_local.flatten()[valid], minlength=E)

@@ -140,3 +140,31 @@ def test_one_token_reads_the_ids_without_the_route_kernel(emap, combine, monkeyp
     assert torch.isfinite(out).all()
     assert ((out - ref).norm() / ref.norm()).item() < 1e-2
     assert torch.equal(outs[0], outs[1])
+
+
+@pytest.mark.parametrize("T", [1, 8])  # T=1: DIRECT reads the ids in the GEMMs themselves
+@pytest.mark.parametrize("emap", [False, True])
+def test_ids_out_of_range_are_not_on_this_rank(T, emap):
+    # -3, just past the map (or E) and 2**40 (past int32) contribute zero, as in moe_torch; with
+    # an expert map no id reads past it (before the range test, 2**40 read far out of bounds)
+    E, H, I, k, act = 32, 2880, 2880, 4, "swiglu_oai"
+    canon, prepared = _weights(E, H, I, act)
+    g = torch.Generator().manual_seed(11)
+    e_global = 48 if emap else E
+    expert_map = None
+    if emap:
+        expert_map = torch.full((e_global,), -1, dtype=torch.int32)
+        expert_map[torch.randperm(e_global, generator=g)[:E]] = torch.arange(E, dtype=torch.int32)
+        expert_map = expert_map.cuda()
+    ids = torch.stack([torch.randperm(e_global, generator=g)[:k] for _ in range(T)])
+    ids[0, 0], ids[0, 1] = -3, 2 ** 40
+    ids[-1, 2] = e_global
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16).cuda()
+    tw = torch.rand(T, k, generator=g).cuda()
+    ids = ids.cuda()
+    torch.empty(1 << 28, dtype=torch.uint8, device="cuda").fill_(0xFF)  # poison
+    out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, expert_map, True).float()
+    torch.cuda.synchronize()
+    ref = moe_torch(x.float(), ids, tw, *canon, act, 1.702, 7.0, expert_map, True).float()
+    assert torch.isfinite(out).all()
+    assert ((out - ref).norm() / ref.norm()).item() < 1e-2

@@ -65,9 +65,10 @@ def _compile(gemm, cfg, split, chunk, mask, H, I, direct=False, arch=90):
            "ids_ptr": "*i64", "emap_ptr": "*i32",
            "w_ptr": "*i32", "s_ptr": "*u8", "b_ptr": "*fp32", "p_ptr": "*fp32", "y_ptr": "*fp32"}
     if gemm == 1:
-        types = dict(ptr, E="i32", k_top="i32", alpha="fp32", limit="fp32", p_rows="i32")
+        types = dict(ptr, E="i32", n_map="i32", k_top="i32", alpha="fp32", limit="fp32",
+                     p_rows="i32")
     else:
-        types = dict(ptr, E="i32", M="i32")
+        types = dict(ptr, E="i32", n_map="i32", M="i32")
     return _sass_of(launch, types, arch, gluon_rt.GluonASTSource)
 
 

@@ -170,7 +170,7 @@ def test_dequantized_tile_stays_in_registers(ptxas_works, gemm, cfg, H, I):
 
 
 _ROUTE_ARGS = {"ids_ptr": "*i64", "emap_ptr": "*i32", "counts_ptr": "*i32", "es_ptr": "*i32",
-               "sorted_ptr": "*i32", "M": "i32", "E": "i32", "n_chunks": "i32"}
+               "sorted_ptr": "*i32", "M": "i32", "E": "i32", "n_map": "i32", "n_chunks": "i32"}
 _PDL = launches.pdl_options(P, 9)
 
 
@@ -195,7 +195,8 @@ def _small_launch(name):
         return L.act, {"p_ptr": "*fp32", "a_ptr": "*bf16", "n_rows": "i32", "alpha": "fp32",
                        "limit": "fp32"}
     return L.finalize, {"y_ptr": "*fp32", "ids_ptr": "*i64", "emap_ptr": "*i32",
-                        "tw_ptr": "*fp32", "out_ptr": "*bf16", "E": "i32", "M": "i32"}
+                        "tw_ptr": "*fp32", "out_ptr": "*bf16", "E": "i32", "n_map": "i32",
+                        "M": "i32"}
 
 
 def test_small_launches_cover_each_routing_form():

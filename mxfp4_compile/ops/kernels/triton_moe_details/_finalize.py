@@ -8,11 +8,12 @@ from ._pdl import _pdl_enter
 
 
 @triton.jit
-def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, M, H: tl.constexpr,
+def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, n_map, M, H: tl.constexpr,
                      k_top: tl.constexpr, HAS_MAP: tl.constexpr, COMBINE: tl.constexpr,
                      BH: tl.constexpr, SPLIT: tl.constexpr, PDL: tl.constexpr):
     """out[t] = sum_s w[t, s] * y[t*k + s] in slot order; or out[t, s] = y[t*k + s] (zero for
-    experts not on this rank). Rows of y for such experts were never written: mask, not scale."""
+    experts not on this rank, ids out of range included: _route._local_ids). Rows of y for
+    such experts were never written: mask, not scale."""
     _pdl_enter(PDL)
     t = tl.program_id(0)
     offs = tl.program_id(1) * BH + tl.arange(0, BH)
@@ -20,9 +21,12 @@ def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, M, H: tl.cons
     acc = tl.zeros([BH], dtype=tl.float32)
     for s in range(0, k_top):
         a = t * k_top + s
-        loc = tl.load(ids_ptr + a).to(tl.int32)
+        raw = tl.load(ids_ptr + a)  # (ranges tested before narrowing: _route._local_ids)
         if HAS_MAP:
-            loc = tl.load(emap_ptr + loc).to(tl.int32)
+            in_map = (raw >= 0) & (raw < n_map)
+            loc = tl.where(in_map, tl.load(emap_ptr + tl.where(in_map, raw, 0)).to(tl.int32), -1)
+        else:
+            loc = tl.where((raw >= 0) & (raw < E), raw, -1).to(tl.int32)
         valid = (loc >= 0) & (loc < E)
         y = tl.zeros([BH], dtype=tl.float32)
         for c in tl.static_range(SPLIT):  # GEMM2's K chunks, in order

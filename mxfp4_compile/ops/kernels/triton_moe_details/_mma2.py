@@ -67,20 +67,23 @@ def _block_info(es_ptr, pid_m, E, BM: gl.constexpr, EB: gl.constexpr):
 
 
 @gluon.jit
-def _direct_info(ids_ptr, emap_ptr, pid_m, E, M, HAS_MAP: gl.constexpr):
+def _direct_info(ids_ptr, emap_ptr, pid_m, E, n_map, M, HAS_MAP: gl.constexpr):
     """DIRECT (one token, so k distinct experts): block pid_m is assignment pid_m alone, its
     expert read from the top-k ids (the route kernel's launch is saved) -> (expert, first row,
     end row, blocks); an expert not on this rank (or out of range) counts no blocks, so the
     program has no rows, as _route._local_ids makes it for the route kernel."""
-    e = gl.load(ids_ptr + pid_m).to(gl.int32)
+    raw = gl.load(ids_ptr + pid_m)  # (ranges tested before narrowing: _route._local_ids)
     if HAS_MAP:
-        e = gl.load(emap_ptr + e).to(gl.int32)
+        in_map = (raw >= 0) & (raw < n_map)
+        e = gl.where(in_map, gl.load(emap_ptr + gl.where(in_map, raw, 0)).to(gl.int32), -1)
+    else:
+        e = gl.where((raw >= 0) & (raw < E), raw, -1).to(gl.int32)
     live = (e >= 0) & (e < E)
     return gl.where(live, e, 0), pid_m, pid_m + 1, gl.where(live, M, 0)
 
 
 @gluon.jit
-def _program(es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, M, N: gl.constexpr,
+def _program(es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, n_map, M, N: gl.constexpr,
              stride_we: gl.constexpr, stride_wn: gl.constexpr, stride_se: gl.constexpr,
              stride_sn: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr, EB: gl.constexpr,
              DIRECT: gl.constexpr, HAS_MAP: gl.constexpr):
@@ -91,7 +94,8 @@ def _program(es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, M, N: gl.constexpr,
     N_TILES: gl.constexpr = (N + BN - 1) // BN
     pid = gl.program_id(0)
     if DIRECT:
-        e, row0, row1, total = _direct_info(ids_ptr, emap_ptr, pid // N_TILES, E, M, HAS_MAP)
+        e, row0, row1, total = _direct_info(ids_ptr, emap_ptr, pid // N_TILES, E, n_map, M,
+                                            HAS_MAP)
     else:
         e, row0, row1, total = _block_info(es_ptr, pid // N_TILES, E, BM, EB)
     rows = row0 + gl.arange(0, BM, layout=gl.BlockedLayout([1], [32], [gl.num_warps()], [0]))
@@ -299,7 +303,7 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
 
 @gluon.jit
 def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, a_ptr,
-                  p_ptr, E, k_top, alpha, limit, p_rows,
+                  p_ptr, E, n_map, k_top, alpha, limit, p_rows,
                   stride_xt: gl.constexpr, stride_we: gl.constexpr, stride_wn: gl.constexpr,
                   stride_se: gl.constexpr, stride_sn: gl.constexpr, stride_be: gl.constexpr,
                   H: gl.constexpr, Hp: gl.constexpr, Ip: gl.constexpr, ACT: gl.constexpr,
@@ -314,7 +318,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
     if not LATE_TRIGGER:
         _pdl_trigger(PDL)
     valid, rows, rmask, e64, w0, w_base, s_base = _program(
-        es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, p_rows, 2 * Ip, stride_we, stride_wn,
+        es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, n_map, p_rows, 2 * Ip, stride_we, stride_wn,
         stride_se, stride_sn, BM, BN, EB, DIRECT, HAS_MAP)
     if valid:
         if DIRECT:
@@ -364,7 +368,8 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
 
 
 @gluon.jit
-def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E, M,
+def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_ptr, y_ptr, E,
+                  n_map, M,
                   stride_we: gl.constexpr, stride_wn: gl.constexpr, stride_se: gl.constexpr,
                   stride_sn: gl.constexpr, stride_be: gl.constexpr, H: gl.constexpr,
                   Ip: gl.constexpr, HAS_BIAS: gl.constexpr, BM: gl.constexpr,
@@ -375,7 +380,7 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
     _gemm1_kernel."""
     _pdl_enter(PDL)
     valid, rows, rmask, e64, n0, w_base, s_base = _program(
-        es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, M, H, stride_we, stride_wn, stride_se,
+        es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, n_map, M, H, stride_we, stride_wn, stride_se,
         stride_sn, BM, BN, EB, DIRECT, HAS_MAP)
     if valid:
         STEPS: gl.constexpr = (K_CHUNK + BK - 1) // BK if SPLIT > 1 else (Ip + BK - 1) // BK

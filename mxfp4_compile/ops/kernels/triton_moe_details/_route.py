@@ -13,17 +13,23 @@ from ._pdl import _pdl_enter
 
 
 @triton.jit
-def _local_ids(ids_ptr, emap_ptr, offs, mask, E, HAS_MAP: tl.constexpr):
-    """Expert id per assignment -> local expert in [0, E), or E when not on this rank."""
-    ids = tl.load(ids_ptr + offs, mask=mask, other=0).to(tl.int32)
+def _local_ids(ids_ptr, emap_ptr, offs, mask, E, n_map, HAS_MAP: tl.constexpr):
+    """Expert id per assignment -> local expert in [0, E), or E when not on this rank: an id
+    outside [0, E) (with a map: outside [0, n_map), the map's length, or mapped to -1) is not
+    here. The range test runs on the ids as loaded (int64 too), before any narrowing or map
+    read, so no id reads past the map."""
+    raw = tl.load(ids_ptr + offs, mask=mask, other=0)
     if HAS_MAP:
-        ids = tl.load(emap_ptr + ids, mask=mask, other=-1).to(tl.int32)
+        ok = mask & (raw >= 0) & (raw < n_map)
+        ids = tl.load(emap_ptr + tl.where(ok, raw, 0), mask=ok, other=-1).to(tl.int32)
+    else:
+        ids = tl.where((raw >= 0) & (raw < E), raw, -1).to(tl.int32)
     ids = tl.where((ids >= 0) & (ids < E) & mask, ids, E)
     return ids
 
 
 @triton.jit
-def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chunks,
+def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_map, n_chunks,
                   HAS_MAP: tl.constexpr, CHUNK: tl.constexpr, EB: tl.constexpr,
                   PHASE: tl.constexpr, SORT: tl.constexpr, PDL: tl.constexpr,
                   SCANNED: tl.constexpr = False):
@@ -38,7 +44,7 @@ def _route_kernel(ids_ptr, emap_ptr, counts_ptr, es_ptr, sorted_ptr, M, E, n_chu
     c = tl.program_id(0)
     offs = c * CHUNK + tl.arange(0, CHUNK)
     mask = offs < M
-    loc = _local_ids(ids_ptr, emap_ptr, offs, mask, E, HAS_MAP)  # [CHUNK]
+    loc = _local_ids(ids_ptr, emap_ptr, offs, mask, E, n_map, HAS_MAP)  # [CHUNK]
     buckets = tl.arange(0, EB)
     if SORT:
         total = tl.histogram(loc, EB)  # (past M: counted in bucket E, which no start includes)
