@@ -90,6 +90,16 @@ def _static(n) -> bool:
     return isinstance(n, int)
 
 
+def _check_same(a, b, message) -> None:
+    """ValueError(message()) unless sizes a == b; for symbolic sizes (a traced graph) the same
+    as a torch._check, which records the equality instead of guarding on a value."""
+    if _static(a) and _static(b):
+        if a != b:
+            raise ValueError(message())
+    else:
+        torch._check(a == b, message)
+
+
 _prepared_ok: dict[tuple, tuple[int, int, int]] = {}  # shapes/dtypes/options already checked
 
 
@@ -132,20 +142,12 @@ def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, w
         raise ValueError(f"moe: topk_weights must be a float [T, k] tensor shaped like topk_ids "
                          f"{tuple(topk_ids.shape)}, got {topk_weights.dtype} {tuple(topk_weights.shape)}")
     for d, what in ((0, "T (tokens)"), (1, "k (experts per token)")):
-        a, b = topk_weights.shape[d], topk_ids.shape[d]
-        if _static(a) and _static(b):
-            if a != b:
-                raise ValueError(f"moe: topk_weights {tuple(topk_weights.shape)} and topk_ids "
-                                 f"{tuple(topk_ids.shape)} disagree on {what}: both must be [T, k]")
-        else:
-            torch._check(a == b, lambda: f"moe: topk_weights and topk_ids disagree on {what}")
+        _check_same(topk_weights.shape[d], topk_ids.shape[d],
+                    lambda: f"moe: topk_weights {tuple(topk_weights.shape)} and topk_ids "
+                            f"{tuple(topk_ids.shape)} disagree on {what}: both must be [T, k]")
     T, Ti = hidden.shape[0], topk_ids.shape[0]
-    if _static(T) and _static(Ti):
-        if T != Ti:
-            raise ValueError(f"moe: topk_ids has {Ti} rows but hidden has {T} tokens; both must "
-                             f"have T rows")
-    else:
-        torch._check(Ti == T, lambda: f"moe: topk_ids has {Ti} rows but hidden has {T} tokens")
+    _check_same(T, Ti, lambda: f"moe: topk_ids has {Ti} rows but hidden has {T} tokens; both "
+                               f"must have T rows")
     check_kernel(kernel, "moe: kernel", allow_auto=False)
     check_activation(activation, "moe: activation")
     if expert_map is not None and (expert_map.dim() != 1 or expert_map.dtype not in (torch.int32, torch.int64)):

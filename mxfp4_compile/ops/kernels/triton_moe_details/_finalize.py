@@ -5,6 +5,7 @@ import triton
 import triton.language as tl
 
 from ._pdl import _pdl_enter
+from ._route import _local_ids
 
 
 @triton.jit
@@ -21,13 +22,7 @@ def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, n_map, M, H: 
     acc = tl.zeros([BH], dtype=tl.float32)
     for s in range(0, k_top):
         a = t * k_top + s
-        raw = tl.load(ids_ptr + a)  # (ranges tested before narrowing: _route._local_ids)
-        if HAS_MAP:
-            in_map = (raw >= 0) & (raw < n_map)
-            loc = tl.where(in_map, tl.load(emap_ptr + tl.where(in_map, raw, 0)).to(tl.int32), -1)
-        else:
-            loc = tl.where((raw >= 0) & (raw < E), raw, -1).to(tl.int32)
-        valid = (loc >= 0) & (loc < E)
+        valid = _local_ids(ids_ptr, emap_ptr, a, True, E, n_map, HAS_MAP) < E  # (E: elsewhere)
         y = tl.zeros([BH], dtype=tl.float32)
         for c in tl.static_range(SPLIT):  # GEMM2's K chunks, in order
             y += tl.load(y_ptr + (c * M + a).to(tl.int64) * H + offs, mask=hmask & valid,
