@@ -1,4 +1,5 @@
-"""Decode GEMMs of the "triton" MoE kernel written in Gluon, on mma.sync (sm80+).
+"""Decode GEMMs of the "triton" MoE kernel written in Gluon, on mma.sync (sm80+). (About 400
+lines: both GEMMs share the pipeline below; split, they would import each other's layouts.)
 
 Why a second implementation of the decode tiles: at T <= 64 the GEMMs stream the weights once
 and are limited by the instructions each K step issues, not by the grid or the layout (a plain
