@@ -121,10 +121,19 @@ last_compile_info = CompileLog()
 
 
 def _once(key, msg):
+    """One visible warning per process (a Python warning; the log gets it at INFO, so that a user
+    who turned our logger on does not read it twice)."""
     if key not in _warned:
         _warned.add(key)
         warnings.warn(msg, stacklevel=3)
-        log.warning(msg)
+        log.info(msg)
+
+
+def _model_dtypes(example_inputs) -> str:
+    """The floating dtypes of the graph's tensors (parameters included), e.g. 'torch.float32'."""
+    dtypes = sorted({str(t.dtype) for t in example_inputs
+                     if isinstance(t, torch.Tensor) and t.is_floating_point()})
+    return "/".join(dtypes) or "its own dtype"
 
 
 def resolve_options(mode=None, options=None) -> dict:
@@ -254,8 +263,9 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     opts = resolve_options(mode, options)
     if torch.is_grad_enabled():
         msg = ("mxfp4 backend: grad is enabled, so the weights cannot be frozen and no MoE layer is "
-               "rewritten to MXFP4 (the model is compiled with plain Inductor and stays bf16). Run "
-               "the compiled model under torch.no_grad() or torch.inference_mode() for MXFP4.")
+               "rewritten to MXFP4 (the model is compiled with plain Inductor and stays "
+               f"{_model_dtypes(example_inputs)}). Run the compiled model under torch.no_grad() or "
+               "torch.inference_mode() for MXFP4.")
         if not opts["fallback_on_grad"]:
             raise RuntimeError(msg)
         _once("grad", msg)

@@ -67,8 +67,13 @@ def test_grad_enabled_says_so_once_and_stays_correct():
     backend._warned.discard("grad")
     m = model()
     torch._dynamo.reset()
-    with pytest.warns(UserWarning, match="torch.no_grad"):
+    with pytest.warns(UserWarning, match="torch.no_grad") as said:
         out = torch.compile(m, backend="mxfp4")(x())
+    # the model's own dtype (bf16 here; a float32 model is named float32), not a blanket "bf16"
+    msgs = [str(w.message) for w in said if "torch.no_grad" in str(w.message)]
+    assert len(msgs) == 1 and "stays torch.bfloat16)" in msgs[0], msgs
+    assert backend._model_dtypes([torch.zeros(2), torch.zeros(2, dtype=torch.int64)]) == \
+        "torch.float32"
     assert z.rel_err(out.detach(), m(x()).detach()) < 1e-2
     assert backend.last_compile_info[-1]["grad_enabled"] and backend.last_compile_info[-1]["rewritten"] == 0
     import warnings
