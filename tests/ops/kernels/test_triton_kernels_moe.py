@@ -53,15 +53,22 @@ def test_missing_triton_kernels_is_a_clear_reason(monkeypatch):
         tkm.prepare(*_canonical(2, 64, 64), "swiglu_oai")
 
 
-def test_post_35_api_is_refused_with_the_reason(tmp_path, monkeypatch):
-    """A triton_kernels without `routing` (the API after 3.5) is detected and refused."""
+def _fake_triton_kernels(tmp_path, monkeypatch, files):
+    """A package named triton_kernels with these modules (name -> source) first on sys.path,
+    any loaded triton_kernels forgotten for the test."""
     pkg = tmp_path / "triton_kernels"
     pkg.mkdir()
     (pkg / "__init__.py").write_text("")
-    (pkg / "matmul.py").write_text("def matmul(*a, **k):\n    pass\n")
+    for name, text in files.items():
+        (pkg / name).write_text(text)
     for name in [m for m in sys.modules if m == "triton_kernels" or m.startswith("triton_kernels.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.syspath_prepend(str(tmp_path))
+
+
+def test_post_35_api_is_refused_with_the_reason(tmp_path, monkeypatch):
+    """A triton_kernels without `routing` (the API after 3.5) is detected and refused."""
+    _fake_triton_kernels(tmp_path, monkeypatch, {"matmul.py": "def matmul(*a, **k):\n    pass\n"})
     reason = tkm.api_error()
     assert reason is not None
     assert "no `routing` module" in reason and "does not support" in reason
@@ -70,14 +77,7 @@ def test_post_35_api_is_refused_with_the_reason(tmp_path, monkeypatch):
 
 
 def test_incomplete_api_names_what_is_missing(tmp_path, monkeypatch):
-    pkg = tmp_path / "triton_kernels"
-    pkg.mkdir()
-    (pkg / "__init__.py").write_text("")
-    (pkg / "routing.py").write_text("")
-    (pkg / "matmul_ogs.py").write_text("")
-    for name in [m for m in sys.modules if m == "triton_kernels" or m.startswith("triton_kernels.")]:
-        monkeypatch.delitem(sys.modules, name)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    _fake_triton_kernels(tmp_path, monkeypatch, {"routing.py": "", "matmul_ogs.py": ""})
     reason = tkm.api_error()
     assert reason is not None and "has no 'matmul_ogs'" in reason
 
