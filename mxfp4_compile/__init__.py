@@ -10,6 +10,7 @@ from .explain import explain
 from .formats import Activation, Kernel, Rounding
 from .ops import PreparedMoE, from_mxfp4_blocks, prepare_moe_weights
 from .ops.dispatch import choose_kernel
+from .ops.weights import refresh_weights
 
 __all__ = ["Activation", "Kernel", "PreparedMoE", "Rounding", "choose_kernel", "explain",
-           "from_mxfp4_blocks", "prepare_moe_weights"]
+           "from_mxfp4_blocks", "prepare_moe_weights", "refresh_weights"]

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import collections
 import logging
-import operator
 import warnings
 
 import torch
 import torch.fx as fx
 
+from . import frozen
 from .formats import check_kernel, check_rounding
 from .passes import MoERewritePass, take_reports
 
@@ -38,6 +38,7 @@ OPTIONS = {
     "release_bf16_weights": False,  # free the bf16 expert weights once compiled (see README)
     "fallback_on_grad": True,      # grad enabled: compile without rewriting (False: raise)
     "fuse_router": True,           # the top-k routing of a rewritten MoE -> mxfp4.topk_softmax
+    "check_weights": True,         # per call: re-prepare expert weights the user changed
 }
 
 _warned = set()
@@ -167,91 +168,6 @@ def _device(example_inputs, params):
     return torch.device("cpu")
 
 
-def lift_parameters(gm: fx.GraphModule, example_inputs):
-    """Parameter placeholders -> module attributes (frozen by Inductor). -> (kept input indices,
-    lifted parameters, their source names)."""
-    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    keep, lifted, names = [], [], []
-    guards = _dynamo_guards()
-    for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
-        src = getattr(n, "_dynamo_source", None)
-        if not (isinstance(ex, torch.nn.Parameter) or _is_packed_weight_buffer(n, ex, src)):
-            keep.append(i)
-            continue
-        name = f"_mxfp4_param_{i}"
-        if isinstance(ex, torch.nn.Parameter):
-            gm.register_parameter(name, ex)
-        else:
-            gm.register_buffer(name, ex)
-        if hasattr(gm, "_param_name_to_source") and src is not None:
-            gm._param_name_to_source[name] = src  # AOTAutograd asserts every parameter has one
-        if src is not None and guards is not None:
-            # the graph now holds this very tensor: a frame reused for another module (a layer
-            # loop with graph breaks) must recompile instead of running with these weights
-            from torch._dynamo.guards import GuardBuilder
-            guards.add(src.make_guard(GuardBuilder.ID_MATCH))
-        with gm.graph.inserting_before(n):
-            attr = gm.graph.get_attr(name)
-        attr.meta.update(n.meta)
-        n.replace_all_uses_with(attr)
-        gm.graph.erase_node(n)
-        lifted.append(ex)
-        names.append(_source_name(src) or n.name)
-    gm.recompile()
-    return keep, lifted, names
-
-
-_VIEW_METHODS = {"view", "reshape", "transpose", "permute", "t", "unsqueeze", "squeeze", "flatten",
-                 "unflatten", "expand", "contiguous", "select", "narrow", "chunk", "split",
-                 "__getitem__", "getitem"}
-
-
-def _is_packed_weight_buffer(n, ex, src) -> bool:
-    """An integer module buffer the graph never writes (packed MXFP4 blocks / scales stored as
-    buffers): frozen like a parameter, so a dequantize-then-matmul graph folds. Float buffers stay
-    inputs (rotary caches and the like may be rewritten between calls)."""
-    name = _source_name(src) or ""
-    if "_buffers[" not in name or not isinstance(ex, torch.Tensor) or ex.is_floating_point() \
-            or ex.dtype == torch.bool:
-        return False
-    stack, seen = [n], set()
-    while stack:  # any in-place use of the buffer or of a view of it -> not frozen
-        x = stack.pop()
-        if x in seen:
-            continue
-        seen.add(x)
-        for u in x.users:
-            if _writes(u):
-                return False
-            t = u.target
-            if (t if isinstance(t, str) else getattr(t, "__name__", "")) in _VIEW_METHODS:
-                stack.append(u)
-    return True
-
-
-def _writes(u) -> bool:
-    t = u.target
-    if isinstance(t, str):  # a method: add_, copy_, index_put_ ...
-        return t.endswith("_") and not t.endswith("__")
-    name = getattr(t, "__name__", "")
-    if getattr(t, "__module__", "") in ("_operator", "operator"):  # and_ is not in place, iand is
-        return name == "setitem" or (name.startswith("i") and name[1:] in dir(operator))
-    return name.endswith("_") and not name.endswith("__")
-
-
-def _dynamo_guards():
-    """The guard set Dynamo is building for the frame being compiled (it is turned into the
-    frame's check function after the backend returns)."""
-    ctx = torch._guards.TracingContext.try_get()
-    return getattr(getattr(ctx, "guards_context", None), "dynamo_guards", None)
-
-
-def _source_name(src):
-    name = getattr(src, "name", None)
-    name = name() if callable(name) else name
-    return name if isinstance(name, str) else None
-
-
 def _inductor_patches(opts):
     return {"triton.cudagraphs": bool(opts["cudagraphs"]), "max_autotune": bool(opts["max_autotune"])}
 
@@ -274,7 +190,7 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
 
     from .ops import dispatch
 
-    keep, lifted, names = lift_parameters(gm, example_inputs)
+    keep, lifted, names = frozen.lift(gm, example_inputs, frozen.select(gm, example_inputs))
     kernel, why = dispatch.choose_kernel(_device(example_inputs, lifted), opts["kernel"])
     # parameter order of AOTAutograd = named_parameters() order of gm = lift order
     moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names,
@@ -298,12 +214,17 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
             log.warning("mxfp4: %d MoE candidate(s) left unrewritten (bf16):%s", len(skipped),
                         "".join(f"\n  {c.form} at {c.where}: {c.reason}" for c in skipped))
     n_keep = len(keep)
+    watch = frozen.WeightWatch(lifted, names, kernel, opts["rounding"])
+    check = watch.check if opts["check_weights"] and lifted else None
     pending = [(done, lifted, names)] if opts["release_bf16_weights"] and done else []
 
     def run(*args):
+        if check is not None:
+            check()
         out = inner(*args) if len(args) == n_keep else inner(*[args[i] for i in keep])
         if pending:  # after the first call: Dynamo has built its guards from the live weights
             _release(*pending.pop())
+            watch.rebase()
         return out
 
     return run
@@ -314,15 +235,13 @@ def _release(done, lifted, names):
 
     The parameter keeps its shape (a zero-stride view of one zero), so a later recompile (the next
     call, whose stride guard fails once, or a new T) traces the same graph, and the prepared-weight
-    cache, keyed by the parameter's identity and version, hands back the MXFP4 weights without
-    reading the released values. The eager model is unusable afterwards (its expert weights are 0)."""
+    store, told that this storage swap is ours (weights.rebase, by the caller), hands back the
+    MXFP4 weights without reading the released values. The eager model is unusable afterwards (its
+    expert weights are 0)."""
     expert = {w for c in done for w in c.details.get("weights", [])}
     for p, name in zip(lifted, names):
         if name in expert and p.numel() > 1:
-            version = p._version
             p.data = p.data.new_zeros(()).expand(p.shape)
-            if p._version != version:  # the cache would miss and quantize zeros: say so loudly
-                log.warning("mxfp4: releasing %s changed its version; recompiles will re-prepare", name)
 
 
 def _register():

@@ -52,3 +52,24 @@ def test_reduce_overhead_uses_cuda_graphs():
         torch.cuda.synchronize()
     assert counters["inductor"]["cudagraph_skips"] == 0, dict(counters["inductor"])
     assert z.rel_err(out, q(x(8))) < 2e-2
+
+
+@pytest.mark.parametrize("kernel", ["triton", "reference"])
+def test_weight_changes_reach_the_cuda_graph(kernel):
+    """Under CUDA graphs the replay reads the prepared tensors at their captured addresses: a
+    change is re-prepared into those very tensors, so the next replay computes with it."""
+    torch.manual_seed(0)
+    m = z.GatherMoE().to(BF16).cuda()
+    with torch.no_grad():
+        torch._dynamo.reset()
+        cm = torch.compile(m, backend="mxfp4", options={"cudagraphs": True, "kernel": kernel})
+        for _ in range(3):  # warm-up, record, replay
+            cm(x(8))
+        m.w2.mul_(-2)
+        m.b13.add_(0.25)
+        m.gate.weight.mul_(-1)  # not frozen: a static input the graph reads in place
+        m.w13.data = torch.randn_like(m.w13) * 0.05
+        for _ in range(2):
+            out = cm(x(8))
+        want = z.quantize_experts_(copy.deepcopy(m), {"w13": -1, "w2": -1})(x(8))
+    assert z.rel_err(out, want) < 2e-2

@@ -277,18 +277,22 @@ def _(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, 
 
 
 @torch.library.custom_op("mxfp4::prepare_moe_weights", mutates_args=())
-def prepare_moe_weights(w13: torch.Tensor, w13_bias: torch.Tensor | None, w2: torch.Tensor,
+def prepare_moe_weights(w13: list[torch.Tensor], w13_bias: torch.Tensor | None, w2: torch.Tensor,
                         w2_bias: torch.Tensor | None, kernel: str, activation: str,
                         rounding: str = "floor", gate_up_interleaved: bool = True,
-                        transposed: bool = False, index: int = 0) -> torch.Tensor:
+                        transposed: bool = False, index: int = 0,
+                        w2_transposed: bool = False) -> torch.Tensor:
     """Float expert weights -> prepared tensor number ``index`` (0 w13, 1 w13_scales, 2 w13_bias,
-    3 w2, 4 w2_scales, 5 w2_bias) in ``kernel``'s layout. The compiler inserts one per weight it
-    needs, before Inductor's freeze() folds them into constants; the cache in ops/weights.py makes
-    the six calls (and every recompile) one quantization."""
-    prepared = weights.prepare_moe_weights(w13, w2, w13_bias, w2_bias, activation=activation,
+    3 w2, 4 w2_scales, 5 w2_bias) in ``kernel``'s layout. ``w13`` is [W13] or [W_gate, W_up] (the
+    model's own parameters, so the store in ops/weights.py finds them again by identity);
+    ``transposed`` / ``w2_transposed``: stored [E, K, N] instead of [E, N, K]. The compiler inserts
+    one call per weight it needs, before Inductor's freeze() folds them into constants; the store
+    makes the six calls (and every recompile) one quantization, and keeps the folded tensors
+    current when the parameters change (ops/weights.py)."""
+    prepared = weights.prepare_moe_weights(list(w13), w2, w13_bias, w2_bias, activation=activation,
                                            kernel=kernel, rounding=rounding,
                                            gate_up_interleaved=gate_up_interleaved,
-                                           transposed=transposed)
+                                           transposed=transposed, w2_transposed=w2_transposed)
     out = prepared.tensors()[index]
     if out is None:
         raise ValueError(f"prepare_moe_weights: index {index} asks for a bias the model does not have")
@@ -299,15 +303,24 @@ def prepare_moe_weights(w13: torch.Tensor, w13_bias: torch.Tensor | None, w2: to
 
 @prepare_moe_weights.register_fake
 def _(w13, w13_bias, w2, w2_bias, kernel, activation, rounding="floor", gate_up_interleaved=True,
-      transposed=False, index=0):
+      transposed=False, index=0, w2_transposed=False):
     check_kernel(kernel, "prepare_moe_weights: kernel", allow_auto=False)
     check_activation(activation, "prepare_moe_weights: activation")
     check_rounding(rounding, "prepare_moe_weights: rounding")
-    E, H, I = weights.check_expert_shapes(w13.shape, w2.shape, transposed)
+    if len(w13) not in (1, 2):
+        raise ValueError(f"prepare_moe_weights: w13 is [W13] or [W_gate, W_up], got {len(w13)} tensors")
+    s13 = list(w13[0].shape)
+    if transposed:
+        s13[1], s13[2] = s13[2], s13[1]
+    s13[1] *= len(w13)
+    s2 = list(w2.shape)
+    if w2_transposed:
+        s2[1], s2[2] = s2[2], s2[1]
+    E, H, I = weights.check_expert_shapes(s13, s2, False)
     hp, ip = dispatch.padded_sizes(kernel, H, I)
     shapes = dispatch.get_kernel(kernel).prepared_shapes(E, hp, ip, activation, w13_bias is not None,
                                                           w2_bias is not None)
     if shapes[index] is None:
         raise ValueError(f"prepare_moe_weights: index {index} asks for a bias the model does not have")
     shape, dtype = shapes[index]
-    return w13.new_empty(shape, dtype=dtype)
+    return w2.new_empty(shape, dtype=dtype)

@@ -169,13 +169,36 @@ def to_kernel_layout(canonical, *, kernel, activation, hidden_size, intermediate
     return PreparedMoE(kernel, activation, hidden_size, intermediate_size, *out)
 
 
-# ---- cache: (identity + _version of each input tensor, options) -> PreparedMoE --------------------
-_cache: dict[tuple, tuple[list, PreparedMoE]] = {}
+# ---- the prepared-weight store ---------------------------------------------------------------------
+# One entry per (input tensors by identity, options): a recompile (new T, 0/1 specialization), the
+# compiler's six transform calls per layer and every later call share one PreparedMoE. An entry
+# remembers a stamp of each input (version counter, storage address, dtype, device, shape, strides);
+# a lookup whose stamps differ re-prepares the entry IN PLACE (same tensors, same addresses), so
+# every compiled graph that folded these tensors as constants, CUDA graphs included, computes with
+# the new weights. Entries die with their inputs (weak references): the store holds at most one
+# PreparedMoE per live set of source tensors, however often they change.
+
+
+@dataclasses.dataclass(eq=False)
+class _Entry:
+    refs: tuple               # weakref (or None for a missing bias) per input tensor
+    stamps: tuple             # _stamp() of each input when the entry was last prepared
+    options: dict             # prepare options (activation, kernel, rounding, orientation)
+    prepared: PreparedMoE
+
+    def inputs(self):
+        return tuple(None if r is None else r() for r in self.refs)
+
+    def reads(self, t) -> bool:
+        return any(r is not None and r() is t for r in self.refs)
+
+
+_cache: dict[tuple, _Entry] = {}
 _quantized = 0
 
 
 def quantization_count() -> int:
-    """How many real (uncached) weight preparations ran in this process."""
+    """How many real (uncached) weight preparations ran in this process (refreshes included)."""
     return _quantized
 
 
@@ -183,43 +206,161 @@ def clear_cache() -> None:
     _cache.clear()
 
 
-def _tensor_key(t):
-    return None if t is None else (id(t), t._version)
+def cache_size() -> int:
+    return len(_cache)
+
+
+def _stamp(t):
+    """What a change of ``t`` changes: in-place ops bump ``_version``; ``p.data = new`` and
+    ``module.half()`` / ``.to()`` swap the storage (address, dtype, device, shape)."""
+    if t is None:
+        return None
+    return (t._version, t.data_ptr(), t.dtype, t.device, tuple(t.shape), tuple(t.stride()))
+
+
+def _split_w13(w13) -> tuple:
+    parts = tuple(w13) if isinstance(w13, (tuple, list)) else (w13,)
+    if len(parts) not in (1, 2) or not all(isinstance(t, torch.Tensor) for t in parts):
+        raise TypeError("w13 must be one tensor [E, 2I, H] or a (gate, up) pair of [E, I, H] "
+                        f"tensors; got {type(w13).__name__} of length {len(parts)}")
+    return parts
+
+
+def _prepare(inputs, options) -> PreparedMoE:
+    """inputs = (*w13 parts, w2, w13_bias, w2_bias) as the caller stores them -> PreparedMoE."""
+    global _quantized
+    *parts, w2, w13_bias, w2_bias = inputs
+    if options["transposed"]:
+        parts = [t.transpose(1, 2) for t in parts]
+    if options["w2_transposed"]:
+        w2 = w2.transpose(1, 2)
+    if len(parts) == 2:
+        if parts[0].shape != parts[1].shape:
+            raise ValueError(f"gate {tuple(parts[0].shape)} and up {tuple(parts[1].shape)} weights "
+                             f"must have the same shape [E, I, H]")
+        w13 = torch.cat([t.detach() for t in parts], dim=1)  # [gate; up]: one layer, transient
+    else:
+        w13 = parts[0]
+    kernel, activation = options["kernel"], options["activation"]
+    E, H, I = check_expert_shapes(w13.shape, w2.shape, False)
+    hm, im = dispatch.padding(kernel)
+    canonical = quantize_experts(w13, w2, w13_bias, w2_bias, activation=activation,
+                                 rounding=options["rounding"],
+                                 gate_up_interleaved=options["gate_up_interleaved"],
+                                 h_multiple=hm, i_multiple=im)
+    _quantized += 1
+    return to_kernel_layout(canonical, kernel=kernel, activation=activation, hidden_size=H,
+                            intermediate_size=I)
+
+
+def _refill(entry: _Entry, inputs) -> None:
+    """Re-prepare ``entry`` from the current values of ``inputs``: into its own tensors when every
+    shape, dtype, device and stride is unchanged (graphs that folded them see the new values),
+    else as new tensors (a graph built for the old shapes is recompiled by Dynamo's guards)."""
+    new = _prepare(inputs, entry.options)
+    old = entry.prepared
+    same = all((a is None) == (b is None) and (a is None or (
+        a.shape == b.shape and a.dtype == b.dtype and a.device == b.device and a.stride() == b.stride()))
+        for a, b in zip(old.tensors(), new.tensors()))
+    if same and (old.hidden_size, old.intermediate_size) == (new.hidden_size, new.intermediate_size):
+        with torch.inference_mode():  # tensors prepared under inference_mode are inference tensors
+            for a, b in zip(old.tensors(), new.tensors()):
+                if a is not None:
+                    a.copy_(b)
+    else:
+        entry.prepared = new
+    entry.stamps = tuple(_stamp(t) for t in inputs)
 
 
 def prepare_moe_weights(w13, w2, w13_bias=None, w2_bias=None, *, activation, kernel="reference",
                         rounding="floor", gate_up_interleaved=None, transposed=False,
-                        cache=True) -> PreparedMoE:
+                        w2_transposed=None, cache=True) -> PreparedMoE:
     """Float expert weights -> PreparedMoE for ``kernel`` (quantize, pad, kernel layout).
 
-    ``gate_up_interleaved`` says how the INPUT w13 orders gate/up rows (default: the activation's
-    own order); ``transposed`` means the inputs are [E, K, N] (x @ w) instead of [E, N, K]."""
-    global _quantized
+    ``w13`` is one tensor [E, 2I, H] or a (gate, up) pair of [E, I, H] tensors (gpt-fast's w1/w3);
+    ``gate_up_interleaved`` says how a single w13 orders gate/up rows (default: the activation's own
+    order; a pair is [gate; up] by construction); ``transposed`` means w13 is stored [E, H, N]
+    (x @ w) instead of [E, N, H], and ``w2_transposed`` (default: ``transposed``) the same for w2.
+
+    With ``cache`` (the default) the result is the store's entry for these very tensors and
+    options: the same object each time, re-prepared in place when an input changed since (in-place
+    ops, ``p.data = ...``, ``.to()``). Writes that bypass the version counter (in place through
+    ``.data``, numpy or DLPack) are not seen: call ``refresh_weights`` after them."""
     check_activation(activation)
     check_kernel(kernel, allow_auto=False)
     check_rounding(rounding)
+    parts = _split_w13(w13)
     if gate_up_interleaved is None:  # resolve before keying: None and its meaning share one entry
-        gate_up_interleaved = formats.gate_up_interleaved(activation)
-    inputs = (w13, w2, w13_bias, w2_bias)
-    key = (tuple(_tensor_key(t) for t in inputs), activation, kernel, rounding,
-           gate_up_interleaved, transposed)
-    if cache and key in _cache:
-        refs, prepared = _cache[key]
-        if all((r is None and t is None) or (r is not None and r() is t) for r, t in zip(refs, inputs)):
-            return prepared
-    E, H, I = check_expert_shapes(w13.shape, w2.shape, transposed)
-    hm, im = dispatch.padding(kernel)
-    canonical = quantize_experts(w13, w2, w13_bias, w2_bias, activation=activation, rounding=rounding,
-                                 gate_up_interleaved=gate_up_interleaved, transposed=transposed,
-                                 h_multiple=hm, i_multiple=im)
-    prepared = to_kernel_layout(canonical, kernel=kernel, activation=activation, hidden_size=H,
-                                intermediate_size=I)
-    _quantized += 1
-    if cache:
-        refs = [None if t is None else weakref.ref(t, lambda _r, k=key: _cache.pop(k, None))
-                for t in inputs]
-        _cache[key] = (refs, prepared)
+        gate_up_interleaved = formats.gate_up_interleaved(activation) if len(parts) == 1 else False
+    if len(parts) == 2 and gate_up_interleaved:
+        raise ValueError("gate_up_interleaved=True with separate gate and up weights: a (gate, up) "
+                         "pair is concatenated [gate; up]; pass gate_up_interleaved=False or None")
+    options = dict(activation=activation, kernel=kernel, rounding=rounding,
+                   gate_up_interleaved=gate_up_interleaved, transposed=bool(transposed),
+                   w2_transposed=bool(transposed if w2_transposed is None else w2_transposed))
+    inputs = (*parts, w2, w13_bias, w2_bias)
+    if not cache:
+        return _prepare(inputs, options)
+    key = (tuple(None if t is None else id(t) for t in inputs), tuple(sorted(options.items())))
+    entry = _cache.get(key)
+    if entry is not None and all((r is None and t is None) or (r is not None and r() is t)
+                                 for r, t in zip(entry.refs, inputs)):
+        if entry.stamps != tuple(_stamp(t) for t in inputs):
+            _refill(entry, inputs)
+        return entry.prepared
+    prepared = _prepare(inputs, options)
+    refs = tuple(None if t is None else weakref.ref(t, lambda _r, k=key: _cache.pop(k, None))
+                 for t in inputs)
+    _cache[key] = _Entry(refs, tuple(_stamp(t) for t in inputs), options, prepared)
     return prepared
+
+
+def entries_reading(tensors) -> list:
+    """The store's live entries that read any of ``tensors`` (by identity)."""
+    ids = {id(t) for t in tensors}
+    out = []
+    for e in list(_cache.values()):
+        ins = e.inputs()
+        if any(t is not None and id(t) in ids for t in ins) and all(
+                (r is None) == (t is None) for r, t in zip(e.refs, ins)):
+            out.append(e)
+    return out
+
+
+def refresh(entry: _Entry, force: bool = False) -> bool:
+    """Re-prepare ``entry`` in place if an input changed since (or always, with ``force``).
+    -> whether it re-prepared."""
+    inputs = entry.inputs()
+    if any((r is not None) and t is None for r, t in zip(entry.refs, inputs)):
+        return False  # an input died: the entry is on its way out of the store
+    if force or entry.stamps != tuple(_stamp(t) for t in inputs):
+        _refill(entry, inputs)
+        return True
+    return False
+
+
+def rebase(tensors) -> None:
+    """Accept the current state of ``tensors`` as what their entries were prepared from, without
+    re-preparing: for the package's own storage swaps (``release_bf16_weights``), which change the
+    address but not the weights the prepared tensors hold."""
+    for e in entries_reading(tensors):
+        e.stamps = tuple(_stamp(t) for t in e.inputs())
+
+
+def refresh_weights(*sources) -> int:
+    """Re-prepare every stored expert weight read from ``sources`` (tensors or modules; none: all),
+    in place. For writes PyTorch does not count: ``p.data.copy_(...)``, ``p.data[...] = ...``,
+    numpy or DLPack views. -> how many MoE layers were re-prepared."""
+    tensors = []
+    for s in sources:
+        if isinstance(s, torch.nn.Module):
+            tensors += list(s.parameters()) + list(s.buffers())
+        elif isinstance(s, torch.Tensor):
+            tensors.append(s)
+        else:
+            raise TypeError(f"refresh_weights takes tensors or modules, got {type(s).__name__}")
+    entries = entries_reading(tensors) if sources else list(_cache.values())
+    return sum(refresh(e, force=True) for e in entries)
 
 
 def from_mxfp4_blocks(w13_blocks, w13_scales, w13_bias, w2_blocks, w2_scales, w2_bias, *,

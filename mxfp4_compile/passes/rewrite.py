@@ -38,25 +38,21 @@ def call(graph: fx.Graph, target, args, kwargs=None, name=None) -> fx.Node:
 def rewrite(graph: fx.Graph, r: MoERegion, *, kernel: str, rounding: str) -> fx.Node:
     mx = torch.ops.mxfp4
     with graph.inserting_before(r.output):
-        if len(r.w13) == 2:  # separate gate and up weights -> [gate; up] concatenated
-            dim = 2 if r.w13_transposed else 1
-            w13 = call(graph, aten.cat.default, ([r.w13[0], r.w13[1]], dim))
-            interleaved = False
-        else:
-            w13 = r.w13[0]
-            interleaved = r.activation.interleaved
-        w2 = r.w2
-        if r.w2_transposed != r.w13_transposed:  # one flag covers both weights
-            w2 = call(graph, aten.permute.default, (w2, [0, 2, 1]))
+        # the parameters themselves, not a concatenation or permutation of them: the store keys
+        # the prepared weights by these tensors, which is what lets recompiles share them and the
+        # backend refresh them when the parameters change
+        w13 = list(r.w13)
+        interleaved = r.activation.interleaved if len(w13) == 1 else False
         prep = {}
         for i, role in enumerate(("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")):
             if role == "w13_bias" and r.w13_bias is None or role == "w2_bias" and r.w2_bias is None:
                 prep[role] = None
                 continue
             prep[role] = call(graph, mx.prepare_moe_weights.default,
-                              (w13, r.w13_bias, w2, r.w2_bias, kernel, r.activation.name),
+                              (w13, r.w13_bias, r.w2, r.w2_bias, kernel, r.activation.name),
                               dict(rounding=rounding, gate_up_interleaved=interleaved,
-                                   transposed=r.w13_transposed, index=i))
+                                   transposed=r.w13_transposed, index=i,
+                                   w2_transposed=r.w2_transposed))
         ids, weights = r.topk_ids, r.topk_weights
         if ids is None:  # dense: every expert on every token, weights [T, E]
             E = r.num_experts

@@ -133,8 +133,9 @@ def test_opcheck_prepare_moe_weights(activation, bias, transposed):
     for index in range(6):
         if index in (2, 5) and not bias:
             continue
-        opcheck(OPS.prepare_moe_weights.default, (w13, b13, w2, b2, "reference", activation),
-                dict(rounding="round_up", gate_up_interleaved=False, transposed=transposed, index=index))
+        opcheck(OPS.prepare_moe_weights.default, ([w13], b13, w2, b2, "reference", activation),
+                dict(rounding="round_up", gate_up_interleaved=False, transposed=transposed,
+                     index=index, w2_transposed=transposed))
 
 
 # ------------------------------------------------------------------------------------ bad input
@@ -324,21 +325,21 @@ def test_prepare_moe_weights_bad():
     w13, w2 = torch.randn(4, 128, 64, generator=g), torch.randn(4, 64, 64, generator=g)
     op = OPS.prepare_moe_weights
     with pytest.raises(ValueError, match="w13 has 4 experts but w2 has 3"):
-        op(w13, None, w2[:3], None, "reference", "swiglu_oai")
+        op([w13], None, w2[:3], None, "reference", "swiglu_oai")
     with pytest.raises(ValueError, match="w2"):
-        op(w13, None, w2[:, :, :32], None, "reference", "swiglu_oai")
+        op([w13], None, w2[:, :, :32], None, "reference", "swiglu_oai")
     # H = 48: not an error, the weight transform pads it (to 64 for the reference layout)
-    assert op(torch.randn(4, 128, 48), None, torch.randn(4, 48, 64), None, "reference",
+    assert op([torch.randn(4, 128, 48)], None, torch.randn(4, 48, 64), None, "reference",
               "swiglu_oai").shape == (4, 128, 32)
     with pytest.raises(ValueError, match="activation"):
-        op(w13, None, w2, None, "reference", "relu")
+        op([w13], None, w2, None, "reference", "relu")
     with pytest.raises(ValueError, match="kernel"):
-        op(w13, None, w2, None, "cutlass", "swiglu_oai")
+        op([w13], None, w2, None, "cutlass", "swiglu_oai")
     with pytest.raises(ValueError, match="rounding"):
-        op(w13, None, w2, None, "reference", "swiglu_oai", rounding="nearest")
+        op([w13], None, w2, None, "reference", "swiglu_oai", rounding="nearest")
     with pytest.raises(ValueError, match="bias"):
-        op(w13, None, w2, None, "reference", "swiglu_oai", index=2)
+        op([w13], None, w2, None, "reference", "swiglu_oai", index=2)
     with pytest.raises(ValueError, match="w13_bias"):
-        op(w13, torch.randn(4, 64), w2, None, "reference", "swiglu_oai", index=2)
+        op([w13], torch.randn(4, 64), w2, None, "reference", "swiglu_oai", index=2)
     with pytest.raises(TypeError, match="w13 must be a float"):
-        op(w13.to(torch.int8), None, w2, None, "reference", "swiglu_oai")
+        op([w13.to(torch.int8)], None, w2, None, "reference", "swiglu_oai")

@@ -90,9 +90,10 @@ def test_gate_up_order_and_transposed(activation, rounding):
     # the op form (as the compiler calls it) agrees with the helper
     w13 = torch.cat((G, U), dim=1)
     for index, t in enumerate(p0.tensors()):
-        got = OPS.prepare_moe_weights(w13.transpose(1, 2), torch.cat((bg, bu), dim=1), W2.transpose(1, 2), b2,
-                                      "reference", activation, rounding=rounding,
-                                      gate_up_interleaved=False, transposed=True, index=index)
+        got = OPS.prepare_moe_weights([w13.transpose(1, 2)], torch.cat((bg, bu), dim=1),
+                                      W2.transpose(1, 2), b2, "reference", activation,
+                                      rounding=rounding, gate_up_interleaved=False, transposed=True,
+                                      index=index, w2_transposed=True)
         assert torch.equal(got, t)
 
 
@@ -338,7 +339,7 @@ def test_cache_same_tensors_same_object_and_version_bump():
     assert p2 is p1 and weights.quantization_count() == n0 + 1
     # the compiler's six op calls share that one preparation
     for index in range(6):
-        t = OPS.prepare_moe_weights(w13, b13, W2, b2, "reference", "swiglu_oai", index=index)
+        t = OPS.prepare_moe_weights([w13], b13, W2, b2, "reference", "swiglu_oai", index=index)
         assert torch.equal(t, p1.tensors()[index])
     assert weights.quantization_count() == n0 + 1
     # other options: a new preparation
@@ -347,16 +348,27 @@ def test_cache_same_tensors_same_object_and_version_bump():
     # equal values in another tensor: identity, not value, is the key
     p4 = weights.prepare_moe_weights(w13.clone(), W2, b13, b2, activation="swiglu_oai")
     assert p4 is not p1 and weights.quantization_count() == n0 + 3
-    # in-place edits (version bump) of any input: re-prepared, with the new values
+    # in-place edits (version bump) of any input: re-prepared IN PLACE, with the new values (the
+    # same object and tensors: graphs that folded them as constants see the change)
+    held = [t.data_ptr() for t in p1.tensors()]
     for t in (w13, W2, b13, b2):
         n = weights.quantization_count()
         with torch.no_grad():
             t.mul_(2.0)
         p5 = weights.prepare_moe_weights(w13, W2, b13, b2, activation="swiglu_oai")
-        assert p5 is not p1 and weights.quantization_count() == n + 1
-        p1 = p5
+        assert p5 is p1 and weights.quantization_count() == n + 1
+        assert [t.data_ptr() for t in p5.tensors()] == held
     assert torch.equal(p1.w13_bias, 2 * interleave(bg, bu))
     assert torch.equal(p1.w2, numerics.quantize(W2)[0])
+    # a storage swap (p.data = ...), which leaves the version counter alone, is seen too
+    size = weights.cache_size()
+    n = weights.quantization_count()
+    W2.data = -W2.data
+    assert weights.prepare_moe_weights(w13, W2, b13, b2, activation="swiglu_oai") is p1
+    assert weights.quantization_count() == n + 1
+    assert torch.equal(p1.w2, numerics.quantize(W2.data)[0])
+    # ... and versions never add entries: one per set of source tensors
+    assert weights.cache_size() == size
     # cache=False never stores nor reads
     n = weights.quantization_count()
     assert weights.prepare_moe_weights(w13, W2, b13, b2, activation="swiglu_oai", cache=False) is not p1

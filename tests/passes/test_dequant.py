@@ -39,7 +39,7 @@ def test_dequant_then_matmul_is_folded_and_lossless():
     preps = [n for n in run.after.nodes if n.target is mxfp4.prepare_moe_weights.default]
     assert preps, run.text()
     for p in preps:  # w13 and w2 of each: computed from the dequantized values
-        for w in (p.args[0], p.args[2]):
+        for w in (*p.args[0], p.args[2]):
             assert any(a.target is aten.exp2.default for a in _ancestors(w)), run.text()
     assert "prepare_moe_weights" not in code
     # no weight dequantization left in the output code either (folded at compile time)

@@ -60,9 +60,13 @@ def test_gpt_fast_separate_gate_up():
     torch.manual_seed(0)
     m = z.GptFastMoE().to(BF16)
     c = z.check_rewrite_numerics(m, (x(),), {"w1": -1, "w2": -1, "w3": -1}, n_moe=1)
-    # w1, w3, w2 gathered and multiplied separately; after: w1|w3 concatenated into one w13
+    # w1, w3, w2 gathered and multiplied separately; after: the weight transform takes w1 and w3
+    # as a pair (no concatenation in the graph: the prepared-weight store keys on the parameters)
     c.rec.assert_counts(before={aten.bmm: 4, aten.index: 3, aten.cat: 0},
-                        after={**REWRITTEN, aten.cat: 1})
+                        after={**REWRITTEN, aten.cat: 0})
+    (run,) = c.rec.runs
+    preps = [n for n in run.after.nodes if n.target is mxfp4.prepare_moe_weights.default]
+    assert preps and all(len(n.args[0]) == 2 for n in preps), run.text()
 
 
 def test_unsupported_activation_left_alone_and_correct():
@@ -89,7 +93,7 @@ arg2_1 = input
 arg3_1 = input
 arg4_1 = input
 arg5_1 = input
-permute = aten.permute.default(arg0_1, [1, 0])
+permute = aten.permute.default(arg4_1, [1, 0])
 mm = aten.mm.default(arg5_1, permute)
 convert_element_type_2 = prims.convert_element_type.default(mm, float32)
 amax = aten.amax.default(convert_element_type_2, [-1], True)
@@ -103,7 +107,7 @@ getitem_1 = getitem(topk, 1)
 sum_2 = aten.sum.dim_IntList(getitem, [-1], True)
 div_1 = aten.div.Tensor(getitem, sum_2)
 convert_element_type_3 = prims.convert_element_type.default(div_1, bfloat16)
-index = aten.index.Tensor(arg1_1, [getitem_1])
+index = aten.index.Tensor(arg0_1, [getitem_1])
 unsqueeze = aten.unsqueeze.default(arg5_1, 2)
 unsqueeze_1 = aten.unsqueeze.default(unsqueeze, 3)
 view = aten.view.default(index, [5, 128, 64])
@@ -112,7 +116,7 @@ bmm = aten.bmm.default(view, view_1)
 view_2 = aten.view.default(bmm, [5, 2, 64, 1])
 permute_5 = aten.permute.default(view_2, [0, 1, 2, 3])
 view_3 = aten.view.default(permute_5, [5, 2, 64])
-index_1 = aten.index.Tensor(arg2_1, [getitem_1])
+index_1 = aten.index.Tensor(arg1_1, [getitem_1])
 add = aten.add.Tensor(view_3, index_1)
 slice_1 = aten.slice.Tensor(add, 2, 0, 9223372036854775807, 2)
 convert_element_type_6 = prims.convert_element_type.default(slice_1, float32)
@@ -128,7 +132,7 @@ sigmoid = aten.sigmoid.default(mul)
 mul_1 = aten.mul.Tensor(convert_element_type_7, sigmoid)
 add_1 = aten.add.Tensor(convert_element_type_9, 1)
 mul_2 = aten.mul.Tensor(mul_1, add_1)
-index_2 = aten.index.Tensor(arg3_1, [getitem_1])
+index_2 = aten.index.Tensor(arg2_1, [getitem_1])
 unsqueeze_2 = aten.unsqueeze.default(mul_2, 3)
 view_4 = aten.view.default(index_2, [10, 64, 32])
 view_5 = aten.view.default(unsqueeze_2, [10, 32, 1])
@@ -136,7 +140,7 @@ bmm_1 = aten.bmm.default(view_4, view_5)
 view_6 = aten.view.default(bmm_1, [5, 2, 64, 1])
 permute_10 = aten.permute.default(view_6, [0, 1, 2, 3])
 view_7 = aten.view.default(permute_10, [5, 2, 64])
-index_3 = aten.index.Tensor(arg4_1, [getitem_1])
+index_3 = aten.index.Tensor(arg3_1, [getitem_1])
 add_2 = aten.add.Tensor(view_7, index_3)
 permute_11 = aten.permute.default(add_2, [0, 2, 1])
 unsqueeze_3 = aten.unsqueeze.default(convert_element_type_3, 2)
@@ -152,19 +156,19 @@ arg2_1 = input
 arg3_1 = input
 arg4_1 = input
 arg5_1 = input
-permute = aten.permute.default(arg0_1, [1, 0])
+permute = aten.permute.default(arg4_1, [1, 0])
 mm = aten.mm.default(arg5_1, permute)
 convert_element_type_2 = prims.convert_element_type.default(mm, float32)
 router = mxfp4.topk_softmax.default(convert_element_type_2, 2, True, True)
 router_ids = getitem(router, 1)
 router_weights = getitem(router, 0)
 convert_element_type_3 = prims.convert_element_type.default(router_weights, bfloat16)
-prepare_moe_weights_default = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=0)
-prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=1)
-prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=2)
-prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=3)
-prepare_moe_weights_default_4 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=4)
-prepare_moe_weights_default_5 = mxfp4.prepare_moe_weights.default(arg1_1, arg2_1, arg3_1, arg4_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=5)
+prepare_moe_weights_default = mxfp4.prepare_moe_weights.default([arg0_1], arg1_1, arg2_1, arg3_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=0, w2_transposed=False)
+prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default([arg0_1], arg1_1, arg2_1, arg3_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=1, w2_transposed=False)
+prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default([arg0_1], arg1_1, arg2_1, arg3_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=2, w2_transposed=False)
+prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default([arg0_1], arg1_1, arg2_1, arg3_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=3, w2_transposed=False)
+prepare_moe_weights_default_4 = mxfp4.prepare_moe_weights.default([arg0_1], arg1_1, arg2_1, arg3_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=4, w2_transposed=False)
+prepare_moe_weights_default_5 = mxfp4.prepare_moe_weights.default([arg0_1], arg1_1, arg2_1, arg3_1, 'reference', 'swiglu_oai', rounding='floor', gate_up_interleaved=True, transposed=False, index=5, w2_transposed=False)
 moe_default = mxfp4.moe.default(arg5_1, router_ids, convert_element_type_3, prepare_moe_weights_default, prepare_moe_weights_default_1, prepare_moe_weights_default_2, prepare_moe_weights_default_3, prepare_moe_weights_default_4, prepare_moe_weights_default_5, 'reference', activation='swiglu_oai', alpha=1.702, limit=7)
 return [moe_default]""")
 

@@ -88,7 +88,7 @@ arg0_1 = input
 arg1_1 = input
 arg2_1 = input
 arg3_1 = input
-permute = aten.permute.default(arg0_1, [1, 0])
+permute = aten.permute.default(arg2_1, [1, 0])
 mm = aten.mm.default(arg3_1, permute)
 convert_element_type_2 = prims.convert_element_type.default(mm, float32)
 amax = aten.amax.default(convert_element_type_2, [-1], True)
@@ -111,7 +111,7 @@ index = aten.index.Tensor(arg3_1, [div_2])
 convert_element_type_4 = prims.convert_element_type.default(getitem_2, float32)
 histc = aten.histc.default(convert_element_type_4, 4, 0, 3)
 cumsum = aten.cumsum.default(histc, 0, dtype=int32)
-permute_1 = aten.permute.default(arg1_1, [0, 2, 1])
+permute_1 = aten.permute.default(arg0_1, [0, 2, 1])
 _grouped_mm = aten._grouped_mm.default(index, permute_1, cumsum)
 split = aten.split.Tensor(_grouped_mm, 32, -1)
 getitem_4 = getitem(split, 0)
@@ -123,7 +123,7 @@ add = aten.add.Tensor(exp_1, 1)
 div_3 = aten.div.Tensor(convert_element_type_5, add)
 convert_element_type_6 = prims.convert_element_type.default(div_3, bfloat16)
 mul = aten.mul.Tensor(convert_element_type_6, getitem_5)
-permute_2 = aten.permute.default(arg2_1, [0, 2, 1])
+permute_2 = aten.permute.default(arg1_1, [0, 2, 1])
 _grouped_mm_1 = aten._grouped_mm.default(mul, permute_2, cumsum)
 view_1 = aten.view.default(convert_element_type_3, [-1])
 index_1 = aten.index.Tensor(view_1, [getitem_3])
@@ -141,17 +141,17 @@ arg0_1 = input
 arg1_1 = input
 arg2_1 = input
 arg3_1 = input
-permute = aten.permute.default(arg0_1, [1, 0])
+permute = aten.permute.default(arg2_1, [1, 0])
 mm = aten.mm.default(arg3_1, permute)
 convert_element_type_2 = prims.convert_element_type.default(mm, float32)
 router = mxfp4.topk_softmax.default(convert_element_type_2, 2, True, True)
 router_ids = getitem(router, 1)
 router_weights = getitem(router, 0)
 convert_element_type_3 = prims.convert_element_type.default(router_weights, bfloat16)
-prepare_moe_weights_default = mxfp4.prepare_moe_weights.default(arg1_1, None, arg2_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=0)
-prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default(arg1_1, None, arg2_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=1)
-prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default(arg1_1, None, arg2_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=3)
-prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default(arg1_1, None, arg2_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=4)
+prepare_moe_weights_default = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=0, w2_transposed=False)
+prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=1, w2_transposed=False)
+prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=3, w2_transposed=False)
+prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=4, w2_transposed=False)
 moe_default = mxfp4.moe.default(arg3_1, router_ids, convert_element_type_3, prepare_moe_weights_default, prepare_moe_weights_default_1, None, prepare_moe_weights_default_2, prepare_moe_weights_default_3, None, 'reference', activation='silu_glu', alpha=1.702, limit=7)
 return [moe_default]""")
 
@@ -160,7 +160,8 @@ return [moe_default]""")
 def test_torchtitan_style(shared):
     """Three grouped GEMMs (w1, w3, w2) and a scatter_add onto the shared expert's output (or zeros)
     become one op call on the top-k's own ids and scores (the sigmoid router stays torch ops: the
-    op's router is a softmax), with w1|w3 concatenated into one w13; the shared expert is added."""
+    op's router is a softmax), w1 and w3 passed as a pair to the weight transform; the shared expert
+    is added."""
     torch.manual_seed(0)
     m = z.TitanStyleMoE(shared=shared).to(BF16)
     c = z.check_rewrite_numerics(m, (x(),), {"w1": -1, "w2": -1, "w3": -1}, n_moe=1)
@@ -169,7 +170,7 @@ def test_torchtitan_style(shared):
         before={aten._grouped_mm: 3, aten.sort: 1, aten.histc: 1, aten.scatter_add: 1, aten.gather: 1,
                 aten.topk: 1, aten.mm: n_mm},
         after={**GONE, aten.scatter_add: 0, aten.gather: 0, aten.topk: 1, mxfp4.topk_softmax: 0,
-               aten.cat: 1, aten.mm: n_mm})
+               aten.cat: 0, aten.mm: n_mm})
     (run,) = c.rec.runs
     nodes = list(run.after.nodes)
     (moe,) = [n for n in nodes if n.target is mxfp4.moe.default]
@@ -177,10 +178,8 @@ def test_torchtitan_style(shared):
     ids, weights = moe.args[1:3]
     assert (ids.target, ids.args, weights.target, weights.args) == \
         (operator.getitem, (topk, 1), operator.getitem, (topk, 0))  # unnormalized sigmoid scores
-    (cat,) = [n for n in nodes if n.target is aten.cat.default]
-    assert [a.op for a in cat.args[0]] == ["placeholder"] * 2 and cat.args[1] == 1  # [w1; w3] rows
     preps = [n for n in nodes if n.target is mxfp4.prepare_moe_weights.default]
-    assert preps and all(p.args[0] is cat for p in preps)
+    assert preps and all([a.op for a in p.args[0]] == ["placeholder"] * 2 for p in preps)  # [w1, w3]
     (out,) = [n for n in nodes if n.op == "output"][0].args[0]
     if shared:
         assert out.target is aten.add.Tensor and moe in out.args, run.text()
