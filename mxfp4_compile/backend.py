@@ -196,8 +196,11 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names,
                               fuse_router=bool(opts["fuse_router"]))
     patches = dict(_inductor_patches(opts), freezing=True, joint_custom_post_pass=moe_pass)
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    state = [frozen.is_state(n, example_inputs[i]) for n, i in zip(phs, keep)]
     take_reports()
-    inner = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=patches)
+    inner = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=patches,
+                       inner_compile=_with_static_inputs(state))
     reports = take_reports()
     cands = [c for r in reports for c in r]
     done = [c for c in cands if c.rewritten]
@@ -228,6 +231,27 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
         return out
 
     return run
+
+
+def _with_static_inputs(state: list):
+    """Inductor's inner compile with the parameters and buffers left as graph inputs marked
+    static. The freezing path hands the inner compile no static inputs (the indices it has are
+    for the argument list before freezing), so under CUDA graphs every such input would be copied
+    into the graph's memory at each replay (a model's attention weights and embeddings, every
+    step). Stock Inductor marks them static: a replay reads them in place and re-records if one
+    moves. ``state``: per graph input, whether it is a parameter or buffer."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    def inner(gm, example_inputs, **kwargs):
+        extra = len(example_inputs) - len(state)  # parameters freezing kept, ahead of the inputs
+        if extra >= 0:
+            kwargs["static_input_idxs"] = list(range(extra)) + [extra + i for i, s in enumerate(state) if s]
+        else:
+            log.warning("mxfp4: %d graph inputs after freezing, %d expected; CUDA graphs may copy "
+                        "parameters at each replay", len(example_inputs), len(state))
+        return compile_fx_inner(gm, example_inputs, **kwargs)
+
+    return inner
 
 
 def _release(done, lifted, names):

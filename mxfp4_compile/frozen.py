@@ -46,7 +46,7 @@ def source_name(src):
     return name if isinstance(name, str) else None
 
 
-def _is_state(n, ex) -> bool:
+def is_state(n, ex) -> bool:
     """A module parameter or buffer (not a forward input)."""
     if isinstance(ex, torch.nn.Parameter):
         return True
@@ -120,7 +120,7 @@ def select(gm: fx.GraphModule, example_inputs) -> list[int]:
     """-> indices of the placeholders to freeze (see the module docstring)."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     by_ph = dict(zip(phs, example_inputs))
-    const = {n for n, ex in by_ph.items() if _is_state(n, ex) and not _written(n)}
+    const = {n for n, ex in by_ph.items() if is_state(n, ex) and not _written(n)}
     for n in gm.graph.nodes:
         if n.op == "get_attr":
             const.add(n)

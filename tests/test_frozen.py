@@ -220,3 +220,24 @@ def test_store_is_bounded_by_live_source_tensors():
     import gc
     gc.collect()
     assert weights.cache_size() < size
+
+
+def test_parameters_left_as_inputs_are_static_for_cuda_graphs():
+    """Inductor's freezing path marks no input static; the backend marks the parameters and
+    buffers it did not freeze (as stock Inductor does), so CUDA graphs do not copy them each
+    replay. The forward input stays a copied (non-static) input."""
+    from unittest import mock
+    import torch._inductor.compile_fx as cfx
+    seen, orig = [], cfx.compile_fx_inner
+
+    def spy(gm, example_inputs, **kw):
+        seen.append((len(example_inputs), kw.get("static_input_idxs")))
+        return orig(gm, example_inputs, **kw)
+
+    torch.manual_seed(0)
+    m = Stack().to(BF16)
+    torch._dynamo.reset()
+    with mock.patch.object(cfx, "compile_fx_inner", spy), torch.no_grad():
+        torch.compile(m, backend="mxfp4")(x())
+    # inputs after freezing: layers.0.gate.weight, x, layers.1.gate.weight (experts are frozen)
+    assert seen == [(3, [0, 2])]
