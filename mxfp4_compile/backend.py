@@ -191,6 +191,7 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     from .ops import dispatch
 
     keep, lifted, names = frozen.lift(gm, example_inputs, frozen.select(gm, example_inputs))
+    _note_layer_recompiles(lifted)
     kernel, why = dispatch.choose_kernel(_device(example_inputs, lifted), opts["kernel"])
     # parameter order of AOTAutograd = named_parameters() order of gm = lift order
     moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names,
@@ -216,6 +217,12 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
         if skipped:  # the user asked for MXFP4: a layer left in bf16 deserves a warning
             log.warning("mxfp4: %d MoE candidate(s) left unrewritten (bf16):%s", len(skipped),
                         "".join(f"\n  {c.form} at {c.where}: {c.reason}" for c in skipped))
+    if lifted and not done:  # expert-shaped weights, nothing rewritten: visible, once per graph
+        warnings.warn(f"mxfp4 backend: this graph reads expert-shaped weights ({', '.join(names[:4])}"
+                      f"{', ...' if len(names) > 4 else ''}) but no MoE layer was rewritten to "
+                      f"MXFP4; it runs in {_model_dtypes(example_inputs)}. "
+                      f"mxfp4_compile.explain(model, *inputs) says why for each region.",
+                      stacklevel=2)
     n_keep = len(keep)
     watch = frozen.WeightWatch(lifted, names, kernel, opts["rounding"])
     check = watch.check if opts["check_weights"] and lifted else None
@@ -231,6 +238,31 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
         return out
 
     return run
+
+
+_frame_weights: dict = {}  # Dynamo frame id -> ids of the frozen tensors of its first compile
+
+
+def _note_layer_recompiles(lifted) -> None:
+    """A frame compiled again with other frozen weights is a layer loop with a graph break (one
+    frame for every layer, recompiled per layer by the identity guards on its frozen weights):
+    say once what that costs and what to set, before Dynamo's recompile limit runs the remaining
+    layers uncompiled with only its generic warning."""
+    cid = torch._guards.CompileContext.current_compile_id()
+    if cid is None or not lifted or getattr(cid, "frame_id", None) is None:
+        return
+    ids = frozenset(map(id, lifted))
+    first = _frame_weights.setdefault(cid.frame_id, ids)
+    if first is ids or first == ids:
+        return
+    limit = torch._dynamo.config.recompile_limit
+    _once(("layer-loop", cid.frame_id),
+          f"mxfp4 backend: a frame is being compiled once per MoE layer (compile {cid}: a layer "
+          f"loop with a graph break, whose frozen expert weights differ per layer). Dynamo "
+          f"compiles one frame at most torch._dynamo.config.recompile_limit = {limit} times and "
+          f"runs the layers after that uncompiled (bf16). For a model of L layers set "
+          f"torch._dynamo.config.recompile_limit = L (or more) before the first call, or remove "
+          f"the graph break so that one graph holds every layer.")
 
 
 def _with_static_inputs(state: list):

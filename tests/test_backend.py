@@ -133,8 +133,10 @@ def test_layer_loop_with_graph_breaks_gets_each_layers_weights():
     m = torch.nn.Sequential(Block(), Block(), Block()).to(BF16)
     with torch.no_grad():
         ref_q = z.quantize_experts_(copy.deepcopy(m), KD)(x())
-    out, _ = z.compile_run(m, x())
+    with pytest.warns(UserWarning, match="once per MoE layer.*recompile_limit = L") as got:
+        out, _ = z.compile_run(m, x())
     assert z.rel_err(out, ref_q) < 2e-2
+    assert sum("once per MoE layer" in str(w.message) for w in got) == 1  # one message, not per layer
 
 
 def moe_with_weights_as_inputs(h, gate_w, w13, w2):
