@@ -188,7 +188,7 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
         last_compile_info.append(dict(grad_enabled=True, rewritten=0, candidates=[]))
         return compile_fx(gm, example_inputs, config_patches=_inductor_patches(opts))
 
-    from .ops import dispatch
+    from .ops import dispatch, weights
 
     keep, lifted, names = frozen.lift(gm, example_inputs, frozen.select(gm, example_inputs))
     _note_layer_recompiles(lifted)
@@ -200,19 +200,24 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state = [frozen.is_state(n, example_inputs[i]) for n, i in zip(phs, keep)]
     take_reports()
-    inner = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=patches,
-                       inner_compile=_with_static_inputs(state))
+    weights.progress.finish()
+    try:
+        inner = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=patches,
+                           inner_compile=_with_static_inputs(state))
+    finally:
+        n_prepared, prep_s = weights.progress.finish()
     reports = take_reports()
     cands = [c for r in reports for c in r]
     done = [c for c in cands if c.rewritten]
     info = dict(grad_enabled=False, kernel=kernel, kernel_reason=why, rewritten=len(done),
-                candidates=cands, cache_hit=not reports)
+                candidates=cands, cache_hit=not reports, prepared=n_prepared, prepare_s=prep_s)
     last_compile_info.append(info)
     if not reports:
         log.info("mxfp4: graph served from the FX graph cache (kernel %s: %s)", kernel, why)
     else:
-        log.info("mxfp4: rewrote %d MoE layer(s) to torch.ops.mxfp4.moe, kernel %r (%s)",
-                 len(done), kernel, why)
+        log.info("mxfp4: rewrote %d MoE layer(s) to torch.ops.mxfp4.moe, kernel %r (%s); "
+                 "quantized %d layer(s) in %.1f s (the others came from the prepared-weight store)",
+                 len(done), kernel, why, n_prepared, prep_s)
         skipped = [c for c in cands if not c.rewritten]
         if skipped:  # the user asked for MXFP4: a layer left in bf16 deserves a warning
             log.warning("mxfp4: %d MoE candidate(s) left unrewritten (bf16):%s", len(skipped),

@@ -1,9 +1,14 @@
 """``mxfp4_compile.explain(model, *inputs)``: which MoE regions the backend rewrites, which not, why.
 
-It compiles the model once with the real backend (fresh Dynamo caches, under ``torch.no_grad()``),
-collects what every matcher saw, and reports each candidate region: rewritten, or the reason it was
-left alone (unsupported activation, weight not a frozen parameter, size not a multiple of 32, ...).
-Called with grad enabled it says that nothing would be rewritten in that mode, and why.
+It compiles the model once with the real backend under ``torch.no_grad()`` (the mode the backend
+rewrites in, whatever the caller's mode), collects what every matcher saw, and reports each
+candidate region: rewritten, or the reason it was left alone (unsupported activation, weight not a
+frozen parameter, size not a multiple of 32, ...), with the weights' module names. Called with
+grad enabled it adds that a model compiled in that mode would not be rewritten.
+
+It leaves the caller's compiled models alone: no ``torch._dynamo.reset()``. Its own backend object
+is new at every call, so Dynamo compiles the model's frames afresh for it (one more cache entry
+per frame) and the caller's entries keep serving the caller.
 """
 from __future__ import annotations
 
@@ -40,8 +45,8 @@ class ExplainReport:
         return sum(r.rewritten for r in self.regions)
 
     def __str__(self):
-        lines = [f"mxfp4 explain: {self.rewritten} of {len(self.regions)} candidate MoE region(s) "
-                 f"rewritten; {self.graphs} graph(s); kernel "
+        lines = [f"mxfp4 explain (under torch.no_grad()): {self.rewritten} of {len(self.regions)} "
+                 f"candidate MoE region(s) rewritten; {self.graphs} graph(s); kernel "
                  f"{self.kernel!r} ({self.kernel_reason})"]
         for r in self.regions:
             what = "REWRITTEN" if r.rewritten else f"not rewritten: {r.reason}"
@@ -63,22 +68,17 @@ GRAD_REASON = ("grad is enabled: the backend only rewrites under torch.no_grad()
 
 
 def explain(model, *inputs, options=None, **kwargs) -> ExplainReport:
-    """Compile ``model`` on ``inputs`` with the mxfp4 backend and report every candidate MoE region.
-
-    Resets Dynamo's caches before and after (it needs to see the graphs fresh)."""
+    """Compile ``model`` on ``inputs`` with the mxfp4 backend (under torch.no_grad()) and report
+    every candidate MoE region."""
     from torch._dynamo.utils import counters
 
     grad = torch.is_grad_enabled()
     start = len(_backend.last_compile_info)
     breaks_before = dict(counters["graph_break"])
-    torch._dynamo.reset()
-    try:
-        with torch.no_grad():
-            compiled = torch.compile(model, backend=functools.partial(_backend.mxfp4_backend,
-                                                                      options=options), **kwargs)
-            compiled(*inputs)
-    finally:
-        torch._dynamo.reset()
+    with torch.no_grad():  # a new backend object: Dynamo compiles afresh, other entries stay
+        compiled = torch.compile(model, backend=functools.partial(_backend.mxfp4_backend,
+                                                                  options=options), **kwargs)
+        compiled(*inputs)
     log = _backend.last_compile_info
     regions, notes = [], []
     try:
@@ -91,14 +91,12 @@ def explain(model, *inputs, options=None, **kwargs) -> ExplainReport:
               for k, v in counters["graph_break"].items() if v > breaks_before.get(k, 0)]
     for gi, info in enumerate(infos):
         for c in info.get("candidates", []):
-            rewritten, reason = c.rewritten, c.reason
-            if grad and rewritten:
-                rewritten, reason = False, GRAD_REASON
-            regions.append(Region(gi, c.form, c.where, rewritten, reason, dict(c.details)))
+            regions.append(Region(gi, c.form, c.where, c.rewritten, c.reason, dict(c.details)))
         if info.get("cache_hit"):
             notes.append(f"graph {gi} came from the FX graph cache: its regions are not listed")
     if grad:
-        notes.append(GRAD_REASON + "; the regions above were analyzed as if under torch.no_grad()")
+        notes.append("explain was called with grad enabled; the regions above were analyzed under "
+                     "torch.no_grad(), the mode the backend rewrites in. " + GRAD_REASON)
     if not regions:
         notes.append("no MoE expert block found: expert GEMMs must read [E, N, K] / [E, K, N] "
                      "expert weights (gathered per token, grouped by expert, or dense over experts)")

@@ -18,6 +18,7 @@ alternatives):
 from __future__ import annotations
 
 import operator
+import re
 
 import torch
 import torch.fx as fx
@@ -41,9 +42,35 @@ def _name(n) -> str:
 
 
 def source_name(src):
+    """Dynamo's name for where a placeholder came from, e.g.
+    "L['self']._modules['layers']._modules['0']._parameters['w2']"."""
     name = getattr(src, "name", None)
     name = name() if callable(name) else name
     return name if isinstance(name, str) else None
+
+
+_ROOT = re.compile(r"^(?:L|G)\[(['\"])(.+?)\1\]")
+_PART = re.compile(r"\._(?:modules|parameters|buffers)\[(['\"])(.+?)\1\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
+
+
+def qualified_name(name: str | None) -> str | None:
+    """A Dynamo source name as the module path a user writes: "layers.0.w2" for the example in
+    ``source_name`` (the compiled module's own ``self`` dropped, any other root kept); the name
+    as given where it does not parse."""
+    if not name:
+        return name
+    root = _ROOT.match(name)
+    if root is None:
+        return name
+    parts = [] if root.group(2) == "self" else [root.group(2)]
+    pos = root.end()
+    while pos < len(name):
+        m = _PART.match(name, pos)
+        if m is None:
+            return name
+        parts.append(m.group(2) or m.group(3) or m.group(4))
+        pos = m.end()
+    return ".".join(parts) or name
 
 
 def is_state(n, ex) -> bool:
@@ -189,7 +216,7 @@ def lift(gm: fx.GraphModule, example_inputs, indices) -> tuple[list, list, list]
         n.replace_all_uses_with(attr)
         gm.graph.erase_node(n)
         lifted.append(ex)
-        names.append(source_name(src) or n.name)
+        names.append(qualified_name(source_name(src)) or n.name)
     gm.recompile()
     return keep, lifted, names
 

@@ -279,3 +279,18 @@ def test_last_compile_info_stays_bounded_over_many_compiles():
     assert info.kept == info.maxlen
     info.clear()  # bench/e2e.py's API
     assert len(info) == 0 and list(info) == []
+
+
+def test_summary_counts_the_layers_quantized_and_their_time():
+    from test_frozen import Stack
+    torch.manual_seed(0)
+    m = Stack().to(BF16)
+    torch._dynamo.reset()
+    with torch.no_grad():
+        cm = torch.compile(m, backend="mxfp4")
+        cm(x(5))
+        first = backend.last_compile_info[-1]
+        cm(x(9))  # a recompile: both layers come from the store
+        second = backend.last_compile_info[-1]
+    assert (first["rewritten"], first["prepared"]) == (2, 2) and first["prepare_s"] > 0
+    assert (second["rewritten"], second["prepared"], second["prepare_s"]) == (2, 0, 0.0)

@@ -12,6 +12,7 @@ specialization) share one quantization and one copy.
 from __future__ import annotations
 
 import dataclasses
+import time
 import weakref
 
 import torch
@@ -226,8 +227,49 @@ def _split_w13(w13) -> tuple:
     return parts
 
 
+class _Progress:
+    """A tqdm bar over the MoE layers one compile quantizes (quantizing a gpt-oss-20b-sized layer
+    takes about a minute on CPU): the compiler announces how many layers it rewrote, each real
+    preparation advances the bar, and the backend reads the count and time for its summary."""
+
+    def __init__(self):
+        self.expected, self.done, self.seconds, self.bar = 0, 0, 0.0, None
+
+    def expect(self, n: int) -> None:
+        self.expected += n
+
+    def step(self, seconds: float) -> None:
+        self.done += 1
+        self.seconds += seconds
+        if self.bar is None and self.expected:
+            from tqdm.auto import tqdm
+            self.bar = tqdm(total=self.expected, desc="mxfp4: quantizing MoE layers", unit="layer",
+                            leave=False, disable=None)  # disable=None: only on a terminal
+            self.bar.update(self.done - 1)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def finish(self) -> tuple[int, float]:
+        """-> (layers prepared, seconds) since the last finish(); closes the bar."""
+        if self.bar is not None:
+            self.bar.close()
+        out = (self.done, self.seconds)
+        self.__init__()
+        return out
+
+
+progress = _Progress()
+
+
 def _prepare(inputs, options) -> PreparedMoE:
     """inputs = (*w13 parts, w2, w13_bias, w2_bias) as the caller stores them -> PreparedMoE."""
+    t0 = time.perf_counter()
+    out = _prepare_now(inputs, options)
+    progress.step(time.perf_counter() - t0)
+    return out
+
+
+def _prepare_now(inputs, options) -> PreparedMoE:
     global _quantized
     *parts, w2, w13_bias, w2_bias = inputs
     if options["transposed"]:

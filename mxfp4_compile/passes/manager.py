@@ -13,6 +13,7 @@ import os
 import torch
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
+from ..ops import weights
 from ..ops.dispatch import padded_sizes
 from . import dense, gather_bmm, grouped_mm, router, tp_allreduce
 from .fx_utils import NoMatch
@@ -113,6 +114,7 @@ class MoERewritePass(CustomGraphPass):
             graph.eliminate_dead_code()
         graph.lint()
         _reports.append(report)
+        weights.progress.expect(sum(c.rewritten for c in report))  # freeze() quantizes them next
 
     @staticmethod
     def _fuse_router(graph, moe, where) -> str:
