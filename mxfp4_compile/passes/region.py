@@ -114,9 +114,11 @@ def pair_gemms(gemms: list[ExpertGemm], limit=300):
 
 
 def find_hidden(x_operand, T):
-    """The [T, H] tensor a first GEMM reads (before the broadcast/gather that feeds the GEMM)."""
+    """The [T, H] tensor a first GEMM reads (before the broadcast/gather that feeds the GEMM): the
+    one nearest the root of its view chain, so that gate and up GEMMs reached through different
+    views (at T=1 a GPU's batch-1 bmm -> squeeze -> mm gives each its own [1, H] squeeze) agree."""
     chain = strip(x_operand)
-    for n in chain:
+    for n in reversed(chain):
         s = shape(n)
         if s is not None and len(s) == 2 and (T is None or same(s[0], T)):
             return n
@@ -236,7 +238,9 @@ def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, o
             if [labels.norm(lab[d]) for d in dims] != [labels.norm((slot,))]:
                 raise NoMatch(f"{u.name}: sums over {[lab[d] for d in dims]}, not over the experts")
             summed, cur = True, u
-        elif u.target is aten.bmm.default and weights is None and not summed:
+        elif u.target in (aten.bmm.default, aten.mm.default) and weights is None and not summed:
+            # (mm: Inductor's joint graph turns a batch-1 bmm into squeeze -> mm -> unsqueeze on
+            # GPUs, so at T=1 the combine einsum reaches us as an mm)
             other = u.args[1] if u.args[0] is cur else u.args[0]
             root = weights_root_ok(strip(other), labels)
             if root is None:

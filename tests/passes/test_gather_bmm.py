@@ -191,3 +191,21 @@ def test_sizes_not_multiple_of_32_are_zero_padded():
     xx = torch.randn(5, 48, generator=torch.Generator().manual_seed(0)).to(BF16)
     c = z.check_rewrite_numerics(m, (xx,), {"w13": -1, "w2": -1}, n_moe=1)
     c.rec.assert_counts(before={aten.bmm: 3}, after=REWRITTEN)
+
+
+@pytest.mark.parametrize("make,k_dims", [
+    (lambda: z.GatherMoE(), {"w13": -1, "w2": -1}),
+    (lambda: z.GatherMoE("silu_glu", bias=False, transposed=True), {"w13": 1, "w2": 1}),
+    (lambda: z.GptFastMoE(), {"w1": -1, "w2": -1, "w3": -1}),
+])
+def test_one_token_as_a_gpu_compiles_it(make, k_dims):
+    """On a GPU, Inductor's joint graph turns every batch-1 bmm into squeeze -> mm -> unsqueeze,
+    so at T=1 the gather form's GEMMs and its combine reach the pass as mm. The same rewrite is
+    forced here on CPU (its device check patched)."""
+    from unittest import mock
+    import torch._inductor.fx_passes.joint_graph as jg
+    torch.manual_seed(0)
+    m = make().to(BF16)
+    with mock.patch.object(jg, "check_device", lambda *a: True):
+        c = z.check_rewrite_numerics(m, (x(1),), k_dims, n_moe=1)
+    assert c.rec.count(aten.mm) >= 1, c.rec.texts()  # the batch-1 bmm did become an mm
