@@ -190,7 +190,8 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
 
     from .ops import dispatch, weights
 
-    keep, lifted, names = frozen.lift(gm, example_inputs, frozen.select(gm, example_inputs))
+    keep, lifted, names = frozen.lift(gm, example_inputs, frozen.select(gm, example_inputs),
+                                      frozen.float_constants(gm, example_inputs))
     _note_layer_recompiles(lifted)
     kernel, why = dispatch.choose_kernel(_device(example_inputs, lifted), opts["kernel"])
     # parameter order of AOTAutograd = named_parameters() order of gm = lift order

@@ -50,7 +50,8 @@ def source_name(src):
 
 
 _ROOT = re.compile(r"^(?:L|G)\[(['\"])(.+?)\1\]")
-_PART = re.compile(r"\._(?:modules|parameters|buffers)\[(['\"])(.+?)\1\]|\.([A-Za-z_]\w*)|\[(\d+)\]")
+_PART = re.compile(r"(?:\.__dict__\[(['\"])_(?:modules|parameters|buffers)\1\]|\._(?:modules|parameters|buffers))"
+                   r"\[(['\"])(?P<key>.+?)\2\]|\.(?P<attr>[A-Za-z_]\w*)|\[(?P<index>\d+)\]")
 
 
 def qualified_name(name: str | None) -> str | None:
@@ -68,7 +69,7 @@ def qualified_name(name: str | None) -> str | None:
         m = _PART.match(name, pos)
         if m is None:
             return name
-        parts.append(m.group(2) or m.group(3) or m.group(4))
+        parts.append(m.group("key") or m.group("attr") or m.group("index"))
         pos = m.end()
     return ".".join(parts) or name
 
@@ -179,6 +180,22 @@ def select(gm: fx.GraphModule, example_inputs) -> list[int]:
     return [i for i, n in enumerate(phs) if n in roots]
 
 
+def float_constants(gm: fx.GraphModule, example_inputs) -> list[int]:
+    """Placeholders that are a module's or a global's Python float, which torch.compile(
+    dynamic=True) passes as a 0-dim tensor read only through ``.item()`` (swiglu's alpha and limit):
+    ``lift`` turns them back into constants, guarded by value, so the activation can be matched
+    and handed to the op as the constants it needs. A forward argument stays an input."""
+    out = []
+    for i, (n, ex) in enumerate(zip([n for n in gm.graph.nodes if n.op == "placeholder"],
+                                    example_inputs)):
+        name = source_name(getattr(n, "_dynamo_source", None)) or ""
+        if isinstance(ex, torch.Tensor) and ex.dim() == 0 and ex.is_floating_point() and \
+                name.startswith(("L['self']", "G[")) and n.users and \
+                all(u.op == "call_method" and u.target == "item" for u in n.users):
+            out.append(i)
+    return out
+
+
 def _dynamo_guards():
     """The guard set Dynamo is building for the frame being compiled (it is turned into the
     frame's check function after the backend returns)."""
@@ -186,18 +203,30 @@ def _dynamo_guards():
     return getattr(getattr(ctx, "guards_context", None), "dynamo_guards", None)
 
 
-def lift(gm: fx.GraphModule, example_inputs, indices) -> tuple[list, list, list]:
-    """Placeholders ``indices`` -> module attributes (frozen by Inductor).
+def lift(gm: fx.GraphModule, example_inputs, indices, constants=()) -> tuple[list, list, list]:
+    """Placeholders ``indices`` -> module attributes (frozen by Inductor); placeholders
+    ``constants`` (``float_constants``) -> their Python value, guarded by value.
     -> (kept input indices, lifted tensors, their source names)."""
+    from torch._dynamo.guards import GuardBuilder
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
-    chosen = set(indices)
+    chosen, consts = set(indices), set(constants)
     keep, lifted, names = [], [], []
     guards = _dynamo_guards()
     for i, (n, ex) in enumerate(zip(placeholders, example_inputs)):
+        src = getattr(n, "_dynamo_source", None)
+        if i in consts and src is not None and guards is not None:
+            value = ex.item()
+            for item in list(n.users):
+                for u in list(item.users):
+                    u.args = fx.node.map_arg(u.args, lambda a, it=item: value if a is it else a)
+                    u.kwargs = fx.node.map_arg(u.kwargs, lambda a, it=item: value if a is it else a)
+                gm.graph.erase_node(item)
+            gm.graph.erase_node(n)
+            guards.add(src.make_guard(GuardBuilder.EQUALS_MATCH))  # another value recompiles
+            continue
         if i not in chosen:
             keep.append(i)
             continue
-        src = getattr(n, "_dynamo_source", None)
         name = f"_mxfp4_param_{i}"
         if isinstance(ex, torch.nn.Parameter):
             gm.register_parameter(name, ex)
@@ -208,7 +237,6 @@ def lift(gm: fx.GraphModule, example_inputs, indices) -> tuple[list, list, list]
         if src is not None and guards is not None:
             # the graph now holds this very tensor: a frame reused for another module (a layer
             # loop with graph breaks) must recompile instead of running with these weights
-            from torch._dynamo.guards import GuardBuilder
             guards.add(src.make_guard(GuardBuilder.ID_MATCH))
         with gm.graph.inserting_before(n):
             attr = gm.graph.get_attr(name)

@@ -241,3 +241,14 @@ def test_parameters_left_as_inputs_are_static_for_cuda_graphs():
         torch.compile(m, backend="mxfp4")(x())
     # inputs after freezing: layers.0.gate.weight, x, layers.1.gate.weight (experts are frozen)
     assert seen == [(3, [0, 2])]
+
+
+@pytest.mark.parametrize("source,name", [
+    ("L['self']._modules['layers']._modules['0']._parameters['w2']", "layers.0.w2"),
+    ("L['self']._modules['moe'].__dict__['_parameters']['w13']", "moe.w13"),
+    ("G['model']._modules['moe']._buffers['blocks']", "model.moe.blocks"),
+    ("L['w13']", "w13"),
+    ("something(else)", "something(else)"),  # unparsed: as given
+])
+def test_qualified_names(source, name):
+    assert frozen.qualified_name(source) == name

@@ -143,18 +143,29 @@ def test_hand_written_forms_one_token(make, kd):
 
 
 @pytest.mark.slow
-def test_dynamic_true_float_input_explained_and_correct():
-    """torch.compile(dynamic=True) turns swiglu's Python floats into graph inputs: the op needs them
-    as constants, so the region stays bf16, and explain says why and what to do."""
+def test_dynamic_true_module_floats_become_guarded_constants():
+    """torch.compile(dynamic=True) passes swiglu's Python floats (a module attribute, a function
+    default) as 0-dim tensor inputs; the backend turns them back into constants guarded by value,
+    so the layer is rewritten with T dynamic, and a new value recompiles with it."""
+    import copy
+    from mxfp4_compile import backend
     torch.manual_seed(0)
     model = z.GatherMoE().to(BF16).eval()
+    kd = {"w13": -1, "w2": -1}
+    torch._dynamo.reset()
+    n = len(backend.last_compile_info)
     with torch.no_grad():
-        ref = model(_x(5))
-        rep = explain(model, _x(5), dynamic=True)
-    assert "runtime scalar input" in str(rep) and "specialize_float" in str(rep), str(rep)
-    out, code, rec = z.compile_record(model, _x(5), dynamic=True)
-    assert z.moe_calls(code) == 0 and z.rel_err(out, ref) < 1e-2
-    rec.assert_counts(before={aten.bmm: 3}, after={aten.bmm: 3, mxfp4.moe: 0})
+        cm = torch.compile(model, backend="mxfp4", dynamic=True)
+        for T in (5, 9):
+            want = z.quantize_experts_(copy.deepcopy(model), kd)(_x(T))
+            assert z.rel_err(cm(_x(T)), want) < 2e-2, T
+        assert len(backend.last_compile_info) - n == 1  # one graph for both T
+        assert backend.last_compile_info[-1]["rewritten"] == 1
+        model.limit = 0.5
+        want = z.quantize_experts_(copy.deepcopy(model), kd)(_x(5))
+        assert z.rel_err(cm(_x(5)), want) < 2e-2
+    info = backend.last_compile_info[-1]
+    assert len(backend.last_compile_info) - n == 2 and info["candidates"][0].details["limit"] == 0.5
 
 
 @unittest.skipUnless(z.snapshot_torch_ok(), f"graph text recorded with torch {z.SNAPSHOT_TORCH}")
