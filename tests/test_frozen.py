@@ -89,7 +89,16 @@ def test_select_leaves_non_moe_models_alone():
 
 
 # ---------------------------------------------------------------------------- changes take effect
-def test_inplace_update_of_one_layer_reprepares_that_layer_only():
+@pytest.fixture(params=[True, False], ids=["prepack", "no-prepack"])
+def prepack(request):
+    """CPU mkldnn weight prepacking on and off (it packs frozen Linear weights: none are frozen
+    now, so both must behave alike)."""
+    import torch._inductor.config as ic
+    with ic.patch({"cpp.weight_prepack": request.param}):
+        yield request.param
+
+
+def test_inplace_update_of_one_layer_reprepares_that_layer_only(prepack):
     torch.manual_seed(0)
     m = Stack().to(BF16)
     cm = compiled(m)
@@ -107,7 +116,7 @@ def test_inplace_update_of_one_layer_reprepares_that_layer_only():
         assert weights.quantization_count() - n == 2
 
 
-def test_load_state_dict_takes_effect_for_every_weight():
+def test_load_state_dict_takes_effect_for_every_weight(prepack):
     torch.manual_seed(0)
     m, other = Stack().to(BF16), Stack().to(BF16)
     cm = compiled(m)
