@@ -258,8 +258,10 @@ def _note_layer_recompiles(lifted) -> None:
     if cid is None or not lifted or getattr(cid, "frame_id", None) is None:
         return
     ids = frozenset(map(id, lifted))
-    first = _frame_weights.setdefault(cid.frame_id, ids)
-    if first is ids or first == ids:
+    if getattr(cid, "frame_compile_id", 0) == 0:  # a frame's first compile (frame ids restart
+        _frame_weights[cid.frame_id] = ids      # after torch._dynamo.reset())
+        return
+    if _frame_weights.get(cid.frame_id, ids) == ids:
         return
     limit = torch._dynamo.config.recompile_limit
     _once(("layer-loop", cid.frame_id),

@@ -294,3 +294,15 @@ def test_summary_counts_the_layers_quantized_and_their_time():
         second = backend.last_compile_info[-1]
     assert (first["rewritten"], first["prepared"]) == (2, 2) and first["prepare_s"] > 0
     assert (second["rewritten"], second["prepared"], second["prepare_s"]) == (2, 0, 0.0)
+
+
+def test_no_layer_loop_warning_after_a_reset():
+    """Frame ids restart after torch._dynamo.reset(): a new model's first compile is not a
+    recompile of the old one."""
+    import warnings
+    for seed in (0, 1):
+        torch._dynamo.reset()
+        with torch.no_grad(), warnings.catch_warnings(record=True) as got:
+            warnings.simplefilter("always")
+            torch.compile(model(seed), backend="mxfp4")(x())
+        assert not [w for w in got if "once per MoE layer" in str(w.message)], seed
