@@ -1,16 +1,19 @@
 """The ``mxfp4`` Dynamo backend: ``torch.compile(model, backend="mxfp4")``.
 
 What it does with the graph Dynamo hands it:
-1. turns the parameter placeholders into frozen module attributes (Dynamo only does that itself when
-   freezing was on while it traced; setting freezing in a backend is too late: the weights would
-   stay graph inputs and the weight transform would run on every call, docs/architecture.md §4);
+1. turns the expert-weight placeholders (frozen.py decides which, on this graph) into frozen
+   module attributes (Dynamo only does that itself when freezing was on while it traced; setting
+   freezing in a backend is too late: the weights would stay graph inputs and the weight
+   transform would run on every call, docs/architecture.md §4); every other parameter and
+   buffer stays a graph input, static for CUDA graphs;
 2. picks the MoE kernel for the device (ops/dispatch.py; ``options={"kernel": ...}`` or
    ``MXFP4_KERNEL`` override "auto");
 3. calls Inductor's compile_fx with freezing on, our joint_custom_post_pass (passes/manager.py) and
    CUDA graphs when asked (``mode="reduce-overhead"`` or ``options={"cudagraphs": True}``).
 
 With grad enabled there is no freezing, so nothing can be rewritten: it says so once and compiles
-with plain Inductor (still correct).
+with plain Inductor (still correct). The callable it returns checks, before each call, whether
+the frozen expert weights changed, and has them re-prepared in place (frozen.WeightWatch).
 """
 from __future__ import annotations
 
@@ -223,7 +226,7 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
         if skipped:  # the user asked for MXFP4: a layer left in bf16 deserves a warning
             log.warning("mxfp4: %d MoE candidate(s) left unrewritten (bf16):%s", len(skipped),
                         "".join(f"\n  {c.form} at {c.where}: {c.reason}" for c in skipped))
-    if lifted and not done:  # expert-shaped weights, nothing rewritten: visible, once per graph
+    if lifted and reports and not done:  # expert-shaped weights, nothing rewritten: once a graph
         warnings.warn(f"mxfp4 backend: this graph reads expert-shaped weights ({', '.join(names[:4])}"
                       f"{', ...' if len(names) > 4 else ''}) but no MoE layer was rewritten to "
                       f"MXFP4; it runs in {_model_dtypes(example_inputs)}. "

@@ -79,7 +79,7 @@ def is_state(n, ex) -> bool:
     if isinstance(ex, torch.nn.Parameter):
         return True
     name = source_name(getattr(n, "_dynamo_source", None)) or ""
-    return isinstance(ex, torch.Tensor) and "_buffers[" in name
+    return isinstance(ex, torch.Tensor) and ("._buffers[" in name or "['_buffers']" in name)
 
 
 def _writes(u) -> bool:

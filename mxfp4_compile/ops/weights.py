@@ -5,9 +5,10 @@ Inputs (float):  w13 [E, 2I, H] (or [E, H, 2I] when ``transposed``), w2 [E, H, I
                  w13_bias [E, 2I], w2_bias [E, H].
 Canonical MXFP4: see ops/moe_torch.py (gate/up rows ordered per activation, zero padding).
 
-Prepared weights are cached by the identity and ``_version`` of the input tensors plus every
+Prepared weights live in a store keyed by the input tensors (by identity, weakly) plus every
 option, so the compiler's six transform calls per MoE layer and every recompile (new T, 0/1
-specialization) share one quantization and one copy.
+specialization) share one quantization and one copy; when an input changes (its version counter
+or storage), the entry is re-prepared in place (see "the prepared-weight store" below).
 """
 from __future__ import annotations
 
@@ -189,9 +190,6 @@ class _Entry:
 
     def inputs(self):
         return tuple(None if r is None else r() for r in self.refs)
-
-    def reads(self, t) -> bool:
-        return any(r is not None and r() is t for r in self.refs)
 
 
 _cache: dict[tuple, _Entry] = {}
