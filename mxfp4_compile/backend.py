@@ -249,7 +249,7 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     return run
 
 
-_frame_weights: dict = {}  # Dynamo frame id -> ids of the frozen tensors of its first compile
+_frame_weights: dict = {}  # Dynamo frame id -> [ids of its first compile's frozen tensors, warned]
 
 
 def _note_layer_recompiles(lifted) -> None:
@@ -262,18 +262,21 @@ def _note_layer_recompiles(lifted) -> None:
         return
     ids = frozenset(map(id, lifted))
     if getattr(cid, "frame_compile_id", 0) == 0:  # a frame's first compile (frame ids restart
-        _frame_weights[cid.frame_id] = ids      # after torch._dynamo.reset())
+        _frame_weights[cid.frame_id] = [ids, False]  # after torch._dynamo.reset())
         return
-    if _frame_weights.get(cid.frame_id, ids) == ids:
+    seen = _frame_weights.get(cid.frame_id)
+    if seen is None or seen[0] == ids or seen[1]:
         return
+    seen[1] = True
     limit = torch._dynamo.config.recompile_limit
-    _once(("layer-loop", cid.frame_id),
-          f"mxfp4 backend: a frame is being compiled once per MoE layer (compile {cid}: a layer "
-          f"loop with a graph break, whose frozen expert weights differ per layer). Dynamo "
-          f"compiles one frame at most torch._dynamo.config.recompile_limit = {limit} times and "
-          f"runs the layers after that uncompiled (bf16). For a model of L layers set "
-          f"torch._dynamo.config.recompile_limit = L (or more) before the first call, or remove "
-          f"the graph break so that one graph holds every layer.")
+    msg = (f"mxfp4 backend: a frame is being compiled once per MoE layer (compile {cid}: a layer "
+           f"loop with a graph break, whose frozen expert weights differ per layer). Dynamo "
+           f"compiles one frame at most torch._dynamo.config.recompile_limit = {limit} times and "
+           f"runs the layers after that uncompiled (bf16). For a model of L layers set "
+           f"torch._dynamo.config.recompile_limit = L (or more) before the first call, or remove "
+           f"the graph break so that one graph holds every layer.")
+    warnings.warn(msg, stacklevel=3)
+    log.info(msg)
 
 
 def _with_static_inputs(state: list):
