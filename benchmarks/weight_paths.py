@@ -156,10 +156,8 @@ def main():
         watch = frozen.WeightWatch(experts, names, a.kernel, "floor")
         assert len(watch.entries) == a.layers and all(watch.refreshable), "watch != backend's"
 
-        prepared = [e.prepared for e in watch.entries]
         by_layer = {id(e.inputs()[0]): e.prepared for e in watch.entries}
         pmodel = Stack([PreparedLayer(layer, by_layer[id(layer.w13)]) for layer in model.layers])
-        del prepared
         t0 = time.perf_counter()
         f_inputs = torch.compile(pmodel, backend="mxfp4", mode="reduce-overhead")
         for _ in range(3):

@@ -9,7 +9,7 @@ import torch.nn as nn
 
 import moe_zoo as z
 import mxfp4_compile
-from mxfp4_compile import backend, frozen
+from mxfp4_compile import frozen
 from mxfp4_compile.ops import weights
 
 BF16 = torch.bfloat16
