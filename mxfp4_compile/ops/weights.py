@@ -191,6 +191,10 @@ class _Entry:
     def inputs(self):
         return tuple(None if r is None else r() for r in self.refs)
 
+    def alive(self) -> bool:
+        """Every input still exists (a dead one means the entry is on its way out)."""
+        return all(r is None or r() is not None for r in self.refs)
+
 
 _cache: dict[tuple, _Entry] = {}
 _quantized = 0
@@ -345,8 +349,7 @@ def prepare_moe_weights(w13, w2, w13_bias=None, w2_bias=None, *, activation, ker
     entry = _cache.get(key)
     if entry is not None and all((r is None and t is None) or (r is not None and r() is t)
                                  for r, t in zip(entry.refs, inputs)):
-        if entry.stamps != tuple(_stamp(t) for t in inputs):
-            _refill(entry, inputs)
+        refresh(entry)
         return entry.prepared
     prepared = _prepare(inputs, options)
     refs = tuple(None if t is None else weakref.ref(t, lambda _r, k=key: _cache.pop(k, None))
@@ -360,9 +363,7 @@ def entries_reading(tensors) -> list:
     ids = {id(t) for t in tensors}
     out = []
     for e in list(_cache.values()):
-        ins = e.inputs()
-        if any(t is not None and id(t) in ids for t in ins) and all(
-                (r is None) == (t is None) for r, t in zip(e.refs, ins)):
+        if e.alive() and any(t is not None and id(t) in ids for t in e.inputs()):
             out.append(e)
     return out
 
@@ -370,9 +371,9 @@ def entries_reading(tensors) -> list:
 def refresh(entry: _Entry, force: bool = False) -> bool:
     """Re-prepare ``entry`` in place if an input changed since (or always, with ``force``).
     -> whether it re-prepared."""
-    inputs = entry.inputs()
-    if any((r is not None) and t is None for r, t in zip(entry.refs, inputs)):
-        return False  # an input died: the entry is on its way out of the store
+    inputs = entry.inputs()  # strong references first: alive() cannot change after this
+    if not entry.alive():
+        return False
     if force or entry.stamps != tuple(_stamp(t) for t in inputs):
         _refill(entry, inputs)
         return True
