@@ -198,10 +198,13 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     _note_layer_recompiles(lifted)
     kernel, why = dispatch.choose_kernel(_device(example_inputs, lifted), opts["kernel"])
     # parameter order of AOTAutograd = named_parameters() order of gm = lift order
-    moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names,
+    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    # names of the inner graph's placeholders: the lifted (frozen) tensors, then the kept inputs
+    inputs = [frozen.qualified_name(frozen.source_name(getattr(n, "_dynamo_source", None))) or n.name
+              for n in phs]  # after lift: the kept inputs, in order
+    moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names + inputs,
                               fuse_router=bool(opts["fuse_router"]))
     patches = dict(_inductor_patches(opts), freezing=True, joint_custom_post_pass=moe_pass)
-    phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     state = [frozen.is_state(n, example_inputs[i]) for n, i in zip(phs, keep)]
     take_reports()
     weights.progress.finish()
@@ -213,8 +216,10 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     reports = take_reports()
     cands = [c for r in reports for c in r]
     done = [c for c in cands if c.rewritten]
+    already = [c for c in cands if c.already_mxfp4]
     info = dict(grad_enabled=False, kernel=kernel, kernel_reason=why, rewritten=len(done),
-                candidates=cands, cache_hit=not reports, prepared=n_prepared, prepare_s=prep_s)
+                already_mxfp4=len(already), candidates=cands, cache_hit=not reports,
+                prepared=n_prepared, prepare_s=prep_s)
     last_compile_info.append(info)
     if not reports:
         log.info("mxfp4: graph served from the FX graph cache (kernel %s: %s)", kernel, why)
@@ -222,7 +227,10 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
         log.info("mxfp4: rewrote %d MoE layer(s) to torch.ops.mxfp4.moe, kernel %r (%s); "
                  "quantized %d layer(s) in %.1f s (the others came from the prepared-weight store)",
                  len(done), kernel, why, n_prepared, prep_s)
-        skipped = [c for c in cands if not c.rewritten]
+        if already:
+            log.info("mxfp4: %d MoE layer(s) already MXFP4 (Mxfp4Experts); routers: %s", len(already),
+                     "; ".join(sorted({c.details.get("router", "not fused") for c in already})))
+        skipped = [c for c in cands if not c.rewritten and not c.already_mxfp4]
         if skipped:  # the user asked for MXFP4: a layer left in bf16 deserves a warning
             log.warning("mxfp4: %d MoE candidate(s) left unrewritten (bf16):%s", len(skipped),
                         "".join(f"\n  {c.form} at {c.where}: {c.reason}" for c in skipped))

@@ -28,6 +28,7 @@ class Region:
     rewritten: bool
     reason: str           # why not ("" when rewritten)
     details: dict         # experts, hidden, intermediate, top_k, activation, weight parameter names
+    already_mxfp4: bool = False  # the model's own torch.ops.mxfp4.moe (Mxfp4Experts)
 
 
 @dataclasses.dataclass
@@ -49,13 +50,15 @@ class ExplainReport:
                  f"candidate MoE region(s) rewritten; {self.graphs} graph(s); kernel "
                  f"{self.kernel!r} ({self.kernel_reason})"]
         for r in self.regions:
-            what = "REWRITTEN" if r.rewritten else f"not rewritten: {r.reason}"
+            what = ("REWRITTEN" if r.rewritten else "ALREADY MXFP4" if r.already_mxfp4
+                    else f"not rewritten: {r.reason}")
             d = r.details
             shape = (f" E={d['experts']} H={d['hidden']} I={d['intermediate']} k={d['top_k']} "
                      f"{d['activation']}" if "experts" in d else "")
             names = f" weights={d['weights']}" if d.get("weights") else ""
             route = f"; router: {d['router']}" if d.get("router") else ""
-            lines.append(f"  graph {r.graph} [{r.form}] {r.where}:{shape}{names} -> {what}{route}")
+            note = f"; {d['note']}" if d.get("note") else ""
+            lines.append(f"  graph {r.graph} [{r.form}] {r.where}:{shape}{names} -> {what}{route}{note}")
         for b in self.graph_breaks:
             lines.append(f"  graph break: {b}")
         for n in self.notes:
@@ -91,7 +94,8 @@ def explain(model, *inputs, options=None, **kwargs) -> ExplainReport:
               for k, v in counters["graph_break"].items() if v > breaks_before.get(k, 0)]
     for gi, info in enumerate(infos):
         for c in info.get("candidates", []):
-            regions.append(Region(gi, c.form, c.where, c.rewritten, c.reason, dict(c.details)))
+            regions.append(Region(gi, c.form, c.where, c.rewritten, c.reason, dict(c.details),
+                                  c.already_mxfp4))
         if info.get("cache_hit"):
             notes.append(f"graph {gi} came from the FX graph cache: its regions are not listed")
     if grad:

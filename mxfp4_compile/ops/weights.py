@@ -165,6 +165,40 @@ def pad_packed(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, *, activation,
             w2.contiguous(), w2_scales.contiguous(), w2_bias)
 
 
+def _unpad_gate_up(t: torch.Tensor, dim: int, i: int, activation: str):
+    """Inverse of `_pad_gate_up`: 2Ip gate/up rows along ``dim`` -> the 2I real ones."""
+    if t.shape[dim] == 2 * i:
+        return t
+    if formats.gate_up_interleaved(activation):
+        return t.narrow(dim, 0, 2 * i)
+    gate, up = t.chunk(2, dim=dim)
+    return torch.cat((gate.narrow(dim, 0, i), up.narrow(dim, 0, i)), dim=dim)
+
+
+def unpad_packed(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, *, activation, hidden_size,
+                 intermediate_size):
+    """Inverse of `pad_packed`: canonical padded MXFP4 -> canonical at (H, I), H and I whole
+    blocks (what a checkpoint stores)."""
+    H, I = hidden_size, intermediate_size
+    if H % BLOCK or I % BLOCK:
+        raise ValueError(f"unpad_packed: H={H} and I={I} must be multiples of {BLOCK}")
+    w13 = _unpad_gate_up(w13, 1, I, activation)[..., :H // 2]
+    w13_scales = _unpad_gate_up(w13_scales, 1, I, activation)[..., :H // BLOCK]
+    w13_bias = None if w13_bias is None else _unpad_gate_up(w13_bias, 1, I, activation)
+    w2, w2_scales = w2[:, :H, :I // 2], w2_scales[:, :H, :I // BLOCK]
+    w2_bias = None if w2_bias is None else w2_bias[:, :H]
+    return tuple(None if t is None else t.contiguous()
+                 for t in (w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
+
+
+def from_kernel_layout(prepared: PreparedMoE) -> tuple:
+    """Inverse of `to_kernel_layout` and the padding: the six canonical tensors at the model's
+    (H, I), byte for byte what `from_mxfp4_blocks` was given (see each kernel's ``unprepare``)."""
+    canonical = dispatch.get_kernel(prepared.kernel).unprepare(*prepared.tensors(), prepared.activation)
+    return unpad_packed(*canonical, activation=prepared.activation, hidden_size=prepared.hidden_size,
+                        intermediate_size=prepared.intermediate_size)
+
+
 def to_kernel_layout(canonical, *, kernel, activation, hidden_size, intermediate_size) -> PreparedMoE:
     module = dispatch.get_kernel(kernel)
     out = module.prepare(*canonical, activation)

@@ -34,6 +34,7 @@ class Candidate:
     rewritten: bool
     reason: str = ""
     details: dict = dataclasses.field(default_factory=dict)
+    already_mxfp4: bool = False   # a torch.ops.mxfp4.moe call in the model itself (Mxfp4Experts)
 
 
 # Reports of the graphs compiled since the last take_reports(); the backend and explain read them.
@@ -67,7 +68,7 @@ class MoERewritePass(CustomGraphPass):
                  rewrite_enabled: bool = True, fuse_router: bool = True):
         self.kernel = kernel
         self.rounding = rounding
-        self.param_names = param_names        # reports only; not part of the cache key
+        self.param_names = param_names        # placeholder names, reports only; not in the cache key
         self.rewrite_enabled = rewrite_enabled  # False: only report (explain)
         self.fuse_router = fuse_router        # each rewritten MoE's routing -> topk_softmax
 
@@ -75,6 +76,7 @@ class MoERewritePass(CustomGraphPass):
         tc = torch._guards.TracingContext.try_get()
         n_params = len(tc.params_flat) if tc is not None and tc.params_flat is not None else 0
         report = []
+        existing = _moe_nodes(graph)  # the model's own MXFP4 experts (checkpoints.py)
         for form in FORMS:
             ctx = Context(graph, constant_nodes(graph, n_params), self.param_names)
             try:
@@ -112,6 +114,18 @@ class MoERewritePass(CustomGraphPass):
                         details["router"] = self._fuse_router(graph, moe, where)
                 report.append(Candidate(form.FORM, where, True, "", details))
             graph.eliminate_dead_code()
+        for moe in sorted(existing, key=lambda n: n.name):
+            details = dict(kernel=moe.args[9] if len(moe.args) > 9 else moe.kwargs.get("kernel"))
+            if details["kernel"] != self.kernel:
+                details["note"] = (f"its weights are laid out for kernel {details['kernel']!r}; the "
+                                   f"backend's kernel ({self.kernel!r}) applies to bf16 experts only "
+                                   f"(mxfp4_compile.set_kernel re-lays a loaded model out)")
+            where = param_name(moe.args[3], self.param_names)
+            if self.fuse_router and self.rewrite_enabled:
+                details["router"] = self._fuse_router(graph, moe, where)
+            report.append(Candidate("mxfp4 experts", where, False, "already MXFP4", details,
+                                    already_mxfp4=True))
+        graph.eliminate_dead_code()
         graph.lint()
         _reports.append(report)
         weights.progress.expect(sum(c.rewritten for c in report))  # freeze() quantizes them next

@@ -43,6 +43,13 @@ class MoEKernel(Protocol):
                 activation: str) -> tuple:
         """Canonical padded MXFP4 weights -> the six tensors ``moe`` reads (once per model)."""
 
+    def unprepare(self, w13: torch.Tensor, w13_scales: torch.Tensor, w13_bias: torch.Tensor | None,
+                  w2: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor | None,
+                  activation: str) -> tuple:
+        """The inverse of ``prepare``: this layout's six tensors -> canonical padded MXFP4 (what
+        checkpoints store and other kernels start from), byte for byte; a kernel that cannot
+        invert its layout raises a ValueError saying so."""
+
     def moe(self, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
             w13: torch.Tensor, w13_scales: torch.Tensor, w13_bias: torch.Tensor | None,
             w2: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor | None,
@@ -52,7 +59,7 @@ class MoEKernel(Protocol):
 
 
 _ATTRIBUTES = {"NAME": str, "H_MULTIPLE": int, "I_MULTIPLE": int}
-_FUNCTIONS = ("unavailable_reason", "prepared_shapes", "prepare", "moe")
+_FUNCTIONS = ("unavailable_reason", "prepared_shapes", "prepare", "unprepare", "moe")
 
 
 def protocol_mismatches(module: ModuleType) -> list[str]:

@@ -218,6 +218,14 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
                                                    w2_bias, activation))
 
 
+def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+    """Not inverted: shuffle_matrix_sf_a's 128x4 scale interleave is FlashInfer's own, and this
+    layout has never run on hardware here, so an inverse could not be checked against it."""
+    raise ValueError("weights prepared for kernel 'flashinfer' cannot be turned back into checkpoint "
+                     "tensors (FlashInfer's scale interleave is not inverted here): load or quantize "
+                     "the model with kernel='reference' or 'triton' to save it or change its kernel")
+
+
 # ---- call-time inputs (pure torch, tested on CPU) -----------------------------------------------------
 def pack_topk(ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """FlashInfer's packed pre-computed routing (PackedScoreIdx{bf16 score; int16 idx}):

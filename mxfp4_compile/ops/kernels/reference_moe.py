@@ -28,6 +28,10 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     return w13, w13_scales, w13_bias, w2, w2_scales, w2_bias
 
 
+def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+    return w13, w13_scales, w13_bias, w2, w2_scales, w2_bias
+
+
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
         activation, alpha, limit, expert_map, combine):
     return moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales,

@@ -224,7 +224,7 @@ def swizzle_values(w: torch.Tensor) -> torch.Tensor:
 
 
 def unswizzle_values(v: torch.Tensor) -> torch.Tensor:
-    """Inverse of ``swizzle_values`` (for tests): [E, N/4, 2K] -> [E, N, K/2]."""
+    """Inverse of ``swizzle_values``: [E, N/4, 2K] -> [E, N, K/2]."""
     api = API.require()
     E, n4, k2 = v.shape
     layout = api.HopperMXValueLayout((E, k2 // 4, n4 * 4), mx_axis=1)
@@ -243,7 +243,7 @@ def swizzle_scales(s: torch.Tensor) -> torch.Tensor:
 
 
 def unswizzle_scales(p: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """Inverse of ``swizzle_scales`` (for tests) -> [E, N, K/32]."""
+    """Inverse of ``swizzle_scales`` -> [E, N, K/32]."""
     api = API.require()
     layout = api.HopperMXScaleLayout((p.shape[0], p.shape[2] // 32, N), mx_axis=1,
                                      num_warps=num_warps_for(N))
@@ -264,6 +264,20 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     b2 = None if w2_bias is None else w2_bias.float().contiguous()
     return (swizzle_values(w13), swizzle_scales(w13_scales), b13,
             swizzle_values(w2), swizzle_scales(w2_scales), b2)
+
+
+def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+    """Inverse of ``prepare`` (needs triton_kernels, whose layouts do the unswizzling)."""
+    check_activation(activation)
+    (_, n4_13, k2_13), (_, n4_2, k2_2) = w13.shape, w2.shape
+    w13c = unswizzle_values(w13)
+    s13 = unswizzle_scales(w13_scales, n4_13 * 4, k2_13 // 2)
+    b13 = None if w13_bias is None else w13_bias.clone()
+    if activation == "silu_glu":  # gate/up pairs -> [gate; up]
+        w13c, s13 = pairs_to_concat(w13c, 1), pairs_to_concat(s13, 1)
+        b13 = None if b13 is None else pairs_to_concat(b13, 1)
+    return (w13c, s13, b13, unswizzle_values(w2), unswizzle_scales(w2_scales, n4_2 * 4, k2_2 // 2),
+            None if w2_bias is None else w2_bias.clone())
 
 
 # ---- call time ----------------------------------------------------------------------------------------

@@ -176,6 +176,53 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
             _tile_rows(_pack_words(w2), 32), _tile_rows(s2, 2), f32(w2_bias))
 
 
+def _unpack_words(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_pack_words`: this kernel's words [E, N, K/2] uint8 -> canonical packed codes."""
+    dev = w.device
+    cols = torch.tensor(_WORD_COLUMNS, device=dev).flatten()  # code position of (word, element)
+    order = torch.argsort(cols)                               # (word, element) of each position
+    mag_at = torch.tensor(layout.MAG_AT, device=dev, dtype=torch.int64)
+    sign_at = torch.tensor(layout.SIGN_AT, device=dev, dtype=torch.int64)
+    out = torch.empty_like(w)
+    for e in range(w.shape[0]):
+        words = w[e].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        words = words.reshape(w.shape[1], -1, 4, 1)  # [N, K/32, 4 words, 1]
+        codes = ((words >> mag_at) & 7) | (((words >> sign_at) & 1) << 3)  # [N, K/32, 4, 8]
+        codes = codes.flatten(-2)[..., order].reshape(w.shape[1], -1, 2)  # canonical order, pairs
+        out[e] = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
+    return out
+
+
+def _untile_rows(t: torch.Tensor, block_bytes: int) -> torch.Tensor:
+    """Inverse of `_tile_rows`."""
+    E, N, nb = t.shape
+    t = t.reshape(E, N // 16, nb // block_bytes, 16, block_bytes)
+    return t.transpose(2, 3).reshape(E, N, nb)
+
+
+def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+    """Inverse of `prepare`, byte for byte, except in blocks whose scale is NaN (255): `prepare`
+    zeroes their codes (they decode to NaN either way), so they come back as zeros."""
+    check_activation(activation)
+    Ip = w2.shape[2] * 2
+    rows = _paired_rows(Ip, activation, w13.device)
+
+    def unpaired(t):  # prepared row r holds canonical row rows[r]
+        out = torch.empty_like(t)
+        out[:, rows] = t
+        return out
+
+    def unbiased(s):
+        s = s.to(torch.int16)
+        return torch.where(s == E8M0_NAN, s, s - layout.STORED_SCALE_OFFSET).to(torch.uint8)
+
+    w13c = unpaired(_unpack_words(_untile_rows(w13, 32)))
+    s13 = unpaired(unbiased(_untile_rows(w13_scales, 2)))
+    b13 = None if w13_bias is None else unpaired(w13_bias)
+    return (w13c, s13, b13, _unpack_words(_untile_rows(w2, 32)), unbiased(_untile_rows(w2_scales, 2)),
+            None if w2_bias is None else w2_bias.clone())
+
+
 @functools.lru_cache(maxsize=None)
 def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
