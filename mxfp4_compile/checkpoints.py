@@ -239,7 +239,7 @@ def quantize_(model: nn.Module, *, rounding: str = "floor", kernel: str = "auto"
                 activation=spec.activation, rounding=rounding,
                 gate_up_interleaved=not m.is_concatenated, transposed=bool(m.is_transposed))
             canonical = tuple(None if t is None else t for t in canonical)
-            kname, _ = dispatch.choose_kernel(w13.device, kernel)
+            kname = dispatch.choose_kernel(w13.device)[0] if kernel == "auto" else kernel
             hp, ip = dispatch.padded_sizes(kname, spec.hidden_size, spec.intermediate_size)
             canonical = weights.pad_packed(*canonical, activation=spec.activation, hp=hp, ip=ip)
             prepared = weights.to_kernel_layout(canonical, kernel=kname, activation=spec.activation,

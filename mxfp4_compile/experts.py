@@ -215,8 +215,8 @@ class Mxfp4Experts(nn.Module):
     def _prepare_from(self, t: dict, kernel: str) -> weights.PreparedMoE:
         s = self.spec
         w13, w2 = s.names
-        device = t[f"{w13}_blocks"].device
-        kernel, _ = dispatch.choose_kernel(device, kernel)
+        if kernel == "auto":  # a named kernel is laid out even where it cannot run (e.g. on the
+            kernel, _ = dispatch.choose_kernel(t[f"{w13}_blocks"].device)  # CPU before .cuda())
         return weights.from_mxfp4_blocks(
             t[f"{w13}_blocks"], t[f"{w13}_scales"], t.get(f"{w13}_bias"),
             t[f"{w2}_blocks"], t[f"{w2}_scales"], t.get(f"{w2}_bias"),

@@ -1,4 +1,4 @@
-"""python -m mxfp4_compile.bench {op,e2e,plot} [flags]; `--help` on each explains every flag."""
+"""python -m mxfp4_compile.bench {op,e2e,checkpoint,plot} [flags]; `--help` on each explains every flag."""
 from __future__ import annotations
 
 import argparse
@@ -82,6 +82,23 @@ def _parser():
                      help="vocabulary (embedding only; no LM head is run)")
     _common(e2e, out_default)
 
+    ck = _command(sub, "checkpoint", "gpt-oss MXFP4 checkpoint: load, compile, forward; memory",
+                  "Writes a gpt-oss MXFP4 checkpoint with random weights in the published layout "
+                  "(unless --dir holds one), loads it with mxfp4_compile.from_pretrained, compiles "
+                  "it with backend='mxfp4' and runs one forward: load time, resident and peak "
+                  "memory, forward memory, CUDA-graph pool. Writes checkpoint_<shape>.json under --out.")
+    ck.add_argument("--shape", choices=("20b", "120b", "tiny"), default="20b" if gpu else "tiny",
+                    help="gpt-oss-20b (24 layers, 32 experts), -120b (36, 128), tiny (CPU test)")
+    ck.add_argument("--dir", default=os.path.join(out_default, "ckpt"),
+                    help="checkpoint folder (written first when it has no config.json)")
+    ck.add_argument("--spill", default="", help="comma list of folders for shards that do not "
+                    "fit --dir's filesystem (linked into --dir)")
+    ck.add_argument("--tokens", type=int, default=512 if gpu else 8, help="tokens in the forward")
+    ck.add_argument("--kernel", default="auto", help="kernel the experts are laid out for")
+    ck.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false",
+                    help="skip the CUDA-graph compile (its pool is not measured)")
+    _common(ck, out_default)
+
     pl = _command(sub, "plot", "roofline PNG from op.csv",
                   "One panel per model: achieved TFLOP/s against arithmetic intensity (FLOPs per "
                   "MXFP4 weight byte) under the floor-bandwidth and matmul-rate roofs of the run, "
@@ -119,6 +136,9 @@ def main(argv=None) -> int:
     if args.cmd == "e2e":
         from . import e2e
         return e2e.run(args)
+    if args.cmd == "checkpoint":
+        from . import checkpoint
+        return checkpoint.run(args)
     from . import plot
     return plot.run(args)
 
