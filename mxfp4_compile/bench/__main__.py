@@ -87,14 +87,21 @@ def _parser():
                   "(unless --dir holds one), loads it with mxfp4_compile.from_pretrained, compiles "
                   "it with backend='mxfp4' and runs one forward: load time, resident and peak "
                   "memory, forward memory, CUDA-graph pool. Writes checkpoint_<shape>.json under --out.")
-    ck.add_argument("--shape", choices=("20b", "120b", "tiny"), default="20b" if gpu else "tiny",
-                    help="gpt-oss-20b (24 layers, 32 experts), -120b (36, 128), tiny (CPU test)")
+    ck.add_argument("--shape", choices=("20b", "120b", "120b_2layers", "tiny"),
+                    default="20b" if gpu else "tiny",
+                    help="gpt-oss-20b (24 layers, 32 experts), -120b (36, 128), its first 2 layers, "
+                         "tiny (CPU test)")
     ck.add_argument("--dir", default=os.path.join(out_default, "ckpt"),
                     help="checkpoint folder (written first when it has no config.json)")
     ck.add_argument("--spill", default="", help="comma list of folders for shards that do not "
                     "fit --dir's filesystem (linked into --dir)")
     ck.add_argument("--tokens", type=int, default=512 if gpu else 8, help="tokens in the forward")
     ck.add_argument("--kernel", default="auto", help="kernel the experts are laid out for")
+    ck.add_argument("--scale-bytes", default="118,122",
+                    help="lowest,highest e8m0 byte of the random expert scales (127 = 2**0); lower "
+                         "keeps a deep random model from diverging between implementations")
+    ck.add_argument("--generate", type=int, default=0,
+                    help="also time transformers' generate of this many tokens, eager and compiled")
     ck.add_argument("--no-cudagraphs", dest="cudagraphs", action="store_false",
                     help="skip the CUDA-graph compile (its pool is not measured)")
     _common(ck, out_default)

@@ -14,7 +14,13 @@ for CPU tests. A checkpoint larger than one filesystem can be spread over severa
 Memory (CUDA allocator, bytes): resident after load, split into expert buffers (kernel layout,
 padding included), the checkpoint's MXFP4 expert bytes, non-expert parameters and buffers; the
 peak during load; after compile + one forward at --tokens tokens: the forward's peak above the
-weights, the logits, and the CUDA-graph pool (a second compile with CUDA graphs). Host: peak RSS.
+weights, the logits, and the CUDA-graph pool (a second compile with CUDA graphs: growth of the
+allocator's reserved bytes). Host: peak RSS (it counts the shards' pages mapped while loading).
+Agreement: the compiled logits against eager, CUDA graphs against no graphs, and stock Inductor
+against eager on the same model (with random weights at full depth, routing flips make any two
+implementations diverge; the stock pair shows by how much). With --generate N: transformers'
+``generate`` (greedy, dynamic cache) of N tokens after a 16-token prompt, eager and with
+``model.forward`` compiled by backend="mxfp4" (no CUDA graphs), ms per token.
 """
 from __future__ import annotations
 
@@ -31,6 +37,7 @@ from ..formats import BLOCK
 SHAPES = {  # gpt-oss configs as published (20b, 120b), and a tiny one for CPU tests
     "20b": dict(num_hidden_layers=24, num_local_experts=32),
     "120b": dict(num_hidden_layers=36, num_local_experts=128),
+    "120b_2layers": dict(num_hidden_layers=2, num_local_experts=128),  # quick checks at 120b width
     "tiny": dict(num_hidden_layers=2, num_local_experts=4, hidden_size=64, intermediate_size=64,
                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, vocab_size=256,
                  sliding_window=16, num_experts_per_tok=2, pad_token_id=0, eos_token_id=2),
@@ -78,9 +85,10 @@ def gpt_oss_tensors(cfg: dict):
             yield name, tuple(p.shape), torch.bfloat16
 
 
-def random_tensor(name: str, shape, dtype, gen: torch.Generator, device) -> torch.Tensor:
+def random_tensor(name: str, shape, dtype, gen: torch.Generator, device,
+                  scale_bytes=SCALE_BYTES) -> torch.Tensor:
     if dtype == torch.uint8:
-        lo, hi = SCALE_BYTES if name.endswith("_scales") else (0, 256)
+        lo, hi = scale_bytes if name.endswith("_scales") else (0, 256)
         return torch.randint(lo, hi, shape, dtype=torch.uint8, device=device, generator=gen)
     if "norm" in name:
         return torch.ones(shape, dtype=dtype, device=device)
@@ -132,10 +140,10 @@ def write_checkpoint(path: str, config: dict, tensors, max_shard_bytes: int = 4 
 
 
 def write_random_gpt_oss(path: str, shape: str, seed: int = 0, device="cpu", spill=None,
-                         max_shard_bytes: int = 4 << 30) -> dict:
+                         max_shard_bytes: int = 4 << 30, scale_bytes=SCALE_BYTES) -> dict:
     cfg = gpt_oss_config(shape)
     gen = torch.Generator(device=device).manual_seed(seed)
-    rows = ((n, random_tensor(n, s, d, gen, device)) for n, s, d in gpt_oss_tensors(cfg))
+    rows = ((n, random_tensor(n, s, d, gen, device, scale_bytes)) for n, s, d in gpt_oss_tensors(cfg))
     return write_checkpoint(path, cfg, rows, max_shard_bytes, spill)
 
 
@@ -143,11 +151,17 @@ def _gib(n) -> float:
     return round(n / 2**30, 3)
 
 
+def _rel(a, b) -> float:
+    a, b = a.float(), b.float()
+    return round(float((a - b).norm() / b.norm()), 5)
+
+
 def _buffers_bytes(modules) -> int:
     return sum(b.numel() * b.element_size() for m in modules for b in m.buffers() if b is not None)
 
 
-def measure(path: str, device: str, tokens: int, cudagraphs: bool, kernel: str = "auto") -> dict:
+def measure(path: str, device: str, tokens: int, cudagraphs: bool, kernel: str = "auto",
+            generate: int = 0) -> dict:
     """Load, compile, forward; memory and times (module docstring)."""
     import mxfp4_compile
     from ..checkpoints import checkpoint_tensors
@@ -199,17 +213,40 @@ def measure(path: str, device: str, tokens: int, cudagraphs: bool, kernel: str =
         out["already_mxfp4_layers"] = info.get("already_mxfp4")
         out["routers"] = sorted({c.details.get("router", "") for c in info["candidates"]})
         ref = model(x).logits.float()
-        out["rel_l2_compiled_vs_eager"] = float((logits.float() - ref).norm() / ref.norm())
-        del ref, logits
+        out["rel_l2_compiled_vs_eager"] = _rel(logits, ref)
         if cuda and cudagraphs:
             torch.cuda.synchronize()
-            before = torch.cuda.memory_allocated()
+            before = torch.cuda.memory_reserved()
             graphed = torch.compile(model, backend="mxfp4", options={"cudagraphs": True})
             for _ in range(3):
                 y = graphed(x).logits
             torch.cuda.synchronize()
+            out["rel_l2_cudagraphs_vs_compiled"] = _rel(y, logits)
             del y
-            out["cudagraph_pool_and_outputs_gib"] = _gib(torch.cuda.memory_allocated() - before)
+            # the graph pool is reserved, not allocated, once the outputs are freed
+            out["cudagraph_reserved_growth_gib"] = _gib(torch.cuda.memory_reserved() - before)
+        # random weights at full depth: a top-k flip changes a token's experts and the logits
+        # diverge, in any two implementations; stock Inductor on the same model shows how much
+        torch._dynamo.reset()
+        stock = torch.compile(model)(x).logits
+        out["rel_l2_inductor_vs_eager"] = _rel(stock, ref)
+        out["rel_l2_compiled_vs_inductor"] = _rel(logits, stock)
+        del ref, logits, stock
+        if generate:  # transformers' generate (dynamic cache), eager then with a compiled forward
+            prompt = x[:, :16]
+            for name, fwd in (("eager", None), ("mxfp4", torch.compile(model.forward, backend="mxfp4"))):
+                if fwd is not None:
+                    model.forward = fwd
+                model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm / compile
+                if cuda:
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                toks = model.generate(prompt, max_new_tokens=generate, do_sample=False)
+                if cuda:
+                    torch.cuda.synchronize()
+                out[f"generate_{name}_ms_per_token"] = round(1e3 * (time.perf_counter() - t0) / generate, 2)
+                out[f"generate_{name}_new_tokens"] = int(toks.shape[1] - prompt.shape[1])
+            del model.forward  # back to the class's forward
     if cuda:
         out["device_total_gib"] = _gib(torch.cuda.get_device_properties(0).total_memory)
         out["free_after_gib"] = _gib(torch.cuda.mem_get_info()[0])
@@ -221,12 +258,14 @@ def run(args) -> int:
     path = args.dir
     if not os.path.exists(os.path.join(path, "config.json")):
         t0 = time.perf_counter()
+        lo, hi = (int(b) for b in args.scale_bytes.split(","))
         where = write_random_gpt_oss(path, args.shape, args.seed, args.device,
-                                     [s for s in args.spill.split(",") if s])
+                                     [s for s in args.spill.split(",") if s], scale_bytes=(lo, hi + 1))
         print(json.dumps(dict(wrote=path, shape=args.shape, shards=len(where),
                               folders=sorted(set(where.values())), write_s=round(time.perf_counter() - t0, 1))),
               flush=True)
-    res = dict(shape=args.shape, **measure(path, args.device, args.tokens, args.cudagraphs, args.kernel))
+    res = dict(shape=args.shape, **measure(path, args.device, args.tokens, args.cudagraphs, args.kernel,
+                                           args.generate))
     line = json.dumps(res)
     print(line, flush=True)
     with open(os.path.join(args.out, f"checkpoint_{args.shape}.json"), "w") as f:

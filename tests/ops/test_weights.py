@@ -242,6 +242,22 @@ def test_checkpoint_import_no_requantization():
         assert torch.equal(OPS.moe(x, ids, w, **r.moe_kwargs()), out)
 
 
+@pytest.mark.parametrize("kernel", ["reference", "triton"])
+@pytest.mark.parametrize("activation", ["swiglu_oai", "silu_glu"])
+def test_from_kernel_layout_inverts_the_import(kernel, activation):
+    """Checkpoint -> kernel layout (padding, permutations) -> back: the checkpoint's bytes, at
+    sizes that pad (H=96, I=160 -> 128/192 for triton), for both gate/up orders."""
+    E, H, I = 3, 96, 160
+    ck = gpt_oss_checkpoint(E, H, I, seed=19)
+    p = weights.from_mxfp4_blocks(**ck, kernel=kernel, activation=activation)
+    assert p.w13.shape[1] > 2 * I or kernel == "reference"
+    back = weights.from_kernel_layout(p)
+    want = (ck["w13_blocks"].flatten(-2), ck["w13_scales"], ck["w13_bias"].float(),
+            ck["w2_blocks"].flatten(-2), ck["w2_scales"], ck["w2_bias"].float())
+    for name, a, b in zip(weights.ROLES, back, want):
+        assert a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b), name
+
+
 def test_checkpoint_import_padded_and_mx_dtypes():
     """Import for a kernel that pads (256): the checkpoint's bytes sit in the top-left corner,
     padding is zero, and the output equals the unpadded import. torch's MX dtypes are accepted."""

@@ -177,6 +177,8 @@ def test_prepare_shapes_and_inverse(E, Hp, Ip, bias, activation):
     assert torch.equal(tkm.unswizzle_scales(out[4], Hp, Ip), s2)
     if bias:
         assert torch.equal(out[2], b13) and torch.equal(out[5], b2)
+    for a, b in zip(tkm.unprepare(*out, activation), canon):  # the protocol's inverse
+        assert (a is None and b is None) or torch.equal(a, b)
 
 
 @needs_tk
