@@ -265,6 +265,7 @@ def test_quantize_without_experts_says_what_to_do():
         mc.quantize_(torch.nn.Linear(4, 4))
 
 
+@pytest.mark.slow
 @pytest.mark.subprocess
 def test_plain_transformers_refuses_a_saved_model(tmp_path):
     m = bf16_model("mixtral", layers=1)
