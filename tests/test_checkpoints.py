@@ -260,6 +260,27 @@ def test_quantize_save_reload_round_trip(family, tmp_path):
         assert torch.equal(back(x).logits, out)
 
 
+OTHER_FAMILIES = sorted(set(z.HF_FAMILIES) - {"gpt_oss", "mixtral", "qwen3_moe"}) + list(z.MORE_HF_FAMILIES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", OTHER_FAMILIES)
+def test_quantize_every_family(family, tmp_path):
+    """Every transformers family the pass knows: quantize_ computes the MXFP4 round trip of its
+    experts (found by running its own _apply_gate), and save/reload is bit-identical."""
+    m = z.hf_model(family, "batched_mm") if family in z.HF_FAMILIES else z.hf_model_auto(family, "batched_mm")
+    kd = 1 if z.experts_modules(m)[0].is_transposed else -1
+    x = z.token_ids()
+    with torch.no_grad():
+        ref_q = z.quantize_experts_(copy.deepcopy(m), {"gate_up_proj": kd, "down_proj": kd})(x).logits
+        mc.quantize_(m)
+        out = m(x).logits
+    assert z.rel_err(out, ref_q) < 1e-2
+    m.save_pretrained(tmp_path)
+    sd, sd2 = m.state_dict(), mc.from_pretrained(tmp_path).state_dict()
+    assert sd.keys() == sd2.keys() and all(torch.equal(sd[k], sd2[k]) for k in sd)
+
+
 def test_quantize_without_experts_says_what_to_do():
     with pytest.raises(ValueError, match="backend='mxfp4'"):
         mc.quantize_(torch.nn.Linear(4, 4))
