@@ -25,8 +25,8 @@ def _finalize_kernel(y_ptr, ids_ptr, emap_ptr, tw_ptr, out_ptr, E, n_map, M, H: 
         valid = _local_ids(ids_ptr, emap_ptr, a, True, E, n_map, HAS_MAP) < E  # (E: elsewhere)
         y = tl.zeros([BH], dtype=tl.float32)
         for c in tl.static_range(SPLIT):  # GEMM2's K chunks, in order
-            y += tl.load(y_ptr + (c * M + a).to(tl.int64) * H + offs, mask=hmask & valid,
-                         other=0.0).to(tl.float32)
+            y += tl.load(y_ptr + (c * M + a).to(tl.int64) * H + offs, mask=tl.where(valid, hmask, False),
+                         other=0.0).to(tl.float32)  # where, not &: Triton 3.9's interpreter
         if COMBINE:
             acc += tl.where(valid, tl.load(tw_ptr + a).to(tl.float32), 0.0) * y
         else:
