@@ -158,7 +158,10 @@ def run(args) -> int:
     writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
     writer.writeheader()
     rows = []
-    prog = Hn.Progress(len(models) * len(tokens) * len(kernels), "op", enabled=not args.no_progress)
+    plans = {m: make_runners(device, kernels, W.MODELS[m][4], W.MODELS[m][1], W.MODELS[m][2])
+             for m in models}  # (runners, {kernel: why not run}) per model
+    prog = Hn.Progress(len(tokens) * sum(len(r) for r, _ in plans.values()), "op",
+                       enabled=not args.no_progress)  # one step per kernel that runs
 
     def emit(row):
         row.update(floor_GBps=round(bw, 1), floor_bw_source=band.label,
@@ -171,7 +174,7 @@ def run(args) -> int:
 
     for model in models:
         E, H, I, k, act, biases = W.MODELS[model]
-        runners, skipped = make_runners(device, kernels, act, H, I)
+        runners, skipped = plans[model]
         for n, why in skipped.items():  # printed once, in the table's "not run" line
             prev = meta["skipped"].get(n)
             if prev is None:
@@ -197,8 +200,6 @@ def run(args) -> int:
                     emit(dict(base, kernel=r.name, role=r.role, status="skipped",
                               note=f"time budget ({args.budget_s:.0f} s) spent"))
                     prog.step(f"{model} T={T} {r.name} skipped")
-                for _ in range(len(kernels) - len(runners)):
-                    prog.step()
                 continue
             try:
                 shape_rows = run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog)
@@ -208,8 +209,6 @@ def run(args) -> int:
                                    note=f"{type(e).__name__}: {str(e)[:300]}") for r in runners]
             for row in shape_rows:
                 emit(row)
-            for _ in range(len(kernels) - len(runners)):
-                prog.step()
         del canon, wsets
         if device.type == "cuda":
             torch.cuda.empty_cache()

@@ -164,8 +164,32 @@ def test_e2e_tiny(tmp_path, capsys):
     assert os.path.getsize(tmp_path / "e2e.txt") > 0
 
 
+def test_op_progress_steps_only_for_kernels_that_run(tmp_path, capsys):
+    assert bench.main(["op", "--out", str(tmp_path), "--models", "tiny", "--tokens", "1",
+                       "--min-replays", "2", "--replay-s", "0.005", "--r-sets", "2"]) == 0
+    steps = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("[op ")]
+    assert steps and all(ln.split("] ", 1)[1].strip() for ln in steps), steps  # no blank steps
+    assert steps[-1].startswith(f"[op {len(steps)}/{len(steps)}]")
+
+
+@pytest.mark.slow
+def test_checkpoint_tiny(tmp_path, capsys):
+    """Writes a tiny gpt-oss checkpoint in OpenAI's layout, loads it with from_pretrained,
+    compiles, runs: the JSON row has the memory and agreement fields."""
+    pytest.importorskip("transformers")
+    import json
+    assert bench.main(["checkpoint", "--out", str(tmp_path), "--dir", str(tmp_path / "ck"),
+                       "--generate", "2"]) == 0
+    row = json.loads((tmp_path / "checkpoint_tiny.json").read_text())
+    assert row["kernel"] == "reference" and row["already_mxfp4_layers"] == 2
+    assert row["routers"] and all(r.startswith("topk_softmax") for r in row["routers"])
+    assert row["rel_l2_compiled_vs_eager"] < 5e-2 and row["generate_mxfp4_new_tokens"] == 2
+    index = json.loads((tmp_path / "ck" / "model.safetensors.index.json").read_text())
+    assert any(k.endswith("mlp.experts.gate_up_proj_blocks") for k in index["weight_map"])
+
+
 def test_help_explains_every_flag(capsys):
-    for cmd in ("op", "e2e", "plot"):
+    for cmd in ("op", "e2e", "checkpoint", "plot"):
         with pytest.raises(SystemExit):
             bench.main([cmd, "--help"])
         text = capsys.readouterr().out
