@@ -208,6 +208,9 @@ class Mxfp4Experts(nn.Module):
         if empty:
             raise ValueError(f"MXFP4 experts: {', '.join(empty)} were never loaded (not in the checkpoint?)")
         t = {n: self._buffers[n] for n in names}
+        bias = self.spec.role_names()[2]
+        if bias is not None:
+            self.bias_dtype = t[bias].dtype  # as loaded (the loader's dtype): what saving writes
         self._set_prepared(self._prepare_from(t, kernel or self.kernel_request))
         for n in names:
             del self._buffers[n]
