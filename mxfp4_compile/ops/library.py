@@ -128,10 +128,34 @@ def check_ids_enabled() -> bool:
     return os.environ.get("MXFP4_CHECK_IDS", "0") not in ("", "0")
 
 
+_moe_ok: dict[tuple, tuple[int, int, int]] = {}  # argument signatures already checked
+
+
 def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, weight_tensors):
     """Every check that reads no data, for every kernel, once per call (the op and its fake
     kernel): argument kinds, dtypes, shapes, devices, and the prepared weights against the
-    kernel's ``prepared_shapes``. -> (E, Hp, Ip)."""
+    kernel's ``prepared_shapes``. -> (E, Hp, Ip). They depend on nothing but each argument's
+    shape, dtype and device: a signature seen before (plain ints only, not a traced graph's
+    symbolic sizes) returns at once (the checks cost ~20 us of host time per call otherwise)."""
+    tensors = (hidden, topk_ids, topk_weights, expert_map, *weight_tensors)
+    try:
+        key = (kernel, activation, *(t if t is None or not isinstance(t, torch.Tensor)
+                                     else (t.shape, t.dtype, t.device) for t in tensors))
+        hit = _moe_ok.get(key)
+    except TypeError:  # a symbolic size is not hashable: check every time
+        key = hit = None
+    if hit is not None:
+        return hit
+    out = _check_moe_uncached(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
+                              weight_tensors)
+    if key is not None:
+        if len(_moe_ok) > 4096:
+            _moe_ok.clear()
+        _moe_ok[key] = out
+    return out
+
+
+def _check_moe_uncached(hidden, topk_ids, topk_weights, kernel, activation, expert_map, weight_tensors):
     if hidden.dim() != 2 or not hidden.is_floating_point():
         raise ValueError(f"moe: hidden must be a float [T, H] tensor, got {hidden.dtype} "
                          f"{tuple(hidden.shape)}")

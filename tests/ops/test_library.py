@@ -303,6 +303,22 @@ def test_moe_wrong_device(setup):
         _call(p, hidden, ids, w, w2=p.w2.to("meta"))
 
 
+def test_moe_checks_are_remembered_per_signature_only(setup):
+    """The op's checks are cached by the arguments' shapes, dtypes and devices: a call that
+    passed them does not let a call with another signature through."""
+    from mxfp4_compile.ops import library
+    p, hidden, ids, w = setup
+    want = library._check_moe_uncached(hidden, ids, w, "reference", "swiglu_oai", None, p.tensors())
+    _call(p, hidden, ids, w)
+    assert library._check_moe(hidden, ids, w, "reference", "swiglu_oai", None, p.tensors()) == want
+    with pytest.raises((ValueError, RuntimeError), match="w2|device"):
+        _call(p, hidden, ids, w, w2=p.w2.to("meta"))
+    with pytest.raises(ValueError, match="w13_scales|w2"):
+        _call(p, hidden, ids, w, w2_scales=p.w2_scales[:, :, :1])
+    with pytest.raises(ValueError, match="activation"):
+        _call(p, hidden, ids, w, activation="gelu")
+
+
 def test_dequantize_wrong_device():
     packed = torch.randint(0, 256, (4, 16), dtype=torch.uint8)
     scales = torch.full((4, 1), E8M0_BIAS, dtype=torch.uint8)
