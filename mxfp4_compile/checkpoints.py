@@ -181,23 +181,25 @@ def _mark_config(config, record: dict) -> None:
     dtype. In memory the config keeps its real dtype and no quantization_config (transformers
     would look for a quantizer)."""
     base = type(config)
-    if base not in _config_classes.values():
-        def to_json_string(self, use_diff: bool = True) -> str:
-            d = json.loads(base.to_json_string(self, use_diff))
-            rec = dict(d.pop("mxfp4_compile", None) or self.mxfp4_compile)
-            rec["dtype"] = str(d.pop("dtype", d.pop("torch_dtype", rec.get("dtype", "bfloat16"))))
-            rec["dtype"] = rec["dtype"].replace("torch.", "")
-            d["quantization_config"] = rec
-            d["dtype"] = DTYPE_GUARD
-            return json.dumps(d, indent=2, sort_keys=True) + "\n"
-
-        sub = _config_classes.get(base)
-        if sub is None:
-            sub = type(base.__name__, (base,), {"to_json_string": to_json_string,
-                                               "__module__": base.__module__})
-            _config_classes[base] = sub
-        config.__class__ = sub
+    if base not in _config_classes.values():  # not marked yet
+        if base not in _config_classes:
+            _config_classes[base] = _json_subclass(base)
+        config.__class__ = _config_classes[base]
     config.mxfp4_compile = record
+
+
+def _json_subclass(base: type) -> type:
+    """``base`` with a ``to_json_string`` that writes the record and ``DTYPE_GUARD`` (same name)."""
+    def to_json_string(self, use_diff: bool = True) -> str:
+        d = json.loads(base.to_json_string(self, use_diff))
+        rec = dict(d.pop("mxfp4_compile", None) or self.mxfp4_compile)
+        rec["dtype"] = str(d.pop("dtype", d.pop("torch_dtype", rec.get("dtype", "bfloat16"))))
+        rec["dtype"] = rec["dtype"].replace("torch.", "")
+        d["quantization_config"] = rec
+        d["dtype"] = DTYPE_GUARD
+        return json.dumps(d, indent=2, sort_keys=True) + "\n"
+
+    return type(base.__name__, (base,), {"to_json_string": to_json_string, "__module__": base.__module__})
 
 
 def _record(spec: ExpertsSpec, rounding: str | None, n_layers: int) -> dict:
@@ -232,24 +234,19 @@ def quantize_(model: nn.Module, *, rounding: str = "floor", kernel: str = "auto"
     bar = _progress(len(found), "mxfp4: quantizing MoE layers")
     for name, m in found:
         spec = specs[name]
-        w13, w2 = m.gate_up_proj.detach(), m.down_proj.detach()
-        with torch.no_grad():
-            canonical = weights.quantize_experts(
-                w13, w2, getattr(m, "gate_up_proj_bias", None), getattr(m, "down_proj_bias", None),
-                activation=spec.activation, rounding=rounding,
-                gate_up_interleaved=not m.is_concatenated, transposed=bool(m.is_transposed))
-            canonical = tuple(None if t is None else t for t in canonical)
-            kname = dispatch.choose_kernel(w13.device)[0] if kernel == "auto" else kernel
-            hp, ip = dispatch.padded_sizes(kname, spec.hidden_size, spec.intermediate_size)
-            canonical = weights.pad_packed(*canonical, activation=spec.activation, hp=hp, ip=ip)
-            prepared = weights.to_kernel_layout(canonical, kernel=kname, activation=spec.activation,
-                                                hidden_size=spec.hidden_size,
-                                                intermediate_size=spec.intermediate_size)
+        w13 = m.gate_up_proj
+        kname = dispatch.choose_kernel(w13.device)[0] if kernel == "auto" else kernel
+        with torch.no_grad():  # not the store (cache=False): these weights are about to go
+            prepared = weights.prepare_moe_weights(
+                w13.detach(), m.down_proj.detach(), getattr(m, "gate_up_proj_bias", None),
+                getattr(m, "down_proj_bias", None), activation=spec.activation, kernel=kname,
+                rounding=rounding, gate_up_interleaved=not m.is_concatenated,
+                transposed=bool(m.is_transposed), cache=False)
         bias_dtype = m.gate_up_proj_bias.dtype if spec.has_bias else w13.dtype
         new = Mxfp4Experts.from_prepared(spec, prepared, kernel, bias_dtype)
         parent, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent) if parent else model, attr, new)
-        del m, w13, w2, canonical
+        del m, w13
         bar.update(1)
     bar.close()
     config = getattr(model, "config", None)
@@ -272,15 +269,16 @@ def _model_class(config, model_class):
     return transformers.AutoModelForCausalLM._model_mapping[type(config)]
 
 
-def _loading_class(base: type, kernel: str):
-    """``base`` with a constructor that swaps each experts module for an empty Mxfp4Experts
-    right after building it (on the meta device, inside transformers' from_pretrained). Same
-    name, nothing else changed; the loaded model gets ``base`` back as its class."""
+def _loading_class(base: type, kernel: str, spec: ExpertsSpec):
+    """``base`` with a constructor that swaps each experts module for an empty Mxfp4Experts of
+    ``spec`` (what ``_experts_spec`` found every layer to be) right after building it (on the meta
+    device, inside transformers' from_pretrained). Same name, nothing else changed; the loaded
+    model gets ``base`` back as its class."""
     def __init__(self, config, *args, **kwargs):
         base.__init__(self, config, *args, **kwargs)
-        for name, m in hf_experts(self):
+        for name, _ in hf_experts(self):
             parent, _, attr = name.rpartition(".")
-            setattr(self.get_submodule(parent), attr, Mxfp4Experts(spec_of(m), kernel))
+            setattr(self.get_submodule(parent), attr, Mxfp4Experts(spec, kernel))
     return type(base.__name__, (base,), {"__init__": __init__, "__module__": base.__module__})
 
 
@@ -334,8 +332,8 @@ def from_pretrained(path, *, kernel: str = "auto", model_class=None, **kwargs) -
         raise CheckpointError(f"{path}: quant_method {OPENAI_METHOD!r} is gpt-oss's format, but "
                               f"{base.__name__}'s experts compute {spec.activation}")
     kwargs.setdefault("local_files_only", True)
-    model, info = _loading_class(base, kernel).from_pretrained(path, config=config,
-                                                               output_loading_info=True, **kwargs)
+    model, info = _loading_class(base, kernel, spec).from_pretrained(path, config=config,
+                                                                     output_loading_info=True, **kwargs)
     model.__class__ = base
     experts = [(n, m) for n, m in model.named_modules() if isinstance(m, Mxfp4Experts)]
     unloaded = [k for k in info.get("missing_keys", ()) if any(k.startswith(n + ".") for n, _ in experts)]

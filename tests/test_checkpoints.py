@@ -5,6 +5,7 @@ clear errors for broken checkpoints; no network, no bf16 experts."""
 import copy
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -162,68 +163,52 @@ def test_no_network_and_no_hub_kernels(gpt_oss_dir, monkeypatch):
 
 
 # ---- broken checkpoints ------------------------------------------------------------------------------
-def _broken_copy(src, dst, edit):
+MISSING = "model.layers.1.mlp.experts.down_proj_scales"
+MISSHAPEN = "model.layers.0.mlp.experts.gate_up_proj_blocks"
+
+
+def _rewrite_shard(dst, index, key, change):
+    """Shard holding ``key``: its tensors -> change(tensors), written back."""
     from safetensors.torch import load_file, save_file
-    os.makedirs(dst)
-    for f in os.listdir(src):
-        data = open(os.path.join(src, f), "rb").read()
-        open(os.path.join(dst, f), "wb").write(data)
-    index = json.load(open(os.path.join(dst, "model.safetensors.index.json")))
-    edit(dst, index, load_file, save_file)
-    return dst
+    shard = os.path.join(dst, index["weight_map"][key])
+    save_file(change(load_file(shard)), shard, metadata={"format": "pt"})
 
 
-def test_missing_scale_tensor_names_it(gpt_oss_dir, tmp_path):
-    d, _, _ = gpt_oss_dir
-    key = "model.layers.1.mlp.experts.down_proj_scales"
-
-    def edit(dst, index, load_file, save_file):
-        shard = os.path.join(dst, index["weight_map"].pop(key))
-        t = load_file(shard)
-        del t[key]
-        save_file(t, shard, metadata={"format": "pt"})
-        json.dump(index, open(os.path.join(dst, "model.safetensors.index.json"), "w"))
-    bad = _broken_copy(d, tmp_path / "bad", edit)
-    with pytest.raises(CheckpointError, match=key.replace(".", r"\.") + " is missing"):
-        mc.from_pretrained(bad)
+def _drop_tensor(dst, index):
+    _rewrite_shard(dst, index, MISSING, lambda t: {k: v for k, v in t.items() if k != MISSING})
+    del index["weight_map"][MISSING]
+    json.dump(index, open(os.path.join(dst, "model.safetensors.index.json"), "w"))
 
 
-def test_wrong_shape_names_tensor_and_file(gpt_oss_dir, tmp_path):
-    d, _, _ = gpt_oss_dir
-    key = "model.layers.0.mlp.experts.gate_up_proj_blocks"
-
-    def edit(dst, index, load_file, save_file):
-        shard = os.path.join(dst, index["weight_map"][key])
-        t = load_file(shard)
-        t[key] = t[key][:, :-2].contiguous()
-        save_file(t, shard, metadata={"format": "pt"})
-    bad = _broken_copy(d, tmp_path / "bad", edit)
-    with pytest.raises(CheckpointError, match=rf"{key} in .*model-0000\d\.safetensors: U8"):
-        mc.from_pretrained(bad)
+def _shrink_tensor(dst, index):
+    _rewrite_shard(dst, index, MISSHAPEN, lambda t: dict(t, **{MISSHAPEN: t[MISSHAPEN][:, :-2].contiguous()}))
 
 
-def test_truncated_shard_names_file(gpt_oss_dir, tmp_path):
-    d, _, _ = gpt_oss_dir
-
-    def edit(dst, index, load_file, save_file):
-        shard = os.path.join(dst, sorted(set(index["weight_map"].values()))[1])
-        size = os.path.getsize(shard)
-        with open(shard, "r+b") as f:
-            f.truncate(size - 100)
-    bad = _broken_copy(d, tmp_path / "bad", edit)
-    with pytest.raises(CheckpointError, match=r"model-00002\.safetensors.*truncated"):
-        mc.from_pretrained(bad)
+def _truncate_second_shard(dst, index):
+    shard = os.path.join(dst, sorted(set(index["weight_map"].values()))[1])
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(size - 100)
 
 
-def test_foreign_quant_method_is_refused(gpt_oss_dir, tmp_path):
-    d, _, _ = gpt_oss_dir
+def _foreign_quant_method(dst, index):
+    cfg = json.load(open(os.path.join(dst, "config.json")))
+    cfg["quantization_config"] = {"quant_method": "fp8"}
+    json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
 
-    def edit(dst, index, load_file, save_file):
-        cfg = json.load(open(os.path.join(dst, "config.json")))
-        cfg["quantization_config"] = {"quant_method": "fp8"}
-        json.dump(cfg, open(os.path.join(dst, "config.json"), "w"))
-    bad = _broken_copy(d, tmp_path / "bad", edit)
-    with pytest.raises(CheckpointError, match=r"quant_method is 'fp8'"):
+
+@pytest.mark.parametrize("edit,match", [
+    (_drop_tensor, MISSING.replace(".", r"\.") + " is missing"),
+    (_shrink_tensor, rf"{MISSHAPEN} in .*model-0000\d\.safetensors: U8"),
+    (_truncate_second_shard, r"model-00002\.safetensors.*truncated"),
+    (_foreign_quant_method, r"quant_method is 'fp8'"),
+], ids=["missing scale tensor", "wrong shape", "truncated shard", "foreign quant_method"])
+def test_broken_checkpoint_is_named(gpt_oss_dir, tmp_path, edit, match):
+    """A copy of the checkpoint with one thing broken: an error naming the tensor and file."""
+    bad = tmp_path / "bad"
+    shutil.copytree(gpt_oss_dir[0], bad)
+    edit(str(bad), json.load(open(bad / "model.safetensors.index.json")))
+    with pytest.raises(CheckpointError, match=match):
         mc.from_pretrained(bad)
 
 
