@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.fx as fx
 
-from . import frozen
+from . import frozen, graph_inputs, hf_generate
 from .formats import check_kernel, check_rounding
 from .passes import MoERewritePass, take_reports
 
@@ -45,6 +45,12 @@ OPTIONS = {
 }
 
 _warned = set()
+
+# Inductor's graph partitions (torch >= 2.9) under CUDA graphs: off. On torch 2.11 a partitioned
+# decode graph of transformers' sliding-window static cache crashes in the static Triton launcher
+# (benchmarks/notes/e2e.md has the reproducer); this backend instead keeps the whole graph
+# capturable (graph_inputs.py) and reports a skip if it is not.
+GRAPH_PARTITION = False
 
 COMPILE_LOG_SIZE = 64  # per-compile records kept (a long-running server must not grow memory)
 
@@ -193,8 +199,15 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
 
     from .ops import dispatch, weights
 
+    hf_generate.claim_decode()
     keep, lifted, names = frozen.lift(gm, example_inputs, frozen.select(gm, example_inputs),
                                       frozen.float_constants(gm, example_inputs))
+    # graph inputs after lifting: Dynamo calls the compiled function with these (or, on some
+    # versions, with all of example_inputs)
+    keep_all = keep
+    host_ints = graph_inputs.split_host_ints(gm, [example_inputs[i] for i in keep])
+    if host_ints is not None:
+        keep = [i for j, i in enumerate(keep) if j not in set(host_ints.inputs)]
     _note_layer_recompiles(lifted)
     kernel, why = dispatch.choose_kernel(_device(example_inputs, lifted), opts["kernel"])
     # parameter order of AOTAutograd = named_parameters() order of gm = lift order
@@ -205,21 +218,26 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names + inputs,
                               fuse_router=bool(opts["fuse_router"]))
     patches = dict(_inductor_patches(opts), freezing=True, joint_custom_post_pass=moe_pass)
+    if opts["cudagraphs"] and hasattr(torch._inductor.config, "graph_partition"):
+        patches["graph_partition"] = GRAPH_PARTITION
     state = [frozen.is_state(n, example_inputs[i]) for n, i in zip(phs, keep)]
     take_reports()
     weights.progress.finish()
     try:
         inner = compile_fx(gm, [example_inputs[i] for i in keep], config_patches=patches,
-                           inner_compile=_with_static_inputs(state))
+                           inner_compile=_with_static_inputs(state, opts["cudagraphs"]))
     finally:
         n_prepared, prep_s = weights.progress.finish()
+        if host_ints is not None:
+            host_ints.restore(gm)
     reports = take_reports()
     cands = [c for r in reports for c in r]
     done = [c for c in cands if c.rewritten]
     already = [c for c in cands if c.already_mxfp4]
     info = dict(grad_enabled=False, kernel=kernel, kernel_reason=why, rewritten=len(done),
                 already_mxfp4=len(already), candidates=cands, cache_hit=not reports,
-                prepared=n_prepared, prepare_s=prep_s)
+                prepared=n_prepared, prepare_s=prep_s,
+                host_ints=len(host_ints.inputs) if host_ints is not None else 0)
     last_compile_info.append(info)
     if not reports:
         log.info("mxfp4: graph served from the FX graph cache (kernel %s: %s)", kernel, why)
@@ -241,6 +259,7 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
                       f"mxfp4_compile.explain(model, *inputs) says why for each region.",
                       stacklevel=2)
     n_keep = len(keep)
+    tensor_pos = [j for j in range(len(keep_all)) if host_ints is None or j not in host_ints.inputs]
     watch = frozen.WeightWatch(lifted, names, kernel, opts["rounding"])
     check = watch.check if opts["check_weights"] and lifted else None
     pending = [(done, lifted, names)] if opts["release_bf16_weights"] and done else []
@@ -248,7 +267,11 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     def run(*args):
         if check is not None:
             check()
-        out = inner(*args) if len(args) == n_keep else inner(*[args[i] for i in keep])
+        if host_ints is not None:
+            kept = args if len(args) == len(keep_all) else [args[i] for i in keep_all]
+            out = host_ints.merge(inner(*[kept[j] for j in tensor_pos]), kept)
+        else:
+            out = inner(*args) if len(args) == n_keep else inner(*[args[i] for i in keep])
         if pending:  # after the first call: Dynamo has built its guards from the live weights
             _release(*pending.pop())
             watch.rebase()
@@ -287,19 +310,23 @@ def _note_layer_recompiles(lifted) -> None:
     log.info(msg)
 
 
-def _with_static_inputs(state: list):
+def _with_static_inputs(state: list, cudagraphs: bool = False):
     """Inductor's inner compile with the parameters and buffers left as graph inputs marked
     static. The freezing path hands the inner compile no static inputs (the indices it has are
     for the argument list before freezing), so under CUDA graphs every such input would be copied
     into the graph's memory at each replay (a model's attention weights and embeddings, every
     step). Stock Inductor marks them static: a replay reads them in place and re-records if one
-    moves. ``state``: per graph input, whether it is a parameter or buffer."""
+    moves. ``state``: per graph input, whether it is a parameter or buffer. With CUDA graphs, the
+    inputs the graph writes in place (a static KV cache) are static too (graph_inputs.py)."""
     from torch._inductor.compile_fx import compile_fx_inner
 
     def inner(gm, example_inputs, **kwargs):
         extra = len(example_inputs) - len(state)  # parameters freezing kept, ahead of the inputs
         if extra >= 0:
-            kwargs["static_input_idxs"] = list(range(extra)) + [extra + i for i, s in enumerate(state) if s]
+            static = set(range(extra)) | {extra + i for i, s in enumerate(state) if s}
+            if cudagraphs:
+                static |= set(graph_inputs.mutated_inputs(gm))
+            kwargs["static_input_idxs"] = sorted(static)
         else:
             log.warning("mxfp4: %d graph inputs after freezing, %d expected; CUDA graphs may copy "
                         "parameters at each replay", len(example_inputs), len(state))

@@ -54,32 +54,40 @@ def _parser():
     op.add_argument("--strict", action="store_true", help="exit 1 when any check failed or errored")
     _common(op, out_default)
 
-    e2e = _command(sub, "e2e", "GptOss model: backend='mxfp4' vs Inductor bf16, CUDA graphs",
-                   "transformers GptOssModel (no LM head) at gpt-oss-20b widths (or tiny on CPU), "
-                   "random weights, grouped_mm experts, compiled twice: backend='mxfp4' and default "
-                   "Inductor (bf16), both with CUDA graphs on GPU. Reports decode-step latency per "
-                   "batch size, prefill latency, compile time and expert-weight memory. Writes "
-                   "e2e.csv, e2e.txt under --out.")
-    e2e.add_argument("--layers", type=int, default=2 if gpu else 1, help="decoder layers")
-    e2e.add_argument("--experts", type=int, default=32 if gpu else 4,
-                     help="experts per layer (32 = gpt-oss-20b, 128 = 120b)")
-    e2e.add_argument("--width", choices=("20b", "tiny"), default="20b" if gpu else "tiny",
-                     help="20b: hidden 2880, intermediate 2880, 64 heads x 64, 8 KV heads, top-4; "
-                     "tiny: hidden 64 (CPU test)")
+    e2e = _command(sub, "e2e", "transformers generate, static cache, compiled: mxfp4 vs Inductor",
+                   "GptOssForCausalLM at gpt-oss-20b sizes (24 layers, vocab 201088; tiny on CPU), "
+                   "random weights, one bf16 model shared by the backends. Times generate with a "
+                   "static cache and a compiled forward (mode='reduce-overhead'): ms per decoded "
+                   "token per batch size and time to first token at --prefill, backends "
+                   "interleaved; compile time, cudagraph skips, memory, byte floor. Writes "
+                   "e2e.csv, e2e.txt, e2e.json (and profile_<backend>.txt with --profile) under --out.")
+    e2e.add_argument("--size", choices=("20b", "tiny"), default="20b" if gpu else "tiny",
+                     help="20b: gpt-oss-20b sizes; tiny: hidden 64, 2 layers (CPU test)")
+    e2e.add_argument("--layers", type=int, default=0,
+                     help="decoder layers (0 = the size's own: 24 for 20b); fewer only to explore")
     e2e.add_argument("--batches", default="1,8,64" if gpu else "1,2",
-                     help="decode batch sizes (each sequence feeds one new token)")
+                     help="decode batch sizes (comma list; empty for none)")
+    e2e.add_argument("--prompt", type=int, default=256 if gpu else 12,
+                     help="prompt length of the decode groups (>= the sliding window: its cache "
+                          "is full, as in a real conversation)")
+    e2e.add_argument("--new-tokens", type=int, default=64 if gpu else 8,
+                     help="tokens generated per timed decode call (and a quarter of that for the "
+                          "short call subtracted)")
     e2e.add_argument("--prefill", type=int, default=2048 if gpu else 16,
-                     help="prefill length (batch 1); 0 skips prefill")
-    e2e.add_argument("--backends", default="mxfp4,inductor",
-                     help="comma list: mxfp4 (backend='mxfp4'), mxfp4_torch_router (the same "
-                          "with fuse_router off), inductor (default bf16 Inductor)")
+                     help="prompt length of the time-to-first-token group (batch 1); 0 skips it")
+    e2e.add_argument("--backends", default="mxfp4,inductor,triton_kernels" if gpu else "mxfp4,inductor",
+                     help="comma list: mxfp4, inductor (default bf16 Inductor), triton_kernels "
+                          "(backend='mxfp4' with kernel='triton_kernels'), mxfp4_torch_router")
     e2e.add_argument("--kernel", default="auto",
-                     help="MoE kernel for backend='mxfp4' (options={'kernel': ...})")
-    e2e.add_argument("--iters", type=int, default=30 if gpu else 3, help="timed calls per shape (median)")
+                     help="MoE kernel of the mxfp4 backend (options={'kernel': ...})")
+    e2e.add_argument("--rounds", type=int, default=5 if gpu else 2,
+                     help="timed rounds (each backend once per round, interleaved)")
+    e2e.add_argument("--floor-gbps", type=float, default=3000.0,
+                     help="memory bandwidth for the byte floor (GB/s; H100 SXM HBM3 measures ~3000)")
+    e2e.add_argument("--profile", type=int, default=0,
+                     help="GPU: profile N decode steps per backend at batch 1 (0: no profile)")
     e2e.add_argument("--budget-s", type=float, default=0,
-                     help="stop starting new shapes after this many seconds (0 = no limit)")
-    e2e.add_argument("--vocab", type=int, default=1024,
-                     help="vocabulary (embedding only; no LM head is run)")
+                     help="stop starting new backends after this many seconds (0 = no limit)")
     _common(e2e, out_default)
 
     ck = _command(sub, "checkpoint", "gpt-oss MXFP4 checkpoint: load, compile, forward; memory",

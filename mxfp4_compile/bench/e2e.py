@@ -1,23 +1,35 @@
-"""``python -m mxfp4_compile.bench e2e``: a GptOss model compiled with backend="mxfp4" vs Inductor.
+"""``python -m mxfp4_compile.bench e2e``: transformers ``generate`` with a static cache, compiled,
+at gpt-oss-20b depth: backend="mxfp4" vs default Inductor bf16 (and our op with the
+``triton_kernels`` kernel).
 
-Model: transformers ``GptOssModel`` (the decoder stack, no LM head) at gpt-oss-20b widths (hidden
-2880, intermediate 2880, 64 query / 8 KV heads of 64, top-4 of --experts experts, alternating
-sliding / full attention), --layers layers, random weights (normal, std 0.02), bf16, experts
-implementation "grouped_mm" (sort + ``torch._grouped_mm``; the per-token gather form would
-materialize every token's expert weights at prefill).
+Model: ``GptOssForCausalLM`` at gpt-oss-20b sizes by default (24 layers, vocab 201088, hidden
+2880, 32 experts top-4, 64 query / 8 KV heads of 64, sliding window 128 on every other layer),
+random weights (normal, std 0.02), bf16, experts implementation "grouped_mm". ONE bf16 model is
+shared by every backend (two full-depth bf16 copies do not fit 80 GB): each backend is its own
+``torch.compile`` of ``model.forward``, put in place before its ``generate`` calls; the MXFP4
+backends quantize the expert weights at compile time (the prepared tensors live beside the bf16
+ones).
 
-Each backend compiles its own copy (``dynamic=False``: one specialization per shape, as a server
-captures one graph per batch size), with CUDA graphs (mxfp4: options={"cudagraphs": True};
-Inductor: mode="reduce-overhead"), under ``torch.no_grad()``:
-  decode step  input_ids [B, 1] for each B in --batches (a one-token forward without KV cache:
-               the MoE and projections of one step, attention over one position);
-  prefill      input_ids [1, --prefill].
-Per shape: the first call's wall time (compile + capture; the "compile" column), then the median
-of --iters calls timed with CUDA events (GPU) or the wall clock (CPU). Also: rel-L2 of mxfp4's
-output against Inductor bf16's (MXFP4 weights differ from bf16 ones, so this is not ~0: it shows
-the rewrite ran and computes the same function up to quantization), expert-weight bytes held
-(bf16 parameters; MXFP4 prepared tensors from the weight cache) and allocator growth across
-compile + runs.
+The users' recipe: ``generation_config.cache_implementation = "static"``, ``model.forward =
+torch.compile(model.forward, backend=..., mode="reduce-overhead")``, ``generate``; with
+``generation_config.disable_compile = True`` so that decode runs that compiled forward (what
+backend="mxfp4" sets itself; without it transformers compiles decode again with its default
+CompileConfig, which is Inductor with the same mode). Inductor's graph partitions are off for
+every backend (``torch._inductor.config.graph_partition = False``): on torch 2.11 the recipe
+segfaults with them (benchmarks/notes/e2e.md).
+
+Per group of shapes (``torch._dynamo.reset()`` between groups, so each group's graphs are
+static): compile + warm each backend, then rounds in which every backend runs in turn
+(interleaved), and medians with min/max over rounds:
+  decode B     prompt --prompt tokens, batch B: ms per new token = (t(generate N2 tokens) -
+               t(generate N1 tokens)) / (N2 - N1) (``min_new_tokens`` pins the counts), which
+               removes prefill and setup;
+  prefill P    time to first token: ``generate(max_new_tokens=1)`` of a [1, P] prompt.
+Also: compile time (the first generate of a group, per backend), cudagraph skips counted by
+Inductor during the group's decode compiles (``counters["inductor"]["cudagraph_skips"]``), the
+experts form the bf16 decode ran (transformers switches grouped_mm to batched_mm for decode on
+CUDA), allocated memory, and the model's byte floor per decode step (weights read once per step
+at --floor-gbps).
 """
 from __future__ import annotations
 
@@ -31,34 +43,38 @@ import traceback
 import torch
 
 from . import harness as Hn
-from . import workloads as W
 
-CSV_FIELDS = ["backend", "shape", "batch", "seq", "status", "first_call_s", "median_us", "min_us",
-              "rel_l2_vs_inductor", "expert_weight_bytes", "alloc_growth_bytes", "rewritten_moe",
-              "kernel", "layers", "experts", "hidden", "device", "torch", "triton", "transformers",
-              "note"]
-# --backends names that compile with backend="mxfp4", and their extra options
-MXFP4_BACKENDS = {"mxfp4": {}, "mxfp4_torch_router": {"fuse_router": False}}
-WIDTHS = {
-    "20b": dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64,
-                num_key_value_heads=8, head_dim=64, num_experts_per_tok=4, sliding_window=128),
+CSV_FIELDS = ["group", "backend", "metric", "batch", "prompt", "median_ms", "min_ms", "max_ms",
+              "rounds", "compile_s", "cudagraph_skips", "kernel", "rewritten_moe", "already_mxfp4",
+              "experts_form", "alloc_gb", "floor_ms", "status", "note", "layers", "device", "torch",
+              "triton", "transformers"]
+MXFP4_BACKENDS = {"mxfp4": {}, "triton_kernels": {"kernel": "triton_kernels"},
+                  "mxfp4_torch_router": {"fuse_router": False}}
+SIZES = {
+    "20b": dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
+                head_dim=64, num_experts_per_tok=4, sliding_window=128, num_local_experts=32,
+                vocab_size=201088, num_hidden_layers=24),
     "tiny": dict(hidden_size=64, intermediate_size=64, num_attention_heads=2, num_key_value_heads=1,
-                 head_dim=32, num_experts_per_tok=2, sliding_window=16),
+                 head_dim=32, num_experts_per_tok=2, sliding_window=8, num_local_experts=4,
+                 vocab_size=256, num_hidden_layers=2),
 }
 
 
 def build_model(args, device):
     import transformers
-    w = WIDTHS[args.width]
-    layer_types = (["sliding_attention", "full_attention"] * args.layers)[: args.layers]
+    kw = dict(SIZES[args.size])
+    if args.layers:
+        kw["num_hidden_layers"] = args.layers
+    n = kw["num_hidden_layers"]
     cfg = transformers.GptOssConfig(
-        vocab_size=args.vocab, num_hidden_layers=args.layers, num_local_experts=args.experts,
-        layer_types=layer_types, max_position_embeddings=max(4096, args.prefill + 8),
-        pad_token_id=0, bos_token_id=1, eos_token_id=2, **w)
+        layer_types=(["sliding_attention", "full_attention"] * n)[:n],
+        max_position_embeddings=max(4096, args.prefill + args.new_tokens + 8),
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **kw)
     cfg._experts_implementation = "grouped_mm"
     torch.manual_seed(args.seed)
-    with torch.device(device):
-        m = transformers.GptOssModel(cfg)
+    with torch.device("meta"):
+        m = transformers.GptOssForCausalLM(cfg)
+    m = m.to(torch.bfloat16).to_empty(device=device)  # random init on the device: minutes faster
     with torch.no_grad():
         for name, p in m.named_parameters():
             if "norm" in name:
@@ -67,61 +83,141 @@ def build_model(args, device):
                 p.normal_(0.0, 0.02)
             else:
                 p.normal_(0.0, 0.01)
-    return m.to(torch.bfloat16).eval()
+    with torch.device(device):  # its inv_freq buffer, which to_empty left uninitialized
+        m.model.rotary_emb = type(m.model.rotary_emb)(cfg)
+    m.eval()
+    m.generation_config.cache_implementation = "static"
+    m.generation_config.disable_compile = True
+    m.generation_config.pad_token_id = 0
+    return m
 
 
-def expert_param_bytes(model) -> int:
-    n = 0
-    for name, p in model.named_parameters():
-        if ".experts." in name:
-            n += p.numel() * p.element_size()
-    return n
+def byte_floor_ms(model, kernel_bytes_per_layer, batch, gbps) -> float:
+    """ms for the bytes one decode step must read at ``gbps``: the non-expert weights (attention,
+    norms, router, LM head; not the embedding table, of which a step reads B rows) once, plus per
+    layer the experts ``batch`` tokens select (the expected number of distinct ones for uniform
+    routing)."""
+    cfg = model.config
+    other = sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                if ".experts." not in n and "embed_tokens" not in n)
+    e, k = cfg.num_local_experts, cfg.num_experts_per_tok
+    distinct = e * (1 - (1 - k / e) ** batch)  # expected experts hit by batch tokens' top-k
+    experts = kernel_bytes_per_layer * cfg.num_hidden_layers * distinct / e
+    return (other + experts) / (gbps * 1e9) * 1e3
 
 
-def prepared_bytes(kernel, args, n_layers) -> int:
-    """Bytes of the MXFP4 expert tensors of ``n_layers`` rewritten layers in ``kernel``'s layout
-    (the backend's prepared_shapes at its padding; gpt-oss has both biases)."""
-    from ..ops import dispatch
-    w = WIDTHS[args.width]
-    hp, ip = dispatch.padded_sizes(kernel, w["hidden_size"], w["intermediate_size"])
-    shp = dispatch.get_kernel(kernel).prepared_shapes(args.experts, hp, ip, "swiglu_oai", True, True)
-    per_layer = sum(torch.Size(s).numel() * torch.empty((), dtype=dt).element_size()
-                    for s, dt in (x for x in shp if x is not None))
-    return per_layer * n_layers
+def expert_bytes_per_layer(model, backend) -> int:
+    """bf16 expert parameters, or the MXFP4 codes + scales + biases of one layer."""
+    cfg = model.config
+    e, h, i = cfg.num_local_experts, cfg.hidden_size, cfg.intermediate_size
+    if backend == "inductor":
+        return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
+                   if ".layers.0.mlp.experts." in n)
+    codes = e * (2 * i * h + h * i) // 2
+    scales = e * (2 * i * h + h * i) // 32
+    return codes + scales + e * (2 * i + h) * 4
 
 
-def shapes(args):
-    out = [(f"decode_b{b}", b, 1) for b in (int(x) for x in args.batches.split(",") if x)]
-    if args.prefill:
-        out.append((f"prefill_{args.prefill}", 1, args.prefill))
-    return out
+def compiled_forward(model, backend, gpu, opts_extra):
+    fwd = type(model).forward.__get__(model)
+    mode = "reduce-overhead" if gpu else None
+    if backend == "inductor":
+        return torch.compile(fwd, mode=mode)
+    opts = dict(MXFP4_BACKENDS[backend], **opts_extra)
+    if not opts:
+        return torch.compile(fwd, backend="mxfp4", mode=mode)
+    return torch.compile(fwd, backend="mxfp4", options=dict(opts, cudagraphs=gpu))  # = that mode
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def _sync(gpu):
+    if gpu:
+        torch.cuda.synchronize()
 
 
-def time_calls(cm, ids, iters, device):
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            torch.compiler.cudagraph_mark_step_begin()
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            cm(input_ids=ids, use_cache=False)
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b) * 1e3)
-        else:
-            t0 = time.perf_counter()
-            cm(input_ids=ids, use_cache=False)
-            times.append((time.perf_counter() - t0) * 1e6)
-    return statistics.median(times), min(times)
+def timed_generate(model, ids, n, gpu) -> float:
+    mask = torch.ones_like(ids)
+    _sync(gpu)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, attention_mask=mask, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+    _sync(gpu)
+    return time.perf_counter() - t0
+
+
+def experts_form(model) -> str:
+    impl = getattr(model.config, "_experts_implementation", None)
+    return f"{impl} (prefill), batched_mm (decode: transformers switches on CUDA)" \
+        if impl == "grouped_mm" and next(model.parameters()).is_cuda else str(impl)
+
+
+def run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, write):
+    """One group of shapes: compile and warm every backend, then interleaved timed rounds."""
+    from .. import backend as mx_backend
+    from torch._dynamo.utils import counters
+    name, batch, prompt, metric = group
+    g = torch.Generator().manual_seed(args.seed + batch * 7919 + prompt)
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt), generator=g).to(model.device)
+    n1, n2 = (1, 1) if metric == "ttft" else (args.new_tokens // 4, args.new_tokens)
+    live = []
+    for be in backends:
+        row = dict(common, group=name, backend=be, metric=metric, batch=batch, prompt=prompt)
+        if args.budget_s and time.time() - t_start > args.budget_s:
+            row.update(status="skipped", note=f"time budget ({args.budget_s:.0f} s) spent")
+            rows.append(row)
+            write(row)
+            continue
+        model.forward = fwds[be]
+        n_info = len(mx_backend.last_compile_info)
+        skips0 = counters["inductor"]["cudagraph_skips"]
+        try:
+            row["compile_s"] = timed_generate(model, ids, n2, gpu)  # compiles prefill + decode
+            timed_generate(model, ids, n2, gpu)  # CUDA graph trees record on a later call
+            row["cudagraph_skips"] = counters["inductor"]["cudagraph_skips"] - skips0
+            infos = mx_backend.last_compile_info[n_info:]
+            if be != "inductor":
+                row["kernel"] = next((i["kernel"] for i in infos if i.get("kernel")), None)
+                row["rewritten_moe"] = max((i.get("rewritten", 0) for i in infos), default=0)
+            else:
+                row["kernel"] = "bf16"
+                row["experts_form"] = experts_form(model)
+            row["floor_ms"] = byte_floor_ms(model, expert_bytes_per_layer(model, be), batch,
+                                            args.floor_gbps) if metric == "decode" else None
+            row["status"] = "ok"
+            row["_times"] = []
+            live.append(row)
+        except Exception as e:  # noqa: BLE001 - one backend's failure is a row
+            traceback.print_exc()
+            row.update(status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
+            rows.append(row)
+            write(row)
+    for _ in range(args.rounds):
+        for row in live:
+            model.forward = fwds[row["backend"]]
+            if metric == "ttft":
+                row["_times"].append(timed_generate(model, ids, 1, gpu) * 1e3)
+            else:
+                a = timed_generate(model, ids, n1, gpu)
+                b = timed_generate(model, ids, n2, gpu)
+                row["_times"].append((b - a) / (n2 - n1) * 1e3)
+    for row in live:
+        t = row.pop("_times")
+        row.update(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t), rounds=len(t))
+        if gpu:
+            row["alloc_gb"] = torch.cuda.memory_allocated() / 2**30
+        rows.append(row)
+        write(row)
+
+
+def groups(args):
+    """Batch 1 decode, then the time to first token, then the other batches (in --batches order)."""
+    dec = [(f"decode_b{b}", b, args.prompt, "decode") for b in (int(x) for x in args.batches.split(",") if x)]
+    pre = [(f"prefill_{args.prefill}", 1, args.prefill, "ttft")] if args.prefill else []
+    return dec[:1] + pre + dec[1:]
 
 
 def run(args) -> int:
     device = torch.device(args.device)
+    gpu = device.type == "cuda"
     os.makedirs(args.out, exist_ok=True)
     info = Hn.device_summary(device)
     try:
@@ -131,143 +227,103 @@ def run(args) -> int:
         print("[e2e] transformers is not installed: pip install 'mxfp4_compile[models]'", flush=True)
         return 2
     import mxfp4_compile  # noqa: F401  (registers backend="mxfp4")
-    from .. import backend as mx_backend
     from ..ops import weights
 
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    if hasattr(torch._inductor.config, "graph_partition"):
+        torch._inductor.config.graph_partition = False
     t_start = time.time()
-    gpu = device.type == "cuda"
-    backends = args.backends.split(",")
-    if "inductor" in backends:  # inductor first: mxfp4's rel-L2 compares against its outputs
-        backends = ["inductor"] + [b for b in backends if b != "inductor"]
-    sh = shapes(args)
-    g = torch.Generator().manual_seed(args.seed + 1)
-    inputs = {name: torch.randint(3, args.vocab, (b, s), generator=g).to(device) for name, b, s in sh}
-    rows, ref_out = [], {}
+    backends = [b for b in args.backends.split(",") if b]
+    for b in backends:
+        if b != "inductor" and b not in MXFP4_BACKENDS:
+            raise SystemExit(f"unknown e2e backend {b!r}: use inductor, {', '.join(MXFP4_BACKENDS)}")
+    model = build_model(args, device)
+    layers = model.config.num_hidden_layers
+    common = dict(layers=layers, device=info["device"], torch=info["torch"], triton=info["triton"],
+                  transformers=info["transformers"])
+    extra = {} if args.kernel == "auto" else {"kernel": args.kernel}
+    rows = []
     csv_path = os.path.join(args.out, "e2e.csv")
     fh = open(csv_path, "w", newline="")
-    writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS)
+    writer = csv.DictWriter(fh, fieldnames=CSV_FIELDS, extrasaction="ignore")
     writer.writeheader()
-    prog = Hn.Progress(len(backends) * len(sh), "e2e", enabled=not args.no_progress)
-    common = dict(layers=args.layers, experts=args.experts, hidden=WIDTHS[args.width]["hidden_size"],
-                  device=info["device"], torch=info["torch"], triton=info["triton"],
-                  transformers=info["transformers"])
-    for be in backends:
-        torch._dynamo.reset()
-        weights.clear_cache()
-        mx_backend.last_compile_info.clear()
-        if gpu:
-            torch.cuda.empty_cache()
-        model = build_model(args, device)
-        ebytes = expert_param_bytes(model)
-        if be in MXFP4_BACKENDS:
-            opts = {"kernel": args.kernel, "cudagraphs": gpu, **MXFP4_BACKENDS[be]}
-            cm = torch.compile(model, backend="mxfp4", options=opts, dynamic=False)
-        elif be == "inductor":
-            cm = torch.compile(model, mode="reduce-overhead" if gpu else None, dynamic=False)
-        else:
-            raise SystemExit(f"unknown e2e backend {be!r}: use mxfp4 and/or inductor")
-        _sync(device)
-        alloc0 = torch.cuda.memory_allocated(device) if gpu else 0
-        for name, b, s in sh:
-            row = dict(common, backend=be, shape=name, batch=b, seq=s)
-            n_info = len(mx_backend.last_compile_info)
-            if args.budget_s and time.time() - t_start > args.budget_s:
-                row.update(status="skipped", note=f"time budget ({args.budget_s:.0f} s) spent")
-            else:
-                try:
-                    ids = inputs[name]
-                    with torch.no_grad():
-                        if gpu:
-                            torch.compiler.cudagraph_mark_step_begin()
-                        t0 = time.perf_counter()
-                        out = cm(input_ids=ids, use_cache=False).last_hidden_state
-                        _sync(device)
-                        row["first_call_s"] = time.perf_counter() - t0
-                        out = out.float().cpu()
-                        if be == "inductor":
-                            ref_out[name] = out
-                        elif name in ref_out:
-                            row["rel_l2_vs_inductor"] = W.rel_l2(out, ref_out[name])
-                        for _ in range(2):  # warm-up (CUDA graph trees record on a later call)
-                            if gpu:
-                                torch.compiler.cudagraph_mark_step_begin()
-                            cm(input_ids=ids, use_cache=False)
-                        _sync(device)
-                        row["median_us"], row["min_us"] = time_calls(cm, ids, args.iters, device)
-                    row["status"] = "ok"
-                except Exception as e:  # noqa: BLE001 - one backend's failure is a row
-                    traceback.print_exc()
-                    row.update(status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
-            if be in MXFP4_BACKENDS:
-                infos = mx_backend.last_compile_info[n_info:]  # this shape's compile(s)
-                row["rewritten_moe"] = sum(i.get("rewritten", 0) for i in infos)
-                row["kernel"] = next((i["kernel"] for i in infos if i.get("kernel")), None)
-                if row["kernel"]:
-                    row["expert_weight_bytes"] = prepared_bytes(row["kernel"], args, row["rewritten_moe"])
-                if row["rewritten_moe"] < args.layers:
-                    row["note"] = (row.get("note") or "") + (
-                        f" only {row['rewritten_moe']} of {args.layers} MoE layers rewritten to MXFP4 "
-                        f"at this shape (the rest ran bf16): " + "; ".join(
-                            f"{c.reason}" for i in infos for c in i.get("candidates", []) if not c.rewritten))
-                row["note"] = (row.get("note") or "") + (f" bf16 expert params still held by the module: "
-                                                          f"{ebytes} B (release_bf16_weights frees them)")
-            else:
-                row["expert_weight_bytes"] = ebytes
-                row["kernel"] = "bf16 grouped_mm"
-            if gpu:
-                row["alloc_growth_bytes"] = torch.cuda.memory_allocated(device) - alloc0
-            rows.append(row)
-            writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
-            fh.flush()
-            prog.step(f"{be} {name} {row.get('median_us', row.get('status'))}")
-        del cm, model
-        torch._dynamo.reset()
-        if gpu:
-            torch.cuda.empty_cache()
-    prog.close()
+
+    def write(row):
+        writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
+        fh.flush()
+        print(f"[e2e] {row['group']} {row['backend']}: {row.get('status')} "
+              f"median {_fmt(row.get('median_ms'))} ms, compile {_fmt(row.get('compile_s'))} s, "
+              f"skips {row.get('cudagraph_skips')} {row.get('note') or ''}", flush=True)
+
+    for group in groups(args):
+        if args.budget_s and time.time() - t_start > args.budget_s:
+            for be in backends:
+                row = dict(common, group=group[0], backend=be, metric=group[3], batch=group[1],
+                           prompt=group[2], status="skipped", note=f"time budget ({args.budget_s:.0f} s) spent")
+                rows.append(row)
+                write(row)
+            continue
+        torch._dynamo.reset()  # static graphs per group (automatic dynamic would mark B or P)
+        fwds = {be: compiled_forward(model, be, gpu, extra) for be in backends}
+        run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, write)
+        if args.profile and gpu and group[3] == "decode" and group[1] == 1:
+            profile_decode(model, fwds, group, args)
     fh.close()
-    table = format_table(rows, info, args)
+    weights.clear_cache()
+    table = format_table(rows, info, args, layers)
     with open(os.path.join(args.out, "e2e.txt"), "w") as f:
         f.write(table)
     with open(os.path.join(args.out, "e2e.json"), "w") as f:
-        json.dump(dict(info, rows=rows, elapsed_s=time.time() - t_start), f, indent=1, default=str)
+        json.dump(dict(info, rows=rows, elapsed_s=time.time() - t_start, args=vars(args)), f,
+                  indent=1, default=str)
     print(table, flush=True)
     bad = [r for r in rows if r["status"] == "error"]
-    print(f"[e2e] {len(rows) - len(bad)} of {len(rows)} shapes ran; CSV {csv_path}", flush=True)
+    print(f"[e2e] {len(rows) - len(bad)} of {len(rows)} rows ran; CSV {csv_path}", flush=True)
     return 0
+
+
+def profile_decode(model, fwds, group, args):
+    """torch.profiler over a few decode steps per backend: GPU time per kernel name and the
+    step's wall time, written to profile_<backend>.txt (the component breakdown of the notes)."""
+    from torch.profiler import ProfilerActivity, profile
+    _, batch, prompt, _ = group
+    ids = torch.randint(3, model.config.vocab_size, (batch, prompt)).to(model.device)
+    for be, fwd in fwds.items():
+        model.forward = fwd
+        timed_generate(model, ids, 4, True)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            timed_generate(model, ids, 4 + args.profile, True)
+        with open(os.path.join(args.out, f"profile_{be}.txt"), "w") as f:
+            f.write(f"{be}: generate of {4 + args.profile} tokens at batch {batch}, prompt {prompt}\n")
+            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
 
 
 def _fmt(v):
     if isinstance(v, float):
-        return f"{v:.6g}"
+        return f"{v:.4g}"
     return "" if v is None else v
 
 
-def format_table(rows, info, args) -> str:
-    def f(v, fmt="{:.1f}"):
-        return "-" if v is None else fmt.format(v)
-
-    by = {(r["backend"], r["shape"]): r for r in rows}
+def format_table(rows, info, args, layers) -> str:
+    by = {(r["group"], r["backend"]): r for r in rows}
     lines = [f"{info['device']}, torch {info['torch']}, triton {info['triton']}, transformers "
-             f"{info.get('transformers')}; GptOssModel {args.width} widths, {args.layers} layers, "
-             f"{args.experts} experts, grouped_mm experts, CUDA graphs on GPU",
-             f"{'shape':14s} {'backend':18s} {'median us':>10s} {'first call s':>12s} "
-             f"{'rel-L2 vs bf16':>14s} {'speedup':>8s} {'expert MB':>10s} {'alloc growth MB':>15s}"]
+             f"{info.get('transformers')}; GptOssForCausalLM {args.size} sizes, {layers} layers, "
+             f"random weights, static cache, generate, CUDA graphs on GPU (graph partitions off)",
+             f"{'group':14s} {'backend':15s} {'median ms':>10s} {'min-max':>15s} {'vs inductor':>11s} "
+             f"{'floor ms':>9s} {'x floor':>8s} {'compile s':>9s} {'skips':>5s} kernel"]
     for r in rows:
-        ind = by.get(("inductor", r["shape"]), {})
-        sp = (ind.get("median_us") / r["median_us"]) if r["backend"] != "inductor" and r.get("median_us") \
-            and ind.get("median_us") else None
         if r["status"] != "ok":
-            lines.append(f"{r['shape']:14s} {r['backend']:18s} {r['status'].upper()}: {str(r.get('note'))[:100]}")
+            lines.append(f"{r['group']:14s} {r['backend']:15s} {r['status'].upper()}: {str(r.get('note'))[:100]}")
             continue
-        lines.append(f"{r['shape']:14s} {r['backend']:18s} {f(r.get('median_us')):>10s} "
-                     f"{f(r.get('first_call_s'), '{:.1f}'):>12s} {f(r.get('rel_l2_vs_inductor'), '{:.2e}'):>14s} "
-                     f"{f(sp, '{:.2f}x'):>8s} {f(r.get('expert_weight_bytes', 0) / 1e6, '{:.1f}'):>10s} "
-                     f"{f(r['alloc_growth_bytes'] / 1e6 if r.get('alloc_growth_bytes') is not None else None, '{:.1f}'):>15s}")
-    for r in rows:
-        if r["backend"] in MXFP4_BACKENDS:
-            lines.append(f"{r['backend']} {r['shape']}: kernel {r.get('kernel')}, {r.get('rewritten_moe')} of "
-                         f"{args.layers} MoE layers rewritten;{str(r.get('note') or '')[:300]}")
-    lines.append("speedup = Inductor bf16 median / mxfp4 median; expert MB = bf16 expert parameters "
-                 "(inductor) or MXFP4 prepared tensors of the rewritten layers (mxfp4)")
+        ind = by.get((r["group"], "inductor"), {})
+        sp = ind.get("median_ms") / r["median_ms"] if r["backend"] != "inductor" and ind.get("median_ms") else None
+        fl = r.get("floor_ms")
+        xf = f"{r['median_ms'] / fl:.2f}" if fl else "-"
+        lines.append(f"{r['group']:14s} {r['backend']:15s} {r['median_ms']:10.3f} "
+                     f"{r['min_ms']:7.3f}-{r['max_ms']:<7.3f} {(f'{sp:.2f}x' if sp else '-'):>11s} "
+                     f"{(f'{fl:.3f}' if fl else '-'):>9s} {xf:>8s} "
+                     f"{r.get('compile_s', 0):9.1f} {str(r.get('cudagraph_skips')):>5s} "
+                     f"{r.get('kernel')} {r.get('experts_form') or ''}")
+    lines.append("decode: ms per new token; prefill: time to first token (ms). floor: weight bytes "
+                 f"one decode step reads at {args.floor_gbps:g} GB/s. compile s: the group's first generate.")
     return "\n".join(lines) + "\n"
