@@ -86,8 +86,15 @@ def _parser():
                      help="memory bandwidth for the byte floor (GB/s; H100 SXM HBM3 measures ~3000)")
     e2e.add_argument("--profile", type=int, default=0,
                      help="GPU: profile N decode steps per backend at batch 1 (0: no profile)")
+    e2e.add_argument("--check", action="store_true",
+                     help="after the timings: quantize the shared model in place and compare "
+                          "greedy generate of the compiled model against eager with the same "
+                          "MXFP4 weights (tokens and teacher-forced logits)")
+    e2e.add_argument("--margin", type=float, default=1e-2,
+                     help="--check: tokens are compared up to the first step where eager's top-2 "
+                          "logit margin is below this")
     e2e.add_argument("--budget-s", type=float, default=0,
-                     help="stop starting new backends after this many seconds (0 = no limit)")
+                     help="stop starting new groups after this many seconds (0 = no limit)")
     _common(e2e, out_default)
 
     ck = _command(sub, "checkpoint", "gpt-oss MXFP4 checkpoint: load, compile, forward; memory",

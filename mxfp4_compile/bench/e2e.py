@@ -46,8 +46,9 @@ from . import harness as Hn
 
 CSV_FIELDS = ["group", "backend", "metric", "batch", "prompt", "median_ms", "min_ms", "max_ms",
               "rounds", "compile_s", "cudagraph_skips", "kernel", "rewritten_moe", "already_mxfp4",
-              "experts_form", "alloc_gb", "floor_ms", "status", "note", "layers", "device", "torch",
-              "triton", "transformers"]
+              "experts_form", "alloc_gb", "floor_ms", "tokens_compared", "first_diff",
+              "margin_at_diff", "dlogit_at_diff", "logits_rel_l2", "status", "note", "layers",
+              "device", "torch", "triton", "transformers"]
 MXFP4_BACKENDS = {"mxfp4": {}, "triton_kernels": {"kernel": "triton_kernels"},
                   "mxfp4_torch_router": {"fuse_router": False}}
 SIZES = {
@@ -208,6 +209,64 @@ def run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, wr
         write(row)
 
 
+def compare_greedy(eager, compiled, margin: float) -> dict:
+    """Two greedy ``generate`` results (``return_dict_in_generate``, ``output_logits``) of one
+    prompt: the steps before the first token that differs had the same inputs, so their logits
+    are a teacher-forced comparison. -> tokens_compared (steps before eager's top-2 margin first
+    falls under ``margin``, all of them equal, or the first unequal one as first_diff),
+    first_diff (None when all equal), eager's margin and the largest |logit difference| at that
+    step, and the logits' rel-L2 over the steps with equal inputs."""
+    n = len(eager.logits)
+    a = eager.sequences[0, -n:]
+    b = compiled.sequences[0, -n:]
+    diff = next((i for i in range(n) if a[i] != b[i]), None)
+    last = n - 1 if diff is None else diff
+    le = torch.stack([eager.logits[i][0].float() for i in range(last + 1)])
+    lc = torch.stack([compiled.logits[i][0].float() for i in range(last + 1)])
+    compared = n
+    for i in range(n):
+        top = eager.logits[i][0].float().topk(2).values
+        if top[0] - top[1] < margin:
+            compared = i
+            break
+    at = last if diff is not None else None
+    top = eager.logits[at][0].float().topk(2).values if at is not None else None
+    return dict(tokens_compared=compared, first_diff=diff,
+                margin_at_diff=float(top[0] - top[1]) if top is not None else None,
+                dlogit_at_diff=float((le[-1] - lc[-1]).abs().max()) if at is not None else None,
+                logits_rel_l2=float((le - lc).norm() / le.norm()))
+
+
+def check_against_eager(model, args, gpu, common, rows, write):
+    """The compiled model against the eager one with the same MXFP4 weights: the shared model is
+    quantized in place (``quantize_``, the backend's rounding; this frees its bf16 experts, so it
+    runs after every timing), then one prompt is generated greedily both ways."""
+    from .. import quantize_
+    row = dict(common, group="check", backend="mxfp4", metric="check", batch=1, prompt=args.prompt)
+    try:
+        quantize_(model)
+        torch._dynamo.reset()
+        g = torch.Generator().manual_seed(args.seed + 17)
+        ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=g).to(model.device)
+        kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                  min_new_tokens=args.new_tokens, do_sample=False, output_logits=True,
+                  return_dict_in_generate=True)
+        model.forward = type(model).forward.__get__(model)
+        model.generation_config.disable_compile = True
+        with torch.no_grad():
+            eager = model.generate(ids, **kw)
+            model.forward = compiled_forward(model, "mxfp4", gpu, {})
+            model.generate(ids, **kw)  # compile, record
+            compiled = model.generate(ids, **kw)
+        row.update(compare_greedy(eager, compiled, args.margin), status="ok",
+                   note=f"greedy tokens vs eager, same MXFP4 weights; margin tolerance {args.margin:g}")
+    except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        row.update(status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
+    rows.append(row)
+    write(row)
+
+
 def groups(args):
     """Batch 1 decode, then the time to first token, then the other batches (in --batches order)."""
     dec = [(f"decode_b{b}", b, args.prompt, "decode") for b in (int(x) for x in args.batches.split(",") if x)]
@@ -268,6 +327,8 @@ def run(args) -> int:
         run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, write)
         if args.profile and gpu and group[3] == "decode" and group[1] == 1:
             profile_decode(model, fwds, group, args)
+    if args.check:
+        check_against_eager(model, args, gpu, common, rows, write)
     fh.close()
     weights.clear_cache()
     table = format_table(rows, info, args, layers)
@@ -312,6 +373,15 @@ def format_table(rows, info, args, layers) -> str:
              f"{'group':14s} {'backend':15s} {'median ms':>10s} {'min-max':>15s} {'vs inductor':>11s} "
              f"{'floor ms':>9s} {'x floor':>8s} {'compile s':>9s} {'skips':>5s} kernel"]
     for r in rows:
+        if r["metric"] == "check":
+            lines.append(f"check vs eager (same MXFP4 weights, prompt {r['prompt']}): "
+                         + (f"{r['status'].upper()}: {r.get('note')}" if r["status"] != "ok" else
+                            f"tokens equal for the {r['tokens_compared']} steps before eager's top-2 "
+                            f"margin < {args.margin:g}; first differing step {r['first_diff']} (eager "
+                            f"margin there {_fmt(r['margin_at_diff'])}, max |dlogit| "
+                            f"{_fmt(r['dlogit_at_diff'])}); logits rel-L2 over the equal-input steps "
+                            f"{_fmt(r['logits_rel_l2'])}"))
+            continue
         if r["status"] != "ok":
             lines.append(f"{r['group']:14s} {r['backend']:15s} {r['status'].upper()}: {str(r.get('note'))[:100]}")
             continue

@@ -151,17 +151,43 @@ def test_e2e_tiny(tmp_path, capsys):
     time-to-first-token timed, the MXFP4 rows rewrote every layer and report their kernel."""
     pytest.importorskip("transformers")
     assert bench.main(["e2e", "--out", str(tmp_path), "--batches", "2", "--prefill", "10",
-                       "--rounds", "1", "--new-tokens", "4", "--no-progress"]) == 0
+                       "--rounds", "1", "--new-tokens", "4", "--check", "--no-progress"]) == 0
     assert "no CUDA GPU here" in capsys.readouterr().out
     rows = _rows(tmp_path / "e2e.csv")
+    check = rows.pop()
     assert [(r["group"], r["backend"]) for r in rows] == [
         ("decode_b2", "mxfp4"), ("decode_b2", "inductor"), ("prefill_10", "mxfp4"), ("prefill_10", "inductor")]
+    assert check["group"] == "check" and check["status"] == "ok", check["note"]
+    assert 0 <= float(check["logits_rel_l2"]) < 2e-2  # same MXFP4 weights, bf16 logits
+    assert check["first_diff"] == "" or float(check["margin_at_diff"]) <= 2 * float(check["dlogit_at_diff"]) + 1e-6
     for r in rows:
         assert r["status"] == "ok", r["note"]
         assert float(r["median_ms"]) > 0 and float(r["compile_s"]) > 0 and r["rounds"] == "1"
     assert float(rows[0]["floor_ms"]) > 0 and rows[2]["floor_ms"] == ""
     assert rows[0]["kernel"] == "reference" and int(rows[0]["rewritten_moe"]) == 2
     assert "decode_b2" in (tmp_path / "e2e.txt").read_text()
+
+
+def test_compare_greedy_uses_only_steps_with_equal_inputs():
+    from types import SimpleNamespace
+    from mxfp4_compile.bench.e2e import compare_greedy
+
+    def out(tokens, logits):
+        return SimpleNamespace(sequences=torch.tensor([[9, 9] + tokens]),
+                               logits=tuple(torch.tensor([row]) for row in logits))
+    eager = out([0, 1, 2], [[5.0, 1.0, 0.0], [0.0, 3.0, 2.0], [0.0, 0.0, 1.0]])
+    same = out([0, 1, 2], [[5.0, 1.0, 0.0], [0.0, 3.0, 2.0], [0.0, 0.0, 1.0]])
+    r = compare_greedy(eager, same, margin=0.5)
+    assert r["first_diff"] is None and r["tokens_compared"] == 3 and r["logits_rel_l2"] == 0
+    # step 1 flips (eager margin 1.0, |dlogit| 0.6 on both tokens); step 2's logits (other
+    # inputs) must not count
+    flip = out([0, 2, 0], [[5.0, 1.0, 0.0], [0.0, 2.4, 2.6], [100.0, 0.0, 0.0]])
+    r = compare_greedy(eager, flip, margin=0.5)
+    assert r["first_diff"] == 1 and r["margin_at_diff"] == 1.0
+    assert abs(r["dlogit_at_diff"] - 0.6) < 1e-6
+    want = torch.tensor([[0.0, 0, 0], [0, 0.6, 0.6]]).norm() / torch.tensor([[5.0, 1, 0], [0, 3, 2]]).norm()
+    assert abs(r["logits_rel_l2"] - float(want)) < 1e-6
+    assert compare_greedy(eager, flip, margin=2.0)["tokens_compared"] == 1  # step 1 is a near-tie
 
 
 def test_op_progress_steps_only_for_kernels_that_run(tmp_path, capsys):
