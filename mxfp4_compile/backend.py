@@ -9,7 +9,12 @@ What it does with the graph Dynamo hands it:
 2. picks the MoE kernel for the device (ops/dispatch.py; ``options={"kernel": ...}`` or
    ``MXFP4_KERNEL`` override "auto");
 3. calls Inductor's compile_fx with freezing on, our joint_custom_post_pass (passes/manager.py) and
-   CUDA graphs when asked (``mode="reduce-overhead"`` or ``options={"cudagraphs": True}``).
+   CUDA graphs when asked (``mode="reduce-overhead"`` or ``options={"cudagraphs": True}``); for
+   those, host-only int inputs leave the graph and in-place-written inputs are static
+   (graph_inputs.py: one CUDA graph per decode step of a static KV cache), and Inductor's graph
+   partitions are off.
+A transformers model whose forward the user compiled is told to run that forward in
+``generate``'s decode (hf_generate.py).
 
 With grad enabled there is no freezing, so nothing can be rewritten: it says so once and compiles
 with plain Inductor (still correct). The callable it returns checks, before each call, whether
@@ -46,10 +51,12 @@ OPTIONS = {
 
 _warned = set()
 
-# Inductor's graph partitions (torch >= 2.9) under CUDA graphs: off. On torch 2.11 a partitioned
-# decode graph of transformers' sliding-window static cache crashes in the static Triton launcher
-# (benchmarks/notes/e2e.md has the reproducer); this backend instead keeps the whole graph
-# capturable (graph_inputs.py) and reports a skip if it is not.
+# Inductor's graph partitions (torch >= 2.9) under CUDA graphs: off. With them, transformers'
+# static-cache generate fails on torch 2.11: stock Inductor segfaults in a partition's static
+# Triton launcher, and our compile raises "accessing tensor output of CUDAGraphs that has been
+# overwritten" (the cache the prefill creates lives in a partition's graph pool). Without them a
+# graph is captured whole (graph_inputs.py makes the decode step capturable) or skipped, and
+# Inductor reports the skip.
 GRAPH_PARTITION = False
 
 COMPILE_LOG_SIZE = 64  # per-compile records kept (a long-running server must not grow memory)

@@ -34,11 +34,11 @@ def _example(n: fx.Node):
     return n.meta.get("example_value", n.meta.get("val"))
 
 
-def _tensor_symbols(example_inputs) -> set:
-    """Free symbols of the input tensors' sizes, strides and offsets (a SymInt that is one of these
-    is a shape: Inductor binds it from the tensor, and it must stay)."""
+def _tensor_symbols(values) -> set:
+    """Free symbols of the tensors' sizes, strides and offsets (a SymInt that is one of these is a
+    shape: Inductor binds it from the tensor, and it must stay)."""
     out = set()
-    for t in example_inputs:
+    for t in values:
         if isinstance(t, torch.Tensor):
             for s in (*t.shape, *t.stride(), t.storage_offset()):
                 if isinstance(s, torch.SymInt):
@@ -70,8 +70,9 @@ class HostInts(NamedTuple):
         """Put the moved placeholders back into ``gm`` (unused), where they were."""
         for pos, name, meta in sorted(self.removed):
             phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-            anchor = phs[pos] if pos < len(phs) else next(n for n in gm.graph.nodes if n.op != "placeholder")
-            with gm.graph.inserting_before(anchor):
+            where = gm.graph.inserting_before(phs[pos]) if pos < len(phs) else \
+                gm.graph.inserting_after(phs[-1]) if phs else gm.graph.inserting_before(None)
+            with where:
                 n = gm.graph.placeholder(name)
             n.meta.update(meta)
         gm.recompile()
@@ -83,7 +84,8 @@ def split_host_ints(gm: fx.GraphModule, example_inputs) -> HostInts | None:
     when nothing was (``gm`` untouched)."""
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     out_node = next(n for n in gm.graph.nodes if n.op == "output")
-    shapes = _tensor_symbols(example_inputs)
+    # the placeholders' fake values carry the symbolic shapes (example inputs may be real tensors)
+    shapes = _tensor_symbols([_example(n) for n in phs] + list(example_inputs))
     host = {}
     for i, (n, ex) in enumerate(zip(phs, example_inputs)):
         if _is_host_int(ex) and not (isinstance(ex, torch.SymInt) and ex.node.expr.free_symbols & shapes):
@@ -96,21 +98,25 @@ def split_host_ints(gm: fx.GraphModule, example_inputs) -> HostInts | None:
         if n.op == "call_function" and n.all_input_nodes and all(a in derived for a in n.all_input_nodes) \
                 and _is_host_int(_example(n)):
             derived.add(n)
-    # every user of the moved nodes must be moved too, or be the output
-    movable = set(derived)
-    changed = True
-    while changed:
-        changed = False
-        for n in list(movable):
-            if any(u is not out_node and u not in movable for u in n.users):
-                # n feeds the graph: keep it and everything it is computed from
-                stack = [n]
-                while stack:
-                    m = stack.pop()
-                    if m in movable:
-                        movable.discard(m)
-                        stack.extend(m.all_input_nodes)
-                changed = True
+    # an int input moves with everything computed from it, if all of that is host arithmetic
+    # whose only other reader is the output, and none of it also needs an input that stays
+    def closure(p):
+        seen, stack = set(), [p]
+        while stack:
+            for u in stack.pop().users:
+                if u is not out_node and u not in seen:
+                    seen.add(u)
+                    stack.append(u)
+        return seen
+
+    cl = {p: closure(p) for p in host}
+    moving = {p for p in host if cl[p] <= derived}
+    while True:
+        movable = set(moving).union(*(cl[p] for p in moving))
+        bad = {p for p in moving if any(a not in movable for c in cl[p] for a in c.all_input_nodes)}
+        if not bad:
+            break
+        moving -= bad
     moved_phs = [n for n in phs if n in movable]
     if not moved_phs:
         return None

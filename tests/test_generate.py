@@ -63,6 +63,25 @@ def test_static_cache_compiled_forward(family):
     assert agree(first[0, -NEW:], ref) >= 3  # enough positions compared to mean something
 
 
+def test_full_sliding_window_decodes_with_one_graph():
+    """A prompt longer than gpt-oss's sliding window: the sliding layers' cache is full, its
+    Python length grows every step and reaches the decode graph as an int input; the backend
+    moves it out of the graph (one decode graph, no int input left), and the tokens still follow
+    eager."""
+    m = mc.quantize_(z.hf_model("gpt_oss", "grouped_mm", layers=2, sliding_window=4))
+    x = z.token_ids(T=7)
+    ref = eager_reference(m, x)
+    m.generation_config.cache_implementation = "static"
+    m.forward = torch.compile(m.forward, backend="mxfp4")
+    n = len(backend.last_compile_info)
+    with torch.no_grad():
+        outs = [m.generate(x, max_new_tokens=NEW, do_sample=False) for _ in range(2)]
+    infos = backend.last_compile_info[n:]
+    assert len(infos) <= 3, len(infos)  # prefill, decode (specialized once, then with the int)
+    assert infos[-1]["host_ints"] == 1
+    assert torch.equal(outs[0], outs[1]) and agree(outs[0][0, -NEW:], ref) >= 3
+
+
 def test_transformers_compile_config_route():
     """generate compiles the model itself when given a CompileConfig (on CPU only with
     _compile_all_devices): backend="mxfp4" serves it, and nothing stops transformers from
