@@ -82,6 +82,24 @@ def test_full_sliding_window_decodes_with_one_graph():
     assert torch.equal(outs[0], outs[1]) and agree(outs[0][0, -NEW:], ref) >= 3
 
 
+def test_prompts_of_several_lengths_share_one_decode_graph():
+    """With transformers' max_cache_len the cache keeps one size: the second prompt length makes
+    the prefill dynamic (one recompile), the decode graph serves every length, and each prompt's
+    tokens follow eager's."""
+    m = mxfp4_model("gpt_oss")
+    prompts = [z.token_ids(T=t, seed=t) for t in (6, 9, 4)]
+    refs = [eager_reference(m, x) for x in prompts]
+    m.generation_config.cache_implementation = "static"
+    m.generation_config.max_cache_len = 32
+    m.forward = torch.compile(m.forward, backend="mxfp4")
+    n = len(backend.last_compile_info)
+    with torch.no_grad():
+        outs = [m.generate(x, max_new_tokens=NEW, do_sample=False) for x in prompts]
+    assert len(backend.last_compile_info) - n <= 3  # prefill, decode, dynamic prefill
+    compared = [agree(out[0, -NEW:], ref) for out, ref in zip(outs, refs)]  # asserts equality
+    assert sum(compared) >= 2 * len(prompts), compared  # near-ties end some comparisons early
+
+
 def test_transformers_compile_config_route():
     """generate compiles the model itself when given a CompileConfig (on CPU only with
     _compile_all_devices): backend="mxfp4" serves it, and nothing stops transformers from
