@@ -73,3 +73,41 @@ def test_weight_changes_reach_the_cuda_graph(kernel):
             out = cm(x(8))
         want = z.quantize_experts_(copy.deepcopy(m), {"w13": -1, "w2": -1})(x(8))
     assert z.rel_err(out, want) < 2e-2
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "mixtral"])
+def test_generate_recipe_decodes_in_one_cuda_graph(family):
+    """transformers' recipe (static cache, model.forward compiled with mode="reduce-overhead"):
+    the decode graph is compiled by us (generate's own compile switched off), captured (no
+    cudagraph skip beyond the prefill's), not recompiled by later generates, and its tokens
+    follow eager with the same MXFP4 weights."""
+    pytest.importorskip("transformers")
+    import mxfp4_compile as mc
+    from torch._dynamo.utils import counters
+    kw = dict(sliding_window=4) if family == "gpt_oss" else {}
+    m = mc.quantize_(z.hf_model(family, "grouped_mm", layers=2, **kw).cuda())
+    ids = z.token_ids(T=9).cuda()
+    m.generation_config.cache_implementation = "static"
+    m.generation_config.disable_compile = True
+    with torch.no_grad():
+        ref = m.generate(ids, max_new_tokens=8, do_sample=False, output_scores=True,
+                         return_dict_in_generate=True)
+    m.generation_config.disable_compile = False
+    torch._dynamo.reset()
+    counters.clear()
+    m.forward = torch.compile(m.forward, backend="mxfp4", mode="reduce-overhead")
+    with torch.no_grad():
+        m.generate(ids, max_new_tokens=1, do_sample=False)  # the prefill only
+        prefill_skips = counters["inductor"]["cudagraph_skips"]
+        n = len(backend.last_compile_info)
+        outs = [m.generate(ids, max_new_tokens=8, do_sample=False) for _ in range(3)]
+    assert m.generation_config.disable_compile  # decode ran our compiled forward
+    assert counters["inductor"]["cudagraph_skips"] == prefill_skips, dict(counters["inductor"])
+    assert len(backend.last_compile_info) - n <= 2  # decode (specialized, then with the int)
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    want = ref.sequences[0, -8:]
+    for i, sc in enumerate(ref.scores):
+        top = sc[0].float().topk(2).values
+        if top[0] - top[1] < 1e-2:
+            break
+        assert outs[0][0, -8 + i] == want[i], (i, outs[0].tolist(), want.tolist())
