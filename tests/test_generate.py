@@ -20,6 +20,14 @@ MARGIN = 1e-2   # bf16 logits of compiled and eager code differ by up to ~4e-3 h
 NEW = 6
 
 
+@pytest.fixture(autouse=True)
+def fresh_dynamo():
+    """Each test counts its own compiles: earlier tests' entries for the same forward code (the
+    checkpoint tests compile these models too) would otherwise fill Dynamo's per-code recompile
+    limit, after which the frame runs uncompiled."""
+    torch._dynamo.reset()
+
+
 def mxfp4_model(family):
     m = z.hf_model(family, "grouped_mm", layers=2)
     return mc.quantize_(m)  # eager and compiled then share the same MXFP4 weights
