@@ -214,7 +214,7 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     keep_all = keep
     host_ints = graph_inputs.split_host_ints(gm, [example_inputs[i] for i in keep])
     if host_ints is not None:
-        keep = [i for j, i in enumerate(keep) if j not in set(host_ints.inputs)]
+        keep = [i for j, i in enumerate(keep) if j not in host_ints.inputs]
     _note_layer_recompiles(lifted)
     kernel, why = dispatch.choose_kernel(_device(example_inputs, lifted), opts["kernel"])
     # parameter order of AOTAutograd = named_parameters() order of gm = lift order

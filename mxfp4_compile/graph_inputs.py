@@ -137,7 +137,7 @@ def split_host_ints(gm: fx.GraphModule, example_inputs) -> HostInts | None:
     fn = fx.GraphModule(torch.nn.Module(), host_graph)
     removed = [(host[n], n.name, dict(n.meta)) for n in moved_phs]
     # the graph without them
-    out_node.args = (tuple(o for j, o in enumerate(outs) if j not in set(out_pos)),)
+    out_node.args = (tuple(o for o in outs if not (isinstance(o, fx.Node) and o in movable)),)
     for n in reversed(list(gm.graph.nodes)):
         if n in movable:
             gm.graph.erase_node(n)

@@ -28,9 +28,15 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def mxfp4_model(family):
-    m = z.hf_model(family, "grouped_mm", layers=2)
+def mxfp4_model(family, **overrides):
+    m = z.hf_model(family, "grouped_mm", layers=2, **overrides)
     return mc.quantize_(m)  # eager and compiled then share the same MXFP4 weights
+
+
+def compile_recipe(m):
+    """transformers' compile recipe: a static cache and the forward compiled with ours."""
+    m.generation_config.cache_implementation = "static"
+    m.forward = torch.compile(m.forward, backend="mxfp4")
 
 
 def eager_reference(m, x, **kw):
@@ -56,8 +62,7 @@ def test_static_cache_compiled_forward(family):
     m = mxfp4_model(family)
     x = z.token_ids(T=6)
     ref = eager_reference(m, x)
-    m.generation_config.cache_implementation = "static"
-    m.forward = torch.compile(m.forward, backend="mxfp4")
+    compile_recipe(m)
     n = len(backend.last_compile_info)
     with torch.no_grad():
         first = m.generate(x, max_new_tokens=NEW, do_sample=False)
@@ -76,11 +81,10 @@ def test_full_sliding_window_decodes_with_one_graph():
     Python length grows every step and reaches the decode graph as an int input; the backend
     moves it out of the graph (one decode graph, no int input left), and the tokens still follow
     eager."""
-    m = mc.quantize_(z.hf_model("gpt_oss", "grouped_mm", layers=2, sliding_window=4))
+    m = mxfp4_model("gpt_oss", sliding_window=4)
     x = z.token_ids(T=7)
     ref = eager_reference(m, x)
-    m.generation_config.cache_implementation = "static"
-    m.forward = torch.compile(m.forward, backend="mxfp4")
+    compile_recipe(m)
     n = len(backend.last_compile_info)
     with torch.no_grad():
         outs = [m.generate(x, max_new_tokens=NEW, do_sample=False) for _ in range(2)]
@@ -97,9 +101,8 @@ def test_prompts_of_several_lengths_share_one_decode_graph():
     m = mxfp4_model("gpt_oss")
     prompts = [z.token_ids(T=t, seed=t) for t in (6, 9, 4)]
     refs = [eager_reference(m, x) for x in prompts]
-    m.generation_config.cache_implementation = "static"
     m.generation_config.max_cache_len = 32
-    m.forward = torch.compile(m.forward, backend="mxfp4")
+    compile_recipe(m)
     n = len(backend.last_compile_info)
     with torch.no_grad():
         outs = [m.generate(x, max_new_tokens=NEW, do_sample=False) for x in prompts]
@@ -135,8 +138,7 @@ def test_left_padded_batch_equals_one_at_a_time():
     batch = torch.full((2, 7), pad)
     batch[0], batch[1, 3:] = a[0], b[0]
     mask = (torch.arange(7) >= torch.tensor([[0], [3]])).long()
-    m.generation_config.cache_implementation = "static"
-    m.forward = torch.compile(m.forward, backend="mxfp4")
+    compile_recipe(m)
     with torch.no_grad():
         both = m.generate(batch, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
                           pad_token_id=pad)

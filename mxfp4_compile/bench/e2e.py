@@ -43,6 +43,7 @@ import traceback
 import torch
 
 from . import harness as Hn
+from . import workloads as W
 
 CSV_FIELDS = ["group", "backend", "metric", "batch", "prompt", "median_ms", "min_ms", "max_ms",
               "rounds", "compile_s", "cudagraph_skips", "kernel", "rewritten_moe", "already_mxfp4",
@@ -114,9 +115,7 @@ def expert_bytes_per_layer(model, backend) -> int:
     if backend == "inductor":
         return sum(p.numel() * p.element_size() for n, p in model.named_parameters()
                    if ".layers.0.mlp.experts." in n)
-    codes = e * (2 * i * h + h * i) // 2
-    scales = e * (2 * i * h + h * i) // 32
-    return codes + scales + e * (2 * i + h) * 4
+    return int(e * W.expert_bytes(h, i, biases=True))  # gpt-oss experts have both biases
 
 
 def compiled_forward(model, backend, gpu, opts_extra):
