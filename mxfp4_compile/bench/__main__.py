@@ -60,7 +60,7 @@ def _parser():
                    "static cache and a compiled forward (mode='reduce-overhead'): ms per decoded "
                    "token per batch size and time to first token at --prefill, backends "
                    "interleaved; compile time, cudagraph skips, memory, byte floor. Writes "
-                   "e2e.csv, e2e.txt, e2e.json (and profile_<backend>.txt with --profile) under --out.")
+                   "e2e.csv, e2e.txt, e2e.json (and profile_<group>.txt with --profile) under --out.")
     e2e.add_argument("--size", choices=("20b", "tiny"), default="20b" if gpu else "tiny",
                      help="20b: gpt-oss-20b sizes; tiny: hidden 64, 2 layers (CPU test)")
     e2e.add_argument("--layers", type=int, default=0,
@@ -85,7 +85,7 @@ def _parser():
     e2e.add_argument("--floor-gbps", type=float, default=3000.0,
                      help="memory bandwidth for the byte floor (GB/s; H100 SXM HBM3 measures ~3000)")
     e2e.add_argument("--profile", type=int, default=0,
-                     help="GPU: profile N decode steps per backend at batch 1 (0: no profile)")
+                     help="GPU: profile N decode steps per backend at batch 1, and the prefill (0: no profile)")
     e2e.add_argument("--check", action="store_true",
                      help="after the timings: quantize the shared model in place and compare "
                           "greedy generate of the compiled model against eager with the same "

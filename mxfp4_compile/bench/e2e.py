@@ -51,7 +51,8 @@ CSV_FIELDS = ["group", "backend", "metric", "batch", "prompt", "median_ms", "min
               "margin_at_diff", "dlogit_at_diff", "logits_rel_l2", "status", "note", "layers",
               "device", "torch", "triton", "transformers"]
 MXFP4_BACKENDS = {"mxfp4": {}, "triton_kernels": {"kernel": "triton_kernels"},
-                  "mxfp4_torch_router": {"fuse_router": False}}
+                  "mxfp4_torch_router": {"fuse_router": False},
+                  "mxfp4_autotune": {"max_autotune": True}}
 SIZES = {
     "20b": dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
                 head_dim=64, num_experts_per_tok=4, sliding_window=128, num_local_experts=32,
@@ -324,8 +325,8 @@ def run(args) -> int:
         torch._dynamo.reset()  # static graphs per group (automatic dynamic would mark B or P)
         fwds = {be: compiled_forward(model, be, gpu, extra) for be in backends}
         run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, write)
-        if args.profile and gpu and group[3] == "decode" and group[1] == 1:
-            profile_decode(model, fwds, group, args)
+        if args.profile and gpu and (group[3] == "ttft" or group[1] == 1):
+            profile_group(model, fwds, group, args)
     if args.check:
         check_against_eager(model, args, gpu, common, rows, write)
     fh.close()
@@ -342,20 +343,27 @@ def run(args) -> int:
     return 0
 
 
-def profile_decode(model, fwds, group, args):
-    """torch.profiler over a few decode steps per backend: GPU time per kernel name and the
-    step's wall time, written to profile_<backend>.txt (the component breakdown of the notes)."""
+def profile_group(model, fwds, group, args):
+    """torch.profiler over one group's generate per backend: GPU time per kernel name and the
+    compiled regions' host time, written to profile_<group>.txt (the component breakdowns of the
+    notes). Decode: ``4 + --profile`` tokens (the first 4 are the prefill and warm steps to
+    subtract); time to first token: one prefill."""
     from torch.profiler import ProfilerActivity, profile
-    _, batch, prompt, _ = group
+    name, batch, prompt, metric = group
     ids = torch.randint(3, model.config.vocab_size, (batch, prompt)).to(model.device)
-    for be, fwd in fwds.items():
-        model.forward = fwd
-        timed_generate(model, ids, 4, True)
-        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-            timed_generate(model, ids, 4 + args.profile, True)
-        with open(os.path.join(args.out, f"profile_{be}.txt"), "w") as f:
-            f.write(f"{be}: generate of {4 + args.profile} tokens at batch {batch}, prompt {prompt}\n")
-            f.write(prof.key_averages().table(sort_by="cuda_time_total", row_limit=45, max_name_column_width=70))
+    n = 1 if metric == "ttft" else 4 + args.profile
+    with open(os.path.join(args.out, f"profile_{name}.txt"), "w") as f:
+        for be, fwd in fwds.items():
+            model.forward = fwd
+            timed_generate(model, ids, min(n, 4), True)
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                timed_generate(model, ids, n, True)
+            f.write(f"{be}: generate of {n} token(s) at batch {batch}, prompt {prompt}\n")
+            avg = prof.key_averages()
+            f.write(avg.table(sort_by="cuda_time_total", row_limit=60, max_name_column_width=70))
+            f.write("\nHost side (guards, graph launch, generate's own ops):\n")
+            f.write(avg.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70))
+            f.write("\n\n")
 
 
 def _fmt(v):
