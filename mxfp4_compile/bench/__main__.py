@@ -77,7 +77,10 @@ def _parser():
                      help="prompt length of the time-to-first-token group (batch 1); 0 skips it")
     e2e.add_argument("--backends", default="mxfp4,inductor,triton_kernels" if gpu else "mxfp4,inductor",
                      help="comma list: mxfp4, inductor (default bf16 Inductor), triton_kernels "
-                          "(backend='mxfp4' with kernel='triton_kernels'), mxfp4_torch_router")
+                          "(backend='mxfp4' with kernel='triton_kernels'), mxfp4_torch_router, "
+                          "mxfp4_autotune (Inductor max-autotune for the rest of the model), "
+                          "mxfp4_compileconfig (transformers' CompileConfig(backend='mxfp4') route: "
+                          "generate compiles decode, the prefill runs eager)")
     e2e.add_argument("--kernel", default="auto",
                      help="MoE kernel of the mxfp4 backend (options={'kernel': ...})")
     e2e.add_argument("--rounds", type=int, default=5 if gpu else 2,

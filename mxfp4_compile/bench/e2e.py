@@ -14,7 +14,10 @@ The users' recipe: ``generation_config.cache_implementation = "static"``, ``mode
 torch.compile(model.forward, backend=..., mode="reduce-overhead")``, ``generate``; with
 ``generation_config.disable_compile = True`` so that decode runs that compiled forward (what
 backend="mxfp4" sets itself; without it transformers compiles decode again with its default
-CompileConfig, which is Inductor with the same mode). Inductor's graph partitions are off for
+CompileConfig, which is Inductor with the same mode). The ``mxfp4_compileconfig`` backend times
+transformers' other route instead: the plain forward, and ``CompileConfig(backend="mxfp4")``
+with which generate compiles decode itself (its prefill then runs eager; on CPU too, through the
+config's ``_compile_all_devices``). Inductor's graph partitions are off for
 every backend (``torch._inductor.config.graph_partition = False``): on torch 2.11 the recipe
 segfaults with them (benchmarks/notes/e2e.md).
 
@@ -53,6 +56,9 @@ CSV_FIELDS = ["group", "backend", "metric", "batch", "prompt", "median_ms", "min
 MXFP4_BACKENDS = {"mxfp4": {}, "triton_kernels": {"kernel": "triton_kernels"},
                   "mxfp4_torch_router": {"fuse_router": False},
                   "mxfp4_autotune": {"max_autotune": True}}
+# transformers' own route: generate compiles decode with CompileConfig(backend="mxfp4") and runs
+# the prefill eager (it compiles nothing on CPU); the other backends compile the forward
+CONFIG_ROUTE = "mxfp4_compileconfig"
 SIZES = {
     "20b": dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
                 head_dim=64, num_experts_per_tok=4, sliding_window=128, num_local_experts=32,
@@ -120,14 +126,36 @@ def expert_bytes_per_layer(model, backend) -> int:
 
 
 def compiled_forward(model, backend, gpu, opts_extra):
+    """-> the compiled forward ``use`` installs, or for CONFIG_ROUTE the CompileConfig."""
     fwd = type(model).forward.__get__(model)
     mode = "reduce-overhead" if gpu else None
+    if backend == CONFIG_ROUTE:
+        import transformers
+        if opts_extra:
+            cfg = transformers.CompileConfig(backend="mxfp4", mode=None,
+                                             options=dict(opts_extra, cudagraphs=gpu))
+        else:
+            cfg = transformers.CompileConfig(backend="mxfp4", mode=mode)
+        cfg._compile_all_devices = True  # transformers' switch for compiling off accelerators (CPU)
+        return cfg
     if backend == "inductor":
         return torch.compile(fwd, mode=mode)
     opts = dict(MXFP4_BACKENDS[backend], **opts_extra)
     if not opts:
         return torch.compile(fwd, backend="mxfp4", mode=mode)
     return torch.compile(fwd, backend="mxfp4", options=dict(opts, cudagraphs=gpu))  # = that mode
+
+
+def use(model, route) -> None:
+    """Make ``generate`` run ``route``: a compiled forward (transformers' own compile off), or a
+    CompileConfig (the model's plain forward; generate compiles decode with it)."""
+    gc = model.generation_config
+    if callable(route):
+        model.forward = route
+        gc.disable_compile, gc.compile_config = True, None
+    else:
+        model.__dict__.pop("forward", None)
+        gc.disable_compile, gc.compile_config = False, route
 
 
 def _sync(gpu):
@@ -167,7 +195,7 @@ def run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, wr
             rows.append(row)
             write(row)
             continue
-        model.forward = fwds[be]
+        use(model, fwds[be])
         n_info = len(mx_backend.last_compile_info)
         skips0 = counters["inductor"]["cudagraph_skips"]
         try:
@@ -193,7 +221,7 @@ def run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, wr
             write(row)
     for _ in range(args.rounds):
         for row in live:
-            model.forward = fwds[row["backend"]]
+            use(model, fwds[row["backend"]])
             if metric == "ttft":
                 row["_times"].append(timed_generate(model, ids, 1, gpu) * 1e3)
             else:
@@ -251,11 +279,10 @@ def check_against_eager(model, args, gpu, common, rows, write):
         kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
                   min_new_tokens=args.new_tokens, do_sample=False, output_logits=True,
                   return_dict_in_generate=True)
-        model.forward = type(model).forward.__get__(model)
-        model.generation_config.disable_compile = True
+        use(model, type(model).forward.__get__(model))
         with torch.no_grad():
             eager = model.generate(ids, **kw)
-            model.forward = compiled_forward(model, "mxfp4", gpu, {})
+            use(model, compiled_forward(model, "mxfp4", gpu, {}))
             model.generate(ids, **kw)  # compile, record
             compiled = model.generate(ids, **kw)
         row.update(compare_greedy(eager, compiled, args.margin), status="ok",
@@ -294,8 +321,9 @@ def run(args) -> int:
     t_start = time.time()
     backends = [b for b in args.backends.split(",") if b]
     for b in backends:
-        if b != "inductor" and b not in MXFP4_BACKENDS:
-            raise SystemExit(f"unknown e2e backend {b!r}: use inductor, {', '.join(MXFP4_BACKENDS)}")
+        if b not in ("inductor", CONFIG_ROUTE) and b not in MXFP4_BACKENDS:
+            raise SystemExit(f"unknown e2e backend {b!r}: use inductor, {', '.join(MXFP4_BACKENDS)}, "
+                             f"{CONFIG_ROUTE}")
     model = build_model(args, device)
     layers = model.config.num_hidden_layers
     common = dict(layers=layers, device=info["device"], torch=info["torch"], triton=info["triton"],
@@ -354,7 +382,7 @@ def profile_group(model, fwds, group, args):
     n = 1 if metric == "ttft" else 4 + args.profile
     with open(os.path.join(args.out, f"profile_{name}.txt"), "w") as f:
         for be, fwd in fwds.items():
-            model.forward = fwd
+            use(model, fwd)
             timed_generate(model, ids, min(n, 4), True)
             with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
                 timed_generate(model, ids, n, True)

@@ -168,6 +168,36 @@ def test_e2e_tiny(tmp_path, capsys):
     assert "decode_b2" in (tmp_path / "e2e.txt").read_text()
 
 
+def test_e2e_routes_switch_what_generate_compiles():
+    """``use``: a compiled forward turns transformers' own decode compile off; the CompileConfig
+    route restores the plain forward and hands generate our backend, which then compiles decode
+    (on CPU through the config's _compile_all_devices; its prefill runs eager, in bf16)."""
+    pytest.importorskip("transformers")
+    import argparse
+    from mxfp4_compile import backend
+    from mxfp4_compile.bench import e2e
+    args = argparse.Namespace(size="tiny", layers=2, prefill=8, new_tokens=4, seed=0)
+    m = e2e.build_model(args, torch.device("cpu"))
+    ids = torch.randint(3, 200, (1, 8))
+    torch._dynamo.reset()
+    fwd = e2e.compiled_forward(m, "mxfp4", False, {})
+    e2e.use(m, fwd)
+    assert m.forward is fwd and m.generation_config.disable_compile
+    with torch.no_grad():
+        m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    torch._dynamo.reset()  # on CPU (no mode) both routes' backend is one object: they share graphs
+    cfg = e2e.compiled_forward(m, e2e.CONFIG_ROUTE, False, {})
+    e2e.use(m, cfg)
+    assert "forward" not in m.__dict__ and not m.generation_config.disable_compile
+    assert m.generation_config.compile_config is cfg and cfg.backend == "mxfp4"
+    n = len(backend.last_compile_info)
+    with torch.no_grad():
+        m.generate(ids, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    infos = list(backend.last_compile_info)[n:]
+    assert infos and all(i["rewritten"] == 2 for i in infos)  # decode, compiled by our backend
+    torch._dynamo.reset()
+
+
 def test_compare_greedy_uses_only_steps_with_equal_inputs():
     from types import SimpleNamespace
     from mxfp4_compile.bench.e2e import compare_greedy
