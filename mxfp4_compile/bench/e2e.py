@@ -57,7 +57,7 @@ MXFP4_BACKENDS = {"mxfp4": {}, "triton_kernels": {"kernel": "triton_kernels"},
                   "mxfp4_torch_router": {"fuse_router": False},
                   "mxfp4_autotune": {"max_autotune": True}}
 # transformers' own route: generate compiles decode with CompileConfig(backend="mxfp4") and runs
-# the prefill eager (it compiles nothing on CPU); the other backends compile the forward
+# the prefill eager; the other backends compile the forward
 CONFIG_ROUTE = "mxfp4_compileconfig"
 SIZES = {
     "20b": dict(hidden_size=2880, intermediate_size=2880, num_attention_heads=64, num_key_value_heads=8,
