@@ -1,10 +1,11 @@
 """The attention projections of one decode step at gpt-oss-20b widths, 24 layers, one CUDA graph:
 q, k, v, o as four ``addmm`` (what the model runs today) against q/k/v fused into one ``addmm``
 plus o, against a plain read of the same bytes (the floor). Distinct weights per layer, so the L2
-holds none of them from one layer to the next. M = 1 and 8 rows. (benchmarks/notes/e2e.md,
-session 14: the candidate of freezing q/k/v and keeping their concatenation current.)
+holds none of them from one layer to the next. M = 1 and 8 rows, timed with the bench harness's
+CUDA-graph timer. (benchmarks/notes/e2e.md, session 14: the candidate of freezing q/k/v and
+keeping their concatenation current.)
 
-    python benchmarks/projections.py [OUT_DIR]     # GPU only; writes projections_b1.json
+    PYTHONPATH=. python benchmarks/projections.py [OUT_DIR]   # GPU only; writes projections_b1.json
 """
 import json
 import os
@@ -12,6 +13,8 @@ import sys
 
 import torch
 import torch.nn.functional as F
+
+from mxfp4_compile.bench.harness import graph_time_us
 
 H, Q, KV, LAYERS = 2880, 4096, 512, 24
 
@@ -25,28 +28,6 @@ def weights(dev):
         d["qkv"], d["bqkv"] = torch.cat([d["q"], d["k"], d["v"]]), torch.cat([d["bq"], d["bk"], d["bv"]])
         layers.append(d)
     return layers
-
-
-def graph_us(fn, x, reps=30) -> float:
-    """Median time of one CUDA-graph replay of fn(x), in us."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn(x)
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn(x)
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) * 1e3)
-    return sorted(times)[reps // 2]
 
 
 def main(out):
@@ -69,8 +50,9 @@ def main(out):
     res = dict(gpu=torch.cuda.get_device_name(), bytes=nbytes)
     for m in (1, 8):
         x = torch.randn(m, H, device="cuda", dtype=torch.bfloat16)
-        res[f"M{m}"] = dict(separate_us=graph_us(separate, x), fused_qkv_us=graph_us(fused, x),
-                            read_us=graph_us(lambda _: flat.sum(), x))
+        res[f"M{m}"] = dict(separate_us=graph_time_us(lambda: separate(x), 1),
+                            fused_qkv_us=graph_time_us(lambda: fused(x), 1),
+                            read_us=graph_time_us(flat.sum, 1))
     res["read_GBps"] = nbytes / res["M1"]["read_us"] / 1e3
     print(json.dumps(res, indent=1))
     with open(os.path.join(out, "projections_b1.json"), "w") as f:
