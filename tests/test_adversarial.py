@@ -1,7 +1,7 @@
 """Adversarial inputs to the public ops and helpers: each must raise a clear error (naming the
 argument at fault) or return the documented result. Never a silent wrong result.
 
-The matrix: 186 cases (CASE_COUNT, kept honest by ``test_case_count``; plus 3 duplicates that
+The matrix: 197 cases (CASE_COUNT, kept honest by ``test_case_count``; plus 7 duplicates that
 skip), over quantize, dequantize, moe on every kernel (the "reference" kernel runs; "triton",
 "triton_kernels" and "flashinfer" are checked through the op's wrapper with weights shaped by
 their ``prepared_shapes``, which is all a CPU can reach: the checks run before any kernel
@@ -9,9 +9,11 @@ launches), from_mxfp4_blocks and the routers. The number of silent wrong results
 zero and must stay zero: a new adversarial input goes into one of the lists below with its error
 or its documented result.
 
-Known blind spots (shapes coincide, so no shape check can see them; see torch.ops.mxfp4.moe's
-docstring): weights prepared for reference vs triton vs flashinfer, or for swiglu_oai vs silu_glu
-within one kernel, passed to the other.
+Weights prepared for one kernel and passed to another are refused for every pair of kernels
+(each layout has shapes of its own: ``test_moe_refuses_every_other_kernels_layout``). The
+activation is not part of any prepared layout: weights prepared under one activation and called
+with the other compute the other's function of the same gate/up projections (documented in
+torch.ops.mxfp4.moe's docstring, tested in ``test_moe_other_activation_same_gate_up``).
 """
 from __future__ import annotations
 
@@ -23,13 +25,14 @@ import torch
 import mxfp4_compile  # noqa: F401  (registers torch.ops.mxfp4.*)
 from mxfp4_compile import numerics, routing
 from mxfp4_compile.ops import dispatch, library, weights
-from mxfp4_compile.ops.kernels import PREPARED_ROLES
+from mxfp4_compile.formats import SWIGLU_ALPHA, SWIGLU_LIMIT
+from mxfp4_compile.ops.kernels import PREPARED_ROLES, reference_moe
 from mxfp4_compile.ops.moe_torch import moe_torch
 
 OPS = torch.ops.mxfp4
 KERNELS = ("reference", "triton", "triton_kernels", "flashinfer")
 E, H, I, T, K = 4, 64, 64, 3, 2
-CASE_COUNT = 186  # every parametrized case of this file; test_case_count keeps it honest
+CASE_COUNT = 197  # every parametrized case of this file; test_case_count keeps it honest
 
 
 def _g(seed):
@@ -57,11 +60,6 @@ def _inputs(kernel):
     ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     return dict(hidden=torch.randn(T, H, generator=g), topk_ids=ids,
                 topk_weights=torch.rand(T, K, generator=g), kernel=kernel, **_weights(kernel))
-
-
-def _other_layout(kernel):
-    """Weights of a kernel whose prepared shapes differ from ``kernel``'s."""
-    return "triton_kernels" if kernel != "triton_kernels" else "reference"
 
 
 def _shrink(t, n=1):
@@ -92,8 +90,6 @@ MOE_BAD = [
     ("bias_bf16", lambda a, k: {"w2_bias": a["w2_bias"].bfloat16()}, ValueError, r"w2_bias is torch.bfloat16"),
     ("w13_2d", lambda a, k: {"w13": a["w13"][0]}, ValueError, r"w13"),
     ("w13_1d", lambda a, k: {"w13": a["w13"].flatten()}, ValueError, r"w13 must have a leading expert dim"),
-    ("other_kernels_layout", lambda a, k: {r: t for r, t in _weights(_other_layout(k)).items()},
-     ValueError, r"w13|w2"),
     ("hidden_int", lambda a, k: {"hidden": torch.ones(T, H, dtype=torch.int32)}, ValueError, r"hidden must be a float"),
     ("hidden_3d", lambda a, k: {"hidden": torch.ones(T, 1, H)}, ValueError, r"hidden must be a float \[T, H\]"),
     ("hidden_0d", lambda a, k: {"hidden": torch.tensor(1.0)}, ValueError, r"hidden must be a float \[T, H\]"),
@@ -134,6 +130,65 @@ def test_moe_bad_input(kernel, case, change, exc, match):
     args.update(change(args, kernel))
     with pytest.raises(exc, match=match):
         OPS.moe(**args)
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+@pytest.mark.parametrize("other", KERNELS)
+def test_moe_refuses_every_other_kernels_layout(kernel, other):
+    """Every kernel's prepared shapes are its own at every padded size (here the test sizes);
+    ``test_prepared_shapes_never_coincide`` checks the shapes over many sizes."""
+    if other == kernel:
+        pytest.skip("the kernel's own layout: test_moe_fast_path_wrapper_accepts_its_layout")
+    args = _inputs(kernel)
+    args.update(_weights(other))
+    with pytest.raises(ValueError, match=rf"kernel {kernel!r}|w13|w2"):
+        OPS.moe(**args)
+
+
+def test_prepared_shapes_never_coincide():
+    """No two kernels' prepared (w13, w13_scales, w2, w2_scales) shapes are equal for any padded
+    sizes each accepts, activation or E, so a shape check tells every layout apart; within one
+    kernel both activations give the same shapes (the layout is activation-free)."""
+    from mxfp4_compile.ops.kernels import check_prepared
+    seen = {}
+    for kernel in KERNELS:
+        mod = dispatch.get_kernel(kernel)
+        for hp in range(mod.H_MULTIPLE, 4097, mod.H_MULTIPLE):
+            for ip in (mod.I_MULTIPLE, 2 * mod.I_MULTIPLE, 3 * mod.I_MULTIPLE, 2880 // mod.I_MULTIPLE * mod.I_MULTIPLE):
+                for act in ("swiglu_oai", "silu_glu"):
+                    shapes = mod.prepared_shapes(3, hp, ip, act, False, False)
+                    key = tuple(shapes[i][0] for i in (0, 1, 3, 4))
+                    assert seen.setdefault(key, kernel) == kernel, (key, kernel, seen[key])
+    for key, kernel in seen.items():  # and the op's check refuses them for every other kernel
+        tensors = [torch.empty(key[0], dtype=torch.uint8, device="meta"),
+                   torch.empty(key[1], dtype=torch.uint8, device="meta"), None,
+                   torch.empty(key[2], dtype=torch.uint8, device="meta"),
+                   torch.empty(key[3], dtype=torch.uint8, device="meta"), None]
+        for other in KERNELS:
+            if other != kernel:
+                with pytest.raises(ValueError):
+                    check_prepared(dispatch.get_kernel(other), None, tensors, "swiglu_oai")
+
+
+@pytest.mark.parametrize("prepared_for,called_with", [("swiglu_oai", "silu_glu"), ("silu_glu", "swiglu_oai")])
+def test_moe_other_activation_same_gate_up(prepared_for, called_with):
+    """Documented: prepare puts gate/up in the kernel's pair order for either activation, so the
+    op's activation picks the function of the same gate/up projections (the oracle:
+    moe_torch on the canonical rows of the activation called with)."""
+    g = _g(3)
+    G, U = torch.randn(E, I, H, generator=g) * 0.1, torch.randn(E, I, H, generator=g) * 0.1
+    W2 = torch.randn(E, H, I, generator=g) * 0.1
+    as_model = torch.stack((G, U), 2).flatten(1, 2) if prepared_for == "swiglu_oai" else torch.cat((G, U), 1)
+    p = weights.prepare_moe_weights(as_model, W2, activation=prepared_for, kernel="reference", cache=False)
+    a = _inputs("reference")
+    got = OPS.moe(a["hidden"], a["topk_ids"], a["topk_weights"], *p.tensors(), kernel="reference",
+                  activation=called_with)
+    canon = torch.stack((G, U), 2).flatten(1, 2) if called_with == "swiglu_oai" else torch.cat((G, U), 1)
+    q = weights.quantize_experts(canon, W2, activation=called_with)
+    want = moe_torch(a["hidden"], a["topk_ids"], a["topk_weights"], *q, activation=called_with)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, OPS.moe(a["hidden"], a["topk_ids"], a["topk_weights"], *p.tensors(),
+                                           kernel="reference", activation=prepared_for))
 
 
 @pytest.mark.parametrize("kernel", KERNELS[1:])
@@ -180,8 +235,8 @@ def test_moe_out_of_range_ids_contribute_zero(case, bad, emap, monkeypatch):
         with pytest.raises(ValueError, match=r"expert_map sends global experts \[3\] to local ids"):
             OPS.moe(**args)
         w = {r: args[r] for r in PREPARED_ROLES}
-        out = moe_torch(args["hidden"], args["topk_ids"], args["topk_weights"], *w.values(),
-                        expert_map=args["expert_map"], combine=False)
+        out = reference_moe.moe(args["hidden"], args["topk_ids"], args["topk_weights"], *w.values(),
+                                "swiglu_oai", SWIGLU_ALPHA, SWIGLU_LIMIT, args["expert_map"], False)
         assert torch.all(out[0, 0] == 0) and out[1].abs().sum() > 0
         return
     out = OPS.moe(**args, combine=False)
@@ -320,6 +375,7 @@ def test_routing_ties_documented():
 
 def test_case_count():
     n = (len(KERNELS) * len(MOE_BAD) - (len(KERNELS) - 1)  # one kernel-name case
+         + len(KERNELS) * (len(KERNELS) - 1) + 1 + 2  # other layouts, shapes, other activation
          + (len(KERNELS) - 1) + len(KERNELS) + len(ID_CASES)
          + len(Q_BAD) + 1 + len(DQ_BAD) + 2 + len(BLOCKS_BAD) + 1 + len(ROUTING_BAD) + 1 + 1)
     assert n == CASE_COUNT, f"update CASE_COUNT (and the module docstring) to {n}"

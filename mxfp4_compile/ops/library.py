@@ -262,9 +262,11 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     hidden's device; the six weights exactly the shapes and dtypes ``kernel``'s
     ``prepared_shapes(E, Hp, Ip, activation, ...)`` gives for one E (every tensor's dim 0) and
     the (Hp, Ip) that w13 and w2 imply, with H <= Hp. A mismatch is a ValueError naming the tensor.
-    Not detectable from shapes: weights of another layout or activation whose shapes coincide
-    (reference, triton and flashinfer share the canonical shapes; swiglu_oai and silu_glu weights
-    of one kernel too), and H smaller than the model's own H within the same padding.
+    Every kernel's layout has shapes of its own, so weights prepared for another kernel are such
+    an error. The activation is not part of any layout (prepare stores w13's gate/up rows in the
+    kernel's pair order for either activation): ``activation`` picks the function applied to the
+    gate/up pairs, whatever the weights were prepared with. Not detectable from shapes: H smaller
+    than the model's own H within the same padding.
 
     Ids: an id outside [0, E) (without a map) or outside [0, len(expert_map)) (with one) means
     "not on this rank": that slot contributes zero (and is zero in the combine=False output), on

@@ -1,5 +1,6 @@
 """Plain-torch fused MoE on MXFP4 weights in the canonical layout: the oracle for every kernel,
-and the kernel used on CPU (and on GPUs no other kernel supports).
+and, through the reference kernel (ops/kernels/reference_moe.py: the same tensors with w13's
+gate/up rows as explicit pairs), the kernel used on CPU and on GPUs no other kernel supports.
 
 Shape legend: T tokens, k experts per token, E local experts, H hidden (Hp padded),
 I intermediate (Ip padded).
@@ -19,14 +20,18 @@ import torch
 import torch.nn.functional as F
 
 from .. import numerics
-from ..formats import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation
+from ..formats import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation, gate_up_interleaved
+
+
+def _swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return gate * torch.sigmoid(alpha * gate) * (up + 1)
 
 
 def swiglu_oai(h: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
     """gpt-oss: gate = even rows (clamped above at limit), up = odd rows (clamped to ±limit)."""
-    gate = h[..., 0::2].clamp(max=limit)
-    up = h[..., 1::2].clamp(min=-limit, max=limit)
-    return gate * torch.sigmoid(alpha * gate) * (up + 1)
+    return _swiglu(h[..., 0::2], h[..., 1::2], alpha, limit)
 
 
 def silu_glu(h: torch.Tensor) -> torch.Tensor:
@@ -35,10 +40,16 @@ def silu_glu(h: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
-def activate(h: torch.Tensor, activation: str, alpha: float, limit: float) -> torch.Tensor:
+def activate(h: torch.Tensor, activation: str, alpha: float, limit: float,
+             interleaved: bool | None = None) -> torch.Tensor:
+    """``activation`` of the gate/up projections h [..., 2Ip]: pairs of rows when
+    ``interleaved``, else halves; None: the activation's own canonical order (formats.ACTIVATIONS)."""
+    if interleaved is None:
+        interleaved = gate_up_interleaved(activation)
+    gate, up = (h[..., 0::2], h[..., 1::2]) if interleaved else h.chunk(2, dim=-1)
     if check_activation(activation) == "swiglu_oai":
-        return swiglu_oai(h, alpha, limit)
-    return silu_glu(h)
+        return _swiglu(gate, up, alpha, limit)
+    return F.silu(gate) * up
 
 
 def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
@@ -58,8 +69,8 @@ def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.
 
 def moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
               activation="swiglu_oai", alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT, expert_map=None,
-              combine=True, sync_free=None):
-    """Fused MoE forward. ``sync_free`` (default: on for non-CPU devices) computes every expert
+              combine=True, sync_free=None, *, interleaved=None):
+    """Fused MoE forward. ``interleaved``: w13's gate/up row order (see ``activate``). ``sync_free`` (default: on for non-CPU devices) computes every expert
     on every token and masks, so no data-dependent shapes or host syncs occur (CUDA-graph safe);
     otherwise each expert runs on its own tokens only."""
     T, H = hidden.shape
@@ -77,7 +88,7 @@ def moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_
             h = x @ W13.T  # [T, 2Ip]
             if w13_bias is not None:
                 h = h + w13_bias[e].float()
-            y = activate(h, activation, alpha, limit) @ W2.T  # [T, Hp]
+            y = activate(h, activation, alpha, limit, interleaved) @ W2.T  # [T, Hp]
             if w2_bias is not None:
                 y = y + w2_bias[e].float()
             hit = (ids == e).unsqueeze(-1)  # [T, k, 1]
@@ -89,7 +100,7 @@ def moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_
             h = x[tok] @ W13.T
             if w13_bias is not None:
                 h = h + w13_bias[e].float()
-            y = activate(h, activation, alpha, limit) @ W2.T
+            y = activate(h, activation, alpha, limit, interleaved) @ W2.T
             if w2_bias is not None:
                 y = y + w2_bias[e].float()
             out[tok, slot] = y

@@ -101,14 +101,10 @@ def _shard_oracle(w13, w2, b13, b2, activation, world, x, ids, w, gate_up_interl
                                                 gate_up_interleaved=inter)
         p = prepare_moe_weights(s13, s2, sb13, None, activation=activation, kernel="reference",
                                 gate_up_interleaved=inter, cache=False)
-        i_r, ip, H = s2.shape[2], p.w2.shape[2] * 2, w2.shape[1]
-        W13 = numerics.dequantize(p.w13, p.w13_scales, torch.float32)[:, :, :H]  # [E, 2Ip, H]
-        if activation == "swiglu_oai":  # canonical rows interleaved
-            gate, up = W13[:, 0:2 * i_r:2], W13[:, 1:2 * i_r:2]
-            bg, bu = (p.w13_bias[:, 0:2 * i_r:2], p.w13_bias[:, 1:2 * i_r:2]) if b13 is not None else (None, None)
-        else:  # concatenated [gate(Ip); up(Ip)]
-            gate, up = W13[:, :i_r], W13[:, ip:ip + i_r]
-            bg, bu = (p.w13_bias[:, :i_r], p.w13_bias[:, ip:ip + i_r]) if b13 is not None else (None, None)
+        i_r, H = s2.shape[2], w2.shape[1]
+        W13 = numerics.dequantize(p.w13, p.w13_scales, torch.float32)[..., :H]  # [E, Ip, 2, H] pairs
+        gate, up = W13[:, :i_r, 0], W13[:, :i_r, 1]
+        bg, bu = (p.w13_bias[:, :i_r, 0], p.w13_bias[:, :i_r, 1]) if b13 is not None else (None, None)
         gates.append(gate), ups.append(up), gb.append(bg), ub.append(bu)
         downs.append(numerics.dequantize(p.w2, p.w2_scales, torch.float32)[:, :H, :i_r])
     gate, up, down = torch.cat(gates, 1), torch.cat(ups, 1), torch.cat(downs, 2)  # full I again
@@ -505,5 +501,5 @@ def test_tp_pads_per_rank_intermediate():
     m = D.ShardedMoE.tensor_parallel(w13, w2, b13, b2, activation="swiglu_oai", rank=3, world=4,
                                      kernel="reference")
     assert m.prepared.intermediate_size == 720
-    assert tuple(m.w2.shape) == (2, 32, 736 // 2) and tuple(m.w13.shape) == (2, 2 * 736, 16)
+    assert tuple(m.w2.shape) == (2, 32, 736 // 2) and tuple(m.w13.shape) == (2, 736, 2, 16)
     assert m.w2_bias is None

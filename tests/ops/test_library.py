@@ -4,9 +4,9 @@ import pytest
 import torch
 
 import mxfp4_compile  # noqa: F401
-from mxfp4_compile.formats import E8M0_BIAS
+from mxfp4_compile.formats import E8M0_BIAS, SWIGLU_ALPHA, SWIGLU_LIMIT
 from mxfp4_compile.ops import weights
-from mxfp4_compile.ops.moe_torch import moe_torch
+from mxfp4_compile.ops.kernels import reference_moe
 
 OPS = torch.ops.mxfp4
 
@@ -269,8 +269,8 @@ def test_moe_bad_expert_map(setup, monkeypatch):
         with pytest.raises(ValueError, match=match):
             _call(p, hidden, ids2, w, expert_map=torch.tensor([0, 1, 2, bad], dtype=torch.int32))
         # the reference math itself (what a GPU map gets): "not on this rank", zero
-        out = moe_torch(hidden, ids2, w, p.w13, p.w13_scales, p.w13_bias, p.w2, p.w2_scales, p.w2_bias,
-                        expert_map=torch.tensor([0, 1, 2, bad]), combine=False)
+        out = reference_moe.moe(hidden, ids2, w, *p.tensors(), p.activation, SWIGLU_ALPHA,
+                                SWIGLU_LIMIT, torch.tensor([0, 1, 2, bad]), False)
         assert torch.all(out[0, 0] == 0)
     cases = [  # (map, what the CHECK_IDS error says)
         (torch.tensor([0, 1, 2], dtype=torch.int32), r"topk_ids must lie in \[0, 3\).*expert_map"),
@@ -346,7 +346,7 @@ def test_prepare_moe_weights_bad():
         op([w13], None, w2[:, :, :32], None, "reference", "swiglu_oai")
     # H = 48: not an error, the weight transform pads it (to 64 for the reference layout)
     assert op([torch.randn(4, 128, 48)], None, torch.randn(4, 48, 64), None, "reference",
-              "swiglu_oai").shape == (4, 128, 32)
+              "swiglu_oai").shape == (4, 64, 2, 32)  # [E, Ip, 2, Hp/2] gate/up pairs
     with pytest.raises(ValueError, match="activation"):
         op([w13], None, w2, None, "reference", "relu")
     with pytest.raises(ValueError, match="kernel"):

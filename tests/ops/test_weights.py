@@ -7,6 +7,7 @@ import mxfp4_compile  # noqa: F401
 from mxfp4_compile import numerics
 from mxfp4_compile.formats import SWIGLU_ALPHA, SWIGLU_LIMIT
 from mxfp4_compile.ops import dispatch, weights
+from mxfp4_compile.ops.kernels import reference_moe
 from mxfp4_compile.ops.moe_torch import moe_torch
 
 OPS = torch.ops.mxfp4
@@ -98,18 +99,21 @@ def test_gate_up_order_and_transposed(activation, rounding):
 
 
 def test_canonical_row_order():
-    """swiglu_oai keeps gate/up interleaved (row 2j gate, 2j+1 up); silu_glu concatenated."""
+    """Whatever the model's gate/up order and the activation, the reference layout holds pairs
+    ([:, j, 0] gate row j, [:, j, 1] up row j); the canonical order it inverts to is swiglu_oai's
+    interleaved rows (2j gate, 2j+1 up) or silu_glu's concatenated halves."""
     E, H, I = 2, 32, 64
     G, U, *_ = gate_up(E, I, H, seed=4)
-    w13 = interleave(G, U)
-    p = weights.prepare_moe_weights(w13, G.new_zeros(E, H, I), activation="silu_glu",
-                                    gate_up_interleaved=True, cache=False)
-    assert torch.equal(p.w13[:, :I], numerics.quantize(G)[0])
-    assert torch.equal(p.w13[:, I:], numerics.quantize(U)[0])
-    p = weights.prepare_moe_weights(torch.cat((G, U), 1), G.new_zeros(E, H, I), activation="swiglu_oai",
-                                    gate_up_interleaved=False, cache=False)
-    assert torch.equal(p.w13[:, 0::2], numerics.quantize(G)[0])
-    assert torch.equal(p.w13[:, 1::2], numerics.quantize(U)[0])
+    qg, qu = numerics.quantize(G)[0], numerics.quantize(U)[0]
+    for activation in ("swiglu_oai", "silu_glu"):
+        for w13, interleaved in ((interleave(G, U), True), (torch.cat((G, U), 1), False)):
+            p = weights.prepare_moe_weights(w13, G.new_zeros(E, H, I), activation=activation,
+                                            gate_up_interleaved=interleaved, cache=False)
+            assert p.w13.shape == (E, I, 2, H // 2)
+            assert torch.equal(p.w13[:, :, 0], qg) and torch.equal(p.w13[:, :, 1], qu)
+            canon = weights.from_kernel_layout(p)[0]
+            want = interleave(qg, qu) if activation == "swiglu_oai" else torch.cat((qg, qu), 1)
+            assert torch.equal(canon, want)
 
 
 def _check_zero_padding(c, H, I, hp, ip, activation):
@@ -152,7 +156,7 @@ def test_padding_2880_every_kernel():
         # padding whole zero blocks = padding the quantized bytes afterwards
         for a, b in zip(c, weights.pad_packed(*base, activation="swiglu_oai", hp=hp, ip=ip)):
             assert torch.equal(a, b)
-        out = OPS.moe(x, ids, w, *c, kernel="reference")
+        out = OPS.moe(x, ids, w, *reference_moe.prepare(*c, "swiglu_oai"), kernel="reference")
         assert out.shape == (T, H)
         torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
 
@@ -172,7 +176,8 @@ def test_padding_small_both_activations(activation):
                                      h_multiple=mult, i_multiple=mult)
         hp, ip = -(-H // mult) * mult, -(-I // mult) * mult
         _check_zero_padding(c, H, I, hp, ip, activation)
-        out = OPS.moe(x, ids, w, *c, kernel="reference", activation=activation)
+        out = OPS.moe(x, ids, w, *reference_moe.prepare(*c, activation), kernel="reference",
+                      activation=activation)
         assert out.shape == (T, H)
         assert_rel(out, want)
 
@@ -219,22 +224,25 @@ def test_checkpoint_import_no_requantization():
     assert weights.quantization_count() == before  # nothing was quantized
     for n, t in ck.items():
         assert torch.equal(t, copies[n])  # inputs untouched
-    # bytes unchanged
-    assert torch.equal(p.w13, ck["w13_blocks"].flatten(-2)) and torch.equal(p.w13_scales, ck["w13_scales"])
+    # bytes unchanged (gpt-oss's interleaved rows are the reference layout's pairs, flattened)
+    assert torch.equal(p.w13.flatten(1, 2), ck["w13_blocks"].flatten(-2))
+    assert torch.equal(p.w13_scales.flatten(1, 2), ck["w13_scales"])
     assert torch.equal(p.w2, ck["w2_blocks"].flatten(-2)) and torch.equal(p.w2_scales, ck["w2_scales"])
-    assert p.w13_bias.dtype == torch.float32 and torch.equal(p.w13_bias, ck["w13_bias"].float())
+    assert p.w13_bias.dtype == torch.float32
+    assert torch.equal(p.w13_bias.flatten(1, 2), ck["w13_bias"].float())
     assert torch.equal(p.w2_bias, ck["w2_bias"].float())
     assert (p.hidden_size, p.intermediate_size) == (H, I)
     # the op on the imported weights = the op on the same codes passed directly
     ids, w = routing(T, k, E, seed=11)
     x = torch.randn(T, H, generator=_g(12)).bfloat16()
     out = OPS.moe(x, ids, w, **p.moe_kwargs())
-    direct = OPS.moe(x, ids, w, ck["w13_blocks"].flatten(-2), ck["w13_scales"], ck["w13_bias"].float(),
+    direct = OPS.moe(x, ids, w, ck["w13_blocks"].flatten(-2).unflatten(1, (-1, 2)),
+                     ck["w13_scales"].unflatten(1, (-1, 2)), ck["w13_bias"].float().unflatten(1, (-1, 2)),
                      ck["w2_blocks"].flatten(-2), ck["w2_scales"], ck["w2_bias"].float(),
                      kernel="reference")
     assert torch.equal(out, direct)
     # and the bf16 model made by dequantizing the checkpoint compiles back to the same values
-    deq13 = numerics.dequantize(p.w13, p.w13_scales, torch.bfloat16)
+    deq13 = numerics.dequantize(p.w13.flatten(1, 2), p.w13_scales.flatten(1, 2), torch.bfloat16)
     deq2 = numerics.dequantize(p.w2, p.w2_scales, torch.bfloat16)
     for rounding in ("floor", "round_up"):
         r = weights.prepare_moe_weights(deq13, deq2, ck["w13_bias"], ck["w2_bias"], activation="swiglu_oai",
@@ -250,7 +258,10 @@ def test_from_kernel_layout_inverts_the_import(kernel, activation):
     E, H, I = 3, 96, 160
     ck = gpt_oss_checkpoint(E, H, I, seed=19)
     p = weights.from_mxfp4_blocks(**ck, kernel=kernel, activation=activation)
-    assert p.w13.shape[1] > 2 * I or kernel == "reference"
+    hp, ip = dispatch.padded_sizes(kernel, H, I)
+    assert (ip > I) == (kernel == "triton")  # triton pads I to 192
+    shape = dispatch.get_kernel(kernel).prepared_shapes(E, hp, ip, activation, True, True)[0][0]
+    assert tuple(p.w13.shape) == shape and len(shape) == (5 if kernel == "triton" else 4)
     back = weights.from_kernel_layout(p)
     want = (ck["w13_blocks"].flatten(-2), ck["w13_scales"], ck["w13_bias"].float(),
             ck["w2_blocks"].flatten(-2), ck["w2_scales"], ck["w2_bias"].float())
@@ -264,13 +275,15 @@ def test_checkpoint_import_padded_and_mx_dtypes():
     E, H, I, T, k = 2, 96, 64, 4, 2
     ck = gpt_oss_checkpoint(E, H, I, seed=13)
     p = weights.from_mxfp4_blocks(**ck, kernel="reference", activation="swiglu_oai")
-    c = weights.pad_packed(*p.tensors(), activation="swiglu_oai", hp=256, ip=256)
-    assert torch.equal(c[0][:, : 2 * I, : H // 2], p.w13) and (c[0][:, 2 * I:] == 0).all()
+    canon = reference_moe.unprepare(*p.tensors(), "swiglu_oai")
+    c = weights.pad_packed(*canon, activation="swiglu_oai", hp=256, ip=256)
+    assert torch.equal(c[0][:, : 2 * I, : H // 2], canon[0]) and (c[0][:, 2 * I:] == 0).all()
     assert torch.equal(c[3][:, :H, : I // 2], p.w2) and (c[3][:, H:] == 0).all()
     _check_zero_padding(c, H, I, 256, 256, "swiglu_oai")
     ids, w = routing(T, k, E, seed=14)
     x = torch.randn(T, H, generator=_g(15))
-    torch.testing.assert_close(OPS.moe(x, ids, w, *c, kernel="reference"),
+    torch.testing.assert_close(OPS.moe(x, ids, w, *reference_moe.prepare(*c, "swiglu_oai"),
+                                       kernel="reference"),
                                OPS.moe(x, ids, w, **p.moe_kwargs()), rtol=1e-5, atol=1e-5)
     if numerics.HAS_TORCH_MX_DTYPES:
         mx = dict(ck, w13_blocks=ck["w13_blocks"].view(torch.float4_e2m1fn_x2),
@@ -374,7 +387,7 @@ def test_cache_same_tensors_same_object_and_version_bump():
         p5 = weights.prepare_moe_weights(w13, W2, b13, b2, activation="swiglu_oai")
         assert p5 is p1 and weights.quantization_count() == n + 1
         assert [t.data_ptr() for t in p5.tensors()] == held
-    assert torch.equal(p1.w13_bias, 2 * interleave(bg, bu))
+    assert torch.equal(p1.w13_bias.flatten(1, 2), 2 * interleave(bg, bu))  # reference: pairs
     assert torch.equal(p1.w2, numerics.quantize(W2)[0])
     # a storage swap (p.data = ...), which leaves the version counter alone, is seen too
     size = weights.cache_size()

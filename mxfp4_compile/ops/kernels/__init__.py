@@ -124,10 +124,22 @@ def gpu_unavailable(device: torch.device, kernel: str, major: int, arch: str, wh
 PREPARED_ROLES = ("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")
 
 
+def canonical_shapes(E: int, Hp: int, Ip: int, has_w13_bias: bool, has_w2_bias: bool
+                     ) -> list[PreparedShape]:
+    """The canonical (shape, dtype) of the six tensors (ops/moe_torch.py), for layouts that keep
+    them (flashinfer's shuffles permute rows and bytes in place)."""
+    u8, f32 = torch.uint8, torch.float32
+    return [((E, 2 * Ip, Hp // 2), u8), ((E, 2 * Ip, Hp // BLOCK), u8),
+            ((E, 2 * Ip), f32) if has_w13_bias else None,
+            ((E, Hp, Ip // 2), u8), ((E, Hp, Ip // BLOCK), u8),
+            ((E, Hp), f32) if has_w2_bias else None]
+
+
 def _affine_probe(module: ModuleType, E: int, activation: str, has_b13: bool, has_b2: bool):
-    """Each dim of the prepared w13 and w2 as a + b*Hp + c*Ip: the coefficients, read off
-    ``prepared_shapes`` at three padded sizes (the value tensors' shapes are linear in Hp, Ip for
-    every layout; the scales' need not be, so they are only compared, never solved for)."""
+    """Each dim of the prepared w13 and w2 as a + bh*(Hp/H_MULTIPLE) + bi*(Ip/I_MULTIPLE): the
+    coefficients, read off ``prepared_shapes`` at three padded sizes (the value tensors' shapes
+    are linear in the padded sizes for every layout, e.g. triton's Ip/8 row tiles; the scales'
+    need not be, so they are only compared, never solved for)."""
     h0, i0 = module.H_MULTIPLE, module.I_MULTIPLE
     pts = [module.prepared_shapes(E, h, i, activation, has_b13, has_b2)
            for h, i in ((h0, i0), (2 * h0, i0), (h0, 2 * i0))]
@@ -135,24 +147,24 @@ def _affine_probe(module: ModuleType, E: int, activation: str, has_b13: bool, ha
     for role in (0, 3):
         base, dh, di = (p[role][0] for p in pts)
         for d in range(len(base)):
-            bh, bi = (dh[d] - base[d]) // h0, (di[d] - base[d]) // i0
-            coeffs.append((role, d, base[d] - bh * h0 - bi * i0, bh, bi))
+            bh, bi = dh[d] - base[d], di[d] - base[d]
+            coeffs.append((role, d, base[d] - bh - bi, bh, bi, len(base)))
     return coeffs
 
 
 def _solve_sizes(module: ModuleType, E: int, tensors, activation: str) -> tuple[int, int] | None:
     """(Hp, Ip) that the prepared w13 and w2 shapes imply for ``module``'s layout, None when no
-    (Hp, Ip) fits (e.g. weights of another kernel's layout)."""
+    (Hp, Ip) fits (e.g. weights of another kernel's layout: every layout's shapes differ)."""
     has_b13, has_b2 = tensors[2] is not None, tensors[5] is not None
     hp = ip = None
-    for role, d, a, bh, bi in _affine_probe(module, E, activation, has_b13, has_b2):
+    for role, d, a, bh, bi, rank in _affine_probe(module, E, activation, has_b13, has_b2):
         shape = tensors[role].shape
-        if d >= len(shape):
+        if len(shape) != rank:
             return None
         if bh and not bi:
-            hp = (shape[d] - a) // bh if (shape[d] - a) % bh == 0 else -1
+            hp = (shape[d] - a) // bh * module.H_MULTIPLE if (shape[d] - a) % bh == 0 else -1
         elif bi and not bh:
-            ip = (shape[d] - a) // bi if (shape[d] - a) % bi == 0 else -1
+            ip = (shape[d] - a) // bi * module.I_MULTIPLE if (shape[d] - a) % bi == 0 else -1
     if hp is None or ip is None or hp <= 0 or ip <= 0:
         return None
     return hp, ip
@@ -171,9 +183,12 @@ def check_prepared(module: ModuleType, hidden_size, tensors, activation: str,
     w13 and w2 agree on, the kernel's padding, and ``hidden_size`` <= Hp. ValueError naming the
     tensor, its shape and dtype, the expected ones and the fix.
 
-    Undetectable here: layouts whose shapes and dtypes coincide (reference, triton and flashinfer
-    share the canonical shapes; swiglu_oai and silu_glu weights of one layout too): such weights
-    pass and compute garbage."""
+    Every kernel's prepared shapes differ from every other kernel's at every size (the reference
+    layout holds w13 as gate/up pairs [E, Ip, 2, Hp/2], triton's as its 16-row tiles, 5-D;
+    flashinfer keeps the canonical 3-D shapes; triton_kernels' are its own), so weights prepared
+    for another kernel are an error here. The activation is not part of any prepared layout:
+    ``prepare`` puts w13's gate and up rows in the kernel's own pair order for either activation,
+    and the op's ``activation`` only picks the function applied to each pair."""
     kernel = module.NAME
     fix = (f"prepare the weights with mxfp4_compile.prepare_moe_weights(..., kernel={kernel!r}, "
            f"activation={activation!r}) (or from_mxfp4_blocks) and pass the same kernel and activation")

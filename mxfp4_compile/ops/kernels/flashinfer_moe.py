@@ -56,7 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ...formats import check_activation
-from . import check_canonical_shapes, check_padded, gpu_unavailable, reference_moe
+from . import canonical_shapes, check_canonical_shapes, check_padded, gpu_unavailable
 from .optional import KernelUnavailable, OptionalAPI, keyword_mismatch
 
 log = logging.getLogger("mxfp4_compile")
@@ -120,7 +120,7 @@ def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
     """The canonical shapes: the shuffles permute rows and bytes in place."""
     check_activation(activation)
     _check_padded(Hp, Ip)
-    return reference_moe.prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias)
+    return canonical_shapes(E, Hp, Ip, has_w13_bias, has_w2_bias)
 
 
 def swap_row_pairs(t: torch.Tensor, dim: int) -> torch.Tensor:

@@ -5,9 +5,9 @@ E local experts, H hidden (Hp padded), I intermediate (Ip padded).
   hidden        [T, H]            bf16 / fp16 / fp32 (output in the same dtype)
   topk_ids      [T, k]            int32 / int64
   topk_weights  [T, k]            float
-  w13, w13_s    [E, 2Ip, Hp/2], [E, 2Ip, Hp/32]  uint8 (prepared: see below)
+  w13, w13_s    [E, 2Ip/16, Hp/64, 16, 32], [E, 2Ip/16, Hp/64, 16, 2]  uint8 (prepared: below)
   w13_bias      [E, 2Ip]          float32 or None
-  w2, w2_s      [E, Hp, Ip/2], [E, Hp, Ip/32]    uint8 (prepared)
+  w2, w2_s      [E, Hp/16, Ip/64, 16, 32], [E, Hp/16, Ip/64, 16, 2]    uint8 (prepared)
   w2_bias       [E, Hp]           float32 or None
   expert_map    [E_global]        int32, -1 = not on this rank
 
@@ -17,7 +17,9 @@ permutations: w13 rows are paired per 16 (8 gate rows, then the 8 up rows of the
 (`_pack_words`) so that each 32-bit word decodes to 4 bf16 pairs with a rotate and one or two
 masks each (triton_moe_details/layout.py), landing directly in the registers wgmma reads its A
 operand from; then rows are tiled by 16 (`_tile_rows`): a K step of a BN-row tile reads BN/16
-runs of 16 x BK/2 bytes; the scales, biased (`_bias_scales`), are tiled the same way.
+runs of 16 x BK/2 bytes; the scales, biased (`_bias_scales`), are tiled the same way. The
+tensors carry the tiles in their shapes (5-D; `moe` views them as [E, N, K/2] bytes), which no
+other kernel's layout has: the op's shape check refuses another kernel's weights.
 Steps (triton_moe_details/, one file per stage): route (expert-sorted rows, on the GPU), GEMM1
 (token gather, dequant, bias, activation), GEMM2 (bias, scatter to (token, slot) rows), finalize
 (weighted sum over slots in fixed order); at decode sizes the GEMMs split K and the chunks are
@@ -34,7 +36,6 @@ import os
 
 import torch
 
-from . import reference_moe
 from ...formats import E8M0_BIAS, E8M0_NAN, check_activation, gate_up_interleaved
 from .triton_moe_details import layout  # pure Python: importable without triton
 
@@ -75,8 +76,21 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-# `prepare` regroups bytes in place: the shapes and dtypes stay the canonical ones.
-prepared_shapes = reference_moe.prepared_shapes
+def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
+    """The canonical bytes in 16-row tiles (`_tile_rows`); biases canonical."""
+    check_activation(activation)
+    u8, f32 = torch.uint8, torch.float32
+    return [((E, 2 * Ip // 16, Hp // 64, 16, 32), u8), ((E, 2 * Ip // 16, Hp // 64, 16, 2), u8),
+            ((E, 2 * Ip), f32) if has_w13_bias else None,
+            ((E, Hp // 16, Ip // 64, 16, 32), u8), ((E, Hp // 16, Ip // 64, 16, 2), u8),
+            ((E, Hp), f32) if has_w2_bias else None]
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """A prepared 5-D tile tensor [E, N/16, K/64, 16, b] -> the [E, N, K/64 * b] bytes the
+    launches index (a view)."""
+    E, n16, kb, _, b = t.shape
+    return t.view(E, n16 * 16, kb * b)
 
 
 # Element t = 4s + 2h + lo of word c of a 32-code chunk (4 little-endian words) holds column
@@ -109,12 +123,12 @@ def _tile_rows(t: torch.Tensor, block_bytes: int) -> torch.Tensor:
     """Packed words [E, N, K/2] (block_bytes 32) or scale bytes [E, N, K/32] (block_bytes 2),
     N % 16 == 0, K % 64 == 0 -> the same bytes reordered so that each 16-row group stores its
     64-code blocks one after another, a block holding the 16 rows' bytes side by side:
-    [E, N/16, K/64, 16, block_bytes] in memory (_dequant._tiled_rows / _tiled_cols). One K step
+    [E, N/16, K/64, 16, block_bytes], the shape returned (_dequant._tiled_rows / _tiled_cols). One K step
     of a BN-row tile then reads BN/16 runs of 16 x BK/2 bytes instead of BN runs of BK/2 bytes,
     fewer and longer DRAM bursts for the decode GEMMs (benchmarks/notes/op.md, session 4)."""
     E, N, nb = t.shape
     t = t.reshape(E, N // 16, 16, nb // block_bytes, block_bytes)
-    return t.transpose(2, 3).reshape(E, N, nb)
+    return t.transpose(2, 3).contiguous()
 
 
 def _paired_rows(Ip: int, activation: str, device) -> torch.Tensor:
@@ -194,17 +208,16 @@ def _unpack_words(w: torch.Tensor) -> torch.Tensor:
 
 
 def _untile_rows(t: torch.Tensor, block_bytes: int) -> torch.Tensor:
-    """Inverse of `_tile_rows`."""
-    E, N, nb = t.shape
-    t = t.reshape(E, N // 16, nb // block_bytes, 16, block_bytes)
-    return t.transpose(2, 3).reshape(E, N, nb)
+    """Inverse of `_tile_rows`: [E, N/16, K/64, 16, block_bytes] -> [E, N, K/2 or K/32]."""
+    E, n16, kb, _, b = t.shape
+    return t.transpose(2, 3).reshape(E, n16 * 16, kb * b)
 
 
 def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
     """Inverse of `prepare`, byte for byte, except in blocks whose scale is NaN (255): `prepare`
     zeroes their codes (they decode to NaN either way), so they come back as zeros."""
     check_activation(activation)
-    Ip = w2.shape[2] * 2
+    Ip = w2.shape[2] * 64  # w2 [E, Hp/16, Ip/64, 16, 32]
     rows = _paired_rows(Ip, activation, w13.device)
 
     def unpaired(t):  # prepared row r holds canonical row rows[r]
@@ -300,6 +313,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         activation, alpha, limit, expert_map, combine):
     T, H = hidden.shape
     k = topk_ids.shape[1]
+    w13, w13_scales, w2, w2_scales = (_rows(t.contiguous()) for t in (w13, w13_scales, w2, w2_scales))
     E, two_ip, half_hp = w13.shape
     Hp, Ip = half_hp * 2, two_ip // 2
     out_shape = (T, H) if combine else (T, k, H)
@@ -318,7 +332,6 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     x = hidden.contiguous()
     # the kernels take strides as compile-time constants (launches.py: from the shapes) and
     # assume unit inner strides
-    w13, w13_scales, w2, w2_scales = (t.contiguous() for t in (w13, w13_scales, w2, w2_scales))
     w13_bias, w2_bias = (None if b is None else b.contiguous() for b in (w13_bias, w2_bias))
     ids = topk_ids.contiguous()
     tw = topk_weights.contiguous()

@@ -92,7 +92,8 @@ def test_tile_rows_puts_each_byte_where_the_kernel_reads_it():
     for nb, block in ((K // 2, 32), (K // 32, 2)):
         t = torch.randint(0, 256, (E, N, nb), dtype=torch.uint8, generator=g)
         tiled = tm._tile_rows(t, block)
-        assert tiled.shape == t.shape and tiled.dtype == torch.uint8
+        assert tiled.shape == (E, N // 16, nb // block, 16, block) and tiled.dtype == torch.uint8
+        assert tiled.is_contiguous()
         b = torch.arange(nb)[None, None, :]
         at = e * N * nb + (n // 16) * 16 * nb + (b // block) * 16 * block + (n % 16) * block \
             + b % block
