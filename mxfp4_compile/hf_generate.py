@@ -12,10 +12,21 @@ function and ``generate`` would wrap it, it sets ``generation_config.disable_com
 (transformers' own switch): ``generate`` then calls the user's compiled forward for every step.
 It says so once in the log. A ``compile_config`` the user set with another backend is left alone,
 with a warning that decode will not run mxfp4.
+
+Whenever decode runs our compile (either route), ``generate`` on that model may also check for the
+end of generation one step late on CUDA (``defer_stop_check``): transformers' ``StopCheck`` reads
+``unfinished_sequences.max() == 0`` on the host after every token, a device sync that leaves the
+host unable to queue the next step while the GPU runs this one, so every step pays the host's
+whole share (generate's input preparation, Dynamo's guards, the CUDA-graph launch) on top of the
+GPU's. transformers has the cure, ``DeferredStopCheck`` (the flag is copied asynchronously and read
+one step later; the one step run past the end is undone, the cache cropped), but enables it only
+on mps. We allow it on CUDA for the models we compile, nothing else (see ``defer_stop_check``).
 """
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 import weakref
 
@@ -48,12 +59,14 @@ def claim_decode() -> str | None:
         return None
     fwd = getattr(model, "__dict__", {}).get("forward")
     if fwd is None or not hasattr(fwd, "_torchdynamo_orig_callable"):
-        return None  # not the forward recipe (e.g. generate's own compile with our backend)
-    if getattr(gc, "disable_compile", False):
-        return None
+        cc = getattr(gc, "compile_config", None)
+        if cc is not None and _is_ours(getattr(cc, "backend", None)):
+            defer_stop_check(model)  # generate's own compile of decode, with our backend
+        return None  # not the forward recipe
     cc = getattr(gc, "compile_config", None)
-    if cc is not None and _is_ours(getattr(cc, "backend", None)):
-        return None  # generate compiles decode with mxfp4 as the user configured it
+    if getattr(gc, "disable_compile", False) or (cc is not None and _is_ours(getattr(cc, "backend", None))):
+        defer_stop_check(model)  # decode runs this compiled forward, or generate compiles it with mxfp4
+        return None
     if cc is not None:
         if model not in _warned:
             _warned.add(model)
@@ -66,8 +79,59 @@ def claim_decode() -> str | None:
                 stacklevel=3)
         return None
     gc.disable_compile = True
+    defer_stop_check(model)
     msg = ("mxfp4: set generation_config.disable_compile = True on the model whose forward is "
            "compiled with backend='mxfp4': generate() would otherwise trace that forward into its "
            "own torch.compile for decode (default Inductor, bf16 experts)")
     log.info(msg)
     return msg
+
+
+_deferring = weakref.WeakSet()  # models whose generate() may defer its stop check on CUDA
+
+
+def _may_defer(device, cache, cache_is_returned, is_assistant, model) -> bool:
+    """transformers' own conditions for deferring (a cache that can be rolled back when it is
+    returned; never for an assistant model), on CUDA, for a model we compiled."""
+    if getattr(device, "type", None) != "cuda" or is_assistant or model not in _deferring:
+        return False
+    return cache is None or bool(getattr(cache, "is_croppable", False)) or not cache_is_returned
+
+
+def defer_stop_check(model) -> bool:
+    """Let ``generate`` on ``model`` use transformers' ``DeferredStopCheck`` on CUDA (it enables it
+    on mps only): no host sync per token, one extra step whose token and cache entries generate
+    undoes. Scoped to ``model``: ``DeferredStopCheck.is_supported`` is wrapped once to also answer
+    True when the calling ``generate``'s model (its ``self``) is one we compiled, and otherwise
+    returns transformers' own answer. Off with MXFP4_DEFER_STOP_CHECK=0. -> whether installed
+    (False on transformers without ``DeferredStopCheck``)."""
+    if os.environ.get("MXFP4_DEFER_STOP_CHECK", "1") in ("0", ""):
+        return False
+    try:
+        from transformers.generation import utils as gen_utils
+    except ImportError:
+        return False
+    cls = getattr(gen_utils, "DeferredStopCheck", None)
+    if cls is None or not callable(getattr(cls, "is_supported", None)):
+        return False
+    if not getattr(cls.is_supported, "_mxfp4_scoped", False):
+        theirs = cls.is_supported
+
+        def is_supported(device, cache, cache_is_returned, is_assistant):
+            if theirs(device, cache, cache_is_returned, is_assistant):
+                return True
+            caller = sys._getframe(1).f_locals.get("self")  # the model whose generate asks
+            return _may_defer(device, cache, cache_is_returned, is_assistant, caller)
+
+        is_supported._mxfp4_scoped = True
+        cls.is_supported = staticmethod(is_supported)
+    if model not in _deferring:
+        _deferring.add(model)
+        log.info("mxfp4: generate() on this model checks for its end one step late on CUDA "
+                 "(transformers' DeferredStopCheck; no host sync per token)")
+    return True
+
+
+def stop_deferring(model) -> None:
+    """Undo ``defer_stop_check`` for ``model`` (its generate syncs every token again)."""
+    _deferring.discard(model)

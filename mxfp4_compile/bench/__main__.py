@@ -79,6 +79,8 @@ def _parser():
                      help="comma list: mxfp4, inductor (default bf16 Inductor), triton_kernels "
                           "(backend='mxfp4' with kernel='triton_kernels'), mxfp4_torch_router, "
                           "mxfp4_autotune (Inductor max-autotune for the rest of the model), "
+                          "mxfp4_sync (mxfp4 with transformers' per-token stop check, which the "
+                          "backend defers on CUDA), "
                           "mxfp4_compileconfig (transformers' CompileConfig(backend='mxfp4') route: "
                           "generate compiles decode, the prefill runs eager)")
     e2e.add_argument("--kernel", default="auto",

@@ -55,7 +55,11 @@ CSV_FIELDS = ["group", "backend", "metric", "batch", "prompt", "median_ms", "min
               "device", "torch", "triton", "transformers"]
 MXFP4_BACKENDS = {"mxfp4": {}, "triton_kernels": {"kernel": "triton_kernels"},
                   "mxfp4_torch_router": {"fuse_router": False},
-                  "mxfp4_autotune": {"max_autotune": True}}
+                  "mxfp4_autotune": {"max_autotune": True},
+                  "mxfp4_sync": {}}
+# backend="mxfp4" with transformers' per-token stop check (host sync) that the backend otherwise
+# defers on CUDA (hf_generate.defer_stop_check): the deferral's share of the speed
+SYNC_STOP = {"mxfp4_sync", "inductor"}
 # transformers' own route: generate compiles decode with CompileConfig(backend="mxfp4") and runs
 # the prefill eager; the other backends compile the forward
 CONFIG_ROUTE = "mxfp4_compileconfig"
@@ -127,6 +131,13 @@ def expert_bytes_per_layer(model, backend) -> int:
 
 def compiled_forward(model, backend, gpu, opts_extra):
     """-> the compiled forward ``use`` installs, or for CONFIG_ROUTE the CompileConfig."""
+    route = _compiled_forward(model, backend, gpu, opts_extra)
+    if callable(route):  # not on a CompileConfig: generate passes all its attributes to compile
+        route._e2e_backend = backend  # use() reads it
+    return route
+
+
+def _compiled_forward(model, backend, gpu, opts_extra):
     fwd = type(model).forward.__get__(model)
     mode = "reduce-overhead" if gpu else None
     if backend == CONFIG_ROUTE:
@@ -148,7 +159,14 @@ def compiled_forward(model, backend, gpu, opts_extra):
 
 def use(model, route) -> None:
     """Make ``generate`` run ``route``: a compiled forward (transformers' own compile off), or a
-    CompileConfig (the model's plain forward; generate compiles decode with it)."""
+    CompileConfig (the model's plain forward; generate compiles decode with it). generate defers
+    its stop check (no host sync per token) only for our backends, as the backend sets it up,
+    not for Inductor (as users get it) nor mxfp4_sync."""
+    from .. import hf_generate
+    if callable(route) and getattr(route, "_e2e_backend", None) in SYNC_STOP:
+        hf_generate.stop_deferring(model)
+    else:
+        hf_generate.defer_stop_check(model)
     gc = model.generation_config
     if callable(route):
         model.forward = route

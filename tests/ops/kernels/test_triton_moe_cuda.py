@@ -77,7 +77,7 @@ def test_decode_against_reference_and_the_triton_kernels(T, E, H, I, k, act, mon
     # loops (planner.mma2_broken) of the I = 512 shape's GEMM2
     major = torch.cuda.get_device_capability()[0]
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    Hp, Ip = prepared[0].shape[2] * 2, prepared[3].shape[2] * 2
+    Hp, Ip = prepared[0].shape[2] * 64, prepared[3].shape[2] * 64  # [E, N/16, K/64, 16, 32] tiles
     pol = policy.current(major)
     c1, c2 = planner.pick(pol, T, k, E, Hp, Ip, mma2=True)
     want = [int(planner.plan_gemm(pol, c, T * k, E, N, K, sms, w, True, major)[2])
