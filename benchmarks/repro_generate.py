@@ -1,4 +1,4 @@
-"""Minimal reproducers (CPU) of the two upstream behaviours behind the generate fixes of
+"""Minimal reproducers (CPU) of the upstream behaviours behind the generate fixes of
 mxfp4_compile/hf_generate.py and graph_inputs.py (benchmarks/notes/e2e.md, session 13).
 
 1. A function compiled with backend A and called inside a torch.compile with backend B is traced
@@ -11,9 +11,21 @@ mxfp4_compile/hf_generate.py and graph_inputs.py (benchmarks/notes/e2e.md, sessi
    (parameters, cache tensors) and evaluates the guards before each call ("TorchDynamo Cache
    Lookup" in torch.profiler). The backend does not change them ("eager" here, so that it runs in
    seconds); generate syncs once per step, so this host time adds to every token.
+4. Host values made device tensors outside the compiled graph, every decode step: with a static
+   cache, generate builds the 4-D masks in eager before each step (prepare_inputs_for_generation
+   -> create_masks_for_generate), and transformers' eager_mask (gpt-oss's attention) makes
+   torch.tensor(0.0, device=mask.device) once per mask type (sliding and full). On CUDA that is a
+   synchronous copy from pageable host memory: the host waits there for the previous step's GPU
+   work, so deferring the stop check (hf_generate.defer_stop_check) hides only part of the host
+   time. Counted on CPU by recording the calls (the same Python path runs on CUDA; a .to(device)
+   cannot be told from a no-op here, so only torch.tensor(..., device=...) is counted).
 
     python benchmarks/repro_generate.py
 """
+import collections
+import os
+import traceback
+
 import torch
 import transformers
 
@@ -81,8 +93,52 @@ def decode_guard_cost(layers=24):
           f"for the frame")
 
 
+def decode_host_values_to_device(steps=6):
+    cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
+                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
+                                    head_dim=32, num_local_experts=4, num_experts_per_tok=2,
+                                    sliding_window=4, layer_types=["sliding_attention", "full_attention"],
+                                    max_position_embeddings=64, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    m = transformers.GptOssForCausalLM(cfg).eval()
+    m.generation_config.cache_implementation = "static"
+    m.generation_config.disable_compile = True
+    m.forward = torch.compile(m.forward, backend="eager")
+    x = torch.randint(3, 128, (1, 6))
+    with torch.no_grad():
+        m.generate(x, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)  # compile
+    tensor = torch.tensor
+
+    def count(n):
+        sites = collections.Counter()
+
+        def tensor_(*args, **kwargs):
+            stack = traceback.extract_stack()[:-1]
+            # generate's own code only: replacing torch.tensor also fails the compiled forward's
+            # guard on it, and the recompiled forward would run this wrapper eagerly
+            if kwargs.get("device") is not None and not any(f.name == "forward" for f in stack):
+                frame = stack[-1]
+                sites[f"{os.path.basename(frame.filename)}:{frame.lineno} {frame.name}"] += 1
+            return tensor(*args, **kwargs)
+
+        torch.tensor = tensor_
+        try:
+            with torch.no_grad():
+                m.generate(x, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+        finally:
+            torch.tensor = tensor
+        return sites
+
+    short, long = count(steps), count(steps + 4)  # the difference: 4 decode steps
+    per_step = {k: (long[k] - short[k]) / 4 for k in long if long[k] > short[k]}
+    print(f"4. transformers {transformers.__version__}: torch.tensor(host value, device=...) per decode "
+          f"step outside the graph: " + ("; ".join(f"{k} x{v:g}" for k, v in sorted(per_step.items()))
+                                         or "none"))
+
+
 if __name__ == "__main__":
     nested_compile()
     sliding_window_int_input()
     decode_guard_cost(2)
     decode_guard_cost(24)
+    decode_host_values_to_device()
