@@ -30,6 +30,19 @@ import torch
 import transformers
 
 
+def tiny_gpt_oss(layers=2):
+    """A small GptOss model (sliding and full attention layers alternating), static cache."""
+    cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
+                                    num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                    head_dim=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
+                                    layer_types=["sliding_attention", "full_attention"] * (layers // 2),
+                                    max_position_embeddings=64, pad_token_id=0, eos_token_id=2)
+    torch.manual_seed(0)
+    m = transformers.GptOssForCausalLM(cfg).eval()
+    m.generation_config.cache_implementation = "static"
+    return m
+
+
 def nested_compile():
     seen = []
 
@@ -46,14 +59,7 @@ def nested_compile():
 
 
 def sliding_window_int_input():
-    cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                    head_dim=32, num_local_experts=4, num_experts_per_tok=2,
-                                    sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                                    max_position_embeddings=64, pad_token_id=0, eos_token_id=2)
-    torch.manual_seed(0)
-    m = transformers.GptOssForCausalLM(cfg).eval()
-    m.generation_config.cache_implementation = "static"
+    m = tiny_gpt_oss()
     ints = []
 
     def backend(gm, example_inputs):
@@ -69,14 +75,7 @@ def sliding_window_int_input():
 
 def decode_guard_cost(layers=24):
     from torch.profiler import ProfilerActivity, profile
-    cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
-                                    num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                                    head_dim=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=4,
-                                    layer_types=["sliding_attention", "full_attention"] * (layers // 2),
-                                    max_position_embeddings=64, pad_token_id=0, eos_token_id=2)
-    torch.manual_seed(0)
-    m = transformers.GptOssForCausalLM(cfg).eval()
-    m.generation_config.cache_implementation = "static"
+    m = tiny_gpt_oss(layers)
     m.generation_config.disable_compile = True  # the user's compiled forward runs decode
     m.forward = torch.compile(m.forward, backend="eager")
     x = torch.randint(3, 128, (1, 6))
@@ -94,14 +93,7 @@ def decode_guard_cost(layers=24):
 
 
 def decode_host_values_to_device(steps=6):
-    cfg = transformers.GptOssConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
-                                    num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-                                    head_dim=32, num_local_experts=4, num_experts_per_tok=2,
-                                    sliding_window=4, layer_types=["sliding_attention", "full_attention"],
-                                    max_position_embeddings=64, pad_token_id=0, eos_token_id=2)
-    torch.manual_seed(0)
-    m = transformers.GptOssForCausalLM(cfg).eval()
-    m.generation_config.cache_implementation = "static"
+    m = tiny_gpt_oss()
     m.generation_config.disable_compile = True
     m.forward = torch.compile(m.forward, backend="eager")
     x = torch.randint(3, 128, (1, 6))

@@ -57,14 +57,14 @@ def claim_decode() -> str | None:
     gc = getattr(model, "generation_config", None)
     if gc is None or not hasattr(model, "get_compiled_call"):
         return None
+    cc = getattr(gc, "compile_config", None)
+    cc_ours = cc is not None and _is_ours(getattr(cc, "backend", None))
     fwd = getattr(model, "__dict__", {}).get("forward")
     if fwd is None or not hasattr(fwd, "_torchdynamo_orig_callable"):
-        cc = getattr(gc, "compile_config", None)
-        if cc is not None and _is_ours(getattr(cc, "backend", None)):
+        if cc_ours:
             defer_stop_check(model)  # generate's own compile of decode, with our backend
         return None  # not the forward recipe
-    cc = getattr(gc, "compile_config", None)
-    if getattr(gc, "disable_compile", False) or (cc is not None and _is_ours(getattr(cc, "backend", None))):
+    if getattr(gc, "disable_compile", False) or cc_ours:
         defer_stop_check(model)  # decode runs this compiled forward, or generate compiles it with mxfp4
         return None
     if cc is not None:

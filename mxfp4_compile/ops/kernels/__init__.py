@@ -91,14 +91,26 @@ def check_padded(kernel: str, Hp: int, Ip: int, h_multiple: int, i_multiple: int
                          f"weights to mxfp4_compile.ops.dispatch.padded_sizes({kernel!r}, H, I)")
 
 
+def canonical_shapes(E: int, Hp: int, Ip: int, has_w13_bias: bool, has_w2_bias: bool
+                     ) -> list[PreparedShape]:
+    """The canonical (shape, dtype) of the six tensors (ops/moe_torch.py), for layouts that keep
+    them (flashinfer's shuffles permute rows and bytes in place)."""
+    u8, f32 = torch.uint8, torch.float32
+    return [((E, 2 * Ip, Hp // 2), u8), ((E, 2 * Ip, Hp // BLOCK), u8),
+            ((E, 2 * Ip), f32) if has_w13_bias else None,
+            ((E, Hp, Ip // 2), u8), ((E, Hp, Ip // BLOCK), u8),
+            ((E, Hp), f32) if has_w2_bias else None]
+
+
 def check_canonical_shapes(w13: torch.Tensor, w13_scales: torch.Tensor, w2: torch.Tensor,
                            w2_scales: torch.Tensor) -> tuple[int, int, int]:
     """-> (E, Hp, Ip) from w13 [E, 2Ip, Hp/2]; ValueError naming the tensor whose canonical shape
     does not match w13's."""
     E, two_ip, hp_half = w13.shape
     Hp, Ip = hp_half * 2, two_ip // 2
-    expect = {"w13_scales": (w13_scales, (E, 2 * Ip, Hp // BLOCK)), "w2": (w2, (E, Hp, Ip // 2)),
-              "w2_scales": (w2_scales, (E, Hp, Ip // BLOCK))}
+    want = canonical_shapes(E, Hp, Ip, False, False)
+    expect = {"w13_scales": (w13_scales, want[1][0]), "w2": (w2, want[3][0]),
+              "w2_scales": (w2_scales, want[4][0])}
     for name, (t, shape) in expect.items():
         if tuple(t.shape) != shape:
             raise ValueError(f"{name} must be {shape} to match w13 {tuple(w13.shape)}; "
@@ -122,17 +134,6 @@ def gpu_unavailable(device: torch.device, kernel: str, major: int, arch: str, wh
 
 # ---- the op wrapper's checks of prepared weights (every kernel, shapes and dtypes only) ---------------
 PREPARED_ROLES = ("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")
-
-
-def canonical_shapes(E: int, Hp: int, Ip: int, has_w13_bias: bool, has_w2_bias: bool
-                     ) -> list[PreparedShape]:
-    """The canonical (shape, dtype) of the six tensors (ops/moe_torch.py), for layouts that keep
-    them (flashinfer's shuffles permute rows and bytes in place)."""
-    u8, f32 = torch.uint8, torch.float32
-    return [((E, 2 * Ip, Hp // 2), u8), ((E, 2 * Ip, Hp // BLOCK), u8),
-            ((E, 2 * Ip), f32) if has_w13_bias else None,
-            ((E, Hp, Ip // 2), u8), ((E, Hp, Ip // BLOCK), u8),
-            ((E, Hp), f32) if has_w2_bias else None]
 
 
 def _affine_probe(module: ModuleType, E: int, activation: str, has_b13: bool, has_b2: bool):

@@ -65,7 +65,7 @@ def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
         activation, alpha, limit, expert_map, combine):
     # the pairs flattened are interleaved rows, whatever the activation (a view: no copy)
-    flat = (None if t is None else t.flatten(1, 2) for t in (w13, w13_scales, w13_bias))
-    w13, w13_scales, w13_bias = flat
+    w13, w13_scales, w13_bias = (None if t is None else t.flatten(1, 2)
+                                 for t in (w13, w13_scales, w13_bias))
     return moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales,
                      w2_bias, activation, alpha, limit, expert_map, combine, interleaved=True)
