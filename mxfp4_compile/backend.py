@@ -30,7 +30,7 @@ import torch
 import torch.fx as fx
 
 from . import frozen, graph_inputs, hf_generate
-from .formats import check_kernel, check_rounding
+from .formats import check_activations, check_kernel, check_rounding
 from .passes import MoERewritePass, take_reports
 
 log = logging.getLogger("mxfp4_compile")
@@ -47,6 +47,7 @@ OPTIONS = {
     "fallback_on_grad": True,      # grad enabled: compile without rewriting (False: raise)
     "fuse_router": True,           # the top-k routing of a rewritten MoE -> mxfp4.topk_softmax
     "check_weights": True,         # per call: re-prepare expert weights the user changed
+    "activations": "bf16",         # formats.Activations: "fp8" = e4m3 GEMM inputs (W4A8, sm90)
 }
 
 _warned = set()
@@ -174,7 +175,24 @@ def resolve_options(mode=None, options=None) -> dict:
                          f"'max-autotune' or 'max-autotune-no-cudagraphs' (or options={{...}})")
     check_kernel(opts["kernel"], "mxfp4 backend: options['kernel']")
     check_rounding(opts["rounding"], "mxfp4 backend: options['rounding']")
+    check_activations(opts["activations"], "mxfp4 backend: options['activations']")
     return opts
+
+
+def check_fp8_kernel(kernel: str, device: torch.device) -> str:
+    """The kernel-choice note for options['activations']='fp8', or a ValueError where the chosen
+    kernel has no FP8 path: "triton" on sm90 runs it on fp8 tensor cores, "reference" emulates it
+    in plain torch (CPU), every other kernel or GPU refuses it."""
+    if kernel == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return "activations fp8: e4m3 GEMM inputs with per-row scales on fp8 tensor cores (W4A8)"
+    if kernel == "reference":
+        return "activations fp8: e4m3 GEMM inputs with per-row scales, emulated in plain torch"
+    where = (f"sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
+             if device.type == "cuda" else device.type)
+    raise ValueError(f"mxfp4 backend: options['activations']='fp8' runs on kernel 'triton' on sm90 "
+                     f"(Hopper) or kernel 'reference' (a plain-torch emulation); here the kernel is "
+                     f"{kernel!r} on {where}: pass options={{'activations': 'bf16'}} or "
+                     f"options={{'kernel': 'reference'}}")
 
 
 def _device(example_inputs, params):
@@ -216,14 +234,18 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     if host_ints is not None:
         keep = [i for j, i in enumerate(keep) if j not in host_ints.inputs]
     _note_layer_recompiles(lifted)
-    kernel, why = dispatch.choose_kernel(_device(example_inputs, lifted), opts["kernel"])
+    device = _device(example_inputs, lifted)
+    kernel, why = dispatch.choose_kernel(device, opts["kernel"])
+    if opts["activations"] == "fp8":
+        why = f"{why}; {check_fp8_kernel(kernel, device)}"
     # parameter order of AOTAutograd = named_parameters() order of gm = lift order
     phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
     # names of the inner graph's placeholders: the lifted (frozen) tensors, then the kept inputs
     inputs = [frozen.qualified_name(frozen.source_name(getattr(n, "_dynamo_source", None))) or n.name
               for n in phs]  # after lift: the kept inputs, in order
     moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names + inputs,
-                              fuse_router=bool(opts["fuse_router"]))
+                              fuse_router=bool(opts["fuse_router"]),
+                              activations=opts["activations"])
     patches = dict(_inductor_patches(opts), freezing=True, joint_custom_post_pass=moe_pass)
     if opts["cudagraphs"] and hasattr(torch._inductor.config, "graph_partition"):
         patches["graph_partition"] = GRAPH_PARTITION

@@ -12,6 +12,7 @@ the valid choices:
   Kernel      "auto" | "reference" | "triton" | "triton_kernels" | "flashinfer"   check_kernel
   Rounding    "floor" | "round_up"                                                 check_rounding
   Activation  "swiglu_oai" | "silu_glu"                                            check_activation
+  Activations "bf16" | "fp8"  (the MoE GEMMs' input dtype)                         check_activations
 """
 from __future__ import annotations
 
@@ -38,6 +39,12 @@ ACTIVATIONS: dict[Activation, GateUp] = {"swiglu_oai": "interleaved", "silu_glu"
 # limit, up clamped to [-limit, limit]
 SWIGLU_ALPHA = 1.702
 SWIGLU_LIMIT = 7.0
+
+# The dtype the MoE GEMMs read their inputs (x, then the activated intermediate) in:
+#   bf16  the hidden states as bf16 (exact for bf16 models)
+#   fp8   each row as e4m3 with one fp32 scale (amax / 448), quantized at run time ("W4A8")
+Activations = Literal["bf16", "fp8"]
+ACTIVATION_DTYPES: tuple[Activations, ...] = get_args(Activations)
 
 # ---- scale rounding ---------------------------------------------------------------------------------
 Rounding = Literal["floor", "round_up"]
@@ -79,6 +86,11 @@ def check_rounding(value, argument: str = "rounding") -> str:
 def check_activation(value, argument: str = "activation") -> str:
     """``value`` if it names a supported MoE activation, else a ValueError."""
     return _check(value, ACTIVATIONS, argument, "a supported MoE activation")
+
+
+def check_activations(value, argument: str = "activations") -> str:
+    """``value`` if it names a GEMM input dtype of the MoE op, else a ValueError."""
+    return _check(value, ACTIVATION_DTYPES, argument, "a MoE GEMM input dtype")
 
 
 def gate_up_interleaved(activation: Activation) -> bool:

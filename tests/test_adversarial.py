@@ -145,29 +145,35 @@ def test_moe_refuses_every_other_kernels_layout(kernel, other):
         OPS.moe(**args)
 
 
+LAYOUTS = [(k, "bf16") for k in KERNELS] + [("triton", "fp8")]  # (kernel, activations)
+
+
 def test_prepared_shapes_never_coincide():
-    """No two kernels' prepared (w13, w13_scales, w2, w2_scales) shapes are equal for any padded
-    sizes each accepts, activation or E, so a shape check tells every layout apart; within one
-    kernel both activations give the same shapes (the layout is activation-free)."""
+    """No two layouts' prepared (w13, w13_scales, w2, w2_scales) shapes and dtypes are equal for
+    any padded sizes each accepts, activation or E (a layout: a kernel with bf16 activations, and
+    triton's FP8 one), so a shape check tells every layout apart; within one layout both
+    activations give the same shapes (the layout is activation-free)."""
     from mxfp4_compile.ops.kernels import check_prepared
     seen = {}
-    for kernel in KERNELS:
+    for kernel, acts in LAYOUTS:
         mod = dispatch.get_kernel(kernel)
         for hp in range(mod.H_MULTIPLE, 4097, mod.H_MULTIPLE):
             for ip in (mod.I_MULTIPLE, 2 * mod.I_MULTIPLE, 3 * mod.I_MULTIPLE, 2880 // mod.I_MULTIPLE * mod.I_MULTIPLE):
-                both = [mod.prepared_shapes(3, hp, ip, act, True, True) for act in ("swiglu_oai", "silu_glu")]
+                both = [mod.prepared_shapes(3, hp, ip, act, True, True, acts)
+                        for act in ("swiglu_oai", "silu_glu")]
                 assert both[0] == both[1], (kernel, hp, ip)  # the layout does not depend on the activation
-                key = tuple(both[0][i][0] for i in (0, 1, 3, 4))
-                assert seen.setdefault(key, kernel) == kernel, (key, kernel, seen[key])
-    for key, kernel in seen.items():  # and the op's check refuses them for every other kernel
-        tensors = [torch.empty(key[0], dtype=torch.uint8, device="meta"),
-                   torch.empty(key[1], dtype=torch.uint8, device="meta"), None,
-                   torch.empty(key[2], dtype=torch.uint8, device="meta"),
-                   torch.empty(key[3], dtype=torch.uint8, device="meta"), None]
-        for other in KERNELS:
-            if other != kernel:
+                key = tuple(both[0][i] for i in (0, 1, 3, 4))
+                assert seen.setdefault(key, (kernel, acts)) == (kernel, acts), (key, kernel, seen[key])
+    for key, layout in seen.items():  # and the op's check refuses them for every other layout
+        tensors = [torch.empty(key[0][0], dtype=key[0][1], device="meta"),
+                   torch.empty(key[1][0], dtype=key[1][1], device="meta"), None,
+                   torch.empty(key[2][0], dtype=key[2][1], device="meta"),
+                   torch.empty(key[3][0], dtype=key[3][1], device="meta"), None]
+        for other, acts in LAYOUTS:
+            if (other, acts) != layout:
                 with pytest.raises(ValueError):
-                    check_prepared(dispatch.get_kernel(other), None, tensors, "swiglu_oai")
+                    check_prepared(dispatch.get_kernel(other), None, tensors, "swiglu_oai",
+                                   activations=acts)
 
 
 @pytest.mark.parametrize("prepared_for,called_with", [("swiglu_oai", "silu_glu"), ("silu_glu", "swiglu_oai")])

@@ -57,6 +57,22 @@ def test_options_reach_the_rewrite():
     assert z.rel_err(out, ref_q) < 2e-2
 
 
+def test_fp8_activations_option():
+    """options={"activations": "fp8"} reaches both ops of the rewrite and the kernel note; on
+    CPU the reference kernel emulates it: close to the bf16-activation result, not equal."""
+    m = model()
+    out16, _ = z.compile_run(m, x(33), options={"kernel": "reference"})
+    out8, code = z.compile_run(m, x(33), options={"kernel": "reference", "activations": "fp8"})
+    assert z.moe_calls(code) == 1 and "activations = 'fp8'" in code.replace("activations='fp8'",
+                                                                           "activations = 'fp8'")
+    assert 1e-3 < z.rel_err(out8, out16) < 5e-2
+    assert "activations fp8" in backend.last_compile_info[-1]["kernel_reason"]
+    with pytest.raises(ValueError, match="activations"):
+        backend.resolve_options(options={"activations": "int8"})
+    with pytest.raises(ValueError, match="activations.*'fp8'.*kernel 'triton' on sm90"):
+        backend.check_fp8_kernel("triton_kernels", torch.device("cpu"))
+
+
 def test_reduce_overhead_mode_alone():
     m = model()
     out, code = z.compile_run(m, x(), mode="reduce-overhead")

@@ -45,6 +45,20 @@ def matmul_tflops(device=None, n=None) -> float:
     return 2 * n ** 3 / (us * 1e-6) / 1e12
 
 
+def fp8_matmul_tflops(device=None, n=8192) -> float | None:
+    """e4m3 x e4m3 -> bf16 n x n x n product rate (torch._scaled_mm, per-tensor scales), TFLOP/s;
+    None where torch has no fp8 GEMM for the device (CPU, before sm89)."""
+    dev = _dev(device)
+    if dev.type != "cuda" or torch.cuda.get_device_capability(dev) < (8, 9):
+        return None
+    a = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn)
+    b = torch.randn(n, n, device=dev).to(torch.float8_e4m3fn).t()  # column-major, as cuBLASLt wants
+    one = torch.ones((), device=dev)
+    us = graph_time_us(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.bfloat16), 1,
+                       min_replays=10, max_replays=30, device=dev)
+    return 2 * n ** 3 / (us * 1e-6) / 1e12
+
+
 _stream_kernel = None
 
 

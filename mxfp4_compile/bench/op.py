@@ -36,7 +36,11 @@ from . import floors as F
 from . import harness as Hn
 from . import workloads as W
 
-OURS = ("triton", "reference")          # kernels this project wrote
+OURS = ("triton", "triton_fp8", "reference")  # kernels this project wrote
+# "triton_fp8": the triton kernel with activations="fp8" (W4A8, sm90): checked against the
+# float32 reference with its own tolerance (per-row e4m3 activations cost ~3e-2 rel-L2), timed
+# against the fp8 matmul rate as its FLOP floor
+FP8_TOL = 5e-2
 PEERS = ("bf16_grouped_mm", "triton_kernels", "flashinfer")
 CSV_FIELDS = ["model", "T", "kernel", "role", "E", "H", "I", "k", "activation", "status", "rel_l2",
               "check_passed", "poisoned", "us", "us_again", "distinct_experts", "mxfp4_bytes",
@@ -90,8 +94,9 @@ def dequantize_bf16(canon, H, I):
 class Runner:
     """One kernel or peer: prepare(canonical) -> weight set; call(x, ids, tw, wset) -> [T, H]."""
 
-    def __init__(self, name, role, prepare, call):
+    def __init__(self, name, role, prepare, call, tol=None, fp8=False):
         self.name, self.role, self.prepare, self.call = name, role, prepare, call
+        self.tol, self.fp8 = tol, fp8  # tol: its own check tolerance (None: --tol)
 
 
 def make_runners(device, kernels, activation, H, I):
@@ -106,28 +111,37 @@ def make_runners(device, kernels, activation, H, I):
                 name, "peer", lambda c: dequantize_bf16(c, H, I),
                 lambda x, ids, tw, w: bf16_grouped_moe(x, ids, tw, w[0], w[1], w[2], w[3], activation)))
             continue
+        fp8 = name == "triton_fp8"
         try:
-            reason = dispatch.unavailable_reason(name, device)
+            reason = dispatch.unavailable_reason("triton" if fp8 else name, device)
+            if fp8 and reason is None and (device.type != "cuda"
+                                           or torch.cuda.get_device_capability(device)[0] != 9):
+                reason = "FP8 activations run on sm90 only"
         except Exception as e:  # noqa: BLE001 - a peer must never stop the run
             reason = f"{type(e).__name__}: {e}"
         if reason is not None:
             skipped[name] = reason
             continue
-        backend = dispatch.get_kernel(name)
+        backend = dispatch.get_kernel("triton" if fp8 else name)
         hm, im = backend.H_MULTIPLE, backend.I_MULTIPLE
         hp, ip = -(-H // hm) * hm, -(-I // im) * im
+        kw = {"activations": "fp8"} if fp8 else {}
 
-        def prep(c, backend=backend, hp=hp, ip=ip):
-            return backend.prepare(*pad_packed(*c, activation=activation, hp=hp, ip=ip), activation)
+        def prep(c, backend=backend, hp=hp, ip=ip, kw=kw):
+            return backend.prepare(*pad_packed(*c, activation=activation, hp=hp, ip=ip), activation,
+                                   **kw)
 
-        def call(x, ids, tw, w, backend=backend):
-            return backend.moe(x, ids, tw, *w, activation, W.ALPHA, W.LIMIT, None, True)
-        runners.append(Runner(name, "ours" if name in OURS else "peer", prep, call))
+        def call(x, ids, tw, w, backend=backend, kw=kw):
+            return backend.moe(x, ids, tw, *w, activation, W.ALPHA, W.LIMIT, None, True, **kw)
+        runners.append(Runner(name, "ours" if name in OURS else "peer", prep, call,
+                              FP8_TOL if fp8 else None, fp8))
     return runners, skipped
 
 
 def default_kernels(device) -> list[str]:
     ours = [k for k in dispatch.KERNELS if k in OURS and (k != "reference" or device.type == "cpu")]
+    if "triton" in ours and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        ours.insert(ours.index("triton") + 1, "triton_fp8")
     others = [k for k in dispatch.KERNELS if k not in OURS]
     return ours + ["bf16_grouped_mm"] + others
 
@@ -145,11 +159,14 @@ def run(args) -> int:
     band = F.measure_bandwidth(device)
     bw = band.GBps
     tf = F.matmul_tflops(device)
+    tf8 = F.fp8_matmul_tflops(device) if "triton_fp8" in kernels or args.kernels == "auto" else None
     print(f"[op] {info['device']}, torch {info['torch']}, triton {info['triton']}: floor bandwidth "
-          f"{band.describe()}; matmul {tf:.1f} TFLOP/s", flush=True)
+          f"{band.describe()}; matmul {tf:.1f} TFLOP/s (bf16), "
+          f"{'-' if tf8 is None else f'{tf8:.1f}'} (fp8)", flush=True)
     meta = dict(info, floor_GBps=bw, floor_bw_source=band.label, floor_bandwidth=band.describe(),
                 bw_candidates=band.candidates, bw_meaningful=band.meaningful,
-                copy_GBps=band.best_copy_GBps, matmul_TFLOPs=tf, cuda=device.type == "cuda",
+                copy_GBps=band.best_copy_GBps, matmul_TFLOPs=tf, fp8_matmul_TFLOPs=tf8,
+                cuda=device.type == "cuda",
                 models=models, tokens=tokens, kernels=kernels,
                 r_sets=args.r_sets, tol=args.tol, skipped={},
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
@@ -202,7 +219,8 @@ def run(args) -> int:
                     prog.step(f"{model} T={T} {r.name} skipped")
                 continue
             try:
-                shape_rows = run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog)
+                shape_rows = run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog,
+                                       tf8)
             except Exception as e:  # noqa: BLE001 - keep going with the next shape
                 traceback.print_exc()
                 shape_rows = [dict(base, kernel=r.name, role=r.role, status="error",
@@ -227,7 +245,7 @@ def run(args) -> int:
     return 1 if failed and args.strict else 0
 
 
-def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog):
+def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog, tf8=None):
     E, H, k, act, T = base["E"], base["H"], base["k"], base["activation"], base["T"]
     x = torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16)
     ids, tw = W.route(torch.randn(T, E, device=device, generator=gen), k, act)
@@ -243,8 +261,12 @@ def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog):
     xs = [torch.randn(T, H, device=device, generator=gen).to(torch.bfloat16) for _ in range(args.r_sets)]
     lg = [torch.randn(T, E, device=device, generator=gen) for _ in range(args.r_sets)]
     out_rows = []
+    ref8 = None
     for r in runners:
         row = dict(base, kernel=r.name, role=r.role, **floors)
+        if r.fp8 and tf8:  # the fp8 path's FLOP floor is the fp8 matmul rate
+            row["flop_floor_us"] = flops / (tf8 * 1e12) * 1e6
+            row["floor_us"] = max(row["byte_floor_us"], row["flop_floor_us"])
         ws = wsets.get(r.name)
         if isinstance(ws, str):
             row.update(status="error", note=ws)
@@ -255,12 +277,18 @@ def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog):
             W.poison_free_memory(device)
             out = r.call(x, ids, tw, ws[0])
             err = W.rel_l2(out, ref) if tuple(out.shape) == (T, H) else float("nan")
-            ok = not math.isnan(err) and err < args.tol
+            tol = r.tol or args.tol
+            ok = not math.isnan(err) and err < tol
             row.update(rel_l2=err, check_passed=ok, poisoned=device.type == "cuda")
+            if r.fp8 and tuple(out.shape) == (T, H):  # and against what it emulates
+                if ref8 is None:
+                    ref8 = moe_torch(x, ids, tw, *canon[0], act, W.ALPHA, W.LIMIT, None, True,
+                                     sync_free=False, activations="fp8")
+                row["note"] = f"rel-L2 vs the fp8 emulation {W.rel_l2(out, ref8):.2e}"
             del out
             if not ok:
                 row.update(status="check_failed",
-                           note=f"rel-L2 {err:.3g} (tol {args.tol}) or non-finite / wrong shape: not timed")
+                           note=f"rel-L2 {err:.3g} (tol {tol}) or non-finite / wrong shape: not timed")
             else:
                 def fn(ws=ws):
                     for xx, ll, w in zip(xs, lg, ws):
@@ -279,8 +307,8 @@ def run_shape(args, device, gen, base, runners, wsets, canon, eb, bw, tf, prog):
         if us:
             row["floor_check"] = F.floor_check(us, {
                 "byte floor": floors["byte_floor_us"], "stream floor": floors.get("stream_floor_us"),
-                "FLOP floor": floors["flop_floor_us"]})
-            row["pct_of_floor"] = 100 * floors["floor_us"] / us
+                "FLOP floor": row["flop_floor_us"]})
+            row["pct_of_floor"] = 100 * row["floor_us"] / us
             row["achieved_GBps"] = nbytes / (us * 1e-6) / 1e9
             row["achieved_TFLOPs"] = flops / (us * 1e-6) / 1e12
             if floors.get("stream_floor_us"):

@@ -10,7 +10,8 @@ import os
 import torch
 
 from .. import numerics
-from ..formats import BLOCK, SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation, check_kernel, check_rounding
+from ..formats import (BLOCK, SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation, check_activations,
+                       check_kernel, check_rounding)
 from . import dispatch, weights
 from . import topk_softmax as _topk_softmax
 from .kernels import check_prepared
@@ -103,16 +104,17 @@ def _check_same(a, b, message) -> None:
 _prepared_ok: dict[tuple, tuple[int, int, int]] = {}  # shapes/dtypes/options already checked
 
 
-def _check_weights(hidden, kernel, activation, tensors) -> tuple[int, int, int]:
+def _check_weights(hidden, kernel, activation, tensors, activations="bf16") -> tuple[int, int, int]:
     """-> (E, Hp, Ip): the six prepared tensors checked against ``kernel``'s ``prepared_shapes``
     (ops/kernels/__init__.py ``check_prepared``), once per distinct set of shapes."""
     H = hidden.shape[1]
     specs = tuple(None if t is None else (tuple(t.shape), t.dtype) for t in tensors)
-    key = (kernel, activation, specs, H)
+    key = (kernel, activation, activations, specs, H)
     static = _static(H) and all(s is None or all(_static(d) for d in s[0]) for s in specs)
     if static and key in _prepared_ok:
         return _prepared_ok[key]
-    out = check_prepared(dispatch.get_kernel(kernel), H if _static(H) else None, tensors, activation)
+    out = check_prepared(dispatch.get_kernel(kernel), H if _static(H) else None, tensors, activation,
+                         activations=activations)
     if not _static(H):
         torch._check(H <= out[1], lambda: f"moe: hidden has H={H} features but the weights hold "
                                           f"only Hp={out[1]}; the weights were prepared for another model")
@@ -131,7 +133,8 @@ def check_ids_enabled() -> bool:
 _moe_ok: dict[tuple, tuple[int, int, int]] = {}  # argument signatures already checked
 
 
-def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, weight_tensors):
+def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, weight_tensors,
+               activations="bf16"):
     """Every check that reads no data, for every kernel, once per call (the op and its fake
     kernel): argument kinds, dtypes, shapes, devices, and the prepared weights against the
     kernel's ``prepared_shapes``. -> (E, Hp, Ip). They depend on nothing but each argument's
@@ -139,7 +142,7 @@ def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, w
     symbolic sizes) returns at once (the checks cost ~20 us of host time per call otherwise)."""
     tensors = (hidden, topk_ids, topk_weights, expert_map, *weight_tensors)
     try:
-        key = (kernel, activation, *(t if t is None or not isinstance(t, torch.Tensor)
+        key = (kernel, activation, activations, *(t if t is None or not isinstance(t, torch.Tensor)
                                      else (t.shape, t.dtype, t.device) for t in tensors))
         hit = _moe_ok.get(key)
     except TypeError:  # a symbolic size is not hashable: check every time
@@ -147,7 +150,7 @@ def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, w
     if hit is not None:
         return hit
     out = _check_moe_uncached(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
-                              weight_tensors)
+                              weight_tensors, activations)
     if key is not None:
         if len(_moe_ok) > 4096:
             _moe_ok.clear()
@@ -155,7 +158,8 @@ def _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map, w
     return out
 
 
-def _check_moe_uncached(hidden, topk_ids, topk_weights, kernel, activation, expert_map, weight_tensors):
+def _check_moe_uncached(hidden, topk_ids, topk_weights, kernel, activation, expert_map, weight_tensors,
+                        activations="bf16"):
     if hidden.dim() != 2 or not hidden.is_floating_point():
         raise ValueError(f"moe: hidden must be a float [T, H] tensor, got {hidden.dtype} "
                          f"{tuple(hidden.shape)}")
@@ -174,6 +178,7 @@ def _check_moe_uncached(hidden, topk_ids, topk_weights, kernel, activation, expe
                                f"must have T rows")
     check_kernel(kernel, "moe: kernel", allow_auto=False)
     check_activation(activation, "moe: activation")
+    check_activations(activations, "moe: activations")
     if expert_map is not None and (expert_map.dim() != 1 or expert_map.dtype not in (torch.int32, torch.int64)):
         raise ValueError(f"moe: expert_map must be a 1-D int32/int64 tensor [E_global] (global id -> "
                          f"local id or -1), got {expert_map.dtype} {tuple(expert_map.shape)}")
@@ -182,7 +187,7 @@ def _check_moe_uncached(hidden, topk_ids, topk_weights, kernel, activation, expe
         if t is not None and t.device != hidden.device:
             raise ValueError(f"moe: {name} is on {t.device} but hidden is on {hidden.device}; "
                              f"keep every input on one device")
-    E, Hp, Ip = _check_weights(hidden, kernel, activation, weight_tensors)
+    E, Hp, Ip = _check_weights(hidden, kernel, activation, weight_tensors, activations)
     n_global = E if expert_map is None else expert_map.shape[0]
     k = topk_ids.shape[1]
     if _static(k) and _static(n_global) and k > n_global:
@@ -252,7 +257,7 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         w2: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor | None,
         kernel: str, activation: str = "swiglu_oai", alpha: float = SWIGLU_ALPHA,
         limit: float = SWIGLU_LIMIT, expert_map: torch.Tensor | None = None,
-        combine: bool = True) -> torch.Tensor:
+        combine: bool = True, activations: str = "bf16") -> torch.Tensor:
     """Fused MoE experts on MXFP4 weights prepared for ``kernel`` (see ops/moe_torch.py for the
     math). Returns [T, H] combined, or [T, k, H] unweighted per-slot outputs when not ``combine``.
 
@@ -268,6 +273,12 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     gate/up pairs, whatever the weights were prepared with. Not detectable from shapes: H smaller
     than the model's own H within the same padding.
 
+    ``activations``: the GEMMs' input dtype. "bf16" (default); "fp8" (W4A8): each GEMM's input
+    rows (the tokens, then the activated intermediate) are quantized to e4m3 with one fp32 scale
+    per row (amax / 448) and multiplied on fp8 tensor cores: kernel "triton" on sm90, with weights
+    prepared with ``activations="fp8"`` (a layout of their own, refused otherwise), and
+    "reference" (its plain-torch emulation, the same layout as bf16); other kernels refuse it.
+
     Ids: an id outside [0, E) (without a map) or outside [0, len(expert_map)) (with one) means
     "not on this rank": that slot contributes zero (and is zero in the combine=False output), on
     every kernel. A map entry outside [-1, E) is a ValueError when the map is on the CPU (a host
@@ -276,7 +287,7 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     ``torch._assert_async``, skipped under CUDA-graph capture). The Triton kernel with an expert_map reads map[id] without a bounds check, so ids
     outside [0, len(expert_map)) must not reach it on a GPU (see MXFP4_CHECK_IDS)."""
     E, _, _ = _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
-                         (w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
+                         (w13, w13_scales, w13_bias, w2, w2_scales, w2_bias), activations)
     if expert_map is not None and expert_map.device.type == "cpu":
         _check_map_entries(expert_map, E)
     if check_ids_enabled():
@@ -286,14 +297,15 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         raise RuntimeError(f"moe: kernel {kernel!r} cannot run on {hidden.device}: {reason}")
     return dispatch.get_kernel(kernel).moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias,
                                             w2, w2_scales, w2_bias, activation, alpha, limit,
-                                            expert_map, combine)
+                                            expert_map, combine, activations)
 
 
 @moe.register_fake
 def _(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, kernel,
-      activation="swiglu_oai", alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT, expert_map=None, combine=True):
+      activation="swiglu_oai", alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT, expert_map=None, combine=True,
+      activations="bf16"):
     _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
-               (w13, w13_scales, w13_bias, w2, w2_scales, w2_bias))
+               (w13, w13_scales, w13_bias, w2, w2_scales, w2_bias), activations)
     if combine:
         return hidden.new_empty(hidden.shape)
     return hidden.new_empty(hidden.shape[0], topk_ids.shape[1], hidden.shape[1])
@@ -307,7 +319,7 @@ def prepare_moe_weights(w13: list[torch.Tensor], w13_bias: torch.Tensor | None, 
                         w2_bias: torch.Tensor | None, kernel: str, activation: str,
                         rounding: str = "floor", gate_up_interleaved: bool = True,
                         transposed: bool = False, index: int = 0,
-                        w2_transposed: bool = False) -> torch.Tensor:
+                        w2_transposed: bool = False, activations: str = "bf16") -> torch.Tensor:
     """Float expert weights -> prepared tensor number ``index`` (0 w13, 1 w13_scales, 2 w13_bias,
     3 w2, 4 w2_scales, 5 w2_bias) in ``kernel``'s layout. ``w13`` is [W13] or [W_gate, W_up] (the
     model's own parameters, so the store in ops/weights.py finds them again by identity);
@@ -318,7 +330,8 @@ def prepare_moe_weights(w13: list[torch.Tensor], w13_bias: torch.Tensor | None, 
     prepared = weights.prepare_moe_weights(list(w13), w2, w13_bias, w2_bias, activation=activation,
                                            kernel=kernel, rounding=rounding,
                                            gate_up_interleaved=gate_up_interleaved,
-                                           transposed=transposed, w2_transposed=w2_transposed)
+                                           transposed=transposed, w2_transposed=w2_transposed,
+                                           activations=activations)
     out = prepared.tensors()[index]
     if out is None:
         raise ValueError(f"prepare_moe_weights: index {index} asks for a bias the model does not have")
@@ -329,7 +342,7 @@ def prepare_moe_weights(w13: list[torch.Tensor], w13_bias: torch.Tensor | None, 
 
 @prepare_moe_weights.register_fake
 def _(w13, w13_bias, w2, w2_bias, kernel, activation, rounding="floor", gate_up_interleaved=True,
-      transposed=False, index=0, w2_transposed=False):
+      transposed=False, index=0, w2_transposed=False, activations="bf16"):
     check_kernel(kernel, "prepare_moe_weights: kernel", allow_auto=False)
     check_activation(activation, "prepare_moe_weights: activation")
     check_rounding(rounding, "prepare_moe_weights: rounding")
@@ -345,7 +358,7 @@ def _(w13, w13_bias, w2, w2_bias, kernel, activation, rounding="floor", gate_up_
     E, H, I = weights.check_expert_shapes(s13, s2, False)
     hp, ip = dispatch.padded_sizes(kernel, H, I)
     shapes = dispatch.get_kernel(kernel).prepared_shapes(E, hp, ip, activation, w13_bias is not None,
-                                                          w2_bias is not None)
+                                                          w2_bias is not None, activations)
     if shapes[index] is None:
         raise ValueError(f"prepare_moe_weights: index {index} asks for a bias the model does not have")
     shape, dtype = shapes[index]

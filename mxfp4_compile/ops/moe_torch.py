@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import numerics
-from ..formats import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation, gate_up_interleaved
+from ..formats import SWIGLU_ALPHA, SWIGLU_LIMIT, check_activation, check_activations, gate_up_interleaved
 
 
 def _swiglu(gate: torch.Tensor, up: torch.Tensor, alpha: float, limit: float) -> torch.Tensor:
@@ -67,18 +67,42 @@ def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.
     return torch.where(inside, expert_map.long()[ids.clamp(0, n - 1)], -1)
 
 
+E4M3_MAX = 448.0  # largest finite float8_e4m3fn
+
+
+def quantize_rows_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """x [..., K] float -> the float32 values of its per-row e4m3 quantization (the op's
+    ``activations="fp8"``): scale s = amax(|x|) / 448 per row (1 for an all-zero row), q = x / s
+    rounded to the nearest e4m3, returned as q * s. A row holding inf or NaN comes back
+    non-finite."""
+    x = x.float()
+    amax = x.abs().amax(dim=-1, keepdim=True)
+    s = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    s = torch.where(x.isnan().any(dim=-1, keepdim=True), float("nan"), s)
+    return (x / s).to(torch.float8_e4m3fn).float() * s
+
+
 def moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
               activation="swiglu_oai", alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT, expert_map=None,
-              combine=True, sync_free=None, *, interleaved=None):
+              combine=True, sync_free=None, *, interleaved=None, activations="bf16"):
     """Fused MoE forward. ``interleaved``: w13's gate/up row order (see ``activate``). ``sync_free`` (default: on for non-CPU devices) computes every expert
     on every token and masks, so no data-dependent shapes or host syncs occur (CUDA-graph safe);
-    otherwise each expert runs on its own tokens only."""
+    otherwise each expert runs on its own tokens only. ``activations="fp8"``: each GEMM's
+    input rows (the tokens, then the activated intermediate) are first quantized per row to
+    e4m3 (``quantize_rows_e4m3``); the weights and the math stay exact float32."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     E = w13.shape[0]
     if sync_free is None:
         sync_free = hidden.device.type != "cpu"
+    fp8 = check_activations(activations) == "fp8"
     x = F.pad(hidden.float(), (0, w13.shape[2] * 2 - H))  # [T, Hp]
+    if fp8:
+        x = quantize_rows_e4m3(x)
+
+    def act(h):
+        a = activate(h, activation, alpha, limit, interleaved)
+        return quantize_rows_e4m3(a) if fp8 else a
     ids = local_ids(topk_ids, expert_map)  # [T, k]
     out = torch.zeros(T, k, w2.shape[1], dtype=torch.float32, device=hidden.device)  # per-slot outputs
     for e in range(E):
@@ -88,7 +112,7 @@ def moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_
             h = x @ W13.T  # [T, 2Ip]
             if w13_bias is not None:
                 h = h + w13_bias[e].float()
-            y = activate(h, activation, alpha, limit, interleaved) @ W2.T  # [T, Hp]
+            y = act(h) @ W2.T  # [T, Hp]
             if w2_bias is not None:
                 y = y + w2_bias[e].float()
             hit = (ids == e).unsqueeze(-1)  # [T, k, 1]
@@ -100,7 +124,7 @@ def moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_
             h = x[tok] @ W13.T
             if w13_bias is not None:
                 h = h + w13_bias[e].float()
-            y = activate(h, activation, alpha, limit, interleaved) @ W2.T
+            y = act(h) @ W2.T
             if w2_bias is not None:
                 y = y + w2_bias[e].float()
             out[tok, slot] = y

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import formats, numerics
-from ..formats import BLOCK, Activation, Kernel, check_activation, check_kernel, check_rounding
+from ..formats import (BLOCK, Activation, Activations, Kernel, check_activation, check_activations,
+                       check_kernel, check_rounding)
 from . import dispatch
 
 ROLES = ("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")
@@ -39,12 +40,16 @@ class PreparedMoE:
     w2: torch.Tensor          # canonical: [E, Hp, Ip/2] uint8
     w2_scales: torch.Tensor   # canonical: [E, Hp, Ip/32] uint8
     w2_bias: torch.Tensor | None   # canonical: [E, Hp] float32
+    activations: Activations = "bf16"  # the GEMMs' input dtype the layout is for
 
     def tensors(self):
         return tuple(getattr(self, r) for r in ROLES)
 
     def moe_kwargs(self):
-        return dict(zip(ROLES, self.tensors()), kernel=self.kernel, activation=self.activation)
+        kw = dict(zip(ROLES, self.tensors()), kernel=self.kernel, activation=self.activation)
+        if self.activations != "bf16":  # (the op's default: graphs of bf16 models stay as they were)
+            kw["activations"] = self.activations
+        return kw
 
 
 def _reorder_gate_up(t: torch.Tensor, dim: int, interleaved_in: bool, activation: str):
@@ -194,15 +199,17 @@ def unpad_packed(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, *, activatio
 def from_kernel_layout(prepared: PreparedMoE) -> tuple:
     """Inverse of `to_kernel_layout` and the padding: the six canonical tensors at the model's
     (H, I), byte for byte what `from_mxfp4_blocks` was given (see each kernel's ``unprepare``)."""
-    canonical = dispatch.get_kernel(prepared.kernel).unprepare(*prepared.tensors(), prepared.activation)
+    canonical = dispatch.get_kernel(prepared.kernel).unprepare(*prepared.tensors(), prepared.activation,
+                                                               prepared.activations)
     return unpad_packed(*canonical, activation=prepared.activation, hidden_size=prepared.hidden_size,
                         intermediate_size=prepared.intermediate_size)
 
 
-def to_kernel_layout(canonical, *, kernel, activation, hidden_size, intermediate_size) -> PreparedMoE:
+def to_kernel_layout(canonical, *, kernel, activation, hidden_size, intermediate_size,
+                     activations="bf16") -> PreparedMoE:
     module = dispatch.get_kernel(kernel)
-    out = module.prepare(*canonical, activation)
-    return PreparedMoE(kernel, activation, hidden_size, intermediate_size, *out)
+    out = module.prepare(*canonical, activation, activations)
+    return PreparedMoE(kernel, activation, hidden_size, intermediate_size, *out, activations)
 
 
 # ---- the prepared-weight store ---------------------------------------------------------------------
@@ -328,7 +335,7 @@ def _prepare_now(inputs, options) -> PreparedMoE:
                                  h_multiple=hm, i_multiple=im)
     _quantized += 1
     return to_kernel_layout(canonical, kernel=kernel, activation=activation, hidden_size=H,
-                            intermediate_size=I)
+                            intermediate_size=I, activations=options["activations"])
 
 
 def _refill(entry: _Entry, inputs) -> None:
@@ -352,7 +359,7 @@ def _refill(entry: _Entry, inputs) -> None:
 
 def prepare_moe_weights(w13, w2, w13_bias=None, w2_bias=None, *, activation, kernel="reference",
                         rounding="floor", gate_up_interleaved=None, transposed=False,
-                        w2_transposed=None, cache=True) -> PreparedMoE:
+                        w2_transposed=None, cache=True, activations="bf16") -> PreparedMoE:
     """Float expert weights -> PreparedMoE for ``kernel`` (quantize, pad, kernel layout).
 
     ``w13`` is one tensor [E, 2I, H] or a (gate, up) pair of [E, I, H] tensors (gpt-fast's w1/w3);
@@ -363,8 +370,10 @@ def prepare_moe_weights(w13, w2, w13_bias=None, w2_bias=None, *, activation, ker
     With ``cache`` (the default) the result is the store's entry for these very tensors and
     options: the same object each time, re-prepared in place when an input changed since (in-place
     ops, ``p.data = ...``, ``.to()``). Writes that bypass the version counter (in place through
-    ``.data``, numpy or DLPack) are not seen: call ``refresh_weights`` after them."""
+    ``.data``, numpy or DLPack) are not seen: call ``refresh_weights`` after them.
+    ``activations="fp8"``: the layout for the op's FP8 activations (kernels "triton", "reference")."""
     check_activation(activation)
+    check_activations(activations)
     check_kernel(kernel, allow_auto=False)
     check_rounding(rounding)
     parts = _split_w13(w13)
@@ -375,7 +384,8 @@ def prepare_moe_weights(w13, w2, w13_bias=None, w2_bias=None, *, activation, ker
                          "pair is concatenated [gate; up]; pass gate_up_interleaved=False or None")
     options = dict(activation=activation, kernel=kernel, rounding=rounding,
                    gate_up_interleaved=gate_up_interleaved, transposed=bool(transposed),
-                   w2_transposed=bool(transposed if w2_transposed is None else w2_transposed))
+                   w2_transposed=bool(transposed if w2_transposed is None else w2_transposed),
+                   activations=activations)
     inputs = (*parts, w2, w13_bias, w2_bias)
     if not cache:
         return _prepare(inputs, options)

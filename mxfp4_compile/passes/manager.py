@@ -65,9 +65,11 @@ class MoERewritePass(CustomGraphPass):
     """Find the MoE expert blocks of one graph and replace each with torch.ops.mxfp4.moe."""
 
     def __init__(self, kernel: str, rounding: str = "floor", param_names: list | None = None,
-                 rewrite_enabled: bool = True, fuse_router: bool = True):
+                 rewrite_enabled: bool = True, fuse_router: bool = True,
+                 activations: str = "bf16"):
         self.kernel = kernel
         self.rounding = rounding
+        self.activations = activations  # the op's GEMM input dtype (formats.Activations)
         self.param_names = param_names        # placeholder names, reports only; not in the cache key
         self.rewrite_enabled = rewrite_enabled  # False: only report (explain)
         self.fuse_router = fuse_router        # each rewritten MoE's routing -> topk_softmax
@@ -104,7 +106,8 @@ class MoERewritePass(CustomGraphPass):
                     continue
                 before = _moe_nodes(graph)
                 try:
-                    getattr(form, "rewrite", rewrite)(graph, r, kernel=self.kernel, rounding=self.rounding)
+                    getattr(form, "rewrite", rewrite)(graph, r, kernel=self.kernel, rounding=self.rounding,
+                                                      activations=self.activations)
                 except Exception as e:
                     log.warning("mxfp4: rewriting %s failed (%r); left as is", where, e)
                     report.append(Candidate(form.FORM, where, False, f"rewrite error: {e!r}", details))
@@ -144,5 +147,6 @@ class MoERewritePass(CustomGraphPass):
 
     def uuid(self):
         h = hashlib.sha256(get_hash_for_files(_sources()))
-        h.update(repr((self.kernel, self.rounding, self.rewrite_enabled, self.fuse_router)).encode())
+        h.update(repr((self.kernel, self.rounding, self.rewrite_enabled, self.fuse_router,
+                       self.activations)).encode())
         return h.hexdigest()

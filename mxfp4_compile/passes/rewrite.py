@@ -35,8 +35,11 @@ def call(graph: fx.Graph, target, args, kwargs=None, name=None) -> fx.Node:
     return node
 
 
-def rewrite(graph: fx.Graph, r: MoERegion, *, kernel: str, rounding: str) -> fx.Node:
+def rewrite(graph: fx.Graph, r: MoERegion, *, kernel: str, rounding: str,
+            activations: str = "bf16") -> fx.Node:
     mx = torch.ops.mxfp4
+    # activations="fp8" only where asked: the op's default keeps bf16 graphs as they were
+    fp8 = {} if activations == "bf16" else dict(activations=activations)
     with graph.inserting_before(r.output):
         # the parameters themselves, not a concatenation or permutation of them: the store keys
         # the prepared weights by these tensors, which is what lets recompiles share them and the
@@ -52,7 +55,7 @@ def rewrite(graph: fx.Graph, r: MoERegion, *, kernel: str, rounding: str) -> fx.
                               (w13, r.w13_bias, r.w2, r.w2_bias, kernel, r.activation.name),
                               dict(rounding=rounding, gate_up_interleaved=interleaved,
                                    transposed=r.w13_transposed, index=i,
-                                   w2_transposed=r.w2_transposed))
+                                   w2_transposed=r.w2_transposed, **fp8))
         ids, weights = r.topk_ids, r.topk_weights
         if ids is None:  # dense: every expert on every token, weights [T, E]
             E = r.num_experts
@@ -64,7 +67,7 @@ def rewrite(graph: fx.Graph, r: MoERegion, *, kernel: str, rounding: str) -> fx.
                    (r.hidden, ids, weights, prep["w13"], prep["w13_scales"], prep["w13_bias"],
                     prep["w2"], prep["w2_scales"], prep["w2_bias"], kernel),
                    dict(activation=r.activation.name, alpha=float(r.activation.alpha),
-                        limit=float(r.activation.limit)))
+                        limit=float(r.activation.limit), **fp8))
         want = val(r.output)
         if val(out).dtype != want.dtype:
             out = call(graph, prims.convert_element_type.default, (out, want.dtype))

@@ -145,12 +145,14 @@ def match(ctx: Context):
     return results
 
 
-def rewrite(graph: fx.Graph, r: MoERegion, *, kernel: str, rounding: str) -> fx.Node:
+def rewrite(graph: fx.Graph, r: MoERegion, *, kernel: str, rounding: str,
+            activations: str = "bf16") -> fx.Node:
     """The op on this rank's shard without the w2 bias, all-reduce of [T, H], then the bias term."""
     site: Site = r.tp_site
     b2 = r.w2_bias
     r.w2_bias = None  # summed over ranks it would count world times
-    part = moe_rewrite(graph, r, kernel=kernel, rounding=rounding)  # [T, H], model dtype
+    part = moe_rewrite(graph, r, kernel=kernel, rounding=rounding,
+                       activations=activations)  # [T, H], model dtype
     users = list(part.users)
     dtype = val(part).dtype
     f32 = torch.float32

@@ -34,18 +34,19 @@ class MoEKernel(Protocol):
         """None when the kernel can run on ``device``, else why not (what to install or set)."""
 
     def prepared_shapes(self, E: int, Hp: int, Ip: int, activation: str, has_w13_bias: bool,
-                        has_w2_bias: bool) -> list[PreparedShape]:
+                        has_w2_bias: bool, activations: str = "bf16") -> list[PreparedShape]:
         """(shape, dtype) of each of the six tensors ``prepare`` returns, without computing them
-        (the compiler's fake kernels)."""
+        (the compiler's fake kernels). ``activations``: the GEMMs' input dtype the layout is for
+        (formats.Activations); a kernel without that mode raises a ValueError saying which have it."""
 
     def prepare(self, w13: torch.Tensor, w13_scales: torch.Tensor, w13_bias: torch.Tensor | None,
                 w2: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor | None,
-                activation: str) -> tuple:
+                activation: str, activations: str = "bf16") -> tuple:
         """Canonical padded MXFP4 weights -> the six tensors ``moe`` reads (once per model)."""
 
     def unprepare(self, w13: torch.Tensor, w13_scales: torch.Tensor, w13_bias: torch.Tensor | None,
                   w2: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor | None,
-                  activation: str) -> tuple:
+                  activation: str, activations: str = "bf16") -> tuple:
         """The inverse of ``prepare``: this layout's six tensors -> canonical padded MXFP4 (what
         checkpoints store and other kernels start from), byte for byte; a kernel that cannot
         invert its layout raises a ValueError saying so."""
@@ -54,8 +55,9 @@ class MoEKernel(Protocol):
             w13: torch.Tensor, w13_scales: torch.Tensor, w13_bias: torch.Tensor | None,
             w2: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor | None,
             activation: str, alpha: float, limit: float, expert_map: torch.Tensor | None,
-            combine: bool) -> torch.Tensor:
-        """The fused MoE forward on prepared weights: [T, H], or [T, k, H] when not ``combine``."""
+            combine: bool, activations: str = "bf16") -> torch.Tensor:
+        """The fused MoE forward on prepared weights: [T, H], or [T, k, H] when not ``combine``;
+        ``activations="fp8"``: each GEMM's input rows quantized to e4m3 (moe_torch's math)."""
 
 
 _ATTRIBUTES = {"NAME": str, "H_MULTIPLE": int, "I_MULTIPLE": int}
@@ -136,13 +138,22 @@ def gpu_unavailable(device: torch.device, kernel: str, major: int, arch: str, wh
 PREPARED_ROLES = ("w13", "w13_scales", "w13_bias", "w2", "w2_scales", "w2_bias")
 
 
-def _affine_probe(module: ModuleType, E: int, activation: str, has_b13: bool, has_b2: bool):
+def fp8_unsupported(kernel: str, activations: str) -> None:
+    """ValueError for ``activations="fp8"`` on a kernel that has no FP8-activation path."""
+    if activations == "fp8":
+        raise ValueError(f"kernel {kernel!r} has no FP8-activation path (activations='fp8'); use "
+                         f"kernel='triton' (sm90) or 'reference' (its plain-torch emulation), or "
+                         f"activations='bf16'")
+
+
+def _affine_probe(module: ModuleType, E: int, activation: str, has_b13: bool, has_b2: bool,
+                  activations: str = "bf16"):
     """Each dim of the prepared w13 and w2 as a + bh*(Hp/H_MULTIPLE) + bi*(Ip/I_MULTIPLE): the
     coefficients, read off ``prepared_shapes`` at three padded sizes (the value tensors' shapes
     are linear in the padded sizes for every layout, e.g. triton's Ip/8 row tiles; the scales'
     need not be, so they are only compared, never solved for)."""
     h0, i0 = module.H_MULTIPLE, module.I_MULTIPLE
-    pts = [module.prepared_shapes(E, h, i, activation, has_b13, has_b2)
+    pts = [module.prepared_shapes(E, h, i, activation, has_b13, has_b2, activations)
            for h, i in ((h0, i0), (2 * h0, i0), (h0, 2 * i0))]
     coeffs = []
     for role in (0, 3):
@@ -153,12 +164,14 @@ def _affine_probe(module: ModuleType, E: int, activation: str, has_b13: bool, ha
     return coeffs
 
 
-def _solve_sizes(module: ModuleType, E: int, tensors, activation: str) -> tuple[int, int] | None:
+def _solve_sizes(module: ModuleType, E: int, tensors, activation: str,
+                 activations: str = "bf16") -> tuple[int, int] | None:
     """(Hp, Ip) that the prepared w13 and w2 shapes imply for ``module``'s layout, None when no
     (Hp, Ip) fits (e.g. weights of another kernel's layout: every layout's shapes differ)."""
     has_b13, has_b2 = tensors[2] is not None, tensors[5] is not None
     hp = ip = None
-    for role, d, a, bh, bi, rank in _affine_probe(module, E, activation, has_b13, has_b2):
+    for role, d, a, bh, bi, rank in _affine_probe(module, E, activation, has_b13, has_b2,
+                                                  activations):
         shape = tensors[role].shape
         if len(shape) != rank:
             return None
@@ -176,7 +189,7 @@ def _fmt(spec: PreparedShape) -> str:
 
 
 def check_prepared(module: ModuleType, hidden_size, tensors, activation: str,
-                   where: str = "moe") -> tuple[int, int, int]:
+                   where: str = "moe", activations: str = "bf16") -> tuple[int, int, int]:
     """-> (E, Hp, Ip) of the six prepared tensors ``tensors`` (w13, w13_scales, w13_bias, w2,
     w2_scales, w2_bias; biases may be None) after checking, from their shapes and dtypes alone (no
     data read, so the fake kernels run it too), that they are exactly what ``module.prepare``
@@ -189,10 +202,14 @@ def check_prepared(module: ModuleType, hidden_size, tensors, activation: str,
     flashinfer keeps the canonical 3-D shapes; triton_kernels' are its own), so weights prepared
     for another kernel are an error here. The activation is not part of any prepared layout:
     ``prepare`` puts w13's gate and up rows in the kernel's own pair order for either activation,
-    and the op's ``activation`` only picks the function applied to each pair."""
+    and the op's ``activation`` only picks the function applied to each pair. ``activations``
+    (the GEMMs' input dtype) can have layouts of its own (triton's FP8 layout holds int32 words):
+    weights prepared for the other one are an error here too."""
     kernel = module.NAME
+    act_arg = "" if activations == "bf16" else f", activations={activations!r}"
     fix = (f"prepare the weights with mxfp4_compile.prepare_moe_weights(..., kernel={kernel!r}, "
-           f"activation={activation!r}) (or from_mxfp4_blocks) and pass the same kernel and activation")
+           f"activation={activation!r}{act_arg}) (or from_mxfp4_blocks) and pass the same kernel, "
+           f"activation and activations")
     for role, t in zip(PREPARED_ROLES, tensors):
         if t is None:
             if role in ("w13_bias", "w2_bias"):
@@ -207,10 +224,10 @@ def check_prepared(module: ModuleType, hidden_size, tensors, activation: str,
             raise ValueError(f"{where}: {role} {tuple(t.shape)} holds {t.shape[0]} experts (dim 0) but "
                              f"w13 {tuple(tensors[0].shape)} holds {E}: every weight, scale and bias "
                              f"must hold the same experts (a short one would be read past its end)")
-    sizes = _solve_sizes(module, E, tensors, activation)
+    sizes = _solve_sizes(module, E, tensors, activation, activations)
     if sizes is None:
         want = module.prepared_shapes(E, module.H_MULTIPLE, module.I_MULTIPLE, activation,
-                                      tensors[2] is not None, tensors[5] is not None)
+                                      tensors[2] is not None, tensors[5] is not None, activations)
         raise ValueError(f"{where}: w13 {tuple(tensors[0].shape)} and w2 {tuple(tensors[3].shape)} fit no "
                          f"padded sizes (Hp, Ip) of kernel {kernel!r}'s layout (e.g. at Hp={module.H_MULTIPLE}, "
                          f"Ip={module.I_MULTIPLE}: w13 {_fmt(want[0])}, w2 {_fmt(want[3])}); weights "
@@ -218,14 +235,15 @@ def check_prepared(module: ModuleType, hidden_size, tensors, activation: str,
     Hp, Ip = sizes
     check_padded(kernel, Hp, Ip, module.H_MULTIPLE, module.I_MULTIPLE,
                  f"w13 {tuple(tensors[0].shape)}, w2 {tuple(tensors[3].shape)}")
-    want = module.prepared_shapes(E, Hp, Ip, activation, tensors[2] is not None, tensors[5] is not None)
+    want = module.prepared_shapes(E, Hp, Ip, activation, tensors[2] is not None, tensors[5] is not None,
+                                  activations)
     for role, t, spec in zip(PREPARED_ROLES, tensors, want):
         if t is None:
             continue
         if tuple(t.shape) != tuple(spec[0]) or t.dtype != spec[1]:
             raise ValueError(f"{where}: {role} is {t.dtype} {tuple(t.shape)} but kernel {kernel!r} with "
-                             f"E={E}, Hp={Hp}, Ip={Ip} (from w13 and w2), activation={activation!r} "
-                             f"expects {_fmt(spec)}; {fix}")
+                             f"E={E}, Hp={Hp}, Ip={Ip} (from w13 and w2), activation={activation!r}"
+                             f"{act_arg} expects {_fmt(spec)}; {fix}")
     if isinstance(hidden_size, int) and hidden_size > Hp:
         raise ValueError(f"{where}: hidden has H={hidden_size} features but the weights hold only "
                          f"Hp={Hp} (w13 {tuple(tensors[0].shape)}); the weights were prepared for "

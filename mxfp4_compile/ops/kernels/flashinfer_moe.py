@@ -56,6 +56,7 @@ import torch
 import torch.nn.functional as F
 
 from ...formats import check_activation
+from . import fp8_unsupported
 from . import canonical_shapes, check_canonical_shapes, check_padded, gpu_unavailable
 from .optional import KernelUnavailable, OptionalAPI, keyword_mismatch
 
@@ -116,7 +117,8 @@ def _check_padded(Hp: int, Ip: int) -> None:
     check_padded(NAME, Hp, Ip, H_MULTIPLE, I_MULTIPLE)
 
 
-def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
+def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias, activations="bf16"):
+    fp8_unsupported(NAME, activations)
     """The canonical shapes: the shuffles permute rows and bytes in place."""
     check_activation(activation)
     _check_padded(Hp, Ip)
@@ -212,13 +214,14 @@ def _shuffle_for_trtllm(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias):
             rows(w2).contiguous(), scales(w2_scales).contiguous(), bias(w2_bias))
 
 
-def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation, activations="bf16"):
     """Canonical padded MXFP4 -> this kernel's six tensors (module docstring). UNVERIFIED."""
+    fp8_unsupported(NAME, activations)
     return _shuffle_for_trtllm(*prepare_unshuffled(w13, w13_scales, w13_bias, w2, w2_scales,
                                                    w2_bias, activation))
 
 
-def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation, activations="bf16"):
     """Not inverted: shuffle_matrix_sf_a's 128x4 scale interleave is FlashInfer's own, and this
     layout has never run on hardware here, so an inverse could not be checked against it."""
     raise ValueError("weights prepared for kernel 'flashinfer' cannot be turned back into checkpoint "
@@ -263,8 +266,9 @@ _warned = False
 
 
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
-        activation, alpha, limit, expert_map, combine):
+        activation, alpha, limit, expert_map, combine, activations="bf16"):
     """UNVERIFIED on hardware: see the module docstring."""
+    fp8_unsupported(NAME, activations)
     global _warned
     fi = API.require()
     check_activation(activation)

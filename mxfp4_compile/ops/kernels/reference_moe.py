@@ -8,12 +8,14 @@ Prepared layout (legend of ops/moe_torch.py):
 The pair dim makes the layout independent of the activation (swiglu_oai's interleaved rows are
 already pairs; silu_glu's concatenated halves are stacked into them) and gives it shapes no other
 kernel's layout has, so the op's shape check refuses weights prepared for another kernel.
+activations="fp8" uses the same layout: moe_torch quantizes each GEMM's input rows to e4m3 (the
+emulation the triton kernel's FP8 path is tested against).
 """
 from __future__ import annotations
 
 import torch
 
-from ...formats import BLOCK, gate_up_interleaved
+from ...formats import BLOCK, check_activations, gate_up_interleaved
 from ..moe_torch import moe_torch
 
 NAME = "reference"
@@ -25,7 +27,8 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None  # runs wherever torch does
 
 
-def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
+def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias, activations="bf16"):
+    check_activations(activations)  # one layout for both: the math is plain torch
     u8, f32 = torch.uint8, torch.float32
     return [((E, Ip, 2, Hp // 2), u8), ((E, Ip, 2, Hp // BLOCK), u8),
             ((E, Ip, 2), f32) if has_w13_bias else None,
@@ -52,20 +55,23 @@ def from_pairs(t: torch.Tensor | None, activation: str) -> torch.Tensor | None:
     return torch.cat((t[:, :, 0], t[:, :, 1]), dim=1)
 
 
-def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation, activations="bf16"):
+    check_activations(activations)
     return (to_pairs(w13, activation), to_pairs(w13_scales, activation),
             to_pairs(w13_bias, activation), w2, w2_scales, w2_bias)
 
 
-def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation, activations="bf16"):
+    check_activations(activations)
     return (from_pairs(w13, activation), from_pairs(w13_scales, activation),
             from_pairs(w13_bias, activation), w2, w2_scales, w2_bias)
 
 
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
-        activation, alpha, limit, expert_map, combine):
+        activation, alpha, limit, expert_map, combine, activations="bf16"):
     # the pairs flattened are interleaved rows, whatever the activation (a view: no copy)
     w13, w13_scales, w13_bias = (None if t is None else t.flatten(1, 2)
                                  for t in (w13, w13_scales, w13_bias))
     return moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales,
-                     w2_bias, activation, alpha, limit, expert_map, combine, interleaved=True)
+                     w2_bias, activation, alpha, limit, expert_map, combine, interleaved=True,
+                     activations=activations)

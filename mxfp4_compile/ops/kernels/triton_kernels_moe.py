@@ -77,7 +77,7 @@ import torch.nn.functional as F
 
 from ...formats import BLOCK
 from ...formats import check_activation
-from . import check_canonical_shapes, check_padded, gpu_unavailable
+from . import check_canonical_shapes, check_padded, fp8_unsupported, gpu_unavailable
 from .optional import KernelUnavailable, OptionalAPI
 
 NAME = "triton_kernels"
@@ -183,8 +183,9 @@ def _check_padded(Hp: int, Ip: int) -> None:
     check_padded(NAME, Hp, Ip, H_MULTIPLE, I_MULTIPLE, "Hopper MXFP4 swizzle")
 
 
-def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
+def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias, activations="bf16"):
     """(shape, dtype) of each of the six prepared tensors (None for an absent bias)."""
+    fp8_unsupported(NAME, activations)
     check_activation(activation)
     _check_padded(Hp, Ip)
     u8, f32 = torch.uint8, torch.float32
@@ -250,8 +251,9 @@ def unswizzle_scales(p: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return layout.unswizzle_data(p.mT).transpose(1, 2)[:, :N, :K // BLOCK].contiguous()
 
 
-def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation, activations="bf16"):
     """Canonical padded MXFP4 (ops/moe_torch.py) -> this kernel's six tensors (module docstring)."""
+    fp8_unsupported(NAME, activations)
     check_activation(activation)
     _, two_ip, hp_half = w13.shape
     _check_padded(hp_half * 2, two_ip // 2)
@@ -266,7 +268,7 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
             swizzle_values(w2), swizzle_scales(w2_scales), b2)
 
 
-def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation, activations="bf16"):
     """Inverse of ``prepare`` (needs triton_kernels, whose layouts do the unswizzling)."""
     check_activation(activation)
     (_, n4_13, k2_13), (_, n4_2, k2_2) = w13.shape, w2.shape
@@ -413,7 +415,8 @@ def _activation(api, activation: str, alpha: float, limit: float):
 
 
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
-        activation, alpha, limit, expert_map, combine):
+        activation, alpha, limit, expert_map, combine, activations="bf16"):
+    fp8_unsupported(NAME, activations)
     api = API.require()
     check_activation(activation)
     T, H = hidden.shape

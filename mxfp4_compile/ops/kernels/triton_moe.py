@@ -9,6 +9,7 @@ E local experts, H hidden (Hp padded), I intermediate (Ip padded).
   w13_bias      [E, 2Ip]          float32 or None
   w2, w2_s      [E, Hp/16, Ip/64, 16, 32], [E, Hp/16, Ip/64, 16, 2]    uint8 (prepared)
   w2_bias       [E, Hp]           float32 or None
+  (activations="fp8": w13, w2 as int32 words [E, N/16, K/64, 16, 8], the same bytes' count)
   expert_map    [E_global]        int32, -1 = not on this rank
 
 Prepared layout = the canonical one (ops/moe_torch.py: padding, scales, biases) with three
@@ -20,6 +21,11 @@ operand from; then rows are tiled by 16 (`_tile_rows`): a K step of a BN-row til
 runs of 16 x BK/2 bytes; the scales, biased (`_bias_scales`), are tiled the same way. The
 tensors carry the tiles in their shapes (5-D; `moe` views them as [E, N, K/2] bytes), which no
 other kernel's layout has: the op's shape check refuses another kernel's weights.
+FP8 activations (`activations="fp8"`, sm90, triton_moe_details/_fp8.py, layout_fp8.py): the
+same row pairing and tiling, but each 32-bit word holds the 8 codes one thread feeds to an fp8
+wgmma (`_pack_words_fp8`), scales stay raw e8m0, and w13 / w2 are int32 words [E, N/16, K/64,
+16, 8] (a layout no bf16 weights have); x and the intermediate are quantized per row to e4m3
+before each GEMM, and every 128-code step's fp32 partial sum is scaled into an fp32 accumulator.
 Steps (triton_moe_details/, one file per stage): route (expert-sorted rows, on the GPU), GEMM1
 (token gather, dequant, bias, activation), GEMM2 (bias, scatter to (token, slot) rows), finalize
 (weighted sum over slots in fixed order); at decode sizes the GEMMs split K and the chunks are
@@ -36,8 +42,8 @@ import os
 
 import torch
 
-from ...formats import E8M0_BIAS, E8M0_NAN, check_activation, gate_up_interleaved
-from .triton_moe_details import layout  # pure Python: importable without triton
+from ...formats import E8M0_BIAS, E8M0_NAN, check_activation, check_activations, gate_up_interleaved
+from .triton_moe_details import layout, layout_fp8  # pure Python: importable without triton
 
 NAME = "triton"
 H_MULTIPLE = 64  # K of GEMM1 and N of GEMM2: rows stay 32-byte multiples (16-byte loads)
@@ -76,13 +82,17 @@ def unavailable_reason(device: torch.device) -> str | None:
     return None
 
 
-def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias):
-    """The canonical bytes in 16-row tiles (`_tile_rows`); biases canonical."""
+def prepared_shapes(E, Hp, Ip, activation, has_w13_bias, has_w2_bias, activations="bf16"):
+    """The canonical bytes in 16-row tiles (`_tile_rows`); biases canonical. FP8 activations
+    (`activations="fp8"`): the codes as int32 words [..., 16, 8] (layout_fp8.py), which no
+    bf16 layout has."""
     check_activation(activation)
+    check_activations(activations)
     u8, f32 = torch.uint8, torch.float32
-    return [((E, 2 * Ip // 16, Hp // 64, 16, 32), u8), ((E, 2 * Ip // 16, Hp // 64, 16, 2), u8),
+    w = (8, torch.int32) if activations == "fp8" else (32, u8)
+    return [((E, 2 * Ip // 16, Hp // 64, 16, w[0]), w[1]), ((E, 2 * Ip // 16, Hp // 64, 16, 2), u8),
             ((E, 2 * Ip), f32) if has_w13_bias else None,
-            ((E, Hp // 16, Ip // 64, 16, 32), u8), ((E, Hp // 16, Ip // 64, 16, 2), u8),
+            ((E, Hp // 16, Ip // 64, 16, w[0]), w[1]), ((E, Hp // 16, Ip // 64, 16, 2), u8),
             ((E, Hp), f32) if has_w2_bias else None]
 
 
@@ -116,6 +126,45 @@ def _pack_words(w: torch.Tensor) -> torch.Tensor:
         words = (((c & 7) << mag_at) | ((c >> 3) << sign_at)).sum(-1)  # disjoint bits: sum = or
         words = words - (words >> 31 << 32)  # uint32 value -> the int32 with the same bits
         out[e] = words.to(torch.int32).reshape(w.shape[1], -1).view(torch.uint8)
+    return out
+
+
+def _pack_words_fp8(w: torch.Tensor) -> torch.Tensor:
+    """Canonical packed codes [E, N, K/2] (K a multiple of 32) -> the FP8 layout's words as the
+    same uint8 [E, N, K/2]: word c of every 32-code chunk holds the codes of columns 4c+j (A_j)
+    and 16+4c+j (B_j), their bits where layout_fp8.word_bits says. A permutation of bits within
+    each chunk: scales are unchanged."""
+    dev = w.device
+    j = torch.arange(4, device=dev)
+    cols = torch.stack([torch.stack((4 * c + j, 16 + 4 * c + j)) for c in range(4)])  # [4, 2, 4]
+    pos = torch.tensor([[layout_fp8.word_bits(i, h) for i in range(4)] for h in range(2)],
+                       device=dev, dtype=torch.int64)  # [2 halves, 4, (mag, sign)]
+    out = torch.empty_like(w)
+    for e in range(w.shape[0]):
+        codes = torch.stack((w[e] & 0xF, w[e] >> 4), dim=-1).reshape(w.shape[1], -1, 32)
+        c = codes[..., cols].to(torch.int64)  # [N, K/32, 4 words, 2 halves, 4]
+        words = (((c & 7) << pos[..., 0]) | ((c >> 3) << pos[..., 1])).sum((-1, -2))
+        words = words - (words >> 31 << 32)
+        out[e] = words.to(torch.int32).reshape(w.shape[1], -1).view(torch.uint8)
+    return out
+
+
+def _unpack_words_fp8(w: torch.Tensor) -> torch.Tensor:
+    """Inverse of `_pack_words_fp8`."""
+    dev = w.device
+    out = torch.empty_like(w)
+    for e in range(w.shape[0]):
+        words = w[e].contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
+        words = words.reshape(w.shape[1], -1, 4)  # [N, K/32, 4 words]
+        codes = torch.empty(*words.shape[:2], 32, dtype=torch.int64, device=dev)
+        for c in range(4):
+            for h in range(2):
+                for i in range(4):
+                    mag, sign = layout_fp8.word_bits(i, h)
+                    codes[..., 16 * h + 4 * c + i] = (((words[..., c] >> mag) & 7)
+                                                      | (((words[..., c] >> sign) & 1) << 3))
+        codes = codes.reshape(w.shape[1], -1, 2)
+        out[e] = (codes[..., 0] | (codes[..., 1] << 4)).to(torch.uint8)
     return out
 
 
@@ -165,11 +214,14 @@ def _bias_scales(codes: torch.Tensor, scales: torch.Tensor):
     return codes, torch.where(nan, s, s + layout.STORED_SCALE_OFFSET).to(torch.uint8)
 
 
-def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
+def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation, activations="bf16"):
     """Canonical padded MXFP4 -> this kernel's layout: w13 rows paired (`_paired_rows`), codes
     regrouped inside every 32-code chunk (`_pack_words`); scales biased (`_bias_scales`) and,
-    like the biases, following their rows; codes and scales tiled by 16 rows (`_tile_rows`)."""
+    like the biases, following their rows; codes and scales tiled by 16 rows (`_tile_rows`).
+    `activations="fp8"`: the FP8 layout instead (`_pack_words_fp8`, raw e8m0 scales: every
+    scale byte is handled, NaN included), codes as int32 words."""
     check_activation(activation)
+    check_activations(activations)
     Hp, Ip = w13.shape[2] * 2, w2.shape[2] * 2
     if Hp % H_MULTIPLE or Ip % I_MULTIPLE:
         raise ValueError(f"kernel 'triton' needs Hp % {H_MULTIPLE} == 0 and Ip % {I_MULTIPLE} == 0, "
@@ -183,6 +235,12 @@ def prepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
 
     rows = _paired_rows(Ip, activation, w13.device)
     b13 = f32(w13_bias)
+    if activations == "fp8":
+        def words(t):
+            return _tile_rows(_pack_words_fp8(t), 32).view(torch.int32)
+        return (words(u8(w13)[:, rows]), _tile_rows(u8(w13_scales)[:, rows].contiguous(), 2),
+                None if b13 is None else b13[:, rows].contiguous(),
+                words(u8(w2)), _tile_rows(u8(w2_scales), 2), f32(w2_bias))
     w13, s13 = _bias_scales(u8(w13)[:, rows], u8(w13_scales)[:, rows])
     w2, s2 = _bias_scales(u8(w2), u8(w2_scales))
     return (_tile_rows(_pack_words(w13), 32), _tile_rows(s13, 2),
@@ -213,17 +271,27 @@ def _untile_rows(t: torch.Tensor, block_bytes: int) -> torch.Tensor:
     return t.transpose(2, 3).reshape(E, n16 * 16, kb * b)
 
 
-def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation):
-    """Inverse of `prepare`, byte for byte, except in blocks whose scale is NaN (255): `prepare`
-    zeroes their codes (they decode to NaN either way), so they come back as zeros."""
+def unprepare(w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation, activations="bf16"):
+    """Inverse of `prepare`, byte for byte, except in blocks whose scale is NaN (255): the bf16
+    layout's `prepare` zeroes their codes (they decode to NaN either way), so they come back as
+    zeros."""
     check_activation(activation)
-    Ip = w2.shape[2] * 64  # w2 [E, Hp/16, Ip/64, 16, 32]
+    check_activations(activations)
+    Ip = w2.shape[2] * 64  # w2 [E, Hp/16, Ip/64, 16, 32 | 8]
     rows = _paired_rows(Ip, activation, w13.device)
 
     def unpaired(t):  # prepared row r holds canonical row rows[r]
         out = torch.empty_like(t)
         out[:, rows] = t
         return out
+
+    if activations == "fp8":
+        def codes(t):
+            return _unpack_words_fp8(_untile_rows(t.view(torch.uint8), 32))
+        return (unpaired(codes(w13)), unpaired(_untile_rows(w13_scales, 2)),
+                None if w13_bias is None else unpaired(w13_bias),
+                codes(w2), _untile_rows(w2_scales, 2),
+                None if w2_bias is None else w2_bias.clone())
 
     def unbiased(s):
         s = s.to(torch.int16)
@@ -310,10 +378,18 @@ def _words_descs(words, launch, tail):
 
 
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
-        activation, alpha, limit, expert_map, combine):
+        activation, alpha, limit, expert_map, combine, activations="bf16"):
     T, H = hidden.shape
     k = topk_ids.shape[1]
+    check_activations(activations)
+    fp8 = activations == "fp8"
+    if fp8 != (w13.dtype == torch.int32):
+        raise ValueError(f"kernel 'triton': activations={activations!r} needs weights prepared "
+                         f"with activations={activations!r}; these are the "
+                         f"{'fp8' if w13.dtype == torch.int32 else 'bf16'} layout")
     w13, w13_scales, w2, w2_scales = (_rows(t.contiguous()) for t in (w13, w13_scales, w2, w2_scales))
+    if fp8:  # int32 words [E, N, K/8] -> their bytes, as the bf16 layout's
+        w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)
     E, two_ip, half_hp = w13.shape
     Hp, Ip = half_hp * 2, two_ip // 2
     out_shape = (T, H) if combine else (T, k, H)
@@ -322,6 +398,10 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     reason = unavailable_reason(hidden.device)
     if reason is not None:
         raise RuntimeError(reason)
+    if fp8 and hidden.device.type == "cuda" and torch.cuda.get_device_capability(hidden.device)[0] != 9:
+        major, minor = torch.cuda.get_device_capability(hidden.device)
+        raise RuntimeError(f"kernel 'triton' runs activations='fp8' on sm90 (Hopper fp8 wgmma) "
+                           f"only; this GPU is sm{major}{minor}: use activations='bf16'")
     check_activation(activation)
     if hidden.dtype not in _HIDDEN_DTYPES:
         raise TypeError(f"hidden must be one of {_HIDDEN_DTYPES}, got {hidden.dtype}")
@@ -349,7 +429,7 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
         has_b13=w13_bias is not None, has_b2=w2_bias is not None, has_map=emap is not None,
         combine=combine, major=major, sms=sms, interpret=interpret,
         weights_aligned=all(t.data_ptr() % 16 == 0 for t in (w13, w13_scales, w2, w2_scales)),
-        x_bf16_aligned=x.dtype == torch.bfloat16 and x.data_ptr() % 16 == 0)
+        x_bf16_aligned=x.dtype == torch.bfloat16 and x.data_ptr() % 16 == 0, fp8=fp8)
     if L.direct:  # one token: each _mma2 row block is one assignment, its expert from the ids
         es = sorted_assign = ids  # not read
     else:
@@ -360,28 +440,40 @@ def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales
     split1 = L.p1.split
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es  # dummy pointer when absent
-    w13_words = w13.view(torch.int32)  # [E, 2Ip, Hp/8]
+    # FP8: the words' bytes (_fp8._load_codes), e4m3 rows and their scales (rs: one per row)
+    w13_words = w13 if fp8 else w13.view(torch.int32)  # [E, 2Ip, Hp/2] bytes or [.., Hp/8] words
+    rs = es
+    if fp8:
+        xq = torch.empty(T, Hp, dtype=torch.float8_e4m3fn, device=dev)
+        rs = torch.empty(T, dtype=torch.float32, device=dev)
+        L.quant1(x, xq, rs, T)
+        x = xq
     if L.mma2[0]:
         L.gemm1(x, sorted_assign, es, ids_or_es, emap_or_es, w13_words, w13_scales, b13, a, p,
                 E, n_map, k, float(alpha), float(limit), M)
     else:
         L.gemm1(x, sorted_assign, es, w13_words, w13_scales, b13, a, p, E, k, float(alpha),
-                float(limit), M, *_words_descs(w13_words, L.gemm1, L.p1.tail))
+                float(limit), M, *_words_descs(w13_words, L.gemm1, L.p1.tail), rs)
     if L.act is not None:
         L.act(p, a, M, float(alpha), float(limit))
+    if fp8:
+        aq = torch.empty(M, Ip, dtype=torch.float8_e4m3fn, device=dev)
+        rs = torch.empty(M, dtype=torch.float32, device=dev)
+        L.quant2(a, aq, rs, M)
+        a = aq
 
     # per-(token, slot) outputs: float32 partial sums of split K, else (Triton GEMM2) rounded
     # to the hidden dtype, as the combine's inputs (the policy's y_hidden_dtype)
     y_dtype = hidden.dtype if L.y_hidden_dtype else torch.float32
     y = torch.empty(L.p2.split, M, H, dtype=y_dtype, device=dev)
     b2 = w2_bias if w2_bias is not None else es
-    w2_words = w2.view(torch.int32)  # [E, Hp, Ip/8]
+    w2_words = w2 if fp8 else w2.view(torch.int32)  # [E, Hp, Ip/2] bytes or [E, Hp, Ip/8] words
     if L.mma2[1]:
         L.gemm2(a, sorted_assign, es, ids_or_es, emap_or_es, w2_words, w2_scales, b2, y, E, n_map,
                 M)
     else:
         L.gemm2(a, sorted_assign, es, w2_words, w2_scales, b2, y, E, M,
-                *_words_descs(w2_words, L.gemm2, L.p2.tail))
+                *_words_descs(w2_words, L.gemm2, L.p2.tail), rs)
 
     out = torch.empty(out_shape, dtype=hidden.dtype, device=dev)
     L.finalize(y, ids, emap if emap is not None else es, tw, out, E, n_map, M)

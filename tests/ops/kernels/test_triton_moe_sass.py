@@ -230,3 +230,44 @@ def test_each_kernel_waits_for_the_previous_one_before_touching_memory(ptxas_wor
               if op.startswith(("LDG", "STG", "LDGSTS", "ATOMG", "RED", "UBLKCP", "UTMALDG"))]
     assert memory and min(memory) > wait, f"global memory access before the wait: {ops[:wait]}"
     assert ops.index("PREEXIT") > wait
+
+
+# ---- FP8 activations (_fp8.py) ---------------------------------------------------------------
+_FP8_PTR = dict(_PTR, x_ptr="*fp8e4nv", w_ptr="*u8", rs_ptr="*fp32", w_desc="*u8", w_desc_t="*u8")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("T,H,I,E,k", [(1, 2880, 2880, 32, 4), (4096, 2880, 2880, 32, 4),
+                                       (16384, 4096, 14336, 8, 2)])
+def test_fp8_gemms_run_qgmma_without_spills(ptxas_works, T, H, I, E, k):
+    """The FP8 GEMMs as moe launches them on sm90 (decode: split K, masked steps; prefill: a
+    64-code tail at 2880): fp8 wgmma (QGMMA) in the K loop, wgmma drained before each decode, no
+    spills, the codes read as 16-byte vectors (no byte loads), and the decoded tile through
+    shared memory at most once per step (4 STS.128 of 16 e4m3 per thread at BK 128: Triton 3.6
+    does not keep the two decoded halves in the operand layout; the variants that avoid the
+    join moved the codes and scales byte by byte instead, 96 STS per step)."""
+    act = "swiglu_oai" if E == 32 else "silu_glu"
+    L = launches.moe_launches(P, T=T, k=k, E=E, H=H, Hp=H, Ip=I, activation=act,
+                              has_b13=E == 32, has_b2=E == 32, has_map=False, combine=True,
+                              major=9, sms=132, interpret=False, weights_aligned=True,
+                              x_bf16_aligned=True, fp8=True)
+    for launch, scalars, a_ptr in (
+            (L.gemm1, dict(E="i32", k_top="i32", alpha="fp32", limit="fp32", p_rows="i32"), "*bf16"),
+            (L.gemm2, dict(E="i32", M="i32"), "*fp8e4nv")):
+        assert launch.constexprs["FP8"] and not launch.constexprs["TMA"]
+        sass = _sass_of(launch, dict(_FP8_PTR, a_ptr=a_ptr, **scalars))
+        loop = _k_loop(sass)
+        assert any(op.startswith("QGMMA") and "E4M3.E4M3" in op for op in loop), "no fp8 wgmma"
+        assert not any(op.startswith("HGMMA") for op in loop)
+        assert "STL" not in sass and "LDL" not in sass, "register spills"
+        assert any(op.startswith("WARPGROUP.DEPBAR") for op in loop), "wgmma not drained"
+        # byte loads: the scale bytes only (BK/32 per weight row, prefetched a step ahead)
+        cx = launch.constexprs
+        scale_bytes = -(-cx["BN"] * (cx["BK"] // 32) // (32 * launch.options["num_warps"]))
+        assert len([op for op in loop if op.startswith("LDG.E.U8")]) <= scale_bytes, \
+            "codes loaded byte by byte"
+        stores = [op for op in loop if op.startswith("STS")]
+        assert len(stores) <= launch.constexprs["BK"] // 32, f"tile through smem: {stores}"
+    sass = _sass_of(L.quant1, {"x_ptr": "*bf16", "q_ptr": "*fp8e4nv", "s_ptr": "*fp32",
+                               "n_rows": "i32"})
+    assert "STL" not in sass

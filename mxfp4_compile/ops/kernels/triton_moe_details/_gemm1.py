@@ -9,13 +9,14 @@ import triton.language as tl
 
 from ._blocks import _gather_rows, _merged, _program_block
 from ._dequant import _tiled_rows
+from ._fp8 import _k_loop_fp8, _scale_rows
 from ._k_loop import _acc_rows, _acc_zeros, _k_loop, _k_loop_merged
 from ._pdl import _pdl_enter
 
 
 @triton.jit
 def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
-                  E, k_top, alpha, limit, p_rows, w_desc, w_desc_t,
+                  E, k_top, alpha, limit, p_rows, w_desc, w_desc_t, rs_ptr,
                   stride_xt: tl.constexpr, stride_we: tl.constexpr, stride_wn: tl.constexpr,
                   stride_se: tl.constexpr, stride_sn: tl.constexpr, stride_be: tl.constexpr,
                   H: tl.constexpr, Hp: tl.constexpr, Ip: tl.constexpr,
@@ -25,7 +26,7 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                   SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
                   K_CHUNK: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr,
                   HALF: tl.constexpr, PDL: tl.constexpr, TMA: tl.constexpr = False,
-                  EXTRA: tl.constexpr = 0):
+                  EXTRA: tl.constexpr = 0, FP8: tl.constexpr = False):
     """w_ptr: int32 words [E, 2Ip, Hp/8] (with TMA, w_desc / w_desc_t: their descriptors for a
     whole / the TAIL step, _load_words_tma); s_ptr: uint8 [E, 2Ip, Hp/32]; rows in `prepare`'s
     paired order (16-row groups: 8 gate rows, then the 8 up rows of the same columns). One
@@ -40,7 +41,9 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
     a copy for BM/4 rows, for blocks of at most BM/4.
     EXTRA > 0: an expert's last block of at most EXTRA rows merges into the block before it
     (_block_info), whose copy of the body multiplies each dequantized weight tile with all its
-    rows (_k_loop_merged): the tile is dequantized once for them, not twice."""
+    rows (_k_loop_merged): the tile is dequantized once for them, not twice.
+    FP8 (_fp8.py): x_ptr holds e4m3 rows [T, Hp] (stride_xt = Hp) with one fp32 scale per
+    token at rs_ptr [T]; w_ptr is the words' bytes (layout_fp8.py), s_ptr raw e8m0 bytes."""
     _pdl_enter(PDL)
     pid_n, e, row0, row1, live = _program_block(es_ptr, E, 2 * Ip, BM, BN, EB, PAIR, EXTRA)
     if not live:
@@ -50,25 +53,25 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM, BN, BK, EVEN_K,
                      EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, w_desc_t,
-                     TMA, EXTRA)
+                     TMA, EXTRA, rs_ptr, FP8)
     elif HALF >= 2 and row1 - row0 <= BM // 4:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM // 4, BN, BK, EVEN_K,
                      EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, w_desc_t,
-                     TMA, 0)
+                     TMA, 0, rs_ptr, FP8)
     elif HALF and row1 - row0 <= BM // 2:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM // 2, BN, BK, EVEN_K,
                      EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, w_desc_t,
-                     TMA, 0)
+                     TMA, 0, rs_ptr, FP8)
     else:
         _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, row1, pid_n,
                      k_top, alpha, limit, p_rows, stride_xt, stride_we, stride_wn, stride_se,
                      stride_sn, stride_be, H, Hp, Ip, ACT, HAS_BIAS, BM, BN, BK, EVEN_K,
                      EVEN_N, UPCAST, SWAP, SYNC, SPLIT, K_CHUNK, PAIR, TAIL, w_desc, w_desc_t,
-                     TMA, 0)
+                     TMA, 0, rs_ptr, FP8)
 
 
 @triton.jit
@@ -81,7 +84,8 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
                  EVEN_K: tl.constexpr, EVEN_N: tl.constexpr, UPCAST: tl.constexpr,
                  SWAP: tl.constexpr, SYNC: tl.constexpr, SPLIT: tl.constexpr,
                  K_CHUNK: tl.constexpr, PAIR: tl.constexpr, TAIL: tl.constexpr, w_desc,
-                 w_desc_t, TMA: tl.constexpr, EXTRA: tl.constexpr):
+                 w_desc_t, TMA: tl.constexpr, EXTRA: tl.constexpr, rs_ptr,
+                 FP8: tl.constexpr):
     """GEMM1 of one block: sorted rows row0 .. row0+BM (those below row1) of expert e, and
     with EXTRA the next EXTRA rows (those below row1) too."""
     offs_w = pid_n * (2 if PAIR else 1) * BN + tl.arange(0, BN)  # weight rows (gate and up)
@@ -94,7 +98,7 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
     s_ptrs = s_ptr + e64 * stride_se + _tiled_rows(offs_w, stride_sn, 2)[:, None]
     w0 = pid_n * (2 if PAIR else 1) * BN  # first weight row of the (first) tile
     if EXTRA > 0:  # a merged block: BM / EXTRA + 1 groups of EXTRA rows (_k_loop_merged)
-        tl.static_assert(not PAIR and TAIL == 0 and not TMA)
+        tl.static_assert(not PAIR and TAIL == 0 and not TMA and not FP8)
         r = row0 + tl.arange(0, EXTRA)
         x0 = _gather_rows(x_ptr, sorted_ptr, r, row1, k_top, stride_xt)
         x1 = _gather_rows(x_ptr, sorted_ptr, r + EXTRA, row1, k_top, stride_xt)
@@ -119,6 +123,18 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
             r += EXTRA
             _gemm1_store(a4, w0, wmask, r, r < row1, e64, b_ptr, stride_be, a_ptr, p_ptr,
                          p_rows, alpha, limit, Ip, EXTRA, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT)
+    elif FP8:
+        tl.static_assert(not PAIR and not TMA)
+        rows = row0 + tl.arange(0, BM)
+        rmask = rows < row1
+        tok = tl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top
+        w_bytes = w_ptr + 4 * (e64 * stride_we + _tiled_rows(offs_w, stride_wn, 8))[:, None]
+        acc = _k_loop_fp8(_acc_zeros(BN, BM, SWAP), x_ptr + tok.to(tl.int64) * stride_xt, rmask,
+                          w_bytes, s_ptrs, wmask, Hp, K_CHUNK, BN, BK, EVEN_K, UPCAST, SWAP,
+                          SYNC, TAIL, SPLIT)
+        acc = _scale_rows(acc, tl.load(rs_ptr + tok, mask=rmask, other=0.0), SWAP)
+        _gemm1_store(acc, w0, wmask, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
+                     alpha, limit, Ip, BM, BN, ACT, HAS_BIAS, UPCAST, SWAP, SPLIT, True)
     else:
         rows = row0 + tl.arange(0, BM)
         rmask = rows < row1
@@ -141,11 +157,11 @@ def _gemm1_block(x_ptr, sorted_ptr, w_ptr, s_ptr, b_ptr, a_ptr, p_ptr, e, row0, 
 def _gemm1_store(acc, w0, wmask, rows, rmask, e64, b_ptr, stride_be, a_ptr, p_ptr, p_rows,
                  alpha, limit, Ip: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                  ACT: tl.constexpr, HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr,
-                 SWAP: tl.constexpr, SPLIT: tl.constexpr):
+                 SWAP: tl.constexpr, SPLIT: tl.constexpr, FP8: tl.constexpr = False):
     """GEMM1 epilogue of the tile of weight rows w0 .. w0+BN (w0 a multiple of 16): bias, gate/up
     pairing, activation -> a (or the raw chunk sums -> p when K is split)."""
     acc = _acc_rows(acc, w0 + tl.arange(0, BN), wmask, e64, b_ptr, stride_be, HAS_BIAS, UPCAST,
-                    SWAP, SPLIT)  # [BM, BN]
+                    SWAP, SPLIT, FP8)  # [BM, BN]
     # [BM, BN] -> gate, up [BM, BN/2]: row 16g + 8u + i of the tile is column 8g + i, u = up
     pair = tl.permute(tl.reshape(acc, (BM, BN // 16, 2, 8)), (0, 1, 3, 2))
     gate, up = tl.split(pair)

@@ -20,13 +20,14 @@ def _acc_zeros(BN: tl.constexpr, BM: tl.constexpr, SWAP: tl.constexpr):
 
 @triton.jit
 def _acc_rows(acc, offs_w, wmask, e64, b_ptr, stride_be, HAS_BIAS: tl.constexpr,
-              UPCAST: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr):
-    """A finished accumulator as [BM, BN] fp32 values: sorted rows first, the dequant's
-    2**-ACC_SHIFT undone (GPU path), and the bias of weight rows `offs_w` (wmask) of expert e64
+              UPCAST: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
+              FP8: tl.constexpr = False):
+    """A finished accumulator as [BM, BN] fp32 values: sorted rows first, the bf16 dequant's
+    2**-ACC_SHIFT undone (GPU path; the FP8 path's steps are scaled already), and the bias of weight rows `offs_w` (wmask) of expert e64
     added (in K chunk 0 only, when K is split)."""
     if SWAP:
         acc = tl.trans(acc)
-    if not UPCAST:
+    if not UPCAST and not FP8:
         acc = acc * ACC_SCALE
     if HAS_BIAS:
         b = tl.load(b_ptr + e64 * stride_be + offs_w, mask=wmask, other=0.0)

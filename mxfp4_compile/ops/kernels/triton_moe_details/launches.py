@@ -65,6 +65,8 @@ class MoELaunches:
     tma: tuple[bool, bool]       # which GEMMs load weight tiles by TMA (descriptors needed)
     direct: bool                 # T=1 on _mma2: one assignment per row block, no route launch
     y_hidden_dtype: bool         # GEMM2 writes y in the hidden dtype, not float32
+    quant1: Launch | None = None  # FP8: x -> e4m3 rows + scales, before GEMM1
+    quant2: Launch | None = None  # FP8: a -> e4m3 rows + scales, before GEMM2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,9 +126,11 @@ def _regs(c) -> dict:
 
 def gemm_launch(gemm: int, p: Plan, blocks: int, *, mma2: bool, H: int, Hp: int, Ip: int,
                 E: int, activation: str, has_bias: bool, has_map: bool, direct: bool,
-                major: int, interpret: bool, tma: bool, late_trigger: bool, pdl: dict) -> Launch:
+                major: int, interpret: bool, tma: bool, late_trigger: bool, pdl: dict,
+                fp8: bool = False) -> Launch:
     """GEMM `gemm` (1 or 2) under plan `p` over `blocks` row blocks, on _mma2 or the Triton
-    kernels. `late_trigger`: an _mma2 GEMM1 lets GEMM2 launch only after its K loops."""
+    kernels. `late_trigger`: an _mma2 GEMM1 lets GEMM2 launch only after its K loops. `fp8`:
+    e4m3 activations (_fp8.py; GEMM1 reads them Hp wide)."""
     c = p.config
     EB = _next_pow2(E + 1)
     N, K = (2 * Ip, Hp) if gemm == 1 else (H, Ip)  # output columns, reduction length
@@ -135,7 +139,7 @@ def gemm_launch(gemm: int, p: Plan, blocks: int, *, mma2: bool, H: int, Hp: int,
                    stride_sn=K // 32, stride_be=rows if has_bias else 0)
     shapes = dict(H=H, Hp=Hp, Ip=Ip) if gemm == 1 else dict(H=H, Ip=Ip)
     if gemm == 1:
-        strides = dict(stride_xt=H, **strides)
+        strides = dict(stride_xt=Hp if fp8 else H, **strides)
         shapes["ACT"] = ACT_CODES[activation]
     cx = dict(strides, **shapes, HAS_BIAS=has_bias, BM=c.BM, BN=c.BN, BK=c.BK, EB=EB,
               SPLIT=p.split, K_CHUNK=p.chunk)
@@ -149,7 +153,8 @@ def gemm_launch(gemm: int, p: Plan, blocks: int, *, mma2: bool, H: int, Hp: int,
         return _launch(kernel, grid, cx, dict(num_warps=4), pdl)
     cx.update(EVEN_K=p.even_k, EVEN_N=N % c.BN == 0, UPCAST=interpret, SWAP=c.SWAP,
               # wgmma keeps MMAs in flight across K steps: drain before each dequant (sm90)
-              SYNC=major == 9, PAIR=c.PAIR, TAIL=p.tail, HALF=c.HALF, TMA=tma, EXTRA=c.EXTRA)
+              SYNC=major == 9, PAIR=c.PAIR, TAIL=p.tail, HALF=c.HALF, TMA=tma, EXTRA=c.EXTRA,
+              FP8=fp8)
     kernel = "_gemm1._gemm1_kernel" if gemm == 1 else "_gemm2._gemm2_kernel"
     return _launch(kernel, grid, cx,
                    dict(num_warps=c.num_warps, num_stages=c.num_stages, **_regs(c)), pdl)
@@ -159,7 +164,7 @@ def gemm_launch(gemm: int, p: Plan, blocks: int, *, mma2: bool, H: int, Hp: int,
 def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, Ip: int,
                  activation: str, has_b13: bool, has_b2: bool, has_map: bool, combine: bool,
                  major: int, sms: int, interpret: bool, weights_aligned: bool,
-                 x_bf16_aligned: bool) -> MoELaunches:
+                 x_bf16_aligned: bool, fp8: bool = False) -> MoELaunches:
     """Every launch of one call. `weights_aligned`: the prepared words and scales start on
     16-byte boundaries (_mma2's cp.async and TMA need it); `x_bf16_aligned`: the hidden states
     are bf16 on a 16-byte boundary too (_mma2's GEMM1 copies them as they are). Cached per
@@ -167,11 +172,13 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
     is then one lookup. The returned specs are shared: never mutate them."""
     M = T * k
     pdl = pdl_options(pol, major)
-    m2 = planner.mma2_possible(pol, major) and weights_aligned
+    m2 = planner.mma2_possible(pol, major) and weights_aligned and not fp8
     m2_x = m2 and x_bf16_aligned
     c1, c2 = planner.pick(pol, T, k, E, Hp, Ip, interpret, m2_x)
-    p1, nb1, mma2_1 = planner.plan_gemm(pol, c1, M, E, 2 * Ip, Hp, sms, "gemm1", m2_x, major)
-    p2, nb2, mma2_2 = planner.plan_gemm(pol, c2, M, E, H, Ip, sms, "gemm2", m2, major)
+    if fp8:
+        c1, c2 = planner.fp8_config(pol, c1, interpret), planner.fp8_config(pol, c2, interpret)
+    p1, nb1, mma2_1 = planner.plan_gemm(pol, c1, M, E, 2 * Ip, Hp, sms, "gemm1", m2_x, major, fp8)
+    p2, nb2, mma2_2 = planner.plan_gemm(pol, c2, M, E, H, Ip, sms, "gemm2", m2, major, fp8)
     direct = T == 1 and mma2_1 and mma2_2 and pol.mma2_direct
     if direct:
         nb1 = nb2 = M
@@ -180,10 +187,10 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
     late = mma2_1 and major >= 9
     if late:
         pdl["gemm2"] = dict(pdl["gemm2"], launch_pdl=True)
-    tma1 = not mma2_1 and planner.use_tma(p1.config, major, weights_aligned)
-    tma2 = not mma2_2 and planner.use_tma(p2.config, major, weights_aligned)
+    tma1 = not mma2_1 and not fp8 and planner.use_tma(p1.config, major, weights_aligned)
+    tma2 = not mma2_2 and not fp8 and planner.use_tma(p2.config, major, weights_aligned)
     common = dict(H=H, Hp=Hp, Ip=Ip, E=E, activation=activation, has_map=has_map, direct=direct,
-                  major=major, interpret=interpret)
+                  major=major, interpret=interpret, fp8=fp8)
     g1 = gemm_launch(1, p1, nb1, mma2=mma2_1, has_bias=has_b13, tma=tma1, late_trigger=late,
                      pdl=pdl["gemm1"], **common)
     g2 = gemm_launch(2, p2, nb2, mma2=mma2_2, has_bias=has_b2, tma=tma2, late_trigger=False,
@@ -201,5 +208,21 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
                        SPLIT=p2.split), dict(num_warps=4), pdl["finalize"])
     route = None if direct else route_launches(pol, M, E, has_map, pdl["route"])
     y_hidden = p2.split == 1 and not mma2_2 and pol.y_hidden_dtype
+    quant1 = quant2 = None
+    if fp8:
+        quant1 = quant_launch(T, H, Hp, H, interpret)
+        quant2 = quant_launch(M, Ip, Ip, Ip, interpret)
     return MoELaunches(route, g1, act, g2, fin, p1, p2, (mma2_1, mma2_2), (tma1, tma2), direct,
-                       y_hidden)
+                       y_hidden, quant1, quant2)
+
+
+def quant_launch(rows: int, k_in: int, kp: int, stride: int, interpret: bool) -> Launch:
+    """_fp8._quant_rows_kernel over `rows` rows of k_in valid columns -> e4m3 rows kp wide: 4
+    rows per program (decode: one program per token row). A plain launch: the GEMM after it,
+    a programmatic dependent, waits for it to complete."""
+    BR = 4
+    BK = min(1024, _next_pow2(kp))
+    return _launch("_fp8._quant_rows_kernel", (-(-rows // BR),),
+                   dict(K_IN=k_in, KP=kp, stride_x=stride, BR=BR, BK=BK, UPCAST=interpret),
+                   dict(num_warps=4),
+                   {"PDL": False})

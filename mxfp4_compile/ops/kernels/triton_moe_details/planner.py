@@ -89,8 +89,19 @@ def split_k(pol: LaunchPolicy, programs: int, K: int, BK: int, sms: int, which: 
     return -(-steps // per), per * BK
 
 
+def fp8_config(pol: LaunchPolicy, c: TileConfig, interpret: bool) -> TileConfig:
+    """The table's config `c` for the FP8 GEMMs (_fp8.py): fp8_bk steps, at most fp8_max_bm
+    rows, no merged blocks and no register cap (the step's partial sum is a second
+    accumulator). The interpreter's configs stay as they are."""
+    if interpret or pol.tiles is not None:
+        return dataclasses.replace(c, EXTRA=0, PAIR=False)
+    bm = min(c.BM, pol.fp8_max_bm)
+    return dataclasses.replace(c, BM=bm, BK=pol.fp8_bk, EXTRA=0, PAIR=False, maxnreg=None,
+                               HALF=c.HALF if bm == c.BM else 0)
+
+
 def plan(pol: LaunchPolicy, c: TileConfig, blocks: int, N: int, K: int, sms: int, which: str,
-         mma2: bool = False) -> Plan:
+         mma2: bool = False, fp8: bool = False) -> Plan:
     """-> the Plan of one GEMM of `blocks` row blocks x N weight rows over K, for table config
     `c` on decode blocks (BM 8 or 16) grown or cut to fit the GPU:
     - fewer than programs_per_sm programs per SM: split K; the Triton kernels also step K by 64
@@ -105,13 +116,14 @@ def plan(pol: LaunchPolicy, c: TileConfig, blocks: int, N: int, K: int, sms: int
     if pol.tiles is None and c.BM in (pol.decode8.BM, pol.decode.BM) and not c.PAIR:
         programs = blocks * -(-N // c.BN)
         if programs < (pol.mma2_programs_per_sm if mma2 else pol.programs_per_sm) * sms:
-            if not mma2:
+            if not mma2 and not fp8:
                 c = dataclasses.replace(c, BK=64, PAIR=True, maxnreg=None)
         elif (which == "gemm2" and programs < pol.resident_per_sm * sms
               and K >= 2 * pol.min_steps_per_chunk * c.BK):
             c = dataclasses.replace(c, num_stages=3)
             force_split = min(pol.gemm2_mid_split, -(-K // c.BK) // pol.min_steps_per_chunk)
-        elif pol.resident_per_sm * sms <= programs < pol.one_wave_per_sm * sms and not mma2:
+        elif (pol.resident_per_sm * sms <= programs < pol.one_wave_per_sm * sms and not mma2
+              and not fp8):
             c = dataclasses.replace(c, BK=64, maxnreg=None)
     tiles = -(-N // (c.BN * (2 if c.PAIR else 1)))
     split, chunk = split_k(pol, blocks * tiles, K, c.BK, sms, which, force_split, mma2)
@@ -127,22 +139,22 @@ def row_blocks(M: int, E: int, BM: int) -> int:
 
 
 def plan_gemm(pol: LaunchPolicy, c: TileConfig, M: int, E: int, N: int, K: int, sms: int,
-              which: str, mma2: bool, major: int) -> tuple[Plan, int, bool]:
+              which: str, mma2: bool, major: int, fp8: bool = False) -> tuple[Plan, int, bool]:
     """-> (Plan, row blocks, whether _mma2 runs it) for one GEMM of M sorted rows over E
     experts with table config `c`; mma2: _mma2 can run here (mma2_possible, aligned inputs). A
     launch _mma2 cannot take is planned again for the Triton kernels, on 16-row blocks at least
     (their dot has no 8-row tiles)."""
     blocks = row_blocks(M, E, c.BM)
-    p = plan(pol, c, blocks, N, K, sms, which, mma2)
+    p = plan(pol, c, blocks, N, K, sms, which, mma2, fp8)
     steps = mma2_steps(p, K)
     if mma2 and mma2_broken(steps, p.config.num_stages) and not mma2_broken(steps, 3):
         p = p._replace(config=dataclasses.replace(p.config, num_stages=3))  # (a 4-stage loop)
     if mma2 and use_mma2(p.config, major) and not mma2_broken(steps, p.config.num_stages):
         return p, blocks, True
     if c.BM < pol.decode.BM:
-        c = pol.decode
+        c = fp8_config(pol, pol.decode, sms == 0) if fp8 else pol.decode
         blocks = row_blocks(M, E, c.BM)
-    return plan(pol, c, blocks, N, K, sms, which), blocks, False
+    return plan(pol, c, blocks, N, K, sms, which, fp8=fp8), blocks, False
 
 
 def use_tma(c: TileConfig, major: int, aligned: bool) -> bool:

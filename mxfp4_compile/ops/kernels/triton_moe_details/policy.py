@@ -79,6 +79,9 @@ class LaunchPolicy:
     mma2_min_steps_per_chunk: int
     mma2_deep_per_sm: int    # _mma2 grids below this run 4 cp.async stages, not 3
     mma2_direct: bool        # T=1: _mma2 reads each assignment's expert from the ids, no route
+    # -- FP8 activations (_fp8.py): the table's tile for the shape, then these --
+    fp8_bk: int              # K step of every FP8 GEMM (one fp32 promotion per step)
+    fp8_max_bm: int          # BM cap: the step's partial sum is a second accumulator
     # -- routing --
     route_sort_max: int      # up to this many assignments: one program sorts them all
     route_budget: int        # elements of one routing program's [chunk, EB] one-hot tile
@@ -142,6 +145,9 @@ SM90 = LaunchPolicy(
     # no route launch).
     mma2=True, mma2_programs_per_sm=2, mma2_min_steps_per_chunk=10, mma2_deep_per_sm=5,
     mma2_direct=True,
+    # FP8: 128-code steps (4 fp8 wgmma k-steps between promotions, as DeepSeek-V3's 128);
+    # BM <= 128: a 256-row block's accumulator and its step sum (128 + 128 registers) spill.
+    fp8_bk=128, fp8_max_bm=128,
     # Routing: one program sorts up to 256 assignments faster than the one-hot count; a one-hot
     # tile of 32768 elements per program; below 64 chunks a scan launch costs more than it saves.
     route_sort_max=256, route_budget=32768, route_scan_chunks=64,
