@@ -131,3 +131,27 @@ def test_forced_tiles_and_split_win_over_the_table():
     assert planner.pick(forced, 1, 4, 32, 2880, 2880) == t
     assert planner.split_k(forced, 10_000, 2880, 64, 132, "gemm1")[0] == 3
     assert planner.split_k(forced, 10_000, 2880, 64, 132, "gemm2")[0] == 2
+
+
+@pytest.mark.parametrize("T", [1, 8, 64, 512, 4096, 16384])
+@pytest.mark.parametrize("model", [(32, 2880, 2880, 4), (8, 4096, 14336, 2)])
+def test_fp8_launches_use_the_fp8_tiles(T, model):
+    """FP8 activations: every GEMM on the Triton kernels (no _mma2, no TMA, no paired tiles or
+    merged blocks), fp8_bk steps, at most fp8_max_bm rows per block, a row quantizer before each
+    GEMM, and the bf16 plan of the same shape unchanged by the flag's existence."""
+    from mxfp4_compile.ops.kernels.triton_moe_details import launches
+
+    E, H, I, k = model
+    P = policy.SM90
+    common = dict(T=T, k=k, E=E, H=H, Hp=H, Ip=I, activation="swiglu_oai", has_b13=True,
+                  has_b2=True, has_map=False, combine=True, major=9, sms=132, interpret=False,
+                  weights_aligned=True, x_bf16_aligned=True)
+    L = launches.moe_launches(P, **common, fp8=True)
+    assert L.mma2 == (False, False) and L.tma == (False, False) and not L.direct
+    for g, p in ((L.gemm1, L.p1), (L.gemm2, L.p2)):
+        c = p.config
+        assert g.constexprs["FP8"] and c.BK == P.fp8_bk and c.BM <= P.fp8_max_bm
+        assert not c.PAIR and not c.EXTRA and c.maxnreg is None
+    assert L.quant1.constexprs["KP"] == H and L.quant2.constexprs["KP"] == I
+    bf16 = launches.moe_launches(P, **common)
+    assert bf16.quant1 is None and not bf16.gemm1.constexprs.get("FP8")
