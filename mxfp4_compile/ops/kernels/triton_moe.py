@@ -377,12 +377,67 @@ def _words_descs(words, launch, tail):
     return whole, (desc(tail) if tail else whole)
 
 
+_fp8_checked: dict[str, float] = {}  # device -> rel-L2 of its FP8 self-check
+
+
+def fp8_self_check(device: torch.device, tokens=(3, 300)) -> float:
+    """Once per GPU: the FP8 path on small random problems (T = 3: the decode tiles, split K;
+    T = 300: 128-row blocks, a 64-code tail step) against its plain-torch emulation; a
+    RuntimeError when they disagree, so that a miscompiled or wrong decode on a GPU it was never
+    run on cannot return wrong numbers quietly. -> the worst rel-L2 (~1e-2 expected: the kernel's
+    bf16 intermediate and output). `tokens`: the problem sizes (tests on the interpreter take
+    fewer)."""
+    from ..moe_torch import moe_torch
+    from ..weights import quantize_experts
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        device = torch.device("cuda", _device_index(device))
+    if str(device) in _fp8_checked:
+        return _fp8_checked[str(device)]
+    g = torch.Generator().manual_seed(0)
+    E, H, I, k = 4, 192, 320, 2
+    can = [t.to(device) for t in quantize_experts(
+        torch.randn(E, 2 * I, H, generator=g) * 0.1, torch.randn(E, H, I, generator=g) * 0.1,
+        torch.randn(E, 2 * I, generator=g) * 0.1, torch.randn(E, H, generator=g) * 0.1,
+        activation="swiglu_oai", h_multiple=H_MULTIPLE, i_multiple=I_MULTIPLE)]
+    prepared = prepare(*can, "swiglu_oai", activations="fp8")
+    worst = 0.0
+    for T in tokens:
+        x = torch.randn(T, H, generator=g).to(device, torch.bfloat16)
+        ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(device)
+        tw = torch.rand(T, k, generator=g).to(device)
+        out = _moe(x, ids, tw, *prepared, "swiglu_oai", 1.702, 7.0, None, True, True).float()
+        want = moe_torch(x, ids, tw, *can, "swiglu_oai", 1.702, 7.0, None, True, sync_free=False,
+                         activations="fp8").float()
+        err = ((out - want).norm() / want.norm()).item()
+        worst = max(worst, err if err == err else float("inf"))
+    if worst > 3e-2:
+        raise RuntimeError(
+            f"kernel 'triton': the FP8-activation path failed its self-check on "
+            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else device} (rel-L2 {worst:.3g} against its plain-torch "
+            f"emulation, expected ~1e-2): use activations='bf16' and report this GPU and "
+            f"software versions")
+    _fp8_checked[str(device)] = worst
+    return worst
+
+
 def moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
         activation, alpha, limit, expert_map, combine, activations="bf16"):
+    check_activations(activations)
+    if (activations == "fp8" and hidden.device.type == "cuda"
+            and f"cuda:{_device_index(hidden.device)}" not in _fp8_checked
+            and not torch.cuda.is_current_stream_capturing()):
+        fp8_self_check(hidden.device)  # (a captured first call: its eager warm-up ran it)
+    return _moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
+                activation, alpha, limit, expert_map, combine, activations == "fp8")
+
+
+def _moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
+         activation, alpha, limit, expert_map, combine, fp8):
+    activations = "fp8" if fp8 else "bf16"
     T, H = hidden.shape
     k = topk_ids.shape[1]
-    check_activations(activations)
-    fp8 = activations == "fp8"
     if fp8 != (w13.dtype == torch.int32):
         raise ValueError(f"kernel 'triton': activations={activations!r} needs weights prepared "
                          f"with activations={activations!r}; these are the "

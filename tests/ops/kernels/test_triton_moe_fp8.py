@@ -212,6 +212,15 @@ def test_fp8_matches_its_emulation_under_interpreter(results, name):
 @pytest.mark.slow
 @pytest.mark.interpreter
 @pytest.mark.subprocess
+def test_self_check_passes_and_catches_a_wrong_kernel(results):
+    r = results["self_check"]
+    assert "error" not in r, r.get("error")
+    assert r["rel_l2"] < 3e-2 and r["catches_a_wrong_kernel"]
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.subprocess
 def test_row_quantizer_bit_for_bit_under_interpreter(results):
     assert results["quantizer"] == {"torch.bfloat16": True, "torch.float32": True}
 
@@ -226,6 +235,24 @@ if __name__ == "__main__":  # the child: run every case, print one JSON line
             out[name] = _run_case(**kw)
         except Exception:  # noqa: BLE001 - reported per case
             out[name] = {"error": traceback.format_exc()[-2000:]}
+    try:  # the self-check the GPU runs once, here on the interpreter: passes, and catches a
+        # decode that is wrong
+        from mxfp4_compile.ops.kernels import triton_moe
+
+        ok = triton_moe.fp8_self_check(torch.device("cpu"), tokens=(3,))
+        triton_moe._fp8_checked.clear()
+        real = triton_moe._moe
+        triton_moe._moe = lambda *a: real(*a).flip(0)  # rows swapped: wrong, still finite
+        try:
+            triton_moe.fp8_self_check(torch.device("cpu"), tokens=(3,))
+            caught = False
+        except RuntimeError as e:
+            caught = "self-check" in str(e)
+        finally:
+            triton_moe._moe = real
+        out["self_check"] = dict(rel_l2=ok, catches_a_wrong_kernel=caught)
+    except Exception:  # noqa: BLE001
+        out["self_check"] = {"error": traceback.format_exc()[-2000:]}
     try:
         out["quantizer"] = _quantizer_cases()
     except Exception:  # noqa: BLE001
