@@ -73,9 +73,10 @@ def _dequant(words, scales, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
 
 
 @triton.jit
-def _e2m1_f32(words, mag_at: tl.constexpr, sign_at: tl.constexpr):
+def _e2m1_f32(words, mag_at, sign_at):
     """fp32 value of the e2m1 code whose magnitude bits start at bit `mag_at` of each word and
-    whose sign is bit `sign_at` (layout.py; interpreter path)."""
+    whose sign is bit `sign_at` (layout.py, layout_fp8.py; interpreter paths; the bit positions
+    are constants or tensors that broadcast with the words)."""
     mag = (words >> mag_at) & 7
     neg = ((words >> sign_at) & 1) != 0
     bits = tl.where(mag >= 2, (mag << 6) + 16128, tl.where(mag == 1, 16128, 0))  # bf16 pattern

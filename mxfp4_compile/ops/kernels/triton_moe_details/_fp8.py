@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from . import layout_fp8
-from ._dequant import _tiled_cols, _wgmma_drain
+from ._dequant import _e2m1_f32, _tiled_cols, _wgmma_drain
 from ._pdl import _pdl_enter
 
 E4M3_MAX = tl.constexpr(448.0)
@@ -132,8 +132,8 @@ def _dequant_fp8(codes, sc, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
         b = codes.to(tl.int32).reshape(R, BK // 8, 4)
         word = tl.sum(b << (8 * tl.arange(0, 4))[None, None, :], axis=2)[:, :, None]  # [R, BK/8, 1]
         j = tl.arange(0, 4)[None, None, :]
-        a = _e2m1_at(word, 4 * j, 8 * j + 7)                   # [R, BK/8, 4]: column 4c + j
-        bb = _e2m1_at(word, 16 + 4 * j, 8 * j + 3)             # column 16 + 4c + j
+        a = _e2m1_f32(word, 4 * j, 8 * j + 7)                   # [R, BK/8, 4]: column 4c + j
+        bb = _e2m1_f32(word, 16 + 4 * j, 8 * j + 3)             # column 16 + 4c + j
         w = tl.reshape(tl.permute(tl.reshape(tl.join(a, bb), (R, BK // 32, 4, 4, 2)),
                                   (0, 1, 4, 2, 3)), (R, BK // 32, 32))
         f = tl.where(ok, (tl.maximum(d + 127, 1) << 23).to(tl.float32, bitcast=True), 0.0)
@@ -156,17 +156,6 @@ def _dequant_fp8(codes, sc, R: tl.constexpr, BK: tl.constexpr, UPCAST: tl.conste
         w = tl.join(tl.reshape(a, (R, BK // 32, 16)), tl.reshape(bb, (R, BK // 32, 16)))
         w = tl.reshape(tl.permute(w, (0, 1, 3, 2)), (R, BK))
     return w, mult
-
-
-@triton.jit
-def _e2m1_at(word, mag_at, sign_at):
-    """fp32 value of the e2m1 code with magnitude bits at mag_at.. and sign at sign_at of each
-    word (interpreter path)."""
-    mag = (word >> mag_at) & 7
-    neg = ((word >> sign_at) & 1) != 0
-    bits = tl.where(mag >= 2, (mag << 6) + 16128, tl.where(mag == 1, 16128, 0))  # bf16 pattern
-    v = (bits << 16).to(tl.float32, bitcast=True)
-    return tl.where(neg, -v, v)
 
 
 @triton.jit
