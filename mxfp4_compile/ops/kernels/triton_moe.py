@@ -413,11 +413,11 @@ def fp8_self_check(device: torch.device, tokens=(3, 300)) -> float:
         err = ((out - want).norm() / want.norm()).item()
         worst = max(worst, err if err == err else float("inf"))
     if worst > 3e-2:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
         raise RuntimeError(
-            f"kernel 'triton': the FP8-activation path failed its self-check on "
-            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else device} (rel-L2 {worst:.3g} against its plain-torch "
-            f"emulation, expected ~1e-2): use activations='bf16' and report this GPU and "
-            f"software versions")
+            f"kernel 'triton': the FP8-activation path failed its self-check on {name} (rel-L2 "
+            f"{worst:.3g} against its plain-torch emulation, expected ~1e-2): use "
+            f"activations='bf16' and report this GPU and software versions")
     _fp8_checked[str(device)] = worst
     return worst
 

@@ -23,8 +23,8 @@ def _acc_rows(acc, offs_w, wmask, e64, b_ptr, stride_be, HAS_BIAS: tl.constexpr,
               UPCAST: tl.constexpr, SWAP: tl.constexpr, SPLIT: tl.constexpr,
               FP8: tl.constexpr = False):
     """A finished accumulator as [BM, BN] fp32 values: sorted rows first, the bf16 dequant's
-    2**-ACC_SHIFT undone (GPU path; the FP8 path's steps are scaled already), and the bias of weight rows `offs_w` (wmask) of expert e64
-    added (in K chunk 0 only, when K is split)."""
+    2**-ACC_SHIFT undone (GPU path; the FP8 path's steps are scaled already), and the bias of
+    weight rows `offs_w` (wmask) of expert e64 added (in K chunk 0 only, when K is split)."""
     if SWAP:
         acc = tl.trans(acc)
     if not UPCAST and not FP8:
