@@ -33,8 +33,9 @@ def _parser():
     op.add_argument("--tokens", default=GPU_TOKENS if gpu else "1,8,64",
                     help="comma list of token counts T")
     op.add_argument("--kernels", default="auto",
-                    help="comma list from triton, reference, bf16_grouped_mm, triton_kernels, "
-                    "flashinfer; 'auto' = ours that can run here (reference only on CPU) + every peer "
+                    help="comma list from triton, triton_fp8 (activations='fp8', sm90), reference, "
+                    "bf16_grouped_mm, triton_kernels, flashinfer; 'auto' = ours that can run here "
+                    "(reference only on CPU; triton_fp8 on sm90) + every peer "
                     "(peers not installed / not runnable on this GPU are listed as not run)")
     op.add_argument("--r-sets", type=int, default=4 if gpu else 2,
                     help="weight sets rotated inside one timed graph, so weights come from HBM, "
