@@ -128,14 +128,21 @@ def _load_words_tma(w_desc, rg, k0, BN: tl.constexpr, BK: tl.constexpr):
 
 
 @triton.jit
+def _block_scales(s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr):
+    """The scale bytes of the [R, BK] tile at k0 (a multiple of 64), one per 32-block: [R, BK/32]
+    uint8, zero past Kp (s_ptrs [R, 1] from _tiled_rows)."""
+    ks = tl.arange(0, BK // 32)
+    km = rmask[:, None] & ((k0 + 32 * ks) < Kp)[None, :]
+    return tl.load(s_ptrs + _tiled_cols(k0, BK // 32, 2)[None, :], mask=km, other=0)
+
+
+@triton.jit
 def _load_scales(s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr):
     """The e8m0 byte of each word of the [R, BK] tile at k0, as [R, BK/8] uint8 (zero past Kp):
     one byte per 32-block is loaded and repeated 4 times in registers (a 16-byte vector of words
     is one 32-block), so there is one load per 32 codes, not per word. Byte loads cannot go
     through cp.async, so the K loops fetch these one step ahead by hand."""
-    ks = tl.arange(0, BK // 32)
-    km = rmask[:, None] & ((k0 + 32 * ks) < Kp)[None, :]
-    s = tl.load(s_ptrs + _tiled_cols(k0, BK // 32, 2)[None, :], mask=km, other=0)  # [R, BK/32]
+    s = _block_scales(s_ptrs, k0, rmask, Kp, BK)  # [R, BK/32]
     s = tl.join(s, s)
     s = tl.join(s, s)  # [R, BK/32, 2, 2]
     return s.reshape(s.shape[0], BK // 8)

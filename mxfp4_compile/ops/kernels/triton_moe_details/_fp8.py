@@ -10,10 +10,11 @@ import triton
 import triton.language as tl
 
 from . import layout_fp8
-from ._dequant import _e2m1_f32, _tiled_cols, _wgmma_drain
+from ...moe_torch import E4M3_MAX as _E4M3_MAX
+from ._dequant import _block_scales, _e2m1_f32, _tiled_cols, _wgmma_drain
 from ._pdl import _pdl_enter
 
-E4M3_MAX = tl.constexpr(448.0)
+E4M3_MAX = tl.constexpr(_E4M3_MAX)  # the emulation's, so both divide by the same
 _D_MIN = tl.constexpr(layout_fp8.D_MIN)
 _D_MAX = tl.constexpr(layout_fp8.D_MAX)
 _LUT_BASE0 = tl.constexpr(layout_fp8.LUT_BASE[0])
@@ -69,15 +70,6 @@ def _round_e4m3(v):
     a = tl.abs(v)
     sub = (a + 16384.0) - 16384.0
     return tl.where(a < 0.015625, tl.where(v < 0, -sub, sub), normal)
-
-
-@triton.jit
-def _block_scales(s_ptrs, k0, rmask, Kp: tl.constexpr, BK: tl.constexpr):
-    """The e8m0 bytes of the [R, BK] tile at k0 (a multiple of 64), one per 32-block: [R, BK/32]
-    uint8, zero past Kp (s_ptrs [R, 1] from _tiled_rows, in scale bytes)."""
-    ks = tl.arange(0, BK // 32)
-    km = rmask[:, None] & ((k0 + 32 * ks) < Kp)[None, :]
-    return tl.load(s_ptrs + _tiled_cols(k0, BK // 32, 2)[None, :], mask=km, other=0)
 
 
 @triton.jit
