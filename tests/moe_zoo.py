@@ -113,6 +113,61 @@ class DenseMoE(nn.Module):
         return (y * dw.t().unsqueeze(-1)).sum(0)
 
 
+class InputWeightedMoE(nn.Module):
+    """Llama 4's MoE (transformers' Llama4TextMoe, written out): a top-k sigmoid router whose
+    dense [T, E] scores scale every expert's *input*, all experts as one bmm over E ([E, H, 2I]
+    weights, gate/up halves), the E outputs summed unweighted, a shared expert added.
+    ``spelling``: "repeat" (transformers') or "expand" (x broadcast over E)."""
+
+    def __init__(self, k=1, bias=False, spelling="repeat", shared=True):
+        super().__init__()
+        self.k, self.spelling = k, spelling
+        self.router = nn.Linear(H, E, bias=False)
+        self.gate_up_proj = nn.Parameter(torch.randn(E, H, 2 * I) * .05)
+        self.down_proj = nn.Parameter(torch.randn(E, I, H) * .05)
+        self.b13 = nn.Parameter(torch.randn(E, 2 * I) * .05) if bias else None
+        self.b2 = nn.Parameter(torch.randn(E, H) * .05) if bias else None
+        self.shared = nn.Sequential(nn.Linear(H, I, bias=False), nn.SiLU(),
+                                    nn.Linear(I, H, bias=False)) if shared else None
+
+    def forward(self, x):
+        x = x.reshape(-1, H)
+        logits = self.router(x)
+        top_v, top_i = torch.topk(logits, self.k, dim=1)
+        scores = torch.full_like(logits, float("-inf")).scatter_(1, top_i, top_v)
+        scores = torch.sigmoid(scores.float()).to(scores.dtype)  # [T, E], 0 where unpicked
+        if self.spelling == "repeat":
+            rows = x.repeat(E, 1) * scores.transpose(0, 1).reshape(-1, 1)  # [E*T, H]
+            rows = rows.view(E, -1, H)
+        else:
+            rows = x.unsqueeze(0).expand(E, -1, -1) * scores.t().unsqueeze(-1)  # [E, T, H]
+        gate_up = torch.bmm(rows, self.gate_up_proj)
+        if self.b13 is not None:
+            gate_up = gate_up + self.b13[:, None, :]
+        gate, up = gate_up.chunk(2, dim=-1)
+        y = torch.bmm(up * F.silu(gate), self.down_proj)
+        if self.b2 is not None:
+            y = y + self.b2[:, None, :]
+        routed = y.view(-1, H).reshape(E, -1, H).sum(dim=0)
+        if self.shared is None:
+            return routed
+        out = self.shared(x)
+        out.add_(routed)
+        return out
+
+
+def hf_llama4(layers=2, k=1, dtype=torch.bfloat16):
+    """transformers' Llama4ForCausalLM from a tiny config (every layer MoE)."""
+    transformers = importlib.import_module("transformers")
+    cfg = transformers.Llama4TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=32, intermediate_size_mlp=64,
+        num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1, head_dim=32,
+        max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        num_local_experts=4, num_experts_per_tok=k, interleave_moe_layer_step=1)
+    torch.manual_seed(0)
+    return transformers.Llama4ForCausalLM(cfg).to(dtype).eval()
+
+
 def _dequant_torch(blocks, scales, lut, dtype):
     """MXFP4 -> float in plain torch ops (low nibble = even element), as a checkpoint loader would."""
     codes = torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).flatten(-2).long()   # [E, N, K]

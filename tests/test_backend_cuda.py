@@ -32,6 +32,20 @@ def test_transformers_on_cuda(family, impl, T):
         assert "aten._grouped_mm" in before and "aten.histc" in before
 
 
+@pytest.mark.parametrize("T", [7, 1])
+@pytest.mark.parametrize("k", [1, 2])
+def test_llama4_on_cuda(k, T):
+    """transformers' Llama 4 (routing weights on the experts' input, dense bmm experts, a shared
+    expert): every layer one mxfp4.moe(weights_on_input=True) on the GPU's kernel."""
+    pytest.importorskip("transformers")
+    m = z.hf_llama4(layers=2, k=k).cuda()
+    c = z.check_rewrite_numerics(m, (z.token_ids(T).cuda(),), {"gate_up_proj": 1, "down_proj": 1},
+                                 n_moe=2, tight=3e-2)
+    assert "weights_on_input=True" in c.code
+    info = backend.last_compile_info[-1]
+    assert info["kernel"] != "reference", info["kernel_reason"]
+
+
 def test_gpt_oss_reference_block_on_cuda():
     pytest.importorskip("gpt_oss.torch.model")
     m = z.gpt_oss_reference_block().cuda()

@@ -257,7 +257,8 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
         w2: torch.Tensor, w2_scales: torch.Tensor, w2_bias: torch.Tensor | None,
         kernel: str, activation: str = "swiglu_oai", alpha: float = SWIGLU_ALPHA,
         limit: float = SWIGLU_LIMIT, expert_map: torch.Tensor | None = None,
-        combine: bool = True, activations: str = "bf16") -> torch.Tensor:
+        combine: bool = True, activations: str = "bf16",
+        weights_on_input: bool = False) -> torch.Tensor:
     """Fused MoE experts on MXFP4 weights prepared for ``kernel`` (see ops/moe_torch.py for the
     math). Returns [T, H] combined, or [T, k, H] unweighted per-slot outputs when not ``combine``.
 
@@ -287,7 +288,15 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     read costs no sync there); on a GPU such an entry too means "not on this rank".
     ``MXFP4_CHECK_IDS=1`` turns all of these into an error instead (CPU: a ValueError; GPU:
     ``torch._assert_async``, skipped under CUDA-graph capture). The Triton kernel with an expert_map reads map[id] without a bounds check, so ids
-    outside [0, len(expert_map)) must not reach it on a GPU (see MXFP4_CHECK_IDS)."""
+    outside [0, len(expert_map)) must not reach it on a GPU (see MXFP4_CHECK_IDS).
+
+    ``weights_on_input`` (vLLM's ``apply_router_weight_on_input``, Llama 4's MoE): each slot's
+    expert reads its token scaled by its weight, and the slots are summed unweighted:
+    out[t] = sum_s expert_{ids[t, s]}(w[t, s] * x[t]), the product rounded to hidden's dtype as a
+    model computing it in that dtype does. With biases or swiglu this is not the output-weighted
+    math. Every kernel runs it the same way: the T*k scaled rows go to the kernel as T*k tokens
+    of one slot each (weight 1), and the k outputs of each token are summed in float32
+    (combine=False: returned per slot, [T, k, H])."""
     E, _, _ = _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
                          (w13, w13_scales, w13_bias, w2, w2_scales, w2_bias), activations)
     if expert_map is not None and expert_map.device.type == "cpu":
@@ -297,15 +306,34 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     reason = dispatch.unavailable_reason(kernel, hidden.device)
     if reason is not None:
         raise RuntimeError(f"moe: kernel {kernel!r} cannot run on {hidden.device}: {reason}")
-    return dispatch.get_kernel(kernel).moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias,
-                                            w2, w2_scales, w2_bias, activation, alpha, limit,
-                                            expert_map, combine, activations)
+    run = dispatch.get_kernel(kernel).moe
+    if weights_on_input:
+        return _moe_weights_on_input(run, hidden, topk_ids, topk_weights, (
+            w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, activation, alpha, limit,
+            expert_map), combine, activations)
+    return run(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
+               activation, alpha, limit, expert_map, combine, activations)
+
+
+def _moe_weights_on_input(run, hidden, topk_ids, topk_weights, rest, combine, activations):
+    """``moe(..., weights_on_input=True)`` on any kernel's ``run``: rows [T*k, H] = w[t, s] * x[t]
+    (in hidden's dtype), one slot each with weight 1, then the k outputs of a token summed in
+    float32. The expert work is the same T*k (token, expert) pairs as the weighted form's."""
+    T, H = hidden.shape
+    k = topk_ids.shape[1]
+    rows = (hidden.unsqueeze(1) * topk_weights.unsqueeze(-1)).to(hidden.dtype).reshape(T * k, H)
+    ids = topk_ids.reshape(T * k, 1)
+    ones = torch.ones((T * k, 1), dtype=topk_weights.dtype, device=topk_weights.device)
+    y = run(rows, ids, ones, *rest, True, activations).view(T, k, H)  # [T, k, H] per slot
+    if not combine:
+        return y
+    return y.sum(dim=1, dtype=torch.float32).to(hidden.dtype)
 
 
 @moe.register_fake
 def _(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias, kernel,
       activation="swiglu_oai", alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT, expert_map=None, combine=True,
-      activations="bf16"):
+      activations="bf16", weights_on_input=False):
     _check_moe(hidden, topk_ids, topk_weights, kernel, activation, expert_map,
                (w13, w13_scales, w13_bias, w2, w2_scales, w2_bias), activations)
     if combine:

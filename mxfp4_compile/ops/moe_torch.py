@@ -84,12 +84,15 @@ def quantize_rows_e4m3(x: torch.Tensor) -> torch.Tensor:
 
 def moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scales, w2_bias,
               activation="swiglu_oai", alpha=SWIGLU_ALPHA, limit=SWIGLU_LIMIT, expert_map=None,
-              combine=True, sync_free=None, *, interleaved=None, activations="bf16"):
+              combine=True, sync_free=None, *, interleaved=None, activations="bf16",
+              intermediate_dtype=None):
     """Fused MoE forward. ``interleaved``: w13's gate/up row order (see ``activate``). ``sync_free`` (default: on for non-CPU devices) computes every expert
     on every token and masks, so no data-dependent shapes or host syncs occur (CUDA-graph safe);
     otherwise each expert runs on its own tokens only. ``activations="fp8"``: each GEMM's
     input rows (the tokens, then the activated intermediate) are first quantized per row to
-    e4m3 (``quantize_rows_e4m3``); the weights and the math stay exact float32."""
+    e4m3 (``quantize_rows_e4m3``); the weights and the math stay exact float32.
+    ``intermediate_dtype``: round the activated intermediate to this dtype before GEMM2 (and
+    before its fp8 quantization), as a kernel that stores it so does; None: exact."""
     T, H = hidden.shape
     k = topk_ids.shape[1]
     E = w13.shape[0]
@@ -102,6 +105,8 @@ def moe_torch(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_
 
     def act(h):
         a = activate(h, activation, alpha, limit, interleaved)
+        if intermediate_dtype is not None:
+            a = a.to(intermediate_dtype).float()
         return quantize_rows_e4m3(a) if fp8 else a
     ids = local_ids(topk_ids, expert_map)  # [T, k]
     out = torch.zeros(T, k, w2.shape[1], dtype=torch.float32, device=hidden.device)  # per-slot outputs

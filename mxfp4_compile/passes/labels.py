@@ -92,6 +92,8 @@ class Labels:
             return self.gemm_labels(n)[0]
         if t in (aten.mul.Tensor, aten.add.Tensor, aten.sub.Tensor, aten.div.Tensor):
             return self._pointwise(n)
+        if t is aten.repeat.default:
+            return self._repeat_rule(n)
         if t is aten.sum.dim_IntList:
             src = self.of(n.args[0])
             if src is None or (len(n.args) > 2 and n.args[2]) or n.kwargs.get("keepdim"):
@@ -99,6 +101,15 @@ class Labels:
             dims = {d % len(src) for d in n.args[1]}
             return tuple(l for i, l in enumerate(src) if i not in dims)
         return None
+
+    def _repeat_rule(self, n):
+        """x.repeat(r0, r1, ...) tiles: a dim repeated r times reads index i * size + j, so its label
+        is a broadcast atom of size r (the outer index) before the source's label."""
+        src, reps = self.of(n.args[0]), list(n.args[1])
+        if src is None or len(reps) < len(src):
+            return None
+        src = ((),) * (len(reps) - len(src)) + tuple(src)
+        return tuple(l if same(r, 1) else self.broadcast(r) + tuple(l) for r, l in zip(reps, src))
 
     def _pointwise(self, n):
         ins = [a for a in n.args[:2] if isinstance(a, fx.Node)]

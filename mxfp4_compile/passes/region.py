@@ -31,6 +31,9 @@ class MoERegion:
     output: fx.Node               # [T, H] node the op's result replaces
     dense_experts: bool = False   # weights are [T, E] over every expert
     residual: fx.Node | None = None  # a tensor the combine adds the expert sum to (scatter_add base)
+    weights_on_input: bool = False  # each expert reads w * x; outputs summed unweighted
+    weights_chain: tuple = ()     # unary ops the model applies to the weights after its scatter
+    #                               (dense forms), re-applied to topk_weights at rewrite
     num_experts: int = 0
     hidden_size: int = 0
     intermediate_size: int = 0
@@ -196,10 +199,14 @@ def check_rows(lab, row_atoms, n_label, where, labels):
             raise NoMatch(f"{where}: unexpected dim {x} in {lab}")
 
 
-def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, out_label):
-    """From the second GEMM (its output labels hold T, ``slot``, H) to the [T, H] weighted sum.
-    -> (output node, weights root, w2 bias or None)."""
-    cur, weights, bias, summed = start, None, None, False
+def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, out_label,
+                 input_weights=None):
+    """From the second GEMM (its output labels hold T, ``slot``, H) to the [T, H] weighted sum
+    (``input_weights``: the weights the experts' input was scaled by; then the sum is unweighted
+    and a second weighting is no match). -> (output node, weights root, w2 bias or None)."""
+    cur, weights, bias = start, input_weights, None
+    on_input = input_weights is not None
+    summed = on_input and not labels.norm((slot,))  # top-1 with input weights: nothing to sum
     while True:
         if len(cur.users) != 1:
             raise NoMatch(f"{cur.name}: expert output used {len(cur.users)} times before the combine")
@@ -212,7 +219,8 @@ def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, o
         elif (is_view(u) or u in labels.rules or labels.identity.get(u) is cur) and \
                 labels.of(u) is not None:
             cur = u  # a re-layout (view, un-permute of sorted rows) or a sentinel mask (identity)
-        elif u.target is aten.add.Tensor and bias is None and weights is None:
+        elif u.target is aten.add.Tensor and bias is None and (weights is None or on_input) \
+                and not summed:
             other = u.args[1] if u.args[0] is cur else u.args[0]
             found = _is_bias_gather(other, ctx, ids_roots) if isinstance(other, fx.Node) else None
             if found is None:
@@ -258,13 +266,15 @@ def walk_combine(start, labels: Labels, slot, weights_root_ok, ctx, ids_roots, o
                     [labels.norm(d) for d in (("T",), out_label) if labels.norm(d)] \
                     and len(shape(cur)) == 2:
                 return cur, weights, bias
-    raise NoMatch(f"{cur.name}: expert outputs are not combined as sum_k w[t,k] * y (stopped at "
+    what = "sum_k y (input already weighted)" if on_input else "sum_k w[t,k] * y"
+    raise NoMatch(f"{cur.name}: expert outputs are not combined as {what} (stopped at "
                   f"{next(iter(cur.users)).name if cur.users else 'output'})")
 
 
 def match_pair(form, firsts, g2: ExpertGemm, labels: Labels, ctx, *, T, k, slot, ids_roots,
-               hidden, weights_root_ok, row_atoms=None) -> MoERegion:
-    """The shared part of every form; ``labels`` already has the form's roots for hidden/ids/rows."""
+               hidden, weights_root_ok, row_atoms=None, input_weights=None) -> MoERegion:
+    """The shared part of every form; ``labels`` already has the form's roots for hidden/ids/rows
+    (and, with ``input_weights``, the weights the experts' input rows were scaled by)."""
     if len(firsts) > 2:
         raise NoMatch(f"{len(firsts)} expert GEMMs feed one activation")
     # -- first GEMM(s): gate_up fused, or gate and up separate
@@ -327,7 +337,7 @@ def match_pair(form, firsts, g2: ExpertGemm, labels: Labels, ctx, *, T, k, slot,
         raise NoMatch("the second GEMM's output size is not the hidden size")
     # -- combine
     out, weights, bias2 = walk_combine(g2.node, labels, slot, weights_root_ok, ctx, ids_roots,
-                                       (h_label,))
+                                       (h_label,), input_weights)
     for w in w13 + [g2.weight]:
         if w not in ctx.const:
             raise NoMatch(f"expert weight {w.name} is not a frozen parameter (is grad enabled, or is "
@@ -342,7 +352,7 @@ def match_pair(form, firsts, g2: ExpertGemm, labels: Labels, ctx, *, T, k, slot,
                      w13_bias=bias13, w2=g2.weight, w2_bias=bias2, w13_transposed=trans13,
                      w2_transposed=trans2, activation=act, output=out, num_experts=E,
                      hidden_size=shape(hidden)[1], intermediate_size=I, top_k=k,
-                     residual=residual)
+                     residual=residual, weights_on_input=input_weights is not None)
 
 
 def _is_zeros(n):

@@ -57,6 +57,8 @@ def rewrite(graph: fx.Graph, r: MoERegion, *, kernel: str, rounding: str,
                                    transposed=r.w13_transposed, index=i,
                                    w2_transposed=r.w2_transposed, **fp8))
         ids, weights = r.topk_ids, r.topk_weights
+        for u in r.weights_chain:  # the router's ops after its scatter, now on the top-k values
+            weights = call(graph, u.target, (weights, *u.args[1:]), dict(u.kwargs))
         if ids is None:  # dense: every expert on every token, weights [T, E]
             E = r.num_experts
             ar = call(graph, prims.iota.default, (E,),
@@ -67,7 +69,8 @@ def rewrite(graph: fx.Graph, r: MoERegion, *, kernel: str, rounding: str,
                    (r.hidden, ids, weights, prep["w13"], prep["w13_scales"], prep["w13_bias"],
                     prep["w2"], prep["w2_scales"], prep["w2_bias"], kernel),
                    dict(activation=r.activation.name, alpha=float(r.activation.alpha),
-                        limit=float(r.activation.limit), **fp8))
+                        limit=float(r.activation.limit), **fp8,
+                        **(dict(weights_on_input=True) if r.weights_on_input else {})))
         want = val(r.output)
         if val(out).dtype != want.dtype:
             out = call(graph, prims.convert_element_type.default, (out, want.dtype))

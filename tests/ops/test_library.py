@@ -2,11 +2,14 @@
 errors on bad input: each names the argument at fault."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 import mxfp4_compile  # noqa: F401
+from mxfp4_compile import numerics
 from mxfp4_compile.formats import E8M0_BIAS, SWIGLU_ALPHA, SWIGLU_LIMIT
 from mxfp4_compile.ops import weights
 from mxfp4_compile.ops.kernels import reference_moe
+from mxfp4_compile.ops.moe_torch import activate
 
 OPS = torch.ops.mxfp4
 
@@ -113,6 +116,51 @@ def test_opcheck_moe_sliced_hidden():
     hidden = big[:, 16:80]  # row stride 160
     ids, w = make_routing(5, 2, 4, seed=11)
     opcheck(OPS.moe.default, moe_args(p, hidden, ids, w))
+
+
+def _on_input_expected(p, hidden, ids, w, activation):
+    """[T, k, H] float64: expert_{ids[t, s]}(w[t, s] * x[t]), the product rounded to hidden's dtype,
+    from the canonical weights (the activation's own gate/up order)."""
+    w13, s13, b13, w2, s2, b2 = reference_moe.unprepare(*p.tensors(), activation)
+    W13 = numerics.dequantize(w13, s13, torch.float64)  # [E, 2Ip, Hp]
+    W2 = numerics.dequantize(w2, s2, torch.float64)  # [E, Hp, Ip]
+    T, H = hidden.shape
+    out = torch.zeros(T, ids.shape[1], W2.shape[1], dtype=torch.float64)
+    for t in range(T):
+        for s in range(ids.shape[1]):
+            e = int(ids[t, s])
+            x = F.pad((hidden[t] * w[t, s]).to(hidden.dtype).double(), (0, W13.shape[2] - H))
+            h = W13[e] @ x + (0 if b13 is None else b13[e].double())
+            a = activate(h, activation, SWIGLU_ALPHA, SWIGLU_LIMIT)
+            out[t, s] = W2[e] @ a + (0 if b2 is None else b2[e].double())
+    return out[..., :H]
+
+
+@pytest.mark.parametrize("k,activation,bias,dtype", [
+    (1, "silu_glu", False, torch.bfloat16), (3, "swiglu_oai", True, torch.bfloat16),
+    (2, "swiglu_oai", False, torch.float32)])
+def test_moe_weights_on_input(k, activation, bias, dtype):
+    """weights_on_input: sum_s expert(w * x), against float64 from the same MXFP4 weights, per slot
+    (combine=False) and summed; with swiglu or biases it is not the output-weighted result."""
+    p = make_weights(E=5, H=96, I=64, bias=bias, activation=activation, seed=k)
+    ids, w = make_routing(7, k, 5, seed=k + 10)
+    hidden = torch.randn(7, 96, generator=_g(k + 20)).to(dtype)
+    args = moe_args(p, hidden, ids, w)
+    want = _on_input_expected(p, hidden, ids, w, activation)
+    tol = 1e-2 if dtype == torch.bfloat16 else 1e-5
+    slots = OPS.moe(*args, activation=activation, weights_on_input=True, combine=False)
+    assert slots.shape == (7, k, 96) and slots.dtype == dtype
+    assert rel_l2(slots, want) < tol
+    out = OPS.moe(*args, activation=activation, weights_on_input=True)
+    assert out.shape == (7, 96) and out.dtype == dtype
+    assert rel_l2(out, want.sum(1)) < tol
+    if activation == "swiglu_oai" or bias:
+        assert rel_l2(OPS.moe(*args, activation=activation), want.sum(1)) > 0.05
+    opcheck(OPS.moe.default, args, dict(activation=activation, weights_on_input=True))
+
+
+def rel_l2(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 # ------------------------------------------------------------------------- prepare_moe_weights

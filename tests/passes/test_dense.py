@@ -3,6 +3,7 @@ import unittest
 
 import pytest
 import torch
+import torch.nn.functional as F
 from expecttest import TestCase
 
 import moe_zoo as z
@@ -120,3 +121,57 @@ prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default([arg0_1], None
 prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=4, w2_transposed=False)
 moe_default = mxfp4.moe.default(arg3_1, getitem_1, div_1, prepare_moe_weights_default, prepare_moe_weights_default_1, None, prepare_moe_weights_default_2, prepare_moe_weights_default_3, None, 'reference', activation='silu_glu', alpha=1.702, limit=7)
 return [moe_default]""")
+
+
+def test_input_weighted_llama4_form():
+    """Llama 4's MoE (routing weights scale the experts' input; top-1 sigmoid router; all experts
+    as bmm's over E; a shared expert beside): one mxfp4.moe with weights_on_input on the top-1
+    experts; the router's sigmoid moves onto the top-1 values; the shared expert stays."""
+    torch.manual_seed(0)
+    m = z.InputWeightedMoE().to(BF16)
+    c = z.check_rewrite_numerics(m, (x(),), {"gate_up_proj": 1, "down_proj": 1}, n_moe=1)
+    c.rec.assert_counts(
+        before={aten.bmm: 2, aten.repeat: 1, aten.scatter: 1, aten.sigmoid: 1},
+        after={aten.bmm: 0, aten.repeat: 0, aten.scatter: 0, aten.sigmoid: 1, aten.topk: 1,
+               mxfp4.moe: 1, mxfp4.topk_softmax: 0})
+    (_, after), = c.rec.texts()
+    assert "weights_on_input=True" in after
+
+
+@pytest.mark.parametrize("k,bias,spelling,T", [
+    (2, False, "repeat", 7), (1, False, "expand", 7), (1, False, "repeat", 1),
+    pytest.param(1, False, "repeat", z.E, marks=slow), pytest.param(1, True, "repeat", 7, marks=slow),
+    pytest.param(2, True, "expand", 7, marks=slow)])
+def test_input_weighted_variants(k, bias, spelling, T):
+    """Top-2, the broadcast spelling, one token (its T dim drops out of the views), T == E (the
+    [T, E] weights and their [E, T] transpose look alike), and biases. With biases an unpicked
+    expert reads 0 and still adds W2 act(b13) + b2, so every expert runs (ids = all E, the dense
+    weights)."""
+    torch.manual_seed(1)
+    m = z.InputWeightedMoE(k=k, bias=bias, spelling=spelling).to(BF16)
+    c = z.check_rewrite_numerics(m, (x(T),), {"gate_up_proj": 1, "down_proj": 1}, n_moe=1)
+    c.rec.assert_counts(after={aten.bmm: 0, mxfp4.moe: 1, aten.scatter: int(bias)})
+    (_, after), = c.rec.texts()
+    moe_line = next(l for l in after.splitlines() if "mxfp4.moe.default" in l)
+    assert "weights_on_input=True" in moe_line
+    assert ("iota" in after) == bias, after  # all experts only where biases make them count
+
+
+def test_input_weighted_with_output_weights_too_is_refused():
+    """Weights on the input *and* on the output is not the op's math: no rewrite, and the
+    report says where the combine stopped."""
+    class Twice(z.InputWeightedMoE):
+        def forward(self, x):
+            logits = self.router(x)
+            top_v, top_i = torch.topk(logits, 1, dim=1)
+            s = torch.sigmoid(torch.full_like(logits, float("-inf")).scatter(1, top_i, top_v))
+            rows = x.unsqueeze(0).expand(z.E, -1, -1) * s.t().unsqueeze(-1)
+            g, u = torch.bmm(rows, self.gate_up_proj).chunk(2, dim=-1)
+            y = torch.bmm(u * F.silu(g), self.down_proj)
+            return (y * s.t().unsqueeze(-1)).sum(0)
+    torch.manual_seed(0)
+    from mxfp4_compile import explain
+    with torch.no_grad():
+        rep = explain(Twice().to(BF16), x())
+    assert len(rep.regions) == 1 and not rep.regions[0].rewritten, rep
+    assert "input already weighted" in rep.regions[0].reason, rep

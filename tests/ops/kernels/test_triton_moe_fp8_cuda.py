@@ -65,10 +65,11 @@ def test_fp8_against_emulation_and_reference(T, E, H, I, k, act, emap):
     torch.cuda.synchronize()
     assert out.isfinite().all()
     emu = moe_torch(x, ids, tw, *canon, act, 1.702, 7.0, m, True, sync_free=False,
-                    activations="fp8")
+                    activations="fp8", intermediate_dtype=torch.bfloat16)
     ref = moe_torch(x, ids, tw, *canon, act, 1.702, 7.0, m, True, sync_free=False)
-    # against its emulation: the bf16 rounding of the intermediate and of y only (the bf16
-    # path's own distance to the reference is ~6e-3); against exact math: the e4m3 activations
-    assert _rel(out, emu) < 1.5e-2
-    assert _rel(out, ref) < 5e-2
+    # against its emulation (with the kernel's bf16 intermediate): the output's bf16 rounding
+    # and the accumulation order (H200: 1.6e-3...7e-3 over these cases); against exact math: as
+    # far as the e4m3 activations take the emulation (4.0e-2...4.7e-2 here), no further
+    assert _rel(out, emu) < 1e-2
+    assert _rel(out, ref) < 1.1 * _rel(emu, ref) + 2e-3
     assert _rel(emu, ref) > 1e-2  # the emulation does quantize (the test can tell them apart)
