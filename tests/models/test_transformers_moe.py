@@ -42,3 +42,13 @@ def test_one_token_decode(family, impl):
     m = z.hf_model(family, impl, layers=1)
     z.check_rewrite_numerics(m, (z.token_ids(T=1),), K_DIMS.get(family, DEFAULT_K), n_moe=1,
                              tight=3e-2)
+
+
+@pytest.mark.parametrize("k", [1, 2])
+def test_llama4(k):
+    """transformers' Llama 4: the routing weights scale the experts' input, every expert runs as
+    one bmm over E, a shared expert beside them; each layer one mxfp4.moe(weights_on_input)."""
+    m = z.hf_llama4(layers=2, k=k)
+    assert all(p.float().std() > 0 for n, p in m.named_parameters() if ".experts." in n)
+    c = z.check_rewrite_numerics(m, (z.token_ids(),), {"gate_up_proj": 1, "down_proj": 1}, n_moe=2)
+    assert c.code.count("weights_on_input=True") == 2, c.code

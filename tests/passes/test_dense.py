@@ -122,6 +122,66 @@ prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default([arg0_1], None
 moe_default = mxfp4.moe.default(arg3_1, getitem_1, div_1, prepare_moe_weights_default, prepare_moe_weights_default_1, None, prepare_moe_weights_default_2, prepare_moe_weights_default_3, None, 'reference', activation='silu_glu', alpha=1.702, limit=7)
 return [moe_default]""")
 
+    def test_llama4_before_after(self):
+        """Routing weights on the input: the repeat, the transposed weights and both bmm's go;
+        the router's scatter too (sigmoid(-inf) = 0: the top-1 values carry the weights)."""
+        torch.manual_seed(0)
+        (before, after), = z.record_pass_graphs(z.InputWeightedMoE(shared=False).to(BF16), x())
+        self.assertExpectedInline(before, """\
+arg0_1 = input
+arg1_1 = input
+arg2_1 = input
+arg3_1 = input
+permute = aten.permute.default(arg3_1, [1, 0])
+mm = aten.mm.default(arg2_1, permute)
+topk = aten.topk.default(mm, 1, 1)
+getitem = getitem(topk, 0)
+getitem_1 = getitem(topk, 1)
+full_default = aten.full.default([5, 4], -inf, dtype=bfloat16, device=cpu)
+scatter = aten.scatter.src(full_default, 1, getitem_1, getitem)
+convert_element_type_2 = prims.convert_element_type.default(scatter, float32)
+sigmoid = aten.sigmoid.default(convert_element_type_2)
+convert_element_type_3 = prims.convert_element_type.default(sigmoid, bfloat16)
+repeat = aten.repeat.default(arg2_1, [4, 1])
+permute_1 = aten.permute.default(convert_element_type_3, [1, 0])
+clone = aten.clone.default(permute_1, memory_format=torch.contiguous_format)
+view_1 = aten.view.default(clone, [20, 1])
+mul = aten.mul.Tensor(repeat, view_1)
+view_2 = aten.view.default(mul, [4, -1, 64])
+bmm = aten.bmm.default(view_2, arg0_1)
+split = aten.split.Tensor(bmm, 32, -1)
+getitem_2 = getitem(split, 0)
+getitem_3 = getitem(split, 1)
+convert_element_type_6 = prims.convert_element_type.default(getitem_2, float32)
+neg = aten.neg.default(convert_element_type_6)
+exp = aten.exp.default(neg)
+add = aten.add.Tensor(exp, 1)
+div = aten.div.Tensor(convert_element_type_6, add)
+convert_element_type_7 = prims.convert_element_type.default(div, bfloat16)
+mul_1 = aten.mul.Tensor(getitem_3, convert_element_type_7)
+bmm_1 = aten.bmm.default(mul_1, arg1_1)
+sum_1 = aten.sum.dim_IntList(bmm_1, [0])
+return [sum_1]""")
+        self.assertExpectedInline(after, """\
+arg0_1 = input
+arg1_1 = input
+arg2_1 = input
+arg3_1 = input
+permute = aten.permute.default(arg3_1, [1, 0])
+mm = aten.mm.default(arg2_1, permute)
+topk = aten.topk.default(mm, 1, 1)
+getitem = getitem(topk, 0)
+getitem_1 = getitem(topk, 1)
+prepare_moe_weights_default = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=True, index=0, w2_transposed=True)
+prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=True, index=1, w2_transposed=True)
+prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=True, index=3, w2_transposed=True)
+prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=True, index=4, w2_transposed=True)
+convert_element_type_default = prims.convert_element_type.default(getitem, float32)
+sigmoid_default = aten.sigmoid.default(convert_element_type_default)
+convert_element_type_default_1 = prims.convert_element_type.default(sigmoid_default, bfloat16)
+moe_default = mxfp4.moe.default(arg2_1, getitem_1, convert_element_type_default_1, prepare_moe_weights_default, prepare_moe_weights_default_1, None, prepare_moe_weights_default_2, prepare_moe_weights_default_3, None, 'reference', activation='silu_glu', alpha=1.702, limit=7, weights_on_input=True)
+return [moe_default]""")
+
 
 def test_input_weighted_llama4_form():
     """Llama 4's MoE (routing weights scale the experts' input; top-1 sigmoid router; all experts
