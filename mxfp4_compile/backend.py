@@ -185,7 +185,7 @@ def check_fp8_kernel(kernel: str, device: torch.device) -> str:
     in plain torch (CPU), every other kernel or GPU refuses it."""
     if kernel == "triton" and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
         return ("activations fp8: e4m3 GEMM inputs with per-row scales on fp8 tensor cores (W4A8; "
-                "not yet verified on a GPU: a self-check against its emulation runs on first use)")
+                "experimental: slower than bf16 activations today, benchmarks/notes/fp8.md)")
     if kernel == "reference":
         return "activations fp8: e4m3 GEMM inputs with per-row scales, emulated in plain torch"
     where = (f"sm{''.join(map(str, torch.cuda.get_device_capability(device)))}"
