@@ -55,6 +55,7 @@ class ExplainReport:
             d = r.details
             shape = (f" E={d['experts']} H={d['hidden']} I={d['intermediate']} k={d['top_k']} "
                      f"{d['activation']}" if "experts" in d else "")
+            shape += " (routing weights on the input)" if d.get("weights_on_input") else ""
             names = f" weights={d['weights']}" if d.get("weights") else ""
             route = f"; router: {d['router']}" if d.get("router") else ""
             note = f"; {d['note']}" if d.get("note") else ""

@@ -143,4 +143,7 @@ def _match_one(ctx, firsts, g2):
         region.top_k = shape(found[0])[1]
     else:
         region.dense_experts = True
+        region.note = ("every expert on every token: " + (
+            "with the weights on the input, the biases make unpicked experts count"
+            if found is not None else "the [T, E] weights are not a top-k scatter"))
     return region

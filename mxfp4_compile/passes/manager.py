@@ -95,6 +95,10 @@ class MoERewritePass(CustomGraphPass):
                                intermediate=r.intermediate_size, top_k=r.top_k,
                                activation=r.activation.name,
                                weights=[param_name(w, self.param_names) for w in r.w13 + [r.w2]])
+                if r.weights_on_input:
+                    details["weights_on_input"] = True
+                if r.note:
+                    details["note"] = r.note
                 if r.activation.name == "swiglu_oai":
                     details.update(alpha=r.activation.alpha, limit=r.activation.limit)
                 if isinstance(r.hidden_size, int) and isinstance(r.intermediate_size, int):

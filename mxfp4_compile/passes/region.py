@@ -34,6 +34,7 @@ class MoERegion:
     weights_on_input: bool = False  # each expert reads w * x; outputs summed unweighted
     weights_chain: tuple = ()     # unary ops the model applies to the weights after its scatter
     #                               (dense forms), re-applied to topk_weights at rewrite
+    note: str = ""                # what a report should say about how the op runs it
     num_experts: int = 0
     hidden_size: int = 0
     intermediate_size: int = 0

@@ -215,6 +215,12 @@ def test_input_weighted_variants(k, bias, spelling, T):
     moe_line = next(l for l in after.splitlines() if "mxfp4.moe.default" in l)
     assert "weights_on_input=True" in moe_line
     assert ("iota" in after) == bias, after  # all experts only where biases make them count
+    if bias:
+        from mxfp4_compile import explain
+        with torch.no_grad():
+            rep = explain(m, x(T))
+        assert rep.regions[0].rewritten and "biases make unpicked experts count" in str(rep), rep
+        assert "(routing weights on the input)" in str(rep)
 
 
 def test_input_weighted_with_output_weights_too_is_refused():
