@@ -117,11 +117,12 @@ class InputWeightedMoE(nn.Module):
     """Llama 4's MoE (transformers' Llama4TextMoe, written out): a top-k sigmoid router whose
     dense [T, E] scores scale every expert's *input*, all experts as one bmm over E ([E, H, 2I]
     weights, gate/up halves), the E outputs summed unweighted, a shared expert added.
-    ``spelling``: "repeat" (transformers') or "expand" (x broadcast over E)."""
+    ``spelling``: "repeat" (transformers') or "expand" (x broadcast over E); ``fill``: the
+    scores of unpicked experts before the sigmoid (-inf: weight 0)."""
 
-    def __init__(self, k=1, bias=False, spelling="repeat", shared=True):
+    def __init__(self, k=1, bias=False, spelling="repeat", shared=True, fill=float("-inf")):
         super().__init__()
-        self.k, self.spelling = k, spelling
+        self.k, self.spelling, self.fill = k, spelling, fill
         self.router = nn.Linear(H, E, bias=False)
         self.gate_up_proj = nn.Parameter(torch.randn(E, H, 2 * I) * .05)
         self.down_proj = nn.Parameter(torch.randn(E, I, H) * .05)
@@ -134,7 +135,7 @@ class InputWeightedMoE(nn.Module):
         x = x.reshape(-1, H)
         logits = self.router(x)
         top_v, top_i = torch.topk(logits, self.k, dim=1)
-        scores = torch.full_like(logits, float("-inf")).scatter_(1, top_i, top_v)
+        scores = torch.full_like(logits, self.fill).scatter_(1, top_i, top_v)
         scores = torch.sigmoid(scores.float()).to(scores.dtype)  # [T, E], 0 where unpicked
         if self.spelling == "repeat":
             rows = x.repeat(E, 1) * scores.transpose(0, 1).reshape(-1, 1)  # [E*T, H]

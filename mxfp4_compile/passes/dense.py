@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+from torch._subclasses.fake_tensor import unset_fake_temporarily
 
 from .fx_utils import DTYPE_OPS, NoMatch, aten, same, shape, strip, val
 from .labels import Labels
@@ -68,10 +69,14 @@ def _scatter_topk(n, T, E):
     if n.target is aten.scatter_add.default and c != 0:
         return None  # adds onto the fill: the picked weights are not f(w)
     chain = tuple(reversed(chain))
-    z = torch.tensor(float(c))
-    for u in chain:
-        z = u.target(z, *u.args[1:], **u.kwargs)
-    if z.item() != 0:
+    try:  # f(c) on the CPU, outside the compile's fake mode
+        with unset_fake_temporarily():
+            z = torch.tensor(float(c))
+            for u in chain:
+                z = u.target(z, *u.args[1:], **{k: v for k, v in u.kwargs.items() if k != "device"})
+            if z.item() != 0:
+                return None
+    except (RuntimeError, TypeError, ValueError):
         return None
     return ids, w, chain
 

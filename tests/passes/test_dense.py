@@ -223,6 +223,17 @@ def test_input_weighted_variants(k, bias, spelling, T):
         assert "(routing weights on the input)" in str(rep)
 
 
+def test_input_weighted_nonzero_fill_runs_every_expert():
+    """Unpicked scores filled with -1 (sigmoid: 0.27, not 0): every expert counts, so the op
+    runs all E with the dense weights rather than the top-k."""
+    torch.manual_seed(2)
+    m = z.InputWeightedMoE(fill=-1.0).to(BF16)
+    c = z.check_rewrite_numerics(m, (x(7),), {"gate_up_proj": 1, "down_proj": 1}, n_moe=1)
+    c.rec.assert_counts(after={mxfp4.moe: 1, aten.scatter: 1})
+    (_, after), = c.rec.texts()
+    assert "iota" in after
+
+
 def test_input_weighted_with_output_weights_too_is_refused():
     """Weights on the input *and* on the output is not the op's math: no rewrite, and the
     report says where the combine stopped."""
