@@ -127,7 +127,7 @@ def _match_one(ctx, firsts, g2):
         if on_input is None:
             raise NoMatch(f"{m.name}: the first GEMM reads a product that is not the hidden "
                           f"states times [T, E] routing weights")
-        hidden, weights = on_input
+        hidden = on_input[0]
         T, H = shape(hidden)
     else:
         hidden = find_hidden(x, None)
