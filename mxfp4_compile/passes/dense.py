@@ -119,20 +119,19 @@ def _match_one(ctx, firsts, g2):
     E = shape(g2.weight)[0]
     on_input = None
     m, x = strip(firsts[0].x)[-1], firsts[0].x
-    if m.op == "call_function" and m.target is aten.mul.Tensor and \
+    if m.op == "call_function" and m.target is aten.mul.Tensor and len(shape(x)) == 3 and \
             all(isinstance(a, fx.Node) for a in m.args[:2]):  # weights on the input rows?
-        T = shape(x)[1] if len(shape(x)) == 3 else None  # x: [E, T, H], the bmm's batch first
+        T = shape(x)[1]  # x: [E, T, H], the bmm's batch first
         labels = Labels(roots={}, sizes={"T": T, "E": E, "H": shape(x)[-1]})
-        on_input = None if T is None else _input_weights(x, T, E, labels)
-        if on_input is None:
-            raise NoMatch(f"{m.name}: the first GEMM reads a product that is not the hidden "
-                          f"states times [T, E] routing weights")
+        on_input = _input_weights(x, T, E, labels)
+    if on_input is not None:
         hidden = on_input[0]
         T, H = shape(hidden)
-    else:
+    else:  # (a product that is not routing weights, e.g. a norm's scale, is the hidden itself)
         hidden = find_hidden(x, None)
         if hidden is None:
-            raise NoMatch("the first GEMM does not read a [T, H] hidden tensor")
+            raise NoMatch("the first GEMM does not read a [T, H] hidden tensor (nor the hidden "
+                          "states times [T, E] routing weights)")
         T, H = shape(hidden)
         labels = Labels(roots={}, sizes={"T": T, "H": H, "E": E})
         labels.set_root(hidden, (("T",), ("H",)))

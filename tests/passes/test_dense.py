@@ -252,3 +252,19 @@ def test_input_weighted_with_output_weights_too_is_refused():
         rep = explain(Twice().to(BF16), x())
     assert len(rep.regions) == 1 and not rep.regions[0].rewritten, rep
     assert "input already weighted" in rep.regions[0].reason, rep
+
+
+def test_dense_input_scaled_by_a_norm_weight():
+    """A product before the experts that is not routing weights (an RMSNorm's scale times the
+    hidden states) is the hidden tensor itself, as before the input-weighted form existed."""
+    class Normed(z.DenseMoE):
+        def __init__(self):
+            super().__init__()
+            self.g = torch.nn.Parameter(torch.rand(z.H) + 0.5)
+
+        def forward(self, x):
+            return super().forward(x * self.g)
+    torch.manual_seed(0)
+    c = z.check_rewrite_numerics(Normed().to(BF16), (x(),), {"w13": -1, "w2": -1}, n_moe=1)
+    (_, after), = c.rec.texts()
+    assert "weights_on_input" not in after
