@@ -279,8 +279,9 @@ def moe(hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     per row (amax / 448) and multiplied on fp8 tensor cores: kernel "triton" on sm90, with weights
     prepared with ``activations="fp8"`` (a layout of their own, refused otherwise), and
     "reference" (its plain-torch emulation, the same layout as bf16); other kernels refuse it.
-    The triton FP8 path has not run on a GPU yet: it checks itself against the emulation on first
-    use per GPU (``triton_moe.fp8_self_check``) and raises if they disagree.
+    The triton FP8 path checks itself against the emulation on first use per GPU
+    (``triton_moe.fp8_self_check``) and raises if they disagree; today it is slower than bf16
+    activations (benchmarks/notes/fp8.md).
 
     Ids: an id outside [0, E) (without a map) or outside [0, len(expert_map)) (with one) means
     "not on this rank": that slot contributes zero (and is zero in the combine=False output), on
