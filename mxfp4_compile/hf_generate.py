@@ -21,9 +21,16 @@ whole share (generate's input preparation, Dynamo's guards, the CUDA-graph launc
 GPU's. transformers has the cure, ``DeferredStopCheck`` (the flag is copied asynchronously and read
 one step later; the one step run past the end is undone, the cache cropped), but enables it only
 on mps. We allow it on CUDA for the models we compile, nothing else (see ``defer_stop_check``).
+
+The same models' decode masks are built without a host sync (``sync_free_masks``): with a static
+cache, ``generate`` builds each step's 4-D attention masks in eager before calling the forward, and
+transformers' ``eager_mask`` (before 5.25; gpt-oss's attention) makes its 0 with
+``torch.tensor(0.0, device=...)``, a copy from pageable host memory that on CUDA waits for the
+GPU to finish the previous step, once per mask type, every token.
 """
 from __future__ import annotations
 
+import inspect
 import logging
 import os
 import sys
@@ -62,10 +69,10 @@ def claim_decode() -> str | None:
     fwd = getattr(model, "__dict__", {}).get("forward")
     if fwd is None or not hasattr(fwd, "_torchdynamo_orig_callable"):
         if cc_ours:
-            defer_stop_check(model)  # generate's own compile of decode, with our backend
+            _decode_is_ours(model)  # generate's own compile of decode, with our backend
         return None  # not the forward recipe
     if getattr(gc, "disable_compile", False) or cc_ours:
-        defer_stop_check(model)  # decode runs this compiled forward, or generate compiles it with mxfp4
+        _decode_is_ours(model)  # decode runs this compiled forward, or generate compiles it with mxfp4
         return None
     if cc is not None:
         if model not in _warned:
@@ -79,12 +86,18 @@ def claim_decode() -> str | None:
                 stacklevel=3)
         return None
     gc.disable_compile = True
-    defer_stop_check(model)
+    _decode_is_ours(model)
     msg = ("mxfp4: set generation_config.disable_compile = True on the model whose forward is "
            "compiled with backend='mxfp4': generate() would otherwise trace that forward into its "
            "own torch.compile for decode (default Inductor, bf16 experts)")
     log.info(msg)
     return msg
+
+
+def _decode_is_ours(model) -> None:
+    """``model``'s decode runs our compile: take generate's per-token host syncs off it."""
+    defer_stop_check(model)
+    sync_free_masks(model)
 
 
 _deferring = weakref.WeakSet()  # models whose generate() may defer its stop check on CUDA
@@ -135,3 +148,79 @@ def defer_stop_check(model) -> bool:
 def stop_deferring(model) -> None:
     """Undo ``defer_stop_check`` for ``model`` (its generate syncs every token again)."""
     _deferring.discard(model)
+
+
+_sync_free = weakref.WeakSet()  # models whose generate() builds its eager masks on the device
+
+
+def _eager_mask_copies_host_value(masking_utils) -> bool:
+    """Whether this transformers' ``eager_mask`` makes its 0 from a host value (a device sync on
+    CUDA): 5.17 writes ``torch.tensor(0.0, device=mask.device, dtype=dtype)``, 5.25
+    ``torch.zeros((), ...)``."""
+    try:
+        return "torch.tensor(" in inspect.getsource(masking_utils.eager_mask)
+    except (AttributeError, OSError, TypeError):
+        return False
+
+
+def _device_eager_mask(masking_utils):
+    """transformers' ``eager_mask`` (its signature and result) with the 0 made on the device."""
+    import torch
+
+    def eager_mask(batch_size, q_length, kv_length, q_offset=0, kv_offset=0,
+                   mask_function=masking_utils.causal_mask_function, attention_mask=None,
+                   dtype=torch.float32, allow_is_bidirectional_skip=False, use_vmap=False,
+                   device="cpu", **kwargs):
+        kwargs.pop("allow_is_causal_skip", None)
+        mask = masking_utils.sdpa_mask(
+            batch_size=batch_size, q_length=q_length, kv_length=kv_length, q_offset=q_offset,
+            kv_offset=kv_offset, mask_function=mask_function, attention_mask=attention_mask,
+            allow_is_causal_skip=False, allow_is_bidirectional_skip=allow_is_bidirectional_skip,
+            use_vmap=use_vmap, device=device, **kwargs)
+        if mask is not None:  # bool -> 0 where attended, the dtype's minimum elsewhere
+            zero = torch.zeros((), device=mask.device, dtype=dtype)
+            mask = torch.where(mask, zero, torch.finfo(dtype).min)
+        return mask
+
+    eager_mask._mxfp4_device_zero = True
+    return eager_mask
+
+
+def sync_free_masks(model) -> bool:
+    """Let ``generate`` on ``model`` build its per-step eager attention masks without a host sync
+    (module docstring). transformers' ``generate`` module-level ``create_masks_for_generate`` is
+    wrapped once: when the asking model (its ``prepare_inputs_for_generation``'s ``self``) is one
+    of ours and the "eager" mask function is transformers' own, that one call sees a copy of
+    ``eager_mask`` that makes its 0 on the device (the same values; transformers' mask registry,
+    restored after the call). Other models, a user's own "eager" mask function and transformers
+    versions whose ``eager_mask`` does not copy a host value are left as they are.
+    -> whether ``model``'s masks are now built sync-free."""
+    try:
+        from transformers import masking_utils as mu
+        from transformers.generation import utils as gen_utils
+    except ImportError:
+        return False
+    theirs = getattr(gen_utils, "create_masks_for_generate", None)
+    registry = getattr(mu, "ALL_MASK_ATTENTION_FUNCTIONS", None)
+    if theirs is None or registry is None or not _eager_mask_copies_host_value(mu):
+        return False
+    if not getattr(theirs, "_mxfp4_scoped", False):
+        ours = _device_eager_mask(mu)
+
+        def create_masks_for_generate(*args, **kwargs):
+            caller = sys._getframe(1).f_locals.get("self")  # the model whose generate asks
+            if caller not in _sync_free or registry["eager"] is not mu.eager_mask:
+                return theirs(*args, **kwargs)
+            registry["eager"] = ours  # the registry's local override, for this call only
+            try:
+                return theirs(*args, **kwargs)
+            finally:
+                del registry["eager"]
+
+        create_masks_for_generate._mxfp4_scoped = True
+        gen_utils.create_masks_for_generate = create_masks_for_generate
+    if model not in _sync_free:
+        _sync_free.add(model)
+        log.info("mxfp4: generate() on this model builds its eager attention masks on the device "
+                 "(transformers' eager_mask copies a host 0.0 per mask, a sync per token on CUDA)")
+    return True
