@@ -224,3 +224,8 @@ def sync_free_masks(model) -> bool:
         log.info("mxfp4: generate() on this model builds its eager attention masks on the device "
                  "(transformers' eager_mask copies a host 0.0 per mask, a sync per token on CUDA)")
     return True
+
+
+def host_masks(model) -> None:
+    """Undo ``sync_free_masks`` for ``model`` (transformers' own eager masks again)."""
+    _sync_free.discard(model)

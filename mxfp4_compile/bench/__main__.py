@@ -81,7 +81,9 @@ def _parser():
                           "(backend='mxfp4' with kernel='triton_kernels'), mxfp4_torch_router, "
                           "mxfp4_autotune (Inductor max-autotune for the rest of the model), "
                           "mxfp4_sync (mxfp4 with transformers' per-token stop check, which the "
-                          "backend defers on CUDA), "
+                          "backend defers on CUDA), mxfp4_host_masks (mxfp4 with transformers' own "
+                          "eager masks, which copy a host value per step before 5.25; the backend "
+                          "builds them on the device), "
                           "mxfp4_compileconfig (transformers' CompileConfig(backend='mxfp4') route: "
                           "generate compiles decode, the prefill runs eager)")
     e2e.add_argument("--kernel", default="auto",

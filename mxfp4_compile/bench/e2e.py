@@ -57,10 +57,15 @@ CSV_FIELDS = ["group", "backend", "metric", "batch", "prompt", "median_ms", "min
 MXFP4_BACKENDS = {"mxfp4": {}, "triton_kernels": {"kernel": "triton_kernels"},
                   "mxfp4_torch_router": {"fuse_router": False},
                   "mxfp4_autotune": {"max_autotune": True},
-                  "mxfp4_sync": {}}
+                  "mxfp4_sync": {}, "mxfp4_host_masks": {}}
 # backend="mxfp4" with transformers' per-token stop check (host sync) that the backend otherwise
 # defers on CUDA (hf_generate.defer_stop_check): the deferral's share of the speed
 SYNC_STOP = {"mxfp4_sync", "inductor"}
+# backend="mxfp4" with transformers' own eager masks (a host 0.0 per mask type per step before
+# 5.25), which the backend otherwise builds on the device (hf_generate.sync_free_masks)
+HOST_MASKS = {"mxfp4_host_masks", "inductor"}
+# the same compiled graphs as "mxfp4"; only generate's host side differs
+SAME_GRAPHS = ("mxfp4_sync", "mxfp4_host_masks")
 # transformers' own route: generate compiles decode with CompileConfig(backend="mxfp4") and runs
 # the prefill eager; the other backends compile the forward
 CONFIG_ROUTE = "mxfp4_compileconfig"
@@ -164,10 +169,15 @@ def use(model, route) -> None:
     its stop check (no host sync per token) only for our backends, as the backend sets it up,
     not for Inductor (as users get it) nor mxfp4_sync."""
     from .. import hf_generate
-    if callable(route) and getattr(route, "_e2e_backend", None) in SYNC_STOP:
+    be = getattr(route, "_e2e_backend", None) if callable(route) else None
+    if be in SYNC_STOP:
         hf_generate.stop_deferring(model)
     else:
         hf_generate.defer_stop_check(model)
+    if be in HOST_MASKS:
+        hf_generate.host_masks(model)
+    else:
+        hf_generate.sync_free_masks(model)
     gc = model.generation_config
     if callable(route):
         model.forward = route
@@ -371,9 +381,10 @@ def run(args) -> int:
             continue
         torch._dynamo.reset()  # static graphs per group (automatic dynamic would mark B or P)
         fwds = {be: compiled_forward(model, be, gpu, extra) for be in backends}
-        if "mxfp4" in fwds and "mxfp4_sync" in fwds:  # the same graphs, only the stop check differs
-            fwds["mxfp4_sync"] = functools.partial(fwds["mxfp4"])  # keeps forward's signature
-            fwds["mxfp4_sync"]._e2e_backend = "mxfp4_sync"
+        for same in SAME_GRAPHS:  # the same graphs, only generate's host syncs differ
+            if "mxfp4" in fwds and same in fwds:
+                fwds[same] = functools.partial(fwds["mxfp4"])  # keeps forward's signature
+                fwds[same]._e2e_backend = same
         run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, write)
         if args.profile and gpu and (group[3] == "ttft" or group[1] == 1):
             profile_group(model, fwds, group, args)
