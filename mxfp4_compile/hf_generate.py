@@ -182,7 +182,6 @@ def _device_eager_mask(masking_utils):
             mask = torch.where(mask, zero, torch.finfo(dtype).min)
         return mask
 
-    eager_mask._mxfp4_device_zero = True
     return eager_mask
 
 

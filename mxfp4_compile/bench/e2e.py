@@ -167,7 +167,8 @@ def use(model, route) -> None:
     """Make ``generate`` run ``route``: a compiled forward (transformers' own compile off), or a
     CompileConfig (the model's plain forward; generate compiles decode with it). generate defers
     its stop check (no host sync per token) only for our backends, as the backend sets it up,
-    not for Inductor (as users get it) nor mxfp4_sync."""
+    not for Inductor (as users get it) nor mxfp4_sync; likewise it builds its eager masks on the
+    device for our backends but not for Inductor nor mxfp4_host_masks."""
     from .. import hf_generate
     be = getattr(route, "_e2e_backend", None) if callable(route) else None
     if be in SYNC_STOP:
