@@ -103,10 +103,19 @@ def _decode_is_ours(model) -> None:
 _deferring = weakref.WeakSet()  # models whose generate() may defer its stop check on CUDA
 
 
+def _member(obj, models) -> bool:
+    """``obj in models`` for whatever a caller's frame holds as ``self`` (an unhashable object is
+    not one of ours, rather than a TypeError inside transformers' generate)."""
+    try:
+        return obj in models
+    except TypeError:
+        return False
+
+
 def _may_defer(device, cache, cache_is_returned, is_assistant, model) -> bool:
     """transformers' own conditions for deferring (a cache that can be rolled back when it is
     returned; never for an assistant model), on CUDA, for a model we compiled."""
-    if getattr(device, "type", None) != "cuda" or is_assistant or model not in _deferring:
+    if getattr(device, "type", None) != "cuda" or is_assistant or not _member(model, _deferring):
         return False
     return cache is None or bool(getattr(cache, "is_croppable", False)) or not cache_is_returned
 
@@ -208,7 +217,7 @@ def sync_free_masks(model) -> bool:
 
         def create_masks_for_generate(*args, **kwargs):
             caller = sys._getframe(1).f_locals.get("self")  # the model whose generate asks
-            if caller not in _sync_free or registry["eager"] is not mu.eager_mask:
+            if not _member(caller, _sync_free) or registry["eager"] is not mu.eager_mask:
                 return theirs(*args, **kwargs)
             registry["eager"] = ours  # the registry's local override, for this call only
             try:

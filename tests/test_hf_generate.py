@@ -61,6 +61,11 @@ def _ask(self, device, cache=None, cache_is_returned=False, is_assistant=False):
     return gen_utils.DeferredStopCheck.is_supported(device, cache, cache_is_returned, is_assistant)
 
 
+class _Unhashable:  # a caller whose frame's `self` cannot be looked up in a set
+    def __eq__(self, other):
+        return False
+
+
 def _has_deferred_stop_check():
     from transformers.generation import utils as gen_utils
     return hasattr(gen_utils, "DeferredStopCheck")
@@ -86,6 +91,7 @@ def test_stop_check_deferred_on_cuda_for_our_models_only(monkeypatch):
     assert not _ask(ours, cuda, cache=fixed, cache_is_returned=True)
     assert _ask(ours, cuda, cache=fixed, cache_is_returned=False)
     assert _ask(ours, cuda, cache=SimpleNamespace(is_croppable=True), cache_is_returned=True)
+    assert not _ask(_Unhashable(), cuda)  # not one of ours, and no TypeError
     hf_generate.stop_deferring(ours)
     assert not _ask(ours, cuda)
     monkeypatch.setenv("MXFP4_DEFER_STOP_CHECK", "0")
