@@ -30,6 +30,7 @@ GPU to finish the previous step, once per mask type, every token.
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import os
@@ -103,6 +104,19 @@ def _decode_is_ours(model) -> None:
 _deferring = weakref.WeakSet()  # models whose generate() may defer its stop check on CUDA
 
 
+def _asking_model():
+    """The ``self`` of the frame that called our wrapper of a transformers function: the model
+    whose ``generate`` asks (``_sample`` / ``prepare_inputs_for_generation``)."""
+    return sys._getframe(2).f_locals.get("self")
+
+
+def _enroll(model, models, msg: str) -> None:
+    """Add ``model`` to one of the scoped switches' sets, saying so once."""
+    if not _member(model, models):
+        models.add(model)
+        log.info(msg)
+
+
 def _member(obj, models) -> bool:
     """``obj in models`` for whatever a caller's frame holds as ``self`` (an unhashable object is
     not one of ours, rather than a TypeError inside transformers' generate)."""
@@ -142,15 +156,12 @@ def defer_stop_check(model) -> bool:
         def is_supported(device, cache, cache_is_returned, is_assistant):
             if theirs(device, cache, cache_is_returned, is_assistant):
                 return True
-            caller = sys._getframe(1).f_locals.get("self")  # the model whose generate asks
-            return _may_defer(device, cache, cache_is_returned, is_assistant, caller)
+            return _may_defer(device, cache, cache_is_returned, is_assistant, _asking_model())
 
         is_supported._mxfp4_scoped = True
         cls.is_supported = staticmethod(is_supported)
-    if model not in _deferring:
-        _deferring.add(model)
-        log.info("mxfp4: generate() on this model checks for its end one step late on CUDA "
-                 "(transformers' DeferredStopCheck; no host sync per token)")
+    _enroll(model, _deferring, "mxfp4: generate() on this model checks for its end one step late "
+            "on CUDA (transformers' DeferredStopCheck; no host sync per token)")
     return True
 
 
@@ -162,6 +173,7 @@ def stop_deferring(model) -> None:
 _sync_free = weakref.WeakSet()  # models whose generate() builds its eager masks on the device
 
 
+@functools.lru_cache(maxsize=None)
 def _eager_mask_copies_host_value(masking_utils) -> bool:
     """Whether this transformers' ``eager_mask`` makes its 0 from a host value (a device sync on
     CUDA): 5.17 writes ``torch.tensor(0.0, device=mask.device, dtype=dtype)``, 5.25
@@ -216,8 +228,7 @@ def sync_free_masks(model) -> bool:
         ours = _device_eager_mask(mu)
 
         def create_masks_for_generate(*args, **kwargs):
-            caller = sys._getframe(1).f_locals.get("self")  # the model whose generate asks
-            if not _member(caller, _sync_free) or registry["eager"] is not mu.eager_mask:
+            if not _member(_asking_model(), _sync_free) or registry["eager"] is not mu.eager_mask:
                 return theirs(*args, **kwargs)
             registry["eager"] = ours  # the registry's local override, for this call only
             try:
@@ -227,10 +238,9 @@ def sync_free_masks(model) -> bool:
 
         create_masks_for_generate._mxfp4_scoped = True
         gen_utils.create_masks_for_generate = create_masks_for_generate
-    if model not in _sync_free:
-        _sync_free.add(model)
-        log.info("mxfp4: generate() on this model builds its eager attention masks on the device "
-                 "(transformers' eager_mask copies a host 0.0 per mask, a sync per token on CUDA)")
+    _enroll(model, _sync_free, "mxfp4: generate() on this model builds its eager attention masks "
+            "on the device (transformers' eager_mask copies a host 0.0 per mask, a sync per token "
+            "on CUDA)")
     return True
 
 
