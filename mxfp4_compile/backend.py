@@ -31,7 +31,7 @@ import torch.fx as fx
 
 from . import frozen, graph_inputs, hf_generate
 from .formats import check_activations, check_kernel, check_rounding
-from .passes import MoERewritePass, take_reports
+from .passes import MoERewritePass, decode_gemv, take_reports
 
 log = logging.getLogger("mxfp4_compile")
 
@@ -48,6 +48,8 @@ OPTIONS = {
     "fuse_router": True,           # the top-k routing of a rewritten MoE -> mxfp4.topk_softmax
     "check_weights": True,         # per call: re-prepare expert weights the user changed
     "activations": "bf16",         # formats.Activations: "fp8" = e4m3 GEMM inputs (W4A8, sm90)
+    "decode_gemv": "auto",         # few-row matmuls -> reductions (passes/decode_gemv.py): "auto"
+                                   # where measured (sm90), True anywhere, False never
 }
 
 _warned = set()
@@ -176,7 +178,18 @@ def resolve_options(mode=None, options=None) -> dict:
     check_kernel(opts["kernel"], "mxfp4 backend: options['kernel']")
     check_rounding(opts["rounding"], "mxfp4 backend: options['rounding']")
     check_activations(opts["activations"], "mxfp4 backend: options['activations']")
+    if opts["decode_gemv"] not in ("auto", True, False):
+        raise ValueError(f"mxfp4 backend: options['decode_gemv'] must be 'auto', True or False, got "
+                         f"{opts['decode_gemv']!r}")
     return opts
+
+
+def gemv_limits(setting, device: torch.device):
+    """options['decode_gemv'] on this device -> the pass's limits, or None (matmuls left alone)."""
+    if setting is False:
+        return None
+    lim = decode_gemv.limits_for(device)
+    return lim if lim is not None or setting == "auto" else decode_gemv.DEFAULT
 
 
 def check_fp8_kernel(kernel: str, device: torch.device) -> str:
@@ -246,7 +259,8 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
               for n in phs]  # after lift: the kept inputs, in order
     moe_pass = MoERewritePass(kernel, opts["rounding"], param_names=names + inputs,
                               fuse_router=bool(opts["fuse_router"]),
-                              activations=opts["activations"])
+                              activations=opts["activations"],
+                              gemv=gemv_limits(opts["decode_gemv"], device))
     patches = dict(_inductor_patches(opts), freezing=True, joint_custom_post_pass=moe_pass)
     if opts["cudagraphs"] and hasattr(torch._inductor.config, "graph_partition"):
         patches["graph_partition"] = GRAPH_PARTITION
@@ -267,7 +281,8 @@ def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):
     info = dict(grad_enabled=False, kernel=kernel, kernel_reason=why, rewritten=len(done),
                 already_mxfp4=len(already), candidates=cands, cache_hit=not reports,
                 prepared=n_prepared, prepare_s=prep_s,
-                host_ints=len(host_ints.inputs) if host_ints is not None else 0)
+                host_ints=len(host_ints.inputs) if host_ints is not None else 0,
+                decode_gemvs=moe_pass.gemvs)
     last_compile_info.append(info)
     if not reports:
         log.info("mxfp4: graph served from the FX graph cache (kernel %s: %s)", kernel, why)

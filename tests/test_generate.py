@@ -146,3 +146,20 @@ def test_left_padded_batch_equals_one_at_a_time():
     m.generation_config.cache_implementation = None
     for row, x in enumerate((a, b)):
         assert agree(both[row, -NEW:], eager_reference(m, x), 0) >= 3, row
+
+
+def test_decode_projections_as_reductions():
+    """options={"decode_gemv": True} (what "auto" does on sm90): the decode graph's one-row q and o
+    projections become reductions (k, v and the router are narrower than the form's minimum N),
+    the prefill's are left to Inductor, and the tokens still follow eager."""
+    m = mxfp4_model("gpt_oss", hidden_size=256, num_attention_heads=4, head_dim=64)
+    x = z.token_ids(T=6)
+    ref = eager_reference(m, x)
+    m.generation_config.cache_implementation = "static"
+    m.forward = torch.compile(m.forward, backend="mxfp4", options={"decode_gemv": True})
+    n = len(backend.last_compile_info)
+    with torch.no_grad():
+        out = m.generate(x, max_new_tokens=NEW, do_sample=False)
+    gemvs = sorted(i["decode_gemvs"] for i in backend.last_compile_info[n:])
+    assert gemvs == [0, 4], gemvs  # prefill (6 rows): none; decode: q and o of 2 layers
+    assert agree(out[0, -NEW:], ref) >= 3

@@ -83,7 +83,9 @@ def _parser():
                           "mxfp4_sync (mxfp4 with transformers' per-token stop check, which the "
                           "backend defers on CUDA), mxfp4_host_masks (mxfp4 with transformers' own "
                           "eager masks, which copy a host value per step before 5.25; the backend "
-                          "builds them on the device), "
+                          "builds them on the device), mxfp4_cublas_gemv (mxfp4 with "
+                          "decode_gemv off: Inductor's cuBLAS matmuls for the one-row "
+                          "projections), "
                           "mxfp4_compileconfig (transformers' CompileConfig(backend='mxfp4') route: "
                           "generate compiles decode, the prefill runs eager)")
     e2e.add_argument("--kernel", default="auto",

@@ -57,7 +57,8 @@ CSV_FIELDS = ["group", "backend", "metric", "batch", "prompt", "median_ms", "min
 MXFP4_BACKENDS = {"mxfp4": {}, "triton_kernels": {"kernel": "triton_kernels"},
                   "mxfp4_torch_router": {"fuse_router": False},
                   "mxfp4_autotune": {"max_autotune": True},
-                  "mxfp4_sync": {}, "mxfp4_host_masks": {}}
+                  "mxfp4_sync": {}, "mxfp4_host_masks": {},
+                  "mxfp4_cublas_gemv": {"decode_gemv": False}}
 # backend="mxfp4" with transformers' per-token stop check (host sync) that the backend otherwise
 # defers on CUDA (hf_generate.defer_stop_check): the deferral's share of the speed
 SYNC_STOP = {"mxfp4_sync", "inductor"}

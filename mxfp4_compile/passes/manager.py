@@ -15,7 +15,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 
 from ..ops import weights
 from ..ops.dispatch import padded_sizes
-from . import dense, gather_bmm, grouped_mm, router, tp_allreduce
+from . import decode_gemv, dense, gather_bmm, grouped_mm, router, tp_allreduce
 from .fx_utils import NoMatch
 from .params import constant_nodes, param_name
 from .region import Context
@@ -66,13 +66,15 @@ class MoERewritePass(CustomGraphPass):
 
     def __init__(self, kernel: str, rounding: str = "floor", param_names: list | None = None,
                  rewrite_enabled: bool = True, fuse_router: bool = True,
-                 activations: str = "bf16"):
+                 activations: str = "bf16", gemv: decode_gemv.Limits | None = None):
         self.kernel = kernel
         self.rounding = rounding
         self.activations = activations  # the op's GEMM input dtype (formats.Activations)
         self.param_names = param_names        # placeholder names, reports only; not in the cache key
         self.rewrite_enabled = rewrite_enabled  # False: only report (explain)
         self.fuse_router = fuse_router        # each rewritten MoE's routing -> topk_softmax
+        self.gemv = gemv                      # few-row matmuls -> reductions (decode_gemv.py)
+        self.gemvs = None                     # how many the last call rewrote (None: not called)
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         tc = torch._guards.TracingContext.try_get()
@@ -132,6 +134,8 @@ class MoERewritePass(CustomGraphPass):
                 details["router"] = self._fuse_router(graph, moe, where)
             report.append(Candidate("mxfp4 experts", where, False, "already MXFP4", details,
                                     already_mxfp4=True))
+        on = self.gemv is not None and self.rewrite_enabled
+        self.gemvs = decode_gemv.rewrite(graph, self.gemv) if on else 0
         graph.eliminate_dead_code()
         graph.lint()
         _reports.append(report)
@@ -152,5 +156,5 @@ class MoERewritePass(CustomGraphPass):
     def uuid(self):
         h = hashlib.sha256(get_hash_for_files(_sources()))
         h.update(repr((self.kernel, self.rounding, self.rewrite_enabled, self.fuse_router,
-                       self.activations)).encode())
+                       self.activations, self.gemv)).encode())
         return h.hexdigest()
