@@ -5,6 +5,7 @@ CUDA graph, M = 1, 2, 4, 8 rows (batch B decode), each way they can run:
   inductor    the 24 layers compiled by stock Inductor (its choice for addmm: cuBLAS)
   gemv        compiled by backend="mxfp4" with options={"decode_gemv": True} and max_rows 8: each
               projection a reduction over K (passes/decode_gemv.py)
+  gemv_cdt    the same with Inductor's coordinate-descent tuning of its kernels
   read        a plain read of the same bytes (the floor)
 plus the LM head alone (201088 x 2880, one weight) at M = 1: cublas against gemv. Distinct weights
 per layer, so the L2 holds none of them from one layer to the next; outputs of gemv checked
@@ -70,8 +71,10 @@ def main(out):
     decode_gemv.LIMITS[tuple(torch.cuda.get_device_capability())] = \
         decode_gemv.Limits(max_rows=8, min_n=256, max_elements=1 << 40)
     torch._dynamo.config.recompile_limit = 64
-    comp = dict(inductor=torch.compile(mod, dynamic=False),
-                gemv=torch.compile(mod, dynamic=False, backend="mxfp4", options={"decode_gemv": True}))
+    gemv = dict(dynamic=False, backend="mxfp4", options={"decode_gemv": True})
+    comp = dict(inductor=torch.compile(mod, dynamic=False), gemv=torch.compile(mod, **gemv),
+                gemv_cdt=torch.compile(mod, **gemv))
+    tuning = dict(gemv_cdt=dict(coordinate_descent_tuning=True))
     res = dict(gpu=torch.cuda.get_device_name(), bytes=nbytes, layers=LAYERS)
     with torch.no_grad():
         res["read_us"] = graph_time_us(flat.sum, 1)
@@ -81,7 +84,8 @@ def main(out):
             r = dict(cublas_us=graph_time_us(lambda: mod(x), 1),
                      fused_qkv_us=graph_time_us(lambda: fused(x), 1))
             for name, fn in comp.items():
-                r[f"{name}_rel_l2"] = rel(fn(x), ref)
+                with torch._inductor.config.patch(tuning.get(name, {})):  # compiles here
+                    r[f"{name}_rel_l2"] = rel(fn(x), ref)
                 r[f"{name}_us"] = graph_time_us(lambda: fn(x), 1)
             from mxfp4_compile.backend import last_compile_info
             r["gemv_rewrites"] = last_compile_info[-1].get("decode_gemvs")
