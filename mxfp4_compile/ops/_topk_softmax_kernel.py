@@ -11,7 +11,8 @@ _INT_MAX = tl.constexpr(2147483647)
 def _topk_softmax_kernel(x_ptr, w_ptr, ids_ptr, T, E, stride_t, K: tl.constexpr,
                          KB: tl.constexpr, EB: tl.constexpr, BT: tl.constexpr,
                          SOFTMAX_FIRST: tl.constexpr, RENORM: tl.constexpr, PDL: tl.constexpr):
-    """BT rows of logits [T, E] per program -> weights [T, K] f32, ids [T, K] int64.
+    """BT rows of logits [T, E] per program -> weights [T, K] (f32 math, stored in w_ptr's dtype:
+    one rounding), ids [T, K] int64.
     Selection runs on int32 keys ordered like the floats (negative floats' magnitude bits
     flipped): a NaN becomes the largest key, and a taken or padded column the smallest
     (INT_MIN, below -inf's key), so no column is taken twice even in a row of -inf.
@@ -48,5 +49,5 @@ def _topk_softmax_kernel(x_ptr, w_ptr, ids_ptr, T, E, stride_t, K: tl.constexpr,
     else:
         den = tl.sum(ev, axis=1)
     w = ev / den[:, None]
-    tl.store(w_ptr + rows.to(tl.int64)[:, None] * K + kcol[None, :], w,
+    tl.store(w_ptr + rows.to(tl.int64)[:, None] * K + kcol[None, :], w.to(w_ptr.dtype.element_ty),
              mask=(rows < T)[:, None] & (kcol < K)[None, :])

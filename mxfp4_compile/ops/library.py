@@ -70,17 +70,20 @@ def _(packed, scales, dtype):
 
 @torch.library.custom_op("mxfp4::topk_softmax", mutates_args=())
 def topk_softmax(logits: torch.Tensor, k: int, softmax_first: bool = False,
-                 renormalize: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
-    """Router logits [T, E] -> (weights [T, k] float32, ids [T, k] int64) in one launch on CUDA
-    (ops/topk_softmax.py: which router each flag combination is)."""
-    return _topk_softmax.topk_softmax(logits, k, softmax_first, renormalize)
+                 renormalize: bool = True,
+                 out_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] -> (weights [T, k] float32 or out_dtype, ids [T, k] int64) in one
+    launch on CUDA (ops/topk_softmax.py: which router each flag combination is)."""
+    return _topk_softmax.topk_softmax(logits, k, softmax_first, renormalize, out_dtype)
 
 
 @topk_softmax.register_fake
-def _(logits, k, softmax_first=False, renormalize=True):
+def _(logits, k, softmax_first=False, renormalize=True, out_dtype=None):
     _topk_softmax.check(logits, k)
+    _topk_softmax.check_out_dtype(out_dtype)
     T = logits.shape[0]
-    return (logits.new_empty(T, k, dtype=torch.float32), logits.new_empty(T, k, dtype=torch.int64))
+    return (logits.new_empty(T, k, dtype=out_dtype or torch.float32),
+            logits.new_empty(T, k, dtype=torch.int64))
 
 
 # --------------------------------------------------------------------------------------------- moe

@@ -2,7 +2,7 @@
 
 Shape legend: T tokens, E experts, k experts per token.
   logits   [T, E]  any float dtype (math in float32)
-  weights  [T, k]  float32
+  weights  [T, k]  float32, or out_dtype (rounded once from the float32 weights)
   ids      [T, k]  int64, the k largest logits of each row in descending order (ties: lower index)
 
 What gpt-oss, Mixtral and Qwen3 routers compute, in one kernel instead of torch.topk (several
@@ -53,7 +53,13 @@ def check(logits: torch.Tensor, k: int) -> None:
         raise ValueError(f"topk_softmax: k must lie in [1, E={E}], got {k}")
 
 
-def _launch(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool):
+def check_out_dtype(out_dtype) -> None:
+    if out_dtype is not None and (not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point):
+        raise ValueError(f"topk_softmax: out_dtype must be a floating dtype (e.g. torch.bfloat16, "
+                         f"what the MoE op reads) or None for float32, got {out_dtype!r}")
+
+
+def _launch(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool, out_dtype):
     from . import _topk_softmax_kernel as K
 
     T, E = logits.shape
@@ -61,7 +67,7 @@ def _launch(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool
         raise ValueError(f"topk_softmax: the fused kernel holds rows of up to {MAX_EXPERTS} "
                          f"experts, got E={E}; route with torch.topk and torch.softmax instead")
     x = logits if logits.stride(1) == 1 else logits.contiguous()
-    w = torch.empty(T, k, dtype=torch.float32, device=x.device)
+    w = torch.empty(T, k, dtype=out_dtype or torch.float32, device=x.device)
     ids = torch.empty(T, k, dtype=torch.int64, device=x.device)
     if T == 0:
         return w, ids
@@ -78,15 +84,19 @@ def _launch(logits: torch.Tensor, k: int, softmax_first: bool, renormalize: bool
 
 
 def topk_softmax(logits: torch.Tensor, k: int, softmax_first: bool = False,
-                 renormalize: bool = True):
-    """-> (weights [T, k] float32, ids [T, k] int64). CUDA: the fused kernel; CPU: `topk_softmax_torch`,
-    unless the Triton interpreter is on (TRITON_INTERPRET=1: the kernel, for tests)."""
+                 renormalize: bool = True, out_dtype: torch.dtype | None = None):
+    """-> (weights [T, k] float32 or out_dtype, ids [T, k] int64). CUDA: the fused kernel; CPU:
+    `topk_softmax_torch`, unless the Triton interpreter is on (TRITON_INTERPRET=1: the kernel, for
+    tests). out_dtype: the kernel stores the weights rounded to it (a model's ``.to(dtype)`` after
+    the router, without a launch of its own)."""
     check(logits, k)
+    check_out_dtype(out_dtype)
     if logits.device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
         try:
             import triton  # noqa: F401
         except ImportError as e:
             raise RuntimeError(f"topk_softmax on {logits.device} needs triton ({e}); install "
                                f"triton or route with mxfp4_compile.routing's torch routers") from e
-        return _launch(logits, k, softmax_first, renormalize)
-    return topk_softmax_torch(logits, k, softmax_first, renormalize)
+        return _launch(logits, k, softmax_first, renormalize, out_dtype)
+    w, ids = topk_softmax_torch(logits, k, softmax_first, renormalize)
+    return (w if out_dtype is None else w.to(out_dtype)), ids

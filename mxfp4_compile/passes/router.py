@@ -138,18 +138,26 @@ def match(moe: fx.Node):
 def rewrite(graph: fx.Graph, moe: fx.Node) -> str:
     """Fuse the router of one moe call -> a line for the region's details."""
     logits, k, first, renorm, w, ids = match(moe)
+    # the weights in the dtype the model rounds them to (its .to(dtype) after the router, or a
+    # router computed in that dtype): the kernel stores them so, instead of a cast kernel
+    # between it and the op
+    dt, targets = torch.float32, [w]
+    casts = list(w.users)
+    if val(w).dtype != torch.float32:
+        dt = val(w).dtype
+    elif casts and all(u.target in DTYPE_OPS and u.args[0] is w and set(u.kwargs) <= {"dtype"}
+                       for u in casts):
+        low = {val(u).dtype for u in casts}
+        if len(low) == 1 and low <= {torch.bfloat16, torch.float16}:
+            dt, targets = low.pop(), casts
     with graph.inserting_after(ids.args[0]):  # right after the top-k: before all its users
         fused = call(graph, torch.ops.mxfp4.topk_softmax.default, (logits, k, first, renorm),
-                     name="router")
+                     {} if dt == torch.float32 else dict(out_dtype=dt), name="router")
     with graph.inserting_after(fused):
         new_ids = call(graph, operator.getitem, (fused, 1), name="router_ids")
     with graph.inserting_after(new_ids):
         new_w = call(graph, operator.getitem, (fused, 0), name="router_weights")
-    out = new_w
-    if val(w).dtype != torch.float32:
-        with graph.inserting_after(new_w):
-            out = call(graph, torch.ops.prims.convert_element_type.default, (new_w, val(w).dtype),
-                       name="router_weights_cast")
-    w.replace_all_uses_with(out)
+    for t in targets:
+        t.replace_all_uses_with(new_w)
     ids.replace_all_uses_with(new_ids)
     return f"topk_softmax(k={k}, softmax_first={first}, renormalize={renorm})"

@@ -71,6 +71,18 @@ def _child():
     out["special_ids"] = ids.tolist()
     out["special_nan"] = torch.isnan(w).tolist()
     out["special_w0"] = w[0].tolist()
+    # out_dtype: the float32 weights rounded once, in the store. The interpreter's float32 ->
+    # bfloat16 conversion truncates (the compiled kernel's is cvt.rn, round to nearest even: see
+    # test_kernel_compiles_for_the_gpu and the CUDA test, which is bit for bit): bf16 here is
+    # compared within one ulp, fp16 bit for bit
+    for dt in ("bfloat16", "float16"):
+        x = _logits(13, 128, "bfloat16", seed=7)
+        w32, ids32 = ts.topk_softmax(x, 4, False, True)
+        w, ids = ts.topk_softmax(x, 4, False, True, out_dtype=getattr(torch, dt))
+        ulp = torch.finfo(w.dtype).eps * w32.abs()  # >= one ulp of each weight
+        out[f"out_{dt}"] = [str(w.dtype), torch.equal(ids, ids32),
+                            torch.equal(w, w32.to(w.dtype)) if dt == "float16"
+                            else bool(((w.float() - w32).abs() <= ulp).all())]
     try:
         ts.topk_softmax(torch.zeros(1, ts.MAX_EXPERTS + 1), 2)
         out["too_many"] = "no error"
@@ -101,6 +113,23 @@ def test_kernel_ties_nan_and_minus_inf(interpreted):
     assert interpreted["special_w0"] == pytest.approx([1 / 3] * 3, rel=1e-6)
     assert interpreted["special_nan"] == [[False] * 3, [True] * 3, [True] * 3]
     assert "E=4097" in interpreted["too_many"] and "torch.topk" in interpreted["too_many"]
+
+
+@pytest.mark.slow
+@pytest.mark.interpreter
+@pytest.mark.subprocess
+@pytest.mark.parametrize("dt", ["bfloat16", "float16"])
+def test_kernel_stores_out_dtype_rounded_once(interpreted, dt):
+    assert interpreted[f"out_{dt}"] == [f"torch.{dt}", True, True]
+
+
+def test_cpu_out_dtype_is_the_rounded_float32_weights():
+    x = _logits(9, 32, "bfloat16", seed=3)
+    for sf, rn in MODES.values():
+        w32, ids32 = torch.ops.mxfp4.topk_softmax(x, 4, sf, rn)
+        w, ids = torch.ops.mxfp4.topk_softmax(x, 4, sf, rn, out_dtype=torch.bfloat16)
+        assert w.dtype == torch.bfloat16 and torch.equal(ids, ids32)
+        assert torch.equal(w, w32.to(torch.bfloat16))
 
 
 # ----------------------------------------------------------------- the op on CPU ---------------
@@ -147,6 +176,8 @@ def test_fused_routers_equal_the_torch_routers():
 def test_opcheck():
     x = _logits(5, 16, "float32", seed=5)
     torch.library.opcheck(torch.ops.mxfp4.topk_softmax.default, (x, 3, True, True))
+    torch.library.opcheck(torch.ops.mxfp4.topk_softmax.default, (x, 3, False, True),
+                          dict(out_dtype=torch.bfloat16))
 
 
 @pytest.mark.slow
@@ -172,11 +203,13 @@ def test_cuda_kernel_matches_the_oracle(mode):
         x = _logits(T, E, "bfloat16", seed=E).cuda()
         w, ids = torch.ops.mxfp4.topk_softmax(x, k, sf, rn)
         _check(w.cpu(), ids.cpu(), x.cpu(), k, sf, rn)
+        wb, idb = torch.ops.mxfp4.topk_softmax(x, k, sf, rn, out_dtype=torch.bfloat16)
+        assert torch.equal(idb, ids) and torch.equal(wb, w.to(torch.bfloat16))
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1", reason="needs the real compiler")
-@pytest.mark.parametrize("arch", [80, 90])
-def test_kernel_compiles_for_the_gpu(arch):
+@pytest.mark.parametrize("arch,w_type", [(80, "*fp32"), (90, "*fp32"), (90, "*bf16")])
+def test_kernel_compiles_for_the_gpu(arch, w_type):
     # the interpreter accepts what the compiler rejects (a plain global in the kernel, seen)
     triton = pytest.importorskip("triton")
     from triton.backends.compiler import GPUTarget
@@ -185,7 +218,7 @@ def test_kernel_compiles_for_the_gpu(arch):
     from mxfp4_compile.ops import _topk_softmax_kernel as K
 
     fn = K._topk_softmax_kernel
-    types = {"x_ptr": "*bf16", "w_ptr": "*fp32", "ids_ptr": "*i64", "T": "i32", "E": "i32",
+    types = {"x_ptr": "*bf16", "w_ptr": w_type, "ids_ptr": "*i64", "T": "i32", "E": "i32",
              "stride_t": "i32"}
     cx = dict(K=4, KB=4, EB=32, BT=64, SOFTMAX_FIRST=False, RENORM=True, PDL=arch >= 90)
     sig = {n: types.get(n, "constexpr") for n in fn.arg_names}
@@ -194,6 +227,8 @@ def test_kernel_compiles_for_the_gpu(arch):
     ptx = ck.asm["ptx"]
     for op in ("griddepcontrol.wait", "griddepcontrol.launch_dependents"):
         assert (op in ptx) == (arch >= 90), op
+    if w_type == "*bf16":  # the weights rounded to nearest even, as torch's .to(bfloat16)
+        assert "cvt.rn.bf16x2.f32" in ptx or "cvt.rn.bf16.f32" in ptx
 
 
 def test_bad_arguments_say_what_is_wrong():
@@ -201,6 +236,8 @@ def test_bad_arguments_say_what_is_wrong():
         torch.ops.mxfp4.topk_softmax(torch.zeros(2, 8), 9)
     with pytest.raises(ValueError, match="float \\[T, E\\] tensor"):
         torch.ops.mxfp4.topk_softmax(torch.zeros(2, 8, dtype=torch.int32), 2)
+    with pytest.raises(ValueError, match="out_dtype must be a floating dtype"):
+        torch.ops.mxfp4.topk_softmax(torch.zeros(2, 8), 2, out_dtype=torch.int32)
 
 
 if __name__ == "__main__":  # the child process: TRITON_INTERPRET=1 is already set

@@ -144,15 +144,14 @@ arg3_1 = input
 permute = aten.permute.default(arg2_1, [1, 0])
 mm = aten.mm.default(arg3_1, permute)
 convert_element_type_2 = prims.convert_element_type.default(mm, float32)
-router = mxfp4.topk_softmax.default(convert_element_type_2, 2, True, True)
+router = mxfp4.topk_softmax.default(convert_element_type_2, 2, True, True, out_dtype=bfloat16)
 router_ids = getitem(router, 1)
 router_weights = getitem(router, 0)
-convert_element_type_3 = prims.convert_element_type.default(router_weights, bfloat16)
 prepare_moe_weights_default = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=0, w2_transposed=False)
 prepare_moe_weights_default_1 = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=1, w2_transposed=False)
 prepare_moe_weights_default_2 = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=3, w2_transposed=False)
 prepare_moe_weights_default_3 = mxfp4.prepare_moe_weights.default([arg0_1], None, arg1_1, None, 'reference', 'silu_glu', rounding='floor', gate_up_interleaved=False, transposed=False, index=4, w2_transposed=False)
-moe_default = mxfp4.moe.default(arg3_1, router_ids, convert_element_type_3, prepare_moe_weights_default, prepare_moe_weights_default_1, None, prepare_moe_weights_default_2, prepare_moe_weights_default_3, None, 'reference', activation='silu_glu', alpha=1.702, limit=7)
+moe_default = mxfp4.moe.default(arg3_1, router_ids, router_weights, prepare_moe_weights_default, prepare_moe_weights_default_1, None, prepare_moe_weights_default_2, prepare_moe_weights_default_3, None, 'reference', activation='silu_glu', alpha=1.702, limit=7)
 return [moe_default]""")
 
 

@@ -56,7 +56,10 @@ def test_routers_fused(router, flags):
     assert ", ".join(map(str, tks.args[1:])) == f"2, {flags}"  # k, softmax_first, renormalize
     code = c.code
     assert f"mxfp4.topk_softmax.default(" in code and "aten.topk" not in code
-    assert f", 2, {flags})" in code
+    # the weights stored in the model's dtype by the op itself: no cast between it and the moe
+    assert f", 2, {flags}, out_dtype=torch.bfloat16)" in code
+    moe = next(n for n in c.rec.runs[0].after.nodes if n.target is mxfp4.moe.default)
+    assert moe.args[2].args[0] is tks, moe.args[2]
     r = mxfp4_compile.explain(m, x())
     assert r.regions[0].details["router"] == (
         f"topk_softmax(k=2, softmax_first={flags.split(', ')[0]}, "

@@ -103,7 +103,8 @@ def test_transformers_517_sentinel_guards_rewritten(cls, T):
     (moe,) = [n for n in run.after.nodes if n.target is mxfp4.moe.default]
     assert tks.args[1:] == (2, True, True), run.text()  # k, softmax_first, renormalize
     assert moe.args[1].args == (tks, 1), run.text()
-    assert moe.args[2].args[0].args == (tks, 0), run.text()  # the weights, cast to bf16
+    assert moe.args[2].args == (tks, 0), run.text()  # the weights, stored as bf16 by the op
+    assert tks.kwargs == {"out_dtype": torch.bfloat16}, run.text()
 
 
 @pytest.mark.slow
