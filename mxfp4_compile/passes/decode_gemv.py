@@ -3,12 +3,13 @@ layer in a batch-1 decode step (``addmm(bias, x[M, K], w.t())`` or ``mm(x, w.t()
 the device's ``max_rows``), becomes a product and a sum over K that Inductor lowers to one
 reduction kernel, with the bias and the output cast in its epilogue.
 
-Why: on sm90, for one row, cuBLAS runs such a product as a split-K GEMV and a reduce kernel that
-read the weight at about half the memory's stream rate (benchmarks/notes/e2e.md);
+Why: on sm90, for one row, cuBLAS runs such a product as a split-K GEMV and a reduce kernel (two
+launches) that read the weight at a third to a half of the stream rate (benchmarks/notes/e2e.md);
 the attention projections of a decode step are the largest share of its weight bytes outside the
-experts. A row reduction streams the weight once, whatever Inductor's tuning picks. Several rows:
-the output is laid out [N, M], so the programs of one weight row run side by side and the row is
-read from memory once.
+experts. A row reduction streams the weight once, whatever Inductor's tuning picks. Several rows
+(a limit above 1): the sum is laid out [N, M] so that the programs of one weight row are
+neighbours; on sm90 two rows still took twice one row's time (each re-read the weight), which is
+why its limit is one row.
 
 Numbers: products in float32 (a bf16 x bf16 product is exact there), a float32 sum, the bias
 added in float32, one rounding to the output dtype: what cuBLAS computes, summed in another
@@ -42,7 +43,8 @@ class Limits:
 
 
 DEFAULT = Limits(max_rows=1, min_n=256, max_elements=64 << 20)
-# measured per capability (benchmarks/decode_gemv.py); "auto" rewrites only on these
+# per capability where measured (benchmarks/projections.py; two rows already lose to cuBLAS on
+# sm90); "auto" rewrites only on these
 LIMITS = {(9, 0): DEFAULT}
 
 
