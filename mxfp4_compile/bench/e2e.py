@@ -36,6 +36,7 @@ at --floor-gbps).
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import json
@@ -52,7 +53,8 @@ from . import workloads as W
 CSV_FIELDS = ["group", "backend", "metric", "batch", "prompt", "median_ms", "min_ms", "max_ms",
               "rounds", "compile_s", "cudagraph_skips", "kernel", "rewritten_moe", "already_mxfp4",
               "experts_form", "alloc_gb", "floor_ms", "tokens_compared", "first_diff",
-              "margin_at_diff", "dlogit_at_diff", "logits_rel_l2", "status", "note", "layers",
+              "margin_at_diff", "dlogit_at_diff", "logits_rel_l2", "logits_rel_l2_torch_topk",
+              "router_ties", "status", "note", "layers",
               "device", "torch", "triton", "transformers"]
 MXFP4_BACKENDS = {"mxfp4": {}, "triton_kernels": {"kernel": "triton_kernels"},
                   "mxfp4_torch_router": {"fuse_router": False},
@@ -297,10 +299,44 @@ def compare_greedy(eager, compiled, margin: float) -> dict:
                 logits_rel_l2=float((le - lc).norm() / le.norm()))
 
 
+@contextlib.contextmanager
+def tie_broken_routers(model, lower: bool = True):
+    """transformers' gpt-oss router, with exact ties at the top-k boundary sent to the lower expert
+    index (``lower``: what mxfp4.topk_softmax does) or the higher one. torch.topk promises no order
+    among equal values, and random bf16 router logits tie there for a few tokens in a hundred, each
+    tie picking a different expert: a reference that leaves the order open differs from the fused
+    router by those picks, not by its numbers. Yields a list that gets, per router call, a device
+    tensor counting the tokens with such a tie."""
+    import torch.nn.functional as F
+
+    from ..ops.topk_softmax import _topk_lower_index
+    (cls,) = {type(layer.mlp.router) for layer in model.model.layers}
+    plain, ties = cls.forward, []
+
+    def forward(self, hidden):  # GptOssTopKRouter.forward with the tie order fixed
+        logits = F.linear(hidden, self.weight, self.bias)  # [T, E]
+        E, k = logits.shape[-1], self.top_k
+        key = logits.float() if lower else logits.float().flip(-1)
+        top, ids = _topk_lower_index(key, min(k + 1, E))  # one more: is the k-th tied with it?
+        if E > k:
+            ties.append((top[:, k - 1] == top[:, k]).sum())
+        ids = ids[:, :k] if lower else E - 1 - ids[:, :k]
+        v = logits.gather(-1, ids)
+        return logits, F.softmax(v, dim=1, dtype=v.dtype), ids
+
+    cls.forward = forward
+    try:
+        yield ties
+    finally:
+        cls.forward = plain
+
+
 def check_against_eager(model, args, gpu, common, rows, write):
     """The compiled model against the eager one with the same MXFP4 weights: the shared model is
     quantized in place (``quantize_``, the backend's rounding; this frees its bf16 experts, so it
-    runs after every timing), then one prompt is generated greedily both ways."""
+    runs after every timing), then one prompt is generated greedily both ways. The eager reference
+    breaks router ties as the fused router does (``tie_broken_routers``); the figure against
+    transformers' own router (torch.topk's order at ties) is reported beside it."""
     from .. import quantize_
     row = dict(common, group="check", backend="mxfp4", metric="check", batch=1, prompt=args.prompt)
     try:
@@ -313,12 +349,17 @@ def check_against_eager(model, args, gpu, common, rows, write):
                   return_dict_in_generate=True)
         use(model, type(model).forward.__get__(model))
         with torch.no_grad():
-            eager = model.generate(ids, **kw)
+            plain = model.generate(ids, **kw)
+            with tie_broken_routers(model) as ties:
+                eager = model.generate(ids, **kw)
             use(model, compiled_forward(model, "mxfp4", gpu, {}))
             model.generate(ids, **kw)  # compile, record
             compiled = model.generate(ids, **kw)
         row.update(compare_greedy(eager, compiled, args.margin), status="ok",
-                   note=f"greedy tokens vs eager, same MXFP4 weights; margin tolerance {args.margin:g}")
+                   logits_rel_l2_torch_topk=compare_greedy(plain, compiled, args.margin)["logits_rel_l2"],
+                   router_ties=int(sum(int(t) for t in ties)),
+                   note=f"greedy tokens vs eager, same MXFP4 weights, router ties to the lower index; "
+                        f"margin tolerance {args.margin:g}")
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
         row.update(status="error", note=f"{type(e).__name__}: {str(e)[:300]}")
@@ -451,7 +492,9 @@ def format_table(rows, info, args, layers) -> str:
                             f"margin < {args.margin:g}; first differing step {r['first_diff']} (eager "
                             f"margin there {_fmt(r['margin_at_diff'])}, max |dlogit| "
                             f"{_fmt(r['dlogit_at_diff'])}); logits rel-L2 over the equal-input steps "
-                            f"{_fmt(r['logits_rel_l2'])}"))
+                            f"{_fmt(r['logits_rel_l2'])} (eager with torch.topk's order at router "
+                            f"ties: {_fmt(r.get('logits_rel_l2_torch_topk'))}; tied routings in the "
+                            f"eager generate: {r.get('router_ties')})"))
             continue
         if r["status"] != "ok":
             lines.append(f"{r['group']:14s} {r['backend']:15s} {r['status'].upper()}: {str(r.get('note'))[:100]}")

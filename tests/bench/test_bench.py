@@ -159,6 +159,7 @@ def test_e2e_tiny(tmp_path, capsys):
         ("decode_b2", "mxfp4"), ("decode_b2", "inductor"), ("prefill_10", "mxfp4"), ("prefill_10", "inductor")]
     assert check["group"] == "check" and check["status"] == "ok", check["note"]
     assert 0 <= float(check["logits_rel_l2"]) < 2e-2  # same MXFP4 weights, bf16 logits
+    assert float(check["logits_rel_l2_torch_topk"]) >= 0 and int(check["router_ties"]) >= 0
     assert check["first_diff"] == "" or float(check["margin_at_diff"]) <= 2 * float(check["dlogit_at_diff"]) + 1e-6
     for r in rows:
         assert r["status"] == "ok", r["note"]
@@ -196,6 +197,35 @@ def test_e2e_routes_switch_what_generate_compiles():
     infos = list(backend.last_compile_info)[n:]
     assert infos and all(i["rewritten"] == 2 for i in infos)  # decode, compiled by our backend
     torch._dynamo.reset()
+
+
+def test_tie_broken_routers_pick_by_index_at_ties_only():
+    """The check's eager reference: transformers' gpt-oss router with exact ties at the top-k
+    boundary sent to the lower (or higher) expert index; no tie, same answer as transformers;
+    the router class's own forward is back afterwards."""
+    pytest.importorskip("transformers")
+    import argparse
+    from mxfp4_compile.bench import e2e
+    m = e2e.build_model(argparse.Namespace(size="tiny", layers=1, prefill=8, new_tokens=4, seed=0),
+                        torch.device("cpu"))
+    router = m.model.layers[0].mlp.router  # 4 experts, top 2
+    cls, plain = type(router), type(router).forward
+    with torch.no_grad():
+        router.weight.zero_()
+        router.bias.copy_(torch.tensor([0.0, 1.0, 1.0, 1.0], dtype=router.bias.dtype))  # 3-way tie
+        x = torch.randn(3, router.weight.shape[1], dtype=router.weight.dtype)
+        for lower, want in ((True, [1, 2]), (False, [3, 2])):
+            with e2e.tie_broken_routers(m, lower) as ties:
+                _, w, ids = router(x)
+            assert ids.tolist() == [want] * 3 and int(sum(ties)) == 3
+            torch.testing.assert_close(w.float(), torch.full((3, 2), 0.5))
+        assert cls.forward is plain
+        router.bias.copy_(torch.tensor([0.0, 3.0, 1.0, 2.0], dtype=router.bias.dtype))
+        with e2e.tie_broken_routers(m) as ties:
+            got = router(x)
+        for a, b in zip(got, plain(router, x)):
+            assert torch.equal(a, b)
+        assert int(sum(ties)) == 0
 
 
 def test_compare_greedy_uses_only_steps_with_equal_inputs():
