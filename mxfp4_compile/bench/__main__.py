@@ -100,6 +100,12 @@ def _parser():
                      help="after the timings: quantize the shared model in place and compare "
                           "greedy generate of the compiled model against eager with the same "
                           "MXFP4 weights (tokens and teacher-forced logits)")
+    e2e.add_argument("--expert-scale", type=float, default=1.0,
+                     help="multiply the random expert weights by this (timings: keep 1). For "
+                          "--check: with 1, a 2^-9 relative change of the embeddings already moves "
+                          "the logits by ~0.3 rel-L2 (routing flips), so any two implementations "
+                          "differ that much; 0.25 brings that noise floor to ~0.02 "
+                          "(benchmarks/notes/e2e.md, session 19)")
     e2e.add_argument("--margin", type=float, default=1e-2,
                      help="--check: tokens are compared up to the first step where eager's top-2 "
                           "logit margin is below this")

@@ -105,6 +105,11 @@ def build_model(args, device):
                 p.normal_(0.0, 0.02)
             else:
                 p.normal_(0.0, 0.01)
+        scale = getattr(args, "expert_scale", 1.0)
+        if scale != 1.0:  # calmer experts: see __main__'s --expert-scale
+            for layer in m.model.layers:
+                for p in layer.mlp.experts.parameters():
+                    p.mul_(scale)
     with torch.device(device):  # its inv_freq buffer, which to_empty left uninitialized
         m.model.rotary_emb = type(m.model.rotary_emb)(cfg)
     m.eval()
@@ -477,11 +482,17 @@ def _fmt(v):
     return "" if v is None else v
 
 
+def _expert_scale(args) -> str:
+    scale = getattr(args, "expert_scale", 1.0)
+    return "" if scale == 1.0 else f" (experts x{scale:g})"
+
+
 def format_table(rows, info, args, layers) -> str:
     by = {(r["group"], r["backend"]): r for r in rows}
     lines = [f"{info['device']}, torch {info['torch']}, triton {info['triton']}, transformers "
              f"{info.get('transformers')}; GptOssForCausalLM {args.size} sizes, {layers} layers, "
-             f"random weights, static cache, generate, CUDA graphs on GPU (graph partitions off)",
+             f"random weights{_expert_scale(args)}, static cache, generate, CUDA graphs on GPU "
+             f"(graph partitions off)",
              f"{'group':14s} {'backend':15s} {'median ms':>10s} {'min-max':>15s} {'vs inductor':>11s} "
              f"{'floor ms':>9s} {'x floor':>8s} {'compile s':>9s} {'skips':>5s} kernel"]
     for r in rows:

@@ -228,6 +228,22 @@ def test_tie_broken_routers_pick_by_index_at_ties_only():
         assert int(sum(ties)) == 0
 
 
+def test_expert_scale_scales_only_the_experts():
+    pytest.importorskip("transformers")
+    import argparse
+    from mxfp4_compile.bench import e2e
+
+    def params(scale):
+        m = e2e.build_model(argparse.Namespace(size="tiny", layers=1, prefill=8, new_tokens=4,
+                                               seed=0, expert_scale=scale), torch.device("cpu"))
+        return dict(m.named_parameters())
+    one, half = params(1.0), params(0.5)
+    for name, p in one.items():
+        want = p * 0.5 if ".mlp.experts." in name else p
+        assert torch.equal(half[name], want), name
+    assert any(".mlp.experts." in n for n in one)
+
+
 def test_compare_greedy_uses_only_steps_with_equal_inputs():
     from types import SimpleNamespace
     from mxfp4_compile.bench.e2e import compare_greedy
