@@ -22,7 +22,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import mxfp4_compile  # noqa: F401  (registers backend="mxfp4")
+from mxfp4_compile.backend import last_compile_info
 from mxfp4_compile.bench.harness import graph_time_us
+from mxfp4_compile.bench.workloads import rel_l2
 from mxfp4_compile.passes import decode_gemv
 
 H, Q, KV, LAYERS, VOCAB = 2880, 4096, 512, 24, 201088
@@ -46,9 +48,10 @@ class Projections(nn.Module):
 
 
 def rel(a, b):
+    """rel-L2 of one output or of a list of them (concatenated)."""
     if isinstance(a, (list, tuple)):
         a, b = torch.cat([t.flatten() for t in a]), torch.cat([t.flatten() for t in b])
-    return float((a.float() - b.float()).norm() / b.float().norm())
+    return rel_l2(a, b)
 
 
 def main(out):
@@ -87,7 +90,6 @@ def main(out):
                 with torch._inductor.config.patch(tuning.get(name, {})):  # compiles here
                     r[f"{name}_rel_l2"] = rel(fn(x), ref)
                 r[f"{name}_us"] = graph_time_us(lambda: fn(x), 1)
-            from mxfp4_compile.backend import last_compile_info
             r["gemv_rewrites"] = last_compile_info[-1].get("decode_gemvs")
             res[f"M{m}"] = r
             print(m, json.dumps(r), flush=True)
