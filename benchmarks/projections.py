@@ -6,16 +6,19 @@ CUDA graph, M = 1, 2, 4, 8 rows (batch B decode), each way they can run:
   gemv        compiled by backend="mxfp4" with options={"decode_gemv": True} and max_rows 8: each
               projection a reduction over K (passes/decode_gemv.py)
   gemv_cdt    the same with Inductor's coordinate-descent tuning of its kernels
+  gemv_combo  the same with Inductor's combo kernels (independent kernels such as q, k and v's
+              reductions share one launch)
   read        a plain read of the same bytes (the floor)
 plus the LM head alone (201088 x 2880, one weight) at M = 1: cublas against gemv. Distinct weights
 per layer, so the L2 holds none of them from one layer to the next; outputs of gemv checked
 against cublas (rel-L2). Timed with the bench harness's CUDA-graph timer.
 
-    PYTHONPATH=. python benchmarks/projections.py [OUT_DIR]   # GPU only; writes projections.json
+    PYTHONPATH=. python benchmarks/projections.py [OUT_DIR] [--rows 1,2,4,8] [--variants ...]
+    # GPU only; writes projections.json
 """
+import argparse
 import json
 import os
-import sys
 
 import torch
 import torch.nn as nn
@@ -54,7 +57,10 @@ def rel(a, b):
     return rel_l2(a, b)
 
 
-def main(out):
+VARIANTS = ("inductor", "gemv", "gemv_cdt", "gemv_combo")
+
+
+def main(out, rows=ROWS, variants=VARIANTS):
     dev = "cuda"
     torch.manual_seed(0)
     mod = Projections().to(dev, torch.bfloat16).eval()
@@ -76,12 +82,13 @@ def main(out):
     torch._dynamo.config.recompile_limit = 64
     gemv = dict(dynamic=False, backend="mxfp4", options={"decode_gemv": True})
     comp = dict(inductor=torch.compile(mod, dynamic=False), gemv=torch.compile(mod, **gemv),
-                gemv_cdt=torch.compile(mod, **gemv))
-    tuning = dict(gemv_cdt=dict(coordinate_descent_tuning=True))
+                gemv_cdt=torch.compile(mod, **gemv), gemv_combo=torch.compile(mod, **gemv))
+    comp = {k: v for k, v in comp.items() if k in variants}
+    tuning = dict(gemv_cdt=dict(coordinate_descent_tuning=True), gemv_combo=dict(combo_kernels=True))
     res = dict(gpu=torch.cuda.get_device_name(), bytes=nbytes, layers=LAYERS)
     with torch.no_grad():
         res["read_us"] = graph_time_us(flat.sum, 1)
-        for m in ROWS:
+        for m in rows:
             x = torch.randn(m, H, device=dev, dtype=torch.bfloat16)
             ref = mod(x)
             r = dict(cublas_us=graph_time_us(lambda: mod(x), 1),
@@ -90,7 +97,8 @@ def main(out):
                 with torch._inductor.config.patch(tuning.get(name, {})):  # compiles here
                     r[f"{name}_rel_l2"] = rel(fn(x), ref)
                 r[f"{name}_us"] = graph_time_us(lambda: fn(x), 1)
-            r["gemv_rewrites"] = last_compile_info[-1].get("decode_gemvs")
+            if last_compile_info:
+                r["gemv_rewrites"] = last_compile_info[-1].get("decode_gemvs")
             res[f"M{m}"] = r
             print(m, json.dumps(r), flush=True)
         head = nn.Linear(H, VOCAB, bias=False).to(dev, torch.bfloat16)
@@ -106,4 +114,13 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else ".")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("out", nargs="?", default=".")
+    ap.add_argument("--rows", default=",".join(map(str, ROWS)), help="comma list of M")
+    ap.add_argument("--variants", default=",".join(VARIANTS),
+                    help=f"compiled variants to time, of {', '.join(VARIANTS)}")
+    a = ap.parse_args()
+    bad = set(a.variants.split(",")) - set(VARIANTS)
+    if bad:
+        raise SystemExit(f"--variants: unknown {sorted(bad)}; use some of {', '.join(VARIANTS)}")
+    main(a.out, tuple(int(m) for m in a.rows.split(",")), a.variants.split(","))

@@ -50,6 +50,17 @@ OPTIONS = {
     "activations": "bf16",         # formats.Activations: "fp8" = e4m3 GEMM inputs (W4A8, sm90)
     "decode_gemv": "auto",         # few-row matmuls -> reductions (passes/decode_gemv.py): "auto"
                                    # where measured (sm90), True anywhere, False never
+    "inductor": None,              # more Inductor config for the compile, e.g. {"combo_kernels": True}
+}
+
+# Inductor config the backend sets itself: options["inductor"] may not name these (the message
+# says which option to use instead, or why it is fixed)
+_OWN_INDUCTOR_CONFIG = {
+    "triton.cudagraphs": "options['cudagraphs'] (or mode='reduce-overhead')",
+    "max_autotune": "options['max_autotune'] (or mode='max-autotune')",
+    "freezing": "nothing: freezing is how the backend sees the weights it quantizes",
+    "joint_custom_post_pass": "nothing: it runs the backend's MoE rewrite",
+    "graph_partition": "nothing: off under CUDA graphs (transformers' static cache, backend.py)",
 }
 
 _warned = set()
@@ -178,10 +189,29 @@ def resolve_options(mode=None, options=None) -> dict:
     check_kernel(opts["kernel"], "mxfp4 backend: options['kernel']")
     check_rounding(opts["rounding"], "mxfp4 backend: options['rounding']")
     check_activations(opts["activations"], "mxfp4 backend: options['activations']")
+    opts["inductor"] = check_inductor_config(opts["inductor"])
     if opts["decode_gemv"] not in ("auto", True, False):
         raise ValueError(f"mxfp4 backend: options['decode_gemv'] must be 'auto', True or False, got "
                          f"{opts['decode_gemv']!r}")
     return opts
+
+
+def check_inductor_config(patches) -> dict:
+    """options['inductor'] -> a dict of Inductor config patches, or a ValueError naming the key."""
+    if patches is None:
+        return {}
+    if not isinstance(patches, dict):
+        raise ValueError(f"mxfp4 backend: options['inductor'] must be a dict of Inductor config "
+                         f"(torch._inductor.config) names to values, got {type(patches).__name__}")
+    known = torch._inductor.config.get_config_copy()
+    for key in patches:
+        if key in _OWN_INDUCTOR_CONFIG:
+            raise ValueError(f"mxfp4 backend: options['inductor'][{key!r}] is set by the backend; "
+                             f"use {_OWN_INDUCTOR_CONFIG[key]}")
+        if key not in known:
+            raise ValueError(f"mxfp4 backend: options['inductor'][{key!r}] is not an Inductor config "
+                             f"name (torch._inductor.config) on torch {torch.__version__}")
+    return dict(patches)
 
 
 def gemv_limits(setting, device: torch.device):
@@ -217,7 +247,8 @@ def _device(example_inputs, params):
 
 
 def _inductor_patches(opts):
-    return {"triton.cudagraphs": bool(opts["cudagraphs"]), "max_autotune": bool(opts["max_autotune"])}
+    return dict(opts["inductor"], **{"triton.cudagraphs": bool(opts["cudagraphs"]),
+                                     "max_autotune": bool(opts["max_autotune"])})
 
 
 def mxfp4_backend(gm: fx.GraphModule, example_inputs, mode=None, options=None):

@@ -45,6 +45,27 @@ def test_options_and_modes():
         backend.resolve_options(options={"rounding": "nearest"})
 
 
+def test_inductor_config_option_checked_and_applied():
+    assert backend.resolve_options()["inductor"] == {}
+    opts = backend.resolve_options(options={"inductor": {"combo_kernels": True}})
+    assert backend._inductor_patches(opts)["combo_kernels"] is True
+    with pytest.raises(ValueError, match=r"options\['inductor'\]\['combo_kernel'\] is not an Inductor"):
+        backend.resolve_options(options={"inductor": {"combo_kernel": True}})
+    with pytest.raises(ValueError, match=r"\['triton.cudagraphs'\] is set by the backend; use options\['cudagraphs'\]"):
+        backend.resolve_options(options={"inductor": {"triton.cudagraphs": True}})
+    with pytest.raises(ValueError, match="must be a dict"):
+        backend.resolve_options(options={"inductor": "combo_kernels"})
+    # a post-grad pass given through the option runs in the compile, beside the MoE rewrite
+    seen = []
+
+    def note(graph):
+        seen.append(sum(n.target == torch.ops.mxfp4.moe.default for n in graph.nodes))
+    torch._dynamo.reset()
+    out, code = z.compile_run(model(), x(), options={"kernel": "reference",
+                                                   "inductor": {"post_grad_custom_post_pass": note}})
+    assert seen == [1] and z.moe_calls(code) == 1
+
+
 def test_options_reach_the_rewrite():
     m = model()
     with torch.no_grad():

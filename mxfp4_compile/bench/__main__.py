@@ -85,7 +85,8 @@ def _parser():
                           "eager masks, which copy a host value per step before 5.25; the backend "
                           "builds them on the device), mxfp4_cublas_gemv (mxfp4 with "
                           "decode_gemv off: Inductor's cuBLAS matmuls for the one-row "
-                          "projections), "
+                          "projections), mxfp4_combo (mxfp4 with Inductor's combo kernels: "
+                          "independent kernels share a launch), "
                           "mxfp4_compileconfig (transformers' CompileConfig(backend='mxfp4') route: "
                           "generate compiles decode, the prefill runs eager)")
     e2e.add_argument("--kernel", default="auto",
@@ -100,6 +101,10 @@ def _parser():
                      help="after the timings: quantize the shared model in place and compare "
                           "greedy generate of the compiled model against eager with the same "
                           "MXFP4 weights (tokens and teacher-forced logits)")
+    e2e.add_argument("--check-control", action="store_true",
+                     help="before --check: the same comparison for stock Inductor's compile of the "
+                          "bf16 model against the bf16 eager model (how far any compile of this "
+                          "model moves from eager)")
     e2e.add_argument("--expert-scale", type=float, default=1.0,
                      help="multiply the random expert weights by this (timings: keep 1). For "
                           "--check: with 1, a 2^-9 relative change of the embeddings already moves "

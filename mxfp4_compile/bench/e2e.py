@@ -60,7 +60,8 @@ MXFP4_BACKENDS = {"mxfp4": {}, "triton_kernels": {"kernel": "triton_kernels"},
                   "mxfp4_torch_router": {"fuse_router": False},
                   "mxfp4_autotune": {"max_autotune": True},
                   "mxfp4_sync": {}, "mxfp4_host_masks": {},
-                  "mxfp4_cublas_gemv": {"decode_gemv": False}}
+                  "mxfp4_cublas_gemv": {"decode_gemv": False},
+                  "mxfp4_combo": {"inductor": {"combo_kernels": True}}}
 # backend="mxfp4" with transformers' per-token stop check (host sync) that the backend otherwise
 # defers on CUDA (hf_generate.defer_stop_check): the deferral's share of the speed
 SYNC_STOP = {"mxfp4_sync", "inductor"}
@@ -336,16 +337,20 @@ def tie_broken_routers(model, lower: bool = True):
         cls.forward = plain
 
 
-def check_against_eager(model, args, gpu, common, rows, write):
-    """The compiled model against the eager one with the same MXFP4 weights: the shared model is
-    quantized in place (``quantize_``, the backend's rounding; this frees its bf16 experts, so it
-    runs after every timing), then one prompt is generated greedily both ways. The eager reference
-    breaks router ties as the fused router does (``tie_broken_routers``); the figure against
-    transformers' own router (torch.topk's order at ties) is reported beside it."""
+def check_against_eager(model, args, gpu, common, rows, write, backend="mxfp4"):
+    """The compiled model against the eager one with the same weights, one prompt generated
+    greedily both ways. backend "mxfp4": the shared model is first quantized in place
+    (``quantize_``, the backend's rounding; this frees its bf16 experts, so it runs after every
+    timing) and both sides run the same MXFP4 weights. backend "inductor" (--check-control): stock
+    Inductor's compile of the bf16 model against the bf16 eager model, before quantizing: how far
+    any compile of this model moves from eager. The eager reference breaks router ties as the
+    fused router does (``tie_broken_routers``); the figure against transformers' own router
+    (torch.topk's order at ties) is reported beside it."""
     from .. import quantize_
-    row = dict(common, group="check", backend="mxfp4", metric="check", batch=1, prompt=args.prompt)
+    row = dict(common, group="check", backend=backend, metric="check", batch=1, prompt=args.prompt)
     try:
-        quantize_(model)
+        if backend != "inductor":
+            quantize_(model)
         torch._dynamo.reset()
         g = torch.Generator().manual_seed(args.seed + 17)
         ids = torch.randint(3, model.config.vocab_size, (1, args.prompt), generator=g).to(model.device)
@@ -357,13 +362,15 @@ def check_against_eager(model, args, gpu, common, rows, write):
             plain = model.generate(ids, **kw)
             with tie_broken_routers(model) as ties:
                 eager = model.generate(ids, **kw)
-            use(model, compiled_forward(model, "mxfp4", gpu, {}))
+            use(model, compiled_forward(model, backend, gpu, {}))
             model.generate(ids, **kw)  # compile, record
             compiled = model.generate(ids, **kw)
+        use(model, type(model).forward.__get__(model))
+        weights_are = "bf16 weights" if backend == "inductor" else "same MXFP4 weights"
         row.update(compare_greedy(eager, compiled, args.margin), status="ok",
                    logits_rel_l2_torch_topk=compare_greedy(plain, compiled, args.margin)["logits_rel_l2"],
                    router_ties=int(sum(int(t) for t in ties)),
-                   note=f"greedy tokens vs eager, same MXFP4 weights, router ties to the lower index; "
+                   note=f"greedy tokens vs eager, {weights_are}, router ties to the lower index; "
                         f"margin tolerance {args.margin:g}")
     except Exception as e:  # noqa: BLE001
         traceback.print_exc()
@@ -437,6 +444,8 @@ def run(args) -> int:
         run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, write)
         if args.profile and gpu and (group[3] == "ttft" or group[1] == 1):
             profile_group(model, fwds, group, args)
+    if getattr(args, "check_control", False):  # bf16: before the check quantizes the model
+        check_against_eager(model, args, gpu, common, rows, write, backend="inductor")
     if args.check:
         check_against_eager(model, args, gpu, common, rows, write)
     fh.close()
