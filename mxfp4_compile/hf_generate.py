@@ -27,6 +27,16 @@ cache, ``generate`` builds each step's 4-D attention masks in eager before calli
 transformers' ``eager_mask`` (before 5.25; gpt-oss's attention) makes its 0 with
 ``torch.tensor(0.0, device=...)``, a copy from pageable host memory that on CUDA waits for the
 GPU to finish the previous step, once per mask type, every token.
+
+And their static caches keep one address from one ``generate`` to the next
+(``stable_cache_memory``): ``generate`` builds a new ``StaticCache`` per call, whose tensors are
+allocated wherever the caching allocator has room. The decode graph writes them in place, so they
+are static inputs of its CUDA graph, and a new address makes CUDA graph trees record the graph
+again: one re-recording per ``generate`` call (tens of ms at full depth), and once a graph has
+been re-recorded ``cudagraph_unexpected_rerecord_limit`` times (128) Inductor stops using CUDA
+graphs for it, so decode silently slows down after ~128 calls. We give each new cache the zeroed
+memory of the last one of the same shapes whose cache object is gone: after the prefill, which
+initializes the cache inside its graph, its tensors are copied there.
 """
 from __future__ import annotations
 
@@ -96,9 +106,11 @@ def claim_decode() -> str | None:
 
 
 def _decode_is_ours(model) -> None:
-    """``model``'s decode runs our compile: take generate's per-token host syncs off it."""
+    """``model``'s decode runs our compile: take generate's per-token host syncs off it, and keep
+    its static caches at one address."""
     defer_stop_check(model)
     sync_free_masks(model)
+    stable_cache_memory(model)
 
 
 _deferring = weakref.WeakSet()  # models whose generate() may defer its stop check on CUDA
@@ -247,3 +259,121 @@ def sync_free_masks(model) -> bool:
 def host_masks(model) -> None:
     """Undo ``sync_free_masks`` for ``model`` (transformers' own eager masks again)."""
     _sync_free.discard(model)
+
+
+_stable = weakref.WeakSet()  # models whose generate() keeps its static caches at one address
+_settled = weakref.WeakSet()  # caches already moved to (or left out of) their model's pool
+_pools = weakref.WeakKeyDictionary()  # model -> [_CacheMemory]
+POOL_SIZE = 4  # cache shapes kept per model (e.g. a few batch sizes); more evict the oldest free
+_CACHE_TENSORS = ("keys", "values", "cumulative_length")  # what a static layer's decode writes
+
+
+class _CacheMemory:
+    """Tensors for the layers of one static cache, held for the next cache of the same shapes
+    once ``owner`` (the cache using them) is gone."""
+
+    def __init__(self, key, tensors, owner):
+        self.key, self.tensors, self.owner = key, tensors, weakref.ref(owner)
+
+
+def _static_layers(cache):
+    """The cache's layers if it is transformers' own ``StaticCache`` (not one the caller passed
+    in) of initialized full-attention and sliding-window static layers, else None."""
+    try:
+        from transformers import cache_utils as cu
+    except ImportError:
+        return None
+    kinds = tuple(getattr(cu, n) for n in ("StaticLayer", "StaticSlidingWindowLayer") if hasattr(cu, n))
+    layers = getattr(cache, "layers", None)
+    if type(cache) is not getattr(cu, "StaticCache", None) or not layers or not kinds \
+            or getattr(cache, "_is_user_defined", False):
+        return None
+    if any(type(layer) not in kinds or not getattr(layer, "is_initialized", False) for layer in layers):
+        return None
+    return layers
+
+
+def _settle_cache(model, cache) -> str:
+    """After the prefill filled ``cache`` (its layers initialized inside the compiled prefill, at
+    fresh addresses): copy its tensors into the model's pooled ones of the same shapes whose last
+    cache is gone (or new ones) and point the layers at those, so every decode graph replay sees
+    one set of addresses. Dynamo's guards do not change (same shapes, dtypes, devices), so nothing
+    recompiles. -> "reused", "new", "unpooled" (the pool is full of live caches) or "skipped"."""
+    import torch
+
+    _settled.add(cache)
+    layers = _static_layers(cache)
+    if layers is None:
+        return "skipped"
+    names = [[n for n in _CACHE_TENSORS if isinstance(getattr(layer, n, None), torch.Tensor)]
+             for layer in layers]
+    key = tuple((type(layer).__name__,) + tuple((n, tuple(getattr(layer, n).shape), getattr(layer, n).dtype,
+                                                 str(getattr(layer, n).device)) for n in ns)
+                for layer, ns in zip(layers, names))
+    pool = _pools.setdefault(model, [])
+    mem = next((m for m in pool if m.key == key and m.owner() is None), None)
+    how = "reused"
+    if mem is None:
+        if len(pool) >= POOL_SIZE:
+            free = [m for m in pool if m.owner() is None]
+            if not free:
+                return "unpooled"
+            pool.remove(free[0])
+        mem = _CacheMemory(key, [{n: torch.empty_like(getattr(layer, n)) for n in ns}
+                                 for layer, ns in zip(layers, names)], cache)
+        pool.append(mem)
+        how = "new"
+    for layer, tensors in zip(layers, mem.tensors):
+        for n, t in tensors.items():
+            t.copy_(getattr(layer, n))  # stream-ordered after the prefill: no sync
+            setattr(layer, n, t)
+    mem.owner = weakref.ref(cache)
+    return how
+
+
+def stable_cache_memory(model) -> bool:
+    """Keep the static caches ``generate`` builds for ``model`` at one address from one call to the
+    next (module docstring): transformers' ``_update_model_kwargs_for_generation`` (called after
+    every forward of generate) is wrapped once; for a model of ours, after the prefill, the cache's
+    tensors are copied into the model's pooled tensors of the same shapes (those of an earlier
+    cache that nothing references any more, else new ones) and the cache points at them. A cache
+    the caller still holds (e.g. a returned ``past_key_values``) keeps its tensors to itself; a
+    cache the caller passed in is left alone. Up to ``POOL_SIZE`` shapes stay allocated per model
+    (``release_cache_memory`` frees them). Off with MXFP4_STABLE_CACHE=0. -> whether installed."""
+    if os.environ.get("MXFP4_STABLE_CACHE", "1") in ("0", ""):
+        return False
+    try:
+        from transformers.generation import utils as gen_utils
+    except ImportError:
+        return False
+    mixin = getattr(gen_utils, "GenerationMixin", None)
+    theirs = getattr(mixin, "_update_model_kwargs_for_generation", None)
+    if theirs is None:
+        return False
+    if not getattr(theirs, "_mxfp4_scoped", False):
+        @functools.wraps(theirs)
+        def _update_model_kwargs_for_generation(self, *args, **kwargs):
+            model_kwargs = theirs(self, *args, **kwargs)
+            if _member(self, _stable) and isinstance(model_kwargs, dict):
+                for value in model_kwargs.values():
+                    if hasattr(value, "layers") and not _member(value, _settled):
+                        log.debug("mxfp4: static cache memory: %s", _settle_cache(self, value))
+            return model_kwargs
+
+        _update_model_kwargs_for_generation._mxfp4_scoped = True
+        mixin._update_model_kwargs_for_generation = _update_model_kwargs_for_generation
+    _enroll(model, _stable, "mxfp4: generate() on this model keeps its static cache at one address "
+            "from one call to the next (no CUDA-graph re-recording per call)")
+    return True
+
+
+def fresh_caches(model) -> None:
+    """Undo ``stable_cache_memory`` for ``model`` (a new cache at a new address every call) and
+    free the memory it kept."""
+    _stable.discard(model)
+    release_cache_memory(model)
+
+
+def release_cache_memory(model) -> None:
+    """Free the static-cache memory kept for ``model`` (the next ``generate`` allocates anew)."""
+    _pools.pop(model, None)

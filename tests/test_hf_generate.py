@@ -187,3 +187,66 @@ def test_decode_masks_without_host_values_for_our_models_only(monkeypatch):
     assert mu.ALL_MASK_ATTENTION_FUNCTIONS["eager"] is mu.eager_mask  # the registry restored
     if "torch.tensor(" in inspect.getsource(mu.eager_mask):
         assert n_theirs > 0  # transformers' own masks copy host values (5.17)
+
+
+# ---- static caches kept at one address from one generate() to the next ----
+def _kv_ptrs(cache):
+    return [(layer.keys.data_ptr(), layer.values.data_ptr()) for layer in cache.layers]
+
+
+def _generate(model, ids, n=5):
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n,
+                              min_new_tokens=n, do_sample=False, output_logits=True,
+                              return_dict_in_generate=True)
+
+
+def test_static_cache_memory_reused_zeroed_and_never_while_held():
+    """Our compiled gpt-oss (sliding + full layers): a generate whose previous cache is gone gets
+    that cache's memory (same addresses: the decode CUDA graph keeps its static inputs), fully
+    overwritten by the prefill's cache (the pooled memory is poisoned with NaN here, and the logits
+    stay those of a fresh cache); a cache the caller still holds is never reused nor written; no
+    recompiles after the first call; another model keeps transformers' fresh caches."""
+    import gc
+
+    from torch._dynamo.utils import counters
+
+    from mxfp4_compile import hf_generate
+    torch._dynamo.reset()
+    ours = mc.quantize_(z.hf_model("gpt_oss", "grouped_mm", layers=2))
+    theirs = z.hf_model("gpt_oss", "grouped_mm", layers=2)
+    for m in (ours, theirs):
+        m.generation_config.cache_implementation = "static"
+        m.config._attn_implementation = "eager"
+    ours.forward = torch.compile(ours.forward, backend="mxfp4")
+    ids = [z.token_ids(T=12, seed=s) for s in range(3)]
+    first = _generate(ours, ids[0])  # compiles; claims decode: the pool is on from its first step
+    assert ours in hf_generate._stable
+    graphs = counters["stats"]["unique_graphs"]
+    del first
+    gc.collect()
+    out1 = _generate(ours, ids[0])
+    cache1 = out1.past_key_values
+    held = [layer.keys.clone() for layer in cache1.layers]
+    out2 = _generate(ours, ids[1])  # cache1 still held: new memory, cache1 untouched
+    assert all(p not in _kv_ptrs(out2.past_key_values) for p in _kv_ptrs(cache1))
+    assert all(torch.equal(a, layer.keys) for a, layer in zip(held, cache1.layers))
+    ptrs1 = _kv_ptrs(cache1)
+    del out1, cache1
+    gc.collect()
+    mem = next(m for m in hf_generate._pools[ours] if m.owner() is None)
+    for tensors in mem.tensors:  # stale entries must not reach the next generate
+        tensors["keys"].fill_(float("nan"))
+        tensors["values"].fill_(float("nan"))
+    out3 = _generate(ours, ids[2])
+    assert _kv_ptrs(out3.past_key_values) == ptrs1  # the freed cache's memory, reused
+    assert counters["stats"]["unique_graphs"] == graphs  # no recompiles after the first call
+    hf_generate.fresh_caches(ours)  # transformers' own fresh caches, same compiled model
+    fresh = _generate(ours, ids[2])
+    assert ours not in hf_generate._pools and ours not in hf_generate._stable
+    assert torch.equal(out3.sequences, fresh.sequences)
+    for a, b in zip(out3.logits, fresh.logits):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    _generate(theirs, ids[0])
+    assert theirs not in hf_generate._stable and theirs not in hf_generate._pools
