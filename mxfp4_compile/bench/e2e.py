@@ -51,7 +51,7 @@ from . import harness as Hn
 from . import workloads as W
 
 CSV_FIELDS = ["group", "backend", "metric", "batch", "prompt", "median_ms", "min_ms", "max_ms",
-              "rounds", "compile_s", "cudagraph_skips", "kernel", "rewritten_moe", "already_mxfp4",
+              "step_ms", "rounds", "compile_s", "cudagraph_skips", "kernel", "rewritten_moe", "already_mxfp4",
               "experts_form", "alloc_gb", "floor_ms", "tokens_compared", "first_diff",
               "margin_at_diff", "dlogit_at_diff", "logits_rel_l2", "logits_rel_l2_torch_topk",
               "router_ties", "status", "note", "layers",
@@ -222,6 +222,35 @@ def timed_generate(model, ids, n, gpu) -> float:
     return time.perf_counter() - t0
 
 
+@contextlib.contextmanager
+def step_clock(model, gpu):
+    """Marks the end of every forward of ``model`` while active: a CUDA event on the stream (no
+    host sync; read after the block) or, on CPU, the host clock. Yields a list that gets, after
+    the block, the ms between consecutive forwards' ends: in a generate, each decode step as the
+    GPU completes it. Unlike the difference of two generates' wall times, per-call costs (a
+    CUDA-graph re-recording, generate's setup) land in one step, which a median leaves out.
+    For a compiled forward only (a forward hook, outside the compiled code)."""
+    marks = []
+
+    def hook(module, args, output):
+        if gpu:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            marks.append(event)
+        else:
+            marks.append(time.perf_counter())
+
+    handle = model.register_forward_hook(hook)
+    gaps = []
+    try:
+        yield gaps
+        _sync(gpu)
+        gaps += ([a.elapsed_time(b) for a, b in zip(marks, marks[1:])] if gpu else
+                 [(b - a) * 1e3 for a, b in zip(marks, marks[1:])])
+    finally:
+        handle.remove()
+
+
 def experts_form(model) -> str:
     impl = getattr(model.config, "_experts_implementation", None)
     return f"{impl} (prefill), batched_mm (decode: transformers switches on CUDA)" \
@@ -261,7 +290,7 @@ def run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, wr
             row["floor_ms"] = byte_floor_ms(model, expert_bytes_per_layer(model, be), batch,
                                             args.floor_gbps) if metric == "decode" else None
             row["status"] = "ok"
-            row["_times"], row["_generate"] = [], []
+            row["_times"], row["_generate"], row["_steps"] = [], [], []
             live.append(row)
         except Exception as e:  # noqa: BLE001 - one backend's failure is a row
             traceback.print_exc()
@@ -275,15 +304,26 @@ def run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, wr
                 row["_times"].append(timed_generate(model, ids, 1, gpu) * 1e3)
             else:
                 a = timed_generate(model, ids, n1, gpu)
-                b = timed_generate(model, ids, n2, gpu)
+                if callable(fwds[row["backend"]]):  # a compiled forward: hooks run outside it
+                    with step_clock(model, gpu) as steps:
+                        b = timed_generate(model, ids, n2, gpu)
+                    row["_steps"].append(steps)
+                else:
+                    b = timed_generate(model, ids, n2, gpu)
                 row["_times"].append((b - a) / (n2 - n1) * 1e3)
                 row["_generate"].append(b * 1e3)
     for row in live:
         t = row.pop("_times")
         # e2e.json only: each round's figure, and its whole generate of --new-tokens (ms: what a
         # user waits for, including per-call costs such as a CUDA-graph re-recording)
+        steps = row.pop("_steps")
         row.update(median_ms=statistics.median(t), min_ms=min(t), max_ms=max(t), rounds=len(t),
-                   round_ms=t, generate_ms=row.pop("_generate"))
+                   round_ms=t, generate_ms=row.pop("_generate"),
+                   # decode: the median interval between forwards over every round's long generate
+                   # (its first interval is the first decode step; prefill excluded), and each
+                   # round's median (e2e.json)
+                   step_ms=statistics.median(x for r in steps for x in r) if any(steps) else None,
+                   round_step_ms=[statistics.median(r) for r in steps if r])
         if gpu:
             row["alloc_gb"] = torch.cuda.memory_allocated() / 2**30
         rows.append(row)
@@ -437,7 +477,8 @@ def run(args) -> int:
         writer.writerow({k: _fmt(row.get(k)) for k in CSV_FIELDS})
         fh.flush()
         print(f"[e2e] {row['group']} {row['backend']}: {row.get('status')} "
-              f"median {_fmt(row.get('median_ms'))} ms, compile {_fmt(row.get('compile_s'))} s, "
+              f"median {_fmt(row.get('median_ms'))} ms, step {_fmt(row.get('step_ms'))} ms, "
+              f"compile {_fmt(row.get('compile_s'))} s, "
               f"skips {row.get('cudagraph_skips')} {row.get('note') or ''}", flush=True)
 
     for group in groups(args):
@@ -515,11 +556,13 @@ def format_table(rows, info, args, layers) -> str:
              f"{info.get('transformers')}; GptOssForCausalLM {args.size} sizes, {layers} layers, "
              f"random weights{_expert_scale(args)}, static cache, generate, CUDA graphs on GPU "
              f"(graph partitions off)",
-             f"{'group':14s} {'backend':15s} {'median ms':>10s} {'min-max':>15s} {'vs inductor':>11s} "
+             f"{'group':14s} {'backend':15s} {'median ms':>10s} {'min-max':>15s} {'step ms':>8s} {'vs inductor':>11s} "
              f"{'floor ms':>9s} {'x floor':>8s} {'compile s':>9s} {'skips':>5s} kernel"]
     for r in rows:
         if r["metric"] == "check":
-            lines.append(f"check vs eager (same MXFP4 weights, prompt {r['prompt']}): "
+            what = ("stock Inductor, bf16 weights" if r["backend"] == "inductor" else
+                    f"{r['backend']}, same MXFP4 weights")
+            lines.append(f"check vs eager ({what}, prompt {r['prompt']}): "
                          + (f"{r['status'].upper()}: {r.get('note')}" if r["status"] != "ok" else
                             f"tokens equal for the {r['tokens_compared']} steps before eager's top-2 "
                             f"margin < {args.margin:g}; first differing step {r['first_diff']} (eager "
@@ -536,11 +579,15 @@ def format_table(rows, info, args, layers) -> str:
         sp = ind.get("median_ms") / r["median_ms"] if r["backend"] != "inductor" and ind.get("median_ms") else None
         fl = r.get("floor_ms")
         xf = f"{r['median_ms'] / fl:.2f}" if fl else "-"
+        st = r.get("step_ms")
         lines.append(f"{r['group']:14s} {r['backend']:15s} {r['median_ms']:10.3f} "
-                     f"{r['min_ms']:7.3f}-{r['max_ms']:<7.3f} {(f'{sp:.2f}x' if sp else '-'):>11s} "
+                     f"{r['min_ms']:7.3f}-{r['max_ms']:<7.3f} {(f'{st:.3f}' if st else '-'):>8s} "
+                     f"{(f'{sp:.2f}x' if sp else '-'):>11s} "
                      f"{(f'{fl:.3f}' if fl else '-'):>9s} {xf:>8s} "
                      f"{r.get('compile_s', 0):9.1f} {str(r.get('cudagraph_skips')):>5s} "
                      f"{r.get('kernel')} {r.get('experts_form') or ''}")
-    lines.append("decode: ms per new token; prefill: time to first token (ms). floor: weight bytes "
+    lines.append("decode: ms per new token, (t(N) - t(N/4)) / (3N/4) over two generates; step ms: the "
+                 "median interval between forwards' ends on the stream within the N-token generates. "
+                 "prefill: time to first token (ms). floor: weight bytes "
                  f"one decode step reads at {args.floor_gbps:g} GB/s. compile s: the group's first generate.")
     return "\n".join(lines) + "\n"

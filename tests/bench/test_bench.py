@@ -171,6 +171,9 @@ def test_e2e_tiny(tmp_path, capsys):
         assert r["status"] == "ok", r["note"]
         assert float(r["median_ms"]) > 0 and float(r["compile_s"]) > 0 and r["rounds"] == "1"
     assert float(rows[0]["floor_ms"]) > 0 and rows[2]["floor_ms"] == ""
+    for r in rows[:2]:  # decode: the interval between forwards within the generate, besides
+        assert 0 < float(r["step_ms"]) < 2 * float(r["median_ms"]) + 50, r
+    assert rows[2]["step_ms"] == ""  # time to first token: one forward
     assert rows[0]["kernel"] == "reference" and int(rows[0]["rewritten_moe"]) == 2
     assert "decode_b2" in (tmp_path / "e2e.txt").read_text()
 
