@@ -32,11 +32,11 @@ And their static caches keep one address from one ``generate`` to the next
 (``stable_cache_memory``): ``generate`` builds a new ``StaticCache`` per call, whose tensors are
 allocated wherever the caching allocator has room. The decode graph writes them in place, so they
 are static inputs of its CUDA graph, and a new address makes CUDA graph trees record the graph
-again: one re-recording per ``generate`` call (tens of ms at full depth), and once a graph has
-been re-recorded ``cudagraph_unexpected_rerecord_limit`` times (128) Inductor stops using CUDA
-graphs for it, so decode silently slows down after ~128 calls. We give each new cache the zeroed
-memory of the last one of the same shapes whose cache object is gone: after the prefill, which
-initializes the cache inside its graph, its tensors are copied there.
+again: one re-recording per ``generate`` call (tens of ms at full depth; torch versions that
+count such re-recordings toward ``cudagraph_unexpected_rerecord_limit`` stop using CUDA graphs
+for the decode after 128 calls). We give each new cache the memory of the last one of the same
+shapes whose cache object is gone: after the prefill, which initializes the cache inside its
+graph, its tensors are copied there.
 """
 from __future__ import annotations
 
