@@ -301,7 +301,10 @@ def _settle_cache(model, cache) -> str:
     recompiles. -> "reused", "new", "unpooled" (the pool is full of live caches) or "skipped"."""
     import torch
 
-    _settled.add(cache)
+    try:
+        _settled.add(cache)
+    except TypeError:  # not weakly referable / hashable: not transformers' StaticCache anyway
+        return "skipped"
     layers = _static_layers(cache)
     if layers is None:
         return "skipped"

@@ -72,8 +72,7 @@ HOST_MASKS = {"mxfp4_host_masks", "inductor"}
 # the backend otherwise keeps at one address (hf_generate.stable_cache_memory); the decode graph
 # is re-recorded when the address changes
 FRESH_CACHE = {"mxfp4_fresh_cache", "inductor"}
-# the same compiled function as "mxfp4"; only generate's host side differs (a fresh cache also
-# compiles a prefill of its own: the cache is then initialized inside it)
+# the same compiled function as "mxfp4"; only generate's host side differs
 SAME_GRAPHS = ("mxfp4_sync", "mxfp4_host_masks", "mxfp4_fresh_cache")
 # transformers' own route: generate compiles decode with CompileConfig(backend="mxfp4") and runs
 # the prefill eager; the other backends compile the forward
@@ -491,7 +490,7 @@ def run(args) -> int:
             continue
         torch._dynamo.reset()  # static graphs per group (automatic dynamic would mark B or P)
         fwds = {be: compiled_forward(model, be, gpu, extra) for be in backends}
-        for same in SAME_GRAPHS:  # the same graphs, only generate's host syncs differ
+        for same in SAME_GRAPHS:  # the same graphs, only generate's host side differs
             if "mxfp4" in fwds and same in fwds:
                 fwds[same] = functools.partial(fwds["mxfp4"])  # keeps forward's signature
                 fwds[same]._e2e_backend = same
