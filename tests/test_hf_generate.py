@@ -250,3 +250,49 @@ def test_static_cache_memory_reused_zeroed_and_never_while_held():
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     _generate(theirs, ids[0])
     assert theirs not in hf_generate._stable and theirs not in hf_generate._pools
+
+
+def test_cache_pool_is_bounded_and_evicts_only_free_memory():
+    """Caches of POOL_SIZE + 1 shapes: the pool keeps POOL_SIZE; while every pooled cache is alive
+    the next one stays out of the pool (its own tensors); once one is gone, the newcomer takes
+    its place; a cache the caller passed in (user-defined) is never pooled."""
+    import gc
+
+    from transformers.cache_utils import StaticCache
+
+    from mxfp4_compile import hf_generate
+    model = z.hf_model("gpt_oss", "grouped_mm", layers=2)
+    cfg = model.config
+
+    def cache(batch):
+        c = StaticCache(config=cfg, max_cache_len=16)
+        c.early_initialization(batch, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
+        return c
+
+    n = hf_generate.POOL_SIZE
+    live = [cache(b) for b in range(1, n + 1)]
+    assert [hf_generate._settle_cache(model, c) for c in live] == ["new"] * n
+    extra = cache(n + 1)
+    own = [layer.keys for layer in extra.layers]
+    assert hf_generate._settle_cache(model, extra) == "unpooled"
+    assert all(layer.keys is k for layer, k in zip(extra.layers, own))  # left as it was
+    assert len(hf_generate._pools[model]) == n
+    del live[0]
+    gc.collect()
+    newcomer = cache(n + 2)
+    assert hf_generate._settle_cache(model, newcomer) == "new" and len(hf_generate._pools[model]) == n
+    theirs = cache(2)
+    theirs._is_user_defined = True
+    assert hf_generate._settle_cache(model, theirs) == "skipped"
+    del live[0]  # batch 2's cache: gone, so the next batch-2 cache gets its memory
+    gc.collect()
+    again = cache(2)
+    for layer in again.layers:  # what a prefill wrote
+        layer.keys.normal_()
+    keys = [layer.keys.clone() for layer in again.layers]
+    old = [layer.keys for layer in again.layers]
+    assert hf_generate._settle_cache(model, again) == "reused"
+    assert all(torch.equal(k, layer.keys) and layer.keys is not o  # copied into pooled memory
+               for k, o, layer in zip(keys, old, again.layers))
+    hf_generate.release_cache_memory(model)
+    assert model not in hf_generate._pools
