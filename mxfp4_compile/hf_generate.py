@@ -270,10 +270,10 @@ _CACHE_TENSORS = ("keys", "values", "cumulative_length")  # what a static layer'
 
 class _CacheMemory:
     """Tensors for the layers of one static cache, held for the next cache of the same shapes
-    once ``owner`` (the cache using them) is gone."""
+    once ``owner`` (the cache using them) is gone. ``length``: its longest layer."""
 
-    def __init__(self, key, tensors, owner):
-        self.key, self.tensors, self.owner = key, tensors, weakref.ref(owner)
+    def __init__(self, key, tensors, owner, length):
+        self.key, self.tensors, self.owner, self.length = key, tensors, weakref.ref(owner), length
 
 
 def _static_layers(cache):
@@ -317,13 +317,17 @@ def _settle_cache(model, cache) -> str:
     mem = next((m for m in pool if m.key == key and m.owner() is None), None)
     how = "reused"
     if mem is None:
+        length = max(layer.max_cache_len for layer in layers)
+        # generate never shrinks a model's cache length (it sizes each cache to at least the last
+        # one's), so free memory of shorter caches would never be used again
+        pool[:] = [m for m in pool if m.owner() is not None or m.length >= length]
         if len(pool) >= POOL_SIZE:
             free = [m for m in pool if m.owner() is None]
             if not free:
                 return "unpooled"
             pool.remove(free[0])
         mem = _CacheMemory(key, [{n: torch.empty_like(getattr(layer, n)) for n in ns}
-                                 for layer, ns in zip(layers, names)], cache)
+                                 for layer, ns in zip(layers, names)], cache, length)
         pool.append(mem)
         how = "new"
     for layer, tensors in zip(layers, mem.tensors):

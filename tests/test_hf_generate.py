@@ -294,5 +294,12 @@ def test_cache_pool_is_bounded_and_evicts_only_free_memory():
     assert hf_generate._settle_cache(model, again) == "reused"
     assert all(torch.equal(k, layer.keys) and layer.keys is not o  # copied into pooled memory
                for k, o, layer in zip(keys, old, again.layers))
+    del again
+    gc.collect()
+    longer = StaticCache(config=cfg, max_cache_len=32)  # generate's length only grows: free
+    longer.early_initialization(1, cfg.num_key_value_heads, cfg.head_dim, torch.float32, "cpu")
+    assert hf_generate._settle_cache(model, longer) == "new"  # shorter caches' memory is dropped
+    assert [m.length for m in hf_generate._pools[model] if m.owner() is None] == []
+    assert {m.length for m in hf_generate._pools[model]} == {16, 32}  # the live ones stay
     hf_generate.release_cache_memory(model)
     assert model not in hf_generate._pools
