@@ -159,13 +159,9 @@ def _host_zero_sites(model, n):
     return sites[0], out
 
 
-def test_decode_masks_without_host_values_for_our_models_only(monkeypatch):
-    """The scoped switch: our compiled model's generate makes no host 0.0 in its masks, the same
-    tokens as with transformers' masks; another model in the process keeps transformers' own.
-    The switch is taken as on (transformers 5.25 makes its 0 on the device already, so there both
-    counts are 0; CI runs this on 5.17 too, where the other model's count is > 0)."""
-    from mxfp4_compile import hf_generate
-    monkeypatch.setattr(hf_generate, "_eager_mask_copies_host_value", lambda mu: True)
+def _ours_and_theirs():
+    """Two 2-layer gpt-oss models (sliding + full attention) set up for transformers' static-cache
+    recipe: ours (MXFP4, its forward compiled with backend="mxfp4") and a plain bf16 one."""
     torch._dynamo.reset()
     ours = mc.quantize_(z.hf_model("gpt_oss", "grouped_mm", layers=2))
     theirs = z.hf_model("gpt_oss", "grouped_mm", layers=2)
@@ -173,6 +169,17 @@ def test_decode_masks_without_host_values_for_our_models_only(monkeypatch):
         m.generation_config.cache_implementation = "static"
         m.config._attn_implementation = "eager"
     ours.forward = torch.compile(ours.forward, backend="mxfp4")
+    return ours, theirs
+
+
+def test_decode_masks_without_host_values_for_our_models_only(monkeypatch):
+    """The scoped switch: our compiled model's generate makes no host 0.0 in its masks, the same
+    tokens as with transformers' masks; another model in the process keeps transformers' own.
+    The switch is taken as on (transformers 5.25 makes its 0 on the device already, so there both
+    counts are 0; CI runs this on 5.17 too, where the other model's count is > 0)."""
+    from mxfp4_compile import hf_generate
+    monkeypatch.setattr(hf_generate, "_eager_mask_copies_host_value", lambda mu: True)
+    ours, theirs = _ours_and_theirs()
     with torch.no_grad():
         ours(z.token_ids(T=3))  # the compile claims decode
     assert ours in hf_generate._sync_free
@@ -212,13 +219,7 @@ def test_static_cache_memory_reused_zeroed_and_never_while_held():
     from torch._dynamo.utils import counters
 
     from mxfp4_compile import hf_generate
-    torch._dynamo.reset()
-    ours = mc.quantize_(z.hf_model("gpt_oss", "grouped_mm", layers=2))
-    theirs = z.hf_model("gpt_oss", "grouped_mm", layers=2)
-    for m in (ours, theirs):
-        m.generation_config.cache_implementation = "static"
-        m.config._attn_implementation = "eager"
-    ours.forward = torch.compile(ours.forward, backend="mxfp4")
+    ours, theirs = _ours_and_theirs()
     ids = [z.token_ids(T=12, seed=s) for s in range(3)]
     first = _generate(ours, ids[0])  # compiles; claims decode: the pool is on from its first step
     assert ours in hf_generate._stable
