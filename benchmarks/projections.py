@@ -9,14 +9,16 @@ CUDA graph, M = 1, 2, 4, 8 rows (batch B decode), each way they can run:
   gemv_combo  the same with Inductor's combo kernels (independent kernels such as q, k and v's
               reductions share one launch)
   read        a plain read of the same bytes (the floor)
-plus the LM head alone (201088 x 2880, one weight) at M = 1: cublas against gemv. Distinct weights
-per layer, so the L2 holds none of them from one layer to the next; outputs of gemv checked
-against cublas (rel-L2). Timed with the bench harness's CUDA-graph timer.
+plus the LM head alone (201088 x 2880, one weight) and the 24 routers (2880 -> 32, with bias) at
+M = 1: cublas against gemv. Distinct weights per layer, so the L2 holds none of them from one
+layer to the next; outputs of gemv checked against cublas (rel-L2). Timed with the bench
+harness's CUDA-graph timer.
 
     PYTHONPATH=. python benchmarks/projections.py [OUT_DIR] [--rows 1,2,4,8] [--variants ...]
     # GPU only; writes projections.json
 """
 import argparse
+import dataclasses
 import json
 import os
 
@@ -48,6 +50,17 @@ class Projections(nn.Module):
             q = self.q[i](x)
             outs += [self.o[i](q), self.k[i](x), self.v[i](x)]
         return outs
+
+
+class Routers(nn.Module):
+    """The routers of 24 layers (2880 -> 32 experts, with bias), one after the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.r = nn.ModuleList(nn.Linear(H, 32) for _ in range(LAYERS))
+
+    def forward(self, x):
+        return [r(x) for r in self.r]
 
 
 def rel(a, b):
@@ -107,6 +120,18 @@ def main(out, rows=ROWS, variants=VARIANTS):
         res["lm_head_M1"] = dict(cublas_us=graph_time_us(lambda: head(x), 1),
                                  gemv_us=graph_time_us(lambda: g(x), 1),
                                  gemv_rel_l2=rel(g(x), head(x)), bytes=head.weight.numel() * 2)
+        # the routers (N = 32 with bias; decode_gemv leaves N < 256 to cuBLAS, whose split-K GEMV
+        # and reduce take two launches a layer): 24 layers, one row, cuBLAS against a reduction
+        routers = Routers().to(dev, torch.bfloat16).eval()
+        cap = tuple(torch.cuda.get_device_capability())
+        lim = decode_gemv.LIMITS[cap]
+        decode_gemv.LIMITS[cap] = dataclasses.replace(lim, min_n=32)
+        gr = torch.compile(routers, dynamic=False, backend="mxfp4", options={"decode_gemv": True})
+        res["routers_M1"] = dict(cublas_us=graph_time_us(lambda: routers(x), 1),
+                                 gemv_us=graph_time_us(lambda: gr(x), 1),  # compiles here
+                                 gemv_rel_l2=rel(gr(x), routers(x)),
+                                 gemv_rewrites=last_compile_info[-1].get("decode_gemvs"))
+        decode_gemv.LIMITS[cap] = lim
     res["read_GBps"] = nbytes / res["read_us"] / 1e3
     print(json.dumps(res, indent=1))
     with open(os.path.join(out, "projections.json"), "w") as f:
