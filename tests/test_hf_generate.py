@@ -304,3 +304,34 @@ def test_cache_pool_is_bounded_and_evicts_only_free_memory():
     assert {m.length for m in hf_generate._pools[model]} == {16, 32}  # the live ones stay
     hf_generate.release_cache_memory(model)
     assert model not in hf_generate._pools
+
+
+def _live_tensor_bytes():
+    """Bytes of the distinct storages of every tensor Python can reach."""
+    import gc
+    gc.collect()
+    seen = {}
+    for obj in gc.get_objects():
+        if type(obj) in (torch.Tensor, torch.nn.Parameter) and not obj.is_meta:  # no fake tensors
+            s = obj.untyped_storage()
+            seen[s.data_ptr()] = s.nbytes()
+    return sum(seen.values())
+
+
+def test_repeated_generates_neither_recompile_nor_grow_memory():
+    """Five generates of our compiled model: after the first, no compile, and the memory Python
+    can reach stays the same (the pooled cache is reused, nothing accumulates per call)."""
+    from torch._dynamo.utils import counters
+
+    from mxfp4_compile import hf_generate
+    ours, _ = _ours_and_theirs()
+    x = z.token_ids(T=12)
+    sizes = []
+    for i in range(5):
+        _generate(ours, x).sequences  # noqa: B018 (the output is dropped at once)
+        if i == 0:
+            graphs = counters["stats"]["unique_graphs"]
+        sizes.append(_live_tensor_bytes())
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert len(hf_generate._pools[ours]) == 1
+    assert sizes[1] == sizes[2] == sizes[3] == sizes[4], sizes
