@@ -19,6 +19,7 @@ import json
 import torch
 
 from mxfp4_compile.bench import e2e
+from mxfp4_compile.bench.workloads import rel_l2
 
 
 def main():
@@ -33,6 +34,7 @@ def main():
     model = e2e.build_model(args, torch.device(a.device))
     g = torch.Generator().manual_seed(17)
     ids = torch.randint(3, model.config.vocab_size, (1, a.prompt), generator=g).to(a.device)
+
     def noise(mod, inputs, out):
         g = torch.Generator().manual_seed(5)
         return out * (1 + 2.0 ** -9 * torch.randn(out.shape, generator=g).to(out))
@@ -51,10 +53,10 @@ def main():
                ties_per_layer=[int(t) for t in ties["lower"]])
     for run in ("higher", "noise"):
         o = out[run]
-        res[run] = dict(rel_l2_last=float((o[-1] - ref[-1]).norm() / ref[-1].norm()),
-                        rel_l2_all=float((o - ref).norm() / ref.norm()),
+        res[run] = dict(rel_l2_last=rel_l2(o[-1], ref[-1]), rel_l2_all=rel_l2(o, ref),
                         argmax_agree=float((o.argmax(-1) == ref.argmax(-1)).float().mean()))
     print(json.dumps(res))
+
 
 if __name__ == "__main__":
     main()
