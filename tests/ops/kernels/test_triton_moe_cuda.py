@@ -89,6 +89,44 @@ def test_decode_against_reference_and_the_triton_kernels(T, E, H, I, k, act, mon
     assert ((out - out_triton).norm() / ref.norm()).item() < 1e-2
 
 
+@pytest.mark.parametrize("T,E,H,I,k,act", [
+    (4096, 32, 2880, 2880, 4, "swiglu_oai"),  # 256-row blocks and their BM/2, BM/4 copies
+    (4096, 128, 2880, 2880, 4, "swiglu_oai"),  # 128-row blocks (merged ones split)
+    (2048, 8, 2048, 2048, 2, "silu_glu"),  # 128-row blocks, no part-filled copies
+    (5000, 8, 2048, 320, 2, "silu_glu")])  # GEMM2: 5 K steps (one loop trip + an odd step)
+@pytest.mark.parametrize("wide", [False, True])
+def test_prefill_wgmma_equals_the_triton_kernels(T, E, H, I, k, act, wide, monkeypatch):
+    # _wgmma (opt-in: policy `wgmma`) runs the same wgmma slices in the same K order as the
+    # Triton kernels, so its outputs are bit-equal to theirs (128 x 128 and 256 x 128 tiles;
+    # the wide 128 x 256 tiles too), and repeated calls are bit-stable (a register race in
+    # flight would not be)
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("_wgmma runs on sm90 only")
+    canon, prepared = _weights(E, H, I, act)
+    g = torch.Generator().manual_seed(T)
+    x = torch.randn(T, H, generator=g).to(torch.bfloat16).cuda()
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).cuda()
+    tw = torch.rand(T, k, generator=g).cuda()
+    from mxfp4_compile.ops.kernels.triton_moe_details import _wgmma
+
+    outs, counted = [], [_Counted(_wgmma._gemm1_kernel), _Counted(_wgmma._gemm2_kernel)]
+    for on in (False, True, True):
+        torch.empty(1 << 28, dtype=torch.uint8, device="cuda").fill_(0xFF)  # NaN poison
+        with monkeypatch.context() as m, policy.override(wgmma=on, wgmma_wide=wide):
+            m.setattr(_wgmma, "_gemm1_kernel", counted[0])
+            m.setattr(_wgmma, "_gemm2_kernel", counted[1])
+            outs.append(tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, None, True))
+    # GEMM2 runs on _wgmma in both calls; GEMM1 too but for the short-K shape (its grid of 5
+    # weight tiles splits K, which _wgmma does not)
+    assert [c.launches for c in counted] == [0 if I == 320 else 2, 2]
+    ref = moe_torch(x.float(), ids, tw, *canon, act, 1.702, 7.0, None, True).float()
+    err = ((outs[1].float() - ref).norm() / ref.norm()).item()
+    assert torch.isfinite(outs[1]).all() and err < 1e-2, err
+    assert torch.equal(outs[1], outs[2])
+    if not wide:
+        assert torch.equal(outs[0], outs[1])
+
+
 @pytest.mark.parametrize("case", ["fp16", "misaligned"])
 def test_activations_mma2_cannot_copy_fall_back(case, monkeypatch):
     E, H, I, k, T, act = 8, 1024, 2048, 2, 8, "silu_glu"

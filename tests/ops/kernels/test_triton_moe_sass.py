@@ -90,10 +90,10 @@ def _sass(fn, types, constexprs, opts, arch=90, source=None):
         os.unlink(f.name)
 
 
-def _k_loop(sass):
-    """Instruction mnemonics of the K loop: the body of the widest backward branch that holds
-    no EXIT (with TMA, ptxas places the mbarrier wait's retry after the kernel's exits and
-    branches back from there)."""
+def _k_loop(sass, full=False):
+    """Instruction mnemonics of the K loop (`full`: whole instructions, operands included): the
+    body of the widest backward branch that holds no EXIT (with TMA, ptxas places the mbarrier
+    wait's retry after the kernel's exits and branches back from there)."""
     ins = []
     for line in sass.splitlines():
         m = re.match(r"\s*/\*([0-9a-f]{4,})\*/\s*(.*?);", line)
@@ -107,7 +107,8 @@ def _k_loop(sass):
             loops.append((int(b.group(1), 16), addr))
     assert loops, "no loop found in the SASS"
     lo, hi = max(loops, key=lambda r: r[1] - r[0])
-    return [re.sub(r"^@!?U?P\w+\s+", "", t).split()[0] for a, t in ins if lo <= a <= hi]
+    body = [re.sub(r"^@!?U?P\w+\s+", "", t).strip() for a, t in ins if lo <= a <= hi]
+    return body if full else [t.split()[0] for t in body]
 
 
 def _configs():

@@ -108,9 +108,10 @@ def _program(es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, n_map, M, N: gl.constex
 
 
 @gluon.constexpr_function
-def _x_layout(BN, BK):
-    """Copy layout of the [BM, BK] activation tile: 16-byte pieces, a row's BK/8 side by side."""
-    return gl.BlockedLayout([1, 8], [32 * 8 // BK, BK // 8], [BN // 16, 1], [1, 0])
+def _x_layout(NW, BK):
+    """Copy layout of the [BM, BK] activation tile over NW warps: 16-byte pieces, a row's BK/8
+    side by side."""
+    return gl.BlockedLayout([1, 8], [32 * 8 // BK, BK // 8], [NW, 1], [1, 0])
 
 
 @gluon.jit
@@ -124,7 +125,8 @@ def _issue(k0, w_buf, s_buf, x_buf, w_base, s_base, x_rows, xmask,
     in a step that does, the blocks and columns past Kp are zero-filled, and decode to zero."""
     G: gl.constexpr = BN // 16
     NB: gl.constexpr = BK // 64
-    WL: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 16, 2], [G, 1, 1, 1], [3, 2, 1, 0])
+    NW: gl.constexpr = gl.num_warps()  # G = NW here; _wgmma's 256-row tiles give a warp 2 groups
+    WL: gl.constexpr = gl.BlockedLayout([1, 1, 1, 4], [1, 1, 16, 2], [NW, 1, 1, 1], [3, 2, 1, 0])
     g = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, WL))))
     b = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, WL))))
     r = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, WL))))
@@ -134,7 +136,7 @@ def _issue(k0, w_buf, s_buf, x_buf, w_base, s_base, x_rows, xmask,
     r4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(r, 0), 1), 3)
     w4 = gl.expand_dims(gl.expand_dims(gl.expand_dims(w, 0), 1), 2)
     woff = g4 * (16 * stride_wn) + (k0 // 64 + b4) * 128 + r4 * 8 + w4
-    SL: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, NB, 32 // NB], [G, 1, 1], [2, 1, 0])
+    SL: gl.constexpr = gl.BlockedLayout([1, 1, 4], [1, NB, 32 // NB], [NW, 1, 1], [2, 1, 0])
     sg = gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, SL)))
     sb = gl.arange(0, NB, layout=gl.SliceLayout(0, gl.SliceLayout(2, SL)))
     sj = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(1, SL)))
@@ -142,7 +144,7 @@ def _issue(k0, w_buf, s_buf, x_buf, w_base, s_base, x_rows, xmask,
     sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)
     sj3 = gl.expand_dims(gl.expand_dims(sj, 0), 1)
     soff = sg3 * (16 * stride_sn) + (k0 // 64 + sb3) * 32 + sj3
-    XL: gl.constexpr = _x_layout(BN, BK)
+    XL: gl.constexpr = _x_layout(NW, BK)
     xk = k0 + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
     xptr = gl.expand_dims(x_rows, 1) + gl.expand_dims(xk, 0)
     if MASK_K and k0 + BK > Kp:  # (uniform branch: only the steps that reach past Kp)
@@ -173,8 +175,8 @@ def _decode_tile(w_stage, s_stage, BN: gl.constexpr, BK: gl.constexpr):
     G: gl.constexpr = BN // 16
     NB: gl.constexpr = BK // 64
     # [G, nb, half, g, cb, c]: row 16G + 8half + g, 32-code chunk 2nb + cb, word c of it
-    W6: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, 1], [1, 1, 1, 8, 1, 4], [G, 1, 1, 1, 1, 1],
-                                        [5, 4, 3, 2, 1, 0])
+    W6: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, 1], [1, 1, 1, 8, 1, 4],
+                                        [gl.num_warps(), 1, 1, 1, 1, 1], [5, 4, 3, 2, 1, 0])
     words = w_stage.reshape([G, NB, 2, 8, 2, 4]).load(W6)
     sc = s_stage.reshape([G, NB, 2, 8, 2]).load(gl.SliceLayout(5, W6))
     m = gl.expand_dims(sc.to(gl.int32) * 0x00800080, 5)  # bf16x2 multiplier (_dequant._dequant)
@@ -242,8 +244,8 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     x1 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
     x2 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
     # the activation rows in the copy layout once (a layout change goes through shared memory)
-    x_rows = gl.convert_layout(x_rows, gl.SliceLayout(1, _x_layout(BN, BK)))
-    xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(BN, BK)))
+    x_rows = gl.convert_layout(x_rows, gl.SliceLayout(1, _x_layout(gl.num_warps(), BK)))
+    xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(gl.num_warps(), BK)))
     # the first NS - 1 steps' copies (empty groups past n_steps keep wait_group's count)
     _issue(k_lo, w0, s0, x0, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn,
            BN, BM, BK, MASK_K)
@@ -333,39 +335,51 @@ def _gemm1_kernel(x_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
                       NS)
         if LATE_TRIGGER:
             _pdl_trigger(PDL)
-        # epilogue in a plain layout: [G, half, i, BM], tile row 16G + 8half + i = gate (half 0)
-        # or up (half 1) of intermediate column 8G + i (`prepare`'s paired row order)
-        G: gl.constexpr = BN // 16
-        EL: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1], [1, 1, 8, 4], [G, 1, 1, 1],
-                                            [1, 3, 2, 0])
-        acc = gl.convert_layout(gl.reshape(acc, (G, 2, 8, BM)), EL)
-        if HAS_BIAS:
-            bo = w0 + gl.arange(0, BN, layout=gl.BlockedLayout([1], [32], [G], [0]))
-            bias = gl.load(b_ptr + e64 * stride_be + bo, mask=bo < 2 * Ip, other=0.0)
-            if SPLIT > 1:
-                bias = gl.where(gl.program_id(1) == 0, bias, 0.0)
-            bias = gl.convert_layout(gl.reshape(bias, (G, 2, 8, 1)), EL)
-            acc = acc + bias
-        gate, up = gl.split(gl.permute(acc, (0, 2, 3, 1)))  # [G, i, BM] each
-        OL: gl.constexpr = gl.SliceLayout(3, gl.BlockedLayout([1, 1, 1, 2], [1, 8, 4, 1],
-                                                              [G, 1, 1, 1], [3, 1, 2, 0]))
-        gate = gl.convert_layout(gate, OL)
-        up = gl.convert_layout(up, OL)
-        col = w0 // 2 + gl.expand_dims(gl.expand_dims(
-            gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, OL))), 1), 2) * 8 \
-            + gl.expand_dims(gl.expand_dims(
-                gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, OL))), 0), 2)
-        r3 = gl.expand_dims(gl.expand_dims(gl.convert_layout(
-            rows, gl.SliceLayout(0, gl.SliceLayout(1, OL))), 0), 1)
-        m3 = gl.expand_dims(gl.expand_dims(gl.convert_layout(
-            rmask, gl.SliceLayout(0, gl.SliceLayout(1, OL))), 0), 1) & (col < Ip)
+        _gemm1_epilogue(acc, rows, rmask, e64, w0, b_ptr, a_ptr, p_ptr, p_rows, alpha, limit,
+                        stride_be, Ip, ACT, HAS_BIAS, BM, BN, SPLIT)
+
+
+@gluon.jit
+def _gemm1_epilogue(acc, rows, rmask, e64, w0, b_ptr, a_ptr, p_ptr, p_rows, alpha, limit,
+                    stride_be: gl.constexpr, Ip: gl.constexpr, ACT: gl.constexpr,
+                    HAS_BIAS: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                    SPLIT: gl.constexpr):
+    """GEMM1's outputs from acc [BN, BM] fp32 (any layout) of weight rows w0 .. w0+BN and
+    sorted rows `rows` (rmask): bias, gate/up pairing, activation -> a [M, Ip] bf16, or with
+    split K the chunk's raw sums -> p [SPLIT, 2, p_rows, Ip] (also _wgmma's GEMM1)."""
+    # a plain layout: [G, half, i, BM], tile row 16G + 8half + i = gate (half 0) or up (half 1)
+    # of intermediate column 8G + i (`prepare`'s paired row order)
+    G: gl.constexpr = BN // 16
+    NW: gl.constexpr = gl.num_warps()
+    EL: gl.constexpr = gl.BlockedLayout([1, 2, 1, 1], [1, 1, 8, 4], [NW, 1, 1, 1], [1, 3, 2, 0])
+    acc = gl.convert_layout(gl.reshape(acc, (G, 2, 8, BM)), EL)
+    if HAS_BIAS:
+        bo = w0 + gl.arange(0, BN, layout=gl.BlockedLayout([1], [32], [NW], [0]))
+        bias = gl.load(b_ptr + e64 * stride_be + bo, mask=bo < 2 * Ip, other=0.0)
         if SPLIT > 1:
-            p = p_ptr + ((gl.program_id(1) * 2 * p_rows + r3).to(gl.int64) * Ip + col)
-            gl.store(p, gate, mask=m3)
-            gl.store(p + p_rows * Ip, up, mask=m3)
-        else:
-            act = _activation(gate, up, alpha, limit, ACT)
-            gl.store(a_ptr + r3.to(gl.int64) * Ip + col, act.to(gl.bfloat16), mask=m3)
+            bias = gl.where(gl.program_id(1) == 0, bias, 0.0)
+        bias = gl.convert_layout(gl.reshape(bias, (G, 2, 8, 1)), EL)
+        acc = acc + bias
+    gate, up = gl.split(gl.permute(acc, (0, 2, 3, 1)))  # [G, i, BM] each
+    OL: gl.constexpr = gl.SliceLayout(3, gl.BlockedLayout([1, 1, 1, 2], [1, 8, 4, 1],
+                                                          [NW, 1, 1, 1], [3, 1, 2, 0]))
+    gate = gl.convert_layout(gate, OL)
+    up = gl.convert_layout(up, OL)
+    col = w0 // 2 + gl.expand_dims(gl.expand_dims(
+        gl.arange(0, G, layout=gl.SliceLayout(1, gl.SliceLayout(2, OL))), 1), 2) * 8 \
+        + gl.expand_dims(gl.expand_dims(
+            gl.arange(0, 8, layout=gl.SliceLayout(0, gl.SliceLayout(2, OL))), 0), 2)
+    r3 = gl.expand_dims(gl.expand_dims(gl.convert_layout(
+        rows, gl.SliceLayout(0, gl.SliceLayout(1, OL))), 0), 1)
+    m3 = gl.expand_dims(gl.expand_dims(gl.convert_layout(
+        rmask, gl.SliceLayout(0, gl.SliceLayout(1, OL))), 0), 1) & (col < Ip)
+    if SPLIT > 1:
+        p = p_ptr + ((gl.program_id(1) * 2 * p_rows + r3).to(gl.int64) * Ip + col)
+        gl.store(p, gate, mask=m3)
+        gl.store(p + p_rows * Ip, up, mask=m3)
+    else:
+        act = _activation(gate, up, alpha, limit, ACT)
+        gl.store(a_ptr + r3.to(gl.int64) * Ip + col, act.to(gl.bfloat16), mask=m3)
 
 
 @gluon.jit
@@ -388,22 +402,33 @@ def _gemm2_kernel(a_ptr, sorted_ptr, es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, b_
         acc = _k_loop(w_base, s_base, a_ptr + rows.to(gl.int64) * Ip, rmask, Ip, STEPS,
                       gl.program_id(1) * K_CHUNK, Ip, stride_wn, stride_sn, BN, BM, BK, MASK_K,
                       NS)
-        G: gl.constexpr = BN // 16
-        OL: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [G, 1], [0, 1])
-        acc = gl.convert_layout(acc, OL)
-        cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, OL))
-        if HAS_BIAS:
-            bias = gl.load(b_ptr + e64 * stride_be + cols, mask=cols < H, other=0.0)
-            if SPLIT > 1:
-                bias = gl.where(gl.program_id(1) == 0, bias, 0.0)
-            acc = acc + gl.expand_dims(bias, 1)
-        r = gl.convert_layout(rows, gl.SliceLayout(0, OL))
-        rm = gl.convert_layout(rmask, gl.SliceLayout(0, OL))
-        if DIRECT:
-            assign = r
-        else:
-            assign = gl.load(sorted_ptr + r, mask=rm, other=0)
+        _gemm2_epilogue(acc, rows, rmask, e64, n0, sorted_ptr, b_ptr, y_ptr, M, stride_be, H,
+                        HAS_BIAS, BN, SPLIT, DIRECT)
+
+
+@gluon.jit
+def _gemm2_epilogue(acc, rows, rmask, e64, n0, sorted_ptr, b_ptr, y_ptr, M,
+                    stride_be: gl.constexpr, H: gl.constexpr, HAS_BIAS: gl.constexpr,
+                    BN: gl.constexpr, SPLIT: gl.constexpr, DIRECT: gl.constexpr):
+    """GEMM2's outputs from acc [BN, BM] fp32 (any layout) of hidden columns n0 .. n0+BN and
+    sorted rows `rows` (rmask): bias -> y[assignment] (y's dtype), chunk s of split K at
+    y[s] (also _wgmma's GEMM2)."""
+    OL: gl.constexpr = gl.BlockedLayout([1, 1], [8, 4], [gl.num_warps(), 1], [0, 1])
+    acc = gl.convert_layout(acc, OL)
+    cols = n0 + gl.arange(0, BN, layout=gl.SliceLayout(1, OL))
+    if HAS_BIAS:
+        bias = gl.load(b_ptr + e64 * stride_be + cols, mask=cols < H, other=0.0)
         if SPLIT > 1:
-            assign += gl.program_id(1) * M
-        ptrs = y_ptr + gl.expand_dims(assign.to(gl.int64) * H, 0) + gl.expand_dims(cols, 1)
-        gl.store(ptrs, acc, mask=gl.expand_dims(rm, 0) & gl.expand_dims(cols < H, 1))
+            bias = gl.where(gl.program_id(1) == 0, bias, 0.0)
+        acc = acc + gl.expand_dims(bias, 1)
+    r = gl.convert_layout(rows, gl.SliceLayout(0, OL))
+    rm = gl.convert_layout(rmask, gl.SliceLayout(0, OL))
+    if DIRECT:
+        assign = r
+    else:
+        assign = gl.load(sorted_ptr + r, mask=rm, other=0)
+    if SPLIT > 1:
+        assign += gl.program_id(1) * M
+    ptrs = y_ptr + gl.expand_dims(assign.to(gl.int64) * H, 0) + gl.expand_dims(cols, 1)
+    gl.store(ptrs, acc.to(y_ptr.dtype.element_ty),
+             mask=gl.expand_dims(rm, 0) & gl.expand_dims(cols < H, 1))

@@ -61,12 +61,14 @@ class MoELaunches:
     finalize: Launch
     p1: Plan                     # GEMM1's plan (its split sizes the partial-sum buffer)
     p2: Plan
-    mma2: tuple[bool, bool]      # which GEMMs run the Gluon kernels
+    mma2: tuple[bool, bool]      # which GEMMs run a Gluon kernel (_mma2 or _wgmma: one
+    #                              argument list)
     tma: tuple[bool, bool]       # which GEMMs load weight tiles by TMA (descriptors needed)
     direct: bool                 # T=1 on _mma2: one assignment per row block, no route launch
     y_hidden_dtype: bool         # GEMM2 writes y in the hidden dtype, not float32
     quant1: Launch | None = None  # FP8: x -> e4m3 rows + scales, before GEMM1
     quant2: Launch | None = None  # FP8: a -> e4m3 rows + scales, before GEMM2
+    wgmma: tuple[bool, bool] = (False, False)  # which GEMMs run _wgmma (prefill tiles)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,10 +129,10 @@ def _regs(c) -> dict:
 def gemm_launch(gemm: int, p: Plan, blocks: int, *, mma2: bool, H: int, Hp: int, Ip: int,
                 E: int, activation: str, has_bias: bool, has_map: bool, direct: bool,
                 major: int, interpret: bool, tma: bool, late_trigger: bool, pdl: dict,
-                fp8: bool = False) -> Launch:
-    """GEMM `gemm` (1 or 2) under plan `p` over `blocks` row blocks, on _mma2 or the Triton
-    kernels. `late_trigger`: an _mma2 GEMM1 lets GEMM2 launch only after its K loops. `fp8`:
-    e4m3 activations (_fp8.py; GEMM1 reads them Hp wide)."""
+                fp8: bool = False, wgmma: bool = False) -> Launch:
+    """GEMM `gemm` (1 or 2) under plan `p` over `blocks` row blocks, on _mma2, _wgmma (`wgmma`)
+    or the Triton kernels. `late_trigger`: an _mma2 GEMM1 lets GEMM2 launch only after its K
+    loops. `fp8`: e4m3 activations (_fp8.py; GEMM1 reads them Hp wide)."""
     c = p.config
     EB = _next_pow2(E + 1)
     N, K = (2 * Ip, Hp) if gemm == 1 else (H, Ip)  # output columns, reduction length
@@ -144,6 +146,12 @@ def gemm_launch(gemm: int, p: Plan, blocks: int, *, mma2: bool, H: int, Hp: int,
     cx = dict(strides, **shapes, HAS_BIAS=has_bias, BM=c.BM, BN=c.BN, BK=c.BK, EB=EB,
               SPLIT=p.split, K_CHUNK=p.chunk)
     grid = (blocks * p.tiles, p.split)
+    if wgmma:
+        cx.update(MASK_K=not p.even_k, DIRECT=False, HAS_MAP=has_map, NS=4, HALF=c.HALF)
+        if gemm == 1:
+            cx["LATE_TRIGGER"] = False
+        kernel = "_wgmma._gemm1_kernel" if gemm == 1 else "_wgmma._gemm2_kernel"
+        return _launch(kernel, grid, cx, dict(num_warps=8, **_regs(c)), pdl)
     if mma2:
         cx.update(MASK_K=p.tail > 0 or not p.even_k, DIRECT=direct, HAS_MAP=has_map,
                   NS=c.num_stages)
@@ -179,12 +187,20 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
         c1, c2 = planner.fp8_config(pol, c1, interpret), planner.fp8_config(pol, c2, interpret)
     p1, nb1, mma2_1 = planner.plan_gemm(pol, c1, M, E, 2 * Ip, Hp, sms, "gemm1", m2_x, major, fp8)
     p2, nb2, mma2_2 = planner.plan_gemm(pol, c2, M, E, H, Ip, sms, "gemm2", m2, major, fp8)
+    # prefill tiles on _wgmma where it runs (16-byte copies of the words, scales and, in GEMM1,
+    # the bf16 hidden states as they are: the alignment _mma2 needs)
+    wg1 = m2_x and not mma2_1 and planner.use_wgmma(pol, p1, major)
+    wg2 = m2 and not mma2_2 and planner.use_wgmma(pol, p2, major)
+    if wg1:
+        p1, nb1 = planner.wgmma_plan(pol, p1, M, E, 2 * Ip)
+    if wg2:
+        p2, nb2 = planner.wgmma_plan(pol, p2, M, E, H)
     direct = T == 1 and mma2_1 and mma2_2 and pol.mma2_direct
     if direct:
         nb1 = nb2 = M
     # GEMM2 as a programmatic dependent launch behind an _mma2 GEMM1 that triggers only after
     # its K loops (its programs then take no SM slots GEMM1's last wave still needs)
-    late = mma2_1 and major >= 9
+    late = mma2_1 and major >= 9 and not wg1
     if late:
         pdl["gemm2"] = dict(pdl["gemm2"], launch_pdl=True)
     tma1 = not mma2_1 and not fp8 and planner.use_tma(p1.config, major, weights_aligned)
@@ -192,9 +208,9 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
     common = dict(H=H, Hp=Hp, Ip=Ip, E=E, activation=activation, has_map=has_map, direct=direct,
                   major=major, interpret=interpret, fp8=fp8)
     g1 = gemm_launch(1, p1, nb1, mma2=mma2_1, has_bias=has_b13, tma=tma1, late_trigger=late,
-                     pdl=pdl["gemm1"], **common)
+                     pdl=pdl["gemm1"], wgmma=wg1, **common)
     g2 = gemm_launch(2, p2, nb2, mma2=mma2_2, has_bias=has_b2, tma=tma2, late_trigger=False,
-                     pdl=pdl["gemm2"], **common)
+                     pdl=pdl["gemm2"], wgmma=wg2, **common)
     act = None
     if p1.split > 1:
         BR, BC = 16, 128
@@ -207,13 +223,14 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
                   dict(H=H, k_top=k, HAS_MAP=has_map, COMBINE=bool(combine), BH=BH,
                        SPLIT=p2.split), dict(num_warps=4), pdl["finalize"])
     route = None if direct else route_launches(pol, M, E, has_map, pdl["route"])
-    y_hidden = p2.split == 1 and not mma2_2 and pol.y_hidden_dtype
+    y_hidden = p2.split == 1 and (not mma2_2 or wg2) and pol.y_hidden_dtype
     quant1 = quant2 = None
     if fp8:
         quant1 = quant_launch(T, H, Hp, H, interpret)
         quant2 = quant_launch(M, Ip, Ip, Ip, interpret)
-    return MoELaunches(route, g1, act, g2, fin, p1, p2, (mma2_1, mma2_2), (tma1, tma2), direct,
-                       y_hidden, quant1, quant2)
+    return MoELaunches(route, g1, act, g2, fin, p1, p2, (mma2_1 or wg1, mma2_2 or wg2),
+                       (tma1, tma2), direct, y_hidden, quant1, quant2, (wg1, wg2))
+
 
 
 def quant_launch(rows: int, k_in: int, kp: int, stride: int, interpret: bool) -> Launch:

@@ -4,6 +4,7 @@ device and a LaunchPolicy (policy.py), run on the host at every call.
   pick       rows per expert -> the (GEMM1, GEMM2) tile configs of the policy's table
   plan       one GEMM's grid: K split into chunks, paired tiles, 64-code steps, stages, a tail
   plan_gemm  plan, then whether the Gluon decode kernels (_mma2) take the launch
+  use_wgmma  whether the Gluon prefill kernels (_wgmma) take a planned launch
 Shape legend: T tokens, k top-k, E local experts, M = T*k sorted rows, N weight rows, K the
 reduction length (padded), `blocks` row blocks of BM rows, `sms` streaming multiprocessors (0:
 the interpreter, where nothing is split or paired unless the policy forces it).
@@ -170,6 +171,29 @@ def use_mma2(c: TileConfig, major: int) -> bool:
     return (major >= 8 and _gluon_available() and c.SWAP and c.BM in (8, 16) and c.BN == 64
             and c.num_warps == 4 and not c.PAIR and not c.HALF and not c.EXTRA
             and c.BK in (64, 128))
+
+
+def use_wgmma(pol: LaunchPolicy, p: Plan, major: int) -> bool:
+    """Whether a Triton-kernel launch under plan `p` runs _wgmma's kernels instead: sm90 (async
+    wgmma), bf16 activations, the policy's `wgmma`, and the prefill-shaped tiles they are
+    written for (BM 128 or 256 rows, BN 128 weight rows, BK 64, 8 warps, one unsplit K, no
+    paired tiles). A merged block (EXTRA) runs as two blocks there. ledger: `wgmma`"""
+    c = p.config
+    return (pol.wgmma and major == 9 and _gluon_available() and c.SWAP and c.BM in (128, 256)
+            and c.BN in (128, 256) and c.BM * c.BN <= 32768 and c.BK == 64
+            and c.num_warps == 8 and not c.PAIR and p.split == 1)
+
+
+def wgmma_plan(pol: LaunchPolicy, p: Plan, M: int, E: int, N: int) -> tuple[Plan, int]:
+    """-> (plan `p` as _wgmma runs it, row blocks): no merged blocks (EXTRA: they run as two),
+    the policy's register cap at 128-row blocks (the table's cap is the Triton kernels'), and
+    with `wgmma_wide` every tile as 128 rows x 256 weight rows."""
+    c = dataclasses.replace(p.config, EXTRA=0, maxnreg=None)
+    if pol.wgmma_wide:
+        c = dataclasses.replace(c, BM=128, BN=256)
+    if c.BM == 128 and c.BN == 128:
+        c = dataclasses.replace(c, maxnreg=pol.wgmma_regs)
+    return p._replace(config=c, tiles=-(-N // c.BN)), row_blocks(M, E, c.BM)
 
 
 def mma2_possible(pol: LaunchPolicy, major: int) -> bool:

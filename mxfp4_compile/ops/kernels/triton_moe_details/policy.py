@@ -79,6 +79,11 @@ class LaunchPolicy:
     mma2_min_steps_per_chunk: int
     mma2_deep_per_sm: int    # _mma2 grids below this run 4 cp.async stages, not 3
     mma2_direct: bool        # T=1: _mma2 reads each assignment's expert from the ids, no route
+    # -- the Gluon prefill kernels (_wgmma) --
+    wgmma: bool              # the prefill and mid128 tiles on _wgmma (sm90; False: Triton kernels)
+    wgmma_regs: int | None   # _wgmma's register cap at 128-row blocks (None: ptxas decides)
+    wgmma_wide: bool         # _wgmma runs its tiles as 128 rows x 256 weight rows (each
+    #                          activation tile feeds twice the weight rows)
     # -- FP8 activations (_fp8.py): the table's tile for the shape, then these --
     fp8_bk: int              # K step of every FP8 GEMM (one fp32 promotion per step)
     fp8_max_bm: int          # BM cap: the step's partial sum is a second accumulator
@@ -145,6 +150,9 @@ SM90 = LaunchPolicy(
     # no route launch).
     mma2=True, mma2_programs_per_sm=2, mma2_min_steps_per_chunk=10, mma2_deep_per_sm=5,
     mma2_direct=True,
+    # _wgmma (decode step i+1 while wgmma i runs) measured slower than the Triton kernels at
+    # every gpt-oss prefill shape (faster at Mixtral T=4096 only): off.
+    wgmma=False, wgmma_regs=None, wgmma_wide=False,
     # FP8: 128-code steps (4 fp8 wgmma k-steps between promotions, as DeepSeek-V3's 128);
     # BM <= 128: a 256-row block's accumulator and its step sum (128 + 128 registers) spill.
     fp8_bk=128, fp8_max_bm=128,
