@@ -112,21 +112,34 @@ def test_wgmma_plan():
             pol, wgmma_wide=False)).p1.config.maxnreg == 128
 
 
-def _hgmma_groups(loop):
-    """The K loop's steps: (A registers the step's HGMMAs read, instructions between its last
-    HGMMA and the wait that retires them)."""
-    steps, cur, regs, after = [], None, set(), None
-    for op in loop:
-        m = re.match(r"HGMMA\.\w+\.F32\.BF16 R\d+, R(\d+), gdesc", op)
-        if m:
-            regs |= set(range(int(m.group(1)), int(m.group(1)) + 4))
-            after = []
-        elif op.startswith("WARPGROUP.DEPBAR.LE gsb0, 0x0") and after is not None:
-            steps.append((regs, after))
-            regs, after = set(), None
-        elif after is not None:
-            after.append(op)
-    return steps
+def _hgmma_loops(sass):
+    """Every K loop of the kernel (one per body copy: BM, BM/2, BM/4 rows), each as its steps:
+    (A registers the step's HGMMAs read, instructions between its first HGMMA and the wait that
+    retires them)."""
+    ins = [(int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", m.group(2)).strip())
+           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s*(.*?);", sass)]
+    loops = []
+    for addr, text in ins:
+        b = re.search(r"BRA (0x[0-9a-f]+)", text)
+        if b and int(b.group(1), 16) < addr:
+            body = [t for a, t in ins if int(b.group(1), 16) <= a <= addr]
+            if any(t.startswith("HGMMA") for t in body):
+                loops.append(body)
+    out = []
+    for body in loops:
+        steps, regs, after = [], set(), None
+        for op in body:
+            m = re.match(r"HGMMA\.\w+\.F32\.BF16 R\d+, R(\d+), gdesc", op)
+            if m:
+                regs |= set(range(int(m.group(1)), int(m.group(1)) + 4))
+                after = [] if after is None else after
+            elif op.startswith("WARPGROUP.DEPBAR.LE gsb0, 0x0") and after is not None:
+                steps.append((regs, after))
+                regs, after = set(), None
+            elif after is not None:
+                after.append(op)
+        out.append(steps)
+    return out
 
 
 def _written(op):
@@ -156,17 +169,19 @@ def test_k_loop(ptxas_works, gemm, launch):
                          for op in hgmma)
     # the decoded tile never goes through shared memory (only cp.async fills it)
     assert not [op for op in loop if op.startswith(("STS", "STSM"))]
-    steps = _hgmma_groups(loop)
-    assert len(steps) == 4  # the loop unrolled by its 4 stages
-    for regs, after in steps:
-        # nothing in flight may have its A registers overwritten before the wait retires it
-        clobbered = [op for op in after if _written(op) & regs]
-        assert not clobbered, clobbered[:3]
-    # step i+1's tile is decoded while wgmma i runs (its bf16x2 scale multiplies sit between
-    # the HGMMAs and the wait) in at least 3 of the 4 unrolled steps (ptxas serializes the
-    # one before the loop's back edge)
-    overlapped = [sum(op.startswith("HMUL2") for op in after) for _, after in steps]
-    assert sum(n > 0 for n in overlapped) >= 3, overlapped
+    loops = _hgmma_loops(sass)
+    assert len(loops) == 1 + min(launch.constexprs["HALF"], 2)  # a loop per body copy
+    for steps in loops:
+        assert len(steps) == 4  # the loop unrolled by its 4 stages
+        for regs, after in steps:
+            # nothing in flight may have its A registers overwritten before the wait
+            clobbered = [op for op in after if _written(op) & regs]
+            assert not clobbered, clobbered[:3]
+        # step i+1's tile is decoded while wgmma i runs (its bf16x2 scale multiplies sit
+        # between the HGMMAs and the wait) in at least 3 of the 4 unrolled steps (ptxas
+        # serializes the one before the loop's back edge)
+        overlapped = [sum(op.startswith("HMUL2") for op in after) for _, after in steps]
+        assert sum(n > 0 for n in overlapped) >= 3, overlapped
 
 
 @pytest.mark.slow

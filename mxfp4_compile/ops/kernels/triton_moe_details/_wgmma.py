@@ -6,16 +6,19 @@ each behind its own fence, and ptxas waits for each slice's wgmma before it writ
 slice's dequantized values; the next step's dequant then waits for the whole step's wgmmas
 (_dequant._wgmma_drain). The tensor cores idle while the words are decoded. Here the pipeline is
 explicit:
-  - step i's weight tile is decoded into registers (the same words, scale bytes and decoder as
-    _mma2: a warp's 16-row groups of the A fragment) while step i-1's wgmma still runs;
-  - wgmma i is issued asynchronously, then `warpgroup_mma_wait(1)` waits for wgmma i-1 only. The
-    decoded registers of step i-1 are that wait's dependency, so nothing reuses them before the
-    MMA that reads them has finished;
-  - words, scales and the activation tile come through one cp.async ring of NS stages. The
-    copies for step i+NS-2 go into the stage wgmma i-2 read; every thread passed wgmma i-2's
-    completion (the wait in step i-1) before the barrier that opens step i.
-The tile is wider on the weight side than the Triton kernels' (BN = 256 weight rows at BM = 128
-rows, policy `wgmma_acc`): each activation tile read from L2 feeds twice the weight rows.
+  - wgmma i is issued asynchronously, step i+1's weight tile is decoded (the same words, scale
+    bytes and decoder as _mma2: a warp's 16-row groups of the A fragment), then wgmma i is
+    waited for in the same step. ptxas sees the decode inside the wgmma's pipeline stage and
+    gives it other registers than the ones wgmma i reads; a wgmma left in flight across the
+    loop's back edge is not tracked, and its A registers get overwritten (the race
+    _dequant._wgmma_drain describes; tests/ops/kernels/test_triton_moe_wgmma.py checks the SASS);
+  - words, scales and the activation tile come through a cp.async ring of 4 stages. Step i
+    issues the copies for step i+3 into the stage wgmma i-1 read, after the barrier every warp
+    reaches only once its wgmma i-1 has retired. As in Triton's own cp.async pipelines, no
+    proxy fence sits between the copies and wgmma (fence_async_shared adds a MEMBAR.ALL.CTA
+    and a second barrier to every step: sm90 SASS).
+Policy `wgmma_wide` runs 128 rows x 256 weight rows per program instead of the table's tile:
+each activation tile read from L2 then feeds twice the weight rows.
 Same inputs, outputs and launch arguments as _mma2's kernels, with SWAP (weight rows on the MMA's
 M side), 8 warps (two warpgroups), bf16 activations, whole-K programs (no split), and HALF:
 blocks of at most BM/2 (BM/4) rows run a copy of the body for BM/2 (BM/4) rows. GPU only (no
@@ -28,9 +31,7 @@ w + 8, ...), BM sorted rows (tokens), BK codes per step (NB = BK/64 blocks of 64
 from triton.experimental import gluon
 from triton.experimental.gluon import language as gl
 from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
-from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared,
-                                                              warpgroup_mma,
-                                                              warpgroup_mma_wait)
+from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from ._mma2 import (_ACC_SCALE, _block_info, _decode_tile, _gemm1_epilogue, _gemm2_epilogue,
                     _issue, _x_layout)
@@ -56,7 +57,6 @@ def _step(acc, a_cur, i, n_steps, x_cur, w_nx, s_nx, w_fill, s_fill, x_fill, w_b
     A_OP: gl.constexpr = gl.DotOperandLayout(0, _acc_layout(gl.num_warps(), BM), 2)
     acc = warpgroup_mma(a_cur, x_cur.permute((1, 0)), acc, is_async=True)
     cp.wait_group(AHEAD - 2)  # this thread's copies of step i+1 landed
-    fence_async_shared()  # ... visible to the tensor cores (async proxy) in step i+1
     gl.thread_barrier()  # everyone's; and every warpgroup retired wgmma i-1 (its stage is free)
     a_nx = gl.convert_layout(_decode_tile(w_nx, s_nx, BN, BK), A_OP)  # (past the end: unused)
     if i + AHEAD < n_steps:
@@ -127,7 +127,6 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     else:
         cp.commit_group()
     cp.wait_group(2)
-    fence_async_shared()
     gl.thread_barrier()
     a = gl.convert_layout(_decode_tile(w0, s0, BN, BK), gl.DotOperandLayout(0, ACC, 2))
     acc = gl.zeros([BN, BM], gl.float32, ACC)
