@@ -167,18 +167,24 @@ def _issue(k0, w_buf, s_buf, x_buf, w_base, s_base, x_rows, xmask,
 
 
 @gluon.jit
-def _decode_tile(w_stage, s_stage, BN: gl.constexpr, BK: gl.constexpr):
+def _decode_tile(w_stage, s_stage, BN: gl.constexpr, BK: gl.constexpr, CB: gl.constexpr = -1):
     """One stage's words and scale bytes -> the [BN, BK] bf16 tile (times 2**-ACC_SHIFT) in the
     mma.sync A-operand layout. Thread (g, c) of warp G holds, for rows 16G+g and 16G+g+8 and
     every 32-code chunk, word c of the chunk (its 8 codes are that thread's fragment elements:
-    layout.py) and the chunk's scale byte."""
+    layout.py) and the chunk's scale byte. CB = 0 or 1 (a 64-code stage, BK = 32): only that
+    32-code chunk (_wgmma's half steps)."""
     G: gl.constexpr = BN // 16
-    NB: gl.constexpr = BK // 64
+    NB: gl.constexpr = (BK + 63) // 64
     # [G, nb, half, g, cb, c]: row 16G + 8half + g, 32-code chunk 2nb + cb, word c of it
     W6: gl.constexpr = gl.BlockedLayout([1, 1, 1, 1, 1, 1], [1, 1, 1, 8, 1, 4],
                                         [gl.num_warps(), 1, 1, 1, 1, 1], [5, 4, 3, 2, 1, 0])
-    words = w_stage.reshape([G, NB, 2, 8, 2, 4]).load(W6)
-    sc = s_stage.reshape([G, NB, 2, 8, 2]).load(gl.SliceLayout(5, W6))
+    w6 = w_stage.reshape([G, NB, 2, 8, 2, 4])
+    s5 = s_stage.reshape([G, NB, 2, 8, 2])
+    if CB >= 0:
+        w6 = w6.slice(CB, 1, dim=4)
+        s5 = s5.slice(CB, 1, dim=4)
+    words = w6.load(W6)
+    sc = s5.load(gl.SliceLayout(5, W6))
     m = gl.expand_dims(sc.to(gl.int32) * 0x00800080, 5)  # bf16x2 multiplier (_dequant._dequant)
     # (the PTX's third operand orders the Triton path's dequant after a drain: unused here)
     e0, e1, e2, e3, e4, e5, e6, e7 = gl.inline_asm_elementwise(

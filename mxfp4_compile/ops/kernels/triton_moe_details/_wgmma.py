@@ -47,18 +47,29 @@ def _acc_layout(NW, BM):
 
 
 @gluon.jit
-def _step(acc, a_cur, i, n_steps, x_cur, w_nx, s_nx, w_fill, s_fill, x_fill, w_base, s_base,
-          x_rows, xmask, K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
-          stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
-          MASK_K: gl.constexpr, AHEAD: gl.constexpr):
+def _step(acc, a_cur, i, n_steps, x_cur, w_cur, s_cur, w_nx, s_nx, w_fill, s_fill, x_fill,
+          w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, Kp: gl.constexpr,
+          stride_wn: gl.constexpr, stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
+          BK: gl.constexpr, MASK_K: gl.constexpr, AHEAD: gl.constexpr, KS: gl.constexpr):
     """K step i: wgmma i (a_cur, the activation stage x_cur) runs while step i+1's tile is
     decoded (stage w_nx, s_nx) and step i+AHEAD's copies are issued into the stage wgmma i-1
-    read (*_fill). -> (acc after wgmma i, step i+1's decoded tile)."""
+    read (*_fill). KS = 32: the step's two 32-code halves are two wgmmas, each running while
+    the next half is decoded (half the A registers: the 256-row tiles). -> (acc after wgmma i,
+    the next tile or half decoded)."""
     A_OP: gl.constexpr = gl.DotOperandLayout(0, _acc_layout(gl.num_warps(), BM), 2)
-    acc = warpgroup_mma(a_cur, x_cur.permute((1, 0)), acc, is_async=True)
+    if KS == 32:  # first half: decode the second half of this stage meanwhile
+        acc = warpgroup_mma(a_cur, x_cur.slice(0, 32, dim=1).permute((1, 0)), acc,
+                            is_async=True)
+        a_cur = gl.convert_layout(_decode_tile(w_cur, s_cur, BN, 32, 1), A_OP)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        acc = warpgroup_mma(a_cur, x_cur.slice(32, 32, dim=1).permute((1, 0)), acc,
+                            is_async=True)
+    else:
+        acc = warpgroup_mma(a_cur, x_cur.permute((1, 0)), acc, is_async=True)
     cp.wait_group(AHEAD - 2)  # this thread's copies of step i+1 landed
     gl.thread_barrier()  # everyone's; and every warpgroup retired wgmma i-1 (its stage is free)
-    a_nx = gl.convert_layout(_decode_tile(w_nx, s_nx, BN, BK), A_OP)  # (past the end: unused)
+    # step i+1's tile (its first half when KS = 32; past the end: unused)
+    a_nx = gl.convert_layout(_decode_tile(w_nx, s_nx, BN, KS, 0 if KS == 32 else -1), A_OP)
     if i + AHEAD < n_steps:
         _issue((i + AHEAD) * BK, w_fill, s_fill, x_fill, w_base, s_base, x_rows, xmask, K_ACT,
                Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
@@ -75,13 +86,14 @@ def _step(acc, a_cur, i, n_steps, x_cur, w_nx, s_nx, w_fill, s_fill, x_fill, w_b
 def _four_steps(acc, a, i, n_steps, ws, ss, xs, w_base, s_base, x_rows, xmask,
                 K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
                 stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
-                MASK_K: gl.constexpr, R: gl.constexpr):
+                MASK_K: gl.constexpr, R: gl.constexpr, KS: gl.constexpr):
     """Steps i .. i+3 (i = R mod 4: step i uses stage i % 4)."""
     for q in gl.static_range(4):
-        acc, a = _step(acc, a, i + q, n_steps, xs[(R + q) % 4], ws[(R + q + 1) % 4],
-                       ss[(R + q + 1) % 4], ws[(R + q + 3) % 4], ss[(R + q + 3) % 4],
-                       xs[(R + q + 3) % 4], w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn,
-                       stride_sn, BN, BM, BK, MASK_K, 3)
+        acc, a = _step(acc, a, i + q, n_steps, xs[(R + q) % 4], ws[(R + q) % 4],
+                       ss[(R + q) % 4], ws[(R + q + 1) % 4], ss[(R + q + 1) % 4],
+                       ws[(R + q + 3) % 4], ss[(R + q + 3) % 4], xs[(R + q + 3) % 4], w_base,
+                       s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK,
+                       MASK_K, 3, KS)
     return acc, a
 
 
@@ -128,7 +140,11 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
         cp.commit_group()
     cp.wait_group(2)
     gl.thread_barrier()
-    a = gl.convert_layout(_decode_tile(w0, s0, BN, BK), gl.DotOperandLayout(0, ACC, 2))
+    # 256 weight rows: wgmma and the decode beside it take 32 codes at a time (two A register
+    # sets of 64 codes do not fit beside the accumulator: ptxas then waits before each decode)
+    KS: gl.constexpr = 32 if BN == 256 else BK
+    a = gl.convert_layout(_decode_tile(w0, s0, BN, KS, 0 if KS == 32 else -1),
+                          gl.DotOperandLayout(0, ACC, 2))
     acc = gl.zeros([BN, BM], gl.float32, ACC)
     ws = (w0, w1, w2, w3)
     ss = (s0, s1, s2, s3)
@@ -137,16 +153,18 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     # Triton 3.6's ConvertTritonGPUToLLVM fails an assertion)
     R: gl.constexpr = n_steps % 4
     for q in gl.static_range(R):
-        acc, a = _step(acc, a, q, n_steps, xs[q], ws[(q + 1) % 4], ss[(q + 1) % 4],
-                       ws[(q + 3) % 4], ss[(q + 3) % 4], xs[(q + 3) % 4], w_base, s_base, x_rows,
-                       xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
+        acc, a = _step(acc, a, q, n_steps, xs[q], ws[q], ss[q], ws[(q + 1) % 4],
+                       ss[(q + 1) % 4], ws[(q + 3) % 4], ss[(q + 3) % 4], xs[(q + 3) % 4],
+                       w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM,
+                       BK, MASK_K, 3, KS)
     if n_steps // 4 == 1:  # (a loop that runs once fails the same assertion: no loop then)
         acc, a = _four_steps(acc, a, R, n_steps, ws, ss, xs, w_base, s_base, x_rows, xmask,
-                             K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, R)
+                             K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, R, KS)
     else:
         for j in range(n_steps // 4):
             acc, a = _four_steps(acc, a, R + 4 * j, n_steps, ws, ss, xs, w_base, s_base, x_rows,
-                                 xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, R)
+                                 xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, R,
+                                 KS)
     cp.wait_group(0)  # (the empty groups)
     return acc * _ACC_SCALE
 
