@@ -225,6 +225,20 @@ def _mma_layout(BN):
 
 
 @gluon.jit
+def _stage_buffers(BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, x_l: gl.constexpr):
+    """One pipeline stage's shared memory: words [G, NB, 16, 8], scale bytes [G, NB, 32] (as
+    _issue copies them) and the [BM, BK] activation tile in layout x_l (also _wgmma's)."""
+    G: gl.constexpr = BN // 16
+    NB: gl.constexpr = BK // 64
+    w = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8],
+                                  gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
+    s = gl.allocate_shared_memory(gl.uint8, [G, NB, 32],
+                                  gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
+    x = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
+    return w, s, x
+
+
+@gluon.jit
 def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.constexpr, k_lo,
             Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
             BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr,
@@ -235,20 +249,10 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     compiler cannot tell a stage being filled from the one being read and puts a second
     barrier between them (sm90 SASS: 2 BAR per step, now 1)."""
     gl.static_assert(NS == 3 or NS == 4)
-    G: gl.constexpr = BN // 16
-    NB: gl.constexpr = BK // 64
-    w_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
-    s_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
     x_l: gl.constexpr = gl.SwizzledSharedLayout(8, 1, 8, [1, 0])
-    w0 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
-    w1 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
-    w2 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
-    s0 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
-    s1 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
-    s2 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
-    x0 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
-    x1 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
-    x2 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
+    w0, s0, x0 = _stage_buffers(BN, BM, BK, x_l)
+    w1, s1, x1 = _stage_buffers(BN, BM, BK, x_l)
+    w2, s2, x2 = _stage_buffers(BN, BM, BK, x_l)
     # the activation rows in the copy layout once (a layout change goes through shared memory)
     x_rows = gl.convert_layout(x_rows, gl.SliceLayout(1, _x_layout(gl.num_warps(), BK)))
     xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(gl.num_warps(), BK)))
@@ -278,9 +282,7 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
             acc = _step(acc, n_steps - 1, n_steps, k_lo, w1, s1, x1, w0, s0, x0, w_base, s_base,
                         x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 2)
     else:
-        w3 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
-        s3 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
-        x3 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
+        w3, s3, x3 = _stage_buffers(BN, BM, BK, x_l)
         if n_steps > 2:
             _issue(k_lo + 2 * BK, w2, s2, x2, w_base, s_base, x_rows, xmask, K_ACT, Kp,
                    stride_wn, stride_sn, BN, BM, BK, MASK_K)

@@ -34,7 +34,7 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from ._mma2 import (_ACC_SCALE, _block_info, _decode_tile, _gemm1_epilogue, _gemm2_epilogue,
-                    _issue, _x_layout)
+                    _issue, _stage_buffers, _x_layout)
 from ._pdl import _pdl_enter
 
 
@@ -105,24 +105,13 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     each its own shared-memory buffers, the loop unrolled by 4 so that every stage is a static
     choice (one barrier per step; _mma2._k_loop says why)."""
     NW: gl.constexpr = gl.num_warps()
-    G: gl.constexpr = BN // 16
-    NB: gl.constexpr = BK // 64
     ACC: gl.constexpr = _acc_layout(NW, BM)
-    w_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0])
-    s_l: gl.constexpr = gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0])
+    # the activation tiles in the swizzled layout wgmma reads its B operand from
     x_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
-    w0 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
-    w1 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
-    w2 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
-    w3 = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8], w_l)
-    s0 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
-    s1 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
-    s2 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
-    s3 = gl.allocate_shared_memory(gl.uint8, [G, NB, 32], s_l)
-    x0 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
-    x1 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
-    x2 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
-    x3 = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
+    w0, s0, x0 = _stage_buffers(BN, BM, BK, x_l)
+    w1, s1, x1 = _stage_buffers(BN, BM, BK, x_l)
+    w2, s2, x2 = _stage_buffers(BN, BM, BK, x_l)
+    w3, s3, x3 = _stage_buffers(BN, BM, BK, x_l)
     x_rows = gl.convert_layout(x_rows, gl.SliceLayout(1, _x_layout(NW, BK)))
     xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(NW, BK)))
     # steps 0-2's copies (empty groups past n_steps keep wait_group's count), step 0 decoded

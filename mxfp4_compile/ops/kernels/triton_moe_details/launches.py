@@ -232,7 +232,6 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
                        (tma1, tma2), direct, y_hidden, quant1, quant2, (wg1, wg2))
 
 
-
 def quant_launch(rows: int, k_in: int, kp: int, stride: int, interpret: bool) -> Launch:
     """_fp8._quant_rows_kernel over `rows` rows of k_in valid columns -> e4m3 rows kp wide: 4
     rows per program (decode: one program per token row). A plain launch: the GEMM after it,

@@ -175,9 +175,10 @@ def use_mma2(c: TileConfig, major: int) -> bool:
 
 def use_wgmma(pol: LaunchPolicy, p: Plan, major: int) -> bool:
     """Whether a Triton-kernel launch under plan `p` runs _wgmma's kernels instead: sm90 (async
-    wgmma), bf16 activations, the policy's `wgmma`, and the prefill-shaped tiles they are
-    written for (BM 128 or 256 rows, BN 128 weight rows, BK 64, 8 warps, one unsplit K, no
-    paired tiles). A merged block (EXTRA) runs as two blocks there. ledger: `wgmma`"""
+    wgmma), the policy's `wgmma`, and the prefill-shaped tiles they are written for (BM 128 or
+    256 rows, BN 128 or 256 weight rows with an accumulator of at most 32768 elements, BK 64,
+    8 warps, one unsplit K, no paired tiles). The caller checks bf16 activations and alignment
+    (launches.moe_launches). ledger: `wgmma`"""
     c = p.config
     return (pol.wgmma and major == 9 and _gluon_available() and c.SWAP and c.BM in (128, 256)
             and c.BN in (128, 256) and c.BM * c.BN <= 32768 and c.BK == 64

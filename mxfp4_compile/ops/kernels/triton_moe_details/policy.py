@@ -150,8 +150,8 @@ SM90 = LaunchPolicy(
     # no route launch).
     mma2=True, mma2_programs_per_sm=2, mma2_min_steps_per_chunk=10, mma2_deep_per_sm=5,
     mma2_direct=True,
-    # _wgmma (decode step i+1 while wgmma i runs) measured slower than the Triton kernels at
-    # every gpt-oss prefill shape (faster at Mixtral T=4096 only): off.
+    # _wgmma (decode step i+1 while wgmma i runs) was not faster than the Triton kernels at any
+    # gpt-oss prefill shape, with or without the register cap or wide tiles: off.
     wgmma=False, wgmma_regs=None, wgmma_wide=False,
     # FP8: 128-code steps (4 fp8 wgmma k-steps between promotions, as DeepSeek-V3's 128);
     # BM <= 128: a 256-row block's accumulator and its step sum (128 + 128 registers) spill.
