@@ -9,13 +9,12 @@ before it.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 
 import pytest
 
 triton = pytest.importorskip("triton")
-import os  # noqa: E402
-
 if os.environ.get("TRITON_INTERPRET") == "1":
     pytest.skip("needs the real Triton compiler, not the interpreter", allow_module_level=True)
 gluon_rt = pytest.importorskip("triton.experimental.gluon._runtime")
