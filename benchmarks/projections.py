@@ -126,12 +126,15 @@ def main(out, rows=ROWS, variants=VARIANTS):
         cap = tuple(torch.cuda.get_device_capability())
         lim = decode_gemv.LIMITS[cap]
         decode_gemv.LIMITS[cap] = dataclasses.replace(lim, min_n=32)
-        gr = torch.compile(routers, dynamic=False, backend="mxfp4", options={"decode_gemv": True})
-        res["routers_M1"] = dict(cublas_us=graph_time_us(lambda: routers(x), 1),
-                                 gemv_us=graph_time_us(lambda: gr(x), 1),  # compiles here
-                                 gemv_rel_l2=rel(gr(x), routers(x)),
-                                 gemv_rewrites=last_compile_info[-1].get("decode_gemvs"))
-        decode_gemv.LIMITS[cap] = lim
+        try:
+            gr = torch.compile(routers, dynamic=False, backend="mxfp4",
+                               options={"decode_gemv": True})
+            res["routers_M1"] = dict(cublas_us=graph_time_us(lambda: routers(x), 1),
+                                     gemv_us=graph_time_us(lambda: gr(x), 1),  # compiles here
+                                     gemv_rel_l2=rel(gr(x), routers(x)),
+                                     gemv_rewrites=last_compile_info[-1].get("decode_gemvs"))
+        finally:
+            decode_gemv.LIMITS[cap] = lim
     res["read_GBps"] = nbytes / res["read_us"] / 1e3
     print(json.dumps(res, indent=1))
     with open(os.path.join(out, "projections.json"), "w") as f:

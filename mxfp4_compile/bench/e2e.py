@@ -303,12 +303,12 @@ def run_group(model, group, backends, fwds, args, gpu, t_start, common, rows, wr
                 row["_times"].append(timed_generate(model, ids, 1, gpu) * 1e3)
             else:
                 a = timed_generate(model, ids, n1, gpu)
-                if callable(fwds[row["backend"]]):  # a compiled forward: hooks run outside it
-                    with step_clock(model, gpu) as steps:
-                        b = timed_generate(model, ids, n2, gpu)
-                    row["_steps"].append(steps)
-                else:
+                # a compiled forward (hooks run outside it); the CompileConfig route: no steps
+                clock = (step_clock(model, gpu) if callable(fwds[row["backend"]]) else
+                         contextlib.nullcontext([]))
+                with clock as steps:
                     b = timed_generate(model, ids, n2, gpu)
+                row["_steps"].append(steps)
                 row["_times"].append((b - a) / (n2 - n1) * 1e3)
                 row["_generate"].append(b * 1e3)
     for row in live:

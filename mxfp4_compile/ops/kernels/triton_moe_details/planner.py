@@ -175,14 +175,14 @@ def use_mma2(c: TileConfig, major: int) -> bool:
 
 def use_wgmma(pol: LaunchPolicy, p: Plan, major: int) -> bool:
     """Whether a Triton-kernel launch under plan `p` runs _wgmma's kernels instead: sm90 (async
-    wgmma), the policy's `wgmma`, and the prefill-shaped tiles they are written for (BM 128 or
-    256 rows, BN 128 or 256 weight rows with an accumulator of at most 32768 elements, BK 64,
-    8 warps, one unsplit K, no paired tiles). The caller checks bf16 activations and alignment
+    wgmma), the policy's `wgmma`, and the table's prefill-shaped tiles (BM 128 or 256 rows, BN
+    128 weight rows, BK 64, 8 warps, one unsplit K, no paired tiles; `wgmma_plan` then makes
+    the plan _wgmma's). The caller checks bf16 activations and alignment
     (launches.moe_launches). ledger: `wgmma`"""
     c = p.config
     return (pol.wgmma and major == 9 and _gluon_available() and c.SWAP and c.BM in (128, 256)
-            and c.BN in (128, 256) and c.BM * c.BN <= 32768 and c.BK == 64
-            and c.num_warps == 8 and not c.PAIR and p.split == 1)
+            and c.BN == 128 and c.BK == 64 and c.num_warps == 8 and not c.PAIR
+            and p.split == 1)
 
 
 def wgmma_plan(pol: LaunchPolicy, p: Plan, M: int, E: int, N: int) -> tuple[Plan, int]:
