@@ -507,7 +507,10 @@ def _moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scale
         rs = torch.empty(T, dtype=torch.float32, device=dev)
         L.quant1(x, xq, rs, T)
         x = xq
-    if L.mma2[0]:
+    if L.wgmma_fp8[0]:  # _mma2's arguments, the words as int32, and the rows' scales
+        L.gemm1(x, sorted_assign, es, ids_or_es, emap_or_es, w13.view(torch.int32), w13_scales,
+                b13, a, p, E, n_map, k, float(alpha), float(limit), M, rs)
+    elif L.mma2[0]:
         L.gemm1(x, sorted_assign, es, ids_or_es, emap_or_es, w13_words, w13_scales, b13, a, p,
                 E, n_map, k, float(alpha), float(limit), M)
     else:
@@ -527,7 +530,10 @@ def _moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scale
     y = torch.empty(L.p2.split, M, H, dtype=y_dtype, device=dev)
     b2 = w2_bias if w2_bias is not None else es
     w2_words = w2 if fp8 else w2.view(torch.int32)  # [E, Hp, Ip/2] bytes or [E, Hp, Ip/8] words
-    if L.mma2[1]:
+    if L.wgmma_fp8[1]:
+        L.gemm2(a, sorted_assign, es, ids_or_es, emap_or_es, w2.view(torch.int32), w2_scales, b2,
+                y, E, n_map, M, rs)
+    elif L.mma2[1]:
         L.gemm2(a, sorted_assign, es, ids_or_es, emap_or_es, w2_words, w2_scales, b2, y, E, n_map,
                 M)
     else:

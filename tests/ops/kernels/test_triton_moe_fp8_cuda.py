@@ -73,3 +73,52 @@ def test_fp8_against_emulation_and_reference(T, E, H, I, k, act, emap):
     assert _rel(out, emu) < 1e-2
     assert _rel(out, ref) < 1.1 * _rel(emu, ref) + 2e-3
     assert _rel(emu, ref) > 1e-2  # the emulation does quantize (the test can tell them apart)
+
+
+def _problem(T, E, H, I, k, act, seed):
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=g) * 0.05
+    w2 = torch.randn(E, H, I, generator=g) * 0.05
+    b13 = torch.randn(E, 2 * I, generator=g) * 0.1
+    b2 = torch.randn(E, H, generator=g) * 0.1
+    canon = [t.cuda() for t in quantize_experts(w13, w2, b13, b2, activation=act,
+                                                h_multiple=tm.H_MULTIPLE, i_multiple=tm.I_MULTIPLE)]
+    x = torch.randn(T, H, generator=g).cuda().bfloat16()
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int().cuda()
+    tw = torch.rand(T, k, generator=g).cuda()
+    return canon, x, ids, tw
+
+
+# gpt-oss-20b and -120b prefill (128-row blocks, 120b with the part-filled block copies), a mid
+# size, and a silu model whose K has no partial step
+@pytest.mark.parametrize("T,E,H,I,k,act", [
+    (4096, 32, 2880, 2880, 4, "swiglu_oai"), (4096, 128, 2880, 2880, 4, "swiglu_oai"),
+    (1000, 32, 2880, 2880, 4, "swiglu_oai"), (2048, 8, 1024, 512, 2, "silu_glu")])
+def test_gluon_prefill_kernels_against_the_triton_ones(T, E, H, I, k, act):
+    """_wgmma_fp8 (the table's choice at these shapes) computes what _fp8.py's Triton kernels
+    compute: the same operands, partial sums and promotion, up to the MMA's accumulation order
+    inside a step."""
+    from mxfp4_compile.ops.kernels.triton_moe_details import policy
+    from mxfp4_compile.ops.kernels.triton_moe_details.launches import moe_launches
+
+    canon, x, ids, tw = _problem(T, E, H, I, k, act, T + E + 1)
+    prepared = tm.prepare(*canon, act, activations="fp8")
+    shape = dict(T=T, k=k, E=E, H=H, Hp=canon[0].shape[2] * 2, Ip=canon[3].shape[2] * 2,
+                 activation=act, has_b13=True, has_b2=True, has_map=False, combine=True,
+                 major=9, sms=torch.cuda.get_device_properties(0).multi_processor_count,
+                 interpret=False, weights_aligned=True, x_bf16_aligned=True, fp8=True)
+    assert moe_launches(policy.current(9), **shape).wgmma_fp8 == (True, True)
+    _poison()
+    out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, None, True, activations="fp8")
+    again = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, None, True, activations="fp8")
+    with policy.override(fp8_wgmma=False):
+        assert moe_launches(policy.current(9), **shape).wgmma_fp8 == (False, False)
+        triton_out = tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, None, True,
+                            activations="fp8")
+    torch.cuda.synchronize()
+    assert out.isfinite().all()
+    assert torch.equal(out, again)  # deterministic
+    assert _rel(out, triton_out) < 2e-3
+    emu = moe_torch(x, ids, tw, *canon, act, 1.702, 7.0, None, True, sync_free=False,
+                    activations="fp8", intermediate_dtype=torch.bfloat16)
+    assert _rel(out, emu) < 1e-2

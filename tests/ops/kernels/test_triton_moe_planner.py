@@ -136,9 +136,10 @@ def test_forced_tiles_and_split_win_over_the_table():
 @pytest.mark.parametrize("T", [1, 8, 64, 512, 4096, 16384])
 @pytest.mark.parametrize("model", [(32, 2880, 2880, 4), (8, 4096, 14336, 2)])
 def test_fp8_launches_use_the_fp8_tiles(T, model):
-    """FP8 activations: every GEMM on the Triton kernels (no _mma2, no TMA, no paired tiles or
-    merged blocks), fp8_bk steps, at most fp8_max_bm rows per block, a row quantizer before each
-    GEMM, and the bf16 plan of the same shape unchanged by the flag's existence."""
+    """FP8 activations: no _mma2, no TMA, no paired tiles or merged blocks, fp8_bk steps, at
+    most fp8_max_bm rows per block, a row quantizer before each GEMM, and the bf16 plan of the
+    same shape unchanged by the flag's existence. The 128 x 128 tiles run _wgmma_fp8 (its
+    argument list is _mma2's), every other tile the Triton kernels."""
     from mxfp4_compile.ops.kernels.triton_moe_details import launches
 
     E, H, I, k = model
@@ -147,11 +148,19 @@ def test_fp8_launches_use_the_fp8_tiles(T, model):
                   has_b2=True, has_map=False, combine=True, major=9, sms=132, interpret=False,
                   weights_aligned=True, x_bf16_aligned=True)
     L = launches.moe_launches(P, **common, fp8=True)
-    assert L.mma2 == (False, False) and L.tma == (False, False) and not L.direct
-    for g, p in ((L.gemm1, L.p1), (L.gemm2, L.p2)):
+    assert L.mma2 == L.wgmma_fp8 and L.tma == (False, False) and not L.direct
+    assert L.wgmma == (False, False)
+    for g, p, gluon in ((L.gemm1, L.p1, L.wgmma_fp8[0]), (L.gemm2, L.p2, L.wgmma_fp8[1])):
         c = p.config
-        assert g.constexprs["FP8"] and c.BK == P.fp8_bk and c.BM <= P.fp8_max_bm
+        assert gluon == (c.BM == 128 and c.BN == 128 and p.split == 1)
+        assert g.module == ("_wgmma_fp8" if gluon else "_gemm1" if g is L.gemm1 else "_gemm2")
+        assert gluon or g.constexprs["FP8"]
+        assert c.BK == P.fp8_bk and c.BM <= P.fp8_max_bm
         assert not c.PAIR and not c.EXTRA and c.maxnreg is None
+    # prefill sizes take _wgmma_fp8 for both GEMMs; off in the policy: the Triton kernels
+    assert L.wgmma_fp8 == ((True, True) if T >= 512 else (False, False))
+    off = launches.moe_launches(dataclasses.replace(P, fp8_wgmma=False), **common, fp8=True)
+    assert off.wgmma_fp8 == (False, False) and off.gemm1.constexprs["FP8"]
     assert L.quant1.constexprs["KP"] == H and L.quant2.constexprs["KP"] == I
     bf16 = launches.moe_launches(P, **common)
     assert bf16.quant1 is None and not bf16.gemm1.constexprs.get("FP8")

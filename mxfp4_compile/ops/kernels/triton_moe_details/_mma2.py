@@ -108,21 +108,23 @@ def _program(es_ptr, ids_ptr, emap_ptr, w_ptr, s_ptr, E, n_map, M, N: gl.constex
 
 
 @gluon.constexpr_function
-def _x_layout(NW, BK):
-    """Copy layout of the [BM, BK] activation tile over NW warps: 16-byte pieces, a row's BK/8
-    side by side."""
-    return gl.BlockedLayout([1, 8], [32 * 8 // BK, BK // 8], [NW, 1], [1, 0])
+def _x_layout(NW, BK, V=8):
+    """Copy layout of the [BM, BK] activation tile over NW warps: pieces of V elements (16 bytes:
+    8 bf16, 16 e4m3), a row's BK/V side by side."""
+    return gl.BlockedLayout([1, V], [32 * V // BK, BK // V], [NW, 1], [1, 0])
 
 
 @gluon.jit
 def _issue(k0, w_buf, s_buf, x_buf, w_base, s_base, x_rows, xmask,
            K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
-           BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr):
+           BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr,
+           XV: gl.constexpr = 8):
     """cp.async of one K step (codes k0 .. k0+BK) into one stage's buffers: the weight words
     [G, NB, 16, 8] and scale bytes [G, NB, 32] of the BN-row tile (as `prepare` tiles them: per
     16-row group and 64-code block, 16 rows x 8 words, then 16 rows x 2 bytes) and the
     activation tile [BM, BK]. MASK_K: steps may run past Kp (a tail or a split chunk's end);
-    in a step that does, the blocks and columns past Kp are zero-filled, and decode to zero."""
+    in a step that does, the blocks and columns past Kp are zero-filled, and decode to zero. XV:
+    activation elements per copy (_x_layout)."""
     G: gl.constexpr = BN // 16
     NB: gl.constexpr = BK // 64
     NW: gl.constexpr = gl.num_warps()  # G = NW here; _wgmma's 256-row tiles give a warp 2 groups
@@ -144,7 +146,7 @@ def _issue(k0, w_buf, s_buf, x_buf, w_base, s_base, x_rows, xmask,
     sb3 = gl.expand_dims(gl.expand_dims(sb, 0), 2)
     sj3 = gl.expand_dims(gl.expand_dims(sj, 0), 1)
     soff = sg3 * (16 * stride_sn) + (k0 // 64 + sb3) * 32 + sj3
-    XL: gl.constexpr = _x_layout(NW, BK)
+    XL: gl.constexpr = _x_layout(NW, BK, XV)
     xk = k0 + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
     xptr = gl.expand_dims(x_rows, 1) + gl.expand_dims(xk, 0)
     if MASK_K and k0 + BK > Kp:  # (uniform branch: only the steps that reach past Kp)
@@ -225,16 +227,18 @@ def _mma_layout(BN):
 
 
 @gluon.jit
-def _stage_buffers(BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, x_l: gl.constexpr):
+def _stage_buffers(BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, x_l: gl.constexpr,
+                   XT: gl.constexpr = gl.bfloat16):
     """One pipeline stage's shared memory: words [G, NB, 16, 8], scale bytes [G, NB, 32] (as
-    _issue copies them) and the [BM, BK] activation tile in layout x_l (also _wgmma's)."""
+    _issue copies them) and the [BM, BK] activation tile of dtype XT in layout x_l (also
+    _wgmma's and _wgmma_fp8's)."""
     G: gl.constexpr = BN // 16
     NB: gl.constexpr = BK // 64
     w = gl.allocate_shared_memory(gl.int32, [G, NB, 16, 8],
                                   gl.SwizzledSharedLayout(1, 1, 1, [3, 2, 1, 0]))
     s = gl.allocate_shared_memory(gl.uint8, [G, NB, 32],
                                   gl.SwizzledSharedLayout(1, 1, 1, [2, 1, 0]))
-    x = gl.allocate_shared_memory(gl.bfloat16, [BM, BK], x_l)
+    x = gl.allocate_shared_memory(XT, [BM, BK], x_l)
     return w, s, x
 
 

@@ -39,11 +39,12 @@ from ._pdl import _pdl_enter
 
 
 @gluon.constexpr_function
-def _acc_layout(NW, BM):
+def _acc_layout(NW, BM, IK=16):
     """The wgmma accumulator layout of a [BN, BM] tile over NW warps: warp w holds rows
-    16w + 16 NW r (r = 0, 1, ...): the row groups _decode_tile gives it."""
+    16w + 16 NW r (r = 0, 1, ...): the row groups _decode_tile gives it. IK: the instruction's
+    K (16 bf16, 32 e4m3)."""
     return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[NW, 1],
-                                     instr_shape=[16, BM, 16])
+                                     instr_shape=[16, BM, IK])
 
 
 @gluon.jit

@@ -61,14 +61,16 @@ class MoELaunches:
     finalize: Launch
     p1: Plan                     # GEMM1's plan (its split sizes the partial-sum buffer)
     p2: Plan
-    mma2: tuple[bool, bool]      # which GEMMs run a Gluon kernel (_mma2 or _wgmma: one
-    #                              argument list)
+    mma2: tuple[bool, bool]      # which GEMMs run a Gluon kernel (_mma2, _wgmma or
+    #                              _wgmma_fp8: one argument list)
     tma: tuple[bool, bool]       # which GEMMs load weight tiles by TMA (descriptors needed)
     direct: bool                 # T=1 on _mma2: one assignment per row block, no route launch
     y_hidden_dtype: bool         # GEMM2 writes y in the hidden dtype, not float32
     quant1: Launch | None = None  # FP8: x -> e4m3 rows + scales, before GEMM1
     quant2: Launch | None = None  # FP8: a -> e4m3 rows + scales, before GEMM2
     wgmma: tuple[bool, bool] = (False, False)  # which GEMMs run _wgmma (prefill tiles)
+    wgmma_fp8: tuple[bool, bool] = (False, False)  # which FP8 GEMMs run _wgmma_fp8 (they take
+    #                              _mma2's argument list and the activation rows' scales)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,9 +132,9 @@ def gemm_launch(gemm: int, p: Plan, blocks: int, *, mma2: bool, H: int, Hp: int,
                 E: int, activation: str, has_bias: bool, has_map: bool, direct: bool,
                 major: int, interpret: bool, tma: bool, late_trigger: bool, pdl: dict,
                 fp8: bool = False, wgmma: bool = False) -> Launch:
-    """GEMM `gemm` (1 or 2) under plan `p` over `blocks` row blocks, on _mma2, _wgmma (`wgmma`)
-    or the Triton kernels. `late_trigger`: an _mma2 GEMM1 lets GEMM2 launch only after its K
-    loops. `fp8`: e4m3 activations (_fp8.py; GEMM1 reads them Hp wide)."""
+    """GEMM `gemm` (1 or 2) under plan `p` over `blocks` row blocks, on _mma2, _wgmma (`wgmma`;
+    with `fp8` _wgmma_fp8) or the Triton kernels. `late_trigger`: an _mma2 GEMM1 lets GEMM2
+    launch only after its K loops. `fp8`: e4m3 activations (GEMM1 reads them Hp wide)."""
     c = p.config
     EB = _next_pow2(E + 1)
     N, K = (2 * Ip, Hp) if gemm == 1 else (H, Ip)  # output columns, reduction length
@@ -147,10 +149,12 @@ def gemm_launch(gemm: int, p: Plan, blocks: int, *, mma2: bool, H: int, Hp: int,
               SPLIT=p.split, K_CHUNK=p.chunk)
     grid = (blocks * p.tiles, p.split)
     if wgmma:
-        cx.update(MASK_K=not p.even_k, DIRECT=False, HAS_MAP=has_map, NS=4, HALF=c.HALF)
+        cx.update(MASK_K=p.tail > 0 or not p.even_k, DIRECT=False, HAS_MAP=has_map, NS=4,
+                  HALF=c.HALF)
         if gemm == 1:
             cx["LATE_TRIGGER"] = False
-        kernel = "_wgmma._gemm1_kernel" if gemm == 1 else "_wgmma._gemm2_kernel"
+        module = "_wgmma_fp8" if fp8 else "_wgmma"
+        kernel = f"{module}._gemm1_kernel" if gemm == 1 else f"{module}._gemm2_kernel"
         return _launch(kernel, grid, cx, dict(num_warps=8, **_regs(c)), pdl)
     if mma2:
         cx.update(MASK_K=p.tail > 0 or not p.even_k, DIRECT=direct, HAS_MAP=has_map,
@@ -195,6 +199,10 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
         p1, nb1 = planner.wgmma_plan(pol, p1, M, E, 2 * Ip)
     if wg2:
         p2, nb2 = planner.wgmma_plan(pol, p2, M, E, H)
+    # FP8 prefill tiles on _wgmma_fp8 (its 16-byte copies: aligned words and scales; the e4m3
+    # rows are the op's own buffers)
+    wf1 = fp8 and weights_aligned and planner.use_wgmma_fp8(pol, p1, major)
+    wf2 = fp8 and weights_aligned and planner.use_wgmma_fp8(pol, p2, major)
     direct = T == 1 and mma2_1 and mma2_2 and pol.mma2_direct
     if direct:
         nb1 = nb2 = M
@@ -208,9 +216,9 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
     common = dict(H=H, Hp=Hp, Ip=Ip, E=E, activation=activation, has_map=has_map, direct=direct,
                   major=major, interpret=interpret, fp8=fp8)
     g1 = gemm_launch(1, p1, nb1, mma2=mma2_1, has_bias=has_b13, tma=tma1, late_trigger=late,
-                     pdl=pdl["gemm1"], wgmma=wg1, **common)
+                     pdl=pdl["gemm1"], wgmma=wg1 or wf1, **common)
     g2 = gemm_launch(2, p2, nb2, mma2=mma2_2, has_bias=has_b2, tma=tma2, late_trigger=False,
-                     pdl=pdl["gemm2"], wgmma=wg2, **common)
+                     pdl=pdl["gemm2"], wgmma=wg2 or wf2, **common)
     act = None
     if p1.split > 1:
         BR, BC = 16, 128
@@ -223,13 +231,14 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
                   dict(H=H, k_top=k, HAS_MAP=has_map, COMBINE=bool(combine), BH=BH,
                        SPLIT=p2.split), dict(num_warps=4), pdl["finalize"])
     route = None if direct else route_launches(pol, M, E, has_map, pdl["route"])
-    y_hidden = p2.split == 1 and (not mma2_2 or wg2) and pol.y_hidden_dtype
+    y_hidden = p2.split == 1 and (not mma2_2 or wg2 or wf2) and pol.y_hidden_dtype
     quant1 = quant2 = None
     if fp8:
         quant1 = quant_launch(T, H, Hp, H, interpret)
         quant2 = quant_launch(M, Ip, Ip, Ip, interpret)
-    return MoELaunches(route, g1, act, g2, fin, p1, p2, (mma2_1 or wg1, mma2_2 or wg2),
-                       (tma1, tma2), direct, y_hidden, quant1, quant2, (wg1, wg2))
+    return MoELaunches(route, g1, act, g2, fin, p1, p2,
+                       (mma2_1 or wg1 or wf1, mma2_2 or wg2 or wf2), (tma1, tma2), direct,
+                       y_hidden, quant1, quant2, (wg1, wg2), (wf1, wf2))
 
 
 def quant_launch(rows: int, k_in: int, kp: int, stride: int, interpret: bool) -> Launch:

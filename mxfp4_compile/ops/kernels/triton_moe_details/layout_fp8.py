@@ -93,3 +93,19 @@ DEQUANT_ASM = "\n".join([
     "or.b32 $1, t, u;",
     "}",
 ])
+
+# One half of DEQUANT_ASM (Gluon, _wgmma_fp8.py: each half is its own int32 element there, so
+# the two halves of a word land in the A operand's registers with no byte shuffle). $0: the 4
+# e4m3 bytes of half s; $1: the word; $2, $3: the table's registers; $4: 16 s, the selector
+# nibbles' shift; $5: 4 s, the signs' shift.
+DEQUANT_HALF_ASM = "\n".join([
+    "{",
+    ".reg .b32 s, t, u;",
+    "shr.b32 s, $1, $4;",
+    f"and.b32 s, s, {SELECT_MASK:#x};",
+    "prmt.b32 t, $2, $3, s;",
+    "shl.b32 u, $1, $5;",
+    f"and.b32 u, u, {SIGN_MASK:#010x};",
+    "or.b32 $0, t, u;",
+    "}",
+])

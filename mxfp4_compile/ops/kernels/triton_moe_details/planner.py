@@ -5,6 +5,7 @@ device and a LaunchPolicy (policy.py), run on the host at every call.
   plan       one GEMM's grid: K split into chunks, paired tiles, 64-code steps, stages, a tail
   plan_gemm  plan, then whether the Gluon decode kernels (_mma2) take the launch
   use_wgmma  whether the Gluon prefill kernels (_wgmma) take a planned launch
+  use_wgmma_fp8  whether the Gluon FP8 prefill kernels (_wgmma_fp8) take one
 Shape legend: T tokens, k top-k, E local experts, M = T*k sorted rows, N weight rows, K the
 reduction length (padded), `blocks` row blocks of BM rows, `sms` streaming multiprocessors (0:
 the interpreter, where nothing is split or paired unless the policy forces it).
@@ -183,6 +184,17 @@ def use_wgmma(pol: LaunchPolicy, p: Plan, major: int) -> bool:
     return (pol.wgmma and major == 9 and _gluon_available() and c.SWAP and c.BM in (128, 256)
             and c.BN == 128 and c.BK == 64 and c.num_warps == 8 and not c.PAIR
             and p.split == 1)
+
+
+def use_wgmma_fp8(pol: LaunchPolicy, p: Plan, major: int) -> bool:
+    """Whether an FP8 launch under plan `p` (fp8_config's tiles) runs _wgmma_fp8's kernels
+    instead of _fp8.py's Triton kernels: sm90, the policy's `fp8_wgmma`, and 128 rows x 128
+    weight rows, 128-code steps, 8 warps, one unsplit K, no paired tiles (the prefill and
+    mid128 shapes). The caller checks alignment (launches.moe_launches). ledger: `fp8_wgmma`"""
+    c = p.config
+    return (pol.fp8_wgmma and major == 9 and _gluon_available() and c.SWAP and c.BM == 128
+            and c.BN == 128 and c.BK == 128 and c.num_warps == 8 and not c.PAIR
+            and not c.EXTRA and p.split == 1)
 
 
 def wgmma_plan(pol: LaunchPolicy, p: Plan, M: int, E: int, N: int) -> tuple[Plan, int]:

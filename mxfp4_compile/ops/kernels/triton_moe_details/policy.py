@@ -87,6 +87,8 @@ class LaunchPolicy:
     # -- FP8 activations (_fp8.py): the table's tile for the shape, then these --
     fp8_bk: int              # K step of every FP8 GEMM (one fp32 promotion per step)
     fp8_max_bm: int          # BM cap: the step's partial sum is a second accumulator
+    fp8_wgmma: bool          # the 128 x 128 FP8 tiles on _wgmma_fp8 (sm90; False: _fp8.py's
+    #                          Triton kernels)
     # -- routing --
     route_sort_max: int      # up to this many assignments: one program sorts them all
     route_budget: int        # elements of one routing program's [chunk, EB] one-hot tile
@@ -156,6 +158,9 @@ SM90 = LaunchPolicy(
     # FP8: 128-code steps (4 fp8 wgmma k-steps between promotions, as DeepSeek-V3's 128);
     # BM <= 128: a 256-row block's accumulator and its step sum (128 + 128 registers) spill.
     fp8_bk=128, fp8_max_bm=128,
+    # _wgmma_fp8: the decoded tile reaches fp8 wgmma in registers, step i+1 decoded while wgmma
+    # i runs (the Triton kernels send it through shared memory and drain wgmma first).
+    fp8_wgmma=True,
     # Routing: one program sorts up to 256 assignments faster than the one-hot count; a one-hot
     # tile of 32768 elements per program; below 64 chunks a scan launch costs more than it saves.
     route_sort_max=256, route_budget=32768, route_scan_chunks=64,
