@@ -73,10 +73,15 @@ def _decode_fp8(w_stage, s_stage, BN: gl.constexpr, BM: gl.constexpr, BK: gl.con
     SC: gl.constexpr = gl.SliceLayout(5, gl.SliceLayout(5, L7))
     sc = s_stage.reshape([G, NB, 2, 8, 2]).load(SC).to(gl.int32)  # [G, nb, half, g, cb]
     ref = gl.max(gl.max(sc, axis=4), axis=1)  # [G, half, g]: the row's largest of the step
-    d = sc - gl.expand_dims(gl.expand_dims(ref, 1), 4) + _D_MAX
-    ok = d >= _D_MIN  # (below: flushed to zero, layout_fp8.py)
-    lo = gl.expand_dims(gl.expand_dims(gl.where(ok, _LUT_BASE0 + d * _LUT_STEP0, 0), 5), 5)
-    hi = gl.expand_dims(gl.expand_dims(gl.where(ok, _LUT_BASE1 + d * _LUT_STEP1, 0), 5), 5)
+    # a block's table: LUT_BASE + d * LUT_STEP with offset d = sc - ref + D_MAX (layout_fp8.py),
+    # as sc * LUT_STEP + (the row's part): one multiply-add per block, its immediate the step
+    # (in int32 arithmetic modulo 2**32, as the table's own formula)
+    r = gl.expand_dims(gl.expand_dims(_D_MAX - ref, 1), 4)
+    ok = sc - gl.expand_dims(gl.expand_dims(ref, 1), 4) >= _D_MIN - _D_MAX  # (else: flushed)
+    lo = gl.where(ok, sc * _LUT_STEP0 + (_LUT_BASE0 + r * _LUT_STEP0), 0)
+    hi = gl.where(ok, sc * _LUT_STEP1 + (_LUT_BASE1 + r * _LUT_STEP1), 0)
+    lo = gl.expand_dims(gl.expand_dims(lo, 5), 5)
+    hi = gl.expand_dims(gl.expand_dims(hi, 5), 5)
     S1: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(0, gl.SliceLayout(
         0, gl.SliceLayout(0, gl.SliceLayout(6, L7))))))
     s = gl.arange(0, 2, layout=S1)
