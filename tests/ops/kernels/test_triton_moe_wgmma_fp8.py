@@ -78,6 +78,10 @@ def test_the_fp8_prefill_shapes_reach_wgmma_fp8():
     assert seen == {0, 2}  # with and without the part-filled block copies (120b)
     # unaligned weights, another GPU, or off in the policy: _fp8.py's Triton kernels
     assert _moe_launches(*SHAPES[0], aligned=False).wgmma_fp8 == (False, False)
+    # e4m3 rows past int32 element offsets (_issue's X_OFFS): GEMM1 at T * Hp >= 2**31, GEMM2
+    # at T * k * Ip >= 2**31
+    assert _moe_launches(2 ** 31 // 2880 + 1, 4, 32, 2880, 2880).wgmma_fp8 == (False, False)
+    assert _moe_launches(2 ** 31 // 2880 // 4 + 1, 4, 32, 2880, 2880).wgmma_fp8 == (True, False)
     plan = _moe_launches(*SHAPES[0]).p1
     assert planner.use_wgmma_fp8(P, plan, 9) and not planner.use_wgmma_fp8(P, plan, 8)
     assert not planner.use_wgmma_fp8(P, plan, 10)

@@ -118,13 +118,14 @@ def _x_layout(NW, BK, V=8):
 def _issue(k0, w_buf, s_buf, x_buf, w_base, s_base, x_rows, xmask,
            K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
            BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr,
-           XV: gl.constexpr = 8):
+           XV: gl.constexpr = 8, X_OFFS: gl.constexpr = False):
     """cp.async of one K step (codes k0 .. k0+BK) into one stage's buffers: the weight words
     [G, NB, 16, 8] and scale bytes [G, NB, 32] of the BN-row tile (as `prepare` tiles them: per
     16-row group and 64-code block, 16 rows x 8 words, then 16 rows x 2 bytes) and the
     activation tile [BM, BK]. MASK_K: steps may run past Kp (a tail or a split chunk's end);
     in a step that does, the blocks and columns past Kp are zero-filled, and decode to zero. XV:
-    activation elements per copy (_x_layout)."""
+    activation elements per copy (_x_layout). X_OFFS: x_rows is (base pointer, int32 element
+    offsets of the rows), not the rows' pointers (half the registers live across the loop)."""
     G: gl.constexpr = BN // 16
     NB: gl.constexpr = BK // 64
     NW: gl.constexpr = gl.num_warps()  # G = NW here; _wgmma's 256-row tiles give a warp 2 groups
@@ -148,7 +149,10 @@ def _issue(k0, w_buf, s_buf, x_buf, w_base, s_base, x_rows, xmask,
     soff = sg3 * (16 * stride_sn) + (k0 // 64 + sb3) * 32 + sj3
     XL: gl.constexpr = _x_layout(NW, BK, XV)
     xk = k0 + gl.arange(0, BK, layout=gl.SliceLayout(0, XL))
-    xptr = gl.expand_dims(x_rows, 1) + gl.expand_dims(xk, 0)
+    if X_OFFS:
+        xptr = x_rows[0] + (gl.expand_dims(x_rows[1], 1) + gl.expand_dims(xk, 0))
+    else:
+        xptr = gl.expand_dims(x_rows, 1) + gl.expand_dims(xk, 0)
     if MASK_K and k0 + BK > Kp:  # (uniform branch: only the steps that reach past Kp)
         cp.async_copy_global_to_shared(w_buf, w_base + woff,
                                        mask=(k0 + 64 * b4 + 0 * woff) < Kp)

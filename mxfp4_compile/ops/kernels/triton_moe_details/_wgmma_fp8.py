@@ -133,7 +133,7 @@ def _step(acc, part, a_cur, m_cur, i, n_steps, x_cur, w_nx, s_nx, w_fill, s_fill
     a_nx, m_nx = _decode_fp8(w_nx, s_nx, BN, BM, BK)  # (past the end: unused)
     if i + AHEAD < n_steps:
         _issue((i + AHEAD) * BK, w_fill, s_fill, x_fill, w_base, s_base, x_rows, xmask, K_ACT,
-               Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, _XV)
+               Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, _XV, True)
     else:
         cp.commit_group()  # an empty group keeps wait_group's count in step
     # wgmma i retires inside this step (_wgmma._step says why: the A registers)
@@ -169,18 +169,18 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     w1, s1, x1 = _stage_buffers(BN, BM, BK, x_l, gl.float8e4nv)
     w2, s2, x2 = _stage_buffers(BN, BM, BK, x_l, gl.float8e4nv)
     w3, s3, x3 = _stage_buffers(BN, BM, BK, x_l, gl.float8e4nv)
-    x_rows = gl.convert_layout(x_rows, gl.SliceLayout(1, _x_layout(NW, BK, _XV)))
+    x_rows = (x_rows[0], gl.convert_layout(x_rows[1], gl.SliceLayout(1, _x_layout(NW, BK, _XV))))
     xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(NW, BK, _XV)))
     _issue(0, w0, s0, x0, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN,
-           BM, BK, MASK_K, _XV)
+           BM, BK, MASK_K, _XV, True)
     if n_steps > 1:
         _issue(BK, w1, s1, x1, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn,
-               BN, BM, BK, MASK_K, _XV)
+               BN, BM, BK, MASK_K, _XV, True)
     else:
         cp.commit_group()
     if n_steps > 2:
         _issue(2 * BK, w2, s2, x2, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn,
-               stride_sn, BN, BM, BK, MASK_K, _XV)
+               stride_sn, BN, BM, BK, MASK_K, _XV, True)
     else:
         cp.commit_group()
     cp.wait_group(2)
@@ -226,7 +226,7 @@ def _gemm1_block(x_ptr, sorted_ptr, b_ptr, a_ptr, p_ptr, rs_ptr, row0, row1, e64
     rows, rmask = _rows(row0, row1, BM)
     tok = gl.load(sorted_ptr + rows, mask=rmask, other=0) // k_top
     rs = gl.load(rs_ptr + tok, mask=rmask, other=0.0)
-    acc = _k_loop(w_base, s_base, x_ptr + tok.to(gl.int64) * stride_xt, rmask, Hp,
+    acc = _k_loop(w_base, s_base, (x_ptr, tok * stride_xt), rmask, Hp,
                   (Hp + BK - 1) // BK, Hp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
     acc = _row_scales(acc, rs)
     _gemm1_epilogue(acc, rows, rmask, e64, n0, b_ptr, a_ptr, p_ptr, p_rows, alpha, limit,
@@ -273,7 +273,7 @@ def _gemm2_block(a_ptr, sorted_ptr, b_ptr, y_ptr, rs_ptr, M, row0, row1, e64, n0
                  MASK_K: gl.constexpr):
     rows, rmask = _rows(row0, row1, BM)
     rs = gl.load(rs_ptr + rows, mask=rmask, other=0.0)
-    acc = _k_loop(w_base, s_base, a_ptr + rows.to(gl.int64) * Ip, rmask, Ip,
+    acc = _k_loop(w_base, s_base, (a_ptr, rows * Ip), rmask, Ip,
                   (Ip + BK - 1) // BK, Ip, stride_wn, stride_sn, BN, BM, BK, MASK_K)
     acc = _row_scales(acc, rs)
     _gemm2_epilogue(acc, rows, rmask, e64, n0, sorted_ptr, b_ptr, y_ptr, M, stride_be, H,

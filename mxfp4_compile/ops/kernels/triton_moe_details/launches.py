@@ -200,9 +200,11 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
     if wg2:
         p2, nb2 = planner.wgmma_plan(pol, p2, M, E, H)
     # FP8 prefill tiles on _wgmma_fp8 (its 16-byte copies: aligned words and scales; the e4m3
-    # rows are the op's own buffers)
-    wf1 = fp8 and weights_aligned and planner.use_wgmma_fp8(pol, p1, major)
-    wf2 = fp8 and weights_aligned and planner.use_wgmma_fp8(pol, p2, major)
+    # rows are the op's own buffers, addressed by int32 element offsets)
+    wf1 = (fp8 and weights_aligned and T * Hp < 2 ** 31
+           and planner.use_wgmma_fp8(pol, p1, major))
+    wf2 = (fp8 and weights_aligned and M * Ip < 2 ** 31
+           and planner.use_wgmma_fp8(pol, p2, major))
     direct = T == 1 and mma2_1 and mma2_2 and pol.mma2_direct
     if direct:
         nb1 = nb2 = M
