@@ -26,6 +26,8 @@ same row pairing and tiling, but each 32-bit word holds the 8 codes one thread f
 wgmma (`_pack_words_fp8`), scales stay raw e8m0, and w13 / w2 are int32 words [E, N/16, K/64,
 16, 8] (a layout no bf16 weights have); x and the intermediate are quantized per row to e4m3
 before each GEMM, and every 128-code step's fp32 partial sum is scaled into an fp32 accumulator.
+On sm90 the 128 x 128 FP8 tiles (prefill) run Gluon kernels on asynchronous fp8 wgmma with the
+decoded tile in registers (_wgmma_fp8.py, the policy's `fp8_wgmma`).
 Steps (triton_moe_details/, one file per stage): route (expert-sorted rows, on the GPU), GEMM1
 (token gather, dequant, bias, activation), GEMM2 (bias, scatter to (token, slot) rows), finalize
 (weighted sum over slots in fixed order); at decode sizes the GEMMs split K and the chunks are

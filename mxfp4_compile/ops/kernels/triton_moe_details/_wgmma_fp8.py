@@ -4,10 +4,11 @@ wgmma (sm90 only).
 What the Triton FP8 kernels (_fp8.py) compute, without their two costs: Triton 3.6 sends their
 decoded e4m3 tile through shared memory every step (it does not keep the join of the two `prmt`
 halves in the wgmma operand layout), and drains the wgmmas before each dequant. Here:
-  - each thread loads, as 4 bytes, exactly the words whose 8 codes it feeds to the fp8 wgmma's
-    register A operand (k_width 4: columns 4c..4c+3 and 16+4c..16+4c+3 of a 32-code chunk for
-    rows g and g+8, layout_fp8.py), decodes them with layout_fp8.DEQUANT_ASM and joins the two
-    halves in registers: the tile is the A operand as it is (no shared-memory round trip);
+  - each thread loads exactly the words whose 8 codes it feeds to the fp8 wgmma's register A
+    operand (k_width 4: columns 4c..4c+3 and 16+4c..16+4c+3 of a 32-code chunk for rows g and
+    g+8, layout_fp8.py) and decodes each word's two halves as two int32 elements
+    (layout_fp8.DEQUANT_HALF_ASM), in the operand's register order: the tile is the A operand
+    as it is (no shared-memory round trip, no byte shuffle);
   - the block scales are folded into the e4m3 exponent relative to the row's largest scale of
     the step (layout_fp8.py: exact for offsets down to D_MIN, smaller blocks flushed to zero);
   - step i's wgmma runs asynchronously into a partial sum of its own (use_acc=False) while step
@@ -169,8 +170,10 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     w1, s1, x1 = _stage_buffers(BN, BM, BK, x_l, gl.float8e4nv)
     w2, s2, x2 = _stage_buffers(BN, BM, BK, x_l, gl.float8e4nv)
     w3, s3, x3 = _stage_buffers(BN, BM, BK, x_l, gl.float8e4nv)
-    x_rows = (x_rows[0], gl.convert_layout(x_rows[1], gl.SliceLayout(1, _x_layout(NW, BK, _XV))))
-    xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(NW, BK, _XV)))
+    # the activation rows as (base, int32 offsets): half the registers of 64-bit row pointers
+    XR: gl.constexpr = gl.SliceLayout(1, _x_layout(NW, BK, _XV))
+    x_rows = (x_rows[0], gl.convert_layout(x_rows[1], XR))
+    xmask = gl.convert_layout(xmask, XR)
     _issue(0, w0, s0, x0, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN,
            BM, BK, MASK_K, _XV, True)
     if n_steps > 1:
