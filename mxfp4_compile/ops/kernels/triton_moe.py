@@ -384,9 +384,10 @@ def _words_descs(words, launch, tail):
 _fp8_checked: dict[str, float] = {}  # device -> rel-L2 of its FP8 self-check
 
 
-def fp8_self_check(device: torch.device, tokens=(3, 300)) -> float:
+def fp8_self_check(device: torch.device, tokens=(3, 300, 8192)) -> float:
     """Once per GPU: the FP8 path on small random problems (T = 3: the decode tiles, split K;
-    T = 300: 128-row blocks, a 64-code tail step) against its plain-torch emulation; a
+    T = 300: 128-row blocks, a 64-code tail step; T = 8192: the Gluon prefill kernels on sm90)
+    against its plain-torch emulation; a
     RuntimeError when they disagree, so that a miscompiled or wrong decode on a GPU it was never
     run on cannot return wrong numbers quietly. The emulation rounds the intermediate to bf16
     before quantizing it, as the kernel does (without that, the two e4m3 roundings of it differ
