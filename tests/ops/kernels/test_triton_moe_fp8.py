@@ -9,7 +9,6 @@ and multiplies in float32, which is what an fp8 MMA computes up to its accumulat
 from __future__ import annotations
 
 import random
-import re
 
 import pytest
 import torch
@@ -19,6 +18,7 @@ from mxfp4_compile.formats import E2M1_VALUES
 from mxfp4_compile.ops.kernels import triton_moe as tm
 from mxfp4_compile.ops.kernels.triton_moe_details import layout_fp8
 from mxfp4_compile.ops.weights import quantize_experts
+from test_triton_moe_layout import _exec_ptx
 
 
 def _e4m3(byte: int) -> float:
@@ -41,36 +41,6 @@ def test_decode_word_is_e2m1_times_two_to_the_offset(d):
                 assert got == want, (hex(word), d, h, j, code, got, want)
 
 
-def _run_ptx(text: str, regs: dict[str, int]) -> dict[str, int]:
-    """Executes the decode PTX (and, or, shifts, prmt) on host ints; regs: the operands'
-    values by name ("$2", ...). Returns every register it wrote."""
-    regs = dict(regs)
-
-    def val(x):
-        return regs[x] if x in regs else int(x, 0)
-
-    for line in text.splitlines():
-        m = re.match(r"(\S+)\s+(.*);$", line.strip())
-        if not m or m.group(1) == ".reg":
-            continue
-        op, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
-        a = [val(x) for x in args[1:]]
-        if op == "and.b32":
-            out = a[0] & a[1]
-        elif op == "or.b32":
-            out = a[0] | a[1]
-        elif op == "shr.b32":
-            out = a[0] >> a[1] if a[1] < 32 else 0
-        elif op == "shl.b32":
-            out = (a[0] << a[1]) & 0xFFFFFFFF if a[1] < 32 else 0
-        elif op == "prmt.b32":
-            out = layout_fp8._prmt(a[0], a[1], a[2])
-        else:
-            raise AssertionError(f"unexpected PTX op {op!r}")
-        regs[args[0]] = out
-    return regs
-
-
 @pytest.mark.parametrize("d", [layout_fp8.D_MIN - 1, layout_fp8.D_MIN, 0, layout_fp8.D_MAX])
 def test_decode_ptx_matches_the_host_model(d):
     """Both decode PTX strings on host ints: the Triton kernels' (one word -> both halves, pack
@@ -80,10 +50,10 @@ def test_decode_ptx_matches_the_host_model(d):
     lo, hi = layout_fp8.lut(d)
     for word in [rng.getrandbits(32) for _ in range(500)] + [0, 0xFFFFFFFF, 0x88888888]:
         want = layout_fp8.decode_word(word, d)
-        both = _run_ptx(layout_fp8.DEQUANT_ASM, {"$2": word, "$3": lo, "$7": hi})
+        both = _exec_ptx(layout_fp8.DEQUANT_ASM, {"$2": word, "$3": lo, "$7": hi})
         assert (both["$0"], both["$1"]) == want, hex(word)
         for s in (0, 1):
-            half = _run_ptx(layout_fp8.DEQUANT_HALF_ASM,
+            half = _exec_ptx(layout_fp8.DEQUANT_HALF_ASM,
                             {"$1": word, "$2": lo, "$3": hi, "$4": 16 * s, "$5": 4 * s})
             assert half["$0"] == want[s], (hex(word), s)
 

@@ -1,8 +1,9 @@
-"""The "triton" kernel's FP8-activation path (triton_moe_details/_fp8.py) on a CUDA sm90 GPU
-(skipped elsewhere): against the plain-torch emulation of what it computes (per-row e4m3
-activations, exact weights: moe_torch(..., activations="fp8")) and against the float32
-reference, on NaN-poisoned memory, at gpt-oss's K with a masked tail step (2880) and at
-decode, mid and prefill sizes. Run on the GPU machine:
+"""The "triton" kernel's FP8-activation path (triton_moe_details/_fp8.py, and _wgmma_fp8.py at
+the prefill tiles) on a CUDA sm90 GPU (skipped elsewhere): against the plain-torch emulation of
+what it computes (per-row e4m3 activations, exact weights: moe_torch(..., activations="fp8"))
+and against the float32 reference, on NaN-poisoned memory, at gpt-oss's K with a masked tail
+step (2880) and at decode, mid and prefill sizes; the Gluon prefill kernels against the Triton
+ones. Run on the GPU machine:
 pytest -q tests/ops/kernels/test_triton_moe_fp8_cuda.py"""
 from __future__ import annotations
 
@@ -36,6 +37,23 @@ def _rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+def _problem(T, E, H, I, k, act, seed, n_global=None):
+    """Random canonical MXFP4 weights on the GPU, x [T, H] bf16, top-k ids over n_global
+    experts (default E) and weights -> (canon, x, ids, tw, the generator, for further draws)."""
+    g = torch.Generator().manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, generator=g) * 0.05
+    w2 = torch.randn(E, H, I, generator=g) * 0.05
+    b13 = torch.randn(E, 2 * I, generator=g) * 0.1
+    b2 = torch.randn(E, H, generator=g) * 0.1
+    canon = [t.cuda() for t in quantize_experts(w13, w2, b13, b2, activation=act,
+                                                h_multiple=tm.H_MULTIPLE, i_multiple=tm.I_MULTIPLE)]
+    x = torch.randn(T, H, generator=g).cuda().bfloat16()
+    ids = torch.stack([torch.randperm(n_global or E, generator=g)[:k]
+                       for _ in range(T)]).int().cuda()
+    tw = torch.rand(T, k, generator=g).cuda()
+    return canon, x, ids, tw, g
+
+
 @pytest.mark.parametrize("T,E,H,I,k,act", [
     (1, 32, 2880, 2880, 4, "swiglu_oai"), (8, 32, 2880, 2880, 4, "swiglu_oai"),
     (64, 32, 2880, 2880, 4, "swiglu_oai"), (1000, 32, 2880, 2880, 4, "swiglu_oai"),
@@ -43,18 +61,9 @@ def _rel(a, b):
     (2048, 8, 1024, 512, 2, "silu_glu")])
 @pytest.mark.parametrize("emap", [False, True])
 def test_fp8_against_emulation_and_reference(T, E, H, I, k, act, emap):
-    g = torch.Generator().manual_seed(T + E)
-    w13 = torch.randn(E, 2 * I, H, generator=g) * 0.05
-    w2 = torch.randn(E, H, I, generator=g) * 0.05
-    b13 = torch.randn(E, 2 * I, generator=g) * 0.1
-    b2 = torch.randn(E, H, generator=g) * 0.1
-    canon = [t.cuda() for t in quantize_experts(w13, w2, b13, b2, activation=act,
-                                                h_multiple=tm.H_MULTIPLE, i_multiple=tm.I_MULTIPLE)]
-    prepared = tm.prepare(*canon, act, activations="fp8")
-    x = torch.randn(T, H, generator=g).cuda().bfloat16()
     n_global = E + 4 if emap else E  # with a map: 4 global experts live elsewhere
-    ids = torch.stack([torch.randperm(n_global, generator=g)[:k] for _ in range(T)]).int().cuda()
-    tw = torch.rand(T, k, generator=g).cuda()
+    canon, x, ids, tw, g = _problem(T, E, H, I, k, act, T + E, n_global)
+    prepared = tm.prepare(*canon, act, activations="fp8")
     m = None
     if emap:
         m = torch.full((n_global,), -1, dtype=torch.int32)
@@ -75,20 +84,6 @@ def test_fp8_against_emulation_and_reference(T, E, H, I, k, act, emap):
     assert _rel(emu, ref) > 1e-2  # the emulation does quantize (the test can tell them apart)
 
 
-def _problem(T, E, H, I, k, act, seed):
-    g = torch.Generator().manual_seed(seed)
-    w13 = torch.randn(E, 2 * I, H, generator=g) * 0.05
-    w2 = torch.randn(E, H, I, generator=g) * 0.05
-    b13 = torch.randn(E, 2 * I, generator=g) * 0.1
-    b2 = torch.randn(E, H, generator=g) * 0.1
-    canon = [t.cuda() for t in quantize_experts(w13, w2, b13, b2, activation=act,
-                                                h_multiple=tm.H_MULTIPLE, i_multiple=tm.I_MULTIPLE)]
-    x = torch.randn(T, H, generator=g).cuda().bfloat16()
-    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int().cuda()
-    tw = torch.rand(T, k, generator=g).cuda()
-    return canon, x, ids, tw
-
-
 # gpt-oss-20b and -120b prefill (128-row blocks, 120b with the part-filled block copies), a mid
 # size, and a silu model whose K has no partial step
 @pytest.mark.parametrize("T,E,H,I,k,act", [
@@ -101,7 +96,7 @@ def test_gluon_prefill_kernels_against_the_triton_ones(T, E, H, I, k, act):
     from mxfp4_compile.ops.kernels.triton_moe_details import policy
     from mxfp4_compile.ops.kernels.triton_moe_details.launches import moe_launches
 
-    canon, x, ids, tw = _problem(T, E, H, I, k, act, T + E + 1)
+    canon, x, ids, tw, _ = _problem(T, E, H, I, k, act, T + E + 1)
     prepared = tm.prepare(*canon, act, activations="fp8")
     shape = dict(T=T, k=k, E=E, H=H, Hp=canon[0].shape[2] * 2, Ip=canon[3].shape[2] * 2,
                  activation=act, has_b13=True, has_b2=True, has_map=False, combine=True,

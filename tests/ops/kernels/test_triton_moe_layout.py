@@ -9,7 +9,7 @@ import torch
 
 from mxfp4_compile.numerics import decode_e2m1, unpack_codes
 from mxfp4_compile.ops.kernels import triton_moe as tm
-from mxfp4_compile.ops.kernels.triton_moe_details import layout
+from mxfp4_compile.ops.kernels.triton_moe_details import layout, layout_fp8
 
 
 def _bf16_halves(pattern: int) -> list[float]:
@@ -41,10 +41,11 @@ def test_packed_words_decode_to_every_code_at_its_column():
                 assert [torch.tensor(v).signbit().item() for v in got] == want.signbit().tolist()
 
 
-def _run_ptx(text: str, word: int) -> list[int]:
-    """Executes the decode PTX's integer part on `word` ($8); returns the 4 bf16x2 registers it
-    hands to the fma (the scale multiply, which the kernel tests check on real data)."""
-    regs, before_fma = {"$8": word}, []
+def _exec_ptx(text: str, regs: dict[str, int], on_fma=None) -> dict[str, int]:
+    """Executes the integer part of a decode PTX on host ints (mov, and, or, shifts, rotates,
+    prmt); regs: the operands' values by name ("$8", ...). Each fma.rn.bf16x2 goes to
+    on_fma(its operands, the registers). -> every register after the last line."""
+    regs = dict(regs)
 
     def val(x):
         return regs[x] if x in regs else int(x, 0)
@@ -56,20 +57,41 @@ def _run_ptx(text: str, word: int) -> list[int]:
         op, args = m.group(1), [a.strip() for a in m.group(2).split(",")]
         if op == "mov.b32" and args[0].startswith("{"):
             continue  # the split into the two bf16 results
+        if op == "fma.rn.bf16x2":
+            on_fma(args, regs)
+            continue
+        a = [val(x) for x in args[1:]]
         if op == "mov.b32":
-            regs[args[0]] = val(args[1])
+            out = a[0]
         elif op == "and.b32":
-            regs[args[0]] = val(args[1]) & val(args[2])
+            out = a[0] & a[1]
         elif op == "or.b32":
-            regs[args[0]] = val(args[1]) | val(args[2])
+            out = a[0] | a[1]
+        elif op == "shr.b32":
+            out = a[0] >> a[1] if a[1] < 32 else 0
+        elif op == "shl.b32":
+            out = (a[0] << a[1]) & 0xFFFFFFFF if a[1] < 32 else 0
         elif op == "shf.l.wrap.b32":
             assert args[1] == args[2], "a rotate shifts a register into itself"
-            regs[args[0]] = layout.rotl(val(args[1]), val(args[3]))
-        elif op == "fma.rn.bf16x2":
-            assert args[1:] == [args[0], "$9", "z"] and regs["z"] == 0x80008000
-            before_fma.append(regs[args[0]])
+            out = layout.rotl(a[0], a[2])
+        elif op == "prmt.b32":
+            out = layout_fp8._prmt(a[0], a[1], a[2])
         else:
             raise AssertionError(f"unexpected PTX op {op!r}")
+        regs[args[0]] = out
+    return regs
+
+
+def _run_ptx(text: str, word: int) -> list[int]:
+    """Executes the bf16 decode PTX on `word` ($8); returns the 4 bf16x2 registers it hands to
+    the fma (the scale multiply, which the kernel tests check on real data)."""
+    before_fma = []
+
+    def fma(args, regs):
+        assert args[1:] == [args[0], "$9", "z"] and regs["z"] == 0x80008000
+        before_fma.append(regs[args[0]])
+
+    _exec_ptx(text, {"$8": word}, fma)
     return before_fma
 
 

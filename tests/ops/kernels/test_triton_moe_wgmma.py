@@ -112,10 +112,10 @@ def test_wgmma_plan():
             pol, wgmma_wide=False)).p1.config.maxnreg == 128
 
 
-def _hgmma_loops(sass):
-    """Every K loop of the kernel (one per body copy: BM, BM/2, BM/4 rows), each as its steps:
-    (A registers the step's HGMMAs read, instructions between its first HGMMA and the wait that
-    retires them)."""
+def _mma_loops(sass, op="HGMMA"):
+    """Every K loop of the kernel (one per body copy: BM, BM/2, BM/4 rows), each as (its
+    instructions, its steps: (A registers the step's `op` wgmmas read, instructions between
+    its first wgmma and the wait that retires them)). op: HGMMA (bf16) or QGMMA (fp8)."""
     ins = [(int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", m.group(2)).strip())
            for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s*(.*?);", sass)]
     loops = []
@@ -123,23 +123,32 @@ def _hgmma_loops(sass):
         b = re.search(r"BRA (0x[0-9a-f]+)", text)
         if b and int(b.group(1), 16) < addr:
             body = [t for a, t in ins if int(b.group(1), 16) <= a <= addr]
-            if any(t.startswith("HGMMA") for t in body):
+            if any(t.startswith(op) for t in body):
                 loops.append(body)
     out = []
     for body in loops:
         steps, regs, after = [], set(), None
-        for op in body:
-            m = re.match(r"HGMMA\.\w+\.F32\.BF16 R\d+, R(\d+), gdesc", op)
+        for ins_ in body:
+            m = re.match(rf"{op}\.[\w.]+ R\d+, R(\d+), gdesc", ins_)
             if m:
                 regs |= set(range(int(m.group(1)), int(m.group(1)) + 4))
                 after = [] if after is None else after
-            elif op.startswith("WARPGROUP.DEPBAR.LE gsb0, 0x0") and after is not None:
+            elif ins_.startswith("WARPGROUP.DEPBAR.LE gsb0, 0x0") and after is not None:
                 steps.append((regs, after))
                 regs, after = set(), None
             elif after is not None:
-                after.append(op)
-        out.append(steps)
+                after.append(ins_)
+        out.append((body, steps))
     return out
+
+
+def _waits_first(sass):
+    """Whether the kernel waits for the one before it (griddepcontrol.wait, ACQBULK, once)
+    before its first global load, store or cp.async."""
+    ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
+                                           sass)]
+    memory = [i for i, op in enumerate(ops) if op.startswith(("LDG", "STG", "LDGSTS"))]
+    return ops.count("ACQBULK") == 1 and bool(memory) and min(memory) > ops.index("ACQBULK")
 
 
 def _written(op):
@@ -169,7 +178,7 @@ def test_k_loop(ptxas_works, gemm, launch):
                          for op in hgmma)
     # the decoded tile never goes through shared memory (only cp.async fills it)
     assert not [op for op in loop if op.startswith(("STS", "STSM"))]
-    loops = _hgmma_loops(sass)
+    loops = [steps for _, steps in _mma_loops(sass)]
     assert len(loops) == 1 + min(launch.constexprs["HALF"], 2)  # a loop per body copy
     half = launch.constexprs["BN"] == 256  # wgmma by 32-code halves (_wgmma._k_loop's KS)
     for steps in loops:
@@ -190,12 +199,7 @@ def test_k_loop(ptxas_works, gemm, launch):
 @pytest.mark.parametrize("gemm", [1, 2])
 def test_waits_for_the_previous_kernel_before_touching_memory(ptxas_works, gemm):
     g, launch = next(v for v in _wgmma_launches() if v[0] == gemm)
-    ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
-                                           _sass(g, launch))]
-    assert ops.count("ACQBULK") == 1, "no griddepcontrol wait"
-    wait = ops.index("ACQBULK")
-    memory = [i for i, op in enumerate(ops) if op.startswith(("LDG", "STG", "LDGSTS"))]
-    assert memory and min(memory) > wait
+    assert _waits_first(_sass(g, launch))
 
 
 @pytest.mark.slow

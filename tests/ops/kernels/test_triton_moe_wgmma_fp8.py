@@ -21,7 +21,7 @@ gluon_rt = pytest.importorskip("triton.experimental.gluon._runtime")
 from mxfp4_compile.ops.kernels.triton_moe_details import launches, planner  # noqa: E402
 from mxfp4_compile.ops.kernels.triton_moe_details.policy import SM90 as P  # noqa: E402
 from test_triton_moe_sass import _CUOBJDUMP, _k_loop, _sass_of  # noqa: E402
-from test_triton_moe_wgmma import _written  # noqa: E402
+from test_triton_moe_wgmma import _mma_loops, _waits_first, _written  # noqa: E402
 
 # (T, k, E, H, I): gpt-oss-20b / -120b / Mixtral prefill and gpt-oss-20b at T=512
 SHAPES = [(4096, 4, 32, 2880, 2880), (4096, 4, 128, 2880, 2880), (4096, 2, 8, 4096, 14336),
@@ -87,37 +87,6 @@ def test_the_fp8_prefill_shapes_reach_wgmma_fp8():
     assert not planner.use_wgmma_fp8(P, plan, 10)
 
 
-def _qgmma_steps(loop):
-    """One K loop's steps: (A registers the step's QGMMAs read, instructions between its first
-    QGMMA and the wait that retires them)."""
-    steps, regs, after = [], set(), None
-    for op in loop:
-        m = re.match(r"QGMMA\.\w+\.F32\.E4M3\.E4M3 R\d+, R(\d+), gdesc", op)
-        if m:
-            regs |= set(range(int(m.group(1)), int(m.group(1)) + 4))
-            after = [] if after is None else after
-        elif op.startswith("WARPGROUP.DEPBAR.LE gsb0, 0x0") and after is not None:
-            steps.append((regs, after))
-            regs, after = set(), None
-        elif after is not None:
-            after.append(op)
-    return steps
-
-
-def _loops(sass):
-    """Every K loop of the kernel (one per body copy), as its instructions."""
-    ins = [(int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", m.group(2)).strip())
-           for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s*(.*?);", sass)]
-    out = []
-    for addr, text in ins:
-        b = re.search(r"BRA (0x[0-9a-f]+)", text)
-        if b and int(b.group(1), 16) < addr:
-            body = [t for a, t in ins if int(b.group(1), 16) <= a <= addr]
-            if any(t.startswith("QGMMA") for t in body):
-                out.append(body)
-    return out
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("gemm,launch", _fp8_launches(),
                          ids=lambda v: str(v) if isinstance(v, int) else
@@ -134,15 +103,14 @@ def test_k_loop(ptxas_works, gemm, launch):
     # edge costs: byte-pair PRMTs, 0x3340, ~30 per step)
     assert not [op for op in loop if op.startswith(("STS", "STSM"))]
     assert not [op for op in loop if re.match(r"PRMT R\d+, R\d+(\.reuse)?, 0x3340,", op)]
-    loops = _loops(sass)
+    loops = _mma_loops(sass, "QGMMA")
     copies = 1 + min(launch.constexprs["HALF"], 2)
     assert len(loops) == copies  # a loop per body copy (BM, BM/2, BM/4 rows)
     # the promotion: one FFMA per accumulator register and step (64 at 128 x 128 over 8 warps,
     # 32 and 16 in the BM/2 and BM/4 copies)
-    assert sorted(sum(op.startswith("FFMA") for op in body) for body in loops) == sorted(
+    assert sorted(sum(op.startswith("FFMA") for op in body) for body, _ in loops) == sorted(
         4 * 64 >> h for h in range(copies))
-    for body in loops:
-        steps = _qgmma_steps(body)
+    for body, steps in loops:
         assert len(steps) == 4  # the loop unrolled by its 4 stages
         for regs, after in steps:
             # nothing in flight may have its A registers overwritten before the wait
@@ -160,12 +128,7 @@ def test_k_loop(ptxas_works, gemm, launch):
 @pytest.mark.parametrize("gemm", [1, 2])
 def test_waits_for_the_previous_kernel_before_touching_memory(ptxas_works, gemm):
     g, launch = next(v for v in _fp8_launches() if v[0] == gemm)
-    ops = [m.group(1) for m in re.finditer(r"/\*[0-9a-f]{4,}\*/\s*(?:@!?U?P\w+\s+)?([A-Z][\w.]*)",
-                                           _sass(g, launch))]
-    assert ops.count("ACQBULK") == 1, "no griddepcontrol wait"
-    wait = ops.index("ACQBULK")
-    memory = [i for i, op in enumerate(ops) if op.startswith(("LDG", "STG", "LDGSTS"))]
-    assert memory and min(memory) > wait
+    assert _waits_first(_sass(g, launch))
 
 
 @pytest.mark.slow

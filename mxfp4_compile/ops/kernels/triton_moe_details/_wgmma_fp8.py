@@ -34,16 +34,11 @@ from triton.experimental.gluon.language.nvidia.ampere import async_copy as cp
 from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warpgroup_mma_wait
 
 from . import layout_fp8
+from ._fp8 import _D_MAX, _D_MIN, _LUT_BASE0, _LUT_BASE1, _LUT_STEP0, _LUT_STEP1
 from ._mma2 import _gemm1_epilogue, _gemm2_epilogue, _issue, _stage_buffers, _x_layout
 from ._pdl import _pdl_enter
 from ._wgmma import _acc_layout, _program, _rows
 
-_D_MIN = gl.constexpr(layout_fp8.D_MIN)
-_D_MAX = gl.constexpr(layout_fp8.D_MAX)
-_LUT_BASE0 = gl.constexpr(layout_fp8.LUT_BASE[0])
-_LUT_BASE1 = gl.constexpr(layout_fp8.LUT_BASE[1])
-_LUT_STEP0 = gl.constexpr(layout_fp8.LUT_STEP[0])
-_LUT_STEP1 = gl.constexpr(layout_fp8.LUT_STEP[1])
 _DEQUANT_HALF_ASM = gl.constexpr(layout_fp8.DEQUANT_HALF_ASM)
 _XV = gl.constexpr(16)  # e4m3 activations per 16-byte copy
 
