@@ -22,8 +22,9 @@ Inputs: _wgmma's launch arguments plus rs_ptr, the activation rows' fp32 scales 
 token [T]; GEMM2: per sorted row [M]); x_ptr / a_ptr hold e4m3 rows Kp wide (zeros past K);
 w_ptr the FP8 layout's int32 words [E, N/16, K/64, 16, 8], s_ptr raw e8m0 bytes. GPU only:
 tests/ops/kernels/test_triton_moe_wgmma_fp8.py compiles these for sm90 here and checks the
-machine code; the arithmetic of a step is checked against a plain-torch model of it there;
-test_triton_moe_fp8_cuda.py checks results on the H100.
+machine code, test_triton_moe_fp8.py runs the decode PTX on host ints against the layout's
+model, and test_triton_moe_fp8_cuda.py checks results on the H100 (against the plain-torch
+emulation and the Triton FP8 kernels).
 
 Shape legend (one program): BN weight rows (G = BN/16 groups of 16, warp w holds group w), BM
 sorted rows (tokens), BK = 128 codes per step (NB = 2 blocks of 64 codes, 4 chunks of 32).
