@@ -11,6 +11,7 @@ are compiled that way. Every kernel is compiled from the launch specs triton_moe
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -246,9 +247,11 @@ def test_fp8_gemms_run_qgmma_without_spills(ptxas_works, T, H, I, E, k):
     spills, the codes read as 16-byte vectors (no byte loads), and the decoded tile through
     shared memory at most once per step (4 STS.128 of 16 e4m3 per thread at BK 128: Triton 3.6
     does not keep the two decoded halves in the operand layout; the variants that avoid the
-    join moved the codes and scales byte by byte instead, 96 STS per step)."""
+    join moved the codes and scales byte by byte instead, 96 STS per step). At prefill the
+    table sends these tiles to _wgmma_fp8 (test_triton_moe_wgmma_fp8.py); here with it off."""
     act = "swiglu_oai" if E == 32 else "silu_glu"
-    L = launches.moe_launches(P, T=T, k=k, E=E, H=H, Hp=H, Ip=I, activation=act,
+    L = launches.moe_launches(dataclasses.replace(P, fp8_wgmma=False), T=T, k=k, E=E, H=H, Hp=H,
+                              Ip=I, activation=act,
                               has_b13=E == 32, has_b2=E == 32, has_map=False, combine=True,
                               major=9, sms=132, interpret=False, weights_aligned=True,
                               x_bf16_aligned=True, fp8=True)
