@@ -502,20 +502,19 @@ def _moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scale
     split1 = L.p1.split
     p = torch.empty(split1, 2, M, Ip, dtype=torch.float32, device=dev) if split1 > 1 else a
     b13 = w13_bias if w13_bias is not None else es  # dummy pointer when absent
-    # FP8: the words' bytes (_fp8._load_codes), e4m3 rows and their scales (rs: one per row)
-    w13_words = w13 if fp8 else w13.view(torch.int32)  # [E, 2Ip, Hp/2] bytes or [.., Hp/8] words
+    # the weights as int32 words [E, 2Ip, Hp/8], or as their bytes [E, 2Ip, Hp/2] for the
+    # Triton FP8 kernels (_fp8._load_codes); FP8: e4m3 rows and their scales (rs: one per row;
+    # _wgmma_fp8 takes them after _mma2's arguments)
+    w13_words = w13 if fp8 and not L.wgmma_fp8[0] else w13.view(torch.int32)
     rs = es
     if fp8:
         xq = torch.empty(T, Hp, dtype=torch.float8_e4m3fn, device=dev)
         rs = torch.empty(T, dtype=torch.float32, device=dev)
         L.quant1(x, xq, rs, T)
         x = xq
-    if L.wgmma_fp8[0]:  # _mma2's arguments, the words as int32, and the rows' scales
-        L.gemm1(x, sorted_assign, es, ids_or_es, emap_or_es, w13.view(torch.int32), w13_scales,
-                b13, a, p, E, n_map, k, float(alpha), float(limit), M, rs)
-    elif L.mma2[0]:
+    if L.mma2[0]:
         L.gemm1(x, sorted_assign, es, ids_or_es, emap_or_es, w13_words, w13_scales, b13, a, p,
-                E, n_map, k, float(alpha), float(limit), M)
+                E, n_map, k, float(alpha), float(limit), M, *((rs,) if L.wgmma_fp8[0] else ()))
     else:
         L.gemm1(x, sorted_assign, es, w13_words, w13_scales, b13, a, p, E, k, float(alpha),
                 float(limit), M, *_words_descs(w13_words, L.gemm1, L.p1.tail), rs)
@@ -532,13 +531,10 @@ def _moe(hidden, topk_ids, topk_weights, w13, w13_scales, w13_bias, w2, w2_scale
     y_dtype = hidden.dtype if L.y_hidden_dtype else torch.float32
     y = torch.empty(L.p2.split, M, H, dtype=y_dtype, device=dev)
     b2 = w2_bias if w2_bias is not None else es
-    w2_words = w2 if fp8 else w2.view(torch.int32)  # [E, Hp, Ip/2] bytes or [E, Hp, Ip/8] words
-    if L.wgmma_fp8[1]:
-        L.gemm2(a, sorted_assign, es, ids_or_es, emap_or_es, w2.view(torch.int32), w2_scales, b2,
-                y, E, n_map, M, rs)
-    elif L.mma2[1]:
+    w2_words = w2 if fp8 and not L.wgmma_fp8[1] else w2.view(torch.int32)  # (as w13_words)
+    if L.mma2[1]:
         L.gemm2(a, sorted_assign, es, ids_or_es, emap_or_es, w2_words, w2_scales, b2, y, E, n_map,
-                M)
+                M, *((rs,) if L.wgmma_fp8[1] else ()))
     else:
         L.gemm2(a, sorted_assign, es, w2_words, w2_scales, b2, y, E, M,
                 *_words_descs(w2_words, L.gemm2, L.p2.tail), rs)
