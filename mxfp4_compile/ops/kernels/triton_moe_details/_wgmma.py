@@ -48,15 +48,17 @@ def _acc_layout(NW, BM, IK=16):
 
 
 @gluon.jit
-def _step(acc, a_cur, i, n_steps, x_cur, w_cur, s_cur, w_nx, s_nx, w_fill, s_fill, x_fill,
-          w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, Kp: gl.constexpr,
-          stride_wn: gl.constexpr, stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
-          BK: gl.constexpr, MASK_K: gl.constexpr, AHEAD: gl.constexpr, KS: gl.constexpr):
-    """K step i: wgmma i (a_cur, the activation stage x_cur) runs while step i+1's tile is
-    decoded (stage w_nx, s_nx) and step i+AHEAD's copies are issued into the stage wgmma i-1
-    read (*_fill). KS = 32: the step's two 32-code halves are two wgmmas, each running while
-    the next half is decoded (half the A registers: the 256-row tiles). -> (acc after wgmma i,
-    the next tile or half decoded)."""
+def _step(state, i, n_steps, x_cur, w_cur, s_cur, w_nx, s_nx, w_fill, s_fill, x_fill, w_base,
+          s_base, x_rows, xmask, K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
+          stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+          MASK_K: gl.constexpr, AHEAD: gl.constexpr, KS: gl.constexpr, XV: gl.constexpr,
+          X_OFFS: gl.constexpr):
+    """K step i (a `_ring` step; state = (acc, a_cur)): wgmma i (a_cur, the activation stage
+    x_cur) runs while step i+1's tile is decoded (stage w_nx, s_nx) and step i+AHEAD's copies
+    are issued into the stage wgmma i-1 read (*_fill). KS = 32: the step's two 32-code halves
+    are two wgmmas, each running while the next half is decoded (half the A registers: the
+    256-row tiles). -> (acc after wgmma i, the next tile or half decoded)."""
+    acc, a_cur = state
     A_OP: gl.constexpr = gl.DotOperandLayout(0, _acc_layout(gl.num_warps(), BM), 2)
     if KS == 32:  # first half: decode the second half of this stage meanwhile
         acc = warpgroup_mma(a_cur, x_cur.slice(0, 32, dim=1).permute((1, 0)), acc,
@@ -73,7 +75,7 @@ def _step(acc, a_cur, i, n_steps, x_cur, w_cur, s_cur, w_nx, s_nx, w_fill, s_fil
     a_nx = gl.convert_layout(_decode_tile(w_nx, s_nx, BN, KS, 0 if KS == 32 else -1), A_OP)
     if i + AHEAD < n_steps:
         _issue((i + AHEAD) * BK, w_fill, s_fill, x_fill, w_base, s_base, x_rows, xmask, K_ACT,
-               Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K)
+               Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, XV, X_OFFS)
     else:
         cp.commit_group()  # an empty group keeps wait_group's count in step
     # wgmma i retires inside this step: the decode above wrote other registers than a_cur's
@@ -84,27 +86,79 @@ def _step(acc, a_cur, i, n_steps, x_cur, w_cur, s_cur, w_nx, s_nx, w_fill, s_fil
 
 
 @gluon.jit
-def _four_steps(acc, a, i, n_steps, ws, ss, xs, w_base, s_base, x_rows, xmask,
-                K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
+def _ring_start(ws, ss, xs, w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr,
+                n_steps: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
                 stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
-                MASK_K: gl.constexpr, R: gl.constexpr, KS: gl.constexpr):
+                MASK_K: gl.constexpr, XV: gl.constexpr, X_OFFS: gl.constexpr):
+    """The copies of steps 0-2 into stages 0-2 of the ring (ws, ss, xs: 4 stages; empty groups
+    past n_steps keep wait_group's count); returns when step 0's have landed for every warp."""
+    _issue(0, ws[0], ss[0], xs[0], w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn,
+           stride_sn, BN, BM, BK, MASK_K, XV, X_OFFS)
+    if n_steps > 1:
+        _issue(BK, ws[1], ss[1], xs[1], w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn,
+               stride_sn, BN, BM, BK, MASK_K, XV, X_OFFS)
+    else:
+        cp.commit_group()
+    if n_steps > 2:
+        _issue(2 * BK, ws[2], ss[2], xs[2], w_base, s_base, x_rows, xmask, K_ACT, Kp,
+               stride_wn, stride_sn, BN, BM, BK, MASK_K, XV, X_OFFS)
+    else:
+        cp.commit_group()
+    cp.wait_group(2)
+    gl.thread_barrier()
+
+
+@gluon.jit
+def _four_steps(STEP: gl.constexpr, state, i, n_steps, ws, ss, xs, w_base, s_base, x_rows,
+                xmask, K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
+                stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+                MASK_K: gl.constexpr, R: gl.constexpr, KS: gl.constexpr, XV: gl.constexpr,
+                X_OFFS: gl.constexpr):
     """Steps i .. i+3 (i = R mod 4: step i uses stage i % 4)."""
     for q in gl.static_range(4):
-        acc, a = _step(acc, a, i + q, n_steps, xs[(R + q) % 4], ws[(R + q) % 4],
-                       ss[(R + q) % 4], ws[(R + q + 1) % 4], ss[(R + q + 1) % 4],
-                       ws[(R + q + 3) % 4], ss[(R + q + 3) % 4], xs[(R + q + 3) % 4], w_base,
-                       s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK,
-                       MASK_K, 3, KS)
-    return acc, a
+        state = STEP(state, i + q, n_steps, xs[(R + q) % 4], ws[(R + q) % 4], ss[(R + q) % 4],
+                     ws[(R + q + 1) % 4], ss[(R + q + 1) % 4], ws[(R + q + 3) % 4],
+                     ss[(R + q + 3) % 4], xs[(R + q + 3) % 4], w_base, s_base, x_rows, xmask,
+                     K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3, KS, XV, X_OFFS)
+    return state
+
+
+@gluon.jit
+def _ring(STEP: gl.constexpr, state, n_steps: gl.constexpr, ws, ss, xs, w_base, s_base, x_rows,
+          xmask, K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
+          stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+          MASK_K: gl.constexpr, KS: gl.constexpr, XV: gl.constexpr, X_OFFS: gl.constexpr):
+    """The K loop over a 4-stage ring that _ring_start filled: STEP (this module's _step, or
+    _wgmma_fp8's) for steps 0 .. n_steps-1, step i on stage i % 4, unrolled by 4 so that every
+    stage is a static choice (one barrier per step; _mma2._k_loop says why). `state` is the
+    tuple STEP carries from step to step (accumulator, decoded tile, ...). -> the last state."""
+    # the n_steps % 4 odd steps run first (with them after the loop, Triton 3.6's
+    # ConvertTritonGPUToLLVM fails an assertion)
+    R: gl.constexpr = n_steps % 4
+    for q in gl.static_range(R):
+        state = STEP(state, q, n_steps, xs[q], ws[q], ss[q], ws[(q + 1) % 4], ss[(q + 1) % 4],
+                     ws[(q + 3) % 4], ss[(q + 3) % 4], xs[(q + 3) % 4], w_base, s_base, x_rows,
+                     xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3, KS, XV,
+                     X_OFFS)
+    if n_steps // 4 == 1:  # (a loop that runs once fails the same assertion: no loop then)
+        state = _four_steps(STEP, state, R, n_steps, ws, ss, xs, w_base, s_base, x_rows, xmask,
+                            K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, R, KS, XV,
+                            X_OFFS)
+    else:
+        for j in range(n_steps // 4):
+            state = _four_steps(STEP, state, R + 4 * j, n_steps, ws, ss, xs, w_base, s_base,
+                                x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK,
+                                MASK_K, R, KS, XV, X_OFFS)
+    cp.wait_group(0)  # (the empty groups)
+    return state
 
 
 @gluon.jit
 def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.constexpr,
             Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
             BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr):
-    """acc [BN, BM] fp32 (wgmma layout) = W[rows] @ act[x_rows].T over the whole K: 4 stages,
-    each its own shared-memory buffers, the loop unrolled by 4 so that every stage is a static
-    choice (one barrier per step; _mma2._k_loop says why)."""
+    """acc [BN, BM] fp32 (wgmma layout) = W[rows] @ act[x_rows].T over the whole K: _step on
+    the 4-stage ring (_ring)."""
     NW: gl.constexpr = gl.num_warps()
     ACC: gl.constexpr = _acc_layout(NW, BM)
     # the activation tiles in the swizzled layout wgmma reads its B operand from
@@ -115,47 +169,19 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     w3, s3, x3 = _stage_buffers(BN, BM, BK, x_l)
     x_rows = gl.convert_layout(x_rows, gl.SliceLayout(1, _x_layout(NW, BK)))
     xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(NW, BK)))
-    # steps 0-2's copies (empty groups past n_steps keep wait_group's count), step 0 decoded
-    _issue(0, w0, s0, x0, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN,
-           BM, BK, MASK_K)
-    if n_steps > 1:
-        _issue(BK, w1, s1, x1, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn,
-               BN, BM, BK, MASK_K)
-    else:
-        cp.commit_group()
-    if n_steps > 2:
-        _issue(2 * BK, w2, s2, x2, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn,
-               stride_sn, BN, BM, BK, MASK_K)
-    else:
-        cp.commit_group()
-    cp.wait_group(2)
-    gl.thread_barrier()
+    ws = (w0, w1, w2, w3)
+    ss = (s0, s1, s2, s3)
+    xs = (x0, x1, x2, x3)
+    _ring_start(ws, ss, xs, w_base, s_base, x_rows, xmask, K_ACT, n_steps, Kp, stride_wn,
+                stride_sn, BN, BM, BK, MASK_K, 8, False)
     # 256 weight rows: wgmma and the decode beside it take 32 codes at a time (two A register
     # sets of 64 codes do not fit beside the accumulator: ptxas then waits before each decode)
     KS: gl.constexpr = 32 if BN == 256 else BK
     a = gl.convert_layout(_decode_tile(w0, s0, BN, KS, 0 if KS == 32 else -1),
                           gl.DotOperandLayout(0, ACC, 2))
     acc = gl.zeros([BN, BM], gl.float32, ACC)
-    ws = (w0, w1, w2, w3)
-    ss = (s0, s1, s2, s3)
-    xs = (x0, x1, x2, x3)
-    # step i uses stage i % 4; the n_steps % 4 odd steps run first (with them after the loop,
-    # Triton 3.6's ConvertTritonGPUToLLVM fails an assertion)
-    R: gl.constexpr = n_steps % 4
-    for q in gl.static_range(R):
-        acc, a = _step(acc, a, q, n_steps, xs[q], ws[q], ss[q], ws[(q + 1) % 4],
-                       ss[(q + 1) % 4], ws[(q + 3) % 4], ss[(q + 3) % 4], xs[(q + 3) % 4],
-                       w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM,
-                       BK, MASK_K, 3, KS)
-    if n_steps // 4 == 1:  # (a loop that runs once fails the same assertion: no loop then)
-        acc, a = _four_steps(acc, a, R, n_steps, ws, ss, xs, w_base, s_base, x_rows, xmask,
-                             K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, R, KS)
-    else:
-        for j in range(n_steps // 4):
-            acc, a = _four_steps(acc, a, R + 4 * j, n_steps, ws, ss, xs, w_base, s_base, x_rows,
-                                 xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, R,
-                                 KS)
-    cp.wait_group(0)  # (the empty groups)
+    acc, a = _ring(_step, (acc, a), n_steps, ws, ss, xs, w_base, s_base, x_rows, xmask, K_ACT,
+                   Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, KS, 8, False)
     return acc * _ACC_SCALE
 
 

@@ -38,7 +38,7 @@ from . import layout_fp8
 from ._fp8 import _D_MAX, _D_MIN, _LUT_BASE0, _LUT_BASE1, _LUT_STEP0, _LUT_STEP1
 from ._mma2 import _gemm1_epilogue, _gemm2_epilogue, _issue, _stage_buffers, _x_layout
 from ._pdl import _pdl_enter
-from ._wgmma import _acc_layout, _program, _rows
+from ._wgmma import _acc_layout, _program, _ring, _ring_start, _rows
 
 _DEQUANT_HALF_ASM = gl.constexpr(layout_fp8.DEQUANT_HALF_ASM)
 _XV = gl.constexpr(16)  # e4m3 activations per 16-byte copy
@@ -115,14 +115,17 @@ def _operand(dec, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr):
 
 
 @gluon.jit
-def _step(acc, part, a_cur, m_cur, i, n_steps, x_cur, w_nx, s_nx, w_fill, s_fill, x_fill,
-          w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, Kp: gl.constexpr,
-          stride_wn: gl.constexpr, stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr,
-          BK: gl.constexpr, MASK_K: gl.constexpr, AHEAD: gl.constexpr):
-    """K step i: wgmma i (a_cur, the activation stage x_cur) into its own partial sum while step
+def _step(state, i, n_steps, x_cur, w_cur, s_cur, w_nx, s_nx, w_fill, s_fill, x_fill, w_base,
+          s_base, x_rows, xmask, K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
+          stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
+          MASK_K: gl.constexpr, AHEAD: gl.constexpr, KS: gl.constexpr, XV: gl.constexpr,
+          X_OFFS: gl.constexpr):
+    """K step i (a `_wgmma._ring` step; state = (acc, part, a_cur, m_cur); w_cur, s_cur and KS
+    unused): wgmma i (a_cur, the activation stage x_cur) into its own partial sum while step
     i+1's tile is decoded (stage w_nx, s_nx) and step i+AHEAD's copies are issued into the
     stage wgmma i-1 read (*_fill); then the promotion acc += part * m_cur. -> (acc, part, step
     i+1's operand and multiplier)."""
+    acc, part, a_cur, m_cur = state
     part = warpgroup_mma(_operand(a_cur, BN, BM, BK), x_cur.permute((1, 0)), part,
                          use_acc=False, is_async=True)
     cp.wait_group(AHEAD - 2)  # this thread's copies of step i+1 landed
@@ -130,7 +133,7 @@ def _step(acc, part, a_cur, m_cur, i, n_steps, x_cur, w_nx, s_nx, w_fill, s_fill
     a_nx, m_nx = _decode_fp8(w_nx, s_nx, BN, BM, BK)  # (past the end: unused)
     if i + AHEAD < n_steps:
         _issue((i + AHEAD) * BK, w_fill, s_fill, x_fill, w_base, s_base, x_rows, xmask, K_ACT,
-               Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, _XV, True)
+               Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, XV, X_OFFS)
     else:
         cp.commit_group()  # an empty group keeps wait_group's count in step
     # wgmma i retires inside this step (_wgmma._step says why: the A registers)
@@ -140,25 +143,11 @@ def _step(acc, part, a_cur, m_cur, i, n_steps, x_cur, w_nx, s_nx, w_fill, s_fill
 
 
 @gluon.jit
-def _four_steps(acc, part, a, m, i, n_steps, ws, ss, xs, w_base, s_base, x_rows, xmask,
-                K_ACT: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
-                stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
-                MASK_K: gl.constexpr, R: gl.constexpr):
-    """Steps i .. i+3 (i = R mod 4: step i uses stage i % 4)."""
-    for q in gl.static_range(4):
-        acc, part, a, m = _step(acc, part, a, m, i + q, n_steps, xs[(R + q) % 4],
-                                ws[(R + q + 1) % 4], ss[(R + q + 1) % 4], ws[(R + q + 3) % 4],
-                                ss[(R + q + 3) % 4], xs[(R + q + 3) % 4], w_base, s_base, x_rows,
-                                xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
-    return acc, part, a, m
-
-
-@gluon.jit
 def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.constexpr,
             Kp: gl.constexpr, stride_wn: gl.constexpr, stride_sn: gl.constexpr,
             BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, MASK_K: gl.constexpr):
     """acc [BN, BM] fp32 (wgmma layout) = W[rows] @ act[x_rows].T over the whole K, before the
-    activation rows' scales: _wgmma._k_loop's 4-stage ring and step order."""
+    activation rows' scales: _step on _wgmma's 4-stage ring (_wgmma._ring)."""
     NW: gl.constexpr = gl.num_warps()
     ACC: gl.constexpr = _acc_layout(NW, BM, 32)
     x_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv)
@@ -170,42 +159,17 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     XR: gl.constexpr = gl.SliceLayout(1, _x_layout(NW, BK, _XV))
     x_rows = (x_rows[0], gl.convert_layout(x_rows[1], XR))
     xmask = gl.convert_layout(xmask, XR)
-    _issue(0, w0, s0, x0, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN,
-           BM, BK, MASK_K, _XV, True)
-    if n_steps > 1:
-        _issue(BK, w1, s1, x1, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn,
-               BN, BM, BK, MASK_K, _XV, True)
-    else:
-        cp.commit_group()
-    if n_steps > 2:
-        _issue(2 * BK, w2, s2, x2, w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn,
-               stride_sn, BN, BM, BK, MASK_K, _XV, True)
-    else:
-        cp.commit_group()
-    cp.wait_group(2)
-    gl.thread_barrier()
-    a, m = _decode_fp8(w0, s0, BN, BM, BK)
-    acc = gl.zeros([BN, BM], gl.float32, ACC)
-    part = gl.zeros([BN, BM], gl.float32, ACC)
     ws = (w0, w1, w2, w3)
     ss = (s0, s1, s2, s3)
     xs = (x0, x1, x2, x3)
-    R: gl.constexpr = n_steps % 4  # (the odd steps first: _wgmma._k_loop says why)
-    for q in gl.static_range(R):
-        acc, part, a, m = _step(acc, part, a, m, q, n_steps, xs[q], ws[(q + 1) % 4],
-                                ss[(q + 1) % 4], ws[(q + 3) % 4], ss[(q + 3) % 4],
-                                xs[(q + 3) % 4], w_base, s_base, x_rows, xmask, K_ACT, Kp,
-                                stride_wn, stride_sn, BN, BM, BK, MASK_K, 3)
-    if n_steps // 4 == 1:
-        acc, part, a, m = _four_steps(acc, part, a, m, R, n_steps, ws, ss, xs, w_base, s_base,
-                                      x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK,
-                                      MASK_K, R)
-    else:
-        for j in range(n_steps // 4):
-            acc, part, a, m = _four_steps(acc, part, a, m, R + 4 * j, n_steps, ws, ss, xs,
-                                          w_base, s_base, x_rows, xmask, K_ACT, Kp, stride_wn,
-                                          stride_sn, BN, BM, BK, MASK_K, R)
-    cp.wait_group(0)  # (the empty groups)
+    _ring_start(ws, ss, xs, w_base, s_base, x_rows, xmask, K_ACT, n_steps, Kp, stride_wn,
+                stride_sn, BN, BM, BK, MASK_K, _XV, True)
+    a, m = _decode_fp8(w0, s0, BN, BM, BK)
+    acc = gl.zeros([BN, BM], gl.float32, ACC)
+    part = gl.zeros([BN, BM], gl.float32, ACC)
+    acc, part, a, m = _ring(_step, (acc, part, a, m), n_steps, ws, ss, xs, w_base, s_base,
+                            x_rows, xmask, K_ACT, Kp, stride_wn, stride_sn, BN, BM, BK, MASK_K,
+                            BK, _XV, True)
     return acc
 
 
