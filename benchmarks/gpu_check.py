@@ -73,6 +73,9 @@ VARIANTS = {
     "merge2": dict(merge_div=2),  # last blocks of <= BM/2 rows merge (table: BM/4)
     "f32y": dict(y_hidden_dtype=False),  # GEMM2's per-assignment outputs in float32
     "noscan": dict(route_scan_chunks=1 << 30),  # chunked routing without the scan launch
+    # _wgmma at 128 registers on GEMM1 only (ncu at 120b T=4096: GEMM1 10.5% faster, GEMM2 7%
+    # slower than the Triton kernels, each in isolation; notes/op.md, session 23)
+    "wgmma1": dict(wgmma=frozenset({"gemm1"}), wgmma_regs=128),
 }
 
 

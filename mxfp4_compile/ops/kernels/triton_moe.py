@@ -33,8 +33,8 @@ Steps (triton_moe_details/, one file per stage): route (expert-sorted rows, on t
 (weighted sum over slots in fixed order); at decode sizes the GEMMs split K and the chunks are
 added in order (_act_kernel, finalize); decode tiles run Gluon kernels on mma.sync (_mma2.py),
 which at T=1 read each assignment's expert from the ids (no route launch); on sm90 the prefill
-tiles can run Gluon kernels on asynchronous wgmma instead (_wgmma.py, the policy's `wgmma`:
-off in the H100 table, where it was not faster). No host sync, no
+tiles can run Gluon kernels on asynchronous wgmma instead (_wgmma.py, per GEMM by the policy's
+`wgmma`: off in the H100 table, where it was not faster). No host sync, no
 data-dependent shapes: CUDA-graph safe and deterministic. On sm90+ most launches are
 programmatic dependent launches. What launches how: triton_moe_details/launches.py, from the
 planner (planner.py) and the device's launch policy (policy.py).

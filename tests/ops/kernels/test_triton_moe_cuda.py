@@ -112,7 +112,8 @@ def test_prefill_wgmma_equals_the_triton_kernels(T, E, H, I, k, act, wide, monke
     outs, counted = [], [_Counted(_wgmma._gemm1_kernel), _Counted(_wgmma._gemm2_kernel)]
     for on in (False, True, True):
         torch.empty(1 << 28, dtype=torch.uint8, device="cuda").fill_(0xFF)  # NaN poison
-        with monkeypatch.context() as m, policy.override(wgmma=on, wgmma_wide=wide):
+        with monkeypatch.context() as m, policy.override(
+                wgmma=frozenset({"gemm1", "gemm2"} if on else ()), wgmma_wide=wide):
             m.setattr(_wgmma, "_gemm1_kernel", counted[0])
             m.setattr(_wgmma, "_gemm2_kernel", counted[1])
             outs.append(tm.moe(x, ids, tw, *prepared, act, 1.702, 7.0, None, True))

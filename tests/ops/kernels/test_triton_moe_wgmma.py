@@ -23,7 +23,8 @@ from mxfp4_compile.ops.kernels.triton_moe_details import launches, planner, poli
 from mxfp4_compile.ops.kernels.triton_moe_details.policy import SM90 as P  # noqa: E402
 from test_triton_moe_sass import _CUOBJDUMP, _k_loop, _sass_of  # noqa: E402
 
-PW = dataclasses.replace(P, wgmma=True)  # the table keeps them off (ledger: `wgmma`)
+BOTH = frozenset({"gemm1", "gemm2"})
+PW = dataclasses.replace(P, wgmma=BOTH)  # the table keeps them off (ledger: `wgmma`)
 
 # (T, k, E, H, I): gpt-oss-20b / -120b / Mixtral prefill and a mid shape (128-row blocks)
 SHAPES = [(4096, 4, 32, 2880, 2880), (4096, 4, 128, 2880, 2880), (4096, 2, 8, 4096, 14336),
@@ -77,11 +78,25 @@ def test_the_prefill_shapes_reach_wgmma():
     assert {bm for bm, _ in seen} == {128, 256} and {h for _, h in seen} == {0, 2}
     # off in the policy, on another GPU, with FP8 activations, or unaligned: the Triton kernels
     assert _moe_launches(*SHAPES[0], pol=P).wgmma == (False, False)
-    with policy.override(wgmma=True):
+    with policy.override(wgmma=BOTH):
         assert _moe_launches(*SHAPES[0], pol=policy.current(9)).wgmma == (True, True)
+    # one GEMM only: the other keeps the Triton kernels and the table's plan
+    for which, want in (("gemm1", (True, False)), ("gemm2", (False, True))):
+        one = _moe_launches(*SHAPES[1], pol=dataclasses.replace(P, wgmma=frozenset({which})))
+        assert one.wgmma == want
+        assert (one.gemm1.module, one.gemm2.module) == tuple(
+            "_wgmma" if w else "_gemm%d" % g for g, w in ((1, want[0]), (2, want[1])))
+        base = _moe_launches(*SHAPES[1], pol=P)
+        kept = (one.p2, base.p2) if want[0] else (one.p1, base.p1)
+        assert kept[0] == kept[1]
     plan = _moe_launches(*SHAPES[0]).p1
-    assert planner.use_wgmma(PW, plan, 9) and not planner.use_wgmma(PW, plan, 8)
-    assert not planner.use_wgmma(PW, plan, 10) and not planner.use_wgmma(P, plan, 9)
+    assert planner.use_wgmma(PW, plan, 9, "gemm1") and not planner.use_wgmma(PW, plan, 8, "gemm1")
+    assert not planner.use_wgmma(PW, plan, 10, "gemm1")
+    assert not planner.use_wgmma(P, plan, 9, "gemm1")
+    # the GEMMs are named as a set: a bare True says how to write it
+    with pytest.raises(TypeError, match=r"wgmma must be a frozenset.*frozenset\(\{'gemm1'\}\)"):
+        with policy.override(wgmma=True):
+            pass
     fp8 = launches.moe_launches(PW, T=4096, k=4, E=32, H=2880, Hp=2880, Ip=2880,
                                 activation="swiglu_oai", has_b13=True, has_b2=True,
                                 has_map=False, combine=True, major=9, sms=132, interpret=False,
@@ -101,7 +116,7 @@ def test_wgmma_plan():
     c = L.p1.config
     assert (c.BM, c.BN, c.EXTRA, c.maxnreg) == (128, 128, 0, None)
     assert L.gemm1.grid[0] == planner.row_blocks(4096 * 4, 128, 128) * (5760 // 128)
-    with policy.override(wgmma=True, wgmma_wide=True, wgmma_regs=128):
+    with policy.override(wgmma=BOTH, wgmma_wide=True, wgmma_regs=128):
         pol = policy.current(9)
         w = _moe_launches(4096, 4, 32, 2880, 2880, pol=pol)
         assert (w.p1.config.BM, w.p1.config.BN) == (128, 256)

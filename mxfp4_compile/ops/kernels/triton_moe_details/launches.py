@@ -193,8 +193,8 @@ def moe_launches(pol: LaunchPolicy, *, T: int, k: int, E: int, H: int, Hp: int, 
     p2, nb2, mma2_2 = planner.plan_gemm(pol, c2, M, E, H, Ip, sms, "gemm2", m2, major, fp8)
     # prefill tiles on _wgmma where it runs (16-byte copies of the words, scales and, in GEMM1,
     # the bf16 hidden states as they are: the alignment _mma2 needs)
-    wg1 = m2_x and not mma2_1 and planner.use_wgmma(pol, p1, major)
-    wg2 = m2 and not mma2_2 and planner.use_wgmma(pol, p2, major)
+    wg1 = m2_x and not mma2_1 and planner.use_wgmma(pol, p1, major, "gemm1")
+    wg2 = m2 and not mma2_2 and planner.use_wgmma(pol, p2, major, "gemm2")
     if wg1:
         p1, nb1 = planner.wgmma_plan(pol, p1, M, E, 2 * Ip)
     if wg2:

@@ -174,16 +174,16 @@ def use_mma2(c: TileConfig, major: int) -> bool:
             and c.BK in (64, 128))
 
 
-def use_wgmma(pol: LaunchPolicy, p: Plan, major: int) -> bool:
-    """Whether a Triton-kernel launch under plan `p` runs _wgmma's kernels instead: sm90 (async
-    wgmma), the policy's `wgmma`, and the table's prefill-shaped tiles (BM 128 or 256 rows, BN
-    128 weight rows, BK 64, 8 warps, one unsplit K, no paired tiles; `wgmma_plan` then makes
-    the plan _wgmma's). The caller checks bf16 activations and alignment
-    (launches.moe_launches). ledger: `wgmma`"""
+def use_wgmma(pol: LaunchPolicy, p: Plan, major: int, which: str) -> bool:
+    """Whether a Triton-kernel launch of GEMM `which` ("gemm1" or "gemm2") under plan `p` runs
+    _wgmma's kernels instead: sm90 (async wgmma), `which` in the policy's `wgmma`, and the
+    table's prefill-shaped tiles (BM 128 or 256 rows, BN 128 weight rows, BK 64, 8 warps, one
+    unsplit K, no paired tiles; `wgmma_plan` then makes the plan _wgmma's). The caller checks
+    bf16 activations and alignment (launches.moe_launches). ledger: `wgmma`"""
     c = p.config
-    return (pol.wgmma and major == 9 and _gluon_available() and c.SWAP and c.BM in (128, 256)
-            and c.BN == 128 and c.BK == 64 and c.num_warps == 8 and not c.PAIR
-            and p.split == 1)
+    return (which in pol.wgmma and major == 9 and _gluon_available() and c.SWAP
+            and c.BM in (128, 256) and c.BN == 128 and c.BK == 64 and c.num_warps == 8
+            and not c.PAIR and p.split == 1)
 
 
 def use_wgmma_fp8(pol: LaunchPolicy, p: Plan, major: int) -> bool:

@@ -80,7 +80,8 @@ class LaunchPolicy:
     mma2_deep_per_sm: int    # _mma2 grids below this run 4 cp.async stages, not 3
     mma2_direct: bool        # T=1: _mma2 reads each assignment's expert from the ids, no route
     # -- the Gluon prefill kernels (_wgmma) --
-    wgmma: bool              # the prefill and mid128 tiles on _wgmma (sm90; False: Triton kernels)
+    wgmma: frozenset[str]    # GEMMs ("gemm1", "gemm2") whose prefill and mid128 tiles run
+    #                          _wgmma (sm90; the others, and all when empty: Triton kernels)
     wgmma_regs: int | None   # _wgmma's register cap at 128-row blocks (None: ptxas decides)
     wgmma_wide: bool         # _wgmma runs its tiles as 128 rows x 256 weight rows (each
     #                          activation tile feeds twice the weight rows)
@@ -96,6 +97,13 @@ class LaunchPolicy:
     # -- forced choices (tests and sweeps only; None: the table and the planner decide) --
     tiles: tuple[TileConfig, TileConfig] | None = None  # (GEMM1, GEMM2) for every call
     split: tuple[int, int] | None = None                # (GEMM1, GEMM2) K chunks
+
+    def __post_init__(self):
+        for name in ("pdl_launch", "wgmma"):  # sets of step names: membership tests, hashable
+            v = getattr(self, name)
+            if not isinstance(v, frozenset):
+                raise TypeError(f"LaunchPolicy.{name} must be a frozenset of step names, got "
+                                f"{v!r}; e.g. {name}=frozenset({{'gemm1'}})")
 
     def __hash__(self):
         # computed once: a policy keys the per-shape launch cache at every call
@@ -154,7 +162,7 @@ SM90 = LaunchPolicy(
     mma2_direct=True,
     # _wgmma (decode step i+1 while wgmma i runs) was not faster than the Triton kernels at any
     # gpt-oss prefill shape, with or without the register cap or wide tiles: off.
-    wgmma=False, wgmma_regs=None, wgmma_wide=False,
+    wgmma=frozenset(), wgmma_regs=None, wgmma_wide=False,
     # FP8: 128-code steps (4 fp8 wgmma k-steps between promotions, as DeepSeek-V3's 128);
     # BM <= 128: a 256-row block's accumulator and its step sum (128 + 128 registers) spill.
     fp8_bk=128, fp8_max_bm=128,
