@@ -86,6 +86,18 @@ def _step(state, i, n_steps, x_cur, w_cur, s_cur, w_nx, s_nx, w_fill, s_fill, x_
 
 
 @gluon.jit
+def _ring_buffers(BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr, x_l: gl.constexpr,
+                  XT: gl.constexpr = gl.bfloat16):
+    """The ring's 4 stages (_mma2._stage_buffers, each its own allocation) -> (words, scales,
+    activation tiles), each a tuple of the 4 stages'."""
+    w0, s0, x0 = _stage_buffers(BN, BM, BK, x_l, XT)
+    w1, s1, x1 = _stage_buffers(BN, BM, BK, x_l, XT)
+    w2, s2, x2 = _stage_buffers(BN, BM, BK, x_l, XT)
+    w3, s3, x3 = _stage_buffers(BN, BM, BK, x_l, XT)
+    return (w0, w1, w2, w3), (s0, s1, s2, s3), (x0, x1, x2, x3)
+
+
+@gluon.jit
 def _ring_start(ws, ss, xs, w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr,
                 n_steps: gl.constexpr, Kp: gl.constexpr, stride_wn: gl.constexpr,
                 stride_sn: gl.constexpr, BN: gl.constexpr, BM: gl.constexpr, BK: gl.constexpr,
@@ -163,21 +175,15 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     ACC: gl.constexpr = _acc_layout(NW, BM)
     # the activation tiles in the swizzled layout wgmma reads its B operand from
     x_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.bfloat16)
-    w0, s0, x0 = _stage_buffers(BN, BM, BK, x_l)
-    w1, s1, x1 = _stage_buffers(BN, BM, BK, x_l)
-    w2, s2, x2 = _stage_buffers(BN, BM, BK, x_l)
-    w3, s3, x3 = _stage_buffers(BN, BM, BK, x_l)
+    ws, ss, xs = _ring_buffers(BN, BM, BK, x_l)
     x_rows = gl.convert_layout(x_rows, gl.SliceLayout(1, _x_layout(NW, BK)))
     xmask = gl.convert_layout(xmask, gl.SliceLayout(1, _x_layout(NW, BK)))
-    ws = (w0, w1, w2, w3)
-    ss = (s0, s1, s2, s3)
-    xs = (x0, x1, x2, x3)
     _ring_start(ws, ss, xs, w_base, s_base, x_rows, xmask, K_ACT, n_steps, Kp, stride_wn,
                 stride_sn, BN, BM, BK, MASK_K, 8, False)
     # 256 weight rows: wgmma and the decode beside it take 32 codes at a time (two A register
     # sets of 64 codes do not fit beside the accumulator: ptxas then waits before each decode)
     KS: gl.constexpr = 32 if BN == 256 else BK
-    a = gl.convert_layout(_decode_tile(w0, s0, BN, KS, 0 if KS == 32 else -1),
+    a = gl.convert_layout(_decode_tile(ws[0], ss[0], BN, KS, 0 if KS == 32 else -1),
                           gl.DotOperandLayout(0, ACC, 2))
     acc = gl.zeros([BN, BM], gl.float32, ACC)
     acc, a = _ring(_step, (acc, a), n_steps, ws, ss, xs, w_base, s_base, x_rows, xmask, K_ACT,

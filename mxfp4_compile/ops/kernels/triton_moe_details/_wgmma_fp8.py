@@ -36,9 +36,9 @@ from triton.experimental.gluon.language.nvidia.hopper import warpgroup_mma, warp
 
 from . import layout_fp8
 from ._fp8 import _D_MAX, _D_MIN, _LUT_BASE0, _LUT_BASE1, _LUT_STEP0, _LUT_STEP1
-from ._mma2 import _gemm1_epilogue, _gemm2_epilogue, _issue, _stage_buffers, _x_layout
+from ._mma2 import _gemm1_epilogue, _gemm2_epilogue, _issue, _x_layout
 from ._pdl import _pdl_enter
-from ._wgmma import _acc_layout, _program, _ring, _ring_start, _rows
+from ._wgmma import _acc_layout, _program, _ring, _ring_buffers, _ring_start, _rows
 
 _DEQUANT_HALF_ASM = gl.constexpr(layout_fp8.DEQUANT_HALF_ASM)
 _XV = gl.constexpr(16)  # e4m3 activations per 16-byte copy
@@ -151,20 +151,14 @@ def _k_loop(w_base, s_base, x_rows, xmask, K_ACT: gl.constexpr, n_steps: gl.cons
     NW: gl.constexpr = gl.num_warps()
     ACC: gl.constexpr = _acc_layout(NW, BM, 32)
     x_l: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, BK], gl.float8e4nv)
-    w0, s0, x0 = _stage_buffers(BN, BM, BK, x_l, gl.float8e4nv)
-    w1, s1, x1 = _stage_buffers(BN, BM, BK, x_l, gl.float8e4nv)
-    w2, s2, x2 = _stage_buffers(BN, BM, BK, x_l, gl.float8e4nv)
-    w3, s3, x3 = _stage_buffers(BN, BM, BK, x_l, gl.float8e4nv)
+    ws, ss, xs = _ring_buffers(BN, BM, BK, x_l, gl.float8e4nv)
     # the activation rows as (base, int32 offsets): half the registers of 64-bit row pointers
     XR: gl.constexpr = gl.SliceLayout(1, _x_layout(NW, BK, _XV))
     x_rows = (x_rows[0], gl.convert_layout(x_rows[1], XR))
     xmask = gl.convert_layout(xmask, XR)
-    ws = (w0, w1, w2, w3)
-    ss = (s0, s1, s2, s3)
-    xs = (x0, x1, x2, x3)
     _ring_start(ws, ss, xs, w_base, s_base, x_rows, xmask, K_ACT, n_steps, Kp, stride_wn,
                 stride_sn, BN, BM, BK, MASK_K, _XV, True)
-    a, m = _decode_fp8(w0, s0, BN, BM, BK)
+    a, m = _decode_fp8(ws[0], ss[0], BN, BM, BK)
     acc = gl.zeros([BN, BM], gl.float32, ACC)
     part = gl.zeros([BN, BM], gl.float32, ACC)
     acc, part, a, m = _ring(_step, (acc, part, a, m), n_steps, ws, ss, xs, w_base, s_base,
